@@ -1,0 +1,189 @@
+//! The `Classifier` contract every attack and saliency method is written against.
+//!
+//! Pixels go in as f32 `N x C x H x W` in [0, 1]; normalisation lives inside the model, never in
+//! the caller, so an attack's alpha is always in pixel units.
+
+use candle_core::{DType, Device, Result, Tensor};
+use std::sync::Arc;
+
+/// The mean and standard deviation of ImageNet pixels, used by torchvision and timm models.
+pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+/// See [`IMAGENET_MEAN`].
+pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+/// What a classifier expects of its input.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InputSpec {
+    /// The height the model was trained at (ResNets and EfficientNets accept other sizes too).
+    pub height: usize,
+    /// The width the model was trained at.
+    pub width: usize,
+    /// Colour channels; grey images are repeated to three for ImageNet models.
+    pub channels: usize,
+    /// Per-channel value subtracted from [0, 1] pixels inside the model.
+    pub mean: [f32; 3],
+    /// Per-channel divisor applied after subtracting `mean`.
+    pub std: [f32; 3],
+}
+
+impl InputSpec {
+    /// torchvision's convention: 224 x 224 RGB, ImageNet mean and std.
+    pub fn imagenet(size: usize) -> Self {
+        Self {
+            height: size,
+            width: size,
+            channels: 3,
+            mean: IMAGENET_MEAN,
+            std: IMAGENET_STD,
+        }
+    }
+
+    /// TensorFlow's EfficientNet-Lite convention: `(x - 127/255) / (128/255)`.
+    pub fn tf_lite(size: usize) -> Self {
+        Self {
+            height: size,
+            width: size,
+            channels: 3,
+            mean: [127.0 / 255.0; 3],
+            std: [128.0 / 255.0; 3],
+        }
+    }
+
+    /// Checks that `pixels` is `N x C x H x W` with this spec's channels and normalises it,
+    /// converting to `dtype`. Differentiable, so gradients reach the pixels.
+    pub fn normalize(&self, pixels: &Tensor, dtype: DType) -> Result<Tensor> {
+        let dims = pixels.dims();
+        if dims.len() != 4 || dims[1] != self.channels {
+            candle_core::bail!(
+                "expected pixels of shape (N, {}, H, W) in [0, 1], got {:?}",
+                self.channels,
+                dims
+            );
+        }
+        let device = pixels.device();
+        let c = self.channels;
+        let mean = Tensor::from_slice(&self.mean[..c], (1, c, 1, 1), device)?.to_dtype(dtype)?;
+        let std = Tensor::from_slice(&self.std[..c], (1, c, 1, 1), device)?.to_dtype(dtype)?;
+        pixels
+            .to_dtype(dtype)?
+            .broadcast_sub(&mean)?
+            .broadcast_div(&std)
+    }
+}
+
+/// The names of a classifier's output classes, in logit order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Classes(Arc<[String]>);
+
+impl Classes {
+    /// Classes with the given names.
+    pub fn new(names: Vec<String>) -> Self {
+        Self(names.into())
+    }
+
+    /// The 1000 ImageNet-1k classes, in the order of torchvision's and timm's heads.
+    pub fn imagenet() -> Self {
+        Self::new(crate::imagenet::class_names())
+    }
+
+    /// ImageNet's names for a 1000-class head, numbered names for any other size.
+    pub fn for_head(num_classes: usize) -> Self {
+        if num_classes == 1000 {
+            Self::imagenet()
+        } else {
+            Self::numbered(num_classes)
+        }
+    }
+
+    /// `n` classes named `class 0`, `class 1`, ... for heads without names.
+    pub fn numbered(n: usize) -> Self {
+        Self::new((0..n).map(|i| format!("class {i}")).collect())
+    }
+
+    /// The number of classes.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there are no classes.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The name of class `index`, if there is one.
+    pub fn name(&self, index: usize) -> Option<&str> {
+        self.0.get(index).map(String::as_str)
+    }
+
+    /// All names in logit order.
+    pub fn names(&self) -> &[String] {
+        &self.0
+    }
+}
+
+/// An image classifier whose input gradient attacks and saliency methods can follow.
+///
+/// Implementations keep their weights as constants unless built for training, so a backward pass
+/// from the logits reaches the pixels without computing weight gradients.
+pub trait Classifier: Send + Sync {
+    /// The architecture's name, as the CLI spells it (`resnet50`, `efficientnet-lite0`, ...).
+    fn arch(&self) -> &str;
+
+    /// Input size, channels and normalisation.
+    fn input_spec(&self) -> &InputSpec;
+
+    /// The output classes.
+    fn classes(&self) -> &Classes;
+
+    /// The number of output classes (logits per image).
+    fn num_classes(&self) -> usize {
+        self.classes().len()
+    }
+
+    /// The device the weights live on; inputs must be on it too.
+    fn device(&self) -> &Device;
+
+    /// The dtype computations run in.
+    fn dtype(&self) -> DType;
+
+    /// Logits (`N x classes`) from pixels in [0, 1]. `train` selects BatchNorm batch statistics
+    /// (and updates the running statistics), as in PyTorch's `model.train()`.
+    fn forward_t(&self, pixels: &Tensor, train: bool) -> Result<Tensor>;
+
+    /// Logits in evaluation mode.
+    fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
+        self.forward_t(pixels, false)
+    }
+
+    /// Names of the layers whose outputs [`Classifier::features`] can return, input to output.
+    fn layers(&self) -> Vec<String>;
+
+    /// The layer Grad-CAM uses when none is named (the last convolutional stage).
+    fn default_layer(&self) -> String;
+
+    /// The feature map `layer` outputs for `pixels`, in evaluation mode.
+    fn features(&self, pixels: &Tensor, layer: &str) -> Result<Tensor>;
+
+    /// The logits the rest of the network computes from `layer`'s feature map, in evaluation mode.
+    /// `forward_from(features(x, l), l)` equals `forward(x)`.
+    fn forward_from(&self, features: &Tensor, layer: &str) -> Result<Tensor>;
+}
+
+/// The error for a layer name a model does not have, listing those it has.
+pub(crate) fn unknown_layer(arch: &str, layer: &str, layers: &[String]) -> candle_core::Error {
+    candle_core::Error::Msg(format!(
+        "{arch} has no layer `{layer}`; its layers are: {}",
+        layers.join(", ")
+    ))
+}
+
+impl std::fmt::Debug for dyn Classifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Classifier")
+            .field("arch", &self.arch())
+            .field("classes", &self.num_classes())
+            .field("device", self.device())
+            .field("dtype", &self.dtype())
+            .finish()
+    }
+}

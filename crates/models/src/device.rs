@@ -1,0 +1,48 @@
+//! Devices by name: `cpu`, `cuda`, `cuda:N`, or `auto` (CUDA when built with it and a GPU is present).
+
+use crate::error::{Error, Result};
+use candle_core::Device;
+
+/// Parses a device name as the CLI and pipelines accept it.
+pub fn parse_device(name: &str) -> Result<Device> {
+    let name = name.trim().to_ascii_lowercase();
+    match name.as_str() {
+        "cpu" => Ok(Device::Cpu),
+        "auto" => Ok(Device::cuda_if_available(0)?),
+        "cuda" | "gpu" => cuda(0),
+        _ => match name.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(ordinal)) => cuda(ordinal),
+            _ => Err(Error::InvalidArgument(format!(
+                "unknown device `{name}`; expected cpu, cuda, cuda:N or auto"
+            ))),
+        },
+    }
+}
+
+fn cuda(ordinal: usize) -> Result<Device> {
+    if !candle_core::utils::cuda_is_available() {
+        return Err(Error::InvalidArgument(format!(
+            "device cuda:{ordinal} asked for, but this vulnmap was built without CUDA; rebuild with \
+             `--features cuda` (see ../docs/CUDA.md) or use --device cpu"
+        )));
+    }
+    Device::new_cuda(ordinal)
+        .map_err(|e| Error::InvalidArgument(format!("cannot open CUDA device {ordinal}: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_parse_and_bad_ones_say_what_is_expected() {
+        assert!(parse_device("cpu").unwrap().is_cpu());
+        assert!(parse_device("auto").is_ok());
+        let err = parse_device("tpu:0").unwrap_err().to_string();
+        assert!(err.contains("tpu:0") && err.contains("cuda:N"), "{err}");
+        if !candle_core::utils::cuda_is_available() {
+            let err = parse_device("cuda:1").unwrap_err().to_string();
+            assert!(err.contains("without CUDA"), "{err}");
+        }
+    }
+}

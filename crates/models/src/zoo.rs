@@ -1,0 +1,175 @@
+//! Models by name, as the CLI and pipelines spell them, built from a checkpoint or from a seed.
+
+use crate::checkpoint::Checkpoint;
+use crate::classifier::{Classes, Classifier};
+use crate::efficientnet_lite::EfficientNetLite0;
+use crate::error::{Error, Result};
+use crate::hub::HubFile;
+use crate::init::seeded_var_builder;
+use crate::resnet::{Config, ResNet};
+use candle_core::{DType, Device};
+use candle_nn::{VarBuilder, VarMap};
+use std::path::Path;
+
+/// The architectures vulnmap can build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Arch {
+    ResNet18,
+    ResNet34,
+    ResNet50,
+    ResNet101,
+    ResNet152,
+    /// A small ResNet for the synthetic fundus task and tests (see [`Config::tiny`]).
+    TinyResNet,
+    EfficientNetLite0,
+}
+
+impl Arch {
+    /// Every architecture, in the order help texts list them.
+    pub const ALL: [Arch; 7] = [
+        Arch::ResNet18,
+        Arch::ResNet34,
+        Arch::ResNet50,
+        Arch::ResNet101,
+        Arch::ResNet152,
+        Arch::EfficientNetLite0,
+        Arch::TinyResNet,
+    ];
+
+    /// The name the CLI uses (`--model`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::ResNet18 => "resnet18",
+            Arch::ResNet34 => "resnet34",
+            Arch::ResNet50 => "resnet50",
+            Arch::ResNet101 => "resnet101",
+            Arch::ResNet152 => "resnet152",
+            Arch::TinyResNet => "tiny-resnet",
+            Arch::EfficientNetLite0 => "efficientnet-lite0",
+        }
+    }
+
+    /// The classifier head's weight tensor, whose first dimension is the number of classes.
+    pub fn head_weight(self) -> &'static str {
+        match self {
+            Arch::EfficientNetLite0 => "_fc.weight",
+            _ => "fc.weight",
+        }
+    }
+
+    /// The ResNet configuration, for the ResNet architectures.
+    pub fn resnet_config(self, num_classes: usize) -> Option<Config> {
+        Some(match self {
+            Arch::ResNet18 => Config::resnet18(num_classes),
+            Arch::ResNet34 => Config::resnet34(num_classes),
+            Arch::ResNet50 => Config::resnet50(num_classes),
+            Arch::ResNet101 => Config::resnet101(num_classes),
+            Arch::ResNet152 => Config::resnet152(num_classes),
+            Arch::TinyResNet => Config::tiny(num_classes),
+            Arch::EfficientNetLite0 => return None,
+        })
+    }
+
+    /// Builds the network with a head for `classes` from `vb`.
+    pub fn build(
+        self,
+        classes: &Classes,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Box<dyn Classifier>> {
+        let n = classes.len();
+        Ok(match self.resnet_config(n) {
+            Some(config) => {
+                Box::new(ResNet::new(self.name(), &config, vb)?.with_classes(classes.clone())?)
+            }
+            None => Box::new(EfficientNetLite0::new(n, vb)?.with_classes(classes.clone())?),
+        })
+    }
+}
+
+impl std::fmt::Display for Arch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Arch {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let wanted = s.to_ascii_lowercase().replace('_', "-");
+        Arch::ALL
+            .into_iter()
+            .find(|a| a.name() == wanted)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Arch::ALL.iter().map(|a| a.name()).collect();
+                Error::InvalidArgument(format!(
+                    "unknown model `{s}`; known models: {}",
+                    names.join(", ")
+                ))
+            })
+    }
+}
+
+/// Loads `arch` with constant weights from `weights`, or from the hub default when `None`.
+/// The number of classes comes from the checkpoint's head, their names from its metadata (or
+/// ImageNet's for 1000-class heads).
+pub fn load(
+    arch: Arch,
+    weights: Option<&Path>,
+    dtype: DType,
+    device: &Device,
+) -> Result<Box<dyn Classifier>> {
+    let path = match weights {
+        Some(p) => p.to_path_buf(),
+        None => HubFile::default_for(arch.name())
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "{arch} has no default weights on the Hugging Face hub; pass a checkpoint with --weights PATH"
+                ))
+            })?
+            .resolve()?,
+    };
+    let checkpoint = Checkpoint::open(&path)?;
+    from_checkpoint(arch, &checkpoint, dtype, device)
+}
+
+/// Builds `arch` from an opened checkpoint (strictly: see [`Checkpoint::build`]).
+pub fn from_checkpoint(
+    arch: Arch,
+    checkpoint: &Checkpoint,
+    dtype: DType,
+    device: &Device,
+) -> Result<Box<dyn Classifier>> {
+    let num_classes = checkpoint
+        .shape(arch.head_weight())
+        .and_then(|s| s.first().copied())
+        .unwrap_or(1000);
+    let classes = match checkpoint.class_names()? {
+        Some(names) if names.len() != num_classes => {
+            return Err(Error::invalid(
+                checkpoint.path(),
+                format!(
+                    "metadata names {} classes but the head has {num_classes}",
+                    names.len()
+                ),
+            ))
+        }
+        Some(names) => Classes::new(names),
+        None => Classes::for_head(num_classes),
+    };
+    checkpoint.build(arch.name(), dtype, device, |vb| arch.build(&classes, vb))
+}
+
+/// A freshly initialised, trainable `arch` with a head for `classes`: weights drawn from `seed`
+/// into the returned `VarMap` (hand its variables to an optimiser).
+pub fn fresh(
+    arch: Arch,
+    classes: &Classes,
+    seed: u64,
+    dtype: DType,
+    device: &Device,
+) -> Result<(Box<dyn Classifier>, VarMap)> {
+    let varmap = VarMap::new();
+    let model = arch.build(classes, seeded_var_builder(&varmap, seed, dtype, device))?;
+    Ok((model, varmap))
+}
