@@ -10,7 +10,8 @@ pub struct ModelArgs {
     /// resnet18|34|50|101|152, efficientnet-lite0 or tiny-resnet.
     #[arg(long, short = 'm', value_parser = parse_arch)]
     pub model: Arch,
-    /// A .safetensors or PyTorch .pth checkpoint; without it, hub models download their default.
+    /// A .safetensors or PyTorch .pth checkpoint, or hf://owner/name[/file][@rev] on the Hugging
+    /// Face hub; without it, hub models download their default.
     #[arg(long, short = 'w')]
     pub weights: Option<PathBuf>,
     /// cpu, cuda, cuda:N or auto.

@@ -29,6 +29,31 @@ impl HubFile {
         }
     }
 
+    /// Parses `hf://owner/name[/path/in/repo][@revision]` (the file defaults to
+    /// `model.safetensors`); `None` for anything that is not such a URI (a local path).
+    pub fn from_uri(uri: &str) -> Option<Result<Self>> {
+        let rest = uri.strip_prefix("hf://")?;
+        let (rest, revision) = match rest.rsplit_once('@') {
+            Some((r, rev)) => (r, rev),
+            None => (rest, "main"),
+        };
+        let parts: Vec<&str> = rest.splitn(3, '/').collect();
+        if parts.len() < 2 || parts[..2].iter().any(|p| p.is_empty()) || revision.is_empty() {
+            return Some(Err(Error::InvalidArgument(format!(
+                "`{uri}` is not a hub reference; expected hf://owner/name[/file][@revision]"
+            ))));
+        }
+        Some(Ok(Self {
+            repo: format!("{}/{}", parts[0], parts[1]),
+            file: parts
+                .get(2)
+                .filter(|f| !f.is_empty())
+                .unwrap_or(&"model.safetensors")
+                .to_string(),
+            revision: revision.to_string(),
+        }))
+    }
+
     /// The default weights of a model name, where the hub has them under tensor names vulnmap
     /// reads: torchvision's ImageNet ResNets as timm republishes them.
     pub fn default_for(arch: &str) -> Option<Self> {

@@ -110,7 +110,8 @@ impl std::str::FromStr for Arch {
     }
 }
 
-/// Loads `arch` with constant weights from `weights`, or from the hub default when `None`.
+/// Loads `arch` with constant weights from `weights` (a local file, or `hf://owner/name[/file]`
+/// for the Hugging Face hub), or from the hub default when `None`.
 /// The number of classes comes from the checkpoint's head, their names from its metadata (or
 /// ImageNet's for 1000-class heads).
 pub fn load(
@@ -119,9 +120,11 @@ pub fn load(
     dtype: DType,
     device: &Device,
 ) -> Result<Box<dyn Classifier>> {
-    let path = match weights {
-        Some(p) => p.to_path_buf(),
-        None => HubFile::default_for(arch.name())
+    let hub_uri = weights.and_then(|p| p.to_str()).and_then(HubFile::from_uri);
+    let path = match (hub_uri, weights) {
+        (Some(hub), _) => hub?.resolve()?,
+        (None, Some(p)) => p.to_path_buf(),
+        (None, None) => HubFile::default_for(arch.name())
             .ok_or_else(|| {
                 Error::InvalidArgument(format!(
                     "{arch} has no default weights on the Hugging Face hub; pass a checkpoint with --weights PATH"

@@ -210,6 +210,35 @@ fn hub_weights_come_from_the_local_cache_and_offline_misses_say_how_to_pass_a_fi
     assert_eq!(hub.resolve().unwrap(), snapshot.join("model.safetensors"));
     let model = zoo::load(Arch::ResNet18, None, DType::F32, &Device::Cpu).unwrap();
     assert_eq!(model.arch(), "resnet18");
+    // Any repo by id, with an explicit file.
+    let uri = Path::new("hf://timm/resnet18.tv_in1k/model.safetensors");
+    assert_eq!(
+        zoo::load(Arch::ResNet18, Some(uri), DType::F32, &Device::Cpu)
+            .unwrap()
+            .arch(),
+        "resnet18"
+    );
+    let err = zoo::load(
+        Arch::ResNet18,
+        Some(Path::new("hf://someone/else")),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("someone/else") && err.contains("--weights PATH"),
+        "{err}"
+    );
+    let err = zoo::load(
+        Arch::ResNet18,
+        Some(Path::new("hf://justone")),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("hf://owner/name"), "{err}");
 
     let err = zoo::load(Arch::EfficientNetLite0, None, DType::F32, &Device::Cpu)
         .unwrap_err()
