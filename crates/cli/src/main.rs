@@ -4,7 +4,9 @@
 //! `--json`), logs to stderr. Exit codes: 0 success, 1 failure, 2 usage.
 
 mod classify;
+mod finetune;
 mod model_args;
+mod synth;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -30,6 +32,10 @@ struct Cli {
 enum Command {
     /// Print each image's most likely classes.
     Classify(classify::Args),
+    /// Write a synthetic dataset (`fundus`: retinal images with known lesions and their masks).
+    Synth(synth::Args),
+    /// Train or fine-tune a classifier on a dataset (manifest or folder per class).
+    Finetune(finetune::Args),
 }
 
 fn init_logging(verbose: u8, quiet: bool) {
@@ -57,6 +63,8 @@ fn main() -> ExitCode {
     init_logging(cli.verbose, cli.quiet);
     let result = match cli.command {
         Command::Classify(args) => classify::run(args),
+        Command::Synth(args) => synth::run(args),
+        Command::Finetune(args) => finetune::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

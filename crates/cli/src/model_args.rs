@@ -19,7 +19,7 @@ pub struct ModelArgs {
     pub device: String,
 }
 
-fn parse_arch(s: &str) -> std::result::Result<Arch, String> {
+pub fn parse_arch(s: &str) -> std::result::Result<Arch, String> {
     s.parse::<Arch>().map_err(|e| e.to_string())
 }
 

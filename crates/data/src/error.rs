@@ -16,6 +16,14 @@ pub enum Error {
     #[error("{path}: {reason}")]
     Image { path: PathBuf, reason: String },
 
+    /// A manifest row (or the header, line 1) that cannot be used.
+    #[error("{path}:{line}: {message}")]
+    Manifest {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+
     /// A value that is not one of those accepted (a crop larger than the image, say).
     #[error("{0}")]
     InvalidArgument(String),

@@ -6,8 +6,9 @@
 //! reported at once, each with the tensor's name and both shapes.
 
 use crate::error::{Error, Result, TensorProblem};
+use crate::init::SeededVarMap;
 use candle_core::safetensors::{Load, MmapedSafetensors};
-use candle_core::{DType, Device, Shape, Tensor};
+use candle_core::{DType, Device, Shape, Tensor, Var};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder, VarMap};
 use std::collections::{BTreeMap, HashMap};
@@ -18,6 +19,9 @@ use std::sync::{Arc, Mutex};
 pub const META_ARCH: &str = "vulnmap.arch";
 /// Safetensors metadata key holding the class names, as a JSON array of strings.
 pub const META_CLASSES: &str = "vulnmap.classes";
+
+/// Safetensors metadata key holding the input size (height = width) the model was trained at.
+pub const META_INPUT_SIZE: &str = "vulnmap.input_size";
 
 /// Buffers PyTorch saves that carry no weights; present or not, they never make a mismatch.
 fn is_ignorable(name: &str) -> bool {
@@ -171,6 +175,19 @@ impl Checkpoint {
         }
     }
 
+    /// The input size stored by vulnmap's training with [`META_INPUT_SIZE`], if any.
+    pub fn input_size(&self) -> Result<Option<usize>> {
+        match self.metadata.get(META_INPUT_SIZE) {
+            None => Ok(None),
+            Some(v) => v.parse().map(Some).map_err(|_| {
+                Error::invalid(
+                    &self.path,
+                    format!("metadata `{META_INPUT_SIZE}` is `{v}`, not a size in pixels"),
+                )
+            }),
+        }
+    }
+
     /// Loads tensor `name` in `dtype` on `device`.
     pub fn tensor(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
         let (stored, _) = self.index.get(name).ok_or_else(|| {
@@ -195,10 +212,46 @@ impl Checkpoint {
         device: &Device,
         build: impl FnOnce(VarBuilder) -> candle_core::Result<M>,
     ) -> Result<M> {
+        self.build_with(model, None, dtype, device, build)
+    }
+
+    /// Builds a trainable model: the checkpoint's tensors become variables in `varmap`, except
+    /// those under `fresh_prefix` (say `fc.`, to fine-tune a new head), which are drawn from
+    /// `seed` in the shape the model asks for. Otherwise as strict as [`Checkpoint::build`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn build_trainable<M>(
+        &self,
+        model: &str,
+        varmap: &VarMap,
+        fresh_prefix: Option<&str>,
+        seed: u64,
+        dtype: DType,
+        device: &Device,
+        build: impl FnOnce(VarBuilder) -> candle_core::Result<M>,
+    ) -> Result<M> {
+        let trainable = Trainable {
+            fresh: SeededVarMap {
+                varmap: varmap.clone(),
+                seed,
+            },
+            fresh_prefix: fresh_prefix.map(str::to_string),
+        };
+        self.build_with(model, Some(trainable), dtype, device, build)
+    }
+
+    fn build_with<M>(
+        &self,
+        model: &str,
+        trainable: Option<Trainable>,
+        dtype: DType,
+        device: &Device,
+        build: impl FnOnce(VarBuilder) -> candle_core::Result<M>,
+    ) -> Result<M> {
         let state = Arc::new(Mutex::new(LoadState::default()));
         let backend = CheckingBackend {
             checkpoint: self,
             state: state.clone(),
+            trainable,
         };
         let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
         let built = build(vb);
@@ -249,7 +302,11 @@ impl Checkpoint {
         let requested: std::collections::HashSet<&str> =
             state.requested.iter().map(String::as_str).collect();
         for (name, (_, shape)) in &self.index {
-            if !requested.contains(name.as_str()) && !is_ignorable(name) {
+            let replaced = state
+                .fresh_prefix
+                .as_deref()
+                .is_some_and(|p| name.starts_with(p));
+            if !requested.contains(name.as_str()) && !is_ignorable(name) && !replaced {
                 problems.push(TensorProblem::Unexpected {
                     name: name.clone(),
                     shape: shape.clone(),
@@ -377,6 +434,8 @@ fn check_safetensors_layout(path: &Path) -> Result<HashMap<String, String>> {
 #[derive(Default)]
 struct LoadState {
     requested: Vec<String>,
+    /// Tensors under this prefix were drawn fresh; the checkpoint's are not "unexpected".
+    fresh_prefix: Option<String>,
     problems: Vec<TensorProblem>,
     /// The first failure to read a tensor that was present and well-shaped.
     read_error: Option<Error>,
@@ -387,6 +446,14 @@ struct LoadState {
 struct CheckingBackend<'a> {
     checkpoint: &'a Checkpoint,
     state: Arc<Mutex<LoadState>>,
+    /// Set when the tensors are to be trainable variables.
+    trainable: Option<Trainable>,
+}
+
+struct Trainable {
+    /// Holds the variables; draws the fresh ones.
+    fresh: SeededVarMap,
+    fresh_prefix: Option<String>,
 }
 
 impl SimpleBackend for CheckingBackend<'_> {
@@ -394,7 +461,7 @@ impl SimpleBackend for CheckingBackend<'_> {
         &self,
         shape: Shape,
         name: &str,
-        _: Init,
+        init: Init,
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
@@ -402,6 +469,12 @@ impl SimpleBackend for CheckingBackend<'_> {
             .state
             .lock()
             .map_err(|_| candle_core::Error::Msg("checkpoint state lock poisoned".into()))?;
+        if let Some(t) = &self.trainable {
+            if let Some(prefix) = t.fresh_prefix.as_deref().filter(|p| name.starts_with(p)) {
+                state.fresh_prefix = Some(prefix.to_string());
+                return t.fresh.get(shape, name, init, dtype, dev);
+            }
+        }
         state.requested.push(name.to_string());
         let problem = match self.checkpoint.shape(name) {
             None => Some(TensorProblem::Missing {
@@ -420,7 +493,17 @@ impl SimpleBackend for CheckingBackend<'_> {
             return Tensor::zeros(shape, dtype, dev);
         }
         match self.checkpoint.tensor(name, dtype, dev) {
-            Ok(t) => Ok(t),
+            Ok(t) => match &self.trainable {
+                None => Ok(t),
+                Some(trainable) => {
+                    let var = Var::from_tensor(&t)?;
+                    let mut vars = trainable.fresh.varmap.data().lock().map_err(|_| {
+                        candle_core::Error::Msg("variable map lock poisoned".into())
+                    })?;
+                    vars.insert(name.to_string(), var.clone());
+                    Ok(var.as_tensor().clone())
+                }
+            },
             Err(e) => {
                 let msg = e.to_string();
                 state.read_error.get_or_insert(e);

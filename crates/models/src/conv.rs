@@ -1,5 +1,6 @@
 //! Convolutions: dense `Conv2d` and per-channel `DepthwiseConv2d`, with PyTorch or TF-"SAME" padding.
 
+use crate::conv_grad::conv2d;
 use crate::windows::{pad2d, Pad2d, Windows};
 use candle_core::{Result, Tensor};
 use candle_nn::{init, Init, VarBuilder};
@@ -74,9 +75,9 @@ impl Conv2d {
         let (_, _, h, w) = x.dims4()?;
         let pad = self.padding.resolve((h, w), self.kernel, self.stride);
         let y = if pad.is_uniform() {
-            x.conv2d(&self.weight, pad.top, self.stride, 1, 1)?
+            conv2d(x, &self.weight, self.stride, pad.top)?
         } else {
-            pad2d(x, pad, 0.0)?.conv2d(&self.weight, 0, self.stride, 1, 1)?
+            conv2d(&pad2d(x, pad, 0.0)?, &self.weight, self.stride, 0)?
         };
         match &self.bias {
             Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),

@@ -178,6 +178,12 @@ impl EfficientNetLite0 {
         Ok(self)
     }
 
+    /// Changes the input size and normalisation the model reports and applies.
+    pub fn with_input_spec(mut self, spec: InputSpec) -> Self {
+        self.spec = spec;
+        self
+    }
+
     /// Position after which a layer's output is taken: 0 after the stem, `i + 1` after block
     /// `i`, `blocks + 1` after the head convolution.
     fn position(&self, layer: &str) -> Result<usize> {

@@ -9,6 +9,10 @@ pub enum Error {
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 
+    /// Reading images or a dataset failed.
+    #[error(transparent)]
+    Data(#[from] vulnmap_data::Error),
+
     /// A file could not be read or written.
     #[error("{path}: {error}")]
     Io {

@@ -2,11 +2,11 @@
 //! follow each layer's `Init` hint (Kaiming for convolutions, as torchvision) but come from
 //! [`crate::random`], so the same seed gives the same network.
 
-use crate::random;
 use candle_core::{DType, Device, Result, Shape, Tensor, Var};
 use candle_nn::init::NormalOrUniform;
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder, VarMap};
+use vulnmap_data::random;
 
 /// A builder whose tensors are trainable variables stored in `varmap`; variables already in the
 /// map are reused (so a checkpoint loaded into the map first wins), new ones are drawn from `seed`.
@@ -26,9 +26,10 @@ pub fn seeded_var_builder(
     )
 }
 
-struct SeededVarMap {
-    varmap: VarMap,
-    seed: u64,
+/// The backend of [`seeded_var_builder`].
+pub(crate) struct SeededVarMap {
+    pub(crate) varmap: VarMap,
+    pub(crate) seed: u64,
 }
 
 impl SimpleBackend for SeededVarMap {

@@ -19,13 +19,17 @@
 //! - [`efficientnet_lite`]: EfficientNet-Lite0 (lukemelas tensor names, TF-"SAME" padding).
 //! - [`batch_norm`]: BatchNorm with eval and train modes.
 //! - [`conv`]: dense and depthwise convolutions, PyTorch or TF-"SAME" padding.
+//! - [`conv_grad`]: convolution whose backward is GEMM + col2im, skipping unneeded gradients.
 //! - [`pool`]: max-pooling with a working backward pass; global average pooling.
 //! - [`windows`]: strided window views, the building block of pooling and depthwise convolution.
 //! - [`checkpoint`]: reading safetensors and `.pth`, strict fit checks, atomic saving.
 //! - [`hub`]: weights from the Hugging Face hub through the local cache.
 //! - [`zoo`]: models by name, from checkpoints or freshly initialised.
+//! - [`fundus_benchmark`]: tiny-resnet trained on the synthetic fundus set, cached.
+//! - [`train`]: training and fine-tuning on a dataset, with the best checkpoint kept.
+//! - [`optim`]: Adam with PyTorch's semantics (and AdamW).
 //! - [`init`]: seeded initialisation of trainable weights.
-//! - [`random`]: seeded random draws.
+//! - `random`: seeded random draws (re-exported from `vulnmap_data::random`).
 //! - [`device`]: device names (`cpu`, `cuda:N`, `auto`).
 //! - [`gradcheck`]: finite-difference checks of input gradients.
 //! - [`imagenet`]: the 1000 ImageNet class names.
@@ -39,16 +43,19 @@ pub mod batch_norm;
 pub mod checkpoint;
 pub mod classifier;
 pub mod conv;
+pub mod conv_grad;
 pub mod device;
 pub mod efficientnet_lite;
 pub mod error;
+pub mod fundus_benchmark;
 pub mod gradcheck;
 pub mod hub;
 pub mod imagenet;
 pub mod init;
+pub mod optim;
 pub mod pool;
-pub mod random;
 pub mod resnet;
+pub mod train;
 pub mod windows;
 pub mod zoo;
 
@@ -59,4 +66,5 @@ pub use efficientnet_lite::EfficientNetLite0;
 pub use error::{Error, Result, TensorProblem};
 pub use hub::HubFile;
 pub use resnet::ResNet;
+pub use vulnmap_data::random;
 pub use zoo::Arch;

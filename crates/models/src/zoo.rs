@@ -1,7 +1,7 @@
 //! Models by name, as the CLI and pipelines spell them, built from a checkpoint or from a seed.
 
 use crate::checkpoint::Checkpoint;
-use crate::classifier::{Classes, Classifier};
+use crate::classifier::{Classes, Classifier, InputSpec};
 use crate::efficientnet_lite::EfficientNetLite0;
 use crate::error::{Error, Result};
 use crate::hub::HubFile;
@@ -10,6 +10,9 @@ use crate::resnet::{Config, ResNet};
 use candle_core::{DType, Device};
 use candle_nn::{VarBuilder, VarMap};
 use std::path::Path;
+
+/// The input size of ImageNet models, and of checkpoints that do not say otherwise.
+pub const DEFAULT_INPUT_SIZE: usize = 224;
 
 /// The architectures vulnmap can build.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -57,6 +60,14 @@ impl Arch {
         }
     }
 
+    /// The prefix of the head's tensors, replaced when fine-tuning.
+    pub fn head_prefix(self) -> &'static str {
+        match self {
+            Arch::EfficientNetLite0 => "_fc.",
+            _ => "fc.",
+        }
+    }
+
     /// The ResNet configuration, for the ResNet architectures.
     pub fn resnet_config(self, num_classes: usize) -> Option<Config> {
         Some(match self {
@@ -70,18 +81,25 @@ impl Arch {
         })
     }
 
-    /// Builds the network with a head for `classes` from `vb`.
+    /// Builds the network with a head for `classes` and an `input_size` square input from `vb`.
     pub fn build(
         self,
         classes: &Classes,
+        input_size: usize,
         vb: VarBuilder,
     ) -> candle_core::Result<Box<dyn Classifier>> {
         let n = classes.len();
         Ok(match self.resnet_config(n) {
-            Some(config) => {
-                Box::new(ResNet::new(self.name(), &config, vb)?.with_classes(classes.clone())?)
-            }
-            None => Box::new(EfficientNetLite0::new(n, vb)?.with_classes(classes.clone())?),
+            Some(config) => Box::new(
+                ResNet::new(self.name(), &config, vb)?
+                    .with_classes(classes.clone())?
+                    .with_input_spec(InputSpec::imagenet(input_size)),
+            ),
+            None => Box::new(
+                EfficientNetLite0::new(n, vb)?
+                    .with_classes(classes.clone())?
+                    .with_input_spec(InputSpec::tf_lite(input_size)),
+            ),
         })
     }
 }
@@ -160,7 +178,10 @@ pub fn from_checkpoint(
         Some(names) => Classes::new(names),
         None => Classes::for_head(num_classes),
     };
-    checkpoint.build(arch.name(), dtype, device, |vb| arch.build(&classes, vb))
+    let input_size = checkpoint.input_size()?.unwrap_or(DEFAULT_INPUT_SIZE);
+    checkpoint.build(arch.name(), dtype, device, |vb| {
+        arch.build(&classes, input_size, vb)
+    })
 }
 
 /// A freshly initialised, trainable `arch` with a head for `classes`: weights drawn from `seed`
@@ -173,6 +194,10 @@ pub fn fresh(
     device: &Device,
 ) -> Result<(Box<dyn Classifier>, VarMap)> {
     let varmap = VarMap::new();
-    let model = arch.build(classes, seeded_var_builder(&varmap, seed, dtype, device))?;
+    let model = arch.build(
+        classes,
+        DEFAULT_INPUT_SIZE,
+        seeded_var_builder(&varmap, seed, dtype, device),
+    )?;
     Ok((model, varmap))
 }

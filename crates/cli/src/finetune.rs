@@ -1,0 +1,167 @@
+//! `vulnmap finetune`: train a classifier on a dataset (a manifest or a folder per class), from
+//! ImageNet weights with a new head, or from scratch.
+
+use anyhow::{Context, Result};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use vulnmap_data::split::{split_by_patient, summary, PAPER_FRACTIONS};
+use vulnmap_data::{Dataset, ManifestOptions, Preprocess};
+use vulnmap_models::hub::HubFile;
+use vulnmap_models::optim::AdamConfig;
+use vulnmap_models::train::{fit, LrSchedule, TrainConfig, TrainableModel};
+use vulnmap_models::{parse_device, Arch, Checkpoint, Classes};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// A CSV manifest, a folder holding manifest.csv, or a folder with one subfolder per class.
+    #[arg(long)]
+    data: PathBuf,
+    /// The architecture.
+    #[arg(long, value_parser = crate::model_args::parse_arch)]
+    arch: Arch,
+    /// Start from these weights (backbone kept, head replaced); default: the hub's ImageNet
+    /// weights for ResNets, fresh weights for tiny-resnet. `--scratch` forces fresh weights.
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// Train from freshly initialised weights.
+    #[arg(long, conflicts_with = "weights")]
+    scratch: bool,
+    #[arg(long, default_value_t = 10)]
+    epochs: usize,
+    #[arg(long, default_value_t = 1e-4)]
+    lr: f64,
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// Adam weight decay (L2, as torch.optim.Adam).
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
+    /// Cosine decay of the learning rate over the epochs (default: constant, as the paper).
+    #[arg(long)]
+    cosine: bool,
+    /// Random left-right and up-down flips of training images.
+    #[arg(long)]
+    flips: bool,
+    /// Train only the new head.
+    #[arg(long)]
+    freeze_backbone: bool,
+    /// Input size: images are resized (shorter side) to --resize and centre-cropped to this.
+    #[arg(long, default_value_t = 224)]
+    size: usize,
+    /// Shorter side before the crop (default: --size, as the paper's code).
+    #[arg(long)]
+    resize: Option<u32>,
+    /// Seed of the split, the new head and the shuffling.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Leave out unreadable or inconsistent manifest rows (listed on stderr) instead of stopping.
+    #[arg(long)]
+    skip_bad: bool,
+    /// Output folder: best.safetensors and report.json.
+    #[arg(long)]
+    out: PathBuf,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Print the training report as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+fn read_dataset(data: &Path, skip_bad: bool) -> Result<Dataset> {
+    let manifest = if data.is_dir() {
+        data.join("manifest.csv")
+    } else {
+        data.to_path_buf()
+    };
+    if manifest.is_file() {
+        let options = ManifestOptions {
+            skip_bad,
+            verify: true,
+            ..Default::default()
+        };
+        let (dataset, skipped) = Dataset::from_manifest(&manifest, &options)?;
+        if !skipped.is_empty() {
+            tracing::warn!(
+                "left out {} bad rows of {}",
+                skipped.len(),
+                manifest.display()
+            );
+        }
+        Ok(dataset)
+    } else {
+        Ok(Dataset::from_folders(data)?)
+    }
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let device = parse_device(&args.device)?;
+    let dataset = Arc::new(read_dataset(&args.data, args.skip_bad)?);
+    anyhow::ensure!(!dataset.is_empty(), "{}: no images", args.data.display());
+    let splits = split_by_patient(&dataset, PAPER_FRACTIONS, args.seed);
+    eprint!("{}", summary(&dataset, &splits));
+    let classes = Classes::new(dataset.classes.clone());
+    let weights = match (&args.weights, args.scratch) {
+        (Some(w), _) => Some(w.clone()),
+        (None, true) => None,
+        (None, false) => HubFile::default_for(args.arch.name())
+            .map(|h| h.resolve())
+            .transpose()?,
+    };
+    let model = match &weights {
+        Some(path) => {
+            tracing::info!("fine-tuning {} from {}", args.arch, path.display());
+            let checkpoint = Checkpoint::open(path)?;
+            TrainableModel::finetune(
+                args.arch,
+                &checkpoint,
+                &classes,
+                args.size,
+                args.seed,
+                &device,
+            )?
+        }
+        None => {
+            tracing::info!("training {} from scratch", args.arch);
+            TrainableModel::fresh(args.arch, &classes, args.size, args.seed, &device)?
+        }
+    };
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let config = TrainConfig {
+        epochs: args.epochs,
+        batch_size: args.batch_size,
+        adam: AdamConfig {
+            lr: args.lr,
+            weight_decay: args.weight_decay,
+            ..AdamConfig::default()
+        },
+        schedule: if args.cosine {
+            LrSchedule::Cosine
+        } else {
+            LrSchedule::Constant
+        },
+        seed: args.seed,
+        preprocess: Preprocess::resize_crop(
+            args.resize.unwrap_or(args.size as u32),
+            args.size as u32,
+        ),
+        freeze_backbone: args.freeze_backbone,
+        random_flips: args.flips,
+        checkpoint: Some(args.out.join("best.safetensors")),
+        progress: true,
+    };
+    let report = fit(&model, dataset, &splits, &config)?;
+    let json = serde_json::to_string_pretty(&report)?;
+    vulnmap_data::fs::write_atomic(&args.out.join("report.json"), json.as_bytes())?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!(
+            "best epoch {}: test accuracy {:.3}; weights in {}",
+            report.best_epoch,
+            report.test_accuracy,
+            args.out.join("best.safetensors").display()
+        );
+    }
+    Ok(())
+}

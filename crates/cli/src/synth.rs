@@ -1,0 +1,70 @@
+//! `vulnmap synth fundus`: write a synthetic fundus dataset (images, lesion masks, manifest).
+
+use anyhow::Result;
+use std::path::PathBuf;
+use std::time::Instant;
+use vulnmap_data::split::{split_by_patient, summary, PAPER_FRACTIONS};
+use vulnmap_data::synthetic::{write_dataset, FundusConfig, LabelScheme};
+use vulnmap_data::{Dataset, ManifestOptions};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// What to synthesise (only `fundus` so far).
+    #[arg(value_parser = ["fundus"])]
+    kind: String,
+    /// Output folder (created); gets images/, masks beside the images, and manifest.csv.
+    #[arg(long)]
+    out: PathBuf,
+    /// Patients (two eyes each; a CFP image per eye, and an FA image per eye by --fa-fraction).
+    #[arg(long, default_value_t = 150)]
+    patients: usize,
+    /// Image size in pixels (square, at least 32).
+    #[arg(long, default_value_t = 224, value_parser = clap::value_parser!(u32).range(32..))]
+    size: u32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Probability that an eye has lesions.
+    #[arg(long, default_value_t = 0.5, value_parser = parse_probability)]
+    lesion_prevalence: f64,
+    /// Probability that an eye also has a fluorescein angiogram.
+    #[arg(long, default_value_t = 1.0, value_parser = parse_probability)]
+    fa_fraction: f64,
+    /// `binary` (healthy, lesion) or `lesion-type` (healthy, haemorrhage, exudate, microaneurysm).
+    #[arg(long, default_value = "binary", value_parser = ["binary", "lesion-type"])]
+    labels: String,
+}
+
+fn parse_probability(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(p) if (0.0..=1.0).contains(&p) => Ok(p),
+        _ => Err(format!("`{s}` is not a probability between 0 and 1")),
+    }
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let config = FundusConfig {
+        patients: args.patients,
+        size: args.size as usize,
+        seed: args.seed,
+        lesion_prevalence: args.lesion_prevalence,
+        fa_fraction: args.fa_fraction,
+        labels: if args.labels == "binary" {
+            LabelScheme::Binary
+        } else {
+            LabelScheme::LesionType
+        },
+    };
+    let start = Instant::now();
+    let manifest = write_dataset(&config, &args.out)?;
+    let dataset = Dataset::from_manifest(&manifest, &ManifestOptions::default())?.0;
+    let seconds = start.elapsed().as_secs_f64();
+    tracing::info!(
+        "{} images in {seconds:.1} s ({:.0} images/s, with masks and PNG encoding)",
+        dataset.len(),
+        dataset.len() as f64 / seconds
+    );
+    let splits = split_by_patient(&dataset, PAPER_FRACTIONS, args.seed);
+    println!("{}", manifest.display());
+    eprint!("{}", summary(&dataset, &splits));
+    Ok(())
+}
