@@ -41,6 +41,9 @@ pub struct Args {
     /// Random left-right and up-down flips of training images.
     #[arg(long)]
     flips: bool,
+    /// Gaussian noise of this standard deviation added to training pixels (0: none).
+    #[arg(long, default_value_t = 0.0)]
+    noise: f64,
     /// Train only the new head.
     #[arg(long)]
     freeze_backbone: bool,
@@ -147,6 +150,7 @@ pub fn run(args: Args) -> Result<()> {
         ),
         freeze_backbone: args.freeze_backbone,
         random_flips: args.flips,
+        noise_std: args.noise,
         checkpoint: Some(args.out.join("best.safetensors")),
         progress: true,
     };

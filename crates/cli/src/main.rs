@@ -11,6 +11,20 @@ mod synth;
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Keeps freed memory for reuse instead of returning it to the OS: tensors are large and
+/// short-lived, and faulting their pages back in cost a third of a backward pass (measured on
+/// EfficientNet-Lite0, batch 16: 7.7 s with glibc's defaults, 3.8 s this way).
+fn keep_freed_memory() {
+    // `mi_option_purge_delay` in mimalloc.h, between `eager_commit_delay` (14) and
+    // `use_numa_nodes` (16); libmimalloc-sys does not name it.
+    const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+    // SAFETY: setting an option is thread-safe and takes plain integers.
+    unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, -1) };
+}
+
 #[derive(Parser)]
 #[command(
     name = "vulnmap",
@@ -58,7 +72,15 @@ fn init_logging(verbose: u8, quiet: bool) {
         .init();
 }
 
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
 fn main() -> ExitCode {
+    keep_freed_memory();
     let cli = Cli::parse(); // usage errors exit with 2
     init_logging(cli.verbose, cli.quiet);
     let result = match cli.command {
@@ -68,6 +90,8 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // `vulnmap ... | head`: the reader has what it wanted.
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE

@@ -212,7 +212,7 @@ impl Checkpoint {
         device: &Device,
         build: impl FnOnce(VarBuilder) -> candle_core::Result<M>,
     ) -> Result<M> {
-        self.build_with(model, None, dtype, device, build)
+        self.build_with(model, None, false, dtype, device, build)
     }
 
     /// Builds a trainable model: the checkpoint's tensors become variables in `varmap`, except
@@ -229,20 +229,43 @@ impl Checkpoint {
         device: &Device,
         build: impl FnOnce(VarBuilder) -> candle_core::Result<M>,
     ) -> Result<M> {
-        let trainable = Trainable {
-            fresh: SeededVarMap {
+        let fresh = Fresh {
+            draw: SeededVarMap {
                 varmap: varmap.clone(),
                 seed,
             },
-            fresh_prefix: fresh_prefix.map(str::to_string),
+            prefixes: fresh_prefix.map(str::to_string).into_iter().collect(),
         };
-        self.build_with(model, Some(trainable), dtype, device, build)
+        self.build_with(model, Some(fresh), true, dtype, device, build)
+    }
+
+    /// Builds a model with constant weights from the checkpoint, except the tensors under any of
+    /// `prefixes` (say `fc.` and `layer4.`), which are re-initialised from `seed`: the
+    /// model-randomisation sanity check of Adebayo et al.
+    pub fn build_randomized<M>(
+        &self,
+        model: &str,
+        prefixes: &[&str],
+        seed: u64,
+        dtype: DType,
+        device: &Device,
+        build: impl FnOnce(VarBuilder) -> candle_core::Result<M>,
+    ) -> Result<M> {
+        let fresh = Fresh {
+            draw: SeededVarMap {
+                varmap: VarMap::new(),
+                seed,
+            },
+            prefixes: prefixes.iter().map(|p| p.to_string()).collect(),
+        };
+        self.build_with(model, Some(fresh), false, dtype, device, build)
     }
 
     fn build_with<M>(
         &self,
         model: &str,
-        trainable: Option<Trainable>,
+        fresh: Option<Fresh>,
+        trainable: bool,
         dtype: DType,
         device: &Device,
         build: impl FnOnce(VarBuilder) -> candle_core::Result<M>,
@@ -251,6 +274,7 @@ impl Checkpoint {
         let backend = CheckingBackend {
             checkpoint: self,
             state: state.clone(),
+            fresh,
             trainable,
         };
         let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
@@ -303,9 +327,9 @@ impl Checkpoint {
             state.requested.iter().map(String::as_str).collect();
         for (name, (_, shape)) in &self.index {
             let replaced = state
-                .fresh_prefix
-                .as_deref()
-                .is_some_and(|p| name.starts_with(p));
+                .fresh_prefixes
+                .iter()
+                .any(|p| name.starts_with(p.as_str()));
             if !requested.contains(name.as_str()) && !is_ignorable(name) && !replaced {
                 problems.push(TensorProblem::Unexpected {
                     name: name.clone(),
@@ -434,8 +458,8 @@ fn check_safetensors_layout(path: &Path) -> Result<HashMap<String, String>> {
 #[derive(Default)]
 struct LoadState {
     requested: Vec<String>,
-    /// Tensors under this prefix were drawn fresh; the checkpoint's are not "unexpected".
-    fresh_prefix: Option<String>,
+    /// Tensors under these prefixes were drawn fresh; the checkpoint's are not "unexpected".
+    fresh_prefixes: Vec<String>,
     problems: Vec<TensorProblem>,
     /// The first failure to read a tensor that was present and well-shaped.
     read_error: Option<Error>,
@@ -446,14 +470,17 @@ struct LoadState {
 struct CheckingBackend<'a> {
     checkpoint: &'a Checkpoint,
     state: Arc<Mutex<LoadState>>,
-    /// Set when the tensors are to be trainable variables.
-    trainable: Option<Trainable>,
+    /// Tensors drawn fresh instead of read.
+    fresh: Option<Fresh>,
+    /// Keep the tensors as variables in `fresh.draw.varmap` (to train them).
+    trainable: bool,
 }
 
-struct Trainable {
+/// Which tensors to draw fresh, and from what.
+struct Fresh {
     /// Holds the variables; draws the fresh ones.
-    fresh: SeededVarMap,
-    fresh_prefix: Option<String>,
+    draw: SeededVarMap,
+    prefixes: Vec<String>,
 }
 
 impl SimpleBackend for CheckingBackend<'_> {
@@ -469,10 +496,13 @@ impl SimpleBackend for CheckingBackend<'_> {
             .state
             .lock()
             .map_err(|_| candle_core::Error::Msg("checkpoint state lock poisoned".into()))?;
-        if let Some(t) = &self.trainable {
-            if let Some(prefix) = t.fresh_prefix.as_deref().filter(|p| name.starts_with(p)) {
-                state.fresh_prefix = Some(prefix.to_string());
-                return t.fresh.get(shape, name, init, dtype, dev);
+        if let Some(fresh) = &self.fresh {
+            if let Some(prefix) = fresh.prefixes.iter().find(|p| name.starts_with(p.as_str())) {
+                if !state.fresh_prefixes.contains(prefix) {
+                    state.fresh_prefixes.push(prefix.clone());
+                }
+                let t = fresh.draw.get(shape, name, init, dtype, dev)?;
+                return Ok(if self.trainable { t } else { t.detach() });
             }
         }
         state.requested.push(name.to_string());
@@ -493,16 +523,16 @@ impl SimpleBackend for CheckingBackend<'_> {
             return Tensor::zeros(shape, dtype, dev);
         }
         match self.checkpoint.tensor(name, dtype, dev) {
-            Ok(t) => match &self.trainable {
-                None => Ok(t),
-                Some(trainable) => {
+            Ok(t) => match (&self.fresh, self.trainable) {
+                (Some(fresh), true) => {
                     let var = Var::from_tensor(&t)?;
-                    let mut vars = trainable.fresh.varmap.data().lock().map_err(|_| {
+                    let mut vars = fresh.draw.varmap.data().lock().map_err(|_| {
                         candle_core::Error::Msg("variable map lock poisoned".into())
                     })?;
                     vars.insert(name.to_string(), var.clone());
                     Ok(var.as_tensor().clone())
                 }
+                _ => Ok(t),
             },
             Err(e) => {
                 let msg = e.to_string();

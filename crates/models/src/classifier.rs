@@ -187,3 +187,155 @@ impl std::fmt::Debug for dyn Classifier {
             .finish()
     }
 }
+
+/// What a classifier's outputs are taken to be, for explaining them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Score {
+    /// The logits as they are (Captum's and pytorch-grad-cam's default).
+    Logit,
+    /// Each logit minus the mean of all: what the softmax depends on, without the part all
+    /// classes share. For two classes, half the logit difference.
+    CentredLogit,
+    /// `log_softmax` of the logits (saturates in f32 for very confident predictions).
+    LogProbability,
+    /// `softmax` of the logits.
+    Probability,
+}
+
+impl Score {
+    /// Applies the score to `N x classes` logits.
+    pub fn apply(self, logits: &Tensor) -> Result<Tensor> {
+        match self {
+            Score::Logit => Ok(logits.clone()),
+            Score::CentredLogit => logits.broadcast_sub(&logits.mean_keepdim(1)?),
+            Score::LogProbability => candle_nn::ops::log_softmax(logits, 1),
+            Score::Probability => candle_nn::ops::softmax(logits, 1),
+        }
+    }
+}
+
+/// A classifier whose outputs are `score` of another's logits, so that every saliency method and
+/// attack explains that score.
+///
+/// Explaining a logit also explains whatever the classes' logits share, which the decision
+/// ignores; for a two-class model that shared part can dominate (the optic disc's brightness
+/// raising both logits of the fundus benchmark model). [`Score::CentredLogit`] removes it.
+pub struct ScoredClassifier<C> {
+    inner: C,
+    score: Score,
+}
+
+impl<C: Classifier> ScoredClassifier<C> {
+    pub fn new(inner: C, score: Score) -> Self {
+        Self { inner, score }
+    }
+
+    /// The wrapped classifier.
+    pub fn inner(&self) -> &C {
+        &self.inner
+    }
+
+    /// The score its outputs are.
+    pub fn score(&self) -> Score {
+        self.score
+    }
+}
+
+impl<C: Classifier> Classifier for ScoredClassifier<C> {
+    fn arch(&self) -> &str {
+        self.inner.arch()
+    }
+    fn input_spec(&self) -> &InputSpec {
+        self.inner.input_spec()
+    }
+    fn classes(&self) -> &Classes {
+        self.inner.classes()
+    }
+    fn device(&self) -> &Device {
+        self.inner.device()
+    }
+    fn dtype(&self) -> DType {
+        self.inner.dtype()
+    }
+    fn forward_t(&self, pixels: &Tensor, train: bool) -> Result<Tensor> {
+        self.score.apply(&self.inner.forward_t(pixels, train)?)
+    }
+    fn layers(&self) -> Vec<String> {
+        self.inner.layers()
+    }
+    fn default_layer(&self) -> String {
+        self.inner.default_layer()
+    }
+    fn features(&self, pixels: &Tensor, layer: &str) -> Result<Tensor> {
+        self.inner.features(pixels, layer)
+    }
+    fn forward_from(&self, features: &Tensor, layer: &str) -> Result<Tensor> {
+        self.score.apply(&self.inner.forward_from(features, layer)?)
+    }
+}
+
+impl<C: Classifier + ?Sized> Classifier for Box<C> {
+    fn arch(&self) -> &str {
+        (**self).arch()
+    }
+    fn input_spec(&self) -> &InputSpec {
+        (**self).input_spec()
+    }
+    fn classes(&self) -> &Classes {
+        (**self).classes()
+    }
+    fn device(&self) -> &Device {
+        (**self).device()
+    }
+    fn dtype(&self) -> DType {
+        (**self).dtype()
+    }
+    fn forward_t(&self, pixels: &Tensor, train: bool) -> Result<Tensor> {
+        (**self).forward_t(pixels, train)
+    }
+    fn layers(&self) -> Vec<String> {
+        (**self).layers()
+    }
+    fn default_layer(&self) -> String {
+        (**self).default_layer()
+    }
+    fn features(&self, pixels: &Tensor, layer: &str) -> Result<Tensor> {
+        (**self).features(pixels, layer)
+    }
+    fn forward_from(&self, features: &Tensor, layer: &str) -> Result<Tensor> {
+        (**self).forward_from(features, layer)
+    }
+}
+
+impl<C: Classifier + ?Sized> Classifier for &C {
+    fn arch(&self) -> &str {
+        (**self).arch()
+    }
+    fn input_spec(&self) -> &InputSpec {
+        (**self).input_spec()
+    }
+    fn classes(&self) -> &Classes {
+        (**self).classes()
+    }
+    fn device(&self) -> &Device {
+        (**self).device()
+    }
+    fn dtype(&self) -> DType {
+        (**self).dtype()
+    }
+    fn forward_t(&self, pixels: &Tensor, train: bool) -> Result<Tensor> {
+        (**self).forward_t(pixels, train)
+    }
+    fn layers(&self) -> Vec<String> {
+        (**self).layers()
+    }
+    fn default_layer(&self) -> String {
+        (**self).default_layer()
+    }
+    fn features(&self, pixels: &Tensor, layer: &str) -> Result<Tensor> {
+        (**self).features(pixels, layer)
+    }
+    fn forward_from(&self, features: &Tensor, layer: &str) -> Result<Tensor> {
+        (**self).forward_from(features, layer)
+    }
+}

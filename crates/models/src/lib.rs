@@ -19,9 +19,11 @@
 //! - [`efficientnet_lite`]: EfficientNet-Lite0 (lukemelas tensor names, TF-"SAME" padding).
 //! - [`batch_norm`]: BatchNorm with eval and train modes.
 //! - [`conv`]: dense and depthwise convolutions, PyTorch or TF-"SAME" padding.
+//! - [`depthwise`]: CPU depthwise convolution kernels with their own backward pass.
 //! - [`conv_grad`]: convolution whose backward is GEMM + col2im, skipping unneeded gradients.
 //! - [`pool`]: max-pooling with a working backward pass; global average pooling.
 //! - [`windows`]: strided window views, the building block of pooling and depthwise convolution.
+//! - [`resize`]: differentiable bilinear resizing (PyTorch's `interpolate`), on every device.
 //! - [`checkpoint`]: reading safetensors and `.pth`, strict fit checks, atomic saving.
 //! - [`hub`]: weights from the Hugging Face hub through the local cache.
 //! - [`zoo`]: models by name, from checkpoints or freshly initialised.
@@ -44,6 +46,7 @@ pub mod checkpoint;
 pub mod classifier;
 pub mod conv;
 pub mod conv_grad;
+pub mod depthwise;
 pub mod device;
 pub mod efficientnet_lite;
 pub mod error;
@@ -54,13 +57,14 @@ pub mod imagenet;
 pub mod init;
 pub mod optim;
 pub mod pool;
+pub mod resize;
 pub mod resnet;
 pub mod train;
 pub mod windows;
 pub mod zoo;
 
 pub use checkpoint::{save_safetensors, Checkpoint};
-pub use classifier::{Classes, Classifier, InputSpec};
+pub use classifier::{Classes, Classifier, InputSpec, Score, ScoredClassifier};
 pub use device::parse_device;
 pub use efficientnet_lite::EfficientNetLite0;
 pub use error::{Error, Result, TensorProblem};

@@ -184,6 +184,30 @@ pub fn from_checkpoint(
     })
 }
 
+/// `arch` from `checkpoint` with the tensors under `prefixes` (e.g. `["fc.", "layer4."]`)
+/// re-initialised from `seed`, for the model-randomisation sanity check.
+pub fn randomized(
+    arch: Arch,
+    checkpoint: &Checkpoint,
+    prefixes: &[&str],
+    seed: u64,
+    dtype: DType,
+    device: &Device,
+) -> Result<Box<dyn Classifier>> {
+    let num_classes = checkpoint
+        .shape(arch.head_weight())
+        .and_then(|s| s.first().copied())
+        .unwrap_or(1000);
+    let classes = match checkpoint.class_names()? {
+        Some(names) if names.len() == num_classes => Classes::new(names),
+        _ => Classes::for_head(num_classes),
+    };
+    let input_size = checkpoint.input_size()?.unwrap_or(DEFAULT_INPUT_SIZE);
+    checkpoint.build_randomized(arch.name(), prefixes, seed, dtype, device, |vb| {
+        arch.build(&classes, input_size, vb)
+    })
+}
+
 /// A freshly initialised, trainable `arch` with a head for `classes`: weights drawn from `seed`
 /// into the returned `VarMap` (hand its variables to an optimiser).
 pub fn fresh(

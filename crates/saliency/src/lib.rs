@@ -1,9 +1,59 @@
-//! Saliency methods and the metrics that judge them, for any `vulnmap_models::Classifier`.
+//! Saliency methods and the metrics that judge them, for any [`vulnmap_models::Classifier`].
 //!
-//! This crate is being built: gradient, SmoothGrad, Integrated Gradients, Grad-CAM, occlusion and
-//! RISE, map post-processing, and the deletion/insertion, pointing-game and randomisation metrics
-//! land here next. Nothing is exported yet.
+//! ```no_run
+//! # fn main() -> vulnmap_saliency::Result<()> {
+//! use vulnmap_saliency::{Method, SmoothGrad};
+//! # let model: Box<dyn vulnmap_models::Classifier> = unimplemented!();
+//! # let pixels: candle_core::Tensor = unimplemented!();
+//! let targets = vulnmap_saliency::predicted_classes(model.as_ref(), &pixels, 16)?;
+//! let maps = Method::SmoothGrad(SmoothGrad::authors()).explain(model.as_ref(), &pixels, &targets)?; // N x H x W in [0, 1]
+//! # Ok(()) }
+//! ```
 //!
-//! Modules: none yet.
+//! Every method evaluates the model in batches of at most `batch_size` images, and random draws
+//! are seeded, so batched and unbatched runs give the same maps.
 //!
-//! Cargo features: none.
+//! Modules:
+//! - [`gradient`]: the vanilla input gradient (Simonyan et al.).
+//! - [`smoothgrad`]: SmoothGrad, SmoothGrad-Squared and VarGrad; the paper's authors' preset.
+//! - [`integrated_gradients`]: Integrated Gradients, black or blurred baseline, Riemann or
+//!   Gauss-Legendre.
+//! - [`grad_cam`]: Grad-CAM on a named layer.
+//! - [`occlusion`]: sliding-window occlusion on the local attack's grid.
+//! - [`rise`]: RISE's random masks.
+//! - [`method`]: the methods by name with their default post-processing.
+//! - [`postprocess`]: channel reduction, percentile clipping, scaling to [0, 1], resizing.
+//! - [`metrics`]: deletion/insertion, pointing game, AUROC, IoU, randomisation check.
+//! - [`render`]: colour maps, overlays, PNG output.
+//! - [`grid`]: the window grid shared with the local attack.
+//! - [`blur`]: Gaussian blur (IG baseline, insertion substrate).
+//! - [`target`]: predicted classes and input checks.
+//!
+//! Cargo features: none (CUDA comes through `vulnmap-models`).
+
+pub mod blur;
+pub mod error;
+pub mod grad_cam;
+pub mod gradient;
+pub mod grid;
+pub mod integrated_gradients;
+pub mod method;
+pub mod metrics;
+pub mod occlusion;
+pub mod postprocess;
+pub mod render;
+pub mod rise;
+pub mod smoothgrad;
+pub mod target;
+
+pub use error::{Error, Result};
+pub use grad_cam::GradCam;
+pub use gradient::{input_gradients, Gradient};
+pub use grid::WindowGrid;
+pub use integrated_gradients::{Baseline, IntegratedGradients, Integration};
+pub use method::Method;
+pub use occlusion::{Occlusion, OcclusionBaseline};
+pub use postprocess::{PostProcess, Reduction};
+pub use rise::Rise;
+pub use smoothgrad::{Aggregate, SmoothGrad};
+pub use target::predicted_classes;

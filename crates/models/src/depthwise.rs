@@ -1,0 +1,292 @@
+//! Depthwise convolution kernels for the CPU, with their own backward pass.
+//!
+//! The device-generic depthwise convolution in [`crate::conv`] sums `k * k` shifted views times
+//! per-channel weights. Its autograd graph keeps every product and partial sum until the backward
+//! pass: gigabytes per layer for a batch of ImageNet images. Here the forward and both gradients
+//! are direct loops over each channel plane, and only the input and weights are kept.
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Geometry of a depthwise convolution on an already padded input.
+#[derive(Debug, Clone, Copy)]
+struct Geometry {
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    k: usize,
+    stride: usize,
+    oh: usize,
+    ow: usize,
+}
+
+impl Geometry {
+    fn of(x: &[usize], k: usize, stride: usize) -> Result<Self> {
+        let (n, c, h, w) = (x[0], x[1], x[2], x[3]);
+        let out = |s: usize| crate::windows::output_size(s, k, stride);
+        Ok(Self {
+            n,
+            c,
+            h,
+            w,
+            k,
+            stride,
+            oh: out(h)?,
+            ow: out(w)?,
+        })
+    }
+}
+
+/// `depthwise(x, weight, stride)` on a padded `x` (`N x C x H x W`, f32 or f64 on the CPU) with
+/// `weight` `C x 1 x k x k`; no padding is added.
+pub fn depthwise_conv2d(x: &Tensor, weight: &Tensor, stride: usize) -> Result<Tensor> {
+    let k = weight.dim(2)?;
+    x.contiguous()?
+        .apply_op2(&weight.contiguous()?, Depthwise { k, stride })
+}
+
+struct Depthwise {
+    k: usize,
+    stride: usize,
+}
+
+trait Float:
+    Copy + Default + Send + Sync + std::ops::Mul<Output = Self> + std::ops::AddAssign + 'static
+{
+}
+impl Float for f32 {}
+impl Float for f64 {}
+
+fn slice<'a, T>(data: &'a [T], layout: &Layout) -> Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("depthwise convolution needs contiguous tensors"),
+    }
+}
+
+fn forward<T: Float>(x: &[T], w: &[T], g: Geometry) -> Vec<T> {
+    let mut out = vec![T::default(); g.n * g.c * g.oh * g.ow];
+    out.par_chunks_mut(g.oh * g.ow)
+        .enumerate()
+        .for_each(|(plane, o)| {
+            let c = plane % g.c;
+            let xin = &x[plane * g.h * g.w..][..g.h * g.w];
+            let kern = &w[c * g.k * g.k..][..g.k * g.k];
+            for i in 0..g.oh {
+                let row = &mut o[i * g.ow..(i + 1) * g.ow];
+                for dy in 0..g.k {
+                    let line = &xin[(i * g.stride + dy) * g.w..][..g.w];
+                    for dx in 0..g.k {
+                        let wv = kern[dy * g.k + dx];
+                        for (j, r) in row.iter_mut().enumerate() {
+                            *r += wv * line[j * g.stride + dx];
+                        }
+                    }
+                }
+            }
+        });
+    out
+}
+
+fn grad_input<T: Float>(grad: &[T], w: &[T], g: Geometry) -> Vec<T> {
+    let mut out = vec![T::default(); g.n * g.c * g.h * g.w];
+    out.par_chunks_mut(g.h * g.w)
+        .enumerate()
+        .for_each(|(plane, gx)| {
+            let c = plane % g.c;
+            let go = &grad[plane * g.oh * g.ow..][..g.oh * g.ow];
+            let kern = &w[c * g.k * g.k..][..g.k * g.k];
+            for i in 0..g.oh {
+                let grow = &go[i * g.ow..(i + 1) * g.ow];
+                for dy in 0..g.k {
+                    let line = &mut gx[(i * g.stride + dy) * g.w..][..g.w];
+                    for dx in 0..g.k {
+                        let wv = kern[dy * g.k + dx];
+                        for (j, &gv) in grow.iter().enumerate() {
+                            line[j * g.stride + dx] += wv * gv;
+                        }
+                    }
+                }
+            }
+        });
+    out
+}
+
+fn grad_weight<T: Float>(x: &[T], grad: &[T], g: Geometry) -> Vec<T> {
+    // One k x k kernel per channel, summed over the batch.
+    let per_channel: Vec<Vec<T>> = (0..g.c)
+        .into_par_iter()
+        .map(|c| {
+            let mut acc = vec![T::default(); g.k * g.k];
+            for b in 0..g.n {
+                let plane = b * g.c + c;
+                let xin = &x[plane * g.h * g.w..][..g.h * g.w];
+                let go = &grad[plane * g.oh * g.ow..][..g.oh * g.ow];
+                for i in 0..g.oh {
+                    let grow = &go[i * g.ow..(i + 1) * g.ow];
+                    for dy in 0..g.k {
+                        let line = &xin[(i * g.stride + dy) * g.w..][..g.w];
+                        for dx in 0..g.k {
+                            let mut s = T::default();
+                            for (j, &gv) in grow.iter().enumerate() {
+                                s += gv * line[j * g.stride + dx];
+                            }
+                            acc[dy * g.k + dx] += s;
+                        }
+                    }
+                }
+            }
+            acc
+        })
+        .collect();
+    per_channel.concat()
+}
+
+impl CustomOp2 for Depthwise {
+    fn name(&self) -> &'static str {
+        "vulnmap-depthwise-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        w: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = Geometry::of(xl.dims(), self.k, self.stride)?;
+        let out = match (x, w) {
+            (CpuStorage::F32(x), CpuStorage::F32(w)) => {
+                CpuStorage::F32(forward(slice(x, xl)?, slice(w, wl)?, g))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(w)) => {
+                CpuStorage::F64(forward(slice(x, xl)?, slice(w, wl)?, g))
+            }
+            _ => candle_core::bail!("depthwise convolution: f32 or f64 tensors of one dtype"),
+        };
+        Ok((out, Shape::from((g.n, g.c, g.oh, g.ow))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let gx = if x.track_op() {
+            Some(grad.apply_op2_no_bwd(
+                &w.detach(),
+                &Backward {
+                    op: self,
+                    part: Part::Input,
+                    input: x.dims().to_vec(),
+                },
+            )?)
+        } else {
+            None
+        };
+        let gw = if w.track_op() {
+            Some(x.detach().apply_op2_no_bwd(
+                &grad,
+                &Backward {
+                    op: self,
+                    part: Part::Weight,
+                    input: x.dims().to_vec(),
+                },
+            )?)
+        } else {
+            None
+        };
+        Ok((gx, gw))
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Part {
+    /// `(grad, weight) -> d input`.
+    Input,
+    /// `(input, grad) -> d weight`.
+    Weight,
+}
+
+struct Backward<'a> {
+    op: &'a Depthwise,
+    part: Part,
+    input: Vec<usize>,
+}
+
+impl CustomOp2 for Backward<'_> {
+    fn name(&self) -> &'static str {
+        "vulnmap-depthwise-conv2d-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        a: &CpuStorage,
+        al: &Layout,
+        b: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = Geometry::of(&self.input, self.op.k, self.op.stride)?;
+        let run = |a: &CpuStorage, b: &CpuStorage| -> Result<CpuStorage> {
+            Ok(match (a, b, self.part) {
+                (CpuStorage::F32(a), CpuStorage::F32(b), Part::Input) => {
+                    CpuStorage::F32(grad_input(slice(a, al)?, slice(b, bl)?, g))
+                }
+                (CpuStorage::F64(a), CpuStorage::F64(b), Part::Input) => {
+                    CpuStorage::F64(grad_input(slice(a, al)?, slice(b, bl)?, g))
+                }
+                (CpuStorage::F32(a), CpuStorage::F32(b), Part::Weight) => {
+                    CpuStorage::F32(grad_weight(slice(a, al)?, slice(b, bl)?, g))
+                }
+                (CpuStorage::F64(a), CpuStorage::F64(b), Part::Weight) => {
+                    CpuStorage::F64(grad_weight(slice(a, al)?, slice(b, bl)?, g))
+                }
+                _ => candle_core::bail!("depthwise convolution: f32 or f64 tensors of one dtype"),
+            })
+        };
+        let shape = match self.part {
+            Part::Input => Shape::from((g.n, g.c, g.h, g.w)),
+            Part::Weight => Shape::from((g.c, 1, g.k, g.k)),
+        };
+        Ok((run(a, b)?, shape))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gradcheck::finite_difference_check;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn matches_grouped_convolution_and_its_gradients() -> Result<()> {
+        let dev = Device::Cpu;
+        for &(k, s) in &[(3, 1), (3, 2), (5, 2), (5, 1)] {
+            let x = Var::from_tensor(&Tensor::randn(0f64, 1.0, (2, 3, 11, 12), &dev)?)?;
+            let w = Var::from_tensor(&Tensor::randn(0f64, 1.0, (3, 1, k, k), &dev)?)?;
+            let ours = depthwise_conv2d(x.as_tensor(), w.as_tensor(), s)?;
+            let theirs = x.as_tensor().conv2d(w.as_tensor(), 0, s, 1, 3)?;
+            let d = (&ours - &theirs)?.abs()?.max_all()?.to_scalar::<f64>()?;
+            assert!(d < 1e-12, "forward differs by {d}");
+            let wc = w.as_tensor().detach();
+            finite_difference_check(
+                &x.as_tensor().detach(),
+                |x| depthwise_conv2d(x, &wc, s),
+                1e-6,
+                1e-8,
+            )?;
+            let xc = x.as_tensor().detach();
+            finite_difference_check(
+                &w.as_tensor().detach(),
+                |w| depthwise_conv2d(&xc, w, s),
+                1e-6,
+                1e-8,
+            )?;
+        }
+        Ok(())
+    }
+}

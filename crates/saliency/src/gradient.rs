@@ -1,0 +1,73 @@
+//! The vanilla gradient (Simonyan et al., 2014): how each pixel moves the target logit.
+
+use crate::error::Result;
+use crate::target::check_inputs;
+use candle_core::{Tensor, Var};
+use vulnmap_models::Classifier;
+
+/// The gradient of each image's target logit with respect to its pixels (`N x C x H x W`),
+/// `batch_size` images per backward pass.
+pub fn input_gradients(
+    model: &dyn Classifier,
+    pixels: &Tensor,
+    targets: &[usize],
+    batch_size: usize,
+) -> Result<Tensor> {
+    check_inputs(model, pixels, targets, batch_size)?;
+    let n = pixels.dim(0)?;
+    let mut grads = Vec::with_capacity(n.div_ceil(batch_size));
+    for start in (0..n).step_by(batch_size) {
+        let len = batch_size.min(n - start);
+        let chunk_targets: Vec<u32> = targets[start..start + len]
+            .iter()
+            .map(|&t| t as u32)
+            .collect();
+        grads.push(batch_gradient(
+            model,
+            &pixels.narrow(0, start, len)?,
+            &chunk_targets,
+        )?);
+    }
+    Ok(Tensor::cat(&grads, 0)?)
+}
+
+/// One backward pass: the gradient of the sum of the images' target logits (images do not
+/// interact in eval mode, so each image gets its own gradient).
+pub(crate) fn batch_gradient(
+    model: &dyn Classifier,
+    pixels: &Tensor,
+    targets: &[u32],
+) -> Result<Tensor> {
+    let x = Var::from_tensor(&pixels.detach())?;
+    let logits = model.forward(x.as_tensor())?;
+    let index = Tensor::from_slice(targets, (targets.len(), 1), logits.device())?;
+    let selected = logits.gather(&index, 1)?;
+    let grads = selected.sum_all()?.backward()?;
+    let grad = grads.get(x.as_tensor()).ok_or_else(|| {
+        candle_core::Error::Msg(format!("{} gave no gradient for its input", model.arch()))
+    })?;
+    Ok(grad.clone())
+}
+
+/// Settings of the vanilla gradient.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gradient {
+    pub batch_size: usize,
+}
+
+impl Default for Gradient {
+    fn default() -> Self {
+        Self { batch_size: 16 }
+    }
+}
+
+impl Gradient {
+    pub fn attribute(
+        &self,
+        model: &dyn Classifier,
+        pixels: &Tensor,
+        targets: &[usize],
+    ) -> Result<Tensor> {
+        input_gradients(model, pixels, targets, self.batch_size)
+    }
+}

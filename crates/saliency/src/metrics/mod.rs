@@ -1,0 +1,6 @@
+//! How good is a saliency map: causal metrics (deletion and insertion), localisation against a
+//! known mask (pointing game, AUROC, IoU) and the model-randomisation sanity check.
+
+pub mod causal;
+pub mod localisation;
+pub mod randomisation;

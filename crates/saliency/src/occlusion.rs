@@ -1,0 +1,86 @@
+//! Occlusion (Zeiler and Fergus, 2014): how much the target logit drops when a window of the
+//! image is replaced by a baseline value, averaged over the windows covering each pixel. The
+//! same grid as the local attack, so the two maps compare pixel for pixel.
+
+use crate::error::Result;
+use crate::grid::WindowGrid;
+use crate::target::check_inputs;
+use candle_core::Tensor;
+use vulnmap_models::Classifier;
+
+/// What an occluded window shows instead of the image.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum OcclusionBaseline {
+    /// A constant (0: black, Captum's default).
+    Value(f32),
+    /// The image blurred by a Gaussian of this many pixels: removes detail without drawing a
+    /// new shape (a black square can itself look like a lesion, or an object).
+    Blurred { sigma: f64 },
+}
+
+/// Occlusion's settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Occlusion {
+    pub window: usize,
+    pub stride: usize,
+    pub baseline: OcclusionBaseline,
+    /// Occluded images per forward pass.
+    pub batch_size: usize,
+}
+
+impl Default for Occlusion {
+    fn default() -> Self {
+        Self {
+            window: 32,
+            stride: 16,
+            baseline: OcclusionBaseline::Value(0.0),
+            batch_size: 32,
+        }
+    }
+}
+
+impl Occlusion {
+    /// The mean logit drop per pixel, `N x 1 x H x W` (positive where occlusion hurts).
+    pub fn attribute(
+        &self,
+        model: &dyn Classifier,
+        pixels: &Tensor,
+        targets: &[usize],
+    ) -> Result<Tensor> {
+        check_inputs(model, pixels, targets, self.batch_size)?;
+        let (n, _, h, w) = pixels.dims4()?;
+        let grid = WindowGrid::new(self.window, self.stride);
+        let positions = grid.positions((h, w))?;
+        let device = pixels.device();
+        let dtype = pixels.dtype();
+        let coverage =
+            Tensor::from_vec(grid.coverage((h, w))?, (1, h, w), device)?.to_dtype(dtype)?;
+        let fill = match self.baseline {
+            OcclusionBaseline::Value(v) => pixels.ones_like()?.affine(v as f64, 0.0)?,
+            OcclusionBaseline::Blurred { sigma } => crate::blur::gaussian_blur(pixels, sigma)?,
+        };
+        let mut maps = Vec::with_capacity(n);
+        for (i, &t) in targets.iter().enumerate().take(n) {
+            let x = pixels.narrow(0, i, 1)?;
+            let x_fill = fill.narrow(0, i, 1)?;
+            let base = model.forward(&x)?.narrow(1, t, 1)?.squeeze(1)?; // 1
+            let mut total = Tensor::zeros((1, h, w), dtype, device)?;
+            for chunk in positions.chunks(self.batch_size) {
+                let masks: Vec<f32> = chunk.iter().flat_map(|&p| grid.mask((h, w), p)).collect();
+                let masks =
+                    Tensor::from_vec(masks, (chunk.len(), 1, h, w), device)?.to_dtype(dtype)?;
+                // x * (1 - m) + fill * m
+                let occluded = x
+                    .broadcast_mul(&masks.affine(-1.0, 1.0)?)?
+                    .broadcast_add(&masks.broadcast_mul(&x_fill)?)?;
+                let scores = model.forward(&occluded)?.narrow(1, t, 1)?.squeeze(1)?; // B
+                let drops = base
+                    .broadcast_sub(&scores)?
+                    .reshape((chunk.len(), 1, 1, 1))?;
+                total = (total + masks.broadcast_mul(&drops)?.sum(0)?)?;
+            }
+            maps.push(total.broadcast_div(&coverage)?);
+        }
+        Ok(Tensor::stack(&maps, 0)?)
+    }
+}
