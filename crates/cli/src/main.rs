@@ -4,6 +4,7 @@
 //! `--json`), logs to stderr. Exit codes: 0 success, 1 failure, 2 usage.
 
 mod classify;
+mod explain;
 mod finetune;
 mod model_args;
 mod synth;
@@ -46,6 +47,8 @@ struct Cli {
 enum Command {
     /// Print each image's most likely classes.
     Classify(classify::Args),
+    /// Saliency maps of images (PNG maps and overlays).
+    Explain(explain::Args),
     /// Write a synthetic dataset (`fundus`: retinal images with known lesions and their masks).
     Synth(synth::Args),
     /// Train or fine-tune a classifier on a dataset (manifest or folder per class).
@@ -85,6 +88,7 @@ fn main() -> ExitCode {
     init_logging(cli.verbose, cli.quiet);
     let result = match cli.command {
         Command::Classify(args) => classify::run(args),
+        Command::Explain(args) => explain::run(args),
         Command::Synth(args) => synth::run(args),
         Command::Finetune(args) => finetune::run(args),
     };
