@@ -1,8 +1,45 @@
-//! The paper's generator-noise attacks (random, local, saliency-mask, U-Net-mask) and classic
-//! baselines (FGSM, PGD), for any `vulnmap_models::Classifier`.
+//! The paper's attacks and classic baselines, for any [`vulnmap_models::Classifier`].
 //!
-//! This crate is being built after `vulnmap-saliency`; nothing is exported yet.
+//! ```no_run
+//! # fn main() -> vulnmap_attacks::Result<()> {
+//! use vulnmap_attacks::{random::random_attack, AttackConfig, Goal};
+//! # let model: Box<dyn vulnmap_models::Classifier> = unimplemented!();
+//! # let pixels: candle_core::Tensor = unimplemented!();
+//! let config = AttackConfig { alpha: 0.02, ..AttackConfig::default() }; // the paper's random attack
+//! let outcomes = random_attack(model.as_ref(), &pixels, &[Goal::Untargeted], &config)?;
+//! println!("{}", outcomes[0].table_row()); // alpha, losses, label change, iterations, confidence
+//! # Ok(()) }
+//! ```
 //!
-//! Modules: none yet.
+//! Every attack is a set of jobs run by one loop ([`engine`]): a noise generator per job, trained
+//! by Adam until the label flips with confidence above 0.9; jobs are banked `batch_size` at a
+//! time and each stops on its own. Perturbations live in pixel space: `clamp(image + alpha *
+//! noise * mask, 0, 1)`.
 //!
-//! Cargo features: none.
+//! Modules:
+//! - [`engine`]: the attack loop (jobs, goals, regions, masking, configuration).
+//! - [`random`]: the random attack, untargeted and targeted.
+//! - [`rounds`]: an attack repeated over seeds with statistics, and the alpha sweep (Fig. 6).
+//! - [`local`]: the local attack's window map and the (w, s) sweep (Figs. 7-8).
+//! - [`saliency_attack`]: the SmoothGrad-masked attack and its random-mask controls (Figs. 9-10).
+//! - [`mask_attack`]: the U-Net / free-mask attack of Eq. 6 (Fig. 11).
+//! - [`baselines`]: FGSM and PGD, L-inf and L2.
+//! - [`outcome`]: what an attack reports (a Table I row, the noise, the perturbed image).
+//!
+//! Cargo features: none (CUDA comes through `vulnmap-models`).
+
+pub mod baselines;
+pub mod engine;
+pub mod error;
+pub mod local;
+pub mod mask_attack;
+pub mod outcome;
+pub mod random;
+pub mod rounds;
+pub mod saliency_attack;
+
+pub use engine::{
+    AttackConfig, GeneratorChoice, Goal, Job, LearnedMask, MaskNetwork, Masking, Region, Sparsity,
+};
+pub use error::{Error, Result};
+pub use outcome::AttackOutcome;

@@ -21,7 +21,7 @@ use rayon::prelude::*;
 
 /// Geometry of a square-kernel convolution with uniform padding and no dilation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Geometry {
+pub struct Geometry {
     channels: usize,
     height: usize,
     width: usize,
@@ -50,13 +50,30 @@ impl Geometry {
         })
     }
 
+    /// The convolution from `channels x height x width` images with a `kernel` moved by
+    /// `stride` over `padding` pixels of zeros.
+    pub fn conv(
+        channels: usize,
+        (height, width): (usize, usize),
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
+        Self::new(&[1, channels, height, width], kernel, stride, padding)
+    }
+
+    /// Output height and width of the convolution.
+    pub fn output(&self) -> (usize, usize) {
+        (self.out_h, self.out_w)
+    }
+
     /// Positions per image (`Ho * Wo`).
-    fn positions(&self) -> usize {
+    pub fn positions(&self) -> usize {
         self.out_h * self.out_w
     }
 
     /// Values per column (`C * k * k`).
-    fn column(&self) -> usize {
+    pub fn column(&self) -> usize {
         self.channels * self.kernel * self.kernel
     }
 
@@ -180,10 +197,11 @@ impl CustomOp3 for ConvBackward {
 }
 
 /// Patches of `x` as columns: `N x P x (C k k)`, column order `(c, dy, dx)` as the weights'.
-fn im2col(x: &Tensor, g: &Geometry) -> Result<Tensor> {
+/// Differentiable: its backward is [`col2im`].
+pub fn im2col(x: &Tensor, g: &Geometry) -> Result<Tensor> {
     let x = x.contiguous()?;
     if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
-        return x.apply_op1_no_bwd(&Im2Col(*g));
+        return x.apply_op1(Im2Col(*g));
     }
     let n = x.dim(0)?;
     let k = g.kernel;
@@ -201,11 +219,13 @@ fn im2col(x: &Tensor, g: &Geometry) -> Result<Tensor> {
         .reshape((n, g.positions(), g.column()))
 }
 
-/// The adjoint of [`im2col`]: sums columns `N x P x (C k k)` back into `N x C x H x W`.
-fn col2im(cols: &Tensor, g: &Geometry) -> Result<Tensor> {
+/// The adjoint of [`im2col`]: sums columns `N x P x (C k k)` back into `N x C x H x W`. Seen
+/// the other way, a transposed convolution of the `N x C' x Ho x Wo` input whose columns these
+/// are. Differentiable: its backward is [`im2col`].
+pub fn col2im(cols: &Tensor, g: &Geometry) -> Result<Tensor> {
     let cols = cols.contiguous()?;
     if cols.device().is_cpu() && matches!(cols.dtype(), DType::F32 | DType::F64) {
-        return cols.apply_op1_no_bwd(&Col2Im(*g));
+        return cols.apply_op1(Col2Im(*g));
     }
     let n = cols.dim(0)?;
     let k = g.kernel;
@@ -286,6 +306,10 @@ impl CustomOp1 for Im2Col {
         "vulnmap-im2col"
     }
 
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(col2im(grad_res, &self.0)?))
+    }
+
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let n = layout.dims()[0];
         let shape = Shape::from((n, self.0.positions(), self.0.column()));
@@ -339,6 +363,10 @@ impl Col2Im {
 impl CustomOp1 for Col2Im {
     fn name(&self) -> &'static str {
         "vulnmap-col2im"
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(im2col(grad_res, &self.0)?))
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
@@ -440,6 +468,19 @@ mod tests {
                 (lhs - rhs).abs() < 1e-9 * lhs.abs().max(1.0),
                 "adjoint: {lhs} vs {rhs}"
             );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn im2col_and_col2im_are_differentiable() -> Result<()> {
+        let dev = Device::Cpu;
+        for (cin, size, k, s, p) in CASES {
+            let x = Tensor::randn(0f64, 1.0, (2, cin, size, size + 1), &dev)?;
+            let g = Geometry::new(x.dims(), k, s, p)?;
+            finite_difference_check(&x, |x| im2col(x, &g), 1e-6, 1e-6)?;
+            let cols = Tensor::randn(0f64, 1.0, (2, g.positions(), g.column()), &dev)?;
+            finite_difference_check(&cols, |c| col2im(c, &g), 1e-6, 1e-6)?;
         }
         Ok(())
     }

@@ -17,6 +17,10 @@
 //! - [`classifier`]: the `Classifier` trait, input specs and class names.
 //! - [`resnet`]: ResNet 18/34/50/101/152 and `tiny-resnet`, torchvision tensor names.
 //! - [`efficientnet_lite`]: EfficientNet-Lite0 (lukemelas tensor names, TF-"SAME" padding).
+//! - [`generator`]: the attacks' noise generators (the authors' DCGAN and a size-generic one).
+//! - [`unet`]: the mask attack's U-Net.
+//! - [`free_mask`]: the authors' free low-resolution mask.
+//! - [`bank`]: banks of independent small networks run as one (one per image, window, seed).
 //! - [`batch_norm`]: BatchNorm with eval and train modes.
 //! - [`conv`]: dense and depthwise convolutions, PyTorch or TF-"SAME" padding.
 //! - [`depthwise`]: CPU depthwise convolution kernels with their own backward pass.
@@ -41,6 +45,7 @@
 //! - `cuda`: NVIDIA GPUs through candle's CUDA backend.
 //! - `cudnn`: cuDNN convolutions (implies `cuda`).
 
+pub mod bank;
 pub mod batch_norm;
 pub mod checkpoint;
 pub mod classifier;
@@ -50,7 +55,9 @@ pub mod depthwise;
 pub mod device;
 pub mod efficientnet_lite;
 pub mod error;
+pub mod free_mask;
 pub mod fundus_benchmark;
+pub mod generator;
 pub mod gradcheck;
 pub mod hub;
 pub mod imagenet;
@@ -60,6 +67,7 @@ pub mod pool;
 pub mod resize;
 pub mod resnet;
 pub mod train;
+pub mod unet;
 pub mod windows;
 pub mod zoo;
 

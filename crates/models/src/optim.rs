@@ -66,6 +66,17 @@ impl Adam {
 
     /// One update from `grads`; variables without a gradient are left as they are.
     pub fn step(&mut self, grads: &GradStore) -> Result<()> {
+        self.step_entries(grads, None)
+    }
+
+    /// One update in which only some entries of a bank move: every variable has the bank as its
+    /// leading dimension and `active` (`B`, ones and zeros) says which entries update. The others
+    /// keep their weights and their moments, exactly as if they had left the optimiser.
+    pub fn step_active(&mut self, grads: &GradStore, active: &Tensor) -> Result<()> {
+        self.step_entries(grads, Some(active))
+    }
+
+    fn step_entries(&mut self, grads: &GradStore, active: Option<&Tensor>) -> Result<()> {
         self.step += 1;
         let c = self.config;
         let bias1 = 1.0 - c.beta1.powi(self.step);
@@ -80,17 +91,35 @@ impl Adam {
             } else {
                 g.clone()
             };
-            slot.m = ((&slot.m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
-            slot.v = ((&slot.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
-            let m_hat = (&slot.m / bias1)?;
-            let v_hat = (&slot.v / bias2)?;
-            let p = if c.weight_decay != 0.0 && c.decoupled {
-                (p * (1.0 - c.lr * c.weight_decay))?
+            let m = ((&slot.m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
+            let v = ((&slot.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+            let m_hat = (&m / bias1)?;
+            let v_hat = (&v / bias2)?;
+            let decayed = if c.weight_decay != 0.0 && c.decoupled {
+                (&p * (1.0 - c.lr * c.weight_decay))?
             } else {
-                p
+                p.clone()
             };
             let update = (m_hat / (v_hat.sqrt()? + c.eps)?)?;
-            slot.var.set(&(p - (update * c.lr)?)?)?;
+            let next = (decayed - (update * c.lr)?)?;
+            match active {
+                None => {
+                    slot.m = m;
+                    slot.v = v;
+                    slot.var.set(&next)?;
+                }
+                Some(active) => {
+                    let mut dims = vec![1usize; p.rank()];
+                    dims[0] = active.dim(0)?;
+                    let on = active.to_dtype(p.dtype())?.reshape(dims)?;
+                    let keep = |new: &Tensor, old: &Tensor| -> Result<Tensor> {
+                        old + new.sub(old)?.broadcast_mul(&on)?
+                    };
+                    slot.m = keep(&m, &slot.m)?;
+                    slot.v = keep(&v, &slot.v)?;
+                    slot.var.set(&keep(&next, &p)?)?;
+                }
+            }
         }
         Ok(())
     }
@@ -120,6 +149,41 @@ mod tests {
             p -= c.lr * mh / (vh.sqrt() + c.eps);
         }
         p
+    }
+
+    #[test]
+    fn inactive_entries_keep_weights_and_moments() -> Result<()> {
+        let dev = Device::Cpu;
+        let var = Var::new(&[[1.0f64, 2.0], [3.0, 4.0]], &dev)?; // two entries of two weights
+        let mut adam = Adam::new(
+            vec![var.clone()],
+            AdamConfig {
+                lr: 0.1,
+                ..Default::default()
+            },
+        )?;
+        let active = Tensor::new(&[1f64, 0.0], &dev)?;
+        for _ in 0..3 {
+            let grads = var.as_tensor().sqr()?.sum_all()?.backward()?;
+            adam.step_active(&grads, &active)?;
+        }
+        let v = var.as_tensor().to_vec2::<f64>()?;
+        assert_eq!(v[1], vec![3.0, 4.0]);
+        // Entry 0 moved as it would alone.
+        let alone = Var::new(&[[1.0f64, 2.0]], &dev)?;
+        let mut solo = Adam::new(
+            vec![alone.clone()],
+            AdamConfig {
+                lr: 0.1,
+                ..Default::default()
+            },
+        )?;
+        for _ in 0..3 {
+            let grads = alone.as_tensor().sqr()?.sum_all()?.backward()?;
+            solo.step(&grads)?;
+        }
+        assert_eq!(v[0], alone.as_tensor().to_vec2::<f64>()?[0]);
+        Ok(())
     }
 
     #[test]

@@ -1,0 +1,57 @@
+//! What an attack reports: a row of the paper's Table I, plus the noise and the perturbed image.
+
+use candle_core::Tensor;
+use serde::Serialize;
+
+/// One attack's result.
+#[derive(Debug, Clone, Serialize)]
+pub struct AttackOutcome {
+    /// Noise strength in pixel units.
+    pub alpha: f64,
+    /// Cross-entropy of the clean image against its own label (Table I's "origin loss").
+    pub origin_loss: f64,
+    /// The attack's loss when it stopped: `-CE(original label)` untargeted, `CE(target)`
+    /// targeted (plus the mask terms for the mask attack).
+    pub final_loss: f64,
+    /// The clean image's predicted class.
+    pub label_from: usize,
+    /// The perturbed image's predicted class when the attack stopped.
+    pub label_to: usize,
+    /// The class asked for, for targeted attacks.
+    pub target: Option<usize>,
+    /// Generator updates made before the perturbed image met the goal (0: the untrained noise
+    /// already did); the cap when it never did.
+    pub iterations: usize,
+    /// The perturbed image's probability of `label_to`.
+    pub confidence: f64,
+    pub success: bool,
+    /// Why an unsuccessful attack stopped.
+    pub failure: Option<String>,
+    /// The perturbation added, `alpha * noise * mask` (`3 x H x W`; not serialised).
+    #[serde(skip)]
+    pub noise: Tensor,
+    /// `clamp(image + noise, 0, 1)` (`3 x H x W`; not serialised).
+    #[serde(skip)]
+    pub perturbed: Tensor,
+    /// The mask the noise was multiplied by, when there was one (`H x W`; not serialised).
+    #[serde(skip)]
+    pub mask: Option<Tensor>,
+}
+
+impl AttackOutcome {
+    /// The Table I columns as Markdown cells: alpha, origin loss, later loss, label change,
+    /// iterations, confidence.
+    pub fn table_row(&self) -> String {
+        format!(
+            "| {} | {:.3e} | {:.4} | from {} to {} | {}{} | {:.4} |",
+            self.alpha,
+            self.origin_loss,
+            self.final_loss,
+            self.label_from,
+            self.label_to,
+            self.iterations,
+            if self.success { "" } else { " (failed)" },
+            self.confidence
+        )
+    }
+}

@@ -1,0 +1,446 @@
+//! Determinism, batching, bad parameters, NaN losses, rounds, the alpha sweep and the FGSM/PGD
+//! baselines, on the synthetic benchmark's small model.
+
+mod common;
+
+use candle_core::{DType, Device, Result as CResult, Tensor};
+use vulnmap_attacks::baselines::{pgd, Norm, Pgd};
+use vulnmap_attacks::engine::run;
+use vulnmap_attacks::local::{local_attack, LocalAttack};
+use vulnmap_attacks::random::random_attack;
+use vulnmap_attacks::rounds::{alpha_sweep, rounds};
+use vulnmap_attacks::{AttackConfig, Goal, Job, Masking, Region};
+use vulnmap_models::{Classes, Classifier, InputSpec};
+
+fn same(a: &Tensor, b: &Tensor) -> bool {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+        == 0.0
+}
+
+#[test]
+fn same_seed_same_result_and_batching_changes_nothing() {
+    let data = common::lesions(4);
+    let goals = vec![Goal::Untargeted; 4];
+    let config = AttackConfig {
+        alpha: 0.05,
+        max_iters: 15,
+        ..AttackConfig::default()
+    };
+    let one = random_attack(
+        data.model.as_ref(),
+        &data.pixels,
+        &goals,
+        &AttackConfig {
+            batch_size: 1,
+            ..config
+        },
+    )
+    .unwrap();
+    let four = random_attack(
+        data.model.as_ref(),
+        &data.pixels,
+        &goals,
+        &AttackConfig {
+            batch_size: 4,
+            ..config
+        },
+    )
+    .unwrap();
+    let again = random_attack(
+        data.model.as_ref(),
+        &data.pixels,
+        &goals,
+        &AttackConfig {
+            batch_size: 4,
+            ..config
+        },
+    )
+    .unwrap();
+    for ((a, b), c) in one.iter().zip(&four).zip(&again) {
+        assert_eq!(
+            (a.iterations, a.success, a.label_to),
+            (b.iterations, b.success, b.label_to)
+        );
+        assert_eq!((b.iterations, b.success), (c.iterations, c.success));
+        assert!(same(&b.noise, &c.noise), "same seed, different noise");
+        let d = (&a.noise - &b.noise)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d < 1e-5, "batched and unbatched noise differ by {d}");
+    }
+    let other = random_attack(
+        data.model.as_ref(),
+        &data.pixels,
+        &goals,
+        &AttackConfig { seed: 9, ..config },
+    )
+    .unwrap();
+    assert!(
+        !same(&other[0].noise, &four[0].noise),
+        "another seed, same noise"
+    );
+
+    let spec = LocalAttack {
+        window: 64,
+        stride: 64,
+        goal: Goal::Untargeted,
+    };
+    let cfg = AttackConfig {
+        alpha: 0.3,
+        max_iters: 5,
+        ..AttackConfig::default()
+    };
+    let a = local_attack(
+        data.model.as_ref(),
+        &data.pixels,
+        0,
+        &spec,
+        &AttackConfig {
+            batch_size: 1,
+            ..cfg
+        },
+    )
+    .unwrap();
+    let b = local_attack(
+        data.model.as_ref(),
+        &data.pixels,
+        0,
+        &spec,
+        &AttackConfig {
+            batch_size: 4,
+            ..cfg
+        },
+    )
+    .unwrap();
+    assert_eq!(a.speeds, b.speeds);
+}
+
+#[test]
+fn bad_parameters_are_refused_with_the_reason() {
+    let data = common::lesions(1);
+    let m = data.model.as_ref();
+    let err = |r: vulnmap_attacks::Result<Vec<vulnmap_attacks::AttackOutcome>>| {
+        r.unwrap_err().to_string()
+    };
+    let e = err(random_attack(
+        m,
+        &data.pixels,
+        &[Goal::Untargeted],
+        &AttackConfig {
+            alpha: 0.0,
+            ..AttackConfig::default()
+        },
+    ));
+    assert!(e.contains("alpha must be a positive"), "{e}");
+    let e = err(random_attack(
+        m,
+        &data.pixels,
+        &[Goal::Untargeted],
+        &AttackConfig {
+            alpha: -0.1,
+            ..AttackConfig::default()
+        },
+    ));
+    assert!(e.contains("alpha"), "{e}");
+    let e = err(random_attack(
+        m,
+        &data.pixels,
+        &[Goal::Targeted(2)],
+        &AttackConfig::default(),
+    ));
+    assert!(
+        e.contains("target class 2 is out of range") && e.contains("2 classes"),
+        "{e}"
+    );
+    let e = local_attack(
+        m,
+        &data.pixels,
+        0,
+        &LocalAttack {
+            window: 200,
+            stride: 50,
+            goal: Goal::Untargeted,
+        },
+        &AttackConfig::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("200x200 window is larger than the 128x128 image"),
+        "{e}"
+    );
+    let jobs = [Job {
+        image: 0,
+        goal: Goal::Untargeted,
+        region: Region::Window {
+            top: 100,
+            left: 0,
+            size: 40,
+        },
+        alpha: 0.1,
+        seed: 0,
+    }];
+    let e = err(run(
+        m,
+        &data.pixels,
+        &jobs,
+        &Masking::None,
+        &AttackConfig::default(),
+    ));
+    assert!(e.contains("does not fit"), "{e}");
+    let e = err(random_attack(
+        m,
+        &data.pixels,
+        &[Goal::Untargeted],
+        &AttackConfig {
+            generator: vulnmap_attacks::GeneratorChoice::Paper,
+            ..AttackConfig::default()
+        },
+    ));
+    assert!(e.contains("224x224") && e.contains("128x128"), "{e}");
+}
+
+/// A classifier whose logits turn to NaN for images whose first pixel is exactly 0.123.
+struct Poisoned<'a>(&'a dyn Classifier);
+
+impl Classifier for Poisoned<'_> {
+    fn arch(&self) -> &str {
+        "poisoned"
+    }
+    fn input_spec(&self) -> &InputSpec {
+        self.0.input_spec()
+    }
+    fn classes(&self) -> &Classes {
+        self.0.classes()
+    }
+    fn device(&self) -> &Device {
+        self.0.device()
+    }
+    fn dtype(&self) -> DType {
+        self.0.dtype()
+    }
+    fn forward_t(&self, pixels: &Tensor, train: bool) -> CResult<Tensor> {
+        let logits = self.0.forward_t(pixels, train)?;
+        let marker = pixels
+            .narrow(1, 0, 1)?
+            .narrow(2, 0, 1)?
+            .narrow(3, 0, 1)?
+            .flatten_all()?;
+        let poison = marker.eq(0.123f64)?.to_dtype(DType::F32)?; // 1 for poisoned images
+        let nan = Tensor::full(f32::NAN, logits.shape(), logits.device())?;
+        poison
+            .unsqueeze(1)?
+            .broadcast_as(logits.shape())?
+            .to_dtype(DType::U8)?
+            .where_cond(&nan, &logits)
+    }
+    fn layers(&self) -> Vec<String> {
+        self.0.layers()
+    }
+    fn default_layer(&self) -> String {
+        self.0.default_layer()
+    }
+    fn features(&self, pixels: &Tensor, layer: &str) -> CResult<Tensor> {
+        self.0.features(pixels, layer)
+    }
+    fn forward_from(&self, features: &Tensor, layer: &str) -> CResult<Tensor> {
+        self.0.forward_from(features, layer)
+    }
+}
+
+#[test]
+fn a_nan_loss_stops_that_image_with_a_reported_failure() {
+    let data = common::lesions(2);
+    // Image 0 gets the marker; the noise never touches the corner (outside the field of view,
+    // a window elsewhere), so it stays poisoned.
+    let mut first = data
+        .pixels
+        .get(0)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    first[0] = 0.123;
+    let first = Tensor::from_vec(first, (3, 128, 128), &Device::Cpu).unwrap();
+    let pixels = Tensor::stack(&[first, data.pixels.get(1).unwrap()], 0).unwrap();
+    let poisoned = Poisoned(data.model.as_ref());
+    let window = Region::Window {
+        top: 40,
+        left: 40,
+        size: 48,
+    };
+    let jobs: Vec<Job> = (0..2)
+        .map(|image| Job {
+            image,
+            goal: Goal::Untargeted,
+            region: window,
+            alpha: 0.3,
+            seed: 0,
+        })
+        .collect();
+    let outcomes = run(
+        &poisoned,
+        &pixels,
+        &jobs,
+        &Masking::None,
+        &AttackConfig {
+            max_iters: 10,
+            ..AttackConfig::default()
+        },
+    )
+    .unwrap();
+    assert!(!outcomes[0].success);
+    assert!(
+        outcomes[0].failure.as_deref().unwrap().contains("NaN"),
+        "{:?}",
+        outcomes[0].failure
+    );
+    assert_eq!(outcomes[0].iterations, 0);
+    assert!(outcomes[1]
+        .failure
+        .as_deref()
+        .is_none_or(|f| !f.contains("NaN")));
+}
+
+#[test]
+fn rounds_summarise_and_more_noise_flips_faster() {
+    let data = common::lesions(1);
+    let config = AttackConfig {
+        max_iters: 30,
+        ..AttackConfig::default()
+    };
+    let (outcomes, stats) = rounds(
+        data.model.as_ref(),
+        &data.pixels,
+        0,
+        Goal::Untargeted,
+        4,
+        &AttackConfig {
+            alpha: 0.1,
+            ..config
+        },
+    )
+    .unwrap();
+    assert_eq!(outcomes.len(), 4);
+    assert_eq!(stats.rounds, 4);
+    assert!((0.0..=1.0).contains(&stats.success_rate));
+    let seeds_differ = outcomes.windows(2).any(|w| !same(&w[0].noise, &w[1].noise));
+    assert!(seeds_differ, "rounds use different seeds");
+    let sweep = alpha_sweep(
+        data.model.as_ref(),
+        &data.pixels,
+        0,
+        Goal::Untargeted,
+        &[0.03, 0.3],
+        3,
+        &config,
+    )
+    .unwrap();
+    for p in &sweep {
+        println!(
+            "alpha {}: success {:.2}, mean iterations {:.1}",
+            p.alpha, p.stats.success_rate, p.stats.mean_iterations
+        );
+    }
+    let (weak, strong) = (&sweep[0].stats, &sweep[1].stats);
+    assert!(strong.success_rate >= weak.success_rate);
+    assert!(strong.success_rate > 0.0);
+    assert!(weak.successes == 0 || strong.mean_iterations <= weak.mean_iterations);
+}
+
+#[test]
+fn pgd_and_fgsm_respect_their_budget_and_flip_labels() {
+    let data = common::lesions(4);
+    let goals = vec![Goal::Untargeted; 4];
+    for norm in [Norm::Linf, Norm::L2] {
+        let epsilon = if norm == Norm::Linf {
+            16.0 / 255.0
+        } else {
+            4.0
+        };
+        let spec = Pgd {
+            epsilon,
+            step: epsilon / 4.0,
+            steps: 20,
+            norm,
+            ..Pgd::default()
+        };
+        let outcomes = pgd(data.model.as_ref(), &data.pixels, &goals, &spec, None).unwrap();
+        for (o, i) in outcomes.iter().zip(0..) {
+            let delta = (&o.perturbed - data.pixels.get(i).unwrap()).unwrap();
+            let size = match norm {
+                Norm::Linf => delta
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap(),
+                Norm::L2 => delta
+                    .sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .sqrt()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap(),
+            };
+            assert!(
+                size as f64 <= epsilon + 1e-4,
+                "{norm:?}: perturbation {size} over budget {epsilon}"
+            );
+        }
+        let flipped = outcomes.iter().filter(|o| o.success).count();
+        println!(
+            "PGD {norm:?} eps {epsilon:.3}: {flipped}/4 flipped, iterations {:?}",
+            outcomes.iter().map(|o| o.iterations).collect::<Vec<_>>()
+        );
+        assert!(flipped >= 3, "PGD {norm:?} flipped {flipped} of 4");
+    }
+    // FGSM is one step; a mask confines it.
+    let mut m = vec![0f32; 128 * 128];
+    for v in &mut m[..64 * 128] {
+        *v = 1.0;
+    }
+    let mask = Tensor::from_vec(m.clone(), (128, 128), &Device::Cpu).unwrap();
+    let masks = vec![mask; 4];
+    let outcomes = pgd(
+        data.model.as_ref(),
+        &data.pixels,
+        &goals,
+        &Pgd::fgsm(0.1, Norm::Linf),
+        Some(&masks),
+    )
+    .unwrap();
+    for (o, i) in outcomes.iter().zip(0..) {
+        assert!(o.iterations <= 1);
+        let diff = (&o.perturbed - data.pixels.get(i).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sum(0)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert!(
+            diff.iter().zip(&m).all(|(d, &mv)| mv > 0.0 || *d == 0.0),
+            "FGSM changed pixels outside its mask"
+        );
+    }
+}

@@ -1,0 +1,54 @@
+//! The trained synthetic-fundus model and lesion images the attack tests share.
+#![allow(dead_code)]
+
+use candle_core::{Device, Tensor};
+use std::path::Path;
+use vulnmap_data::Preprocess;
+use vulnmap_models::fundus_benchmark::{BenchmarkConfig, FundusBenchmark};
+use vulnmap_models::Classifier;
+
+pub struct Lesions {
+    pub model: Box<dyn Classifier>,
+    pub pixels: Tensor,
+    /// Row-major lesion masks, 128 x 128.
+    pub masks: Vec<Vec<bool>>,
+}
+
+/// The first `count` lesion images of the benchmark's test split.
+pub fn lesions(count: usize) -> Lesions {
+    let bench = FundusBenchmark::prepare(
+        &BenchmarkConfig::default(),
+        Path::new(env!("CARGO_TARGET_TMPDIR")),
+    )
+    .unwrap();
+    let model = bench.model(&Device::Cpu).unwrap();
+    let dataset = bench.dataset().unwrap();
+    let splits = bench.splits(&dataset);
+    let idx: Vec<usize> = splits
+        .test
+        .iter()
+        .copied()
+        .filter(|&i| dataset.samples[i].label == 1)
+        .take(count)
+        .collect();
+    let paths: Vec<_> = idx
+        .iter()
+        .map(|&i| dataset.samples[i].path.clone())
+        .collect();
+    let pixels = Preprocess::none().load_batch(&paths, &Device::Cpu).unwrap();
+    let masks = idx
+        .iter()
+        .map(|&i| {
+            vulnmap_data::load_rgb(dataset.samples[i].mask.as_ref().unwrap())
+                .unwrap()
+                .pixels()
+                .map(|p| p[0] > 0.5)
+                .collect()
+        })
+        .collect();
+    Lesions {
+        model,
+        pixels,
+        masks,
+    }
+}

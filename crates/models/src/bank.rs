@@ -1,0 +1,288 @@
+//! Banks of independent small networks run together: `B` networks of one shape, each with its
+//! own weights, stacked along a leading dimension, each fed one input.
+//!
+//! Every attack trains a fresh noise generator (and, for the mask attack, a U-Net) per image, per
+//! sliding window, per seed or per alpha. Stacking them turns `B` small convolutions into one
+//! batched matrix product, and since Adam is elementwise, training the stack is exactly training
+//! the `B` networks independently. Entry `b`'s initial weights come from its own seed only, so a
+//! network does not depend on which others share its bank.
+
+use crate::conv_grad::{col2im, im2col, Geometry};
+use candle_core::{DType, Device, Result, Tensor, Var};
+use vulnmap_data::random;
+
+/// Where and in what dtype a bank's weights live.
+#[derive(Debug, Clone)]
+pub struct Placement {
+    pub device: Device,
+    pub dtype: DType,
+}
+
+impl Placement {
+    /// f32 on `device`.
+    pub fn f32(device: &Device) -> Self {
+        Self {
+            device: device.clone(),
+            dtype: DType::F32,
+        }
+    }
+}
+
+/// Stacks one tensor per bank entry, each drawn from that entry's seed and `name`.
+fn draw(
+    seeds: &[u64],
+    name: &str,
+    shape: &[usize],
+    at: &Placement,
+    f: impl Fn(&mut random::SeededRng, usize) -> Vec<f32>,
+) -> Result<Var> {
+    let n: usize = shape.iter().product();
+    let mut values = Vec::with_capacity(seeds.len() * n);
+    for &seed in seeds {
+        values.extend(f(&mut random::rng(seed, name), n));
+    }
+    let mut dims = vec![seeds.len()];
+    dims.extend_from_slice(shape);
+    Var::from_tensor(&Tensor::from_vec(values, dims, &at.device)?.to_dtype(at.dtype)?)
+}
+
+/// Weights drawn from N(0, std) per entry (DCGAN's initialisation uses std 0.02).
+pub fn normal(seeds: &[u64], name: &str, shape: &[usize], std: f64, at: &Placement) -> Result<Var> {
+    draw(seeds, name, shape, at, |rng, n| {
+        random::normal_vec(rng, n, 0.0, std)
+    })
+}
+
+/// Weights drawn from N(mean, std) per entry.
+pub fn normal_around(
+    seeds: &[u64],
+    name: &str,
+    shape: &[usize],
+    mean: f64,
+    std: f64,
+    at: &Placement,
+) -> Result<Var> {
+    draw(seeds, name, shape, at, |rng, n| {
+        random::normal_vec(rng, n, mean, std)
+    })
+}
+
+/// A constant per entry.
+pub fn constant(entries: usize, shape: &[usize], value: f64, at: &Placement) -> Result<Var> {
+    let mut dims = vec![entries];
+    dims.extend_from_slice(shape);
+    Var::from_tensor(&(Tensor::ones(dims, at.dtype, &at.device)? * value)?)
+}
+
+/// `ConvTranspose2d` (no bias) with one kernel per entry: input `B x Cin x H x W`, weight
+/// `B x Cin x Cout x k x k` (PyTorch's layout per entry).
+pub struct BankedConvTranspose2d {
+    pub weight: Var,
+    pub kernel: usize,
+    pub stride: usize,
+    pub padding: usize,
+}
+
+impl BankedConvTranspose2d {
+    /// Output height and width for an `h x w` input.
+    pub fn output_size(&self, (h, w): (usize, usize)) -> Result<(usize, usize)> {
+        let out = |n: usize| ((n - 1) * self.stride + self.kernel).checked_sub(2 * self.padding);
+        match (out(h), out(w)) {
+            (Some(a), Some(b)) if a > 0 && b > 0 => Ok((a, b)),
+            _ => candle_core::bail!("transposed convolution of a {h}x{w} input has no output"),
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, cin, h, w) = x.dims4()?;
+        let dims = self.weight.dims();
+        let (cout, k) = (dims[2], dims[3]);
+        let out = self.output_size((h, w))?;
+        // The transposed convolution is the adjoint of the convolution from its output back to
+        // its input: columns W^T x, then col2im.
+        let g = Geometry::conv(cout, out, k, self.stride, self.padding)?;
+        if g.output() != (h, w) {
+            candle_core::bail!(
+                "transposed convolution geometry does not invert for a {h}x{w} input"
+            );
+        }
+        let wt = self.weight.as_tensor().reshape((b, cin, cout * k * k))?;
+        let cols = x.reshape((b, cin, h * w))?.transpose(1, 2)?.matmul(&wt)?; // B x hw x (Cout k k)
+        col2im(&cols, &g)
+    }
+}
+
+/// `Conv2d` with one kernel (and bias) per entry: input `B x Cin x H x W`, weight
+/// `B x Cout x Cin x k x k`.
+pub struct BankedConv2d {
+    pub weight: Var,
+    pub bias: Option<Var>,
+    pub stride: usize,
+    pub padding: usize,
+}
+
+impl BankedConv2d {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, cin, h, w) = x.dims4()?;
+        let dims = self.weight.dims();
+        let (cout, k) = (dims[1], dims[3]);
+        let g = Geometry::conv(cin, (h, w), k, self.stride, self.padding)?;
+        let (ho, wo) = g.output();
+        let cols = im2col(x, &g)?; // B x P x (Cin k k)
+        let wt = self
+            .weight
+            .as_tensor()
+            .reshape((b, cout, cin * k * k))?
+            .transpose(1, 2)?;
+        let y = cols
+            .matmul(&wt)?
+            .transpose(1, 2)?
+            .reshape((b, cout, ho, wo))?;
+        match &self.bias {
+            Some(bias) => y.broadcast_add(&bias.as_tensor().reshape((b, cout, 1, 1))?),
+            None => Ok(y),
+        }
+    }
+}
+
+/// BatchNorm in train mode on a batch of one image: normalisation over each channel's pixels,
+/// then an affine map per entry and channel (`gamma`, `beta`: `B x C`).
+pub struct BankedNorm {
+    pub gamma: Var,
+    pub beta: Var,
+    pub eps: f64,
+}
+
+impl BankedNorm {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, c, _, _) = x.dims4()?;
+        let mean = x.mean_keepdim((2, 3))?;
+        let centred = x.broadcast_sub(&mean)?;
+        let var = centred.sqr()?.mean_keepdim((2, 3))?;
+        centred
+            .broadcast_div(&(var + self.eps)?.sqrt()?)?
+            .broadcast_mul(&self.gamma.as_tensor().reshape((b, c, 1, 1))?)?
+            .broadcast_add(&self.beta.as_tensor().reshape((b, c, 1, 1))?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gradcheck::finite_difference_check;
+    use candle_core::DType;
+
+    #[test]
+    fn banked_transposed_convolution_equals_candles_per_entry() -> Result<()> {
+        let dev = Device::Cpu;
+        for &(k, s, p, h) in &[
+            (4, 1, 0, 1),
+            (4, 2, 1, 4),
+            (4, 3, 1, 9),
+            (8, 2, 1, 5),
+            (12, 2, 1, 3),
+        ] {
+            let layer = BankedConvTranspose2d {
+                weight: normal(&[1, 2, 3], "w", &[3, 2, k, k], 1.0, &Placement::f32(&dev))?,
+                kernel: k,
+                stride: s,
+                padding: p,
+            };
+            let x = Tensor::randn(0f32, 1.0, (3, 3, h, h + 1), &dev)?;
+            let ours = layer.forward(&x)?;
+            for b in 0..3 {
+                let theirs = x.narrow(0, b, 1)?.conv_transpose2d(
+                    &layer.weight.as_tensor().get(b)?,
+                    p,
+                    0,
+                    s,
+                    1,
+                )?;
+                let d = (ours.narrow(0, b, 1)? - theirs)?
+                    .abs()?
+                    .max_all()?
+                    .to_scalar::<f32>()?;
+                assert!(d < 1e-4, "k={k} s={s} p={p}: entry {b} differs by {d}");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn banked_convolution_equals_candles_per_entry_and_gradients_check() -> Result<()> {
+        let dev = Device::Cpu;
+        let at = Placement::f32(&dev);
+        let layer = BankedConv2d {
+            weight: normal(&[4, 5], "w", &[3, 2, 3, 3], 1.0, &at)?,
+            bias: Some(normal(&[4, 5], "b", &[3], 1.0, &at)?),
+            stride: 1,
+            padding: 1,
+        };
+        let x = Tensor::randn(0f32, 1.0, (2, 2, 5, 6), &dev)?;
+        let ours = layer.forward(&x)?;
+        for b in 0..2 {
+            let theirs =
+                x.narrow(0, b, 1)?
+                    .conv2d(&layer.weight.as_tensor().get(b)?, 1, 1, 1, 1)?;
+            let bias = layer
+                .bias
+                .as_ref()
+                .unwrap()
+                .as_tensor()
+                .get(b)?
+                .reshape((1, 3, 1, 1))?;
+            let d = (ours.narrow(0, b, 1)? - theirs.broadcast_add(&bias)?)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?;
+            assert!(d < 1e-4, "entry {b} differs by {d}");
+        }
+        // Input gradients of both banked layers and the norm, in f64.
+        let w = Tensor::randn(0f64, 1.0, (2, 3, 2, 4, 4), &dev)?;
+        let tconv = BankedConvTranspose2d {
+            weight: Var::from_tensor(&w)?,
+            kernel: 4,
+            stride: 2,
+            padding: 1,
+        };
+        let x = Tensor::randn(0f64, 1.0, (2, 3, 3, 3), &dev)?;
+        finite_difference_check(&x, |x| tconv.forward(x), 1e-6, 1e-6)?;
+        // ... and with respect to the weights, which is what training follows.
+        finite_difference_check(
+            &w,
+            |w| {
+                BankedConvTranspose2d {
+                    weight: Var::from_tensor(w)?,
+                    kernel: 4,
+                    stride: 2,
+                    padding: 1,
+                }
+                .forward(&x)
+            },
+            1e-6,
+            1e-6,
+        )?;
+        let cw = Tensor::randn(0f64, 1.0, (2, 4, 3, 3, 3), &dev)?;
+        finite_difference_check(
+            &cw,
+            |w| {
+                BankedConv2d {
+                    weight: Var::from_tensor(w)?,
+                    bias: None,
+                    stride: 1,
+                    padding: 1,
+                }
+                .forward(&x)
+            },
+            1e-6,
+            1e-6,
+        )?;
+        let norm = BankedNorm {
+            gamma: Var::from_tensor(&Tensor::randn(1f64, 0.1, (2, 3), &dev)?)?,
+            beta: Var::from_tensor(&Tensor::zeros((2, 3), DType::F64, &dev)?)?,
+            eps: 1e-5,
+        };
+        finite_difference_check(&x, |x| norm.forward(x), 1e-6, 1e-6)?;
+        Ok(())
+    }
+}
