@@ -3,10 +3,13 @@
 //! A thin front end over the vulnmap crates. Data goes to stdout (one JSON object per image with
 //! `--json`), logs to stderr. Exit codes: 0 success, 1 failure, 2 usage.
 
+mod attack;
 mod classify;
+mod eval;
 mod explain;
 mod finetune;
 mod model_args;
+mod run;
 mod synth;
 
 use clap::{Parser, Subcommand};
@@ -49,6 +52,16 @@ enum Command {
     Classify(classify::Args),
     /// Saliency maps of images (PNG maps and overlays).
     Explain(explain::Args),
+    /// Attack images: a Table I row each, and the noise and perturbed image as PNGs.
+    Attack(attack::Args),
+    /// Run a pipeline file into a run directory (results.jsonl, figures, report.html).
+    Run(run::RunArgs),
+    /// Score saliency methods on a dataset with lesion masks.
+    Eval(eval::Args),
+    /// Join the run directories of a sharded run (`vulnmap run --shard I/N`).
+    Merge(run::MergeArgs),
+    /// The offline demo: synthetic fundus data, a model trained on it, every method, a report.
+    Demo(run::DemoArgs),
     /// Write a synthetic dataset (`fundus`: retinal images with known lesions and their masks).
     Synth(synth::Args),
     /// Train or fine-tune a classifier on a dataset (manifest or folder per class).
@@ -89,6 +102,11 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Classify(args) => classify::run(args),
         Command::Explain(args) => explain::run(args),
+        Command::Attack(args) => attack::run(args),
+        Command::Run(args) => run::run(args),
+        Command::Eval(args) => eval::run(args),
+        Command::Merge(args) => run::merge(args),
+        Command::Demo(args) => run::demo(args),
         Command::Synth(args) => synth::run(args),
         Command::Finetune(args) => finetune::run(args),
     };

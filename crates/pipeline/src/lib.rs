@@ -1,7 +1,51 @@
-//! YAML pipelines, the runner, run directories and reports for vulnmap.
+//! YAML pipelines for vulnmap: a file names a model, data and steps; the runner executes it into
+//! a run directory (resolved config, `results.jsonl`, figures, tables, `report.html`) that can be
+//! resumed, sharded over machines and merged.
 //!
-//! This crate is being built after the attacks; nothing is exported yet.
+//! ```no_run
+//! # fn main() -> vulnmap_pipeline::Result<()> {
+//! use vulnmap_pipeline::{config, runner};
+//! let pipeline = config::load("pipelines/table1.yaml".as_ref())?; // every check, with lines
+//! let options = runner::RunOptions {
+//!     out: "runs/table1".into(),
+//!     device: None,
+//!     shard: None,
+//!     resume: false,
+//!     cache: runner::default_cache(),
+//!     progress: true,
+//! };
+//! let summary = runner::run(&pipeline, &options)?;
+//! println!("{:?}", summary.report);
+//! # Ok(()) }
+//! ```
 //!
-//! Modules: none yet.
+//! Modules:
+//! - [`schema`]: the pipeline file's types, with the paper's values as defaults.
+//! - [`config`]: loading a file: `${VAR}` expansion, parsing, checks with line and column.
+//! - [`locate`]: positions of YAML values by path, for checks made after parsing.
+//! - [`source`]: the images (files, glob, manifest, folders, synthetic, benchmark) and masks.
+//! - [`runner`]: chunks, steps, `--resume`, `--shard`, and `merge`.
+//! - [`finetune`]: the fine-tuning step.
+//! - [`rundir`]: `results.jsonl` (append, repair, sort) and joining shards.
+//! - [`figures`]: PNGs of inputs, maps, overlays, noise and perturbed images.
+//! - [`report`]: Table I, the scores table, `report.html`.
+//! - [`plot`]: the alpha-sweep plot (SVG).
+//! - [`error`]: errors; configuration problems carry file, line and column.
 //!
-//! Cargo features: none.
+//! Cargo features: none (CUDA comes through `vulnmap-models`).
+
+pub mod config;
+pub mod error;
+pub mod figures;
+pub mod finetune;
+pub mod locate;
+pub mod plot;
+pub mod report;
+pub mod rundir;
+pub mod runner;
+pub mod schema;
+pub mod source;
+
+pub use error::{Error, Problem, Result};
+pub use runner::{merge, run, RunOptions, RunSummary, Shard};
+pub use schema::Pipeline;

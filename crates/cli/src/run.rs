@@ -1,0 +1,146 @@
+//! `vulnmap run`, `vulnmap merge` and `vulnmap demo`: pipelines into run directories.
+
+use anyhow::{Context, Result};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use vulnmap_pipeline::{config, runner, Pipeline, RunOptions, RunSummary, Shard};
+
+/// The demo: the synthetic fundus benchmark, every saliency method and attack, scored.
+const DEMO: &str = include_str!("../../../pipelines/demo.yaml");
+
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// The pipeline file.
+    pipeline: PathBuf,
+    /// The run directory (default: runs/<pipeline name>, with the shard appended).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// cpu, cuda, cuda:N or auto (overrides the pipeline's).
+    #[arg(long)]
+    device: Option<String>,
+    /// Run only every N-th chunk of images starting at I (e.g. 0/4), for job arrays.
+    #[arg(long, value_parser = parse_shard)]
+    shard: Option<Shard>,
+    /// Continue the run in --out, skipping finished rows.
+    #[arg(long)]
+    resume: bool,
+    /// Check the pipeline and print it resolved, without running anything.
+    #[arg(long)]
+    check: bool,
+    /// Where the synthetic fundus benchmark is cached (default $VULNMAP_CACHE or ~/.cache/vulnmap).
+    #[arg(long)]
+    cache: Option<PathBuf>,
+    /// Print the run's summary as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct MergeArgs {
+    /// The shards' run directories.
+    #[arg(required = true)]
+    shards: Vec<PathBuf>,
+    /// The merged run directory.
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct DemoArgs {
+    /// The run directory.
+    #[arg(long, default_value = "runs/demo")]
+    out: PathBuf,
+    #[arg(long)]
+    device: Option<String>,
+    /// Continue an interrupted demo in --out.
+    #[arg(long)]
+    resume: bool,
+    #[arg(long)]
+    cache: Option<PathBuf>,
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_shard(s: &str) -> std::result::Result<Shard, String> {
+    s.parse()
+}
+
+fn print(summary: &RunSummary, json: bool) -> Result<()> {
+    if json {
+        let line = json!({
+            "out": summary.out,
+            "images": summary.images,
+            "rows": summary.rows,
+            "report": summary.report,
+        });
+        println!("{line}");
+    } else {
+        println!(
+            "{} images, {} result rows in {}",
+            summary.images,
+            summary.rows,
+            summary.out.join("results.jsonl").display()
+        );
+        if let Some(report) = &summary.report {
+            println!("report: {}", report.display());
+        }
+    }
+    Ok(())
+}
+
+fn execute(pipeline: &Pipeline, options: RunOptions, json: bool) -> Result<()> {
+    let summary = runner::run(pipeline, &options)
+        .with_context(|| format!("running pipeline `{}`", pipeline.name))?;
+    print(&summary, json)
+}
+
+pub fn run(args: RunArgs) -> Result<()> {
+    let pipeline = config::load(&args.pipeline)?;
+    if args.check {
+        print!("{}", config::to_yaml(&pipeline)?);
+        return Ok(());
+    }
+    let out = args.out.unwrap_or_else(|| {
+        let mut name = pipeline.name.clone();
+        if let Some(s) = args.shard {
+            name.push_str(&format!("-shard-{}-of-{}", s.index, s.count));
+        }
+        Path::new("runs").join(name)
+    });
+    let options = RunOptions {
+        out,
+        device: args.device,
+        shard: args.shard,
+        resume: args.resume,
+        cache: args.cache.unwrap_or_else(runner::default_cache),
+        progress: true,
+    };
+    execute(&pipeline, options, args.json)
+}
+
+pub fn merge(args: MergeArgs) -> Result<()> {
+    let summary = runner::merge(&args.out, &args.shards)?;
+    print(&summary, args.json)
+}
+
+pub fn demo(args: DemoArgs) -> Result<()> {
+    let pipeline = config::parse(
+        DEMO,
+        Path::new("<the embedded demo pipeline>"),
+        Path::new("."),
+    )?;
+    tracing::info!(
+        "demo: a synthetic fundus set, tiny-resnet trained on it (cached after the first run), every saliency method and attack"
+    );
+    let options = RunOptions {
+        out: args.out,
+        device: args.device,
+        shard: None,
+        resume: args.resume,
+        cache: args.cache.unwrap_or_else(runner::default_cache),
+        progress: true,
+    };
+    execute(&pipeline, options, args.json)
+}

@@ -1,0 +1,499 @@
+//! Reading a pipeline file: `${VAR}` expansion, parsing, and every check that can be made before
+//! anything runs, each problem reported with its line and column. Relative paths are resolved
+//! against the file's folder, so the resolved pipeline runs from anywhere.
+
+use crate::error::{Error, Problem, Result};
+use crate::locate::Locations;
+use crate::schema::*;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+/// Reads, expands, parses and checks the pipeline at `path`.
+pub fn load(path: &Path) -> Result<Pipeline> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let base = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    parse(&text, path, base)
+}
+
+/// Parses and checks pipeline `text`, naming it `origin` in errors and resolving relative paths
+/// against `base`.
+pub fn parse(text: &str, origin: &Path, base: &Path) -> Result<Pipeline> {
+    let base = std::path::absolute(base).map_err(|e| Error::io(base, e))?;
+    let text = expand(text, origin)?;
+    let pipeline: Pipeline = from_yaml(&text).map_err(|e| {
+        let (line, column) = e
+            .location()
+            .map(|l| (l.line(), l.column()))
+            .unwrap_or((0, 0));
+        let message = e.to_string();
+        let message = match message.rfind(" at line ") {
+            Some(cut) => message[..cut].to_string(),
+            None => message,
+        };
+        Error::Config(vec![Problem {
+            file: origin.to_path_buf(),
+            line,
+            column,
+            path: String::new(),
+            message,
+        }])
+    })?;
+    let mut checker = Checker {
+        origin: origin.to_path_buf(),
+        locations: Locations::of(&text),
+        problems: Vec::new(),
+    };
+    let pipeline = resolve(pipeline, &base);
+    checker.pipeline(&pipeline);
+    if checker.problems.is_empty() {
+        Ok(pipeline)
+    } else {
+        Err(Error::Config(checker.problems))
+    }
+}
+
+/// Parses pipeline YAML, steps as one-key maps (`- smoothgrad: {...}`) rather than YAML tags.
+pub fn from_yaml(text: &str) -> std::result::Result<Pipeline, serde_yaml_ng::Error> {
+    serde_yaml_ng::with::singleton_map_recursive::deserialize(
+        serde_yaml_ng::Deserializer::from_str(text),
+    )
+}
+
+/// Writes a pipeline as YAML in the form [`from_yaml`] reads.
+pub fn to_yaml(pipeline: &Pipeline) -> Result<String> {
+    let mut out = Vec::new();
+    let mut serializer = serde_yaml_ng::Serializer::new(&mut out);
+    serde_yaml_ng::with::singleton_map_recursive::serialize(pipeline, &mut serializer)
+        .map_err(|e| Error::Run(format!("cannot write the pipeline as YAML: {e}")))?;
+    drop(serializer);
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// Replaces `${NAME}` and `${NAME:-default}` with environment values. `VULNMAP_ASSETS` falls
+/// back to the shared assets found beside the checkout, as the tests do.
+fn expand(text: &str, origin: &Path) -> Result<String> {
+    let mut out = String::with_capacity(text.len());
+    let mut problems = Vec::new();
+    for (i, line) in text.split_inclusive('\n').enumerate() {
+        let mut rest = line;
+        while let Some(start) = rest.find("${") {
+            out.push_str(&rest[..start]);
+            let Some(len) = rest[start..].find('}') else {
+                out.push_str(&rest[start..]);
+                rest = "";
+                break;
+            };
+            let inner = &rest[start + 2..start + len];
+            let (name, default) = match inner.split_once(":-") {
+                Some((n, d)) => (n, Some(d)),
+                None => (inner, None),
+            };
+            let value = std::env::var(name).ok().filter(|v| !v.is_empty());
+            let value = value.or_else(|| {
+                (name == "VULNMAP_ASSETS")
+                    .then(vulnmap_data::assets::assets_dir)
+                    .flatten()
+                    .map(|p| p.display().to_string())
+            });
+            match value.or(default.map(str::to_string)) {
+                Some(v) => out.push_str(&v),
+                None => problems.push(Problem {
+                    file: origin.to_path_buf(),
+                    line: i + 1,
+                    column: line.len() - rest.len() + start + 1,
+                    path: String::new(),
+                    message: format!(
+                        "environment variable {name} is not set (write ${{{name}:-default}} for a default)"
+                    ),
+                }),
+            }
+            rest = &rest[start + len + 1..];
+        }
+        out.push_str(rest);
+    }
+    if problems.is_empty() {
+        Ok(out)
+    } else {
+        Err(Error::Config(problems))
+    }
+}
+
+fn absolute(base: &Path, p: &str) -> String {
+    if p.starts_with("hf://") || Path::new(p).is_absolute() {
+        p.to_string()
+    } else {
+        base.join(p).display().to_string()
+    }
+}
+
+/// Makes every path absolute.
+fn resolve(mut p: Pipeline, base: &Path) -> Pipeline {
+    if let Some(m) = &mut p.model {
+        m.weights = m.weights.as_deref().map(|w| absolute(base, w));
+    }
+    let d = &mut p.data;
+    d.files = d.files.iter().map(|f| absolute(base, f)).collect();
+    d.glob = d.glob.as_deref().map(|g| absolute(base, g));
+    d.manifest = d.manifest.as_deref().map(|g| absolute(base, g));
+    d.folders = d.folders.as_deref().map(|g| absolute(base, g));
+    p
+}
+
+/// Step ids: the given id, else the kind, with `-2`, `-3` ... for repeats.
+pub fn step_ids(steps: &[Step]) -> Vec<String> {
+    let mut seen = HashSet::new();
+    steps
+        .iter()
+        .map(|s| {
+            let base = s.given_id().unwrap_or(s.kind()).to_string();
+            let mut id = base.clone();
+            let mut k = 2;
+            while !seen.insert(id.clone()) {
+                id = format!("{base}-{k}");
+                k += 1;
+            }
+            id
+        })
+        .collect()
+}
+
+struct Checker {
+    origin: PathBuf,
+    locations: Locations,
+    problems: Vec<Problem>,
+}
+
+const SCORES: [&str; 3] = ["logit", "centred-logit", "log-probability"];
+const SPLITS: [&str; 4] = ["train", "val", "test", "all"];
+const MEASURES: [&str; 5] = ["pointing_game", "auroc", "iou", "deletion", "insertion"];
+
+impl Checker {
+    fn problem(&mut self, path: &str, message: impl Into<String>) {
+        let position = self.locations.find(path);
+        self.problems.push(Problem {
+            file: self.origin.clone(),
+            line: position.map_or(0, |p| p.line),
+            column: position.map_or(0, |p| p.column),
+            path: path.to_string(),
+            message: message.into(),
+        });
+    }
+
+    fn check(&mut self, ok: bool, path: &str, message: impl FnOnce() -> String) {
+        if !ok {
+            self.problem(path, message());
+        }
+    }
+
+    fn one_of(&mut self, value: &str, allowed: &[&str], path: &str) {
+        self.check(allowed.contains(&value), path, || {
+            format!("`{value}` is not one of: {}", allowed.join(", "))
+        });
+    }
+
+    fn positive(&mut self, value: f64, path: &str) {
+        self.check(value > 0.0 && value.is_finite(), path, || {
+            format!("must be a positive number, got {value}")
+        });
+    }
+
+    fn at_least_one(&mut self, value: usize, path: &str) {
+        self.check(value >= 1, path, || {
+            format!("must be at least 1, got {value}")
+        });
+    }
+
+    fn file(&mut self, value: &str, path: &str) {
+        self.check(Path::new(value).is_file(), path, || {
+            format!("no such file: {value}")
+        });
+    }
+
+    fn pipeline(&mut self, p: &Pipeline) {
+        self.check(!p.name.trim().is_empty(), "name", || {
+            "must not be empty".into()
+        });
+        let device = p.device.to_ascii_lowercase();
+        self.check(
+            ["cpu", "auto", "cuda", "gpu"].contains(&device.as_str())
+                || device
+                    .strip_prefix("cuda:")
+                    .is_some_and(|n| n.parse::<usize>().is_ok()),
+            "device",
+            || format!("`{}` is not cpu, cuda, cuda:N or auto", p.device),
+        );
+        self.at_least_one(p.batch_size, "batch_size");
+        if let Some(c) = p.chunk_size {
+            self.at_least_one(c, "chunk_size");
+        }
+        match &p.model {
+            Some(m) => {
+                if let Err(e) = m.arch.parse::<vulnmap_models::Arch>() {
+                    self.problem("model.arch", e.to_string());
+                }
+                if let Some(w) = &m.weights {
+                    if !w.starts_with("hf://") {
+                        self.file(w, "model.weights");
+                    }
+                }
+                self.one_of(&m.score, &SCORES, "model.score");
+            }
+            None => self.check(p.data.fundus_benchmark.is_some(), "model", || {
+                "a model is needed (arch and weights) unless the data is `fundus_benchmark`".into()
+            }),
+        }
+        self.data(&p.data);
+        self.check(!p.steps.is_empty(), "steps", || "no steps to run".into());
+        self.check(
+            p.outputs.report_images >= 1,
+            "outputs.report_images",
+            || "must be at least 1".into(),
+        );
+        let ids = step_ids(&p.steps);
+        for (i, step) in p.steps.iter().enumerate() {
+            let at = format!("steps[{i}].{}", step.kind());
+            self.step(step, &at, i, &ids, &p.steps);
+        }
+    }
+
+    fn data(&mut self, d: &DataSpec) {
+        let sources = [
+            !d.files.is_empty(),
+            d.glob.is_some(),
+            d.manifest.is_some(),
+            d.folders.is_some(),
+            d.synthetic.is_some(),
+            d.fundus_benchmark.is_some(),
+        ];
+        let n = sources.iter().filter(|&&s| s).count();
+        self.check(n == 1, "data", || {
+            format!(
+                "give exactly one of files, glob, manifest, folders, synthetic, fundus_benchmark (found {n})"
+            )
+        });
+        for (i, f) in d.files.iter().enumerate() {
+            self.file(f, &format!("data.files[{i}]"));
+        }
+        if let Some(g) = &d.glob {
+            match glob::glob(g) {
+                Err(e) => self.problem("data.glob", format!("invalid pattern: {e}")),
+                Ok(paths) => {
+                    let any = paths.flatten().any(|p| p.is_file());
+                    self.check(any, "data.glob", || format!("no file matches {g}"));
+                }
+            }
+        }
+        if let Some(m) = &d.manifest {
+            self.file(m, "data.manifest");
+        }
+        if let Some(f) = &d.folders {
+            self.check(Path::new(f).is_dir(), "data.folders", || {
+                format!("no such folder: {f}")
+            });
+        }
+        if let Some(s) = &d.synthetic {
+            self.at_least_one(s.patients, "data.synthetic.patients");
+            self.check(s.size >= 32, "data.synthetic.size", || {
+                format!("must be at least 32, got {}", s.size)
+            });
+            for (v, k) in [
+                (s.lesion_prevalence, "lesion_prevalence"),
+                (s.fa_fraction, "fa_fraction"),
+            ] {
+                self.check(
+                    (0.0..=1.0).contains(&v),
+                    &format!("data.synthetic.{k}"),
+                    || format!("must be in [0, 1], got {v}"),
+                );
+            }
+        }
+        if let Some(b) = &d.fundus_benchmark {
+            self.check(b.patients >= 10, "data.fundus_benchmark.patients", || {
+                format!(
+                    "must be at least 10 (for a 60/20/20 split), got {}",
+                    b.patients
+                )
+            });
+            self.check(b.size >= 32, "data.fundus_benchmark.size", || {
+                format!("must be at least 32, got {}", b.size)
+            });
+            self.at_least_one(b.epochs, "data.fundus_benchmark.epochs");
+            self.positive(b.lr, "data.fundus_benchmark.lr");
+        }
+        self.one_of(&d.split, &SPLITS, "data.split");
+        if let Some(l) = d.limit {
+            self.at_least_one(l, "data.limit");
+        }
+        if let Some(r) = d.resize {
+            self.check(r >= 8, "data.resize", || {
+                format!("must be at least 8, got {r}")
+            });
+        }
+    }
+
+    fn attack(&mut self, a: &AttackSettings, at: &str) {
+        self.one_of(&a.mode, &["untargeted", "targeted"], &format!("{at}.mode"));
+        self.check(
+            (a.mode == "targeted") == a.target.is_some(),
+            &format!("{at}.target"),
+            || "give `target` (a class index) exactly when mode is targeted".into(),
+        );
+        self.check(
+            a.alpha > 0.0 && a.alpha <= 1.0,
+            &format!("{at}.alpha"),
+            || format!("must be in (0, 1] (pixel units), got {}", a.alpha),
+        );
+        self.at_least_one(a.max_iters, &format!("{at}.max_iters"));
+        self.positive(a.lr, &format!("{at}.lr"));
+        self.check(
+            a.confidence > 0.0 && a.confidence < 1.0,
+            &format!("{at}.confidence"),
+            || format!("must be in (0, 1), got {}", a.confidence),
+        );
+        self.one_of(
+            &a.generator,
+            &["auto", "paper", "generic"],
+            &format!("{at}.generator"),
+        );
+    }
+
+    fn step(&mut self, step: &Step, at: &str, index: usize, ids: &[String], steps: &[Step]) {
+        let f = |k: &str| format!("{at}.{k}");
+        match step {
+            Step::Classify(s) => self.at_least_one(s.top, &f("top")),
+            Step::Gradient(_) | Step::GradCam(_) => {}
+            Step::Smoothgrad(s) => {
+                self.at_least_one(s.samples, &f("samples"));
+                self.positive(s.noise_level, &f("noise_level"));
+                self.one_of(
+                    &s.aggregate,
+                    &["plain", "squared", "vargrad"],
+                    &f("aggregate"),
+                );
+            }
+            Step::IntegratedGradients(s) => {
+                self.at_least_one(s.steps, &f("steps"));
+                self.one_of(&s.baseline, &["black", "blurred"], &f("baseline"));
+                self.positive(s.sigma, &f("sigma"));
+                self.one_of(
+                    &s.integration,
+                    &["gauss-legendre", "riemann-middle", "riemann-trapezoid"],
+                    &f("integration"),
+                );
+            }
+            Step::Occlusion(s) => {
+                self.at_least_one(s.window, &f("window"));
+                self.at_least_one(s.stride, &f("stride"));
+                self.one_of(&s.baseline, &["black", "grey", "blurred"], &f("baseline"));
+                self.positive(s.sigma, &f("sigma"));
+            }
+            Step::Rise(s) => {
+                self.at_least_one(s.masks, &f("masks"));
+                self.at_least_one(s.cells, &f("cells"));
+                self.check(s.keep > 0.0 && s.keep < 1.0, &f("keep"), || {
+                    format!("must be in (0, 1), got {}", s.keep)
+                });
+            }
+            Step::RandomAttack(s) => {
+                self.attack(&s.attack(), at);
+                self.at_least_one(s.rounds, &f("rounds"));
+            }
+            Step::AlphaSweep(s) => {
+                self.attack(&s.attack(), at);
+                self.at_least_one(s.rounds, &f("rounds"));
+                self.check(!s.alphas.is_empty(), &f("alphas"), || "no alphas".into());
+                for (i, &a) in s.alphas.iter().enumerate() {
+                    self.check(a > 0.0 && a <= 1.0, &format!("{at}.alphas[{i}]"), || {
+                        format!("must be in (0, 1], got {a}")
+                    });
+                }
+            }
+            Step::LocalAttack(s) => {
+                self.attack(&s.attack(), at);
+                self.at_least_one(s.window, &f("window"));
+                self.at_least_one(s.stride, &f("stride"));
+            }
+            Step::SaliencyAttack(s) => {
+                self.attack(&s.attack(), at);
+                self.at_least_one(s.samples, &f("samples"));
+                self.positive(s.noise_level, &f("noise_level"));
+                self.check((0.0..1.0).contains(&s.threshold), &f("threshold"), || {
+                    format!("must be in [0, 1), got {}", s.threshold)
+                });
+                for (i, c) in s.controls.iter().enumerate() {
+                    self.one_of(
+                        c,
+                        &["permuted", "bernoulli"],
+                        &format!("{at}.controls[{i}]"),
+                    );
+                }
+            }
+            Step::MaskAttack(s) => {
+                self.attack(&s.attack(), at);
+                self.one_of(&s.network, &["unet", "free"], &f("network"));
+                self.at_least_one(s.base, &f("base"));
+                self.at_least_one(s.cells, &f("cells"));
+                self.positive(s.mask_lr, &f("mask_lr"));
+                self.one_of(&s.sparsity, &["area", "literal"], &f("sparsity"));
+                self.positive(s.beta, &f("beta"));
+                self.at_least_one(s.samples, &f("samples"));
+                for (v, k) in [
+                    (s.lambda_sparsity, "lambda_sparsity"),
+                    (s.lambda_tv, "lambda_tv"),
+                    (s.gamma, "gamma"),
+                ] {
+                    self.check(v >= 0.0 && v.is_finite(), &f(k), || {
+                        format!("must be zero or more, got {v}")
+                    });
+                }
+            }
+            Step::Metrics(s) => {
+                let earlier: Vec<&String> = ids[..index]
+                    .iter()
+                    .zip(steps)
+                    .filter(|(_, s)| s.makes_maps())
+                    .map(|(id, _)| id)
+                    .collect();
+                self.check(!earlier.is_empty(), at, || {
+                    "metrics need a map-making step before them".into()
+                });
+                for (i, id) in s.of.iter().enumerate() {
+                    self.check(earlier.contains(&id), &format!("{at}.of[{i}]"), || {
+                        format!(
+                            "`{id}` is not an earlier map-making step (those are: {})",
+                            earlier
+                                .iter()
+                                .map(|s| s.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        )
+                    });
+                }
+                self.check(!s.measures.is_empty(), &f("measures"), || {
+                    "no measures".into()
+                });
+                for (i, m) in s.measures.iter().enumerate() {
+                    self.one_of(m, &MEASURES, &format!("{at}.measures[{i}]"));
+                }
+                self.at_least_one(s.pixels_per_step, &f("pixels_per_step"));
+            }
+            Step::Finetune(s) => {
+                self.check(index == 0, at, || {
+                    "finetune must be the first step (later steps use the fine-tuned model)".into()
+                });
+                self.at_least_one(s.epochs, &f("epochs"));
+                self.positive(s.lr, &f("lr"));
+                self.at_least_one(s.batch_size, &f("batch_size"));
+                self.check(s.size >= 32, &f("size"), || {
+                    format!("must be at least 32, got {}", s.size)
+                });
+                self.check(s.noise >= 0.0, &f("noise"), || {
+                    "must be zero or more".into()
+                });
+            }
+        }
+    }
+}

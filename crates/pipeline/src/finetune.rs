@@ -1,0 +1,105 @@
+//! The `finetune` step: trains the pipeline's model on the data's training split (patient-grouped
+//! 60/20/20), keeps the best checkpoint in `model/best.safetensors`, and hands it to later steps.
+
+use crate::error::{Error, Result};
+use crate::rundir::Results;
+use crate::runner::{dataset_key, dataset_row};
+use crate::schema::{FinetuneStep, Pipeline};
+use crate::source::Source;
+use candle_core::{DType, Device};
+use serde_json::Value;
+use std::path::Path;
+use std::sync::Arc;
+use vulnmap_data::split::{split_by_patient, PAPER_FRACTIONS};
+use vulnmap_data::Preprocess;
+use vulnmap_models::hub::HubFile;
+use vulnmap_models::optim::AdamConfig;
+use vulnmap_models::train::{fit, LrSchedule, TrainConfig, TrainableModel};
+use vulnmap_models::{zoo, Arch, Checkpoint, Classes, Classifier};
+
+/// Fine-tunes (or, when its row is already in `results`, reloads) the model.
+#[allow(clippy::too_many_arguments)]
+pub fn run(
+    pipeline: &Pipeline,
+    step: &FinetuneStep,
+    id: &str,
+    source: &Source,
+    results: &mut Results,
+    out: &Path,
+    device: &Device,
+    progress: bool,
+) -> Result<Box<dyn Classifier>> {
+    let spec = pipeline.model.as_ref().ok_or_else(|| {
+        Error::Run("finetune needs a model (arch, and weights unless scratch)".into())
+    })?;
+    let arch: Arch = spec.arch.parse()?;
+    let best = out.join("model").join("best.safetensors");
+    if results.is_done(&dataset_key(id)) && best.is_file() {
+        tracing::info!("reusing the fine-tuned model {}", best.display());
+        return Ok(zoo::load(arch, Some(&best), DType::F32, device)?);
+    }
+    let dataset = source.dataset.clone().ok_or_else(|| {
+        Error::Run("finetune needs labelled data: a manifest, folders or synthetic".into())
+    })?;
+    let splits = split_by_patient(&dataset, PAPER_FRACTIONS, pipeline.seed);
+    let classes = Classes::new(dataset.classes.clone());
+    let model = if step.scratch {
+        TrainableModel::fresh(arch, &classes, step.size, pipeline.seed, device)?
+    } else {
+        let path = match &spec.weights {
+            Some(w) => match HubFile::from_uri(w) {
+                Some(hub) => hub?.resolve()?,
+                None => w.into(),
+            },
+            None => HubFile::default_for(arch.name())
+                .ok_or_else(|| {
+                    Error::Run(format!(
+                        "{arch} has no default weights; give model.weights or scratch: true"
+                    ))
+                })?
+                .resolve()?,
+        };
+        TrainableModel::finetune(
+            arch,
+            &Checkpoint::open(&path)?,
+            &classes,
+            step.size,
+            pipeline.seed,
+            device,
+        )?
+    };
+    std::fs::create_dir_all(best.parent().unwrap_or(out)).map_err(|e| Error::io(out, e))?;
+    let config = TrainConfig {
+        epochs: step.epochs,
+        batch_size: step.batch_size,
+        adam: AdamConfig {
+            lr: step.lr,
+            ..AdamConfig::default()
+        },
+        schedule: if step.cosine {
+            LrSchedule::Cosine
+        } else {
+            LrSchedule::Constant
+        },
+        seed: pipeline.seed,
+        preprocess: Preprocess::resize_crop(
+            pipeline.data.resize.unwrap_or(step.size as u32),
+            step.size as u32,
+        ),
+        freeze_backbone: step.freeze_backbone,
+        random_flips: step.flips,
+        noise_std: step.noise,
+        checkpoint: Some(best.clone()),
+        progress,
+    };
+    let start = std::time::Instant::now();
+    let report = fit(&model, Arc::new(dataset), &splits, &config)?;
+    let mut row = dataset_row(id, "finetune", out, start.elapsed().as_secs_f64());
+    row.insert(
+        "checkpoint".into(),
+        Value::String("model/best.safetensors".into()),
+    );
+    row.insert("report".into(), serde_json::to_value(&report)?);
+    results.append(vec![row])?;
+    Ok(zoo::load(arch, Some(&best), DType::F32, device)?)
+}

@@ -1,0 +1,493 @@
+//! What a run adds up to: Table I (Markdown and CSV), the methods' scores (Markdown and CSV),
+//! the alpha-sweep plot, and `report.html`, one file with every figure embedded (no scripts, no
+//! outside links), readable in any browser and safe to mail.
+
+use crate::error::{Error, Result};
+use crate::plot::{alpha_sweep_svg, Series};
+use crate::schema::{Pipeline, Step};
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+type Row = Map<String, Value>;
+
+fn f(row: &Value, key: &str) -> Option<f64> {
+    row.get(key).and_then(Value::as_f64)
+}
+
+fn s<'a>(row: &'a Row, key: &str) -> &'a str {
+    row.get(key).and_then(Value::as_str).unwrap_or("")
+}
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// A table: header and rows of cells, written as Markdown, CSV or HTML.
+struct Table {
+    header: Vec<String>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    fn new(header: &[&str]) -> Self {
+        Self {
+            header: header.iter().map(|h| h.to_string()).collect(),
+            rows: Vec::new(),
+        }
+    }
+
+    fn markdown(&self) -> String {
+        let mut out = format!("| {} |\n", self.header.join(" | "));
+        let _ = writeln!(out, "|{}", "---|".repeat(self.header.len()));
+        for r in &self.rows {
+            let _ = writeln!(out, "| {} |", r.join(" | "));
+        }
+        out
+    }
+
+    fn csv(&self) -> Result<String> {
+        let mut w = csv::Writer::from_writer(Vec::new());
+        let csv_error = |e: csv::Error| Error::Run(format!("writing CSV: {e}"));
+        w.write_record(&self.header).map_err(csv_error)?;
+        for r in &self.rows {
+            w.write_record(r).map_err(csv_error)?;
+        }
+        let bytes = w
+            .into_inner()
+            .map_err(|e| Error::Run(format!("writing CSV: {e}")))?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    fn html(&self) -> String {
+        let mut out = String::from("<table><thead><tr>");
+        for h in &self.header {
+            let _ = write!(out, "<th>{}</th>", escape(h));
+        }
+        out.push_str("</tr></thead><tbody>");
+        for r in &self.rows {
+            out.push_str("<tr>");
+            for c in r {
+                let _ = write!(out, "<td>{}</td>", escape(c));
+            }
+            out.push_str("</tr>");
+        }
+        out.push_str("</tbody></table>");
+        out
+    }
+}
+
+fn mean(values: &[f64]) -> Option<f64> {
+    (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
+}
+
+fn fmt(v: Option<f64>, digits: usize) -> String {
+    v.map_or_else(|| "-".into(), |v| format!("{v:.digits$}"))
+}
+
+/// Table I of the paper: one row per attack outcome.
+fn table1(rows: &[Row]) -> Table {
+    let mut t = Table::new(&[
+        "image",
+        "step",
+        "alpha",
+        "origin loss",
+        "final loss",
+        "label change",
+        "iterations",
+        "confidence",
+        "success",
+    ]);
+    for r in rows {
+        let Some(o) = r.get("outcome") else { continue };
+        let label = |k: &str, n: &str| {
+            format!(
+                "{}{}",
+                o.get(k).and_then(Value::as_u64).unwrap_or(0),
+                o.get(n)
+                    .and_then(Value::as_str)
+                    .filter(|s| !s.is_empty())
+                    .map(|s| format!(" ({s})"))
+                    .unwrap_or_default()
+            )
+        };
+        t.rows.push(vec![
+            r.get("image").map(|v| v.to_string()).unwrap_or_default(),
+            s(r, "step").to_string(),
+            fmt(f(o, "alpha"), 3),
+            f(o, "origin_loss").map_or("-".into(), |v| format!("{v:.3e}")),
+            fmt(f(o, "final_loss"), 4),
+            format!(
+                "from {} to {}",
+                label("label_from", "name_from"),
+                label("label_to", "name_to")
+            ),
+            o.get("iterations")
+                .map(|v| v.to_string())
+                .unwrap_or_default(),
+            fmt(f(o, "confidence"), 4),
+            o.get("success").map(|v| v.to_string()).unwrap_or_default(),
+        ]);
+    }
+    t
+}
+
+/// Each attack step's mean iterations and success rate, with its random-mask controls.
+fn attack_summary(rows: &[Row]) -> Table {
+    let mut t = Table::new(&[
+        "step",
+        "attack",
+        "attacks",
+        "success rate",
+        "mean iterations (successes)",
+    ]);
+    let mut groups: BTreeMap<(String, String), (usize, usize, Vec<f64>)> = BTreeMap::new();
+    let mut add = |step: &str, what: &str, o: &Value| {
+        let g = groups
+            .entry((step.to_string(), what.to_string()))
+            .or_default();
+        g.0 += 1;
+        if o.get("success").and_then(Value::as_bool) == Some(true) {
+            g.1 += 1;
+            g.2.push(f(o, "iterations").unwrap_or(0.0));
+        }
+    };
+    for r in rows {
+        if let Some(o) = r.get("outcome") {
+            add(s(r, "step"), s(r, "kind"), o);
+        }
+        if let Some(Value::Object(c)) = r.get("controls") {
+            for (name, o) in c {
+                add(s(r, "step"), &format!("control: {name} mask"), o);
+            }
+        }
+    }
+    for ((step, what), (n, ok, its)) in groups {
+        t.rows.push(vec![
+            step,
+            what,
+            n.to_string(),
+            format!("{:.2}", ok as f64 / n.max(1) as f64),
+            fmt(mean(&its), 1),
+        ]);
+    }
+    t
+}
+
+/// Mean scores of each scored map-making step.
+fn metrics(rows: &[Row]) -> Table {
+    let measures = ["pointing_game", "auroc", "iou", "deletion", "insertion"];
+    let mut by_step: BTreeMap<String, BTreeMap<&str, Vec<f64>>> = BTreeMap::new();
+    for r in rows {
+        let Some(Value::Object(scores)) = r.get("scores") else {
+            continue;
+        };
+        for (step, v) in scores {
+            let entry = by_step.entry(step.clone()).or_default();
+            for m in measures {
+                if let Some(x) = v.get(m) {
+                    let x = x.as_f64().or_else(|| x.as_bool().map(|b| b as u8 as f64));
+                    if let Some(x) = x {
+                        entry.entry(m).or_default().push(x);
+                    }
+                }
+            }
+        }
+    }
+    let titles = [
+        "pointing game",
+        "AUROC",
+        "IoU@0.5",
+        "deletion AUC (lower is better)",
+        "insertion AUC (higher is better)",
+    ];
+    // Only the measures some map was scored by.
+    let used: Vec<usize> = (0..measures.len())
+        .filter(|&k| by_step.values().any(|m| m.contains_key(measures[k])))
+        .collect();
+    let mut header = vec!["method", "images"];
+    header.extend(used.iter().map(|&k| titles[k]));
+    let mut t = Table::new(&header);
+    for (step, m) in by_step {
+        let n = m.values().map(Vec::len).max().unwrap_or(0);
+        let mut row = vec![step, n.to_string()];
+        row.extend(
+            used.iter()
+                .map(|&k| fmt(m.get(measures[k]).and_then(|v| mean(v)), 3)),
+        );
+        t.rows.push(row);
+    }
+    t
+}
+
+/// Mean over images of each alpha's mean iterations, per alpha-sweep step.
+fn sweeps(rows: &[Row]) -> Vec<(String, Vec<Series>)> {
+    let mut by_step: BTreeMap<String, Vec<Series>> = BTreeMap::new();
+    for r in rows {
+        let Some(Value::Array(points)) = r.get("sweep") else {
+            continue;
+        };
+        let points: Vec<(f64, f64)> = points
+            .iter()
+            .filter_map(|p| {
+                let alpha = f(p, "alpha")?;
+                let stats = p.get("stats")?;
+                // Unsuccessful alphas count as the cap (shown as the max iterations).
+                let its = if stats.get("successes").and_then(Value::as_u64) == Some(0) {
+                    f(stats, "max_iterations")?
+                } else {
+                    f(stats, "mean_iterations")?
+                };
+                Some((alpha, its))
+            })
+            .collect();
+        by_step
+            .entry(s(r, "step").to_string())
+            .or_default()
+            .push(Series {
+                label: format!(
+                    "image {} ({})",
+                    r.get("image").map(|v| v.to_string()).unwrap_or_default(),
+                    Path::new(s(r, "file"))
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default()
+                ),
+                points,
+            });
+    }
+    by_step.into_iter().collect()
+}
+
+fn base64(bytes: &[u8]) -> String {
+    const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
+        for k in 0..4 {
+            if k <= chunk.len() {
+                out.push(TABLE[(n >> (18 - 6 * k) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// An `<img>` with the file's bytes inlined, or nothing when the file is missing.
+fn image(dir: &Path, relative: &str, caption: &str, mime: &str) -> String {
+    match std::fs::read(dir.join(relative)) {
+        Ok(bytes) => format!(
+            "<figure><img src=\"data:{mime};base64,{}\" alt=\"{}\"><figcaption>{}</figcaption></figure>",
+            base64(&bytes),
+            escape(caption),
+            escape(caption)
+        ),
+        Err(_) => String::new(),
+    }
+}
+
+const STYLE: &str = "body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;padding:0 1em;color:#222}\
+table{border-collapse:collapse;margin:1em 0;font-size:0.9em}th,td{border:1px solid #ccc;padding:0.3em 0.6em;text-align:left}\
+th{background:#f3f3f3}figure{display:inline-block;margin:0.3em;text-align:center}\
+figure img{width:160px;height:160px;image-rendering:pixelated;display:block}figcaption{font-size:0.75em;max-width:160px}\
+.plot img{width:640px;height:auto}.image-row{border-top:1px solid #eee;padding:0.5em 0}";
+
+/// Writes the tables, the plots and `report.html` into `dir`; returns the report's path.
+pub fn write(dir: &Path, pipeline: &Pipeline, rows: &[Row]) -> Result<PathBuf> {
+    let write =
+        |name: &str, text: &str| vulnmap_data::fs::write_atomic(&dir.join(name), text.as_bytes());
+    let t1 = table1(rows);
+    let summary = attack_summary(rows);
+    let scores = metrics(rows);
+    if !t1.rows.is_empty() {
+        write("table1.md", &t1.markdown())?;
+        write("table1.csv", &t1.csv()?)?;
+    }
+    if !scores.rows.is_empty() {
+        write("metrics.md", &scores.markdown())?;
+        write("metrics.csv", &scores.csv()?)?;
+    }
+    let mut html = String::new();
+    let title = escape(&pipeline.name);
+    let _ = write!(
+        html,
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>vulnmap: {title}</title><style>{STYLE}</style></head><body>\n<h1>vulnmap: {title}</h1>\n"
+    );
+    if !pipeline.description.is_empty() {
+        let _ = writeln!(html, "<p>{}</p>", escape(&pipeline.description));
+    }
+    let images: std::collections::BTreeSet<u64> = rows
+        .iter()
+        .filter_map(|r| r.get("image").and_then(Value::as_u64))
+        .collect();
+    let model = pipeline
+        .model
+        .as_ref()
+        .map(|m| {
+            format!(
+                "{} ({})",
+                m.arch,
+                m.weights
+                    .as_deref()
+                    .map(|w| Path::new(w)
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default())
+                    .unwrap_or_else(|| "hub default".into())
+            )
+        })
+        .unwrap_or_else(|| "tiny-resnet trained on the synthetic fundus benchmark".into());
+    let steps: Vec<&str> = pipeline.steps.iter().map(Step::kind).collect();
+    let _ = writeln!(
+        html,
+        "<p>Model: {}. Images: {}. Steps: {}. Result rows: {}.</p>",
+        escape(&model),
+        images.len(),
+        escape(&steps.join(", ")),
+        rows.len()
+    );
+
+    let classified: Vec<&Row> = rows.iter().filter(|r| s(r, "kind") == "classify").collect();
+    let labelled: Vec<bool> = classified
+        .iter()
+        .filter_map(|r| r.get("correct").and_then(Value::as_bool))
+        .collect();
+    if !labelled.is_empty() {
+        let correct = labelled.iter().filter(|&&c| c).count();
+        let _ = writeln!(
+            html,
+            "<h2>Classification</h2><p>Accuracy {:.3} ({correct} of {}).</p>",
+            correct as f64 / labelled.len() as f64,
+            labelled.len()
+        );
+    }
+    for r in rows.iter().filter(|r| s(r, "kind") == "finetune") {
+        if let Some(rep) = r.get("report") {
+            let _ = writeln!(
+                html,
+                "<h2>Fine-tuning</h2><p>Best epoch {}, test accuracy {}.</p>",
+                rep.get("best_epoch")
+                    .map(|v| v.to_string())
+                    .unwrap_or_default(),
+                fmt(f(rep, "test_accuracy"), 3)
+            );
+        }
+    }
+    if !scores.rows.is_empty() {
+        let _ = writeln!(html, "<h2>Saliency maps scored</h2><p>Pointing game: the map's maximum within 15 px of a lesion; AUROC and IoU of the map against the lesion mask; deletion and insertion: the target probability as the most salient pixels are removed or restored (area under the curve).</p>{}", scores.html());
+    }
+    if !summary.rows.is_empty() {
+        let _ = writeln!(html, "<h2>Attacks</h2>{}", summary.html());
+    }
+    if !t1.rows.is_empty() {
+        let _ = writeln!(html, "<h2>Table I</h2>{}", t1.html());
+    }
+    for (step, series) in sweeps(rows) {
+        let svg = alpha_sweep_svg(&format!("alpha sweep ({step})"), &series)?;
+        let name = format!("alpha_sweep_{step}.svg");
+        write(&name, &svg)?;
+        let _ = writeln!(
+            html,
+            "<h2>Alpha sweep: {}</h2><div class=\"plot\">{}</div>",
+            escape(&step),
+            image(
+                dir,
+                &name,
+                "iterations to flip against alpha",
+                "image/svg+xml"
+            )
+        );
+    }
+
+    // Figures of the first images: the input, then every figure of every step.
+    let mut by_image: BTreeMap<u64, Vec<&Row>> = BTreeMap::new();
+    for r in rows {
+        if let Some(i) = r.get("image").and_then(Value::as_u64) {
+            by_image.entry(i).or_default().push(r);
+        }
+    }
+    let mut shown = 0;
+    let mut figures = String::new();
+    for (index, image_rows) in by_image {
+        if shown == pipeline.outputs.report_images {
+            break;
+        }
+        let mut cells = String::new();
+        let file = s(image_rows[0], "file");
+        let input = image_rows
+            .iter()
+            .find_map(|r| {
+                r.get("map_figure")
+                    .or(r.get("noise_figure"))
+                    .and_then(Value::as_str)
+            })
+            .and_then(|p| p.rsplit_once('/'))
+            .map(|(folder, _)| format!("{folder}/input.png"));
+        if let Some(input) = input {
+            cells.push_str(&image(dir, &input, "input", "image/png"));
+        }
+        for r in &image_rows {
+            let step = s(r, "step");
+            for (key, what) in [
+                ("overlay_figure", ""),
+                ("noise_figure", " noise"),
+                ("perturbed_figure", " perturbed"),
+            ] {
+                if let Some(p) = r.get(key).and_then(Value::as_str) {
+                    let mut caption = format!("{step}{what}");
+                    if let Some(o) = r.get("outcome").filter(|_| key == "perturbed_figure") {
+                        caption.push_str(&format!(
+                            ": {} iterations",
+                            o.get("iterations")
+                                .map(|v| v.to_string())
+                                .unwrap_or_default()
+                        ));
+                    }
+                    cells.push_str(&image(dir, p, &caption, "image/png"));
+                }
+            }
+        }
+        if !cells.is_empty() {
+            let _ = writeln!(
+                figures,
+                "<div class=\"image-row\"><h3>Image {index}: {}</h3>{cells}</div>",
+                escape(file)
+            );
+            shown += 1;
+        }
+    }
+    if !figures.is_empty() {
+        let _ = writeln!(html, "<h2>Figures</h2>{figures}");
+    }
+    html.push_str("<p><small>Written by vulnmap. Every row is in results.jsonl; Table I and the scores are also in CSV beside this file.</small></p></body></html>\n");
+    let path = dir.join("report.html");
+    write("report.html", &html)?;
+    Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn base64_matches_rfc4648() {
+        for (plain, coded) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(super::base64(plain.as_bytes()), coded);
+        }
+    }
+}

@@ -1,0 +1,256 @@
+//! The run directory: the resolved pipeline, `results.jsonl` (one JSON object per (image, step),
+//! appended and flushed as each finishes), and joining the directories of shards.
+//!
+//! A crash loses at most the row being written: a torn last line is dropped on `--resume`, and
+//! every complete row is kept. At the end of a run the file is rewritten in (image, step) order
+//! through a temporary file and a rename, so sharded, resumed and plain runs compare equal.
+
+use crate::error::{Error, Result};
+use serde_json::{Map, Value};
+use std::collections::{BTreeMap, HashSet};
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+/// The file names inside a run directory.
+pub const RESULTS: &str = "results.jsonl";
+pub const PIPELINE: &str = "pipeline.yaml";
+pub const RUN_INFO: &str = "run.json";
+
+/// A row's identity: the image (none for dataset-level steps) and the step id.
+pub type RowKey = (Option<usize>, String);
+
+/// The key of a result row.
+pub fn key_of(row: &Map<String, Value>) -> Option<RowKey> {
+    let step = row.get("step")?.as_str()?.to_string();
+    let image = match row.get("image")? {
+        Value::Null => None,
+        v => Some(v.as_u64()? as usize),
+    };
+    Some((image, step))
+}
+
+/// Reads the rows of a results file, dropping a torn last line (and cutting it off the file
+/// when `repair`).
+pub fn read_rows(path: &Path, repair: bool) -> Result<Vec<Map<String, Value>>> {
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io(path, e)),
+    };
+    let mut rows = Vec::new();
+    let mut good_bytes = 0u64;
+    let mut reader = BufReader::new(file);
+    let mut line = String::new();
+    let mut number = 0;
+    loop {
+        line.clear();
+        let n = reader
+            .read_line(&mut line)
+            .map_err(|e| Error::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        number += 1;
+        let complete = line.ends_with('\n');
+        match serde_json::from_str::<Map<String, Value>>(line.trim_end()) {
+            Ok(row) if complete && key_of(&row).is_some() => {
+                rows.push(row);
+                good_bytes += n as u64;
+            }
+            _ if !complete => {
+                tracing::warn!(
+                    "{}: dropping the unfinished last line {number} (an interrupted write)",
+                    path.display()
+                );
+                break;
+            }
+            _ => {
+                return Err(Error::Run(format!(
+                    "{}, line {number}: not a result row (a JSON object with `image` and `step`)",
+                    path.display()
+                )))
+            }
+        }
+    }
+    if repair {
+        let len = std::fs::metadata(path)
+            .map_err(|e| Error::io(path, e))?
+            .len();
+        if len != good_bytes {
+            let f = OpenOptions::new()
+                .write(true)
+                .open(path)
+                .map_err(|e| Error::io(path, e))?;
+            f.set_len(good_bytes).map_err(|e| Error::io(path, e))?;
+        }
+    }
+    Ok(rows)
+}
+
+/// The results file of a run being written.
+pub struct Results {
+    path: PathBuf,
+    file: File,
+    done: HashSet<RowKey>,
+}
+
+impl Results {
+    /// Opens `dir/results.jsonl` for appending; with `resume`, the rows already there count as
+    /// done; without, existing rows are an error (nothing already written is overwritten).
+    pub fn open(dir: &Path, resume: bool) -> Result<Self> {
+        let path = dir.join(RESULTS);
+        let existing = read_rows(&path, resume)?;
+        if !resume && !existing.is_empty() {
+            return Err(Error::Run(format!(
+                "{} already holds {} results; pass --resume to continue that run, or choose another --out",
+                dir.display(),
+                existing.len()
+            )));
+        }
+        let done = existing.iter().filter_map(key_of).collect();
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        Ok(Self { path, file, done })
+    }
+
+    pub fn is_done(&self, key: &RowKey) -> bool {
+        self.done.contains(key)
+    }
+
+    /// Appends `rows` (skipping finished ones) and flushes them to the disk.
+    pub fn append(&mut self, rows: Vec<Map<String, Value>>) -> Result<()> {
+        let mut text = String::new();
+        for row in rows {
+            let key = key_of(&row).ok_or_else(|| Error::Run("a row without a key".into()))?;
+            if self.done.insert(key) {
+                text.push_str(&serde_json::to_string(&row)?);
+                text.push('\n');
+            }
+        }
+        if text.is_empty() {
+            return Ok(());
+        }
+        self.file
+            .write_all(text.as_bytes())
+            .and_then(|_| self.file.sync_data())
+            .map_err(|e| Error::io(&self.path, e))
+    }
+}
+
+/// Rewrites `dir/results.jsonl` with its rows in (image, step order) order, atomically.
+pub fn sort_results(dir: &Path, step_order: &[String]) -> Result<Vec<Map<String, Value>>> {
+    let path = dir.join(RESULTS);
+    let rows = read_rows(&path, false)?;
+    let rows = sorted(rows, step_order);
+    write_rows(&path, &rows)?;
+    Ok(rows)
+}
+
+fn sorted(rows: Vec<Map<String, Value>>, step_order: &[String]) -> Vec<Map<String, Value>> {
+    let rank = |step: &str| {
+        step_order
+            .iter()
+            .position(|s| s == step)
+            .unwrap_or(usize::MAX)
+    };
+    let mut keyed: BTreeMap<(Option<usize>, usize, String), Map<String, Value>> = BTreeMap::new();
+    for row in rows {
+        if let Some((image, step)) = key_of(&row) {
+            keyed.insert((image, rank(&step), step), row);
+        }
+    }
+    keyed.into_values().collect()
+}
+
+fn write_rows(path: &Path, rows: &[Map<String, Value>]) -> Result<()> {
+    let mut text = String::new();
+    for row in rows {
+        text.push_str(&serde_json::to_string(row)?);
+        text.push('\n');
+    }
+    vulnmap_data::fs::write_atomic(path, text.as_bytes())?;
+    Ok(())
+}
+
+/// Copies `from` into `to` recursively, keeping files already there.
+fn copy_tree(from: &Path, to: &Path) -> Result<()> {
+    if !from.is_dir() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(to).map_err(|e| Error::io(to, e))?;
+    for entry in std::fs::read_dir(from).map_err(|e| Error::io(from, e))? {
+        let entry = entry.map_err(|e| Error::io(from, e))?;
+        let target = to.join(entry.file_name());
+        if entry.path().is_dir() {
+            copy_tree(&entry.path(), &target)?;
+        } else if !target.exists() {
+            std::fs::copy(entry.path(), &target).map_err(|e| Error::io(&target, e))?;
+        }
+    }
+    Ok(())
+}
+
+/// Joins shard run directories into `out`: the same pipeline in each, rows joined (a row found
+/// twice must be the same), figures and maps copied. Returns the joined rows, sorted.
+pub fn merge(
+    out: &Path,
+    shards: &[PathBuf],
+    step_order: &[String],
+) -> Result<Vec<Map<String, Value>>> {
+    let first = shards
+        .first()
+        .ok_or_else(|| Error::Run("merge needs at least one run directory".into()))?;
+    let pipeline = std::fs::read_to_string(first.join(PIPELINE))
+        .map_err(|e| Error::io(first.join(PIPELINE), e))?;
+    let mut joined: BTreeMap<RowKey, Map<String, Value>> = BTreeMap::new();
+    for shard in shards {
+        let p = shard.join(PIPELINE);
+        let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
+        if text != pipeline {
+            return Err(Error::Run(format!(
+                "{} ran a different pipeline than {}; only shards of one run can be merged",
+                shard.display(),
+                first.display()
+            )));
+        }
+        for row in read_rows(&shard.join(RESULTS), false)? {
+            let key = key_of(&row).expect("read_rows keeps keyed rows");
+            match joined.get(&key) {
+                Some(seen) if !same_result(seen, &row) => {
+                    return Err(Error::Run(format!(
+                        "image {:?} step `{}` has different results in two shards (from {})",
+                        key.0,
+                        key.1,
+                        shard.display()
+                    )))
+                }
+                Some(_) => {}
+                None => {
+                    joined.insert(key, row);
+                }
+            }
+        }
+        copy_tree(&shard.join("figures"), &out.join("figures"))?;
+        copy_tree(&shard.join("maps"), &out.join("maps"))?;
+        copy_tree(&shard.join("data"), &out.join("data"))?;
+    }
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    vulnmap_data::fs::write_atomic(&out.join(PIPELINE), pipeline.as_bytes())?;
+    let rows = sorted(joined.into_values().collect(), step_order);
+    write_rows(&out.join(RESULTS), &rows)?;
+    Ok(rows)
+}
+
+/// Two rows agree on everything but timing.
+pub fn same_result(a: &Map<String, Value>, b: &Map<String, Value>) -> bool {
+    let strip = |m: &Map<String, Value>| {
+        let mut m = m.clone();
+        m.remove("seconds");
+        m
+    };
+    strip(a) == strip(b)
+}

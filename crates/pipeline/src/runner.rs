@@ -1,0 +1,909 @@
+//! Running a pipeline: images in fixed chunks (the unit of `--resume` and `--shard`), every step
+//! on a whole chunk at once, one result row per (image, step) appended as each chunk-step ends.
+
+use crate::config::step_ids;
+use crate::error::{Error, Result};
+use crate::figures;
+use crate::rundir::{self, Results, RowKey};
+use crate::schema::*;
+use crate::source::{self, Item, Source};
+use candle_core::{DType, Device, Tensor};
+use serde_json::{json, Map, Value};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use vulnmap_attacks::{
+    local::{local_attack, LocalAttack},
+    mask_attack::mask_attack,
+    random::random_attack,
+    rounds::{alpha_sweep, rounds},
+    saliency_attack::{
+        clean_masks, control_masks, fixed_mask_attack, saliency_attack, Control, SaliencyAttack,
+    },
+    AttackConfig, AttackOutcome, GeneratorChoice, Goal, LearnedMask, MaskNetwork, Sparsity,
+};
+use vulnmap_models::{parse_device, zoo, Arch, Classifier, Score, ScoredClassifier};
+use vulnmap_saliency::metrics::causal::CausalMetric;
+use vulnmap_saliency::metrics::localisation::{auroc, iou, PointingGame};
+use vulnmap_saliency::{
+    Aggregate, Baseline, GradCam, Gradient, IntegratedGradients, Integration, Method, Occlusion,
+    OcclusionBaseline, Rise, SmoothGrad,
+};
+
+/// Every N-th chunk of images, starting at chunk I (`--shard I/N`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub index: usize,
+    pub count: usize,
+}
+
+impl std::str::FromStr for Shard {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let bad = || format!("`{s}` is not a shard I/N with 0 <= I < N (e.g. 0/4)");
+        let (i, n) = s.split_once('/').ok_or_else(bad)?;
+        let (index, count) = (
+            i.trim().parse().map_err(|_| bad())?,
+            n.trim().parse().map_err(|_| bad())?,
+        );
+        if count == 0 || index >= count {
+            return Err(bad());
+        }
+        Ok(Shard { index, count })
+    }
+}
+
+/// How to run.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// The run directory.
+    pub out: PathBuf,
+    /// Overrides the pipeline's device.
+    pub device: Option<String>,
+    pub shard: Option<Shard>,
+    /// Continue a run in `out`, skipping finished rows.
+    pub resume: bool,
+    /// Where the fundus benchmark is cached.
+    pub cache: PathBuf,
+    /// Progress bars on stderr.
+    pub progress: bool,
+}
+
+/// What a run did.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    pub out: PathBuf,
+    pub images: usize,
+    /// Rows in `results.jsonl` when the run ended.
+    pub rows: usize,
+    /// `report.html`, when one was written (unsharded runs; shards get theirs from `merge`).
+    pub report: Option<PathBuf>,
+}
+
+/// The default benchmark cache: `$VULNMAP_CACHE`, else `$XDG_CACHE_HOME/vulnmap`, else
+/// `~/.cache/vulnmap`.
+pub fn default_cache() -> PathBuf {
+    if let Some(dir) = std::env::var_os("VULNMAP_CACHE") {
+        return PathBuf::from(dir);
+    }
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(dir).join("vulnmap");
+    }
+    std::env::var_os("HOME")
+        .map(|h| PathBuf::from(h).join(".cache").join("vulnmap"))
+        .unwrap_or_else(|| std::env::temp_dir().join("vulnmap-cache"))
+}
+
+/// Everything a step needs about the chunk it runs on.
+struct Chunk<'a> {
+    items: &'a [Item],
+    pixels: Tensor,
+    targets: Vec<usize>,
+}
+
+struct Runner<'a> {
+    pipeline: &'a Pipeline,
+    out: PathBuf,
+    model: Box<dyn Classifier>,
+    preprocess: vulnmap_data::Preprocess,
+    ids: Vec<String>,
+    figures: bool,
+}
+
+/// Runs `pipeline` into `options.out`.
+pub fn run(pipeline: &Pipeline, options: &RunOptions) -> Result<RunSummary> {
+    let out = &options.out;
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let text = crate::config::to_yaml(pipeline)?;
+    let saved = out.join(rundir::PIPELINE);
+    match std::fs::read_to_string(&saved) {
+        Ok(old) if old != text => {
+            return Err(Error::Run(format!(
+                "{} holds a run of another pipeline (see its {}); choose another --out",
+                out.display(),
+                rundir::PIPELINE
+            )))
+        }
+        Ok(_) => {}
+        Err(_) => vulnmap_data::fs::write_atomic(&saved, text.as_bytes())?,
+    }
+    let mut results = Results::open(out, options.resume)?;
+    let has_finetune = pipeline
+        .steps
+        .iter()
+        .any(|s| matches!(s, Step::Finetune(_)));
+    if has_finetune && options.shard.is_some_and(|s| s.count > 1) {
+        return Err(Error::Run(
+            "a pipeline that fine-tunes cannot be sharded: every shard would train its own model"
+                .into(),
+        ));
+    }
+
+    let device = parse_device(options.device.as_deref().unwrap_or(&pipeline.device))?;
+    let source = source::open(pipeline, out, &options.cache)?;
+    let ids = step_ids(&pipeline.steps);
+    let model = model(
+        pipeline,
+        &source,
+        &ids,
+        &mut results,
+        out,
+        &device,
+        options.progress,
+    )?;
+    let size = model.input_spec().height;
+    let runner = Runner {
+        pipeline,
+        out: out.clone(),
+        preprocess: source::preprocess(&pipeline.data, source.generated, size),
+        model,
+        ids,
+        figures: pipeline.outputs.figures,
+    };
+
+    let chunk_size = pipeline.chunk_size.unwrap_or(pipeline.batch_size).max(1);
+    let chunks: Vec<(usize, &[Item])> = source
+        .items
+        .chunks(chunk_size)
+        .enumerate()
+        .filter(|(c, _)| options.shard.is_none_or(|s| c % s.count == s.index))
+        .collect();
+    let per_image: Vec<usize> = (0..pipeline.steps.len())
+        .filter(|&s| !matches!(pipeline.steps[s], Step::Finetune(_)))
+        .collect();
+    let bar = progress_bar(
+        (chunks.len() * per_image.len()) as u64,
+        options.progress,
+        &pipeline.name,
+    );
+    for (c, items) in &chunks {
+        runner.run_chunk(*c, items, &per_image, &mut results, &bar)?;
+    }
+    bar.finish_and_clear();
+
+    let images: usize = chunks.iter().map(|(_, i)| i.len()).sum();
+    let rows = rundir::sort_results(out, &runner.ids)?;
+    let info = json!({
+        "pipeline": pipeline.name,
+        "shard": options.shard.map(|s| format!("{}/{}", s.index, s.count)),
+        "images": images,
+        "rows": rows.len(),
+    });
+    vulnmap_data::fs::write_atomic(
+        &out.join(rundir::RUN_INFO),
+        serde_json::to_string_pretty(&info)?.as_bytes(),
+    )?;
+    let report = if options.shard.is_none_or(|s| s.count == 1) && pipeline.outputs.report {
+        Some(crate::report::write(out, pipeline, &rows)?)
+    } else {
+        None
+    };
+    Ok(RunSummary {
+        out: out.clone(),
+        images,
+        rows: rows.len(),
+        report,
+    })
+}
+
+/// Joins shard run directories into `out` and writes the report.
+pub fn merge(out: &Path, shards: &[PathBuf]) -> Result<RunSummary> {
+    let first = shards
+        .first()
+        .ok_or_else(|| Error::Run("merge needs at least one run directory".into()))?;
+    let text = std::fs::read_to_string(first.join(rundir::PIPELINE))
+        .map_err(|e| Error::io(first.join(rundir::PIPELINE), e))?;
+    let pipeline: Pipeline = crate::config::from_yaml(&text)
+        .map_err(|e| Error::Run(format!("{}: {e}", first.join(rundir::PIPELINE).display())))?;
+    let ids = step_ids(&pipeline.steps);
+    let rows = rundir::merge(out, shards, &ids)?;
+    let images = rows
+        .iter()
+        .filter_map(|r| r.get("image").and_then(Value::as_u64))
+        .collect::<std::collections::BTreeSet<_>>()
+        .len();
+    let report = if pipeline.outputs.report {
+        Some(crate::report::write(out, &pipeline, &rows)?)
+    } else {
+        None
+    };
+    Ok(RunSummary {
+        out: out.to_path_buf(),
+        images,
+        rows: rows.len(),
+        report,
+    })
+}
+
+fn progress_bar(len: u64, show: bool, name: &str) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(len);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{msg} [{elapsed_precise}] {wide_bar} {pos}/{len} chunk-steps (eta {eta})",
+    ) {
+        bar.set_style(style);
+    }
+    bar.set_message(name.to_string());
+    bar
+}
+
+/// The classifier the steps study: fine-tuned by the first step, the benchmark's, or loaded.
+fn model(
+    pipeline: &Pipeline,
+    source: &Source,
+    ids: &[String],
+    results: &mut Results,
+    out: &Path,
+    device: &Device,
+    progress: bool,
+) -> Result<Box<dyn Classifier>> {
+    let score = pipeline
+        .model
+        .as_ref()
+        .map(|m| m.score.as_str())
+        // The benchmark's two-class model: explain what the decision depends on (see Score).
+        .unwrap_or("centred-logit");
+    let score = match score {
+        "centred-logit" => Score::CentredLogit,
+        "log-probability" => Score::LogProbability,
+        _ => Score::Logit,
+    };
+    let base: Box<dyn Classifier> = if let Some(Step::Finetune(f)) = pipeline.steps.first() {
+        crate::finetune::run(pipeline, f, &ids[0], source, results, out, device, progress)?
+    } else if let (None, Some(b)) = (&pipeline.model, &source.benchmark) {
+        b.model(device)?
+    } else {
+        let spec = pipeline
+            .model
+            .as_ref()
+            .ok_or_else(|| Error::Run("the pipeline names no model".into()))?;
+        let arch: Arch = spec.arch.parse()?;
+        let weights = match (&spec.weights, &source.benchmark) {
+            (Some(w), _) => Some(PathBuf::from(w)),
+            (None, Some(b)) if arch == Arch::TinyResNet => Some(b.checkpoint.clone()),
+            (None, _) => None,
+        };
+        zoo::load(arch, weights.as_deref(), DType::F32, device)?
+    };
+    Ok(Box::new(ScoredClassifier::new(base, score)))
+}
+
+fn row(
+    item: Option<&Item>,
+    step: &str,
+    kind: &str,
+    out: &Path,
+    seconds: f64,
+) -> Map<String, Value> {
+    let mut m = Map::new();
+    m.insert("image".into(), item.map_or(Value::Null, |i| json!(i.index)));
+    m.insert("step".into(), json!(step));
+    m.insert("kind".into(), json!(kind));
+    if let Some(i) = item {
+        let file = i.path.strip_prefix(out).unwrap_or(&i.path);
+        m.insert("file".into(), json!(file.display().to_string()));
+    }
+    m.insert("seconds".into(), json!((seconds * 1000.0).round() / 1000.0));
+    m
+}
+
+fn goal(a: &AttackSettings) -> Goal {
+    match a.target {
+        Some(t) if a.mode == "targeted" => Goal::Targeted(t),
+        _ => Goal::Untargeted,
+    }
+}
+
+impl Runner<'_> {
+    fn run_chunk(
+        &self,
+        chunk: usize,
+        items: &[Item],
+        steps: &[usize],
+        results: &mut Results,
+        bar: &indicatif::ProgressBar,
+    ) -> Result<()> {
+        let pending = |s: usize| {
+            items
+                .iter()
+                .any(|i| !results.is_done(&(Some(i.index), self.ids[s].clone())))
+        };
+        let todo: Vec<usize> = steps.iter().copied().filter(|&s| pending(s)).collect();
+        bar.inc((steps.len() - todo.len()) as u64);
+        if todo.is_empty() {
+            return Ok(());
+        }
+        let paths: Vec<&Path> = items.iter().map(|i| i.path.as_path()).collect();
+        let pixels = self.preprocess.load_batch(&paths, self.model.device())?;
+        let targets = vulnmap_saliency::predicted_classes(
+            self.model.as_ref(),
+            &pixels,
+            self.pipeline.batch_size,
+        )?;
+        let chunk_data = Chunk {
+            items,
+            pixels,
+            targets,
+        };
+        if self.figures {
+            for (i, item) in items.iter().enumerate() {
+                let path = self.out.join(figures::input(item));
+                if !path.is_file() {
+                    figures::save_rgb(&chunk_data.pixels.get(i)?, &path)?;
+                }
+            }
+        }
+        let mut maps: HashMap<String, Tensor> = HashMap::new();
+        for s in todo {
+            let id = &self.ids[s];
+            let step = &self.pipeline.steps[s];
+            tracing::debug!(chunk, step = %id, "running");
+            let start = Instant::now();
+            let (rows, map) = self
+                .step(step, id, &chunk_data, &mut maps, chunk)
+                .map_err(|e| Error::Run(format!("step `{id}` on chunk {chunk}: {e}")))?;
+            let seconds = start.elapsed().as_secs_f64() / items.len() as f64;
+            if let Some(m) = map {
+                let m = m.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+                let file = self.map_file(id, chunk);
+                std::fs::create_dir_all(file.parent().unwrap_or(&self.out))
+                    .map_err(|e| Error::io(&file, e))?;
+                let tmp = vulnmap_data::fs::temp_path(&file);
+                m.save_safetensors("maps", &tmp)?;
+                vulnmap_data::fs::rename(&tmp, &file)?;
+                maps.insert(id.clone(), m);
+            }
+            let rows = rows
+                .into_iter()
+                .zip(items)
+                .map(|(data, item)| {
+                    let mut r = row(Some(item), id, step.kind(), &self.out, seconds);
+                    r.extend(data);
+                    r
+                })
+                .collect();
+            results.append(rows)?;
+            bar.inc(1);
+        }
+        Ok(())
+    }
+
+    fn map_file(&self, id: &str, chunk: usize) -> PathBuf {
+        self.out
+            .join("maps")
+            .join(id)
+            .join(format!("chunk-{chunk:05}.safetensors"))
+    }
+
+    /// Maps of step `id` for chunk `chunk`: made in this pass, or saved by an earlier one.
+    fn maps_of(
+        &self,
+        id: &str,
+        chunk: usize,
+        maps: &mut HashMap<String, Tensor>,
+    ) -> Result<Tensor> {
+        if let Some(m) = maps.get(id) {
+            return Ok(m.clone());
+        }
+        let file = self.map_file(id, chunk);
+        let loaded = candle_core::safetensors::load(&file, &Device::Cpu)
+            .map_err(|e| Error::Run(format!("{}: {e}", file.display())))?;
+        let m = loaded
+            .get("maps")
+            .cloned()
+            .ok_or_else(|| Error::Run(format!("{}: no `maps` tensor", file.display())))?;
+        maps.insert(id.to_string(), m.clone());
+        Ok(m)
+    }
+
+    fn attack_config(&self, a: &AttackSettings) -> Result<AttackConfig> {
+        if let Some(t) = a.target {
+            let n = self.model.classes().len();
+            if t >= n {
+                return Err(Error::Run(format!(
+                    "target class {t} is not below the model's {n} classes"
+                )));
+            }
+        }
+        Ok(AttackConfig {
+            alpha: a.alpha,
+            max_iters: a.max_iters,
+            lr: a.lr,
+            confidence: a.confidence,
+            seed: self.pipeline.seed,
+            generator: match a.generator.as_str() {
+                "paper" => GeneratorChoice::Paper,
+                "generic" => GeneratorChoice::Generic,
+                _ => GeneratorChoice::Auto,
+            },
+            batch_size: self.pipeline.batch_size,
+            progress: false,
+            ..AttackConfig::default()
+        })
+    }
+
+    fn outcome(&self, o: &AttackOutcome) -> Result<Value> {
+        let mut v = serde_json::to_value(o)?;
+        if let Value::Object(m) = &mut v {
+            let names = self.model.classes();
+            m.insert(
+                "name_from".into(),
+                json!(names.name(o.label_from).unwrap_or("")),
+            );
+            m.insert(
+                "name_to".into(),
+                json!(names.name(o.label_to).unwrap_or("")),
+            );
+        }
+        Ok(v)
+    }
+
+    /// Saves an attack's noise and perturbed image; returns their figure paths.
+    fn attack_figures(
+        &self,
+        item: &Item,
+        id: &str,
+        o: &AttackOutcome,
+        data: &mut Map<String, Value>,
+    ) -> Result<()> {
+        if !self.figures {
+            return Ok(());
+        }
+        let noise = figures::file(item, id, "noise");
+        figures::save_noise(&o.noise, o.alpha, &self.out.join(&noise))?;
+        let perturbed = figures::file(item, id, "perturbed");
+        figures::save_rgb(&o.perturbed, &self.out.join(&perturbed))?;
+        data.insert("noise_figure".into(), json!(noise));
+        data.insert("perturbed_figure".into(), json!(perturbed));
+        Ok(())
+    }
+
+    fn map_rows(&self, chunk: &Chunk, id: &str, maps: &Tensor) -> Result<Vec<Map<String, Value>>> {
+        let mut rows = Vec::new();
+        for (i, item) in chunk.items.iter().enumerate() {
+            let mut data = Map::new();
+            let t = chunk.targets[i];
+            data.insert("target".into(), json!(t));
+            data.insert(
+                "target_name".into(),
+                json!(self.model.classes().name(t).unwrap_or("")),
+            );
+            if self.figures {
+                let map = maps.get(i)?;
+                let (m, o) = (
+                    figures::file(item, id, "map"),
+                    figures::file(item, id, "overlay"),
+                );
+                figures::save_map(
+                    &map,
+                    &chunk.pixels.get(i)?,
+                    &self.out.join(&m),
+                    &self.out.join(&o),
+                )?;
+                data.insert("map_figure".into(), json!(m));
+                data.insert("overlay_figure".into(), json!(o));
+            }
+            rows.push(data);
+        }
+        Ok(rows)
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn step(
+        &self,
+        step: &Step,
+        id: &str,
+        chunk: &Chunk,
+        maps: &mut HashMap<String, Tensor>,
+        chunk_index: usize,
+    ) -> Result<(Vec<Map<String, Value>>, Option<Tensor>)> {
+        let model = self.model.as_ref();
+        let bs = self.pipeline.batch_size;
+        let seed = self.pipeline.seed;
+        let n = chunk.items.len();
+        let method = match step {
+            Step::Gradient(_) => Some(Method::Gradient(Gradient { batch_size: bs })),
+            Step::Smoothgrad(s) => Some(Method::SmoothGrad(SmoothGrad {
+                samples: s.samples,
+                noise_level: s.noise_level,
+                aggregate: match s.aggregate.as_str() {
+                    "squared" => Aggregate::Squared,
+                    "vargrad" => Aggregate::VarGrad,
+                    _ => Aggregate::Plain,
+                },
+                seed,
+                batch_size: bs,
+            })),
+            Step::IntegratedGradients(s) => {
+                Some(Method::IntegratedGradients(IntegratedGradients {
+                    steps: s.steps,
+                    baseline: match s.baseline.as_str() {
+                        "black" => Baseline::Black,
+                        _ => Baseline::Blurred { sigma: s.sigma },
+                    },
+                    integration: match s.integration.as_str() {
+                        "riemann-middle" => Integration::RiemannMiddle,
+                        "riemann-trapezoid" => Integration::RiemannTrapezoid,
+                        _ => Integration::GaussLegendre,
+                    },
+                    batch_size: bs,
+                }))
+            }
+            Step::GradCam(s) => Some(Method::GradCam(GradCam {
+                layer: s.layer.clone(),
+                batch_size: bs,
+            })),
+            Step::Occlusion(s) => Some(Method::Occlusion(Occlusion {
+                window: s.window,
+                stride: s.stride,
+                baseline: match s.baseline.as_str() {
+                    "black" => OcclusionBaseline::Value(0.0),
+                    "grey" => OcclusionBaseline::Value(0.5),
+                    _ => OcclusionBaseline::Blurred { sigma: s.sigma },
+                },
+                batch_size: bs * 4,
+            })),
+            Step::Rise(s) => Some(Method::Rise(Rise {
+                masks: s.masks,
+                cells: s.cells,
+                keep: s.keep,
+                seed,
+                batch_size: bs * 4,
+            })),
+            _ => None,
+        };
+        if let Some(method) = method {
+            let m = method.explain(model, &chunk.pixels, &chunk.targets)?;
+            return Ok((self.map_rows(chunk, id, &m)?, Some(m)));
+        }
+        match step {
+            Step::Classify(c) => {
+                let probs = candle_nn::ops::softmax(&model.forward(&chunk.pixels)?, 1)?
+                    .to_device(&Device::Cpu)?
+                    .to_vec2::<f32>()?;
+                let names = model.classes();
+                let rows = probs
+                    .iter()
+                    .zip(chunk.items)
+                    .map(|(p, item)| {
+                        let mut order: Vec<usize> = (0..p.len()).collect();
+                        order.sort_by(|&a, &b| p[b].total_cmp(&p[a]));
+                        let top: Vec<Value> = order
+                            .iter()
+                            .take(c.top)
+                            .map(|&k| json!({"class": k, "name": names.name(k).unwrap_or(""), "probability": p[k]}))
+                            .collect();
+                        let mut data = Map::new();
+                        data.insert("predicted".into(), json!(order[0]));
+                        data.insert("name".into(), json!(names.name(order[0]).unwrap_or("")));
+                        data.insert("top".into(), Value::Array(top));
+                        if let Some(label) = item.label {
+                            data.insert("label".into(), json!(label));
+                            data.insert("correct".into(), json!(label == order[0]));
+                        }
+                        data
+                    })
+                    .collect();
+                Ok((rows, None))
+            }
+            Step::RandomAttack(s) => {
+                let config = self.attack_config(&s.attack())?;
+                let goal = goal(&s.attack());
+                let mut rows = Vec::new();
+                if s.rounds == 1 {
+                    let outcomes = random_attack(model, &chunk.pixels, &vec![goal; n], &config)?;
+                    for (o, item) in outcomes.iter().zip(chunk.items) {
+                        let mut data = Map::new();
+                        data.insert("outcome".into(), self.outcome(o)?);
+                        self.attack_figures(item, id, o, &mut data)?;
+                        rows.push(data);
+                    }
+                } else {
+                    for (i, item) in chunk.items.iter().enumerate() {
+                        let (outcomes, stats) =
+                            rounds(model, &chunk.pixels, i, goal, s.rounds, &config)?;
+                        let mut data = Map::new();
+                        data.insert("outcome".into(), self.outcome(&outcomes[0])?);
+                        data.insert("rounds".into(), serde_json::to_value(&stats)?);
+                        data.insert(
+                            "iterations".into(),
+                            json!(outcomes.iter().map(|o| o.iterations).collect::<Vec<_>>()),
+                        );
+                        self.attack_figures(item, id, &outcomes[0], &mut data)?;
+                        rows.push(data);
+                    }
+                }
+                Ok((rows, None))
+            }
+            Step::AlphaSweep(s) => {
+                let config = self.attack_config(&s.attack())?;
+                let mut rows = Vec::new();
+                for i in 0..n {
+                    let points = alpha_sweep(
+                        model,
+                        &chunk.pixels,
+                        i,
+                        goal(&s.attack()),
+                        &s.alphas,
+                        s.rounds,
+                        &config,
+                    )?;
+                    let mut data = Map::new();
+                    data.insert("sweep".into(), serde_json::to_value(&points)?);
+                    rows.push(data);
+                }
+                Ok((rows, None))
+            }
+            Step::LocalAttack(s) => {
+                let config = self.attack_config(&s.attack())?;
+                let spec = LocalAttack {
+                    window: s.window,
+                    stride: s.stride,
+                    goal: goal(&s.attack()),
+                };
+                let mut all = Vec::new();
+                let mut rows = Vec::new();
+                for i in 0..n {
+                    let local = local_attack(model, &chunk.pixels, i, &spec, &config)?;
+                    let best = local
+                        .speeds
+                        .iter()
+                        .enumerate()
+                        .max_by(|a, b| a.1.total_cmp(b.1))
+                        .map(|(k, _)| local.windows[k]);
+                    let mut data = Map::new();
+                    data.insert("windows".into(), json!(local.windows.len()));
+                    data.insert("contrast".into(), json!(local.contrast));
+                    data.insert(
+                        "iterations".into(),
+                        json!(local
+                            .outcomes
+                            .iter()
+                            .map(|o| o.iterations)
+                            .collect::<Vec<_>>()),
+                    );
+                    data.insert(
+                        "successes".into(),
+                        json!(local.outcomes.iter().filter(|o| o.success).count()),
+                    );
+                    data.insert("fastest_window".into(), json!(best));
+                    rows.push(data);
+                    all.push(local.map);
+                }
+                let m = Tensor::stack(&all, 0)?;
+                for (r, extra) in rows.iter_mut().zip(self.map_rows(chunk, id, &m)?) {
+                    r.extend(extra);
+                }
+                Ok((rows, Some(m)))
+            }
+            Step::SaliencyAttack(s) => {
+                let config = self.attack_config(&s.attack())?;
+                let goals = vec![goal(&s.attack()); n];
+                let spec = SaliencyAttack {
+                    method: SmoothGrad {
+                        samples: s.samples,
+                        noise_level: s.noise_level,
+                        seed,
+                        batch_size: bs,
+                        ..SmoothGrad::authors()
+                    },
+                    every: (s.every > 0).then_some(s.every),
+                    threshold: s.threshold,
+                };
+                let outcomes = saliency_attack(model, &chunk.pixels, &goals, &spec, &config)?;
+                let mut controls: Vec<(String, Vec<AttackOutcome>)> = Vec::new();
+                if !s.controls.is_empty() {
+                    let clean = clean_masks(model, &chunk.pixels, &spec)?;
+                    for name in &s.controls {
+                        let control = if name == "bernoulli" {
+                            Control::Bernoulli
+                        } else {
+                            Control::Permuted
+                        };
+                        let masks = control_masks(&clean, control, seed)?;
+                        controls.push((
+                            name.clone(),
+                            fixed_mask_attack(model, &chunk.pixels, &goals, masks, &config)?,
+                        ));
+                    }
+                }
+                let mut rows = Vec::new();
+                for (i, item) in chunk.items.iter().enumerate() {
+                    let mut data = Map::new();
+                    data.insert("outcome".into(), self.outcome(&outcomes[i])?);
+                    let mut c = Map::new();
+                    for (name, os) in &controls {
+                        c.insert(name.clone(), self.outcome(&os[i])?);
+                    }
+                    data.insert("controls".into(), Value::Object(c));
+                    self.attack_figures(item, id, &outcomes[i], &mut data)?;
+                    rows.push(data);
+                }
+                Ok((rows, None))
+            }
+            Step::MaskAttack(s) => {
+                let config = self.attack_config(&s.attack())?;
+                let spec = LearnedMask {
+                    network: if s.network == "free" {
+                        MaskNetwork::Free { cells: s.cells }
+                    } else {
+                        MaskNetwork::UNet { base: s.base }
+                    },
+                    lr: s.mask_lr,
+                    sparsity: if s.sparsity == "literal" {
+                        Sparsity::Literal
+                    } else {
+                        Sparsity::Area
+                    },
+                    lambda_sparsity: s.lambda_sparsity,
+                    lambda_tv: s.lambda_tv,
+                    beta: s.beta,
+                    gamma: s.gamma,
+                    reference: SmoothGrad {
+                        samples: s.samples,
+                        seed,
+                        batch_size: bs,
+                        ..SmoothGrad::authors()
+                    },
+                };
+                let outcomes = mask_attack(
+                    model,
+                    &chunk.pixels,
+                    &vec![goal(&s.attack()); n],
+                    &spec,
+                    &config,
+                )?;
+                let (_, _, h, w) = chunk.pixels.dims4()?;
+                let mut masks = Vec::new();
+                let mut rows = Vec::new();
+                for (o, item) in outcomes.iter().zip(chunk.items) {
+                    let mask = match &o.mask {
+                        Some(m) => m
+                            .to_device(&Device::Cpu)?
+                            .to_dtype(DType::F32)?
+                            .reshape((h, w))?,
+                        None => return Err(Error::Run("the mask attack returned no mask".into())),
+                    };
+                    // The learned mask's scale is arbitrary (it may barely move from its start):
+                    // stretch it to [0, 1] so it reads as a map, as every other method's does.
+                    let (lo, hi) = (
+                        mask.min_all()?.to_scalar::<f32>()?,
+                        mask.max_all()?.to_scalar::<f32>()?,
+                    );
+                    let mask = ((mask - lo as f64)? / ((hi - lo) as f64).max(1e-12))?;
+                    masks.push(mask);
+                    let mut data = Map::new();
+                    data.insert("outcome".into(), self.outcome(o)?);
+                    self.attack_figures(item, id, o, &mut data)?;
+                    rows.push(data);
+                }
+                let m = Tensor::stack(&masks, 0)?;
+                for (r, extra) in rows.iter_mut().zip(self.map_rows(chunk, id, &m)?) {
+                    r.extend(extra);
+                }
+                Ok((rows, Some(m)))
+            }
+            Step::Metrics(s) => Ok((self.metrics(s, id, chunk, maps, chunk_index)?, None)),
+            _ => Err(Error::Run(format!("step `{id}` does not run per image"))),
+        }
+    }
+
+    fn metrics(
+        &self,
+        s: &MetricsStep,
+        id: &str,
+        chunk: &Chunk,
+        maps: &mut HashMap<String, Tensor>,
+        chunk_index: usize,
+    ) -> Result<Vec<Map<String, Value>>> {
+        let model = self.model.as_ref();
+        let position = self.ids.iter().position(|i| i == id).unwrap_or(0);
+        let sources: Vec<(String, &Step)> = self.ids[..position]
+            .iter()
+            .zip(&self.pipeline.steps)
+            .filter(|(sid, st)| st.makes_maps() && (s.of.is_empty() || s.of.contains(sid)))
+            .map(|(sid, st)| (sid.clone(), st))
+            .collect();
+        let (_, _, h, w) = chunk.pixels.dims4()?;
+        let masks: Vec<Option<Vec<bool>>> = chunk
+            .items
+            .iter()
+            .map(|item| {
+                item.mask
+                    .as_ref()
+                    .map(|m| source::load_mask(m, &self.preprocess))
+                    .transpose()
+            })
+            .collect::<Result<_>>()?;
+        let causal = CausalMetric {
+            pixels_per_step: s.pixels_per_step,
+            batch_size: self.pipeline.batch_size * 4,
+            ..CausalMetric::default()
+        };
+        let measure = |m: &str| s.measures.iter().any(|x| x == m);
+        let mut rows: Vec<Map<String, Value>> = vec![Map::new(); chunk.items.len()];
+        let mut per_image: Vec<Map<String, Value>> = vec![Map::new(); chunk.items.len()];
+        for (sid, st) in &sources {
+            let all = self.maps_of(sid, chunk_index, maps)?;
+            let game = match st {
+                Step::Gradient(_) | Step::Smoothgrad(_) | Step::IntegratedGradients(_) => {
+                    PointingGame::torchray()
+                }
+                _ => PointingGame {
+                    tolerance: 15.0,
+                    smooth: 0.0,
+                },
+            };
+            for i in 0..chunk.items.len() {
+                let map = all.get(i)?;
+                let mut scores = Map::new();
+                if let Some(mask) = masks[i]
+                    .as_ref()
+                    .filter(|m| m.len() == h * w && m.iter().any(|&b| b))
+                {
+                    if measure("pointing_game") {
+                        scores.insert("pointing_game".into(), json!(game.hit(&map, mask)?));
+                    }
+                    if measure("auroc") && mask.iter().any(|&b| !b) {
+                        scores.insert("auroc".into(), json!(auroc(&map, mask)?));
+                    }
+                    if measure("iou") {
+                        scores.insert("iou".into(), json!(iou(&map, mask, 0.5)?));
+                    }
+                }
+                let image = chunk.pixels.get(i)?;
+                let map_dev = map.to_device(model.device())?;
+                let target = chunk.targets[i];
+                if measure("deletion") {
+                    scores.insert(
+                        "deletion".into(),
+                        json!(causal.deletion(model, &image, &map_dev, target)?.auc),
+                    );
+                }
+                if measure("insertion") {
+                    scores.insert(
+                        "insertion".into(),
+                        json!(causal.insertion(model, &image, &map_dev, target)?.auc),
+                    );
+                }
+                per_image[i].insert(sid.clone(), Value::Object(scores));
+            }
+        }
+        for (r, scores) in rows.iter_mut().zip(per_image) {
+            r.insert("scores".into(), Value::Object(scores));
+        }
+        Ok(rows)
+    }
+}
+
+/// Key of a dataset-level row.
+pub(crate) fn dataset_key(id: &str) -> RowKey {
+    (None, id.to_string())
+}
+
+/// A dataset-level result row.
+pub(crate) fn dataset_row(id: &str, kind: &str, out: &Path, seconds: f64) -> Map<String, Value> {
+    row(None, id, kind, out, seconds)
+}

@@ -1,0 +1,151 @@
+//! Pipeline files are checked before anything runs; every problem names its line and column.
+
+use std::path::{Path, PathBuf};
+use vulnmap_pipeline::{config, Error};
+
+fn problems(yaml: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    match config::load(&path) {
+        Err(e @ Error::Config(_)) => e.to_string(),
+        Err(e) => panic!("expected a configuration error, got {e}"),
+        Ok(_) => panic!("{yaml}\nwas accepted"),
+    }
+}
+
+const HEAD: &str = "name: t\ndata:\n  fundus_benchmark: {}\n";
+
+#[test]
+fn an_unknown_key_names_its_line() {
+    let e = problems(&format!(
+        "{HEAD}steps:\n  - smoothgrad: {{samples: 5, sampels: 3}}\n"
+    ));
+    assert!(
+        e.contains("line 5") && e.contains("unknown field `sampels`"),
+        "{e}"
+    );
+    let e = problems(&format!("{HEAD}stepz: []\n"));
+    assert!(e.contains("line 4") && e.contains("stepz"), "{e}");
+}
+
+#[test]
+fn an_unknown_step_names_its_line() {
+    let e = problems(&format!(
+        "{HEAD}steps:\n  - classify: {{}}\n  - smoothgrid: {{}}\n"
+    ));
+    assert!(e.contains("line 6") && e.contains("smoothgrid"), "{e}");
+}
+
+#[test]
+fn a_wrong_type_names_its_line() {
+    let e = problems(&format!(
+        "{HEAD}steps:\n  - classify: {{}}\n  - smoothgrad:\n      samples: many\n"
+    ));
+    assert!(e.contains("line 7") && e.contains("invalid type"), "{e}");
+}
+
+#[test]
+fn a_missing_file_names_its_line_and_the_file() {
+    let e = problems("name: t\nmodel:\n  arch: resnet18\n  weights: nowhere/weights.safetensors\ndata:\n  files: [a.png]\nsteps:\n  - classify: {}\n");
+    assert!(
+        e.contains("line 4") && e.contains("no such file") && e.contains("weights.safetensors"),
+        "{e}"
+    );
+    assert!(e.contains("line 6") && e.contains("a.png"), "{e}");
+}
+
+#[test]
+fn impossible_values_name_their_lines() {
+    let e = problems(&format!(
+        "{HEAD}steps:\n  - smoothgrad: {{samples: 0}}\n  - random_attack:\n      mode: targeted\n      alpha: -0.1\n  - metrics: {{of: [nothing]}}\n"
+    ));
+    assert!(
+        e.contains("line 5") && e.contains("samples") && e.contains("at least 1"),
+        "{e}"
+    );
+    assert!(e.contains("line 8") && e.contains("alpha"), "{e}");
+    // targeted without a target: reported at the attack's mapping.
+    assert!(e.contains("target") && e.contains("line 7"), "{e}");
+    assert!(
+        e.contains("line 9") && e.contains("`nothing` is not an earlier map-making step"),
+        "{e}"
+    );
+    let e = problems(
+        "name: t\ndata:\n  fundus_benchmark: {}\n  split: training\nsteps: [classify: {}]\n",
+    );
+    assert!(
+        e.contains("line 4") && e.contains("`training` is not one of"),
+        "{e}"
+    );
+}
+
+#[test]
+fn two_data_sources_and_an_unset_variable_are_refused() {
+    let e = problems(
+        "name: t\ndata:\n  fundus_benchmark: {}\n  files: [x.png]\nsteps: [classify: {}]\n",
+    );
+    assert!(e.contains("exactly one of"), "{e}");
+    let e = problems("name: t\nmodel: {arch: resnet18, weights: ${VULNMAP_SURELY_UNSET_VARIABLE}/w.safetensors}\ndata: {fundus_benchmark: {}}\nsteps: [classify: {}]\n");
+    assert!(
+        e.contains("line 2") && e.contains("VULNMAP_SURELY_UNSET_VARIABLE"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_syntax_error_names_its_line() {
+    let e = problems("name: t\nsteps: [classify: {}\ndata: x\n");
+    assert!(e.contains("line"), "{e}");
+}
+
+fn pipelines_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../pipelines")
+}
+
+#[test]
+fn every_shipped_pipeline_parses_and_validates() {
+    let assets = vulnmap_data::assets::assets_dir();
+    let mut checked = 0;
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(pipelines_dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    entries.sort();
+    for path in &entries {
+        let text = std::fs::read_to_string(path).unwrap();
+        if text.contains("${VULNMAP_ASSETS}") && assets.is_none() {
+            assert!(
+                !vulnmap_data::assets::assets_required(),
+                "{} needs the shared assets (VULNMAP_ASSETS)",
+                path.display()
+            );
+            eprintln!(
+                "skipping {}: shared assets not found (set VULNMAP_ASSETS)",
+                path.display()
+            );
+            continue;
+        }
+        let p = config::load(path).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!p.steps.is_empty());
+        checked += 1;
+    }
+    for name in [
+        "table1",
+        "fig6_alpha_sweep",
+        "fig7_8_local_attack",
+        "fig9_10_saliency_attack",
+        "fig11_mask_attack",
+        "fig12_imagenet",
+        "finetune_fundus",
+        "benchmark_fundus",
+        "demo",
+    ] {
+        assert!(
+            entries.iter().any(|p| p.file_stem().unwrap() == name),
+            "pipelines/{name}.yaml is missing"
+        );
+    }
+    assert!(checked >= 5, "only {checked} pipelines checked");
+}
