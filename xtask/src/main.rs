@@ -5,6 +5,9 @@
 //! - `reproduce <name|all>`: runs `pipelines/<name>.yaml` with the release binary into
 //!   `runs/<name>` and prints where the report is.
 //! - `demo`: `vulnmap demo` with the release binary.
+//! - `bench [--quick] [--device D] [--no-torch]`: vulnmap-bench in release mode, and the same
+//!   measurements in PyTorch (`bench/torch_reference.py`) when a Python with torch is found;
+//!   prints a Markdown table with the ratios and writes `target/bench/bench.json`.
 
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -15,6 +18,7 @@ fn main() -> Result<()> {
     match args.first().map(String::as_str) {
         Some("ci") => ci(),
         Some("reproduce") => reproduce(args.get(1).map(String::as_str), &args[args.len().min(2)..]),
+        Some("bench") => bench(&args[1..]),
         Some("demo") => vulnmap(&["demo", "--out", "runs/demo"]),
         Some(other) => bail!("unknown xtask `{other}`\n\n{USAGE}"),
         None => {
@@ -29,6 +33,10 @@ const USAGE: &str = "usage: cargo xtask <command>
 commands:
   reproduce <name|all> [--device D]
         run pipelines/<name>.yaml (or every one) into runs/<name>; prints the report's path
+  bench [--quick] [--device cpu|cuda] [--no-torch]
+        ResNet50 forward, input gradient, SmoothGrad, attack iteration and local map against
+        PyTorch (a Python with torch: $VULNMAP_TORCH_PYTHON, target/bench/venv, or python3;
+        else a venv is made there with pip); table on stdout, JSON in target/bench/
   demo  the offline demo (synthetic fundus data, every method, a report) into runs/demo
   ci    formatting, clippy with warnings as errors, and the workspace tests
         (VULNMAP_REQUIRE_ASSETS=1, so missing shared assets fail instead of skipping)";
@@ -109,5 +117,132 @@ fn reproduce(name: Option<&str>, extra: &[String]) -> Result<()> {
         args.extend(extra.iter().map(String::as_str));
         vulnmap(&args)?;
     }
+    Ok(())
+}
+
+/// A Python that imports torch: `$VULNMAP_TORCH_PYTHON`, the bench's venv, `python3`, or a new
+/// venv in `target/bench/venv` with torch installed by pip.
+fn torch_python() -> Option<PathBuf> {
+    let imports_torch = |python: &Path| {
+        Command::new(python)
+            .args(["-c", "import torch, torchvision"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    let venv = root().join("target/bench/venv");
+    let candidates = [
+        std::env::var_os("VULNMAP_TORCH_PYTHON").map(PathBuf::from),
+        Some(venv.join("bin/python")),
+        Some(PathBuf::from("python3")),
+    ];
+    if let Some(found) = candidates.into_iter().flatten().find(|p| imports_torch(p)) {
+        return Some(found);
+    }
+    eprintln!(
+        "no Python with torch found; making {} (pip install torch torchvision)",
+        venv.display()
+    );
+    let made = Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&venv)
+        .status()
+        .is_ok_and(|s| s.success())
+        && Command::new(venv.join("bin/pip"))
+            .args([
+                "install",
+                "-q",
+                "torch",
+                "torchvision",
+                "--index-url",
+                "https://download.pytorch.org/whl/cpu",
+            ])
+            .status()
+            .is_ok_and(|s| s.success())
+        || Command::new(venv.join("bin/pip"))
+            .args(["install", "-q", "torch", "torchvision"])
+            .status()
+            .is_ok_and(|s| s.success());
+    let python = venv.join("bin/python");
+    (made && imports_torch(&python)).then_some(python)
+}
+
+fn bench(args: &[String]) -> Result<()> {
+    let quick = args.iter().any(|a| a == "--quick");
+    let no_torch = args.iter().any(|a| a == "--no-torch");
+    let device = args
+        .iter()
+        .position(|a| a == "--device")
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+        .unwrap_or_else(|| "cpu".into());
+    let dir = root().join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    let ours_path = dir.join("vulnmap.json");
+    let mut bench_args = vec!["run", "--release", "-p", "vulnmap-bench", "--"];
+    if quick {
+        bench_args.push("--quick");
+    }
+    let ours_file = ours_path.display().to_string();
+    bench_args.extend(["--device", device.as_str(), "--json", ours_file.as_str()]);
+    cargo(&bench_args)?;
+    let ours: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&ours_path)?)?;
+
+    let torch = if no_torch {
+        None
+    } else if let Some(python) = torch_python() {
+        let mut cmd = Command::new(&python);
+        cmd.arg(root().join("bench/torch_reference.py"))
+            .args(["--device", &device]);
+        if quick {
+            cmd.arg("--quick");
+        }
+        let out = cmd.output().context("running bench/torch_reference.py")?;
+        if !out.status.success() {
+            bail!(
+                "torch_reference.py failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Some(serde_json::from_slice::<serde_json::Value>(&out.stdout)?)
+    } else {
+        eprintln!("PyTorch unavailable: printing vulnmap's numbers without ratios");
+        None
+    };
+
+    let find = |doc: &serde_json::Value, name: &str, batch: u64| {
+        doc["measurements"]
+            .as_array()
+            .and_then(|ms| ms.iter().find(|m| m["name"] == name && m["batch"] == batch))
+            .cloned()
+    };
+    let mib = |m: &serde_json::Value| m["peak_bytes"].as_f64().unwrap_or(0.0) / (1u64 << 20) as f64;
+    println!("| measurement | N | vulnmap s | vulnmap s/image | vulnmap peak MiB | PyTorch s | PyTorch peak MiB | ratio |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for m in ours["measurements"].as_array().into_iter().flatten() {
+        let name = m["name"].as_str().unwrap_or("");
+        let batch = m["batch"].as_u64().unwrap_or(1);
+        let ours_s = m["seconds"].as_f64().unwrap_or(f64::NAN);
+        let theirs = torch.as_ref().and_then(|t| find(t, name, batch));
+        let (their_s, their_mib, ratio) = match &theirs {
+            Some(t) => {
+                let s = t["seconds"].as_f64().unwrap_or(f64::NAN);
+                (
+                    format!("{s:.4}"),
+                    format!("{:.0}", mib(t)),
+                    format!("{:.2}x", ours_s / s),
+                )
+            }
+            None => ("-".into(), "-".into(), "-".into()),
+        };
+        println!(
+            "| {name} | {batch} | {ours_s:.4} | {:.4} | {:.0} | {their_s} | {their_mib} | {ratio} |",
+            m["seconds_per_image"].as_f64().unwrap_or(f64::NAN),
+            mib(m)
+        );
+    }
+    let combined = serde_json::json!({"vulnmap": ours, "pytorch": torch});
+    let path = dir.join("bench.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&combined)?)?;
+    eprintln!("written {}", path.display());
     Ok(())
 }

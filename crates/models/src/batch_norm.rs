@@ -81,6 +81,11 @@ impl BatchNorm {
     }
 
     /// The running mean and variance, as they are now.
+    /// Whether the scale and shift are trained (Vars) rather than constants.
+    pub fn is_trainable(&self) -> bool {
+        self.weight.track_op() || self.bias.track_op()
+    }
+
     pub fn running_stats(&self) -> (Tensor, Tensor) {
         (
             self.running_mean.as_tensor().detach(),

@@ -1,6 +1,6 @@
 //! Convolutions: dense `Conv2d` and per-channel `DepthwiseConv2d`, with PyTorch or TF-"SAME" padding.
 
-use crate::conv_grad::conv2d;
+use crate::conv_grad::conv2d_bias;
 use crate::depthwise::depthwise_conv2d;
 use crate::windows::{pad2d, Pad2d, Windows};
 use candle_core::{DType, Result, Tensor};
@@ -73,25 +73,31 @@ impl Conv2d {
 
     /// Convolves `x` (`N x in x H x W`).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_with(x, &self.weight, self.bias.as_ref())
+    }
+
+    /// The kernel (`Cout x Cin x k x k`).
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// This convolution's geometry with another kernel and bias (BatchNorm folded into them).
+    pub fn forward_with(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
         let pad = self.padding.resolve((h, w), self.kernel, self.stride);
-        let y = if pad.is_uniform() {
-            conv2d(x, &self.weight, self.stride, pad.top)?
+        if pad.is_uniform() {
+            conv2d_bias(x, weight, bias, self.stride, pad.top)
         } else {
-            conv2d(&pad2d(x, pad, 0.0)?, &self.weight, self.stride, 0)?
-        };
-        match &self.bias {
-            Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
-            None => Ok(y),
+            conv2d_bias(&pad2d(x, pad, 0.0)?, weight, bias, self.stride, 0)
         }
     }
 }
 
-/// A depthwise convolution (`groups == channels`, weight `C x 1 x k x k`, no bias).
-///
-/// On the CPU a direct kernel ([`crate::depthwise`]); elsewhere a sum of `k * k` shifted,
-/// strided views times per-channel weights, exact with a working backward pass on every device.
-/// Both are much faster than candle's grouped convolution, which runs one convolution per channel.
 #[derive(Debug, Clone)]
 pub struct DepthwiseConv2d {
     weight: Tensor,

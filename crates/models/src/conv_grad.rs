@@ -16,8 +16,11 @@
 
 use crate::windows::{untap, Pad2d, Windows};
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, InplaceOp1, Layout, Result, Shape, Tensor,
+};
 use rayon::prelude::*;
+use std::sync::Mutex;
 
 /// Geometry of a square-kernel convolution with uniform padding and no dilation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,6 +100,153 @@ pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<T
     x.apply_op3(w, &y.contiguous()?, ConvBackward { geometry })
 }
 
+/// `conv2d(x, w) + bias` (bias per output channel, constant), with the backward of [`conv2d`].
+///
+/// On the CPU the output is one tensor: candle's convolution output gets the bias added in
+/// place and its buffer is moved, not copied, into the graph node that carries the gradient,
+/// so an eval-mode conv-BN (folded into `w` and `bias`) costs one activation instead of four.
+pub fn conv2d_bias(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    let cpu = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64);
+    if !cpu || bias.is_some_and(|b| b.track_op()) {
+        let y = conv2d(x, w, stride, padding)?;
+        return match bias {
+            Some(b) => y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?),
+            None => Ok(y),
+        };
+    }
+    let kernel = w.dim(2)?;
+    let geometry = Geometry::new(x.dims(), kernel, stride, padding)?;
+    let y = if geometry.is_pointwise() {
+        // A 1x1 convolution is a GEMM per image on the NCHW layout as it is: no im2col copy in,
+        // no transposition out (candle's conv2d makes both).
+        let (n, cout) = (x.dim(0)?, w.dim(0)?);
+        w.detach()
+            .reshape((cout, geometry.channels))?
+            .broadcast_matmul(&x.detach().contiguous()?.reshape((
+                n,
+                geometry.channels,
+                geometry.positions(),
+            ))?)?
+            .reshape((n, cout, geometry.out_h, geometry.out_w))?
+    } else {
+        x.detach().conv2d(&w.detach(), padding, stride, 1, 1)?
+    }
+    .contiguous()?;
+    let bias = match bias {
+        Some(b) => Some(b.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?),
+        None => None,
+    };
+    let taken = TakeWithBias {
+        bias,
+        storage: Mutex::new(None),
+    };
+    y.inplace_op1(&taken)?;
+    let storage = taken
+        .storage
+        .into_inner()
+        .unwrap_or_else(|e| e.into_inner())
+        .ok_or_else(|| candle_core::Error::Msg("convolution output not taken".into()))?;
+    x.apply_op2(
+        w,
+        FusedConv {
+            geometry,
+            shape: y.shape().clone(),
+            output: Mutex::new(Some(storage)),
+        },
+    )
+}
+
+/// Adds the bias to a fresh convolution output in place and moves its buffer out.
+struct TakeWithBias {
+    bias: Option<Vec<f64>>,
+    storage: Mutex<Option<CpuStorage>>,
+}
+
+impl InplaceOp1 for TakeWithBias {
+    fn name(&self) -> &'static str {
+        "vulnmap-take-with-bias"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
+        if layout.contiguous_offsets() != Some((0, layout.shape().elem_count())) {
+            candle_core::bail!("convolution output must be contiguous");
+        }
+        let dims = layout.shape().dims();
+        let plane = dims[2] * dims[3];
+        if let Some(bias) = &self.bias {
+            match storage {
+                CpuStorage::F32(v) => add_bias(v, bias, plane, |b| b as f32),
+                CpuStorage::F64(v) => add_bias(v, bias, plane, |b| b),
+                _ => candle_core::bail!("conv2d_bias: f32 or f64 only"),
+            }
+        }
+        let taken = std::mem::replace(storage, CpuStorage::F32(Vec::new()));
+        *self.storage.lock().unwrap_or_else(|e| e.into_inner()) = Some(taken);
+        Ok(())
+    }
+}
+
+fn add_bias<T: Copy + std::ops::AddAssign + Send + Sync>(
+    values: &mut [T],
+    bias: &[f64],
+    plane: usize,
+    cast: impl Fn(f64) -> T + Sync,
+) {
+    let channels = bias.len();
+    values
+        .par_chunks_mut(plane)
+        .enumerate()
+        .for_each(|(i, chunk)| {
+            let b = cast(bias[i % channels]);
+            chunk.iter_mut().for_each(|v| *v += b);
+        });
+}
+
+/// The convolution's output (already computed) as a graph node over `(x, w)`.
+struct FusedConv {
+    geometry: Geometry,
+    shape: Shape,
+    output: Mutex<Option<CpuStorage>>,
+}
+
+impl CustomOp2 for FusedConv {
+    fn name(&self) -> &'static str {
+        "vulnmap-conv2d-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let storage = self
+            .output
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("the fused convolution ran twice".into()))?;
+        Ok((storage, self.shape.clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        conv_gradients(&self.geometry, x, w, grad)
+    }
+}
+
 /// Identity on the precomputed output; its backward is the convolution's.
 struct ConvBackward {
     geometry: Geometry,
@@ -151,49 +301,59 @@ impl CustomOp3 for ConvBackward {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let g = &self.geometry;
-        let n = x.dim(0)?;
-        let cout = w.dim(0)?;
-        let grad = grad
-            .detach()
-            .contiguous()?
-            .reshape((n, cout, g.positions()))?;
-        let w2 = w.detach().reshape((cout, g.column()))?;
-        let grad_x = if x.track_op() {
-            Some(if g.is_pointwise() {
-                // (Cin x Cout) x (N x Cout x P) -> N x Cin x P.
-                w2.t()?
-                    .broadcast_matmul(&grad)?
-                    .reshape((n, g.channels, g.height, g.width))?
-            } else {
-                // Columns N x P x K = G^T W, then scattered back to the image.
-                let cols = grad.transpose(1, 2)?.broadcast_matmul(&w2)?;
-                col2im(&cols, g)?
-            })
-        } else {
-            None
-        };
-        let grad_w = if w.track_op() {
-            // Cout x (N P) times (N P) x K.
-            let g2 = grad
-                .transpose(0, 1)?
-                .contiguous()?
-                .reshape((cout, n * g.positions()))?;
-            let cols = if g.is_pointwise() {
-                x.detach()
-                    .reshape((n, g.channels, g.positions()))?
-                    .transpose(1, 2)?
-                    .contiguous()?
-            } else {
-                im2col(&x.detach(), g)?
-            };
-            let cols = cols.reshape((n * g.positions(), g.column()))?;
-            Some(g2.matmul(&cols)?.reshape(w.shape())?)
-        } else {
-            None
-        };
+        let (grad_x, grad_w) = conv_gradients(&self.geometry, x, w, grad)?;
         Ok((grad_x, grad_w, None))
     }
+}
+
+/// The gradients of `conv2d(x, w)` given the output's, each only if its argument is tracked.
+fn conv_gradients(
+    g: &Geometry,
+    x: &Tensor,
+    w: &Tensor,
+    grad: &Tensor,
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let n = x.dim(0)?;
+    let cout = w.dim(0)?;
+    let grad = grad
+        .detach()
+        .contiguous()?
+        .reshape((n, cout, g.positions()))?;
+    let w2 = w.detach().reshape((cout, g.column()))?;
+    let grad_x = if x.track_op() {
+        Some(if g.is_pointwise() {
+            // (Cin x Cout) x (N x Cout x P) -> N x Cin x P.
+            w2.t()?
+                .broadcast_matmul(&grad)?
+                .reshape((n, g.channels, g.height, g.width))?
+        } else {
+            // Columns N x P x K = G^T W, then scattered back to the image.
+            let cols = grad.transpose(1, 2)?.broadcast_matmul(&w2)?;
+            col2im(&cols, g)?
+        })
+    } else {
+        None
+    };
+    let grad_w = if w.track_op() {
+        // Cout x (N P) times (N P) x K.
+        let g2 = grad
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((cout, n * g.positions()))?;
+        let cols = if g.is_pointwise() {
+            x.detach()
+                .reshape((n, g.channels, g.positions()))?
+                .transpose(1, 2)?
+                .contiguous()?
+        } else {
+            im2col(&x.detach(), g)?
+        };
+        let cols = cols.reshape((n * g.positions(), g.column()))?;
+        Some(g2.matmul(&cols)?.reshape(w.shape())?)
+    } else {
+        None
+    };
+    Ok((grad_x, grad_w))
 }
 
 /// Patches of `x` as columns: `N x P x (C k k)`, column order `(c, dy, dx)` as the weights'.
@@ -387,6 +547,36 @@ mod tests {
     use super::*;
     use crate::gradcheck::finite_difference_check;
     use candle_core::{Device, Var};
+
+    #[test]
+    fn the_fused_bias_convolution_equals_convolution_plus_bias_with_the_same_gradients(
+    ) -> Result<()> {
+        let dev = Device::Cpu;
+        for (kernel, stride, padding) in [(3, 1, 1), (1, 1, 0), (1, 2, 0), (7, 2, 3)] {
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1f32, (2, 4, 11, 9), &dev)?)?;
+            let w = Tensor::randn(0f32, 1f32, (5, 4, kernel, kernel), &dev)?;
+            let b = Tensor::randn(0f32, 1f32, 5, &dev)?;
+            let fused = conv2d_bias(x.as_tensor(), &w, Some(&b), stride, padding)?;
+            let plain = conv2d(x.as_tensor(), &w, stride, padding)?
+                .broadcast_add(&b.reshape((1, 5, 1, 1))?)?;
+            assert!(
+                max_diff(&fused, &plain) < 1e-5,
+                "forward k={kernel} s={stride}"
+            );
+            let probe = Tensor::randn(0f32, 1f32, fused.shape(), &dev)?;
+            let g1 = (&fused * &probe)?.sum_all()?.backward()?;
+            let g2 = (&plain * &probe)?.sum_all()?.backward()?;
+            let (g1, g2) = (
+                g1.get(x.as_tensor()).unwrap(),
+                g2.get(x.as_tensor()).unwrap(),
+            );
+            assert!(max_diff(g1, g2) < 1e-4, "gradient k={kernel} s={stride}");
+            // Without tracking it is a plain value.
+            let constant = conv2d_bias(&x.as_tensor().detach(), &w, None, stride, padding)?;
+            assert!(max_diff(&constant, &conv2d(x.as_tensor(), &w, stride, padding)?) < 1e-5);
+        }
+        Ok(())
+    }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
         (a - b)

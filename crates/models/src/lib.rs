@@ -24,7 +24,8 @@
 //! - [`batch_norm`]: BatchNorm with eval and train modes.
 //! - [`conv`]: dense and depthwise convolutions, PyTorch or TF-"SAME" padding.
 //! - [`depthwise`]: CPU depthwise convolution kernels with their own backward pass.
-//! - [`conv_grad`]: convolution whose backward is GEMM + col2im, skipping unneeded gradients.
+//! - [`conv_grad`]: convolution (with a fused bias, for folded BatchNorm) whose backward is
+//!   GEMM + col2im, skipping unneeded gradients.
 //! - [`pool`]: max-pooling with a working backward pass; global average pooling.
 //! - [`windows`]: strided window views, the building block of pooling and depthwise convolution.
 //! - [`resize`]: differentiable bilinear resizing (PyTorch's `interpolate`), on every device.

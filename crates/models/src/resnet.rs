@@ -11,6 +11,7 @@ use crate::conv::{Conv2d, Padding};
 use crate::pool::{global_avg_pool, max_pool2d};
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{Init, Linear, Module, VarBuilder};
+use std::sync::{Arc, Mutex};
 
 /// PyTorch's BatchNorm epsilon.
 const BN_EPS: f64 = 1e-5;
@@ -82,10 +83,15 @@ impl Config {
 }
 
 /// A convolution followed by BatchNorm, the unit every ResNet block is built from.
+///
+/// In eval mode with constant weights BatchNorm is an affine map per channel, folded into the
+/// kernel and a bias once and reused: one fused op and one activation instead of three.
 #[derive(Debug, Clone)]
 struct ConvBn {
     conv: Conv2d,
     bn: BatchNorm,
+    /// The folded kernel and bias; cleared by a train-mode pass (it moves the running stats).
+    folded: Arc<Mutex<Option<(Tensor, Tensor)>>>,
 }
 
 impl ConvBn {
@@ -107,11 +113,31 @@ impl ConvBn {
             vb_conv,
         )?;
         let bn = BatchNorm::new(cout, BN_EPS, vb_bn)?;
-        Ok(Self { conv, bn })
+        Ok(Self {
+            conv,
+            bn,
+            folded: Arc::new(Mutex::new(None)),
+        })
     }
 
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.bn.forward_t(&self.conv.forward(x)?, train)
+        let mut folded = self.folded.lock().unwrap_or_else(|e| e.into_inner());
+        if train || self.conv.weight().track_op() || self.bn.is_trainable() {
+            *folded = None;
+            drop(folded);
+            return self.bn.forward_t(&self.conv.forward(x)?, train);
+        }
+        if folded.is_none() {
+            let (scale, shift) = self.bn.eval_affine()?;
+            let w = self.conv.weight();
+            let cout = w.dim(0)?;
+            let kernel = w.broadcast_mul(&scale.reshape((cout, 1, 1, 1))?.to_dtype(w.dtype())?)?;
+            *folded = Some((kernel, shift.flatten_all()?));
+        }
+        let (kernel, bias) = folded.as_ref().expect("folded above");
+        let (kernel, bias) = (kernel.clone(), bias.clone());
+        drop(folded);
+        self.conv.forward_with(x, &kernel, Some(&bias))
     }
 }
 

@@ -173,7 +173,15 @@ fn saved_trained_weights_reload_with_their_class_names() {
 
     let reloaded = zoo::load(Arch::TinyResNet, Some(&path), DType::F32, &device).unwrap();
     assert_eq!(reloaded.classes(), &classes);
-    assert_eq!(to_vec(&reloaded.forward(&x).unwrap()), before);
+    // Loaded weights are constants, so eval-mode BatchNorm is folded into the convolutions: the
+    // same network up to float rounding.
+    let after = to_vec(&reloaded.forward(&x).unwrap());
+    for (a, b) in after.iter().zip(&before) {
+        assert!(
+            (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+            "{after:?} vs {before:?}"
+        );
+    }
 
     // The same seed draws the same network; another seed does not.
     let (again, _) = zoo::fresh(Arch::TinyResNet, &classes, 5, DType::F32, &device).unwrap();

@@ -1,0 +1,268 @@
+//! vulnmap's speed measurements, the numbers in BENCHMARKS.md: ResNet50 at 224 in f32, forward
+//! and forward + input gradient at several batch sizes, SmoothGrad-25 per image, one attack
+//! iteration per image (generator + classifier + backward), a local-attack map per image, and
+//! the peak memory of each.
+//!
+//! Timings are medians of repeated runs after a warm-up. Peak memory is counted by the global
+//! allocator this crate installs (host memory; on CUDA it is the host side only).
+//!
+//! Modules: this one (the measurements), [`memory`] (the counting allocator).
+//!
+//! Cargo features: `cuda`, `cudnn` (as vulnmap-models').
+
+pub mod memory;
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+use serde::Serialize;
+use std::time::Instant;
+use vulnmap_attacks::{local::local_attack, local::LocalAttack, random::random_attack};
+use vulnmap_attacks::{AttackConfig, Goal};
+use vulnmap_models::{zoo, Arch, Classes, Classifier};
+use vulnmap_saliency::{input_gradients, Method, SmoothGrad};
+
+/// What to measure.
+#[derive(Debug, Clone, Serialize)]
+pub struct Settings {
+    pub arch: String,
+    /// Input side.
+    pub size: usize,
+    /// Batch sizes of the forward and forward + gradient measurements.
+    pub batches: Vec<usize>,
+    pub smoothgrad_samples: usize,
+    /// Images attacked together in the attack-iteration measurement.
+    pub attack_images: usize,
+    /// Local attack: window, stride, and the (fixed) iterations per window.
+    pub window: usize,
+    pub stride: usize,
+    pub local_iters: usize,
+    /// Timed runs per measurement (after one warm-up).
+    pub repeats: usize,
+    /// Only the measurements whose name starts with this.
+    pub only: Option<String>,
+}
+
+impl Settings {
+    /// The full benchmark: ResNet50 at 224, N = 1, 8, 32, the paper's window (100, stride 50).
+    pub fn full() -> Self {
+        Self {
+            arch: "resnet50".into(),
+            size: 224,
+            batches: vec![1, 8, 32],
+            smoothgrad_samples: 25,
+            attack_images: 8,
+            window: 100,
+            stride: 50,
+            local_iters: 5,
+            repeats: 3,
+            only: None,
+        }
+    }
+
+    /// Small sizes that run in seconds (CI runs these so the benchmark cannot rot).
+    pub fn quick() -> Self {
+        Self {
+            arch: "tiny-resnet".into(),
+            size: 64,
+            batches: vec![1, 2],
+            smoothgrad_samples: 4,
+            attack_images: 2,
+            window: 32,
+            stride: 32,
+            local_iters: 2,
+            repeats: 1,
+            only: None,
+        }
+    }
+}
+
+/// One measurement.
+#[derive(Debug, Clone, Serialize)]
+pub struct Measurement {
+    /// `forward`, `forward+input-gradient`, `smoothgrad`, `attack-iteration`, `local-attack-map`.
+    pub name: String,
+    /// Images per call.
+    pub batch: usize,
+    /// Median seconds per call ...
+    pub seconds: f64,
+    /// ... and per image.
+    pub seconds_per_image: f64,
+    /// Most bytes allocated at once during a call, above what was allocated before it.
+    pub peak_bytes: usize,
+    /// What exactly was timed.
+    pub note: String,
+}
+
+/// Times `f` (median of `repeats` after a warm-up) and its peak memory.
+fn time(repeats: usize, mut f: impl FnMut() -> Result<()>) -> Result<(f64, usize)> {
+    f()?;
+    let mut times = Vec::with_capacity(repeats);
+    let mut peak = 0;
+    for _ in 0..repeats.max(1) {
+        let base = memory::reset_peak();
+        let start = Instant::now();
+        f()?;
+        times.push(start.elapsed().as_secs_f64());
+        peak = peak.max(memory::peak().saturating_sub(base));
+    }
+    times.sort_by(f64::total_cmp);
+    Ok((times[times.len() / 2], peak))
+}
+
+/// The model under test: freshly initialised weights, loaded back as constants (as checkpoint
+/// weights are), so no weight gradients are computed.
+pub fn model(arch: &str, device: &Device) -> Result<Box<dyn Classifier>> {
+    let arch: Arch = arch.parse()?;
+    let classes = Classes::for_head(if arch == Arch::TinyResNet { 2 } else { 1000 });
+    let (_, varmap) = zoo::fresh(arch, &classes, 0, DType::F32, device)?;
+    let dir = std::env::temp_dir().join(format!("vulnmap-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join(format!("{}.safetensors", arch.name()));
+    varmap.save(&path)?;
+    let model = zoo::load(arch, Some(&path), DType::F32, device)?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(model)
+}
+
+/// Runs every measurement of `settings` on `device`, reporting each as it finishes.
+pub fn run(
+    settings: &Settings,
+    device: &Device,
+    mut report: impl FnMut(&Measurement),
+) -> Result<Vec<Measurement>> {
+    let model = model(&settings.arch, device)?;
+    let model = model.as_ref();
+    let s = settings.size;
+    let mut out = Vec::new();
+    let wanted = |name: &str| settings.only.as_deref().is_none_or(|o| name.starts_with(o));
+    let mut push = |m: Measurement, out: &mut Vec<Measurement>| {
+        report(&m);
+        out.push(m);
+    };
+    let images = |n: usize| Tensor::rand(0f32, 1f32, (n, 3, s, s), device);
+    let sync = |t: &Tensor| -> Result<()> {
+        // Reading one value waits for the device to finish.
+        t.flatten_all()?
+            .get(0)?
+            .to_dtype(DType::F32)?
+            .to_scalar::<f32>()?;
+        Ok(())
+    };
+
+    for &n in settings.batches.iter().filter(|_| wanted("forward")) {
+        let x = images(n)?;
+        let (t, peak) = time(settings.repeats, || sync(&model.forward(&x)?))?;
+        push(
+            measurement("forward", n, t, peak, "logits of N images"),
+            &mut out,
+        );
+        let targets = vec![0usize; n];
+        let (t, peak) = time(settings.repeats, || {
+            sync(&input_gradients(model, &x, &targets, n)?)
+        })?;
+        push(
+            measurement(
+                "forward+input-gradient",
+                n,
+                t,
+                peak,
+                "gradient of one logit per image w.r.t. the pixels",
+            ),
+            &mut out,
+        );
+    }
+
+    if !wanted("smoothgrad") {
+        return Ok(out);
+    }
+    let x = images(1)?;
+    let smoothgrad = Method::SmoothGrad(SmoothGrad {
+        samples: settings.smoothgrad_samples,
+        batch_size: settings.smoothgrad_samples,
+        ..SmoothGrad::default()
+    });
+    let (t, peak) = time(settings.repeats, || {
+        sync(&smoothgrad.attribute(model, &x, &[0])?)
+    })?;
+    push(
+        measurement(
+            "smoothgrad",
+            1,
+            t,
+            peak,
+            &format!("{} noisy samples in one batch", settings.smoothgrad_samples),
+        ),
+        &mut out,
+    );
+
+    // An attack that cannot succeed (confidence 1 - 1e-9) runs exactly max_iters updates; the
+    // difference of two lengths is the cost of the updates alone, without the setup.
+    let n = settings.attack_images;
+    let x = images(n)?;
+    let goals = vec![Goal::Untargeted; n];
+    let config = |iters: usize| AttackConfig {
+        max_iters: iters,
+        confidence: 1.0 - 1e-9,
+        batch_size: n,
+        ..AttackConfig::default()
+    };
+    let (short, _) = time(settings.repeats, || {
+        random_attack(model, &x, &goals, &config(1)).map(|_| ())?;
+        Ok(())
+    })?;
+    let (long, peak) = time(settings.repeats, || {
+        random_attack(model, &x, &goals, &config(4)).map(|_| ())?;
+        Ok(())
+    })?;
+    let per_iteration = ((long - short) / 3.0).max(0.0);
+    push(
+        measurement(
+            "attack-iteration",
+            n,
+            per_iteration,
+            peak,
+            "one generator update: generator, classifier, backward, Adam (N images banked)",
+        ),
+        &mut out,
+    );
+
+    let x = images(1)?;
+    let spec = LocalAttack {
+        window: settings.window,
+        stride: settings.stride,
+        goal: Goal::Untargeted,
+    };
+    let local_config = AttackConfig {
+        batch_size: 16,
+        ..config(settings.local_iters)
+    };
+    let (t, peak) = time(settings.repeats.min(2), || {
+        local_attack(model, &x, 0, &spec, &local_config).map(|_| ())?;
+        Ok(())
+    })?;
+    push(
+        measurement(
+            "local-attack-map",
+            1,
+            t,
+            peak,
+            &format!(
+                "w = {}, s = {}, {} updates per window, windows banked by 16",
+                settings.window, settings.stride, settings.local_iters
+            ),
+        ),
+        &mut out,
+    );
+    Ok(out)
+}
+
+fn measurement(name: &str, batch: usize, seconds: f64, peak: usize, note: &str) -> Measurement {
+    Measurement {
+        name: name.into(),
+        batch,
+        seconds,
+        seconds_per_image: seconds / batch as f64,
+        peak_bytes: peak,
+        note: note.into(),
+    }
+}

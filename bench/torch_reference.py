@@ -1,0 +1,161 @@
+"""PyTorch's side of `cargo xtask bench`: the same measurements as vulnmap-bench, on the same
+shapes, written as a PyTorch user would (eager mode, torchvision's ResNet50, the paper's
+generator as nn.Sequential, one generator per image or window in a Python loop as the authors'
+code). Prints JSON on stdout.
+
+usage: python torch_reference.py [--quick] [--device cpu|cuda]
+"""
+import argparse
+import json
+import resource
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+
+def paper_generator():
+    layers = [(100, 2048, 4, 1, 0), (2048, 1024, 4, 2, 1), (1024, 512, 4, 1, 1), (512, 256, 4, 3, 1),
+              (256, 128, 4, 2, 1), (128, 64, 8, 2, 1), (64, 3, 12, 2, 1)]
+    return build(layers, None)
+
+
+def generic_generator(size):
+    d = 0
+    while 4 << d < size:
+        d += 1
+    ch = lambda i: min(max(64 << (d - 1 - i), 64), 256)
+    layers = [(100, ch(0), 4, 1, 0)] + [(ch(i - 1), ch(i), 4, 2, 1) for i in range(1, d)]
+    layers.append((ch(d - 1), 3, 4, 2, 1))
+    return build(layers, size)
+
+
+def build(layers, crop):
+    mods = []
+    for k, (cin, cout, kernel, stride, pad) in enumerate(layers):
+        mods.append(nn.ConvTranspose2d(cin, cout, kernel, stride, pad, bias=False))
+        mods.append(nn.BatchNorm2d(cout) if k + 1 < len(layers) else nn.Tanh())
+        if k + 1 < len(layers):
+            mods.append(nn.ReLU())
+    net = nn.Sequential(*mods)
+    if crop is None:
+        return net
+
+    class Cropped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, z):
+            y = self.net(z)
+            top = (y.shape[2] - crop) // 2
+            return y[:, :, top:top + crop, top:top + crop]
+
+    return Cropped()
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--device", default="cpu")
+    a = p.parse_args()
+    dev = torch.device(a.device)
+    if a.quick:
+        size, batches, samples, attack_n, window, stride, local_iters, repeats = 64, [1, 2], 4, 2, 32, 32, 2, 1
+    else:
+        size, batches, samples, attack_n, window, stride, local_iters, repeats = 224, [1, 8, 32], 25, 8, 100, 50, 5, 3
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50().eval().to(dev)
+    for p_ in model.parameters():
+        p_.requires_grad_(False)
+    mean = torch.tensor([0.485, 0.456, 0.406], device=dev).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225], device=dev).view(1, 3, 1, 1)
+    classify = lambda x: model((x - mean) / std)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    def timed(f, reps=repeats):
+        f()
+        sync()
+        times = []
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        for _ in range(reps):
+            t = time.perf_counter()
+            f()
+            sync()
+            times.append(time.perf_counter() - t)
+        peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return statistics.median(times), peak
+
+    out = []
+
+    def add(name, n, seconds, peak, note):
+        out.append({"name": name, "batch": n, "seconds": seconds, "seconds_per_image": seconds / n,
+                    "peak_bytes": peak, "note": note})
+
+    for n in batches:
+        x = torch.rand(n, 3, size, size, device=dev)
+        with torch.no_grad():
+            t, m = timed(lambda: classify(x))
+        add("forward", n, t, m, "logits of N images (no_grad)")
+
+        def grad():
+            xr = x.clone().requires_grad_(True)
+            classify(xr)[:, 0].sum().backward()
+            return xr.grad
+        t, m = timed(grad)
+        add("forward+input-gradient", n, t, m, "gradient of one logit per image w.r.t. the pixels")
+
+    x = torch.rand(1, 3, size, size, device=dev)
+
+    def smoothgrad():
+        sigma = 0.15 * (x.max() - x.min())
+        noisy = (x + sigma * torch.randn(samples, 3, size, size, device=dev)).requires_grad_(True)
+        classify(noisy)[:, 0].sum().backward()
+        return noisy.grad.mean(0)
+    t, m = timed(smoothgrad)
+    add("smoothgrad", 1, t, m, f"{samples} noisy samples in one batch")
+
+    def make(gen):
+        g = gen().to(dev).train()
+        return g, torch.randn(1, 100, 1, 1, device=dev), torch.optim.Adam(g.parameters(), lr=2e-4, betas=(0.5, 0.999))
+
+    xs = torch.rand(attack_n, 3, size, size, device=dev)
+    with torch.no_grad():
+        labels = classify(xs).argmax(1)
+    gens = [make(paper_generator if size == 224 else lambda: generic_generator(size)) for _ in range(attack_n)]
+
+    def attack_step():
+        for i, (g, z, opt) in enumerate(gens):
+            opt.zero_grad()
+            x_adv = (xs[i:i + 1] + 0.02 * g(z)).clamp(0, 1)
+            (-F.cross_entropy(classify(x_adv), labels[i:i + 1])).backward()
+            opt.step()
+    t, m = timed(attack_step)
+    add("attack-iteration", attack_n, t, m, "one generator update per image: generator, classifier, backward, Adam (a loop over images)")
+
+    corners = [(top, left) for top in range(0, size - window + 1, stride) for left in range(0, size - window + 1, stride)]
+
+    def local_map():
+        label = classify(x).argmax(1)
+        for top, left in corners:
+            g, z, opt = make(lambda: generic_generator(window))
+            for _ in range(local_iters):
+                opt.zero_grad()
+                noise = F.pad(g(z), (left, size - left - window, top, size - top - window))
+                x_adv = (x + 0.02 * noise).clamp(0, 1)
+                (-F.cross_entropy(classify(x_adv), label)).backward()
+                opt.step()
+    t, m = timed(local_map, min(repeats, 2))
+    add("local-attack-map", 1, t, m, f"w = {window}, s = {stride}, {local_iters} updates per window, a loop over windows")
+    print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(dev), "measurements": out}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
