@@ -135,7 +135,14 @@ pub fn conv2d_bias(
             ))?)?
             .reshape((n, cout, geometry.out_h, geometry.out_w))?
     } else {
-        x.detach().conv2d(&w.detach(), padding, stride, 1, 1)?
+        // im2col by our direct kernel (candle's conv2d builds its columns element by element),
+        // then one GEMM per image straight into the NCHW output.
+        let (n, cout) = (x.dim(0)?, w.dim(0)?);
+        let cols = im2col(&x.detach(), &geometry)?; // N x P x K
+        w.detach()
+            .reshape((cout, geometry.column()))?
+            .broadcast_matmul(&cols.transpose(1, 2)?)?
+            .reshape((n, cout, geometry.out_h, geometry.out_w))?
     }
     .contiguous()?;
     let bias = match bias {
@@ -552,16 +559,19 @@ mod tests {
     fn the_fused_bias_convolution_equals_convolution_plus_bias_with_the_same_gradients(
     ) -> Result<()> {
         let dev = Device::Cpu;
+        let mut rng = crate::random::rng(3, "fused convolution test");
         for (kernel, stride, padding) in [(3, 1, 1), (1, 1, 0), (1, 2, 0), (7, 2, 3)] {
-            let x = Var::from_tensor(&Tensor::randn(0f32, 1f32, (2, 4, 11, 9), &dev)?)?;
-            let w = Tensor::randn(0f32, 1f32, (5, 4, kernel, kernel), &dev)?;
-            let b = Tensor::randn(0f32, 1f32, 5, &dev)?;
+            let x = Var::from_tensor(&crate::random::randn(&mut rng, (2, 4, 11, 9), &dev)?)?;
+            let w = crate::random::randn(&mut rng, (5, 4, kernel, kernel), &dev)?;
+            let b = crate::random::randn(&mut rng, 5, &dev)?;
             let fused = conv2d_bias(x.as_tensor(), &w, Some(&b), stride, padding)?;
             let plain = conv2d(x.as_tensor(), &w, stride, padding)?
                 .broadcast_add(&b.reshape((1, 5, 1, 1))?)?;
             assert!(
-                max_diff(&fused, &plain) < 1e-5,
-                "forward k={kernel} s={stride}"
+                // Sums of up to 196 products of order 1, in another order: float rounding only.
+                max_diff(&fused, &plain) < 1e-4,
+                "forward k={kernel} s={stride}: {}",
+                max_diff(&fused, &plain)
             );
             let probe = Tensor::randn(0f32, 1f32, fused.shape(), &dev)?;
             let g1 = (&fused * &probe)?.sum_all()?.backward()?;
@@ -573,7 +583,7 @@ mod tests {
             assert!(max_diff(g1, g2) < 1e-4, "gradient k={kernel} s={stride}");
             // Without tracking it is a plain value.
             let constant = conv2d_bias(&x.as_tensor().detach(), &w, None, stride, padding)?;
-            assert!(max_diff(&constant, &conv2d(x.as_tensor(), &w, stride, padding)?) < 1e-5);
+            assert!(max_diff(&constant, &conv2d(x.as_tensor(), &w, stride, padding)?) < 1e-4);
         }
         Ok(())
     }
