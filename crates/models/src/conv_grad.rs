@@ -113,7 +113,10 @@ pub fn conv2d_bias(
     padding: usize,
 ) -> Result<Tensor> {
     let cpu = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64);
-    if !cpu || bias.is_some_and(|b| b.track_op()) {
+    // Trained weights (fine-tuning, the benchmark model) keep candle's convolution: their weight
+    // gradient is needed anyway, and trained models stay bit-for-bit what they were. The fused
+    // path is for constant weights: attacks and saliency, where the input gradient is all.
+    if !cpu || w.track_op() || bias.is_some_and(|b| b.track_op()) {
         let y = conv2d(x, w, stride, padding)?;
         return match bias {
             Some(b) => y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?),
