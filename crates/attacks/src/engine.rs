@@ -181,6 +181,22 @@ pub enum Masking {
     Learned(LearnedMask),
 }
 
+/// One whole-image job per image, each for its goal, with the config's alpha and seed (the
+/// random, saliency-mask and mask attacks).
+pub(crate) fn whole_image_jobs(goals: &[Goal], config: &AttackConfig) -> Vec<Job> {
+    goals
+        .iter()
+        .enumerate()
+        .map(|(image, &goal)| Job {
+            image,
+            goal,
+            region: Region::Whole,
+            alpha: config.alpha,
+            seed: config.seed,
+        })
+        .collect()
+}
+
 /// Checks and runs `jobs` on `pixels` (`N x C x H x W` in [0, 1]) against `model`; results in
 /// job order.
 pub fn run(

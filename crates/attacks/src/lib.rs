@@ -1,14 +1,17 @@
 //! The paper's attacks and classic baselines, for any [`vulnmap_models::Classifier`].
 //!
 //! ```no_run
-//! # fn main() -> vulnmap_attacks::Result<()> {
 //! use vulnmap_attacks::{random::random_attack, AttackConfig, Goal};
-//! # let model: Box<dyn vulnmap_models::Classifier> = unimplemented!();
-//! # let pixels: candle_core::Tensor = unimplemented!();
-//! let config = AttackConfig { alpha: 0.02, ..AttackConfig::default() }; // the paper's random attack
-//! let outcomes = random_attack(model.as_ref(), &pixels, &[Goal::Untargeted], &config)?;
-//! println!("{}", outcomes[0].table_row()); // alpha, losses, label change, iterations, confidence
-//! # Ok(()) }
+//!
+//! // `pixels`: one image, 1 x 3 x H x W in [0, 1].
+//! fn table1_row(
+//!     model: &dyn vulnmap_models::Classifier,
+//!     pixels: &candle_core::Tensor,
+//! ) -> vulnmap_attacks::Result<String> {
+//!     let config = AttackConfig { alpha: 0.02, ..AttackConfig::default() }; // the paper's random attack
+//!     let outcomes = random_attack(model, pixels, &[Goal::Untargeted], &config)?;
+//!     Ok(outcomes[0].table_row()) // alpha, losses, label change, iterations, confidence
+//! }
 //! ```
 //!
 //! Every attack is a set of jobs run by one loop ([`engine`]): a noise generator per job, trained

@@ -3,7 +3,7 @@
 //! sparsity, smoothness (total variation with exponent beta) and closeness to SmoothGrad; the
 //! learned mask is a saliency map.
 
-use crate::engine::{run, AttackConfig, Goal, Job, LearnedMask, Masking, Region};
+use crate::engine::{run, whole_image_jobs, AttackConfig, Goal, LearnedMask, Masking};
 use crate::error::{ensure, Result};
 use crate::outcome::AttackOutcome;
 use candle_core::Tensor;
@@ -23,16 +23,6 @@ pub fn mask_attack(
     ensure(spec.lr > 0.0 && spec.beta > 0.0, || {
         "the mask's learning rate and beta must be positive".into()
     })?;
-    let jobs: Vec<Job> = goals
-        .iter()
-        .enumerate()
-        .map(|(image, &goal)| Job {
-            image,
-            goal,
-            region: Region::Whole,
-            alpha: config.alpha,
-            seed: config.seed,
-        })
-        .collect();
+    let jobs = whole_image_jobs(goals, config);
     run(model, pixels, &jobs, &Masking::Learned(*spec), config)
 }

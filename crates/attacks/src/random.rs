@@ -1,6 +1,6 @@
 //! The random attack (paper, III-B): generator noise over the whole image, untargeted or targeted.
 
-use crate::engine::{run, AttackConfig, Goal, Job, Masking, Region};
+use crate::engine::{run, whole_image_jobs, AttackConfig, Goal, Masking};
 use crate::error::Result;
 use crate::outcome::AttackOutcome;
 use candle_core::Tensor;
@@ -21,16 +21,6 @@ pub fn random_attack(
             pixels.dim(0).unwrap_or(0)
         )
     })?;
-    let jobs: Vec<Job> = goals
-        .iter()
-        .enumerate()
-        .map(|(image, &goal)| Job {
-            image,
-            goal,
-            region: Region::Whole,
-            alpha: config.alpha,
-            seed: config.seed,
-        })
-        .collect();
+    let jobs = whole_image_jobs(goals, config);
     run(model, pixels, &jobs, &Masking::None, config)
 }

@@ -2,7 +2,7 @@
 //! and 4): noise multiplied by the normalised SmoothGrad map, recomputed every k updates; against
 //! masks with the same pixel budget, the saliency mask's values permuted or a Bernoulli mask.
 
-use crate::engine::{run, saliency_masks, AttackConfig, Goal, Job, Masking, Region};
+use crate::engine::{run, saliency_masks, whole_image_jobs, AttackConfig, Goal, Masking};
 use crate::error::{ensure, Result};
 use crate::outcome::AttackOutcome;
 use candle_core::{DType, Device, Tensor};
@@ -33,20 +33,6 @@ impl Default for SaliencyAttack {
     }
 }
 
-fn jobs(goals: &[Goal], config: &AttackConfig) -> Vec<Job> {
-    goals
-        .iter()
-        .enumerate()
-        .map(|(image, &goal)| Job {
-            image,
-            goal,
-            region: Region::Whole,
-            alpha: config.alpha,
-            seed: config.seed,
-        })
-        .collect()
-}
-
 /// The saliency attack on each image for its goal.
 pub fn saliency_attack(
     model: &dyn Classifier,
@@ -63,7 +49,13 @@ pub fn saliency_attack(
         every: spec.every,
         threshold: spec.threshold,
     };
-    run(model, pixels, &jobs(goals, config), &masking, config)
+    run(
+        model,
+        pixels,
+        &whole_image_jobs(goals, config),
+        &masking,
+        config,
+    )
 }
 
 /// A random mask with the saliency mask's pixel budget.
@@ -132,7 +124,7 @@ pub fn fixed_mask_attack(
     run(
         model,
         pixels,
-        &jobs(goals, config),
+        &whole_image_jobs(goals, config),
         &Masking::Fixed(masks),
         config,
     )

@@ -1,13 +1,16 @@
 //! Saliency methods and the metrics that judge them, for any [`vulnmap_models::Classifier`].
 //!
 //! ```no_run
-//! # fn main() -> vulnmap_saliency::Result<()> {
 //! use vulnmap_saliency::{Method, SmoothGrad};
-//! # let model: Box<dyn vulnmap_models::Classifier> = unimplemented!();
-//! # let pixels: candle_core::Tensor = unimplemented!();
-//! let targets = vulnmap_saliency::predicted_classes(model.as_ref(), &pixels, 16)?;
-//! let maps = Method::SmoothGrad(SmoothGrad::authors()).explain(model.as_ref(), &pixels, &targets)?; // N x H x W in [0, 1]
-//! # Ok(()) }
+//!
+//! // `pixels`: N x 3 x H x W in [0, 1]; returns N x H x W maps in [0, 1].
+//! fn smoothgrad_maps(
+//!     model: &dyn vulnmap_models::Classifier,
+//!     pixels: &candle_core::Tensor,
+//! ) -> vulnmap_saliency::Result<candle_core::Tensor> {
+//!     let targets = vulnmap_saliency::predicted_classes(model, pixels, 16)?;
+//!     Method::SmoothGrad(SmoothGrad::authors()).explain(model, pixels, &targets)
+//! }
 //! ```
 //!
 //! Every method evaluates the model in batches of at most `batch_size` images, and random draws
