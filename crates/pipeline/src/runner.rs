@@ -843,7 +843,6 @@ impl Runner<'_> {
             ..CausalMetric::default()
         };
         let measure = |m: &str| s.measures.iter().any(|x| x == m);
-        let mut rows: Vec<Map<String, Value>> = vec![Map::new(); chunk.items.len()];
         let mut per_image: Vec<Map<String, Value>> = vec![Map::new(); chunk.items.len()];
         for (sid, st) in &sources {
             let all = self.maps_of(sid, chunk_index, maps)?;
@@ -891,10 +890,10 @@ impl Runner<'_> {
                 per_image[i].insert(sid.clone(), Value::Object(scores));
             }
         }
-        for (r, scores) in rows.iter_mut().zip(per_image) {
-            r.insert("scores".into(), Value::Object(scores));
-        }
-        Ok(rows)
+        Ok(per_image
+            .into_iter()
+            .map(|scores| Map::from_iter([("scores".to_string(), Value::Object(scores))]))
+            .collect())
     }
 }
 
