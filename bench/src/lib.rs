@@ -172,87 +172,90 @@ pub fn run(
         );
     }
 
-    if !wanted("smoothgrad") {
-        return Ok(out);
+    if wanted("smoothgrad") {
+        let x = images(1)?;
+        let smoothgrad = Method::SmoothGrad(SmoothGrad {
+            samples: settings.smoothgrad_samples,
+            batch_size: settings.smoothgrad_samples,
+            ..SmoothGrad::default()
+        });
+        let (t, peak) = time(settings.repeats, || {
+            sync(&smoothgrad.attribute(model, &x, &[0])?)
+        })?;
+        push(
+            measurement(
+                "smoothgrad",
+                1,
+                t,
+                peak,
+                &format!("{} noisy samples in one batch", settings.smoothgrad_samples),
+            ),
+            &mut out,
+        );
     }
-    let x = images(1)?;
-    let smoothgrad = Method::SmoothGrad(SmoothGrad {
-        samples: settings.smoothgrad_samples,
-        batch_size: settings.smoothgrad_samples,
-        ..SmoothGrad::default()
-    });
-    let (t, peak) = time(settings.repeats, || {
-        sync(&smoothgrad.attribute(model, &x, &[0])?)
-    })?;
-    push(
-        measurement(
-            "smoothgrad",
-            1,
-            t,
-            peak,
-            &format!("{} noisy samples in one batch", settings.smoothgrad_samples),
-        ),
-        &mut out,
-    );
 
     // An attack that cannot succeed (confidence 1 - 1e-9) runs exactly max_iters updates; the
     // difference of two lengths is the cost of the updates alone, without the setup.
     let n = settings.attack_images;
-    let x = images(n)?;
-    let goals = vec![Goal::Untargeted; n];
     let config = |iters: usize| AttackConfig {
         max_iters: iters,
         confidence: 1.0 - 1e-9,
         batch_size: n,
         ..AttackConfig::default()
     };
-    let (short, _) = time(settings.repeats, || {
-        random_attack(model, &x, &goals, &config(1)).map(|_| ())?;
-        Ok(())
-    })?;
-    let (long, peak) = time(settings.repeats, || {
-        random_attack(model, &x, &goals, &config(4)).map(|_| ())?;
-        Ok(())
-    })?;
-    let per_iteration = ((long - short) / 3.0).max(0.0);
-    push(
-        measurement(
-            "attack-iteration",
-            n,
-            per_iteration,
-            peak,
-            "one generator update: generator, classifier, backward, Adam (N images banked)",
-        ),
-        &mut out,
-    );
-
-    let x = images(1)?;
-    let spec = LocalAttack {
-        window: settings.window,
-        stride: settings.stride,
-        goal: Goal::Untargeted,
-    };
-    let local_config = AttackConfig {
-        batch_size: 16,
-        ..config(settings.local_iters)
-    };
-    let (t, peak) = time(settings.repeats.min(2), || {
-        local_attack(model, &x, 0, &spec, &local_config).map(|_| ())?;
-        Ok(())
-    })?;
-    push(
-        measurement(
-            "local-attack-map",
-            1,
-            t,
-            peak,
-            &format!(
-                "w = {}, s = {}, {} updates per window, windows banked by 16",
-                settings.window, settings.stride, settings.local_iters
+    if wanted("attack-iteration") {
+        let x = images(n)?;
+        let goals = vec![Goal::Untargeted; n];
+        let (short, _) = time(settings.repeats, || {
+            random_attack(model, &x, &goals, &config(1)).map(|_| ())?;
+            Ok(())
+        })?;
+        let (long, peak) = time(settings.repeats, || {
+            random_attack(model, &x, &goals, &config(4)).map(|_| ())?;
+            Ok(())
+        })?;
+        let per_iteration = ((long - short) / 3.0).max(0.0);
+        push(
+            measurement(
+                "attack-iteration",
+                n,
+                per_iteration,
+                peak,
+                "one generator update: generator, classifier, backward, Adam (N images banked)",
             ),
-        ),
-        &mut out,
-    );
+            &mut out,
+        );
+    }
+
+    if wanted("local-attack-map") {
+        let x = images(1)?;
+        let spec = LocalAttack {
+            window: settings.window,
+            stride: settings.stride,
+            goal: Goal::Untargeted,
+        };
+        let local_config = AttackConfig {
+            batch_size: 16,
+            ..config(settings.local_iters)
+        };
+        let (t, peak) = time(settings.repeats.min(2), || {
+            local_attack(model, &x, 0, &spec, &local_config).map(|_| ())?;
+            Ok(())
+        })?;
+        push(
+            measurement(
+                "local-attack-map",
+                1,
+                t,
+                peak,
+                &format!(
+                    "w = {}, s = {}, {} updates per window, windows banked by 16",
+                    settings.window, settings.stride, settings.local_iters
+                ),
+            ),
+            &mut out,
+        );
+    }
     Ok(out)
 }
 

@@ -1,7 +1,7 @@
 //! Convolutions: dense `Conv2d` and per-channel `DepthwiseConv2d`, with PyTorch or TF-"SAME" padding.
 
-use crate::conv_grad::conv2d_bias;
 use crate::depthwise::depthwise_conv2d;
+use crate::fused_conv::{conv2d_fused, Epilogue};
 use crate::windows::{pad2d, Pad2d, Windows};
 use candle_core::{DType, Result, Tensor};
 use candle_nn::{init, Init, VarBuilder};
@@ -88,12 +88,25 @@ impl Conv2d {
         weight: &Tensor,
         bias: Option<&Tensor>,
     ) -> Result<Tensor> {
+        self.forward_fused(
+            x,
+            weight,
+            Epilogue {
+                bias,
+                ..Epilogue::default()
+            },
+        )
+    }
+
+    /// This convolution's geometry with another kernel, followed by `epilogue` (bias, residual
+    /// add, ReLU) in the same op.
+    pub fn forward_fused(&self, x: &Tensor, weight: &Tensor, epilogue: Epilogue) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
         let pad = self.padding.resolve((h, w), self.kernel, self.stride);
         if pad.is_uniform() {
-            conv2d_bias(x, weight, bias, self.stride, pad.top)
+            conv2d_fused(x, weight, epilogue, self.stride, pad.top)
         } else {
-            conv2d_bias(&pad2d(x, pad, 0.0)?, weight, bias, self.stride, 0)
+            conv2d_fused(&pad2d(x, pad, 0.0)?, weight, epilogue, self.stride, 0)
         }
     }
 }

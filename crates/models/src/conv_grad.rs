@@ -16,23 +16,20 @@
 
 use crate::windows::{untap, Pad2d, Windows};
 use candle_core::backend::BackendStorage;
-use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, InplaceOp1, Layout, Result, Shape, Tensor,
-};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
-use std::sync::Mutex;
 
 /// Geometry of a square-kernel convolution with uniform padding and no dilation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Geometry {
-    channels: usize,
-    height: usize,
-    width: usize,
-    kernel: usize,
-    stride: usize,
-    padding: usize,
-    out_h: usize,
-    out_w: usize,
+    pub(crate) channels: usize,
+    pub(crate) height: usize,
+    pub(crate) width: usize,
+    pub(crate) kernel: usize,
+    pub(crate) stride: usize,
+    pub(crate) padding: usize,
+    pub(crate) out_h: usize,
+    pub(crate) out_w: usize,
 }
 
 impl Geometry {
@@ -80,7 +77,7 @@ impl Geometry {
         self.channels * self.kernel * self.kernel
     }
 
-    fn is_pointwise(&self) -> bool {
+    pub(crate) fn is_pointwise(&self) -> bool {
         self.kernel == 1 && self.stride == 1 && self.padding == 0
     }
 }
@@ -98,163 +95,6 @@ pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<T
     }
     let geometry = Geometry::new(x.dims(), kernel, stride, padding)?;
     x.apply_op3(w, &y.contiguous()?, ConvBackward { geometry })
-}
-
-/// `conv2d(x, w) + bias` (bias per output channel, constant), with the backward of [`conv2d`].
-///
-/// On the CPU the output is one tensor: candle's convolution output gets the bias added in
-/// place and its buffer is moved, not copied, into the graph node that carries the gradient,
-/// so an eval-mode conv-BN (folded into `w` and `bias`) costs one activation instead of four.
-pub fn conv2d_bias(
-    x: &Tensor,
-    w: &Tensor,
-    bias: Option<&Tensor>,
-    stride: usize,
-    padding: usize,
-) -> Result<Tensor> {
-    let cpu = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64);
-    // Trained weights (fine-tuning, the benchmark model) keep candle's convolution: their weight
-    // gradient is needed anyway, and trained models stay bit-for-bit what they were. The fused
-    // path is for constant weights: attacks and saliency, where the input gradient is all.
-    if !cpu || w.track_op() || bias.is_some_and(|b| b.track_op()) {
-        let y = conv2d(x, w, stride, padding)?;
-        return match bias {
-            Some(b) => y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?),
-            None => Ok(y),
-        };
-    }
-    let kernel = w.dim(2)?;
-    let geometry = Geometry::new(x.dims(), kernel, stride, padding)?;
-    let y = if geometry.is_pointwise() {
-        // A 1x1 convolution is a GEMM per image on the NCHW layout as it is: no im2col copy in,
-        // no transposition out (candle's conv2d makes both).
-        let (n, cout) = (x.dim(0)?, w.dim(0)?);
-        w.detach()
-            .reshape((cout, geometry.channels))?
-            .broadcast_matmul(&x.detach().contiguous()?.reshape((
-                n,
-                geometry.channels,
-                geometry.positions(),
-            ))?)?
-            .reshape((n, cout, geometry.out_h, geometry.out_w))?
-    } else {
-        // im2col by our direct kernel (candle's conv2d builds its columns element by element),
-        // then one GEMM per image straight into the NCHW output.
-        let (n, cout) = (x.dim(0)?, w.dim(0)?);
-        let cols = im2col(&x.detach(), &geometry)?; // N x P x K
-        w.detach()
-            .reshape((cout, geometry.column()))?
-            .broadcast_matmul(&cols.transpose(1, 2)?)?
-            .reshape((n, cout, geometry.out_h, geometry.out_w))?
-    }
-    .contiguous()?;
-    let bias = match bias {
-        Some(b) => Some(b.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?),
-        None => None,
-    };
-    let taken = TakeWithBias {
-        bias,
-        storage: Mutex::new(None),
-    };
-    y.inplace_op1(&taken)?;
-    let storage = taken
-        .storage
-        .into_inner()
-        .unwrap_or_else(|e| e.into_inner())
-        .ok_or_else(|| candle_core::Error::Msg("convolution output not taken".into()))?;
-    x.apply_op2(
-        w,
-        FusedConv {
-            geometry,
-            shape: y.shape().clone(),
-            output: Mutex::new(Some(storage)),
-        },
-    )
-}
-
-/// Adds the bias to a fresh convolution output in place and moves its buffer out.
-struct TakeWithBias {
-    bias: Option<Vec<f64>>,
-    storage: Mutex<Option<CpuStorage>>,
-}
-
-impl InplaceOp1 for TakeWithBias {
-    fn name(&self) -> &'static str {
-        "vulnmap-take-with-bias"
-    }
-
-    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
-        if layout.contiguous_offsets() != Some((0, layout.shape().elem_count())) {
-            candle_core::bail!("convolution output must be contiguous");
-        }
-        let dims = layout.shape().dims();
-        let plane = dims[2] * dims[3];
-        if let Some(bias) = &self.bias {
-            match storage {
-                CpuStorage::F32(v) => add_bias(v, bias, plane, |b| b as f32),
-                CpuStorage::F64(v) => add_bias(v, bias, plane, |b| b),
-                _ => candle_core::bail!("conv2d_bias: f32 or f64 only"),
-            }
-        }
-        let taken = std::mem::replace(storage, CpuStorage::F32(Vec::new()));
-        *self.storage.lock().unwrap_or_else(|e| e.into_inner()) = Some(taken);
-        Ok(())
-    }
-}
-
-fn add_bias<T: Copy + std::ops::AddAssign + Send + Sync>(
-    values: &mut [T],
-    bias: &[f64],
-    plane: usize,
-    cast: impl Fn(f64) -> T + Sync,
-) {
-    let channels = bias.len();
-    values
-        .par_chunks_mut(plane)
-        .enumerate()
-        .for_each(|(i, chunk)| {
-            let b = cast(bias[i % channels]);
-            chunk.iter_mut().for_each(|v| *v += b);
-        });
-}
-
-/// The convolution's output (already computed) as a graph node over `(x, w)`.
-struct FusedConv {
-    geometry: Geometry,
-    shape: Shape,
-    output: Mutex<Option<CpuStorage>>,
-}
-
-impl CustomOp2 for FusedConv {
-    fn name(&self) -> &'static str {
-        "vulnmap-conv2d-bias"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let storage = self
-            .output
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-            .ok_or_else(|| candle_core::Error::Msg("the fused convolution ran twice".into()))?;
-        Ok((storage, self.shape.clone()))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        conv_gradients(&self.geometry, x, w, grad)
-    }
 }
 
 /// Identity on the precomputed output; its backward is the convolution's.
@@ -557,39 +397,6 @@ mod tests {
     use super::*;
     use crate::gradcheck::finite_difference_check;
     use candle_core::{Device, Var};
-
-    #[test]
-    fn the_fused_bias_convolution_equals_convolution_plus_bias_with_the_same_gradients(
-    ) -> Result<()> {
-        let dev = Device::Cpu;
-        let mut rng = crate::random::rng(3, "fused convolution test");
-        for (kernel, stride, padding) in [(3, 1, 1), (1, 1, 0), (1, 2, 0), (7, 2, 3)] {
-            let x = Var::from_tensor(&crate::random::randn(&mut rng, (2, 4, 11, 9), &dev)?)?;
-            let w = crate::random::randn(&mut rng, (5, 4, kernel, kernel), &dev)?;
-            let b = crate::random::randn(&mut rng, 5, &dev)?;
-            let fused = conv2d_bias(x.as_tensor(), &w, Some(&b), stride, padding)?;
-            let plain = conv2d(x.as_tensor(), &w, stride, padding)?
-                .broadcast_add(&b.reshape((1, 5, 1, 1))?)?;
-            assert!(
-                // Sums of up to 196 products of order 1, in another order: float rounding only.
-                max_diff(&fused, &plain) < 1e-4,
-                "forward k={kernel} s={stride}: {}",
-                max_diff(&fused, &plain)
-            );
-            let probe = Tensor::randn(0f32, 1f32, fused.shape(), &dev)?;
-            let g1 = (&fused * &probe)?.sum_all()?.backward()?;
-            let g2 = (&plain * &probe)?.sum_all()?.backward()?;
-            let (g1, g2) = (
-                g1.get(x.as_tensor()).unwrap(),
-                g2.get(x.as_tensor()).unwrap(),
-            );
-            assert!(max_diff(g1, g2) < 1e-4, "gradient k={kernel} s={stride}");
-            // Without tracking it is a plain value.
-            let constant = conv2d_bias(&x.as_tensor().detach(), &w, None, stride, padding)?;
-            assert!(max_diff(&constant, &conv2d(x.as_tensor(), &w, stride, padding)?) < 1e-4);
-        }
-        Ok(())
-    }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
         (a - b)

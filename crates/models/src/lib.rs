@@ -24,8 +24,8 @@
 //! - [`batch_norm`]: BatchNorm with eval and train modes.
 //! - [`conv`]: dense and depthwise convolutions, PyTorch or TF-"SAME" padding.
 //! - [`depthwise`]: CPU depthwise convolution kernels with their own backward pass.
-//! - [`conv_grad`]: convolution (with a fused bias, for folded BatchNorm) whose backward is
-//!   GEMM + col2im, skipping unneeded gradients.
+//! - [`conv_grad`]: convolution whose backward is GEMM + col2im, skipping unneeded gradients.
+//! - [`fused_conv`]: constant-weight convolution with its bias, residual add and ReLU in one op.
 //! - [`pool`]: max-pooling with a working backward pass; global average pooling.
 //! - [`windows`]: strided window views, the building block of pooling and depthwise convolution.
 //! - [`resize`]: differentiable bilinear resizing (PyTorch's `interpolate`), on every device.
@@ -58,6 +58,7 @@ pub mod efficientnet_lite;
 pub mod error;
 pub mod free_mask;
 pub mod fundus_benchmark;
+pub mod fused_conv;
 pub mod generator;
 pub mod gradcheck;
 pub mod hub;

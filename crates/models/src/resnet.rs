@@ -8,6 +8,7 @@
 use crate::batch_norm::BatchNorm;
 use crate::classifier::{unknown_layer, Classes, Classifier, InputSpec};
 use crate::conv::{Conv2d, Padding};
+use crate::fused_conv::Epilogue;
 use crate::pool::{global_avg_pool, max_pool2d};
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{Init, Linear, Module, VarBuilder};
@@ -121,11 +122,26 @@ impl ConvBn {
     }
 
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_then(x, train, None, false)
+    }
+
+    /// `conv`, `bn`, then `+ residual` and ReLU where asked: one fused op for folded weights.
+    fn forward_then(
+        &self,
+        x: &Tensor,
+        train: bool,
+        residual: Option<&Tensor>,
+        relu: bool,
+    ) -> Result<Tensor> {
         let mut folded = self.folded.lock().unwrap_or_else(|e| e.into_inner());
         if train || self.conv.weight().track_op() || self.bn.is_trainable() {
             *folded = None;
             drop(folded);
-            return self.bn.forward_t(&self.conv.forward(x)?, train);
+            let mut y = self.bn.forward_t(&self.conv.forward(x)?, train)?;
+            if let Some(r) = residual {
+                y = (y + r)?;
+            }
+            return if relu { y.relu() } else { Ok(y) };
         }
         if folded.is_none() {
             let (scale, shift) = self.bn.eval_affine()?;
@@ -137,7 +153,12 @@ impl ConvBn {
         let (kernel, bias) = folded.as_ref().expect("folded above");
         let (kernel, bias) = (kernel.clone(), bias.clone());
         drop(folded);
-        self.conv.forward_with(x, &kernel, Some(&bias))
+        let epilogue = Epilogue {
+            bias: Some(&bias),
+            residual,
+            relu,
+        };
+        self.conv.forward_fused(x, &kernel, epilogue)
     }
 }
 
@@ -192,19 +213,18 @@ impl Block {
     }
 
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let mut y = x.clone();
-        let last = self.units.len() - 1;
-        for (i, unit) in self.units.iter().enumerate() {
-            y = unit.forward_t(&y, train)?;
-            if i != last {
-                y = y.relu()?;
-            }
-        }
         let shortcut = match &self.downsample {
             Some(ds) => ds.forward_t(x, train)?,
             None => x.clone(),
         };
-        (y + shortcut)?.relu()
+        let mut y = x.clone();
+        let last = self.units.len() - 1;
+        for (i, unit) in self.units.iter().enumerate() {
+            // ReLU after every unit; the last adds the shortcut first.
+            let residual = (i == last).then_some(&shortcut);
+            y = unit.forward_then(&y, train, residual, true)?;
+        }
+        Ok(y)
     }
 }
 
@@ -312,7 +332,7 @@ impl ResNet {
 
     fn stem_t(&self, pixels: &Tensor, train: bool) -> Result<Tensor> {
         let x = self.spec.normalize(pixels, self.dtype)?;
-        let x = self.stem.forward_t(&x, train)?.relu()?;
+        let x = self.stem.forward_then(&x, train, None, true)?;
         max_pool2d(&x, 3, 2, 1)
     }
 

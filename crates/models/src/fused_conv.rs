@@ -1,0 +1,769 @@
+//! Convolution with constant weights and a fused epilogue, `relu(conv(x, w) + bias + residual)`,
+//! for the pretrained classifiers that attacks and saliency differentiate to the input only.
+//!
+//! With BatchNorm folded into `w` and `bias`, a ResNet unit (conv, BN, residual add, ReLU) is one
+//! op and one activation instead of five, and its backward pass is one masking pass plus
+//! `col2im(W^T G)`. On the CPU each image is done whole while it is in cache: its columns laid out
+//! `(C k k) x P` (a row per kernel tap, as Caffe's im2col, so a row is a copy of image rows), one
+//! GEMM that adds onto the bias and residual already in the NCHW output, then the ReLU. Batches
+//! run an image per thread; a single image splits its GEMM across threads instead.
+//!
+//! Other devices, and tracked weights, get the same value from [`crate::conv_grad`] plus plain
+//! tensor ops.
+
+use crate::conv_grad::{conv2d, Geometry};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+/// What follows the convolution, in this order: `+ bias` (per output channel), `+ residual`
+/// (same shape as the output), ReLU.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Epilogue<'a> {
+    pub bias: Option<&'a Tensor>,
+    pub residual: Option<&'a Tensor>,
+    pub relu: bool,
+}
+
+/// `conv2d(x, w)` (weight `Cout x Cin x k x k`, uniform `padding`) followed by `epilogue`, with
+/// a backward pass for the input and the residual.
+pub fn conv2d_fused(
+    x: &Tensor,
+    w: &Tensor,
+    epilogue: Epilogue,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    let cpu = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64);
+    // Trained weights (fine-tuning, the benchmark model) keep the plain path: their weight
+    // gradient is needed anyway, and training stays bit-for-bit what it was.
+    let trained = w.track_op() || epilogue.bias.is_some_and(|b| b.track_op());
+    if !cpu || trained || w.dim(2)? != w.dim(3)? {
+        return unfused(x, w, epilogue, stride, padding);
+    }
+    let geometry = Geometry::conv(
+        x.dim(1)?,
+        (x.dim(2)?, x.dim(3)?),
+        w.dim(2)?,
+        stride,
+        padding,
+    )?;
+    let bias = match epilogue.bias {
+        Some(b) => Some(b.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?),
+        None => None,
+    };
+    let node = FusedConv {
+        geometry,
+        bias,
+        relu: epilogue.relu,
+    };
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    match epilogue.residual {
+        Some(r) => x.apply_op3(&w, &r.contiguous()?, node),
+        None => x.apply_op2(&w, node),
+    }
+}
+
+/// The same value from plain ops, on every device.
+fn unfused(
+    x: &Tensor,
+    w: &Tensor,
+    epilogue: Epilogue,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    let mut y = conv2d(x, w, stride, padding)?;
+    if let Some(b) = epilogue.bias {
+        y = y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?)?;
+    }
+    if let Some(r) = epilogue.residual {
+        y = (y + r)?;
+    }
+    if epilogue.relu {
+        y = y.relu()?;
+    }
+    Ok(y)
+}
+
+/// The convolution and its epilogue as one graph node over `(x, w)` or `(x, w, residual)`.
+struct FusedConv {
+    geometry: Geometry,
+    bias: Option<Vec<f64>>,
+    relu: bool,
+}
+
+impl FusedConv {
+    fn forward(
+        &self,
+        x: (&CpuStorage, &Layout),
+        w: (&CpuStorage, &Layout),
+        residual: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = &self.geometry;
+        let n = x.1.dims()[0];
+        let cout = w.1.dims()[0];
+        let shape = Shape::from((n, cout, g.out_h, g.out_w));
+        if let Some((_, rl)) = residual {
+            if rl.shape() != &shape {
+                candle_core::bail!("residual {:?} for a {shape:?} output", rl.dims());
+            }
+        }
+        let out = match (x.0, w.0, residual.map(|r| r.0)) {
+            (CpuStorage::F32(xs), CpuStorage::F32(ws), None) => {
+                CpuStorage::F32(
+                    self.run(slice(xs, x.1)?, slice(ws, w.1)?, None, n, cout, |b| {
+                        b as f32
+                    }),
+                )
+            }
+            (CpuStorage::F32(xs), CpuStorage::F32(ws), Some(CpuStorage::F32(rs))) => {
+                let r = slice(rs, residual.map(|r| r.1).unwrap_or(x.1))?;
+                CpuStorage::F32(
+                    self.run(slice(xs, x.1)?, slice(ws, w.1)?, Some(r), n, cout, |b| {
+                        b as f32
+                    }),
+                )
+            }
+            (CpuStorage::F64(xs), CpuStorage::F64(ws), None) => {
+                CpuStorage::F64(self.run(slice(xs, x.1)?, slice(ws, w.1)?, None, n, cout, |b| b))
+            }
+            (CpuStorage::F64(xs), CpuStorage::F64(ws), Some(CpuStorage::F64(rs))) => {
+                let r = slice(rs, residual.map(|r| r.1).unwrap_or(x.1))?;
+                CpuStorage::F64(self.run(slice(xs, x.1)?, slice(ws, w.1)?, Some(r), n, cout, |b| b))
+            }
+            _ => candle_core::bail!("fused convolution: f32 or f64, one dtype throughout"),
+        };
+        Ok((out, shape))
+    }
+
+    /// `relu(W cols(x_i) + bias + residual_i)` for every image `i`.
+    fn run<T: Float>(
+        &self,
+        x: &[T],
+        w: &[T],
+        residual: Option<&[T]>,
+        n: usize,
+        cout: usize,
+        cast: impl Fn(f64) -> T + Sync,
+    ) -> Vec<T> {
+        let g = &self.geometry;
+        let (image_in, image_out) = (g.channels * g.height * g.width, cout * g.positions());
+        let mut out = vec![T::default(); n * image_out];
+        let one_image = |i: usize, y: &mut [T], cols: &mut Vec<T>, threads: Parallelism| {
+            let parallel = matches!(threads, Parallelism::Rayon(_));
+            // Start from the bias and residual; the GEMM adds onto them.
+            let start = |c: usize, plane: &mut [T]| {
+                let b = self.bias.as_ref().map_or(T::default(), |b| cast(b[c]));
+                match residual {
+                    Some(r) => {
+                        let r = &r[i * image_out + c * g.positions()..][..g.positions()];
+                        plane.iter_mut().zip(r).for_each(|(v, &r)| *v = r + b);
+                    }
+                    None => plane.fill(b),
+                }
+            };
+            for_each_plane(y, g.positions(), parallel, start);
+            let image = &x[i * image_in..][..image_in];
+            let rhs = if g.is_pointwise() {
+                image
+            } else {
+                cols.resize(g.column() * g.positions(), T::default());
+                im2rows(image, g, cols, parallel);
+                cols.as_slice()
+            };
+            // y (Cout x P) += W (Cout x K) rhs (K x P), all row-major.
+            gemm_into(
+                y,
+                true,
+                (cout, g.positions()),
+                (w, g.column() as isize, 1),
+                rhs,
+                threads,
+            );
+            if self.relu {
+                for_each_plane(y, g.positions(), parallel, |_, plane| relu_in_place(plane));
+            }
+        };
+        let threads = rayon::current_num_threads();
+        if n >= threads && threads > 1 {
+            out.par_chunks_mut(image_out)
+                .enumerate()
+                .for_each_init(Vec::new, |cols, (i, y)| {
+                    one_image(i, y, cols, Parallelism::None)
+                });
+        } else {
+            let mut cols = Vec::new();
+            for (i, y) in out.chunks_mut(image_out).enumerate() {
+                one_image(i, y, &mut cols, Parallelism::Rayon(threads));
+            }
+        }
+        out
+    }
+
+    /// The gradient at the pre-activation (ReLU's mask applied) and at the input.
+    fn gradients(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        output: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let grad = grad.detach().contiguous()?;
+        let grad = if self.relu {
+            grad.apply_op2_no_bwd(&output.detach(), &ReluMask)?
+        } else {
+            grad
+        };
+        if !x.track_op() {
+            return Ok((grad, None));
+        }
+        let grad_x = grad.apply_op2_no_bwd(
+            &w.detach(),
+            &InputGradient {
+                geometry: self.geometry,
+            },
+        )?;
+        Ok((grad, Some(grad_x)))
+    }
+}
+
+impl CustomOp2 for FusedConv {
+    fn name(&self) -> &'static str {
+        "vulnmap-fused-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        w: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.forward((x, xl), (w, wl), None)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        output: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (_, grad_x) = self.gradients(x, w, output, grad)?;
+        Ok((grad_x, None))
+    }
+}
+
+impl CustomOp3 for FusedConv {
+    fn name(&self) -> &'static str {
+        "vulnmap-fused-conv2d-residual"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        w: &CpuStorage,
+        wl: &Layout,
+        r: &CpuStorage,
+        rl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.forward((x, xl), (w, wl), Some((r, rl)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        residual: &Tensor,
+        output: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (grad, grad_x) = self.gradients(x, w, output, grad)?;
+        let grad_residual = residual.track_op().then_some(grad);
+        Ok((grad_x, None, grad_residual))
+    }
+}
+
+/// `col2im(W^T G)` per image: the input gradient of the convolution, from the output's `G`.
+struct InputGradient {
+    geometry: Geometry,
+}
+
+impl InputGradient {
+    fn run<T: Float>(&self, grad: &[T], w: &[T], n: usize, cout: usize) -> Vec<T> {
+        let g = &self.geometry;
+        let (image_in, image_out) = (g.channels * g.height * g.width, cout * g.positions());
+        let mut out = vec![T::default(); n * image_in];
+        let one_image = |i: usize, dx: &mut [T], cols: &mut Vec<T>, threads: Parallelism| {
+            let gi = &grad[i * image_out..][..image_out];
+            // W^T is W read column-major: (K x Cout) with row stride 1, column stride K.
+            let wt = (w, 1, g.column() as isize);
+            if g.is_pointwise() {
+                gemm_into(dx, true, (g.channels, g.positions()), wt, gi, threads);
+            } else {
+                // Every entry is overwritten: no need to clear what an earlier image left.
+                cols.resize(g.column() * g.positions(), T::default());
+                gemm_into(cols, false, (g.column(), g.positions()), wt, gi, threads);
+                rows2im(cols, g, dx, matches!(threads, Parallelism::Rayon(_)));
+            }
+        };
+        let threads = rayon::current_num_threads();
+        if n >= threads && threads > 1 {
+            out.par_chunks_mut(image_in)
+                .enumerate()
+                .for_each_init(Vec::new, |cols, (i, dx)| {
+                    one_image(i, dx, cols, Parallelism::None)
+                });
+        } else {
+            let mut cols = Vec::new();
+            for (i, dx) in out.chunks_mut(image_in).enumerate() {
+                one_image(i, dx, &mut cols, Parallelism::Rayon(threads));
+            }
+        }
+        out
+    }
+}
+
+impl CustomOp2 for InputGradient {
+    fn name(&self) -> &'static str {
+        "vulnmap-fused-conv2d-input-gradient"
+    }
+
+    fn cpu_fwd(
+        &self,
+        grad: &CpuStorage,
+        gl: &Layout,
+        w: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = &self.geometry;
+        let (n, cout) = (gl.dims()[0], wl.dims()[0]);
+        let shape = Shape::from((n, g.channels, g.height, g.width));
+        let out = match (grad, w) {
+            (CpuStorage::F32(gs), CpuStorage::F32(ws)) => {
+                CpuStorage::F32(self.run(slice(gs, gl)?, slice(ws, wl)?, n, cout))
+            }
+            (CpuStorage::F64(gs), CpuStorage::F64(ws)) => {
+                CpuStorage::F64(self.run(slice(gs, gl)?, slice(ws, wl)?, n, cout))
+            }
+            _ => candle_core::bail!("fused convolution gradient: f32 or f64, one dtype"),
+        };
+        Ok((out, shape))
+    }
+}
+
+/// `grad * (output > 0)`: ReLU's backward from its output, in one pass.
+struct ReluMask;
+
+impl CustomOp2 for ReluMask {
+    fn name(&self) -> &'static str {
+        "vulnmap-relu-mask"
+    }
+
+    fn cpu_fwd(
+        &self,
+        g: &CpuStorage,
+        gl: &Layout,
+        y: &CpuStorage,
+        yl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn mask<T: Float>(g: &[T], y: &[T]) -> Vec<T> {
+            let zero = T::default();
+            let mut out = vec![zero; g.len()];
+            const CHUNK: usize = 1 << 14;
+            out.par_chunks_mut(CHUNK)
+                .zip(g.par_chunks(CHUNK).zip(y.par_chunks(CHUNK)))
+                .for_each(|(o, (g, y))| {
+                    for ((o, &g), &y) in o.iter_mut().zip(g).zip(y) {
+                        *o = if y > zero { g } else { zero };
+                    }
+                });
+            out
+        }
+        if gl.shape() != yl.shape() {
+            candle_core::bail!(
+                "relu mask: gradient {:?} for output {:?}",
+                gl.dims(),
+                yl.dims()
+            );
+        }
+        let out = match (g, y) {
+            (CpuStorage::F32(g), CpuStorage::F32(y)) => {
+                CpuStorage::F32(mask(slice(g, gl)?, slice(y, yl)?))
+            }
+            (CpuStorage::F64(g), CpuStorage::F64(y)) => {
+                CpuStorage::F64(mask(slice(g, gl)?, slice(y, yl)?))
+            }
+            _ => candle_core::bail!("relu mask: f32 or f64, one dtype"),
+        };
+        Ok((out, gl.shape().clone()))
+    }
+}
+
+/// A float type the CPU kernels handle.
+trait Float:
+    Copy
+    + Default
+    + PartialOrd
+    + Send
+    + Sync
+    + std::ops::Add<Output = Self>
+    + std::ops::AddAssign
+    + 'static
+{
+    const ONE: Self;
+}
+impl Float for f32 {
+    const ONE: Self = 1.0;
+}
+impl Float for f64 {
+    const ONE: Self = 1.0;
+}
+
+fn slice<'a, T>(data: &'a [T], layout: &Layout) -> Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("fused convolution needs contiguous tensors"),
+    }
+}
+
+/// `dst (m x n) = lhs (m x k) rhs (k x n)`, or `+=` with `accumulate`; `dst` and `rhs`
+/// row-major, `lhs` row-major (strides `(k, 1)`) or column-major (`(1, m)`). With several
+/// threads the rows of `dst` are split between them, each block one single-threaded GEMM.
+fn gemm_into<T: Float>(
+    dst: &mut [T],
+    accumulate: bool,
+    (m, n): (usize, usize),
+    (lhs, lhs_rs, lhs_cs): (&[T], isize, isize),
+    rhs: &[T],
+    threads: Parallelism,
+) {
+    let k = rhs.len() / n;
+    let row_major = (lhs_rs, lhs_cs) == (k as isize, 1);
+    let column_major = (lhs_rs, lhs_cs) == (1, m as isize);
+    assert!(dst.len() == m * n && rhs.len() == k * n && lhs.len() == m * k);
+    assert!(row_major || column_major, "unsupported lhs strides");
+    let block = match threads {
+        Parallelism::Rayon(t) if t > 1 && m >= 16 * t => m.div_ceil(t).next_multiple_of(8),
+        _ => m,
+    };
+    dst.par_chunks_mut(block * n)
+        .enumerate()
+        .for_each(|(b, dst)| {
+            let (first_row, rows) = (b * block, dst.len() / n);
+            // SAFETY: rows `first_row..first_row + rows` of an m x k matrix with these strides
+            // (checked above to be row- or column-major) lie inside `lhs`; `rhs` is k x n and
+            // `dst` rows x n, both row-major and of exactly that length; `dst` is borrowed
+            // mutably and its blocks are disjoint.
+            unsafe {
+                gemm::gemm(
+                    rows,
+                    n,
+                    k,
+                    dst.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    accumulate,
+                    lhs.as_ptr().offset(first_row as isize * lhs_rs),
+                    lhs_cs,
+                    lhs_rs,
+                    rhs.as_ptr(),
+                    1,
+                    n as isize,
+                    T::ONE,
+                    T::ONE,
+                    false,
+                    false,
+                    false,
+                    Parallelism::None,
+                )
+            }
+        });
+}
+
+/// `f(index, plane)` for each `len`-long plane of `values`, on every thread or this one.
+fn for_each_plane<T: Float>(
+    values: &mut [T],
+    len: usize,
+    parallel: bool,
+    f: impl Fn(usize, &mut [T]) + Sync,
+) {
+    if parallel {
+        values
+            .par_chunks_mut(len)
+            .enumerate()
+            .for_each(|(c, p)| f(c, p));
+    } else {
+        values
+            .chunks_mut(len)
+            .enumerate()
+            .for_each(|(c, p)| f(c, p));
+    }
+}
+
+fn relu_in_place<T: Float>(values: &mut [T]) {
+    let zero = T::default();
+    for v in values {
+        // NaN stays NaN, as in PyTorch: a diverging attack must show in its loss.
+        if *v < zero {
+            *v = zero;
+        }
+    }
+}
+
+/// The range of output columns `j` whose input column `j s + dx - p` lies in `0..width`.
+fn valid_columns(g: &Geometry, dx: usize) -> std::ops::Range<usize> {
+    let (s, p) = (g.stride, g.padding);
+    let start = p.saturating_sub(dx).div_ceil(s);
+    let end = (g.width + p).saturating_sub(dx).div_ceil(s).min(g.out_w);
+    start..end.max(start)
+}
+
+/// One image's columns `(C k k) x P` (every entry written; zeros in the padding): row
+/// `(c, dy, dx)` holds the pixels that tap meets at each output position.
+fn im2rows<T: Float>(image: &[T], g: &Geometry, cols: &mut [T], parallel: bool) {
+    let (k, positions) = (g.kernel, g.positions());
+    let fill_channel = |c: usize, rows: &mut [T]| {
+        let plane = &image[c * g.height * g.width..][..g.height * g.width];
+        for (tap, row) in rows.chunks_mut(positions).enumerate() {
+            let (dy, dx) = (tap / k, tap % k);
+            let valid = valid_columns(g, dx);
+            for (i, out) in row.chunks_mut(g.out_w).enumerate() {
+                let y = (i * g.stride + dy).checked_sub(g.padding);
+                let Some(y) = y.filter(|&y| y < g.height && !valid.is_empty()) else {
+                    out.fill(T::default());
+                    continue;
+                };
+                out[..valid.start].fill(T::default());
+                out[valid.end..].fill(T::default());
+                let line = &plane[y * g.width..][..g.width];
+                let first = valid.start * g.stride + dx - g.padding;
+                let inside = &mut out[valid.clone()];
+                if g.stride == 1 {
+                    inside.copy_from_slice(&line[first..first + inside.len()]);
+                } else {
+                    for (o, &v) in inside
+                        .iter_mut()
+                        .zip(line[first..].iter().step_by(g.stride))
+                    {
+                        *o = v;
+                    }
+                }
+            }
+        }
+    };
+    let per_channel = k * k * positions;
+    if parallel {
+        cols.par_chunks_mut(per_channel)
+            .enumerate()
+            .for_each(|(c, rows)| fill_channel(c, rows));
+    } else {
+        for (c, rows) in cols.chunks_mut(per_channel).enumerate() {
+            fill_channel(c, rows);
+        }
+    }
+}
+
+/// The adjoint of [`im2rows`]: adds one image's rows `(C k k) x P` into its `C x H x W`.
+fn rows2im<T: Float>(cols: &[T], g: &Geometry, image: &mut [T], parallel: bool) {
+    let (k, positions) = (g.kernel, g.positions());
+    let add_channel = |c: usize, plane: &mut [T]| {
+        let rows = &cols[c * k * k * positions..][..k * k * positions];
+        for (tap, row) in rows.chunks(positions).enumerate() {
+            let (dy, dx) = (tap / k, tap % k);
+            let valid = valid_columns(g, dx);
+            if valid.is_empty() {
+                continue;
+            }
+            for (i, values) in row.chunks(g.out_w).enumerate() {
+                let y = (i * g.stride + dy).checked_sub(g.padding);
+                let Some(y) = y.filter(|&y| y < g.height) else {
+                    continue;
+                };
+                let line = &mut plane[y * g.width..][..g.width];
+                let first = valid.start * g.stride + dx - g.padding;
+                let values = &values[valid.clone()];
+                if g.stride == 1 {
+                    let line = &mut line[first..first + values.len()];
+                    line.iter_mut().zip(values).for_each(|(o, &v)| *o += v);
+                } else {
+                    let line = line[first..].iter_mut().step_by(g.stride);
+                    line.zip(values).for_each(|(o, &v)| *o += v);
+                }
+            }
+        }
+    };
+    let plane = g.height * g.width;
+    if parallel {
+        image
+            .par_chunks_mut(plane)
+            .enumerate()
+            .for_each(|(c, p)| add_channel(c, p));
+    } else {
+        for (c, p) in image.chunks_mut(plane).enumerate() {
+            add_channel(c, p);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conv_grad::im2col;
+    use crate::gradcheck::finite_difference_check;
+    use candle_core::{Device, Var};
+
+    /// (channels in, height, width, kernel, stride, padding): ResNet's shapes and odd ones.
+    const CASES: [(usize, usize, usize, usize, usize, usize); 7] = [
+        (3, 11, 9, 7, 2, 3),
+        (4, 8, 8, 3, 1, 1),
+        (4, 9, 7, 3, 2, 1),
+        (5, 6, 7, 1, 1, 0),
+        (5, 7, 6, 1, 2, 0),
+        (2, 10, 9, 5, 3, 2),
+        (3, 5, 6, 3, 1, 0),
+    ];
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b)
+            .and_then(|d| d.abs()?.max_all()?.to_dtype(DType::F64)?.to_scalar::<f64>())
+            .expect("same shapes")
+    }
+
+    #[test]
+    fn every_epilogue_equals_plain_ops_with_the_same_input_and_residual_gradients() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut rng = crate::random::rng(3, "fused convolution test");
+        for (case, (cin, h, w, k, s, p)) in CASES.into_iter().enumerate() {
+            // One image (its GEMM split across threads), or several (an image per thread).
+            let batch = 1 + case % 3;
+            let x = Var::from_tensor(&crate::random::randn(&mut rng, (batch, cin, h, w), &dev)?)?;
+            let weight = crate::random::randn(&mut rng, (5, cin, k, k), &dev)?;
+            let bias = crate::random::randn(&mut rng, 5, &dev)?;
+            let out = conv2d(x.as_tensor(), &weight, s, p)?;
+            let residual = Var::from_tensor(&crate::random::randn(&mut rng, out.shape(), &dev)?)?;
+            for (with_bias, with_residual, relu) in [
+                (true, false, false),
+                (false, false, true),
+                (true, true, true),
+                (false, true, false),
+            ] {
+                let epilogue = Epilogue {
+                    bias: with_bias.then_some(&bias),
+                    residual: with_residual.then_some(residual.as_tensor()),
+                    relu,
+                };
+                let fused = conv2d_fused(x.as_tensor(), &weight, epilogue, s, p)?;
+                let plain = unfused(x.as_tensor(), &weight, epilogue, s, p)?;
+                let case = format!("k={k} s={s} p={p} {h}x{w} bias={with_bias} residual={with_residual} relu={relu}");
+                // Sums of up to 196 products of order 1 in another order: rounding only.
+                assert!(max_diff(&fused, &plain) < 1e-4, "value, {case}");
+                let probe = crate::random::randn(&mut rng, fused.shape(), &dev)?;
+                let g1 = (&fused * &probe)?.sum_all()?.backward()?;
+                let g2 = (&plain * &probe)?.sum_all()?.backward()?;
+                let gx = |g: &candle_core::backprop::GradStore| g.get(x.as_tensor()).cloned();
+                assert!(
+                    max_diff(&gx(&g1).unwrap(), &gx(&g2).unwrap()) < 1e-4,
+                    "input gradient, {case}"
+                );
+                if with_residual {
+                    let r1 = g1.get(residual.as_tensor()).expect("residual gradient");
+                    let r2 = g2.get(residual.as_tensor()).expect("residual gradient");
+                    assert!(max_diff(r1, r2) < 1e-6, "residual gradient, {case}");
+                }
+                // The weights are constants here: no gradient for them.
+                assert!(g1.get(&weight).is_none());
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn input_gradients_match_finite_differences() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut rng = crate::random::rng(4, "fused convolution finite differences");
+        for (case, (cin, h, w, k, s, p)) in CASES.into_iter().enumerate() {
+            let batch = 1 + case % 2;
+            let x =
+                crate::random::randn(&mut rng, (batch, cin, h, w), &dev)?.to_dtype(DType::F64)?;
+            let weight =
+                crate::random::randn(&mut rng, (3, cin, k, k), &dev)?.to_dtype(DType::F64)?;
+            let bias = crate::random::randn(&mut rng, 3, &dev)?.to_dtype(DType::F64)?;
+            let shape = conv2d(&x, &weight, s, p)?.shape().clone();
+            let residual = crate::random::randn(&mut rng, shape, &dev)?.to_dtype(DType::F64)?;
+            let epilogue = |relu| Epilogue {
+                bias: Some(&bias),
+                residual: Some(&residual),
+                relu,
+            };
+            // Without ReLU everywhere; with it, away from its kink (step 1e-6, values of order 1).
+            finite_difference_check(
+                &x,
+                |x| conv2d_fused(x, &weight, epilogue(false), s, p),
+                1e-6,
+                1e-7,
+            )?;
+            finite_difference_check(
+                &x,
+                |x| conv2d_fused(x, &weight, epilogue(true), s, p),
+                1e-6,
+                1e-6,
+            )?;
+            finite_difference_check(
+                &residual,
+                |r| {
+                    conv2d_fused(
+                        &x,
+                        &weight,
+                        Epilogue {
+                            residual: Some(r),
+                            ..epilogue(true)
+                        },
+                        s,
+                        p,
+                    )
+                },
+                1e-6,
+                1e-6,
+            )?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn rows_are_the_transposed_columns_and_rows2im_is_their_adjoint() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut rng = crate::random::rng(5, "im2rows test");
+        for (cin, h, w, k, s, p) in CASES {
+            let x = crate::random::randn(&mut rng, (1, cin, h, w), &dev)?.to_dtype(DType::F64)?;
+            let g = Geometry::conv(cin, (h, w), k, s, p)?;
+            let columns = im2col(&x, &g)?
+                .transpose(1, 2)?
+                .flatten_all()?
+                .to_vec1::<f64>()?;
+            let image = x.flatten_all()?.to_vec1::<f64>()?;
+            for parallel in [false, true] {
+                // Stale values in the buffer must all be overwritten.
+                let mut rows = vec![f64::NAN; columns.len()];
+                im2rows(&image, &g, &mut rows, parallel);
+                assert_eq!(rows, columns, "k={k} s={s} p={p}");
+            }
+            let cols: Vec<f64> = (0..columns.len())
+                .map(|i| (i as f64 * 0.37).sin())
+                .collect();
+            for parallel in [false, true] {
+                let mut back = vec![0.0; image.len()];
+                rows2im(&cols, &g, &mut back, parallel);
+                // <im2rows(x), cols> == <x, rows2im(cols)>.
+                let lhs: f64 = columns.iter().zip(&cols).map(|(a, b)| a * b).sum();
+                let rhs: f64 = image.iter().zip(&back).map(|(a, b)| a * b).sum();
+                assert!(
+                    (lhs - rhs).abs() < 1e-9 * lhs.abs().max(1.0),
+                    "adjoint: {lhs} vs {rhs}"
+                );
+            }
+        }
+        Ok(())
+    }
+}
