@@ -429,8 +429,11 @@ fn slice<'a, T>(data: &'a [T], layout: &Layout) -> Result<&'a [T]> {
 }
 
 /// `dst (m x n) = lhs (m x k) rhs (k x n)`, or `+=` with `accumulate`; `dst` and `rhs`
-/// row-major, `lhs` row-major (strides `(k, 1)`) or column-major (`(1, m)`). With several
-/// threads the rows of `dst` are split between them, each block one single-threaded GEMM.
+/// row-major, `lhs` row-major (strides `(k, 1)`) or column-major (`(1, m)`).
+///
+/// gemm's blocking depends on the matrix sizes only, not on `threads`, so an image gets the same
+/// bits whether it runs alone (threads inside its GEMM) or in a batch (an image per thread): a
+/// bank of attacks must not depend on what else is in it.
 fn gemm_into<T: Float>(
     dst: &mut [T],
     accumulate: bool,
@@ -444,42 +447,32 @@ fn gemm_into<T: Float>(
     let column_major = (lhs_rs, lhs_cs) == (1, m as isize);
     assert!(dst.len() == m * n && rhs.len() == k * n && lhs.len() == m * k);
     assert!(row_major || column_major, "unsupported lhs strides");
-    let block = match threads {
-        Parallelism::Rayon(t) if t > 1 && m >= 16 * t => m.div_ceil(t).next_multiple_of(8),
-        _ => m,
-    };
-    dst.par_chunks_mut(block * n)
-        .enumerate()
-        .for_each(|(b, dst)| {
-            let (first_row, rows) = (b * block, dst.len() / n);
-            // SAFETY: rows `first_row..first_row + rows` of an m x k matrix with these strides
-            // (checked above to be row- or column-major) lie inside `lhs`; `rhs` is k x n and
-            // `dst` rows x n, both row-major and of exactly that length; `dst` is borrowed
-            // mutably and its blocks are disjoint.
-            unsafe {
-                gemm::gemm(
-                    rows,
-                    n,
-                    k,
-                    dst.as_mut_ptr(),
-                    1,
-                    n as isize,
-                    accumulate,
-                    lhs.as_ptr().offset(first_row as isize * lhs_rs),
-                    lhs_cs,
-                    lhs_rs,
-                    rhs.as_ptr(),
-                    1,
-                    n as isize,
-                    T::ONE,
-                    T::ONE,
-                    false,
-                    false,
-                    false,
-                    Parallelism::None,
-                )
-            }
-        });
+    // SAFETY: an m x k matrix with these strides (checked above to be row- or column-major)
+    // lies inside `lhs`; `rhs` is k x n and `dst` m x n, both row-major and of exactly that
+    // length; `dst` is borrowed mutably, so nothing else reads or writes it meanwhile.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_cs,
+            lhs_rs,
+            rhs.as_ptr(),
+            1,
+            n as isize,
+            T::ONE,
+            T::ONE,
+            false,
+            false,
+            false,
+            threads,
+        )
+    }
 }
 
 /// `f(index, plane)` for each `len`-long plane of `values`, on every thread or this one.
@@ -674,6 +667,44 @@ mod tests {
                 }
                 // The weights are constants here: no gradient for them.
                 assert!(g1.get(&weight).is_none());
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn an_image_gets_the_same_bits_alone_and_in_a_batch() -> Result<()> {
+        // Banked attacks rely on it: a job's result must not depend on its bank.
+        let dev = Device::Cpu;
+        let mut rng = crate::random::rng(6, "fused convolution batching");
+        for (cin, h, w, k, s, p) in CASES {
+            let x = Var::from_tensor(&crate::random::randn(&mut rng, (3, cin, h, w), &dev)?)?;
+            let weight = crate::random::randn(&mut rng, (40, cin, k, k), &dev)?;
+            let bias = crate::random::randn(&mut rng, 40, &dev)?;
+            let epilogue = Epilogue {
+                bias: Some(&bias),
+                relu: true,
+                ..Epilogue::default()
+            };
+            let batch = conv2d_fused(x.as_tensor(), &weight, epilogue, s, p)?;
+            let probe = crate::random::randn(&mut rng, batch.shape(), &dev)?;
+            let grads = (&batch * &probe)?.sum_all()?.backward()?;
+            let grad = grads.get(x.as_tensor()).expect("input gradient");
+            for i in 0..3 {
+                let xi = Var::from_tensor(&x.as_tensor().narrow(0, i, 1)?)?;
+                let alone = conv2d_fused(xi.as_tensor(), &weight, epilogue, s, p)?;
+                assert_eq!(
+                    max_diff(&alone, &batch.narrow(0, i, 1)?),
+                    0.0,
+                    "k={k} s={s}"
+                );
+                let g = (&alone * &probe.narrow(0, i, 1)?)?.sum_all()?.backward()?;
+                let gi = g.get(xi.as_tensor()).expect("input gradient");
+                assert_eq!(
+                    max_diff(gi, &grad.narrow(0, i, 1)?),
+                    0.0,
+                    "gradient k={k} s={s}"
+                );
             }
         }
         Ok(())

@@ -4,7 +4,9 @@
 //! adds `weight_decay * p` to the gradient. Both are here, with PyTorch's defaults.
 
 use candle_core::backprop::GradStore;
-use candle_core::{Result, Tensor, Var};
+use candle_core::{CpuStorage, DType, InplaceOp2, Layout, Result, Tensor, Var};
+use rayon::prelude::*;
+use std::sync::Mutex;
 
 /// Adam's hyperparameters; `Default` is PyTorch's (lr 1e-3, betas 0.9/0.999, eps 1e-8, no decay).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -33,8 +35,20 @@ impl Default for AdamConfig {
 
 struct Slot {
     var: Var,
-    m: Tensor,
-    v: Tensor,
+    moments: Moments,
+}
+
+/// Adam's running means of the gradient (`m`) and of its square (`v`).
+enum Moments {
+    /// On the CPU: plain vectors, updated in place together with the weights in one pass.
+    Host(HostMoments),
+    /// Elsewhere: tensors, updated by tensor ops.
+    Tensors { m: Tensor, v: Tensor },
+}
+
+enum HostMoments {
+    F32(Vec<f32>, Vec<f32>),
+    F64(Vec<f64>, Vec<f64>),
 }
 
 /// The optimiser state over a set of variables.
@@ -46,15 +60,28 @@ pub struct Adam {
 
 impl Adam {
     pub fn new(vars: Vec<Var>, config: AdamConfig) -> Result<Self> {
+        Self::build(vars, config, true)
+    }
+
+    fn build(vars: Vec<Var>, config: AdamConfig, fused: bool) -> Result<Self> {
         let slots = vars
             .into_iter()
             .map(|var| {
-                let zeros = var.as_tensor().zeros_like()?;
-                Ok(Slot {
-                    var,
-                    m: zeros.clone(),
-                    v: zeros,
-                })
+                let t = var.as_tensor();
+                let n = t.elem_count();
+                let moments = match t.dtype() {
+                    DType::F32 if fused && t.device().is_cpu() => {
+                        Moments::Host(HostMoments::F32(vec![0.0; n], vec![0.0; n]))
+                    }
+                    DType::F64 if fused && t.device().is_cpu() => {
+                        Moments::Host(HostMoments::F64(vec![0.0; n], vec![0.0; n]))
+                    }
+                    _ => Moments::Tensors {
+                        m: t.zeros_like()?,
+                        v: t.zeros_like()?,
+                    },
+                };
+                Ok(Slot { var, moments })
             })
             .collect::<Result<_>>()?;
         Ok(Self {
@@ -78,50 +105,212 @@ impl Adam {
 
     fn step_entries(&mut self, grads: &GradStore, active: Option<&Tensor>) -> Result<()> {
         self.step += 1;
-        let c = self.config;
-        let bias1 = 1.0 - c.beta1.powi(self.step);
-        let bias2 = 1.0 - c.beta2.powi(self.step);
+        let update = Update {
+            config: self.config,
+            bias1: 1.0 - self.config.beta1.powi(self.step),
+            bias2: 1.0 - self.config.beta2.powi(self.step),
+        };
+        let entries: Option<Vec<bool>> = match active {
+            Some(a)
+                if self
+                    .slots
+                    .iter()
+                    .any(|s| matches!(s.moments, Moments::Host(_))) =>
+            {
+                Some(
+                    a.to_dtype(DType::F64)?
+                        .to_vec1::<f64>()?
+                        .into_iter()
+                        .map(|x| x != 0.0)
+                        .collect(),
+                )
+            }
+            _ => None,
+        };
         for slot in &mut self.slots {
             let Some(g) = grads.get(slot.var.as_tensor()) else {
                 continue;
             };
-            let p = slot.var.as_tensor().detach();
-            let g = if c.weight_decay != 0.0 && !c.decoupled {
-                (g + (&p * c.weight_decay)?)?
-            } else {
-                g.clone()
-            };
-            let m = ((&slot.m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
-            let v = ((&slot.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
-            let m_hat = (&m / bias1)?;
-            let v_hat = (&v / bias2)?;
-            let decayed = if c.weight_decay != 0.0 && c.decoupled {
-                (&p * (1.0 - c.lr * c.weight_decay))?
-            } else {
-                p.clone()
-            };
-            let update = (m_hat / (v_hat.sqrt()? + c.eps)?)?;
-            let next = (decayed - (update * c.lr)?)?;
-            match active {
-                None => {
-                    slot.m = m;
-                    slot.v = v;
-                    slot.var.set(&next)?;
-                }
-                Some(active) => {
-                    let mut dims = vec![1usize; p.rank()];
-                    dims[0] = active.dim(0)?;
-                    let on = active.to_dtype(p.dtype())?.reshape(dims)?;
-                    let keep = |new: &Tensor, old: &Tensor| -> Result<Tensor> {
-                        old + new.sub(old)?.broadcast_mul(&on)?
+            match &mut slot.moments {
+                Moments::Host(moments) => {
+                    let p = slot.var.as_tensor();
+                    if g.shape() != p.shape() {
+                        candle_core::bail!("gradient {:?} for weights {:?}", g.dims(), p.dims());
+                    }
+                    let op = HostStep {
+                        update,
+                        moments: Mutex::new(moments),
+                        entries: entries.as_deref(),
                     };
-                    slot.m = keep(&m, &slot.m)?;
-                    slot.v = keep(&v, &slot.v)?;
-                    slot.var.set(&keep(&next, &p)?)?;
+                    p.inplace_op2(&g.contiguous()?, &op)?;
+                }
+                Moments::Tensors { m, v } => {
+                    update.with_tensors(&slot.var, g, m, v, active)?;
                 }
             }
         }
         Ok(())
+    }
+}
+
+/// One step's constants.
+#[derive(Clone, Copy)]
+struct Update {
+    config: AdamConfig,
+    bias1: f64,
+    bias2: f64,
+}
+
+impl Update {
+    /// The step on one weight with gradient `g`: new `(p, m, v)`.
+    #[inline]
+    fn scalar(&self, p: f64, g: f64, m: f64, v: f64) -> (f64, f64, f64) {
+        let c = &self.config;
+        let g = if c.weight_decay != 0.0 && !c.decoupled {
+            g + c.weight_decay * p
+        } else {
+            g
+        };
+        let m = c.beta1 * m + (1.0 - c.beta1) * g;
+        let v = c.beta2 * v + (1.0 - c.beta2) * g * g;
+        let p = if c.weight_decay != 0.0 && c.decoupled {
+            p * (1.0 - c.lr * c.weight_decay)
+        } else {
+            p
+        };
+        let step = (m / self.bias1) / ((v / self.bias2).sqrt() + c.eps);
+        (p - c.lr * step, m, v)
+    }
+
+    /// The same step by tensor ops (any device).
+    fn with_tensors(
+        &self,
+        var: &Var,
+        g: &Tensor,
+        m_old: &mut Tensor,
+        v_old: &mut Tensor,
+        active: Option<&Tensor>,
+    ) -> Result<()> {
+        let c = self.config;
+        let p = var.as_tensor().detach();
+        let g = if c.weight_decay != 0.0 && !c.decoupled {
+            (g + (&p * c.weight_decay)?)?
+        } else {
+            g.clone()
+        };
+        let m = ((&*m_old * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
+        let v = ((&*v_old * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+        let m_hat = (&m / self.bias1)?;
+        let v_hat = (&v / self.bias2)?;
+        let decayed = if c.weight_decay != 0.0 && c.decoupled {
+            (&p * (1.0 - c.lr * c.weight_decay))?
+        } else {
+            p.clone()
+        };
+        let update = (m_hat / (v_hat.sqrt()? + c.eps)?)?;
+        let next = (decayed - (update * c.lr)?)?;
+        match active {
+            None => {
+                *m_old = m;
+                *v_old = v;
+                var.set(&next)
+            }
+            Some(active) => {
+                let mut dims = vec![1usize; p.rank()];
+                dims[0] = active.dim(0)?;
+                let on = active.to_dtype(p.dtype())?.reshape(dims)?;
+                let keep = |new: &Tensor, old: &Tensor| -> Result<Tensor> {
+                    old + new.sub(old)?.broadcast_mul(&on)?
+                };
+                *m_old = keep(&m, m_old)?;
+                *v_old = keep(&v, v_old)?;
+                var.set(&keep(&next, &p)?)
+            }
+        }
+    }
+}
+
+/// Adam on the CPU: weights, `m` and `v` updated in place in one parallel pass.
+struct HostStep<'a> {
+    update: Update,
+    moments: Mutex<&'a mut HostMoments>,
+    /// Per bank entry (the leading dimension), whether it moves.
+    entries: Option<&'a [bool]>,
+}
+
+impl HostStep<'_> {
+    fn run<T: Copy + Send + Sync + Into<f64>>(
+        &self,
+        p: &mut [T],
+        g: &[T],
+        m: &mut [T],
+        v: &mut [T],
+        cast: impl Fn(f64) -> T + Sync,
+    ) -> Result<()> {
+        let n = p.len();
+        if g.len() != n || m.len() != n || v.len() != n {
+            candle_core::bail!(
+                "adam: {n} weights, {} gradients, {} moments",
+                g.len(),
+                m.len()
+            );
+        }
+        let per_entry = match self.entries {
+            Some(e) if !e.is_empty() && n.is_multiple_of(e.len()) => n / e.len(),
+            Some(e) => {
+                candle_core::bail!("adam: {n} weights do not split into {} entries", e.len())
+            }
+            None => n.max(1),
+        };
+        const CHUNK: usize = 1 << 14;
+        p.par_chunks_mut(per_entry)
+            .zip(m.par_chunks_mut(per_entry))
+            .zip(v.par_chunks_mut(per_entry))
+            .zip(g.par_chunks(per_entry))
+            .enumerate()
+            .for_each(|(entry, (((p, m), v), g))| {
+                if self.entries.is_some_and(|e| !e[entry]) {
+                    return;
+                }
+                p.par_chunks_mut(CHUNK)
+                    .zip(m.par_chunks_mut(CHUNK))
+                    .zip(v.par_chunks_mut(CHUNK))
+                    .zip(g.par_chunks(CHUNK))
+                    .for_each(|(((p, m), v), g)| {
+                        for (((p, m), v), &g) in p.iter_mut().zip(m).zip(v).zip(g) {
+                            let (np, nm, nv) =
+                                self.update
+                                    .scalar((*p).into(), g.into(), (*m).into(), (*v).into());
+                            *p = cast(np);
+                            *m = cast(nm);
+                            *v = cast(nv);
+                        }
+                    });
+            });
+        Ok(())
+    }
+}
+
+impl InplaceOp2 for HostStep<'_> {
+    fn name(&self) -> &'static str {
+        "vulnmap-adam"
+    }
+
+    fn cpu_fwd(&self, p: &mut CpuStorage, pl: &Layout, g: &CpuStorage, gl: &Layout) -> Result<()> {
+        let (Some((p0, p1)), Some((g0, g1))) = (pl.contiguous_offsets(), gl.contiguous_offsets())
+        else {
+            candle_core::bail!("adam: weights and gradients must be contiguous");
+        };
+        let mut moments = self.moments.lock().unwrap_or_else(|e| e.into_inner());
+        match (p, g, &mut **moments) {
+            (CpuStorage::F32(p), CpuStorage::F32(g), HostMoments::F32(m, v)) => {
+                self.run(&mut p[p0..p1], &g[g0..g1], m, v, |x| x as f32)
+            }
+            (CpuStorage::F64(p), CpuStorage::F64(g), HostMoments::F64(m, v)) => {
+                self.run(&mut p[p0..p1], &g[g0..g1], m, v, |x| x)
+            }
+            _ => candle_core::bail!("adam: weights, gradients and moments of one float dtype"),
+        }
     }
 }
 
@@ -183,6 +372,48 @@ mod tests {
             solo.step(&grads)?;
         }
         assert_eq!(v[0], alone.as_tensor().to_vec2::<f64>()?[0]);
+        Ok(())
+    }
+
+    #[test]
+    fn the_in_place_cpu_step_equals_the_tensor_step() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut rng = crate::random::rng(9, "adam paths");
+        for (wd, decoupled) in [(0.0, false), (0.1, false), (0.1, true)] {
+            let config = AdamConfig {
+                lr: 0.05,
+                weight_decay: wd,
+                decoupled,
+                ..Default::default()
+            };
+            // Three bank entries of 5 x 7 weights; entry 1 stops after two steps.
+            let start = crate::random::randn(&mut rng, (3, 5, 7), &dev)?.to_dtype(DType::F64)?;
+            let (a, b) = (Var::from_tensor(&start)?, Var::from_tensor(&start)?);
+            let mut fused = Adam::build(vec![a.clone()], config, true)?;
+            let mut plain = Adam::build(vec![b.clone()], config, false)?;
+            assert!(matches!(fused.slots[0].moments, Moments::Host(_)));
+            assert!(matches!(plain.slots[0].moments, Moments::Tensors { .. }));
+            for step in 0..5 {
+                let active = Tensor::new(&[1f64, (step < 2) as u8 as f64, 1.0], &dev)?;
+                for (var, adam) in [(&a, &mut fused), (&b, &mut plain)] {
+                    let grads = var.as_tensor().powf(3.0)?.sin()?.sum_all()?.backward()?;
+                    adam.step_active(&grads, &active)?;
+                }
+            }
+            let d = (a.as_tensor() - b.as_tensor())?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f64>()?;
+            assert!(
+                d < 1e-12,
+                "wd={wd} decoupled={decoupled}: paths differ by {d}"
+            );
+            let moved = (a.as_tensor() - &start)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f64>()?;
+            assert!(moved > 0.1, "the weights moved ({moved})");
+        }
         Ok(())
     }
 
