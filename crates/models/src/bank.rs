@@ -9,6 +9,8 @@
 
 use crate::conv_grad::{col2im, im2col, Geometry};
 use candle_core::{DType, Device, Result, Tensor, Var};
+use rayon::prelude::*;
+use std::collections::HashMap;
 use vulnmap_data::random;
 
 /// Where and in what dtype a bank's weights live.
@@ -29,17 +31,27 @@ impl Placement {
 }
 
 /// Stacks one tensor per bank entry, each drawn from that entry's seed and `name`.
+///
+/// Each distinct seed is drawn once, on its own thread (a local attack's windows and a random
+/// attack's images usually share one seed, and the authors' generator has 49 M weights).
 fn draw(
     seeds: &[u64],
     name: &str,
     shape: &[usize],
     at: &Placement,
-    f: impl Fn(&mut random::SeededRng, usize) -> Vec<f32>,
+    f: impl Fn(&mut random::SeededRng, usize) -> Vec<f32> + Sync,
 ) -> Result<Var> {
     let n: usize = shape.iter().product();
+    let mut distinct = seeds.to_vec();
+    distinct.sort_unstable();
+    distinct.dedup();
+    let drawn: HashMap<u64, Vec<f32>> = distinct
+        .into_par_iter()
+        .map(|seed| (seed, f(&mut random::rng(seed, name), n)))
+        .collect();
     let mut values = Vec::with_capacity(seeds.len() * n);
-    for &seed in seeds {
-        values.extend(f(&mut random::rng(seed, name), n));
+    for seed in seeds {
+        values.extend_from_slice(&drawn[seed]);
     }
     let mut dims = vec![seeds.len()];
     dims.extend_from_slice(shape);
