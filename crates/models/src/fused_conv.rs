@@ -108,30 +108,25 @@ impl FusedConv {
                 candle_core::bail!("residual {:?} for a {shape:?} output", rl.dims());
             }
         }
-        let out = match (x.0, w.0, residual.map(|r| r.0)) {
-            (CpuStorage::F32(xs), CpuStorage::F32(ws), None) => {
-                CpuStorage::F32(
-                    self.run(slice(xs, x.1)?, slice(ws, w.1)?, None, n, cout, |b| {
-                        b as f32
-                    }),
-                )
+        let mismatch = || candle_core::Error::Msg("fused convolution: one float dtype".into());
+        let out = match (x.0, w.0) {
+            (CpuStorage::F32(xs), CpuStorage::F32(ws)) => {
+                let r = match residual {
+                    Some((CpuStorage::F32(r), rl)) => Some(slice(r, rl)?),
+                    Some(_) => return Err(mismatch()),
+                    None => None,
+                };
+                CpuStorage::F32(self.run(slice(xs, x.1)?, slice(ws, w.1)?, r, n, cout))
             }
-            (CpuStorage::F32(xs), CpuStorage::F32(ws), Some(CpuStorage::F32(rs))) => {
-                let r = slice(rs, residual.map(|r| r.1).unwrap_or(x.1))?;
-                CpuStorage::F32(
-                    self.run(slice(xs, x.1)?, slice(ws, w.1)?, Some(r), n, cout, |b| {
-                        b as f32
-                    }),
-                )
+            (CpuStorage::F64(xs), CpuStorage::F64(ws)) => {
+                let r = match residual {
+                    Some((CpuStorage::F64(r), rl)) => Some(slice(r, rl)?),
+                    Some(_) => return Err(mismatch()),
+                    None => None,
+                };
+                CpuStorage::F64(self.run(slice(xs, x.1)?, slice(ws, w.1)?, r, n, cout))
             }
-            (CpuStorage::F64(xs), CpuStorage::F64(ws), None) => {
-                CpuStorage::F64(self.run(slice(xs, x.1)?, slice(ws, w.1)?, None, n, cout, |b| b))
-            }
-            (CpuStorage::F64(xs), CpuStorage::F64(ws), Some(CpuStorage::F64(rs))) => {
-                let r = slice(rs, residual.map(|r| r.1).unwrap_or(x.1))?;
-                CpuStorage::F64(self.run(slice(xs, x.1)?, slice(ws, w.1)?, Some(r), n, cout, |b| b))
-            }
-            _ => candle_core::bail!("fused convolution: f32 or f64, one dtype throughout"),
+            _ => return Err(mismatch()),
         };
         Ok((out, shape))
     }
@@ -144,7 +139,6 @@ impl FusedConv {
         residual: Option<&[T]>,
         n: usize,
         cout: usize,
-        cast: impl Fn(f64) -> T + Sync,
     ) -> Vec<T> {
         let g = &self.geometry;
         let (image_in, image_out) = (g.channels * g.height * g.width, cout * g.positions());
@@ -153,7 +147,7 @@ impl FusedConv {
             let parallel = matches!(threads, Parallelism::Rayon(_));
             // Start from the bias and residual; the GEMM adds onto them.
             let start = |c: usize, plane: &mut [T]| {
-                let b = self.bias.as_ref().map_or(T::default(), |b| cast(b[c]));
+                let b = self.bias.as_ref().map_or(T::default(), |b| T::of(b[c]));
                 match residual {
                     Some(r) => {
                         let r = &r[i * image_out + c * g.positions()..][..g.positions()];
@@ -413,12 +407,21 @@ trait Float:
     + 'static
 {
     const ONE: Self;
+    fn of(x: f64) -> Self;
 }
+
 impl Float for f32 {
     const ONE: Self = 1.0;
+    fn of(x: f64) -> Self {
+        x as f32
+    }
 }
+
 impl Float for f64 {
     const ONE: Self = 1.0;
+    fn of(x: f64) -> Self {
+        x
+    }
 }
 
 fn slice<'a, T>(data: &'a [T], layout: &Layout) -> Result<&'a [T]> {
