@@ -178,19 +178,7 @@ impl FusedConv {
                 for_each_plane(y, g.positions(), parallel, |_, plane| relu_in_place(plane));
             }
         };
-        let threads = rayon::current_num_threads();
-        if n >= threads && threads > 1 {
-            out.par_chunks_mut(image_out)
-                .enumerate()
-                .for_each_init(Vec::new, |cols, (i, y)| {
-                    one_image(i, y, cols, Parallelism::None)
-                });
-        } else {
-            let mut cols = Vec::new();
-            for (i, y) in out.chunks_mut(image_out).enumerate() {
-                one_image(i, y, &mut cols, Parallelism::Rayon(threads));
-            }
-        }
+        per_image(&mut out, image_out, one_image);
         out
     }
 
@@ -302,19 +290,7 @@ impl InputGradient {
                 rows2im(cols, g, dx, matches!(threads, Parallelism::Rayon(_)));
             }
         };
-        let threads = rayon::current_num_threads();
-        if n >= threads && threads > 1 {
-            out.par_chunks_mut(image_in)
-                .enumerate()
-                .for_each_init(Vec::new, |cols, (i, dx)| {
-                    one_image(i, dx, cols, Parallelism::None)
-                });
-        } else {
-            let mut cols = Vec::new();
-            for (i, dx) in out.chunks_mut(image_in).enumerate() {
-                one_image(i, dx, &mut cols, Parallelism::Rayon(threads));
-            }
-        }
+        per_image(&mut out, image_in, one_image);
         out
     }
 }
@@ -475,6 +451,29 @@ fn gemm_into<T: Float>(
             false,
             threads,
         )
+    }
+}
+
+/// `one_image(i, output_i, scratch, threads)` for each `len`-long image of `out`: an image per
+/// thread when there are enough of them, otherwise one at a time with its GEMM split across the
+/// threads. Either way an image gets the same bits (see [`gemm_into`]).
+fn per_image<T: Float>(
+    out: &mut [T],
+    len: usize,
+    one_image: impl Fn(usize, &mut [T], &mut Vec<T>, Parallelism) + Sync,
+) {
+    let threads = rayon::current_num_threads();
+    if out.len() / len.max(1) >= threads && threads > 1 {
+        out.par_chunks_mut(len)
+            .enumerate()
+            .for_each_init(Vec::new, |cols, (i, image)| {
+                one_image(i, image, cols, Parallelism::None)
+            });
+    } else {
+        let mut cols = Vec::new();
+        for (i, image) in out.chunks_mut(len).enumerate() {
+            one_image(i, image, &mut cols, Parallelism::Rayon(threads));
+        }
     }
 }
 
