@@ -80,12 +80,12 @@ impl BatchNorm {
         Ok((scale.reshape((1, c, 1, 1))?, shift.reshape((1, c, 1, 1))?))
     }
 
-    /// The running mean and variance, as they are now.
     /// Whether the scale and shift are trained (Vars) rather than constants.
     pub fn is_trainable(&self) -> bool {
         self.weight.track_op() || self.bias.track_op()
     }
 
+    /// The running mean and variance, as they are now.
     pub fn running_stats(&self) -> (Tensor, Tensor) {
         (
             self.running_mean.as_tensor().detach(),
