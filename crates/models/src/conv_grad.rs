@@ -14,6 +14,7 @@
 //! im2col and col2im have direct CPU kernels; other devices use the window views of
 //! [`crate::windows`], which are slower but exact.
 
+use crate::cpu_kernels::{contiguous, Float};
 use crate::windows::{untap, Pad2d, Windows};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
@@ -262,18 +263,6 @@ pub fn col2im(cols: &Tensor, g: &Geometry) -> Result<Tensor> {
     padded.narrow(2, p, g.height)?.narrow(3, p, g.width)
 }
 
-/// A float type the CPU kernels handle.
-trait Float: Copy + Default + Send + Sync + std::ops::AddAssign + 'static {}
-impl Float for f32 {}
-impl Float for f64 {}
-
-fn contiguous<'a, T>(data: &'a [T], layout: &Layout) -> Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("im2col/col2im need contiguous input"),
-    }
-}
-
 struct Im2Col(Geometry);
 
 impl Im2Col {
@@ -324,8 +313,12 @@ impl CustomOp1 for Im2Col {
         let n = layout.dims()[0];
         let shape = Shape::from((n, self.0.positions(), self.0.column()));
         let out = match storage {
-            CpuStorage::F32(v) => CpuStorage::F32(self.run(contiguous(v, layout)?, n)),
-            CpuStorage::F64(v) => CpuStorage::F64(self.run(contiguous(v, layout)?, n)),
+            CpuStorage::F32(v) => {
+                CpuStorage::F32(self.run(contiguous(v, layout, "im2col/col2im")?, n))
+            }
+            CpuStorage::F64(v) => {
+                CpuStorage::F64(self.run(contiguous(v, layout, "im2col/col2im")?, n))
+            }
             _ => candle_core::bail!("im2col: f32 or f64 only"),
         };
         Ok((out, shape))
@@ -384,8 +377,12 @@ impl CustomOp1 for Col2Im {
         let n = layout.dims()[0];
         let shape = Shape::from((n, g.channels, g.height, g.width));
         let out = match storage {
-            CpuStorage::F32(v) => CpuStorage::F32(self.run(contiguous(v, layout)?, n)),
-            CpuStorage::F64(v) => CpuStorage::F64(self.run(contiguous(v, layout)?, n)),
+            CpuStorage::F32(v) => {
+                CpuStorage::F32(self.run(contiguous(v, layout, "im2col/col2im")?, n))
+            }
+            CpuStorage::F64(v) => {
+                CpuStorage::F64(self.run(contiguous(v, layout, "im2col/col2im")?, n))
+            }
             _ => candle_core::bail!("col2im: f32 or f64 only"),
         };
         Ok((out, shape))

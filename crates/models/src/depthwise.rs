@@ -5,6 +5,7 @@
 //! pass: gigabytes per layer for a batch of ImageNet images. Here the forward and both gradients
 //! are direct loops over each channel plane, and only the input and weights are kept.
 
+use crate::cpu_kernels::{contiguous, Float};
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -49,20 +50,6 @@ pub fn depthwise_conv2d(x: &Tensor, weight: &Tensor, stride: usize) -> Result<Te
 struct Depthwise {
     k: usize,
     stride: usize,
-}
-
-trait Float:
-    Copy + Default + Send + Sync + std::ops::Mul<Output = Self> + std::ops::AddAssign + 'static
-{
-}
-impl Float for f32 {}
-impl Float for f64 {}
-
-fn slice<'a, T>(data: &'a [T], layout: &Layout) -> Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("depthwise convolution needs contiguous tensors"),
-    }
 }
 
 fn forward<T: Float>(x: &[T], w: &[T], g: Geometry) -> Vec<T> {
@@ -157,12 +144,16 @@ impl CustomOp2 for Depthwise {
     ) -> Result<(CpuStorage, Shape)> {
         let g = Geometry::of(xl.dims(), self.k, self.stride)?;
         let out = match (x, w) {
-            (CpuStorage::F32(x), CpuStorage::F32(w)) => {
-                CpuStorage::F32(forward(slice(x, xl)?, slice(w, wl)?, g))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(w)) => {
-                CpuStorage::F64(forward(slice(x, xl)?, slice(w, wl)?, g))
-            }
+            (CpuStorage::F32(x), CpuStorage::F32(w)) => CpuStorage::F32(forward(
+                contiguous(x, xl, "depthwise convolution")?,
+                contiguous(w, wl, "depthwise convolution")?,
+                g,
+            )),
+            (CpuStorage::F64(x), CpuStorage::F64(w)) => CpuStorage::F64(forward(
+                contiguous(x, xl, "depthwise convolution")?,
+                contiguous(w, wl, "depthwise convolution")?,
+                g,
+            )),
             _ => candle_core::bail!("depthwise convolution: f32 or f64 tensors of one dtype"),
         };
         Ok((out, Shape::from((g.n, g.c, g.oh, g.ow))))
@@ -234,16 +225,32 @@ impl CustomOp2 for Backward<'_> {
         let run = |a: &CpuStorage, b: &CpuStorage| -> Result<CpuStorage> {
             Ok(match (a, b, self.part) {
                 (CpuStorage::F32(a), CpuStorage::F32(b), Part::Input) => {
-                    CpuStorage::F32(grad_input(slice(a, al)?, slice(b, bl)?, g))
+                    CpuStorage::F32(grad_input(
+                        contiguous(a, al, "depthwise convolution")?,
+                        contiguous(b, bl, "depthwise convolution")?,
+                        g,
+                    ))
                 }
                 (CpuStorage::F64(a), CpuStorage::F64(b), Part::Input) => {
-                    CpuStorage::F64(grad_input(slice(a, al)?, slice(b, bl)?, g))
+                    CpuStorage::F64(grad_input(
+                        contiguous(a, al, "depthwise convolution")?,
+                        contiguous(b, bl, "depthwise convolution")?,
+                        g,
+                    ))
                 }
                 (CpuStorage::F32(a), CpuStorage::F32(b), Part::Weight) => {
-                    CpuStorage::F32(grad_weight(slice(a, al)?, slice(b, bl)?, g))
+                    CpuStorage::F32(grad_weight(
+                        contiguous(a, al, "depthwise convolution")?,
+                        contiguous(b, bl, "depthwise convolution")?,
+                        g,
+                    ))
                 }
                 (CpuStorage::F64(a), CpuStorage::F64(b), Part::Weight) => {
-                    CpuStorage::F64(grad_weight(slice(a, al)?, slice(b, bl)?, g))
+                    CpuStorage::F64(grad_weight(
+                        contiguous(a, al, "depthwise convolution")?,
+                        contiguous(b, bl, "depthwise convolution")?,
+                        g,
+                    ))
                 }
                 _ => candle_core::bail!("depthwise convolution: f32 or f64 tensors of one dtype"),
             })

@@ -12,6 +12,7 @@
 //! tensor ops.
 
 use crate::conv_grad::{conv2d, Geometry};
+use crate::cpu_kernels::{contiguous, Float};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -112,19 +113,31 @@ impl FusedConv {
         let out = match (x.0, w.0) {
             (CpuStorage::F32(xs), CpuStorage::F32(ws)) => {
                 let r = match residual {
-                    Some((CpuStorage::F32(r), rl)) => Some(slice(r, rl)?),
+                    Some((CpuStorage::F32(r), rl)) => Some(contiguous(r, rl, "fused convolution")?),
                     Some(_) => return Err(mismatch()),
                     None => None,
                 };
-                CpuStorage::F32(self.run(slice(xs, x.1)?, slice(ws, w.1)?, r, n, cout))
+                CpuStorage::F32(self.run(
+                    contiguous(xs, x.1, "fused convolution")?,
+                    contiguous(ws, w.1, "fused convolution")?,
+                    r,
+                    n,
+                    cout,
+                ))
             }
             (CpuStorage::F64(xs), CpuStorage::F64(ws)) => {
                 let r = match residual {
-                    Some((CpuStorage::F64(r), rl)) => Some(slice(r, rl)?),
+                    Some((CpuStorage::F64(r), rl)) => Some(contiguous(r, rl, "fused convolution")?),
                     Some(_) => return Err(mismatch()),
                     None => None,
                 };
-                CpuStorage::F64(self.run(slice(xs, x.1)?, slice(ws, w.1)?, r, n, cout))
+                CpuStorage::F64(self.run(
+                    contiguous(xs, x.1, "fused convolution")?,
+                    contiguous(ws, w.1, "fused convolution")?,
+                    r,
+                    n,
+                    cout,
+                ))
             }
             _ => return Err(mismatch()),
         };
@@ -311,12 +324,18 @@ impl CustomOp2 for InputGradient {
         let (n, cout) = (gl.dims()[0], wl.dims()[0]);
         let shape = Shape::from((n, g.channels, g.height, g.width));
         let out = match (grad, w) {
-            (CpuStorage::F32(gs), CpuStorage::F32(ws)) => {
-                CpuStorage::F32(self.run(slice(gs, gl)?, slice(ws, wl)?, n, cout))
-            }
-            (CpuStorage::F64(gs), CpuStorage::F64(ws)) => {
-                CpuStorage::F64(self.run(slice(gs, gl)?, slice(ws, wl)?, n, cout))
-            }
+            (CpuStorage::F32(gs), CpuStorage::F32(ws)) => CpuStorage::F32(self.run(
+                contiguous(gs, gl, "fused convolution")?,
+                contiguous(ws, wl, "fused convolution")?,
+                n,
+                cout,
+            )),
+            (CpuStorage::F64(gs), CpuStorage::F64(ws)) => CpuStorage::F64(self.run(
+                contiguous(gs, gl, "fused convolution")?,
+                contiguous(ws, wl, "fused convolution")?,
+                n,
+                cout,
+            )),
             _ => candle_core::bail!("fused convolution gradient: f32 or f64, one dtype"),
         };
         Ok((out, shape))
@@ -359,51 +378,17 @@ impl CustomOp2 for ReluMask {
             );
         }
         let out = match (g, y) {
-            (CpuStorage::F32(g), CpuStorage::F32(y)) => {
-                CpuStorage::F32(mask(slice(g, gl)?, slice(y, yl)?))
-            }
-            (CpuStorage::F64(g), CpuStorage::F64(y)) => {
-                CpuStorage::F64(mask(slice(g, gl)?, slice(y, yl)?))
-            }
+            (CpuStorage::F32(g), CpuStorage::F32(y)) => CpuStorage::F32(mask(
+                contiguous(g, gl, "fused convolution")?,
+                contiguous(y, yl, "fused convolution")?,
+            )),
+            (CpuStorage::F64(g), CpuStorage::F64(y)) => CpuStorage::F64(mask(
+                contiguous(g, gl, "fused convolution")?,
+                contiguous(y, yl, "fused convolution")?,
+            )),
             _ => candle_core::bail!("relu mask: f32 or f64, one dtype"),
         };
         Ok((out, gl.shape().clone()))
-    }
-}
-
-/// A float type the CPU kernels handle.
-trait Float:
-    Copy
-    + Default
-    + PartialOrd
-    + Send
-    + Sync
-    + std::ops::Add<Output = Self>
-    + std::ops::AddAssign
-    + 'static
-{
-    const ONE: Self;
-    fn of(x: f64) -> Self;
-}
-
-impl Float for f32 {
-    const ONE: Self = 1.0;
-    fn of(x: f64) -> Self {
-        x as f32
-    }
-}
-
-impl Float for f64 {
-    const ONE: Self = 1.0;
-    fn of(x: f64) -> Self {
-        x
-    }
-}
-
-fn slice<'a, T>(data: &'a [T], layout: &Layout) -> Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("fused convolution needs contiguous tensors"),
     }
 }
 

@@ -24,6 +24,7 @@
 //! - [`batch_norm`]: BatchNorm with eval and train modes.
 //! - [`conv`]: dense and depthwise convolutions, PyTorch or TF-"SAME" padding.
 //! - [`depthwise`]: CPU depthwise convolution kernels with their own backward pass.
+//! - `cpu_kernels`: what the CPU kernels share (float types, contiguous views).
 //! - [`conv_grad`]: convolution whose backward is GEMM + col2im, skipping unneeded gradients.
 //! - [`fused_conv`]: constant-weight convolution with its bias, residual add and ReLU in one op.
 //! - [`pool`]: max-pooling with a working backward pass; global average pooling.
@@ -52,6 +53,7 @@ pub mod checkpoint;
 pub mod classifier;
 pub mod conv;
 pub mod conv_grad;
+mod cpu_kernels;
 pub mod depthwise;
 pub mod device;
 pub mod efficientnet_lite;
