@@ -42,9 +42,10 @@ commands:
         (VULNMAP_REQUIRE_ASSETS=1, so missing shared assets fail instead of skipping)";
 
 fn root() -> PathBuf {
+    // xtask/ is a folder of the workspace root at compile time: it always has a parent.
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
-        .unwrap()
+        .expect("xtask's manifest folder has a parent")
         .to_path_buf()
 }
 
