@@ -19,7 +19,7 @@ use std::time::Instant;
 use vulnmap_attacks::{local::local_attack, local::LocalAttack, random::random_attack};
 use vulnmap_attacks::{AttackConfig, Goal};
 use vulnmap_models::{zoo, Arch, Classes, Classifier};
-use vulnmap_saliency::{input_gradients, Method, SmoothGrad};
+use vulnmap_saliency::{input_gradients, Method, SmoothGrad, WindowGrid};
 
 /// What to measure.
 #[derive(Debug, Clone, Serialize)]
@@ -36,8 +36,10 @@ pub struct Settings {
     pub window: usize,
     pub stride: usize,
     pub local_iters: usize,
-    /// Timed runs per measurement (after one warm-up).
+    /// Timed runs per measurement (after one warm-up) ...
     pub repeats: usize,
+    /// ... or more for short calls, until about this many seconds are timed.
+    pub min_seconds: f64,
     /// Only the measurements whose name starts with this.
     pub only: Option<String>,
 }
@@ -55,6 +57,7 @@ impl Settings {
             stride: 50,
             local_iters: 5,
             repeats: 3,
+            min_seconds: 1.0,
             only: None,
         }
     }
@@ -71,6 +74,7 @@ impl Settings {
             stride: 32,
             local_iters: 2,
             repeats: 1,
+            min_seconds: 0.0,
             only: None,
         }
     }
@@ -93,9 +97,17 @@ pub struct Measurement {
     pub note: String,
 }
 
-/// Times `f` (median of `repeats` after a warm-up) and its peak memory.
-fn time(repeats: usize, mut f: impl FnMut() -> Result<()>) -> Result<(f64, usize)> {
+/// Times `f` (median of at least `repeats.0` runs after a warm-up) and its peak memory.
+///
+/// Short calls run more often, until about `repeats.1` seconds are timed (at most 15 runs): on a
+/// shared machine a median of three 60 ms runs moves by a quarter between runs of the benchmark.
+fn time(repeats: (usize, f64), mut f: impl FnMut() -> Result<()>) -> Result<(f64, usize)> {
+    let start = Instant::now();
     f()?;
+    let warm_up = start.elapsed().as_secs_f64().max(1e-6);
+    let repeats = repeats
+        .0
+        .max(((repeats.1 / warm_up).ceil() as usize).min(15));
     let mut times = Vec::with_capacity(repeats);
     let mut peak = 0;
     for _ in 0..repeats.max(1) {
@@ -134,6 +146,7 @@ pub fn run(
     let model = model.as_ref();
     let s = settings.size;
     let mut out = Vec::new();
+    let repeats = (settings.repeats, settings.min_seconds);
     let wanted = |name: &str| settings.only.as_deref().is_none_or(|o| name.starts_with(o));
     let mut push = |m: Measurement, out: &mut Vec<Measurement>| {
         report(&m);
@@ -151,15 +164,13 @@ pub fn run(
 
     for &n in settings.batches.iter().filter(|_| wanted("forward")) {
         let x = images(n)?;
-        let (t, peak) = time(settings.repeats, || sync(&model.forward(&x)?))?;
+        let (t, peak) = time(repeats, || sync(&model.forward(&x)?))?;
         push(
             measurement("forward", n, t, peak, "logits of N images"),
             &mut out,
         );
         let targets = vec![0usize; n];
-        let (t, peak) = time(settings.repeats, || {
-            sync(&input_gradients(model, &x, &targets, n)?)
-        })?;
+        let (t, peak) = time(repeats, || sync(&input_gradients(model, &x, &targets, n)?))?;
         push(
             measurement(
                 "forward+input-gradient",
@@ -179,9 +190,7 @@ pub fn run(
             batch_size: settings.smoothgrad_samples,
             ..SmoothGrad::default()
         });
-        let (t, peak) = time(settings.repeats, || {
-            sync(&smoothgrad.attribute(model, &x, &[0])?)
-        })?;
+        let (t, peak) = time(repeats, || sync(&smoothgrad.attribute(model, &x, &[0])?))?;
         push(
             measurement(
                 "smoothgrad",
@@ -206,11 +215,11 @@ pub fn run(
     if wanted("attack-iteration") {
         let x = images(n)?;
         let goals = vec![Goal::Untargeted; n];
-        let (short, _) = time(settings.repeats, || {
+        let (short, _) = time(repeats, || {
             random_attack(model, &x, &goals, &config(1)).map(|_| ())?;
             Ok(())
         })?;
-        let (long, peak) = time(settings.repeats, || {
+        let (long, peak) = time(repeats, || {
             random_attack(model, &x, &goals, &config(4)).map(|_| ())?;
             Ok(())
         })?;
@@ -238,7 +247,10 @@ pub fn run(
             batch_size: 16,
             ..config(settings.local_iters)
         };
-        let (t, peak) = time(settings.repeats.min(2), || {
+        let windows = WindowGrid::new(spec.window, spec.stride)
+            .positions((s, s))?
+            .len();
+        let (t, peak) = time((settings.repeats.min(2), 0.0), || {
             local_attack(model, &x, 0, &spec, &local_config).map(|_| ())?;
             Ok(())
         })?;
@@ -249,7 +261,7 @@ pub fn run(
                 t,
                 peak,
                 &format!(
-                    "w = {}, s = {}, {} updates per window, windows banked by 16",
+                    "w = {}, s = {} ({windows} windows), {} updates per window, windows banked by 16",
                     settings.window, settings.stride, settings.local_iters
                 ),
             ),
