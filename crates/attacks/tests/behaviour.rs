@@ -4,6 +4,7 @@
 mod common;
 
 use candle_core::{DType, Device, Result as CResult, Tensor};
+use common::device;
 use vulnmap_attacks::baselines::{pgd, Norm, Pgd};
 use vulnmap_attacks::engine::run;
 use vulnmap_attacks::local::{local_attack, LocalAttack};
@@ -274,7 +275,7 @@ fn a_nan_loss_stops_that_image_with_a_reported_failure() {
         .to_vec1::<f32>()
         .unwrap();
     first[0] = 0.123;
-    let first = Tensor::from_vec(first, (3, 128, 128), &Device::Cpu).unwrap();
+    let first = Tensor::from_vec(first, (3, 128, 128), &device()).unwrap();
     let pixels = Tensor::stack(&[first, data.pixels.get(1).unwrap()], 0).unwrap();
     let poisoned = Poisoned(data.model.as_ref());
     let window = Region::Window {
@@ -416,7 +417,7 @@ fn pgd_and_fgsm_respect_their_budget_and_flip_labels() {
     for v in &mut m[..64 * 128] {
         *v = 1.0;
     }
-    let mask = Tensor::from_vec(m.clone(), (128, 128), &Device::Cpu).unwrap();
+    let mask = Tensor::from_vec(m.clone(), (128, 128), &device()).unwrap();
     let masks = vec![mask; 4];
     let outcomes = pgd(
         data.model.as_ref(),

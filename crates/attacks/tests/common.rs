@@ -7,6 +7,11 @@ use vulnmap_data::Preprocess;
 use vulnmap_models::fundus_benchmark::{BenchmarkConfig, FundusBenchmark};
 use vulnmap_models::Classifier;
 
+/// The device the tests run on: `$VULNMAP_DEVICE`, `cpu` when unset.
+pub fn device() -> Device {
+    vulnmap_models::device_from_env().unwrap_or_else(|e| panic!("{e}"))
+}
+
 pub struct Lesions {
     pub model: Box<dyn Classifier>,
     pub pixels: Tensor,
@@ -21,7 +26,7 @@ pub fn lesions(count: usize) -> Lesions {
         Path::new(env!("CARGO_TARGET_TMPDIR")),
     )
     .unwrap();
-    let model = bench.model(&Device::Cpu).unwrap();
+    let model = bench.model(&device()).unwrap();
     let dataset = bench.dataset().unwrap();
     let splits = bench.splits(&dataset);
     let idx: Vec<usize> = splits
@@ -35,7 +40,7 @@ pub fn lesions(count: usize) -> Lesions {
         .iter()
         .map(|&i| dataset.samples[i].path.clone())
         .collect();
-    let pixels = Preprocess::none().load_batch(&paths, &Device::Cpu).unwrap();
+    let pixels = Preprocess::none().load_batch(&paths, &device()).unwrap();
     let masks = idx
         .iter()
         .map(|&i| {

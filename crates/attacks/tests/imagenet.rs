@@ -3,7 +3,10 @@
 //! to keep the test short); perturbed images stay in [0, 1] and change only where the mask
 //! allows.
 
-use candle_core::{DType, Device, Tensor};
+mod common;
+
+use candle_core::{DType, Tensor};
+use common::device;
 use vulnmap_attacks::engine::run;
 use vulnmap_attacks::random::random_attack;
 use vulnmap_attacks::{AttackConfig, GeneratorChoice, Goal, Job, Masking, Region};
@@ -18,11 +21,11 @@ fn lite0_coffee() -> Option<(Box<dyn Classifier>, Tensor)> {
         Arch::EfficientNetLite0,
         Some(&weights),
         DType::F32,
-        &Device::Cpu,
+        &device(),
     )
     .unwrap();
     let pixels = Preprocess::torchvision_eval(224)
-        .load_batch(&[image], &Device::Cpu)
+        .load_batch(&[image], &device())
         .unwrap();
     Some((model, pixels))
 }
@@ -131,7 +134,7 @@ fn noise_stays_inside_its_window_and_its_mask() {
             m[y * 224 + x] = if (x + y) % 2 == 0 { 1.0 } else { 0.3 };
         }
     }
-    let mask = Tensor::from_vec(m.clone(), (224, 224), &Device::Cpu).unwrap();
+    let mask = Tensor::from_vec(m.clone(), (224, 224), &device()).unwrap();
     let jobs = [Job {
         image: 0,
         goal: Goal::Untargeted,

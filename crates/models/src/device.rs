@@ -1,4 +1,5 @@
-//! Devices by name: `cpu`, `cuda`, `cuda:N`, or `auto` (CUDA when built with it and a GPU is present).
+//! Devices by name: `cpu`, `cuda`, `cuda:N`, or `auto` (CUDA when built with it and a GPU is
+//! present), given directly or through `$VULNMAP_DEVICE`.
 
 use crate::error::{Error, Result};
 use candle_core::Device;
@@ -16,6 +17,21 @@ pub fn parse_device(name: &str) -> Result<Device> {
                 "unknown device `{name}`; expected cpu, cuda, cuda:N or auto"
             ))),
         },
+    }
+}
+
+/// The variable that names the device [`device_from_env`] opens.
+pub const DEVICE_VAR: &str = "VULNMAP_DEVICE";
+
+/// The device named by `$VULNMAP_DEVICE`, `cpu` when it is unset: the test suites run on it, so
+/// `VULNMAP_DEVICE=cuda cargo test --features cuda` runs them on a GPU.
+pub fn device_from_env() -> Result<Device> {
+    match std::env::var(DEVICE_VAR) {
+        Ok(name) => {
+            parse_device(&name).map_err(|e| Error::InvalidArgument(format!("${DEVICE_VAR}: {e}")))
+        }
+        Err(std::env::VarError::NotPresent) => Ok(Device::Cpu),
+        Err(e) => Err(Error::InvalidArgument(format!("${DEVICE_VAR}: {e}"))),
     }
 }
 

@@ -38,7 +38,7 @@
 //! - [`optim`]: Adam with PyTorch's semantics (and AdamW).
 //! - [`init`]: seeded initialisation of trainable weights.
 //! - `random`: seeded random draws (re-exported from `vulnmap_data::random`).
-//! - [`device`]: device names (`cpu`, `cuda:N`, `auto`).
+//! - [`device`]: device names (`cpu`, `cuda:N`, `auto`), and `$VULNMAP_DEVICE` for the tests.
 //! - [`gradcheck`]: finite-difference checks of input gradients.
 //! - [`imagenet`]: the 1000 ImageNet class names.
 //!
@@ -77,7 +77,7 @@ pub mod zoo;
 
 pub use checkpoint::{save_safetensors, Checkpoint};
 pub use classifier::{Classes, Classifier, InputSpec, Score, ScoredClassifier};
-pub use device::parse_device;
+pub use device::{device_from_env, parse_device};
 pub use efficientnet_lite::EfficientNetLite0;
 pub use error::{Error, Result, TensorProblem};
 pub use hub::HubFile;

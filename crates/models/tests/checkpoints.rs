@@ -3,7 +3,7 @@
 
 mod common;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use common::*;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -25,7 +25,7 @@ fn all_tensors(ckpt: &Checkpoint) -> BTreeMap<String, Tensor> {
         .map(|k| {
             (
                 k.to_string(),
-                ckpt.tensor(k, DType::F32, &Device::Cpu).unwrap(),
+                ckpt.tensor(k, DType::F32, &device()).unwrap(),
             )
         })
         .collect()
@@ -40,7 +40,7 @@ fn pytorch_pth_nested_prefixed_and_mixed_dtype_loads_and_matches_torch() {
         vulnmap_models::checkpoint::detect_architecture(&ckpt.shapes()).as_deref(),
         Some("tiny-resnet")
     );
-    let model = zoo::from_checkpoint(Arch::TinyResNet, &ckpt, DType::F32, &Device::Cpu).unwrap();
+    let model = zoo::from_checkpoint(Arch::TinyResNet, &ckpt, DType::F32, &device()).unwrap();
     assert_eq!(model.num_classes(), 3);
     let expected = read_fixture(&fixture("tiny_resnet_expected.safetensors"));
     let got = to_vec(&model.forward(&expected["pixels"]).unwrap());
@@ -87,7 +87,7 @@ fn checkpoint_of_another_architecture_names_tensors_and_both_shapes() {
     let Some(path) = test_asset("fixtures/resnet50_tvinit_f16.safetensors") else {
         return;
     };
-    let err = zoo::load(Arch::ResNet18, Some(&path), DType::F32, &Device::Cpu).unwrap_err();
+    let err = zoo::load(Arch::ResNet18, Some(&path), DType::F32, &device()).unwrap_err();
     let msg = err.to_string();
     println!("{msg}");
     assert!(msg.contains("does not fit resnet18"), "{msg}");
@@ -119,7 +119,7 @@ fn a_missing_tensor_is_named_with_its_expected_shape() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("resnet18_missing.safetensors");
     save_safetensors(&path, &tensors, HashMap::new(), Some(DType::F16)).unwrap();
-    let msg = zoo::load(Arch::ResNet18, Some(&path), DType::F32, &Device::Cpu)
+    let msg = zoo::load(Arch::ResNet18, Some(&path), DType::F32, &device())
         .unwrap_err()
         .to_string();
     assert!(msg.contains("resnet18_missing.safetensors does not fit resnet18: 0 misshapen, 1 missing, 0 unexpected"), "{msg}");
@@ -137,12 +137,12 @@ fn an_unexpected_tensor_is_an_error_too() {
     let mut tensors = all_tensors(&Checkpoint::open(&src).unwrap());
     tensors.insert(
         "head.extra".into(),
-        Tensor::zeros((2, 5), DType::F32, &Device::Cpu).unwrap(),
+        Tensor::zeros((2, 5), DType::F32, &device()).unwrap(),
     );
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("extra.safetensors");
     save_safetensors(&path, &tensors, HashMap::new(), None).unwrap();
-    let msg = zoo::load(Arch::ResNet18, Some(&path), DType::F32, &Device::Cpu)
+    let msg = zoo::load(Arch::ResNet18, Some(&path), DType::F32, &device())
         .unwrap_err()
         .to_string();
     assert!(
@@ -153,7 +153,7 @@ fn an_unexpected_tensor_is_an_error_too() {
 
 #[test]
 fn saved_trained_weights_reload_with_their_class_names() {
-    let device = Device::Cpu;
+    let device = device();
     let classes = Classes::new(vec!["healthy".into(), "lesion".into()]);
     let (model, varmap) = zoo::fresh(Arch::TinyResNet, &classes, 5, DType::F32, &device).unwrap();
     let x = Tensor::rand(0f32, 1f32, (2, 3, 64, 64), &device).unwrap();
@@ -197,7 +197,7 @@ fn hub_weights_come_from_the_local_cache_and_offline_misses_say_how_to_pass_a_fi
     std::env::set_var("HF_HUB_CACHE", dir.path());
     std::env::set_var("HF_HUB_OFFLINE", "1");
 
-    let err = zoo::load(Arch::ResNet50, None, DType::F32, &Device::Cpu)
+    let err = zoo::load(Arch::ResNet50, None, DType::F32, &device())
         .unwrap_err()
         .to_string();
     assert!(err.contains("timm/resnet50.tv_in1k"), "{err}");
@@ -216,12 +216,12 @@ fn hub_weights_come_from_the_local_cache_and_offline_misses_say_how_to_pass_a_fi
     std::fs::copy(&src, snapshot.join("model.safetensors")).unwrap();
     let hub = HubFile::default_for("resnet18").unwrap();
     assert_eq!(hub.resolve().unwrap(), snapshot.join("model.safetensors"));
-    let model = zoo::load(Arch::ResNet18, None, DType::F32, &Device::Cpu).unwrap();
+    let model = zoo::load(Arch::ResNet18, None, DType::F32, &device()).unwrap();
     assert_eq!(model.arch(), "resnet18");
     // Any repo by id, with an explicit file.
     let uri = Path::new("hf://timm/resnet18.tv_in1k/model.safetensors");
     assert_eq!(
-        zoo::load(Arch::ResNet18, Some(uri), DType::F32, &Device::Cpu)
+        zoo::load(Arch::ResNet18, Some(uri), DType::F32, &device())
             .unwrap()
             .arch(),
         "resnet18"
@@ -230,7 +230,7 @@ fn hub_weights_come_from_the_local_cache_and_offline_misses_say_how_to_pass_a_fi
         Arch::ResNet18,
         Some(Path::new("hf://someone/else")),
         DType::F32,
-        &Device::Cpu,
+        &device(),
     )
     .unwrap_err()
     .to_string();
@@ -242,13 +242,13 @@ fn hub_weights_come_from_the_local_cache_and_offline_misses_say_how_to_pass_a_fi
         Arch::ResNet18,
         Some(Path::new("hf://justone")),
         DType::F32,
-        &Device::Cpu,
+        &device(),
     )
     .unwrap_err()
     .to_string();
     assert!(err.contains("hf://owner/name"), "{err}");
 
-    let err = zoo::load(Arch::EfficientNetLite0, None, DType::F32, &Device::Cpu)
+    let err = zoo::load(Arch::EfficientNetLite0, None, DType::F32, &device())
         .unwrap_err()
         .to_string();
     assert!(

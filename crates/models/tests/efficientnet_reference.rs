@@ -3,7 +3,7 @@
 
 mod common;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use common::*;
 use vulnmap_data::assets::test_asset;
 use vulnmap_models::{zoo, Arch};
@@ -21,7 +21,7 @@ fn lite0_matches_the_reference_on_every_image() {
         Arch::EfficientNetLite0,
         Some(&weights),
         DType::F32,
-        &Device::Cpu,
+        &device(),
     )
     .unwrap();
     assert_eq!(model.classes().name(967), Some("espresso"));

@@ -2,13 +2,16 @@
 //! the path (normalisation, padding, max-pool, depthwise convolution, BatchNorm in both modes)
 //! composes to the right backward pass.
 
-use candle_core::{DType, Device, Tensor};
+mod common;
+
+use candle_core::{DType, Tensor};
+use common::device;
 use vulnmap_data::assets::test_asset;
 use vulnmap_models::gradcheck::gradient_error;
 use vulnmap_models::{random, zoo, Arch, Classes, Classifier};
 
 fn check(model: &dyn Classifier, size: usize, train: bool) {
-    let device = Device::Cpu;
+    let device = device();
     let arch = model.arch();
     let mut rng = random::rng(3, "gradcheck pixels");
     let values = random::uniform_vec(&mut rng, 2 * 3 * size * size, 0.0, 1.0);
@@ -34,7 +37,7 @@ fn tiny_resnet_input_gradient_matches_finite_differences() {
         &Classes::numbered(4),
         11,
         DType::F64,
-        &Device::Cpu,
+        &device(),
     )
     .unwrap();
     check(model.as_ref(), 33, false);
@@ -52,7 +55,7 @@ fn efficientnet_lite0_input_gradient_matches_finite_differences() {
         Arch::EfficientNetLite0,
         Some(&weights),
         DType::F64,
-        &Device::Cpu,
+        &device(),
     )
     .unwrap();
     check(model.as_ref(), 35, false);

@@ -3,7 +3,7 @@
 
 mod common;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use common::*;
 use vulnmap_data::assets::test_asset;
 use vulnmap_models::{zoo, Arch, Checkpoint};
@@ -18,7 +18,7 @@ fn check(arch: Arch, stem: &str) {
     let fixture = read_fixture(&parity);
     let pixels = &fixture["pixels"];
     let checkpoint = Checkpoint::open(&weights).unwrap();
-    let model = zoo::from_checkpoint(arch, &checkpoint, DType::F32, &Device::Cpu).unwrap();
+    let model = zoo::from_checkpoint(arch, &checkpoint, DType::F32, &device()).unwrap();
     assert_eq!(model.num_classes(), 1000);
 
     // Eval logits.
@@ -81,8 +81,8 @@ fn features_then_forward_from_equals_forward() {
     let Some(weights) = test_asset("fixtures/resnet18_tvinit_f16.safetensors") else {
         return;
     };
-    let model = zoo::load(Arch::ResNet18, Some(&weights), DType::F32, &Device::Cpu).unwrap();
-    let x = Tensor::rand(0f32, 1f32, (2, 3, 64, 64), &Device::Cpu).unwrap();
+    let model = zoo::load(Arch::ResNet18, Some(&weights), DType::F32, &device()).unwrap();
+    let x = Tensor::rand(0f32, 1f32, (2, 3, 64, 64), &device()).unwrap();
     let want = to_vec(&model.forward(&x).unwrap());
     for layer in model
         .layers()

@@ -2,7 +2,10 @@
 //! accuracy; fine-tuning keeps the backbone from a checkpoint, trains a fresh head, and can freeze
 //! the backbone.
 
-use candle_core::{DType, Device};
+mod common;
+
+use candle_core::DType;
+use common::device;
 use std::path::Path;
 use std::sync::Arc;
 use vulnmap_data::loader::Loader;
@@ -39,7 +42,7 @@ fn tiny_resnet_learns_healthy_vs_lesion_on_synthetic_fundus() {
     );
 
     // The cached checkpoint is reusable: reloaded, it scores what training reported.
-    let model = bench.model(&Device::Cpu).unwrap();
+    let model = bench.model(&device()).unwrap();
     assert_eq!(
         model.classes().names(),
         &["healthy".to_string(), "lesion".to_string()]
@@ -77,14 +80,13 @@ fn finetuning_replaces_the_head_and_a_frozen_backbone_stays_put() {
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny_resnet.pth");
     let checkpoint = Checkpoint::open(&fixture).unwrap();
     let classes = Classes::new(vec!["healthy".into(), "lesion".into()]);
-    let model =
-        TrainableModel::finetune(Arch::TinyResNet, &checkpoint, &classes, 64, 1, &Device::Cpu)
-            .unwrap();
+    let model = TrainableModel::finetune(Arch::TinyResNet, &checkpoint, &classes, 64, 1, &device())
+        .unwrap();
     assert_eq!(model.model.num_classes(), 2);
     let before = model.snapshot().unwrap();
     assert_eq!(before["fc.weight"].dims(), &[2, 128]);
     let conv = checkpoint
-        .tensor("layer2.0.conv1.weight", DType::F32, &Device::Cpu)
+        .tensor("layer2.0.conv1.weight", DType::F32, &device())
         .unwrap();
     assert_eq!(
         before["layer2.0.conv1.weight"]
@@ -137,7 +139,7 @@ fn finetuning_replaces_the_head_and_a_frozen_backbone_stays_put() {
         Arch::TinyResNet,
         Some(&dir.path().join("best.safetensors")),
         DType::F32,
-        &Device::Cpu,
+        &device(),
     )
     .unwrap();
     assert_eq!(reloaded.classes(), &classes);
@@ -149,7 +151,7 @@ fn finetuning_from_a_checkpoint_of_another_architecture_fails_naming_tensors() {
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny_resnet.pth");
     let checkpoint = Checkpoint::open(&fixture).unwrap();
     let classes = Classes::numbered(2);
-    let err = TrainableModel::finetune(Arch::ResNet18, &checkpoint, &classes, 224, 1, &Device::Cpu)
+    let err = TrainableModel::finetune(Arch::ResNet18, &checkpoint, &classes, 224, 1, &device())
         .err()
         .unwrap()
         .to_string();

@@ -5,7 +5,10 @@
 //! The model is explained through its centred logits (each logit minus their mean): for a
 //! two-class model the raw logits share a large component the softmax ignores.
 
-use candle_core::{DType, Device, Tensor};
+mod common;
+
+use candle_core::{DType, Tensor};
+use common::device;
 use std::path::Path;
 use vulnmap_data::{Dataset, Preprocess};
 use vulnmap_models::fundus_benchmark::{BenchmarkConfig, FundusBenchmark};
@@ -32,7 +35,7 @@ fn lesion_images(count: usize) -> Lesions {
         Path::new(env!("CARGO_TARGET_TMPDIR")),
     )
     .unwrap();
-    let model = centred(bench.model(&Device::Cpu).unwrap());
+    let model = centred(bench.model(&device()).unwrap());
     let dataset: Dataset = bench.dataset().unwrap();
     let splits = bench.splits(&dataset);
     let lesion = dataset.classes.iter().position(|c| c == "lesion").unwrap();
@@ -46,7 +49,7 @@ fn lesion_images(count: usize) -> Lesions {
         .iter()
         .map(|&i| dataset.samples[i].path.clone())
         .collect();
-    let pixels = Preprocess::none().load_batch(&paths, &Device::Cpu).unwrap();
+    let pixels = Preprocess::none().load_batch(&paths, &device()).unwrap();
     let predicted = vulnmap_saliency::predicted_classes(model.as_ref(), &pixels, 32).unwrap();
     let keep: Vec<usize> = (0..candidates.len())
         .filter(|&k| predicted[k] == lesion)
@@ -66,7 +69,7 @@ fn lesion_images(count: usize) -> Lesions {
             .map(|&k| k as u32)
             .collect::<Vec<_>>()
             .as_slice(),
-        &Device::Cpu,
+        &device(),
     )
     .unwrap();
     Lesions {
@@ -157,7 +160,7 @@ fn maps_change_when_the_top_layers_are_reinitialised() {
             &["fc.", "layer4."],
             7,
             DType::F32,
-            &Device::Cpu,
+            &device(),
         )
         .unwrap(),
     );
@@ -206,7 +209,7 @@ fn maps_change_when_the_top_layers_are_reinitialised() {
             Arch::TinyResNet,
             Some(&data.checkpoint),
             DType::F32,
-            &Device::Cpu,
+            &device(),
         )
         .unwrap(),
     );

@@ -2,7 +2,10 @@
 //! most salient pixels first drops the class probability faster than a random order (lower
 //! deletion AUC), and inserting them first raises it faster (higher insertion AUC).
 
-use candle_core::{DType, Device, Tensor};
+mod common;
+
+use candle_core::{DType, Tensor};
+use common::device;
 use vulnmap_data::assets::test_asset;
 use vulnmap_data::Preprocess;
 use vulnmap_models::{random, zoo, Arch};
@@ -21,7 +24,7 @@ fn smoothgrad_beats_a_random_map_on_deletion_and_insertion() {
         Arch::EfficientNetLite0,
         Some(&weights),
         DType::F32,
-        &Device::Cpu,
+        &device(),
     )
     .unwrap();
     let files: Vec<_> = [
@@ -38,7 +41,7 @@ fn smoothgrad_beats_a_random_map_on_deletion_and_insertion() {
     .map(|f| dir.join(f))
     .collect();
     let pixels = Preprocess::torchvision_eval(224)
-        .load_batch(&files, &Device::Cpu)
+        .load_batch(&files, &device())
         .unwrap();
     let targets = vulnmap_saliency::predicted_classes(model.as_ref(), &pixels, 8).unwrap();
     let smoothgrad = Method::SmoothGrad(SmoothGrad {
@@ -63,7 +66,7 @@ fn smoothgrad_beats_a_random_map_on_deletion_and_insertion() {
             0.0,
             1.0,
         );
-        let random_map = Tensor::from_vec(noise, (224, 224), &Device::Cpu).unwrap();
+        let random_map = Tensor::from_vec(noise, (224, 224), &device()).unwrap();
         let del = metric
             .deletion(model.as_ref(), &image, &map, targets[i])
             .unwrap()
@@ -104,11 +107,11 @@ fn curves_start_and_end_where_they_must() {
         Arch::EfficientNetLite0,
         Some(&weights),
         DType::F32,
-        &Device::Cpu,
+        &device(),
     )
     .unwrap();
-    let image = Tensor::rand(0f32, 1.0, (3, 32, 32), &Device::Cpu).unwrap();
-    let map = Tensor::rand(0f32, 1.0, (32, 32), &Device::Cpu).unwrap();
+    let image = Tensor::rand(0f32, 1.0, (3, 32, 32), &device()).unwrap();
+    let map = Tensor::rand(0f32, 1.0, (32, 32), &device()).unwrap();
     let metric = CausalMetric {
         pixels_per_step: 100,
         ..CausalMetric::default()

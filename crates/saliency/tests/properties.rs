@@ -2,7 +2,10 @@
 //! noise is the gradient, Integrated Gradients is complete, occlusion on a linear model is the
 //! analytic answer, batching changes nothing, and bad parameters are refused with a reason.
 
+mod common;
+
 use candle_core::{DType, Device, Result as CResult, Tensor};
+use common::device;
 use std::path::Path;
 use vulnmap_models::fundus_benchmark::{BenchmarkConfig, FundusBenchmark};
 use vulnmap_models::{random, Classes, Classifier, InputSpec};
@@ -23,7 +26,7 @@ struct Linear {
 impl Linear {
     fn new(k: usize, (c, h, w): (usize, usize, usize)) -> Self {
         let mut rng = random::rng(1, "linear");
-        let device = Device::Cpu;
+        let device = device();
         Self {
             w: random::randn(&mut rng, (k, c * h * w), &device).unwrap(),
             b: random::randn(&mut rng, k, &device).unwrap(),
@@ -82,14 +85,14 @@ fn benchmark_model() -> (Box<dyn Classifier>, Tensor) {
         Path::new(env!("CARGO_TARGET_TMPDIR")),
     )
     .unwrap();
-    let model = bench.model(&Device::Cpu).unwrap();
+    let model = bench.model(&device()).unwrap();
     let dataset = bench.dataset().unwrap();
     let paths: Vec<_> = dataset.samples[..3]
         .iter()
         .map(|s| s.path.clone())
         .collect();
     let pixels = vulnmap_data::Preprocess::none()
-        .load_batch(&paths, &Device::Cpu)
+        .load_batch(&paths, &device())
         .unwrap();
     (model, pixels)
 }
@@ -142,7 +145,7 @@ fn lite0_and_images() -> Option<(Box<dyn Classifier>, Tensor)> {
         vulnmap_models::Arch::EfficientNetLite0,
         Some(&weights),
         DType::F32,
-        &Device::Cpu,
+        &device(),
     )
     .unwrap();
     let files: Vec<_> = ["chelsea.png", "coffee.png"]
@@ -150,7 +153,7 @@ fn lite0_and_images() -> Option<(Box<dyn Classifier>, Tensor)> {
         .map(|f| dir.join(f))
         .collect();
     let pixels = vulnmap_data::Preprocess::torchvision_eval(224)
-        .load_batch(&files, &Device::Cpu)
+        .load_batch(&files, &device())
         .unwrap();
     Some((model, pixels))
 }
@@ -209,7 +212,7 @@ fn occlusion_on_a_linear_model_is_the_analytic_answer() {
     let (c, h, w) = (3, 10, 9);
     let model = Linear::new(4, (c, h, w));
     let mut rng = random::rng(2, "pixels");
-    let pixels = random::randn(&mut rng, (2, c, h, w), &Device::Cpu).unwrap();
+    let pixels = random::randn(&mut rng, (2, c, h, w), &device()).unwrap();
     let occlusion = Occlusion {
         window: 4,
         stride: 3,

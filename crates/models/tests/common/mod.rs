@@ -5,9 +5,14 @@ use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::Path;
 
-/// All tensors of a safetensors fixture, in f32 where they are floating point.
+/// The device the tests run on: `$VULNMAP_DEVICE`, `cpu` when unset.
+pub fn device() -> Device {
+    vulnmap_models::device_from_env().unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// All tensors of a safetensors fixture, on [`device`], in f32 where they are floating point.
 pub fn read_fixture(path: &Path) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(path, &Device::Cpu)
+    candle_core::safetensors::load(path, &device())
         .unwrap_or_else(|e| panic!("cannot read fixture {}: {e}", path.display()))
         .into_iter()
         .map(|(k, t)| {
