@@ -186,7 +186,7 @@ mod tests {
 
     #[test]
     fn banked_transposed_convolution_equals_candles_per_entry() -> Result<()> {
-        let dev = Device::Cpu;
+        let dev = crate::device_from_env().expect("$VULNMAP_DEVICE names a device");
         for &(k, s, p, h) in &[
             (4, 1, 0, 1),
             (4, 2, 1, 4),
@@ -222,7 +222,7 @@ mod tests {
 
     #[test]
     fn banked_convolution_equals_candles_per_entry_and_gradients_check() -> Result<()> {
-        let dev = Device::Cpu;
+        let dev = crate::device_from_env().expect("$VULNMAP_DEVICE names a device");
         let at = Placement::f32(&dev);
         let layer = BankedConv2d {
             weight: normal(&[4, 5], "w", &[3, 2, 3, 3], 1.0, &at)?,

@@ -24,14 +24,17 @@ pub fn parse_device(name: &str) -> Result<Device> {
 pub const DEVICE_VAR: &str = "VULNMAP_DEVICE";
 
 /// The device named by `$VULNMAP_DEVICE`, `cpu` when it is unset: the test suites run on it, so
-/// `VULNMAP_DEVICE=cuda cargo test --features cuda` runs them on a GPU.
+/// `VULNMAP_DEVICE=cuda cargo test --workspace --features vulnmap-models/cuda` runs them on a GPU.
 pub fn device_from_env() -> Result<Device> {
-    match std::env::var(DEVICE_VAR) {
-        Ok(name) => {
-            parse_device(&name).map_err(|e| Error::InvalidArgument(format!("${DEVICE_VAR}: {e}")))
-        }
+    device_named_by(std::env::var(DEVICE_VAR))
+}
+
+fn device_named_by(value: std::result::Result<String, std::env::VarError>) -> Result<Device> {
+    let in_var = |e: &dyn std::fmt::Display| Error::InvalidArgument(format!("${DEVICE_VAR}: {e}"));
+    match value {
+        Ok(name) => parse_device(&name).map_err(|e| in_var(&e)),
         Err(std::env::VarError::NotPresent) => Ok(Device::Cpu),
-        Err(e) => Err(Error::InvalidArgument(format!("${DEVICE_VAR}: {e}"))),
+        Err(e) => Err(in_var(&e)),
     }
 }
 
@@ -60,5 +63,21 @@ mod tests {
             let err = parse_device("cuda:1").unwrap_err().to_string();
             assert!(err.contains("without CUDA"), "{err}");
         }
+    }
+
+    #[test]
+    fn the_environment_names_the_device_and_cpu_is_the_default() {
+        use std::env::VarError;
+        assert!(device_named_by(Err(VarError::NotPresent)).unwrap().is_cpu());
+        assert!(device_named_by(Ok("CPU".into())).unwrap().is_cpu());
+        let err = device_named_by(Ok("tpu".into())).unwrap_err().to_string();
+        assert!(
+            err.contains("VULNMAP_DEVICE") && err.contains("tpu"),
+            "{err}"
+        );
+        let err = device_named_by(Err(VarError::NotUnicode("\u{fffd}".into())))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("VULNMAP_DEVICE"), "{err}");
     }
 }

@@ -47,11 +47,11 @@ impl FreeMask {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{DType, Device};
+    use candle_core::DType;
 
     #[test]
     fn starts_on_everywhere_and_gradients_match_finite_differences() -> Result<()> {
-        let dev = Device::Cpu;
+        let dev = crate::device_from_env().expect("$VULNMAP_DEVICE names a device");
         let mask = FreeMask::new(2, (7, 7), (28, 20), 3.0, &Placement::f32(&dev))?;
         let m = mask.forward()?;
         assert_eq!(m.dims(), &[2, 1, 28, 20]);

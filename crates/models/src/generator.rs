@@ -212,11 +212,10 @@ impl NoiseGenerators {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
 
     #[test]
     fn the_papers_generator_makes_224_by_224_noise_in_range() -> Result<()> {
-        let dev = Device::Cpu;
+        let dev = crate::device_from_env().expect("$VULNMAP_DEVICE names a device");
         let spatial: Vec<usize> = {
             let mut s = vec![1usize];
             for &(_, _, k, st, p) in &GeneratorKind::Paper.layers()? {
@@ -240,7 +239,7 @@ mod tests {
 
     #[test]
     fn generic_generators_fit_any_size_and_seeds_decide_everything() -> Result<()> {
-        let dev = Device::Cpu;
+        let dev = crate::device_from_env().expect("$VULNMAP_DEVICE names a device");
         for &(h, w) in &[(224, 224), (100, 100), (32, 32), (128, 96), (3, 5)] {
             let g = NoiseGenerators::new(
                 GeneratorKind::Generic {
@@ -289,7 +288,7 @@ mod tests {
 
     #[test]
     fn generator_gradients_match_finite_differences() -> Result<()> {
-        let dev = Device::Cpu;
+        let dev = crate::device_from_env().expect("$VULNMAP_DEVICE names a device");
         let at = Placement {
             device: dev.clone(),
             dtype: candle_core::DType::F64,

@@ -113,7 +113,7 @@ mod tests {
 
     #[test]
     fn same_seed_same_weights_and_names_are_independent_of_order() -> Result<()> {
-        let dev = Device::Cpu;
+        let dev = crate::device_from_env().expect("$VULNMAP_DEVICE names a device");
         let draw = |names: &[&str], seed| -> Result<Vec<Vec<f32>>> {
             let vm = VarMap::new();
             let vb = seeded_var_builder(&vm, seed, DType::F32, &dev);

@@ -96,7 +96,7 @@ impl CustomOp1 for MaxPool {
 mod tests {
     use super::*;
     use crate::gradcheck::{assert_close, finite_difference_check};
-    use candle_core::{DType, Device};
+    use candle_core::DType;
 
     /// A direct loop implementation of PyTorch's max-pool, as the independent reference.
     fn naive_max_pool(x: &[f64], (h, w): (usize, usize), k: usize, s: usize, p: usize) -> Vec<f64> {
@@ -126,7 +126,7 @@ mod tests {
 
     #[test]
     fn forward_matches_a_direct_loop() -> Result<()> {
-        let dev = Device::Cpu;
+        let dev = crate::device_from_env().expect("$VULNMAP_DEVICE names a device");
         for &(h, w, k, s, p) in &[
             (9, 7, 3, 2, 1),
             (8, 8, 2, 2, 0),
@@ -143,7 +143,7 @@ mod tests {
 
     #[test]
     fn gradient_matches_finite_differences() -> Result<()> {
-        let dev = Device::Cpu;
+        let dev = crate::device_from_env().expect("$VULNMAP_DEVICE names a device");
         // ResNet's stem pool and a few other shapes; random values have no ties.
         for &(h, w, k, s, p) in &[
             (9, 9, 3, 2, 1),
@@ -159,7 +159,7 @@ mod tests {
 
     #[test]
     fn ties_send_the_gradient_to_the_first_maximum_as_pytorch_does() -> Result<()> {
-        let dev = Device::Cpu;
+        let dev = crate::device_from_env().expect("$VULNMAP_DEVICE names a device");
         let x = Tensor::zeros((1, 1, 4, 4), DType::F64, &dev)?;
         let var = candle_core::Var::from_tensor(&x)?;
         let y = max_pool2d(var.as_tensor(), 3, 2, 1)?; // 2 x 2 outputs
