@@ -5,9 +5,14 @@
 //! - `reproduce <name|all>`: runs `pipelines/<name>.yaml` with the release binary into
 //!   `runs/<name>` and prints where the report is.
 //! - `demo`: `vulnmap demo` with the release binary.
-//! - `bench [--quick] [--device D] [--no-torch]`: vulnmap-bench in release mode, and the same
-//!   measurements in PyTorch (`bench/torch_reference.py`) when a Python with torch is found;
-//!   prints a Markdown table with the ratios and writes `target/bench/bench.json`.
+//! - `bench [--quick] [--device D] [--no-torch] [--from DIR]`: vulnmap-bench in release mode,
+//!   and the same measurements in PyTorch (`bench/torch_reference.py`) when a Python with torch
+//!   is found; prints a Markdown table with the ratios and writes `target/bench/bench.json`.
+//!   `--from` tabulates `vulnmap.json` and `torch.json` measured elsewhere (the GPU machine).
+//! - `gpu-bundle [--cudnn]`: the CUDA binaries and test binaries, packed for the GPU machine
+//!   ([`gpu_bundle`]).
+
+mod gpu_bundle;
 
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -20,6 +25,7 @@ fn main() -> Result<()> {
         Some("reproduce") => reproduce(args.get(1).map(String::as_str), &args[args.len().min(2)..]),
         Some("bench") => bench(&args[1..]),
         Some("demo") => vulnmap(&["demo", "--out", "runs/demo"]),
+        Some("gpu-bundle") => gpu_bundle::gpu_bundle(&args[1..]),
         Some(other) => bail!("unknown xtask `{other}`\n\n{USAGE}"),
         None => {
             println!("{USAGE}");
@@ -33,15 +39,19 @@ const USAGE: &str = "usage: cargo xtask <command>
 commands:
   reproduce <name|all> [--device D]
         run pipelines/<name>.yaml (or every one) into runs/<name>; prints the report's path
-  bench [--quick] [--device cpu|cuda] [--no-torch]
+  bench [--quick] [--device cpu|cuda] [--no-torch] [--from DIR]
         ResNet50 forward, input gradient, SmoothGrad, attack iteration and local map against
         PyTorch (a Python with torch: $VULNMAP_TORCH_PYTHON, target/bench/venv, or python3;
         else a venv is made there with pip); table on stdout, JSON in target/bench/
+        --from DIR: tabulate DIR/vulnmap.json and DIR/torch.json measured elsewhere
   demo  the offline demo (synthetic fundus data, every method, a report) into runs/demo
+  gpu-bundle [--cudnn]
+        build the CUDA bench, CLI and test binaries (toolkit per ../shared/docs/CUDA.md) and
+        pack them into .gpu/ parts of at most 60 MiB for the GPU machine, with .gpu/run.sh
   ci    formatting, clippy with warnings as errors, and the workspace tests
         (VULNMAP_REQUIRE_ASSETS=1, so missing shared assets fail instead of skipping)";
 
-fn root() -> PathBuf {
+pub(crate) fn root() -> PathBuf {
     // xtask/ is a folder of the workspace root at compile time: it always has a parent.
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -170,16 +180,39 @@ fn torch_python() -> Option<PathBuf> {
 fn bench(args: &[String]) -> Result<()> {
     let quick = args.iter().any(|a| a == "--quick");
     let no_torch = args.iter().any(|a| a == "--no-torch");
-    let device = args
-        .iter()
-        .position(|a| a == "--device")
-        .and_then(|i| args.get(i + 1))
-        .cloned()
-        .unwrap_or_else(|| "cpu".into());
+    let value = |flag: &str| -> Result<Option<String>> {
+        match args.iter().position(|a| a == flag) {
+            Some(i) => match args.get(i + 1) {
+                Some(v) => Ok(Some(v.clone())),
+                None => bail!("{flag} needs a value"),
+            },
+            None => Ok(None),
+        }
+    };
+    if let Some(from) = value("--from")? {
+        let from = PathBuf::from(from);
+        let read = |name: &str| -> Result<serde_json::Value> {
+            let path = from.join(name);
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+        };
+        let torch = if no_torch {
+            None
+        } else {
+            Some(read("torch.json")?)
+        };
+        return tabulate(&read("vulnmap.json")?, torch.as_ref());
+    }
+    let device = value("--device")?.unwrap_or_else(|| "cpu".into());
     let dir = root().join("target/bench");
     std::fs::create_dir_all(&dir)?;
     let ours_path = dir.join("vulnmap.json");
-    let mut bench_args = vec!["run", "--release", "-p", "vulnmap-bench", "--"];
+    let mut bench_args = vec!["run", "--release", "-p", "vulnmap-bench"];
+    if device.starts_with("cuda") {
+        bench_args.extend(["--features", "cuda"]);
+    }
+    bench_args.push("--");
     if quick {
         bench_args.push("--quick");
     }
@@ -209,7 +242,12 @@ fn bench(args: &[String]) -> Result<()> {
         eprintln!("PyTorch unavailable: printing vulnmap's numbers without ratios");
         None
     };
+    tabulate(&ours, torch.as_ref())
+}
 
+/// Prints the Markdown table of vulnmap's measurements with PyTorch's beside them, and writes
+/// both to `target/bench/bench.json`.
+fn tabulate(ours: &serde_json::Value, torch: Option<&serde_json::Value>) -> Result<()> {
     let find = |doc: &serde_json::Value, name: &str, batch: u64| {
         doc["measurements"]
             .as_array()
@@ -223,7 +261,7 @@ fn bench(args: &[String]) -> Result<()> {
         let name = m["name"].as_str().unwrap_or("");
         let batch = m["batch"].as_u64().unwrap_or(1);
         let ours_s = m["seconds"].as_f64().unwrap_or(f64::NAN);
-        let theirs = torch.as_ref().and_then(|t| find(t, name, batch));
+        let theirs = torch.and_then(|t| find(t, name, batch));
         let (their_s, their_mib, ratio) = match &theirs {
             Some(t) => {
                 let s = t["seconds"].as_f64().unwrap_or(f64::NAN);
@@ -242,6 +280,8 @@ fn bench(args: &[String]) -> Result<()> {
         );
     }
     let combined = serde_json::json!({"vulnmap": ours, "pytorch": torch});
+    let dir = root().join("target/bench");
+    std::fs::create_dir_all(&dir)?;
     let path = dir.join("bench.json");
     std::fs::write(&path, serde_json::to_string_pretty(&combined)?)?;
     eprintln!("written {}", path.display());
