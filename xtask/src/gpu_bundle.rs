@@ -234,3 +234,52 @@ fn folder_bytes(folder: &Path) -> Result<u64> {
     }
     Ok(total)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn built(path: &str, package: &str) -> Built {
+        Built {
+            path: PathBuf::from(path),
+            package: package.into(),
+            test: true,
+        }
+    }
+
+    #[test]
+    fn parts_stay_under_the_limit_and_keep_small_packages_whole() {
+        let mib = |n: u64| vec![0u8; (n << 20) as usize];
+        let release = Path::new("/r/target/cuda/release");
+        let files = [
+            (
+                built("/r/target/cuda/release/vulnmap", "crates/cli"),
+                mib(8),
+            ),
+            (built("/r/target/cuda/debug/a1", "a"), mib(25)),
+            (built("/r/target/cuda/debug/a2", "a"), mib(25)),
+            // b (20 MiB) fits nowhere beside a's 50: a new part, whole.
+            (built("/r/target/cuda/debug/b1", "b"), mib(10)),
+            (built("/r/target/cuda/debug/b2", "b"), mib(10)),
+            // c (90 MiB) cannot be whole: it fills parts file by file (c1 beside b).
+            (built("/r/target/cuda/debug/c1", "c"), mib(30)),
+            (built("/r/target/cuda/debug/c2", "c"), mib(30)),
+            (built("/r/target/cuda/debug/c3", "c"), mib(30)),
+        ];
+        let (built, packed): (Vec<_>, Vec<_>) = files.into_iter().unzip();
+        let parts = assign_parts(&built, &packed, release);
+        let expected = [
+            "bench", "tests-1", "tests-1", "tests-2", "tests-2", "tests-2", "tests-3", "tests-3",
+        ];
+        assert_eq!(parts, expected);
+        for part in &parts {
+            let bytes: u64 = parts
+                .iter()
+                .zip(&packed)
+                .filter(|(p, _)| *p == part)
+                .map(|(_, b)| b.len() as u64)
+                .sum();
+            assert!(part == "bench" || bytes <= PART_LIMIT, "{part}: {bytes}");
+        }
+    }
+}
