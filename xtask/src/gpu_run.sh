@@ -2,14 +2,14 @@
 # Runs what `cargo xtask gpu-bundle` packed, on the GPU machine, from the repository root:
 #
 #   bash .gpu/run.sh tests PART [test-binary args...]   one part's test binaries on $VULNMAP_DEVICE
-#   bash .gpu/run.sh bench                              vulnmap-bench and torch_reference.py
+#   bash .gpu/run.sh bench [--quick]                    vulnmap-bench and torch_reference.py
 #
 # The machine has no Rust and a copy of the working tree at another path: the binaries are
 # unpacked in place, and the folder they were built in is linked to this one, so the paths the
 # tests were compiled with (fixtures, CARGO_TARGET_TMPDIR, the CLI binary) resolve here. Logs and
 # JSON go to $OUT (the device tool's output folder), a summary line per test binary to stdout.
 set -u
-mode=${1:?usage: run.sh tests PART [args...] | run.sh bench}
+mode=${1:?usage: run.sh tests PART [args...] | run.sh bench [--quick]}
 shift
 root=$PWD
 out=${OUT:-$root/.gpu/out}
@@ -64,8 +64,9 @@ bench)
     unpack bench || exit 1
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
     device=${VULNMAP_DEVICE:-cuda}
-    target/cuda/release/vulnmap-bench --device "$device" --json "$out/vulnmap.json" || exit 1
-    python3 bench/torch_reference.py --device "$device" >"$out/torch.json" || exit 1
+    quick=${1:-}
+    target/cuda/release/vulnmap-bench ${quick:+"$quick"} --device "$device" --json "$out/vulnmap.json" || exit 1
+    python3 bench/torch_reference.py ${quick:+"$quick"} --device "$device" >"$out/torch.json" || exit 1
     echo "then, here: cargo xtask bench --from <the fetched folder>"
     ;;
 *)
