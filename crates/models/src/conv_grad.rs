@@ -14,7 +14,7 @@
 //! im2col and col2im have direct CPU kernels; other devices use the window views of
 //! [`crate::windows`], which are slower but exact.
 
-use crate::cpu_kernels::{contiguous, Float};
+use crate::cpu_kernels::{slice, Float};
 use crate::windows::{untap, Pad2d, Windows};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
@@ -312,14 +312,10 @@ impl CustomOp1 for Im2Col {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let n = layout.dims()[0];
         let shape = Shape::from((n, self.0.positions(), self.0.column()));
-        let out = match storage {
-            CpuStorage::F32(v) => {
-                CpuStorage::F32(self.run(contiguous(v, layout, "im2col/col2im")?, n))
-            }
-            CpuStorage::F64(v) => {
-                CpuStorage::F64(self.run(contiguous(v, layout, "im2col/col2im")?, n))
-            }
-            _ => candle_core::bail!("im2col: f32 or f64 only"),
+        let out = match storage.dtype() {
+            DType::F32 => f32::storage(self.run(slice(storage, layout, "im2col")?, n)),
+            DType::F64 => f64::storage(self.run(slice(storage, layout, "im2col")?, n)),
+            other => candle_core::bail!("im2col: f32 or f64, not {other:?}"),
         };
         Ok((out, shape))
     }
@@ -376,14 +372,10 @@ impl CustomOp1 for Col2Im {
         let g = &self.0;
         let n = layout.dims()[0];
         let shape = Shape::from((n, g.channels, g.height, g.width));
-        let out = match storage {
-            CpuStorage::F32(v) => {
-                CpuStorage::F32(self.run(contiguous(v, layout, "im2col/col2im")?, n))
-            }
-            CpuStorage::F64(v) => {
-                CpuStorage::F64(self.run(contiguous(v, layout, "im2col/col2im")?, n))
-            }
-            _ => candle_core::bail!("col2im: f32 or f64 only"),
+        let out = match storage.dtype() {
+            DType::F32 => f32::storage(self.run(slice(storage, layout, "col2im")?, n)),
+            DType::F64 => f64::storage(self.run(slice(storage, layout, "col2im")?, n)),
+            other => candle_core::bail!("col2im: f32 or f64, not {other:?}"),
         };
         Ok((out, shape))
     }

@@ -1,7 +1,8 @@
-//! What the hand-written CPU kernels share: the float types they handle and a contiguous view of
-//! a storage.
+//! What the hand-written CPU kernels share: the float types they handle, and typed, contiguous
+//! views of candle's storages, so each kernel is written once, generic over the float type.
 
-use candle_core::{Layout, Result};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, Layout, Result};
 
 /// A float type the CPU kernels handle (f32 and f64).
 pub(crate) trait Float:
@@ -17,12 +18,25 @@ pub(crate) trait Float:
 {
     const ONE: Self;
     fn of(x: f64) -> Self;
+    /// The storage's elements, if it holds this type.
+    fn elements(storage: &CpuStorage) -> Option<&[Self]>;
+    /// A storage holding `values`.
+    fn storage(values: Vec<Self>) -> CpuStorage;
 }
 
 impl Float for f32 {
     const ONE: Self = 1.0;
     fn of(x: f64) -> Self {
         x as f32
+    }
+    fn elements(storage: &CpuStorage) -> Option<&[Self]> {
+        match storage {
+            CpuStorage::F32(v) => Some(v),
+            _ => None,
+        }
+    }
+    fn storage(values: Vec<Self>) -> CpuStorage {
+        CpuStorage::F32(values)
     }
 }
 
@@ -31,11 +45,36 @@ impl Float for f64 {
     fn of(x: f64) -> Self {
         x
     }
+    fn elements(storage: &CpuStorage) -> Option<&[Self]> {
+        match storage {
+            CpuStorage::F64(v) => Some(v),
+            _ => None,
+        }
+    }
+    fn storage(values: Vec<Self>) -> CpuStorage {
+        CpuStorage::F64(values)
+    }
+}
+
+/// The `T` elements of a contiguous tensor, or an error naming the op (`what`) that needed them
+/// so: a tensor of another dtype than the kernel's `T`, or a strided one.
+pub(crate) fn slice<'a, T: Float>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    what: &str,
+) -> Result<&'a [T]> {
+    match T::elements(storage) {
+        Some(data) => contiguous(data, layout, what),
+        None => candle_core::bail!(
+            "{what}: f32 or f64 tensors of one dtype, got {:?}",
+            storage.dtype()
+        ),
+    }
 }
 
 /// The elements of a contiguous tensor's storage, or an error naming the op (`what`) that
 /// needed them contiguous.
-pub(crate) fn contiguous<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]> {
+fn contiguous<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]> {
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&data[start..end]),
         None => candle_core::bail!("{what} needs contiguous tensors"),

@@ -5,8 +5,9 @@
 //! pass: gigabytes per layer for a batch of ImageNet images. Here the forward and both gradients
 //! are direct loops over each channel plane, and only the input and weights are kept.
 
-use crate::cpu_kernels::{contiguous, Float};
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use crate::cpu_kernels::{slice, Float};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Geometry of a depthwise convolution on an already padded input.
@@ -46,6 +47,9 @@ pub fn depthwise_conv2d(x: &Tensor, weight: &Tensor, stride: usize) -> Result<Te
     x.contiguous()?
         .apply_op2(&weight.contiguous()?, Depthwise { k, stride })
 }
+
+/// The op's name in errors.
+const WHAT: &str = "depthwise convolution";
 
 struct Depthwise {
     k: usize,
@@ -143,18 +147,13 @@ impl CustomOp2 for Depthwise {
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = Geometry::of(xl.dims(), self.k, self.stride)?;
-        let out = match (x, w) {
-            (CpuStorage::F32(x), CpuStorage::F32(w)) => CpuStorage::F32(forward(
-                contiguous(x, xl, "depthwise convolution")?,
-                contiguous(w, wl, "depthwise convolution")?,
-                g,
-            )),
-            (CpuStorage::F64(x), CpuStorage::F64(w)) => CpuStorage::F64(forward(
-                contiguous(x, xl, "depthwise convolution")?,
-                contiguous(w, wl, "depthwise convolution")?,
-                g,
-            )),
-            _ => candle_core::bail!("depthwise convolution: f32 or f64 tensors of one dtype"),
+        fn typed<T: Float>(x: &[T], w: &[T], g: Geometry) -> CpuStorage {
+            T::storage(forward(x, w, g))
+        }
+        let out = match x.dtype() {
+            DType::F32 => typed::<f32>(slice(x, xl, WHAT)?, slice(w, wl, WHAT)?, g),
+            DType::F64 => typed::<f64>(slice(x, xl, WHAT)?, slice(w, wl, WHAT)?, g),
+            other => candle_core::bail!("{WHAT}: f32 or f64, not {other:?}"),
         };
         Ok((out, Shape::from((g.n, g.c, g.oh, g.ow))))
     }
@@ -222,44 +221,22 @@ impl CustomOp2 for Backward<'_> {
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = Geometry::of(&self.input, self.op.k, self.op.stride)?;
-        let run = |a: &CpuStorage, b: &CpuStorage| -> Result<CpuStorage> {
-            Ok(match (a, b, self.part) {
-                (CpuStorage::F32(a), CpuStorage::F32(b), Part::Input) => {
-                    CpuStorage::F32(grad_input(
-                        contiguous(a, al, "depthwise convolution")?,
-                        contiguous(b, bl, "depthwise convolution")?,
-                        g,
-                    ))
-                }
-                (CpuStorage::F64(a), CpuStorage::F64(b), Part::Input) => {
-                    CpuStorage::F64(grad_input(
-                        contiguous(a, al, "depthwise convolution")?,
-                        contiguous(b, bl, "depthwise convolution")?,
-                        g,
-                    ))
-                }
-                (CpuStorage::F32(a), CpuStorage::F32(b), Part::Weight) => {
-                    CpuStorage::F32(grad_weight(
-                        contiguous(a, al, "depthwise convolution")?,
-                        contiguous(b, bl, "depthwise convolution")?,
-                        g,
-                    ))
-                }
-                (CpuStorage::F64(a), CpuStorage::F64(b), Part::Weight) => {
-                    CpuStorage::F64(grad_weight(
-                        contiguous(a, al, "depthwise convolution")?,
-                        contiguous(b, bl, "depthwise convolution")?,
-                        g,
-                    ))
-                }
-                _ => candle_core::bail!("depthwise convolution: f32 or f64 tensors of one dtype"),
+        fn typed<T: Float>(part: Part, a: &[T], b: &[T], g: Geometry) -> CpuStorage {
+            T::storage(match part {
+                Part::Input => grad_input(a, b, g),
+                Part::Weight => grad_weight(a, b, g),
             })
+        }
+        let out = match a.dtype() {
+            DType::F32 => typed::<f32>(self.part, slice(a, al, WHAT)?, slice(b, bl, WHAT)?, g),
+            DType::F64 => typed::<f64>(self.part, slice(a, al, WHAT)?, slice(b, bl, WHAT)?, g),
+            other => candle_core::bail!("{WHAT}: f32 or f64, not {other:?}"),
         };
         let shape = match self.part {
             Part::Input => Shape::from((g.n, g.c, g.h, g.w)),
             Part::Weight => Shape::from((g.c, 1, g.k, g.k)),
         };
-        Ok((run(a, b)?, shape))
+        Ok((out, shape))
     }
 }
 

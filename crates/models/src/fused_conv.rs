@@ -12,7 +12,8 @@
 //! tensor ops.
 
 use crate::conv_grad::{conv2d, Geometry};
-use crate::cpu_kernels::{contiguous, Float};
+use crate::cpu_kernels::{slice, Float};
+use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -109,37 +110,10 @@ impl FusedConv {
                 candle_core::bail!("residual {:?} for a {shape:?} output", rl.dims());
             }
         }
-        let mismatch = || candle_core::Error::Msg("fused convolution: one float dtype".into());
-        let out = match (x.0, w.0) {
-            (CpuStorage::F32(xs), CpuStorage::F32(ws)) => {
-                let r = match residual {
-                    Some((CpuStorage::F32(r), rl)) => Some(contiguous(r, rl, "fused convolution")?),
-                    Some(_) => return Err(mismatch()),
-                    None => None,
-                };
-                CpuStorage::F32(self.run(
-                    contiguous(xs, x.1, "fused convolution")?,
-                    contiguous(ws, w.1, "fused convolution")?,
-                    r,
-                    n,
-                    cout,
-                ))
-            }
-            (CpuStorage::F64(xs), CpuStorage::F64(ws)) => {
-                let r = match residual {
-                    Some((CpuStorage::F64(r), rl)) => Some(contiguous(r, rl, "fused convolution")?),
-                    Some(_) => return Err(mismatch()),
-                    None => None,
-                };
-                CpuStorage::F64(self.run(
-                    contiguous(xs, x.1, "fused convolution")?,
-                    contiguous(ws, w.1, "fused convolution")?,
-                    r,
-                    n,
-                    cout,
-                ))
-            }
-            _ => return Err(mismatch()),
+        let out = match x.0.dtype() {
+            DType::F32 => self.run::<f32>(x, w, residual, n, cout)?,
+            DType::F64 => self.run::<f64>(x, w, residual, n, cout)?,
+            other => candle_core::bail!("fused convolution: f32 or f64, not {other:?}"),
         };
         Ok((out, shape))
     }
@@ -147,12 +121,17 @@ impl FusedConv {
     /// `relu(W cols(x_i) + bias + residual_i)` for every image `i`.
     fn run<T: Float>(
         &self,
-        x: &[T],
-        w: &[T],
-        residual: Option<&[T]>,
+        x: (&CpuStorage, &Layout),
+        w: (&CpuStorage, &Layout),
+        residual: Option<(&CpuStorage, &Layout)>,
         n: usize,
         cout: usize,
-    ) -> Vec<T> {
+    ) -> Result<CpuStorage> {
+        const WHAT: &str = "fused convolution";
+        let (x, w) = (slice::<T>(x.0, x.1, WHAT)?, slice::<T>(w.0, w.1, WHAT)?);
+        let residual = residual
+            .map(|(r, rl)| slice::<T>(r, rl, WHAT))
+            .transpose()?;
         let g = &self.geometry;
         let (image_in, image_out) = (g.channels * g.height * g.width, cout * g.positions());
         let mut out = vec![T::default(); n * image_out];
@@ -192,7 +171,7 @@ impl FusedConv {
             }
         };
         per_image(&mut out, image_out, one_image);
-        out
+        Ok(T::storage(out))
     }
 
     /// The gradient at the pre-activation (ReLU's mask applied) and at the input.
@@ -286,7 +265,18 @@ struct InputGradient {
 }
 
 impl InputGradient {
-    fn run<T: Float>(&self, grad: &[T], w: &[T], n: usize, cout: usize) -> Vec<T> {
+    fn run<T: Float>(
+        &self,
+        grad: (&CpuStorage, &Layout),
+        w: (&CpuStorage, &Layout),
+        n: usize,
+        cout: usize,
+    ) -> Result<CpuStorage> {
+        const WHAT: &str = "fused convolution gradient";
+        let (grad, w) = (
+            slice::<T>(grad.0, grad.1, WHAT)?,
+            slice::<T>(w.0, w.1, WHAT)?,
+        );
         let g = &self.geometry;
         let (image_in, image_out) = (g.channels * g.height * g.width, cout * g.positions());
         let mut out = vec![T::default(); n * image_in];
@@ -304,7 +294,7 @@ impl InputGradient {
             }
         };
         per_image(&mut out, image_in, one_image);
-        out
+        Ok(T::storage(out))
     }
 }
 
@@ -323,20 +313,11 @@ impl CustomOp2 for InputGradient {
         let g = &self.geometry;
         let (n, cout) = (gl.dims()[0], wl.dims()[0]);
         let shape = Shape::from((n, g.channels, g.height, g.width));
-        let out = match (grad, w) {
-            (CpuStorage::F32(gs), CpuStorage::F32(ws)) => CpuStorage::F32(self.run(
-                contiguous(gs, gl, "fused convolution")?,
-                contiguous(ws, wl, "fused convolution")?,
-                n,
-                cout,
-            )),
-            (CpuStorage::F64(gs), CpuStorage::F64(ws)) => CpuStorage::F64(self.run(
-                contiguous(gs, gl, "fused convolution")?,
-                contiguous(ws, wl, "fused convolution")?,
-                n,
-                cout,
-            )),
-            _ => candle_core::bail!("fused convolution gradient: f32 or f64, one dtype"),
+        let (grad, w) = ((grad, gl), (w, wl));
+        let out = match grad.0.dtype() {
+            DType::F32 => self.run::<f32>(grad, w, n, cout)?,
+            DType::F64 => self.run::<f64>(grad, w, n, cout)?,
+            other => candle_core::bail!("fused convolution gradient: f32 or f64, not {other:?}"),
         };
         Ok((out, shape))
     }
@@ -357,7 +338,14 @@ impl CustomOp2 for ReluMask {
         y: &CpuStorage,
         yl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        fn mask<T: Float>(g: &[T], y: &[T]) -> Vec<T> {
+        fn mask<T: Float>(
+            g: (&CpuStorage, &Layout),
+            y: (&CpuStorage, &Layout),
+        ) -> Result<CpuStorage> {
+            let (g, y) = (
+                slice::<T>(g.0, g.1, "relu mask")?,
+                slice::<T>(y.0, y.1, "relu mask")?,
+            );
             let zero = T::default();
             let mut out = vec![zero; g.len()];
             const CHUNK: usize = 1 << 14;
@@ -368,7 +356,7 @@ impl CustomOp2 for ReluMask {
                         *o = if y > zero { g } else { zero };
                     }
                 });
-            out
+            Ok(T::storage(out))
         }
         if gl.shape() != yl.shape() {
             candle_core::bail!(
@@ -377,16 +365,10 @@ impl CustomOp2 for ReluMask {
                 yl.dims()
             );
         }
-        let out = match (g, y) {
-            (CpuStorage::F32(g), CpuStorage::F32(y)) => CpuStorage::F32(mask(
-                contiguous(g, gl, "fused convolution")?,
-                contiguous(y, yl, "fused convolution")?,
-            )),
-            (CpuStorage::F64(g), CpuStorage::F64(y)) => CpuStorage::F64(mask(
-                contiguous(g, gl, "fused convolution")?,
-                contiguous(y, yl, "fused convolution")?,
-            )),
-            _ => candle_core::bail!("relu mask: f32 or f64, one dtype"),
+        let out = match g.dtype() {
+            DType::F32 => mask::<f32>((g, gl), (y, yl))?,
+            DType::F64 => mask::<f64>((g, gl), (y, yl))?,
+            other => candle_core::bail!("relu mask: f32 or f64, not {other:?}"),
         };
         Ok((out, gl.shape().clone()))
     }
