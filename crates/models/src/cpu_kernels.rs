@@ -12,12 +12,15 @@ pub(crate) trait Float:
     + Send
     + Sync
     + std::ops::Add<Output = Self>
+    + std::ops::Sub<Output = Self>
     + std::ops::Mul<Output = Self>
+    + std::ops::Div<Output = Self>
     + std::ops::AddAssign
     + 'static
 {
     const ONE: Self;
     fn of(x: f64) -> Self;
+    fn sqrt(self) -> Self;
     /// The storage's elements, if it holds this type.
     fn elements(storage: &CpuStorage) -> Option<&[Self]>;
     /// A storage holding `values`.
@@ -28,6 +31,9 @@ impl Float for f32 {
     const ONE: Self = 1.0;
     fn of(x: f64) -> Self {
         x as f32
+    }
+    fn sqrt(self) -> Self {
+        f32::sqrt(self)
     }
     fn elements(storage: &CpuStorage) -> Option<&[Self]> {
         match storage {
@@ -44,6 +50,9 @@ impl Float for f64 {
     const ONE: Self = 1.0;
     fn of(x: f64) -> Self {
         x
+    }
+    fn sqrt(self) -> Self {
+        f64::sqrt(self)
     }
     fn elements(storage: &CpuStorage) -> Option<&[Self]> {
         match storage {

@@ -3,6 +3,7 @@
 //! candle-nn's `AdamW` defaults to weight decay 0.01 and only decays decoupled; PyTorch's Adam
 //! adds `weight_decay * p` to the gradient. Both are here, with PyTorch's defaults.
 
+use crate::cpu_kernels::Float;
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, DType, InplaceOp2, Layout, Result, Tensor, Var};
 use rayon::prelude::*;
@@ -166,7 +167,7 @@ impl Update {
     /// path's, operation for operation in `T` (candle's `t * x` is `t * T(x) + 0`, `t / x` is
     /// `t * T(1 / x)`), so both paths, and training, give the same bits.
     #[inline]
-    fn scalar<T: AdamFloat>(&self, p: T, g: T, m: T, v: T) -> (T, T, T) {
+    fn scalar<T: Float>(&self, p: T, g: T, m: T, v: T) -> (T, T, T) {
         let c = &self.config;
         let of = T::of;
         let g = if c.weight_decay != 0.0 && !c.decoupled {
@@ -235,38 +236,6 @@ impl Update {
     }
 }
 
-/// The float types of the in-place step.
-trait AdamFloat:
-    Copy
-    + Send
-    + Sync
-    + std::ops::Add<Output = Self>
-    + std::ops::Sub<Output = Self>
-    + std::ops::Mul<Output = Self>
-    + std::ops::Div<Output = Self>
-{
-    fn of(x: f64) -> Self;
-    fn sqrt(self) -> Self;
-}
-
-impl AdamFloat for f32 {
-    fn of(x: f64) -> Self {
-        x as f32
-    }
-    fn sqrt(self) -> Self {
-        f32::sqrt(self)
-    }
-}
-
-impl AdamFloat for f64 {
-    fn of(x: f64) -> Self {
-        x
-    }
-    fn sqrt(self) -> Self {
-        f64::sqrt(self)
-    }
-}
-
 /// Adam on the CPU: weights, `m` and `v` updated in place in one parallel pass.
 struct HostStep<'a> {
     update: Update,
@@ -276,7 +245,7 @@ struct HostStep<'a> {
 }
 
 impl HostStep<'_> {
-    fn run<T: AdamFloat>(&self, p: &mut [T], g: &[T], m: &mut [T], v: &mut [T]) -> Result<()> {
+    fn run<T: Float>(&self, p: &mut [T], g: &[T], m: &mut [T], v: &mut [T]) -> Result<()> {
         let n = p.len();
         if g.len() != n || m.len() != n || v.len() != n {
             candle_core::bail!(
