@@ -24,17 +24,21 @@ use vulnmap_saliency::{input_gradients, Method, SmoothGrad, WindowGrid};
 /// What to measure.
 #[derive(Debug, Clone, Serialize)]
 pub struct Settings {
+    /// The architecture's CLI name, e.g. `resnet50`; its weights are random (see [`model`]).
     pub arch: String,
     /// Input side.
     pub size: usize,
     /// Batch sizes of the forward and forward + gradient measurements.
     pub batches: Vec<usize>,
+    /// Noisy samples SmoothGrad averages, all in one batch.
     pub smoothgrad_samples: usize,
     /// Images attacked together in the attack-iteration measurement.
     pub attack_images: usize,
     /// Local attack: window, stride, and the (fixed) iterations per window.
     pub window: usize,
+    /// Pixels between neighbouring local-attack windows.
     pub stride: usize,
+    /// Generator updates per local-attack window.
     pub local_iters: usize,
     /// Timed runs per measurement (after one warm-up) ...
     pub repeats: usize,

@@ -25,7 +25,7 @@ struct Built {
     test: bool,
 }
 
-pub fn gpu_bundle(args: &[String]) -> Result<()> {
+pub(crate) fn gpu_bundle(args: &[String]) -> Result<()> {
     let feature = match args {
         [] => "cuda",
         [flag] if flag == "--cudnn" => "cudnn",

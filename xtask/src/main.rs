@@ -13,6 +13,8 @@
 //!   ([`gpu_bundle`]).
 
 mod gpu_bundle;
+#[cfg(test)]
+mod tidy;
 
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};

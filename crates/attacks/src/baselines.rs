@@ -6,12 +6,15 @@ use crate::engine::Goal;
 use crate::error::{ensure, Result};
 use crate::outcome::AttackOutcome;
 use candle_core::{DType, Tensor, Var};
-use vulnmap_models::{random, Classifier};
+use vulnmap_data::random;
+use vulnmap_models::Classifier;
 
 /// The budget's norm.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Norm {
+    /// L-inf: the largest change to any one pixel value; steps follow the gradient's sign.
     Linf,
+    /// L2: the Euclidean norm of each image's perturbation; steps follow the normalised gradient.
     L2,
 }
 
@@ -22,10 +25,13 @@ pub struct Pgd {
     pub epsilon: f64,
     /// Step size.
     pub step: f64,
+    /// Most gradient steps before giving up (default 10); FGSM takes one.
     pub steps: usize,
+    /// The norm that `epsilon` and `step` are measured in (default L-inf).
     pub norm: Norm,
     /// Start from a uniform random point in the budget (L-inf) or a random direction (L2).
     pub random_start: bool,
+    /// Seed for the random start (default 0).
     pub seed: u64,
     /// The probability the label must exceed to count as a success.
     pub confidence: f64,

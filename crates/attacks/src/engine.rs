@@ -9,22 +9,25 @@
 //! generator (lr 2e-4, betas 0.5/0.999) and go on, up to the cap. Jobs run in banks of at most
 //! `batch_size`; the classifier's weights are constants and get no gradients.
 
-use crate::error::{ensure, Result};
+use crate::error::{ensure, Error, Result};
+use crate::nets::bank::Placement;
+use crate::nets::free_mask::FreeMask;
+use crate::nets::generator::{GeneratorKind, NoiseGenerators};
+use crate::nets::unet::UNet;
 use crate::outcome::AttackOutcome;
 use candle_core::{DType, Tensor, Var};
 use indicatif::{ProgressBar, ProgressStyle};
-use vulnmap_models::bank::Placement;
-use vulnmap_models::free_mask::FreeMask;
-use vulnmap_models::generator::{GeneratorKind, NoiseGenerators};
-use vulnmap_models::optim::{Adam, AdamConfig};
-use vulnmap_models::unet::UNet;
 use vulnmap_models::Classifier;
 use vulnmap_saliency::{Method, SmoothGrad};
+use vulnmap_train::optim::{Adam, AdamConfig};
 
 /// Which generator makes full-image noise.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[serde(rename_all = "lowercase")]
 pub enum GeneratorChoice {
     /// The authors' DCGAN for 224 x 224 images, the size-generic one otherwise.
+    #[default]
     Auto,
     /// The authors' DCGAN (224 x 224 images only).
     Paper,
@@ -47,6 +50,7 @@ pub struct AttackConfig {
     pub confidence: f64,
     /// Seed of the generators' weights and latent vectors.
     pub seed: u64,
+    /// Which generator makes full-image noise (default `Auto`).
     pub generator: GeneratorChoice,
     /// Jobs per bank (images, windows, seeds or alphas attacked together).
     pub batch_size: usize,
@@ -72,6 +76,35 @@ impl Default for AttackConfig {
     }
 }
 
+/// Whether an attack aims at a class (`mode: targeted` with its `target`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[serde(rename_all = "lowercase")]
+pub enum AttackMode {
+    /// Any label but the clean image's.
+    #[default]
+    Untargeted,
+    /// One class, named by a target.
+    Targeted,
+}
+
+impl AttackMode {
+    /// The goal of this mode with `target`: a targeted attack needs one, an untargeted one
+    /// takes none.
+    pub fn goal(self, target: Option<usize>) -> Result<Goal> {
+        match (self, target) {
+            (AttackMode::Untargeted, None) => Ok(Goal::Untargeted),
+            (AttackMode::Targeted, Some(t)) => Ok(Goal::Targeted(t)),
+            (AttackMode::Targeted, None) => Err(Error::InvalidParameter(
+                "a targeted attack needs a target class".into(),
+            )),
+            (AttackMode::Untargeted, Some(t)) => Err(Error::InvalidParameter(format!(
+                "target {t} given to an untargeted attack; set the mode to targeted"
+            ))),
+        }
+    }
+}
+
 /// What an attack wants.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Goal {
@@ -89,8 +122,11 @@ pub enum Region {
     /// A `size x size` window with its top-left corner at `(top, left)`; the generator makes
     /// window-sized noise (the local attack).
     Window {
+        /// Row of the window's top-left corner, in pixels.
         top: usize,
+        /// Column of the window's top-left corner, in pixels.
         left: usize,
+        /// Side of the square window, in pixels; the window must fit inside the image.
         size: usize,
     },
 }
@@ -100,38 +136,83 @@ pub enum Region {
 pub struct Job {
     /// Index of the image in the batch of pixels given to [`run`].
     pub image: usize,
+    /// What this job's attack wants.
     pub goal: Goal,
+    /// Where this job's noise may go.
     pub region: Region,
+    /// Noise strength in pixel units (positive); see [`AttackConfig::alpha`].
     pub alpha: f64,
     /// Seed of this job's generator (jobs with one seed start from the same generator).
     pub seed: u64,
 }
 
 /// What the sparsity term of the mask attack penalises.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[serde(rename_all = "lowercase")]
 pub enum Sparsity {
     /// `mean(m)`: the area the noise may touch, the stated intent of Eq. 6 ("encourages most of
     /// the mask to be turned off"). The default.
+    #[default]
     Area,
     /// `mean(|1 - m|)`: Eq. 6 as printed, which pushes the mask *on* everywhere.
     Literal,
+}
+
+/// Which network learns the mask, as settings name it (`network: unet` or `free`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[serde(rename_all = "lowercase")]
+pub enum MaskNetworkKind {
+    /// A U-Net.
+    #[default]
+    Unet,
+    /// The authors' free low-resolution mask.
+    Free,
+}
+
+impl MaskNetworkKind {
+    /// The network of this kind: a U-Net of `base` channels or a free mask of `cells` per side.
+    pub fn network(self, base: usize, cells: usize) -> MaskNetwork {
+        match self {
+            MaskNetworkKind::Unet => MaskNetwork::UNet { base },
+            MaskNetworkKind::Free => MaskNetwork::Free { cells },
+        }
+    }
+
+    /// Adam's learning rate for this network when none is given: 1e-3 for the U-Net, the
+    /// authors' 0.01 for the free mask (whose cells move slowly otherwise).
+    pub fn default_lr(self) -> f64 {
+        match self {
+            MaskNetworkKind::Unet => 1e-3,
+            MaskNetworkKind::Free => 1e-2,
+        }
+    }
 }
 
 /// The network that learns the mask.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MaskNetwork {
     /// A U-Net `m = U(I)` with this many base channels (sides divisible by 16).
-    UNet { base: usize },
+    UNet {
+        /// Channels at the first level, doubled at each of the four levels down (default 16).
+        base: usize,
+    },
     /// The authors' final code: a free `cells x cells` mask upsampled bilinearly.
-    Free { cells: usize },
+    Free {
+        /// Cells per side of the low-resolution mask (the authors' code: 28).
+        cells: usize,
+    },
 }
 
 /// The mask attack's mask and loss terms (paper, Eq. 6).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LearnedMask {
+    /// The network that learns the mask (default a U-Net of 16 base channels).
     pub network: MaskNetwork,
     /// Adam's learning rate for the mask (the authors' free mask: 0.01).
     pub lr: f64,
+    /// What the sparsity term penalises (default [`Sparsity::Area`]).
     pub sparsity: Sparsity,
     /// lambda1 (1e-4).
     pub lambda_sparsity: f64,
@@ -151,7 +232,7 @@ impl Default for LearnedMask {
     fn default() -> Self {
         Self {
             network: MaskNetwork::UNet { base: 16 },
-            lr: 1e-3,
+            lr: MaskNetworkKind::Unet.default_lr(),
             sparsity: Sparsity::Area,
             lambda_sparsity: 1e-4,
             lambda_tv: 1e-2,
@@ -173,8 +254,11 @@ pub enum Masking {
     /// recomputed every `every` updates (the paper: every one; `None`: once, on the clean image,
     /// as the authors' code), values below `threshold` set to zero.
     Saliency {
+        /// How the saliency map is computed.
         method: SmoothGrad,
+        /// Updates between recomputations; `None` computes the map once, on the clean image.
         every: Option<usize>,
+        /// Map values (in [0, 1]) below this are set to zero; 0 keeps every value.
         threshold: f32,
     },
     /// The mask attack: a mask learned together with the noise.

@@ -6,10 +6,13 @@ pub enum Error {
     /// A parameter out of its range (alpha <= 0, a window larger than the image, ...).
     #[error("{0}")]
     InvalidParameter(String),
+    /// A tensor computation failed inside candle.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// The classifier failed.
     #[error(transparent)]
     Model(#[from] vulnmap_models::Error),
+    /// A saliency computation failed (a SmoothGrad mask, the local attack's window grid, ...).
     #[error(transparent)]
     Saliency(#[from] vulnmap_saliency::Error),
 }

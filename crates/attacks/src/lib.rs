@@ -27,22 +27,24 @@
 //! - [`saliency_attack`]: the SmoothGrad-masked attack and its random-mask controls (Figs. 9-10).
 //! - [`mask_attack`]: the U-Net / free-mask attack of Eq. 6 (Fig. 11).
 //! - [`baselines`]: FGSM and PGD, L-inf and L2.
-//! - [`outcome`]: what an attack reports (a Table I row, the noise, the perturbed image).
+//! - `outcome`: what an attack reports (a Table I row, the noise, the perturbed image).
 //!
 //! Cargo features: none (CUDA comes through `vulnmap-models`).
 
 pub mod baselines;
 pub mod engine;
-pub mod error;
+mod error;
 pub mod local;
 pub mod mask_attack;
-pub mod outcome;
+mod nets;
+mod outcome;
 pub mod random;
 pub mod rounds;
 pub mod saliency_attack;
 
 pub use engine::{
-    AttackConfig, GeneratorChoice, Goal, Job, LearnedMask, MaskNetwork, Masking, Region, Sparsity,
+    AttackConfig, AttackMode, GeneratorChoice, Goal, Job, LearnedMask, MaskNetwork,
+    MaskNetworkKind, Masking, Region, Sparsity,
 };
 pub use error::{Error, Result};
 pub use outcome::AttackOutcome;

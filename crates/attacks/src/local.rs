@@ -14,8 +14,11 @@ use vulnmap_saliency::WindowGrid;
 /// The local attack's windows.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LocalAttack {
+    /// Side of the square window, in pixels (default 100, the paper's w); at most the image's.
     pub window: usize,
+    /// Pixels between neighbouring windows (default 50, the paper's s).
     pub stride: usize,
+    /// What each window's attack wants (default untargeted).
     pub goal: Goal,
 }
 
@@ -37,6 +40,7 @@ pub struct LocalMap {
     pub map: Tensor,
     /// Top-left corners of the windows, row by row.
     pub windows: Vec<(usize, usize)>,
+    /// Each window's attack, in the order of `windows`.
     pub outcomes: Vec<AttackOutcome>,
     /// Per window: `(cap - iterations) / cap` if it succeeded, 0 if not.
     pub speeds: Vec<f64>,
@@ -114,9 +118,13 @@ pub fn local_attack(
 /// One (w, s) setting of the sweep.
 #[derive(Debug, Clone, Serialize)]
 pub struct WindowSetting {
+    /// Side of the square window, in pixels.
     pub window: usize,
+    /// Pixels between neighbouring windows.
     pub stride: usize,
+    /// The map's contrast: the standard deviation of its window speeds.
     pub contrast: f64,
+    /// How many windows the grid has.
     pub windows: usize,
 }
 

@@ -24,6 +24,7 @@ pub struct AttackOutcome {
     pub iterations: usize,
     /// The perturbed image's probability of `label_to`.
     pub confidence: f64,
+    /// Whether the goal was met, with confidence above the threshold, within the cap.
     pub success: bool,
     /// Why an unsuccessful attack stopped.
     pub failure: Option<String>,

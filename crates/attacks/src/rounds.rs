@@ -11,14 +11,21 @@ use vulnmap_models::Classifier;
 /// Iterations to success over rounds (of the successful rounds), and the success rate.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RoundStats {
+    /// Rounds run (one seed each).
     pub rounds: usize,
+    /// Rounds that met the goal.
     pub successes: usize,
+    /// `successes / rounds`, in [0, 1].
     pub success_rate: f64,
+    /// Mean iterations to success over the successful rounds (NaN when none succeeded).
     pub mean_iterations: f64,
+    /// Median iterations to success over the successful rounds (NaN when none succeeded).
     pub median_iterations: f64,
     /// Standard deviation.
     pub std_iterations: f64,
+    /// Fewest iterations to success (0 when none succeeded).
     pub min_iterations: usize,
+    /// Most iterations to success (0 when none succeeded).
     pub max_iterations: usize,
 }
 
@@ -82,7 +89,9 @@ pub fn rounds(
 /// One point of the alpha sweep.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SweepPoint {
+    /// Noise strength in pixel units.
     pub alpha: f64,
+    /// The rounds at this alpha, summarised.
     pub stats: RoundStats,
 }
 

@@ -8,7 +8,8 @@ use crate::outcome::AttackOutcome;
 use candle_core::{DType, Device, Tensor};
 use rand::seq::SliceRandom;
 use rand::Rng;
-use vulnmap_models::{random, Classifier};
+use vulnmap_data::random;
+use vulnmap_models::Classifier;
 use vulnmap_saliency::SmoothGrad;
 
 /// The saliency mask's settings.
@@ -59,10 +60,14 @@ pub fn saliency_attack(
 }
 
 /// A random mask with the saliency mask's pixel budget.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[serde(rename_all = "lowercase")]
 pub enum Control {
     /// The clean image's saliency mask with its pixels shuffled: the same values, elsewhere
     /// (the authors' control).
+    #[default]
+    #[cfg_attr(feature = "clap", value(alias = "random"))]
     Permuted,
     /// Each pixel on with probability equal to the saliency mask's mean (the same expected sum).
     Bernoulli,

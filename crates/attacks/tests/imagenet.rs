@@ -10,9 +10,9 @@ use common::device;
 use vulnmap_attacks::engine::run;
 use vulnmap_attacks::random::random_attack;
 use vulnmap_attacks::{AttackConfig, GeneratorChoice, Goal, Job, Masking, Region};
-use vulnmap_data::assets::test_asset;
 use vulnmap_data::Preprocess;
 use vulnmap_models::{zoo, Arch, Classifier};
+use vulnmap_testkit::test_asset;
 
 fn lite0_coffee() -> Option<(Box<dyn Classifier>, Tensor)> {
     let weights = test_asset("assets/weights/efficientnet-lite0.safetensors")?;
@@ -30,13 +30,8 @@ fn lite0_coffee() -> Option<(Box<dyn Classifier>, Tensor)> {
     Some((model, pixels))
 }
 
-fn max_abs(t: &Tensor) -> f32 {
-    t.abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+fn max_abs_of(t: &Tensor) -> f64 {
+    vulnmap_testkit::max_abs(&vulnmap_testkit::to_vec(t))
 }
 
 #[test]
@@ -63,8 +58,8 @@ fn random_attacks_succeed_untargeted_and_targeted_within_the_cap() {
         p.min_all().unwrap().to_scalar::<f32>().unwrap() >= 0.0
             && p.max_all().unwrap().to_scalar::<f32>().unwrap() <= 1.0
     );
-    assert!(max_abs(&(p - pixels.get(0).unwrap()).unwrap()) <= 0.02 + 1e-6);
-    assert!(max_abs(&o.noise) <= 0.02 + 1e-6 && max_abs(&o.noise) > 0.0);
+    assert!(max_abs_of(&(p - pixels.get(0).unwrap()).unwrap()) <= 0.02 + 1e-6);
+    assert!(max_abs_of(&o.noise) <= 0.02 + 1e-6 && max_abs_of(&o.noise) > 0.0);
 
     let config = AttackConfig {
         alpha: 0.05,

@@ -7,41 +7,50 @@ use serde_json::json;
 use std::io::Write;
 use std::path::PathBuf;
 use vulnmap_attacks::saliency_attack::{
-    clean_masks, control_masks, fixed_mask_attack, saliency_attack, Control, SaliencyAttack,
+    clean_masks, control_masks, fixed_mask_attack, saliency_attack, Control,
 };
 use vulnmap_attacks::{
-    mask_attack::mask_attack, random::random_attack, AttackConfig, Goal, LearnedMask, MaskNetwork,
+    mask_attack::mask_attack, random::random_attack, AttackConfig, AttackMode, GeneratorChoice,
+    MaskNetworkKind,
 };
 use vulnmap_data::Preprocess;
 use vulnmap_models::Classifier;
-use vulnmap_saliency::SmoothGrad;
+use vulnmap_pipeline::schema::{
+    AttackSettings, MaskAttackStep, RandomAttackStep, SaliencyAttackStep,
+};
+use vulnmap_pipeline::steps::attacks;
 
 #[derive(clap::Args, Debug)]
-pub struct Args {
+pub(crate) struct Args {
     /// Image files (PNG or JPEG).
     #[arg(required = true)]
     images: Vec<PathBuf>,
     #[command(flatten)]
     model: ModelArgs,
     /// untargeted: any other label; targeted: the class --target.
-    #[arg(long, default_value = "untargeted", value_parser = ["untargeted", "targeted"])]
-    mode: String,
+    #[arg(long, value_enum, default_value_t)]
+    mode: AttackMode,
     /// The class a targeted attack aims for.
     #[arg(long, required_if_eq("mode", "targeted"))]
     target: Option<usize>,
-    /// Where the noise may go: none (the random attack), saliency (SmoothGrad mask), random (the
-    /// SmoothGrad mask's values shuffled: same budget), unet or free (a learned mask).
-    #[arg(long, default_value = "none", value_parser = ["none", "saliency", "random", "unet", "free"])]
-    mask: String,
+    /// Where the noise may go.
+    #[arg(long, value_enum, default_value_t)]
+    mask: MaskChoice,
     /// Noise strength in pixel units (default 0.02 without a mask, 0.05 with one: the paper's).
     #[arg(long)]
     alpha: Option<f64>,
     /// Generator updates at most.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = AttackSettings::default().max_iters)]
     max_iters: usize,
     /// Adam's learning rate for the generator.
-    #[arg(long, default_value_t = 2e-4)]
+    #[arg(long, default_value_t = AttackSettings::default().lr)]
     lr: f64,
+    /// The probability the new label must exceed to count as a success.
+    #[arg(long, default_value_t = AttackSettings::default().confidence)]
+    confidence: f64,
+    /// Which generator makes the noise.
+    #[arg(long, value_enum, default_value_t)]
+    generator: GeneratorChoice,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Folder for <image>_noise.png and <image>_perturbed.png.
@@ -54,7 +63,26 @@ pub struct Args {
     json: bool,
 }
 
-pub fn run(args: Args) -> Result<()> {
+/// Where the noise may go: the pipeline's attack steps, with their default settings.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum MaskChoice {
+    /// Everywhere: the random attack.
+    #[default]
+    None,
+    /// Where SmoothGrad is: the saliency-mask attack.
+    Saliency,
+    /// The SmoothGrad mask's values shuffled (the same budget elsewhere).
+    #[value(alias = "random")]
+    Permuted,
+    /// Each pixel on with the SmoothGrad mask's mean as probability.
+    Bernoulli,
+    /// A mask a U-Net learns (Eq. 6).
+    Unet,
+    /// A free low-resolution mask learned directly (the authors' code).
+    Free,
+}
+
+pub(crate) fn run(args: Args) -> Result<()> {
     let model = args.model.load()?;
     if let Some(t) = args.target {
         anyhow::ensure!(
@@ -65,20 +93,26 @@ pub fn run(args: Args) -> Result<()> {
     }
     let size = model.input_spec().height as u32;
     let preprocess = Preprocess::resize_crop(size * 256 / 224, size);
-    let goal = match args.target {
-        Some(t) if args.mode == "targeted" => Goal::Targeted(t),
-        _ => Goal::Untargeted,
+    let goal = args.mode.goal(args.target)?;
+    let saliency_step = SaliencyAttackStep::default();
+    let mask_step = MaskAttackStep::default();
+    let default_alpha = match args.mask {
+        MaskChoice::None => RandomAttackStep::default().alpha,
+        MaskChoice::Unet | MaskChoice::Free => mask_step.alpha,
+        _ => saliency_step.alpha,
     };
-    let config = AttackConfig {
-        alpha: args
-            .alpha
-            .unwrap_or(if args.mask == "none" { 0.02 } else { 0.05 }),
+    let settings = AttackSettings {
+        mode: args.mode,
+        target: args.target,
+        alpha: args.alpha.unwrap_or(default_alpha),
         max_iters: args.max_iters,
         lr: args.lr,
-        seed: args.seed,
-        batch_size: args.batch_size.max(1),
+        confidence: args.confidence,
+        generator: args.generator,
+    };
+    let config = AttackConfig {
         progress: true,
-        ..AttackConfig::default()
+        ..attacks::config(&settings, args.seed, args.batch_size.max(1))
     };
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
@@ -93,34 +127,41 @@ pub fn run(args: Args) -> Result<()> {
     for chunk in args.images.chunks(args.batch_size.max(1)) {
         let pixels = preprocess.load_batch(chunk, model.device())?;
         let goals = vec![goal; chunk.len()];
-        let saliency = SaliencyAttack::default();
-        let outcomes = match args.mask.as_str() {
-            "saliency" => saliency_attack(model.as_ref(), &pixels, &goals, &saliency, &config)?,
-            "random" => {
-                let masks = control_masks(
-                    &clean_masks(model.as_ref(), &pixels, &saliency)?,
-                    Control::Permuted,
-                    args.seed,
-                )?;
-                fixed_mask_attack(model.as_ref(), &pixels, &goals, masks, &config)?
+        let saliency = attacks::saliency_attack(&saliency_step, args.seed, config.batch_size);
+        let control = |control| -> Result<_> {
+            let clean = clean_masks(model.as_ref(), &pixels, &saliency)?;
+            let masks = control_masks(&clean, control, args.seed)?;
+            Ok(fixed_mask_attack(
+                model.as_ref(),
+                &pixels,
+                &goals,
+                masks,
+                &config,
+            )?)
+        };
+        let learned = |network: MaskNetworkKind| -> Result<_> {
+            let step = MaskAttackStep {
+                network,
+                ..mask_step.clone()
+            };
+            let spec = attacks::learned_mask(&step, args.seed, config.batch_size);
+            Ok(mask_attack(
+                model.as_ref(),
+                &pixels,
+                &goals,
+                &spec,
+                &config,
+            )?)
+        };
+        let outcomes = match args.mask {
+            MaskChoice::None => random_attack(model.as_ref(), &pixels, &goals, &config)?,
+            MaskChoice::Saliency => {
+                saliency_attack(model.as_ref(), &pixels, &goals, &saliency, &config)?
             }
-            "unet" | "free" => {
-                let spec = LearnedMask {
-                    network: if args.mask == "free" {
-                        MaskNetwork::Free { cells: 14 }
-                    } else {
-                        MaskNetwork::UNet { base: 16 }
-                    },
-                    lr: if args.mask == "free" { 0.01 } else { 1e-3 },
-                    reference: SmoothGrad {
-                        seed: args.seed,
-                        ..SmoothGrad::authors()
-                    },
-                    ..LearnedMask::default()
-                };
-                mask_attack(model.as_ref(), &pixels, &goals, &spec, &config)?
-            }
-            _ => random_attack(model.as_ref(), &pixels, &goals, &config)?,
+            MaskChoice::Permuted => control(Control::Permuted)?,
+            MaskChoice::Bernoulli => control(Control::Bernoulli)?,
+            MaskChoice::Unet => learned(MaskNetworkKind::Unet)?,
+            MaskChoice::Free => learned(MaskNetworkKind::Free)?,
         };
         for (path, o) in chunk.iter().zip(&outcomes) {
             let stem = path

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use vulnmap_data::Preprocess;
 
 #[derive(clap::Args, Debug)]
-pub struct Args {
+pub(crate) struct Args {
     /// Image files (PNG or JPEG).
     #[arg(required = true)]
     images: Vec<PathBuf>,
@@ -43,7 +43,7 @@ struct ImageResult<'a> {
     top: Vec<Prediction>,
 }
 
-pub fn run(args: Args) -> Result<()> {
+pub(crate) fn run(args: Args) -> Result<()> {
     let model = args.model.load()?;
     let spec = model.input_spec();
     let size = spec.height as u32;

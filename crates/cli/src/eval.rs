@@ -3,30 +3,35 @@
 
 use crate::model_args::ModelArgs;
 use anyhow::{Context, Result};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use vulnmap_pipeline::schema::{DataSpec, MetricsStep, ModelSpec, Outputs, Pipeline, Step};
+use vulnmap_data::Split;
+use vulnmap_models::Score;
+use vulnmap_pipeline::schema::{
+    DataSpec, MapStep, MetricsStep, ModelSpec, Outputs, Pipeline, Step,
+};
 use vulnmap_pipeline::{runner, RunOptions};
 
 #[derive(clap::Args, Debug)]
-pub struct Args {
+pub(crate) struct Args {
     /// A manifest CSV with mask_path, or a folder holding manifest.csv.
     #[arg(long)]
     data: PathBuf,
     #[command(flatten)]
     model: ModelArgs,
-    /// Comma-separated: gradient, smoothgrad, integrated-gradients, grad-cam, occlusion, rise,
-    /// local-attack, mask-attack (default settings; use a pipeline to change them).
+    /// Comma-separated map-making steps, with a pipeline's default settings (use a pipeline to
+    /// change them).
     #[arg(long, value_delimiter = ',', required = true)]
-    methods: Vec<String>,
-    /// Which patient-grouped split: train, val, test or all.
-    #[arg(long, default_value = "test")]
-    split: String,
+    methods: Vec<MapStep>,
+    /// Which patient-grouped split.
+    #[arg(long, value_enum, default_value_t)]
+    split: Split,
     /// At most this many images.
     #[arg(long)]
     limit: Option<usize>,
-    /// What the maps explain: logit, centred-logit or log-probability.
-    #[arg(long, default_value = "logit")]
-    score: String,
+    /// What the maps explain.
+    #[arg(long, value_enum, default_value_t)]
+    score: Score,
     /// The run directory (results.jsonl, figures, report.html).
     #[arg(long, default_value = "runs/eval")]
     out: PathBuf,
@@ -40,47 +45,36 @@ pub struct Args {
     json: bool,
 }
 
-/// The step a CLI method name stands for, with its defaults.
-fn step(name: &str) -> Result<Step> {
-    let key = name.trim().replace('-', "_");
-    serde_yaml_ng::with::singleton_map::deserialize(serde_yaml_ng::Deserializer::from_str(&format!("{key}: {{}}"))).map_err(|_: serde_yaml_ng::Error| {
-        anyhow::anyhow!(
-            "unknown method `{name}`; known: gradient, smoothgrad, integrated-gradients, grad-cam, occlusion, rise, local-attack, mask-attack"
-        )
-    })
-}
-
-pub fn run(args: Args) -> Result<()> {
+pub(crate) fn run(args: Args) -> Result<()> {
     let manifest = if args.data.is_dir() {
         args.data.join("manifest.csv")
     } else {
         args.data.clone()
     };
-    let mut steps = Vec::new();
-    for m in &args.methods {
-        let s = step(m)?;
-        anyhow::ensure!(s.makes_maps(), "`{m}` makes no saliency map to score");
-        steps.push(s);
-    }
+    let mut steps: Vec<Step> = args.methods.iter().map(|m| m.step()).collect();
     steps.push(Step::Metrics(MetricsStep::default()));
     let weights = args.model.weights.as_ref().map(|w| w.display().to_string());
     let pipeline = Pipeline {
         name: "eval".into(),
         description: format!(
             "{} scored on {}",
-            args.methods.join(", "),
+            args.methods
+                .iter()
+                .map(|m| m.step().kind())
+                .collect::<Vec<_>>()
+                .join(", "),
             manifest.display()
         ),
         seed: 0,
-        device: args.model.device.clone(),
+        device: args.model.device,
         model: Some(ModelSpec {
-            arch: args.model.model.name().into(),
+            arch: args.model.model,
             weights,
-            score: args.score.clone(),
+            score: args.score,
         }),
         data: DataSpec {
             manifest: Some(manifest.display().to_string()),
-            split: args.split.clone(),
+            split: args.split,
             limit: args.limit,
             ..DataSpec::default()
         },
@@ -108,16 +102,20 @@ pub fn run(args: Args) -> Result<()> {
             .iter()
             .filter(|r| r.get("kind").and_then(|k| k.as_str()) == Some("metrics"))
         {
-            println!("{}", serde_json::Value::Object(row.clone()));
+            writeln!(
+                std::io::stdout(),
+                "{}",
+                serde_json::Value::Object(row.clone())
+            )?;
         }
     } else {
         let table = summary.out.join("metrics.md");
         match std::fs::read_to_string(&table) {
-            Ok(text) => print!("{text}"),
-            Err(_) => println!("no images with lesion masks to score"),
+            Ok(text) => write!(std::io::stdout(), "{text}")?,
+            Err(_) => writeln!(std::io::stdout(), "no images with lesion masks to score")?,
         }
         if let Some(report) = &summary.report {
-            println!("report: {}", report.display());
+            writeln!(std::io::stdout(), "report: {}", report.display())?;
         }
     }
     Ok(())

@@ -7,26 +7,28 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use vulnmap_data::Preprocess;
 use vulnmap_models::{Score, ScoredClassifier};
+use vulnmap_pipeline::schema::MapStep;
+use vulnmap_pipeline::steps::maps;
 use vulnmap_saliency::render::{colorize, overlay, save, Colormap};
-use vulnmap_saliency::Method;
 
 #[derive(clap::Args, Debug)]
-pub struct Args {
+pub(crate) struct Args {
     /// Image files (PNG or JPEG).
     #[arg(required = true)]
     images: Vec<PathBuf>,
     #[command(flatten)]
     model: ModelArgs,
-    /// gradient, smoothgrad, integrated-gradients, grad-cam, occlusion or rise (default settings).
-    #[arg(long, value_parser = parse_method)]
-    method: Method,
+    /// The saliency method, with a pipeline's default settings (the attacks' maps come from
+    /// `vulnmap eval` or a pipeline).
+    #[arg(long, value_enum)]
+    method: MapStep,
     /// Explain this class instead of each image's predicted one.
     #[arg(long)]
     target: Option<usize>,
-    /// What to explain: logit, centred-logit (logit minus the mean of all; recommended for
-    /// two-class models) or log-probability.
-    #[arg(long, default_value = "logit", value_parser = ["logit", "centred-logit", "log-probability"])]
-    score: String,
+    /// What to explain: centred-logit (logit minus the mean of all) is recommended for
+    /// two-class models.
+    #[arg(long, value_enum, default_value_t)]
+    score: Score,
     /// Output folder for <image>_<method>.png and <image>_<method>_overlay.png.
     #[arg(long, default_value = "explanations")]
     out: PathBuf,
@@ -41,10 +43,6 @@ pub struct Args {
     json: bool,
 }
 
-fn parse_method(s: &str) -> std::result::Result<Method, String> {
-    Method::from_name(s).map_err(|e| e.to_string())
-}
-
 #[derive(Serialize)]
 struct Explained<'a> {
     image: &'a Path,
@@ -55,20 +53,22 @@ struct Explained<'a> {
     overlay: PathBuf,
 }
 
-pub fn run(args: Args) -> Result<()> {
+pub(crate) fn run(args: Args) -> Result<()> {
     let model = args.model.load()?;
-    let score = match args.score.as_str() {
-        "centred-logit" => Score::CentredLogit,
-        "log-probability" => Score::LogProbability,
-        _ => Score::Logit,
-    };
-    let model = ScoredClassifier::new(model, score);
+    let step = args.method.step();
+    let method = maps::method(&step, 0, args.batch_size)?.with_context(|| {
+        format!(
+            "`{}` is an attack, not a saliency method: score its maps with `vulnmap eval` or run \
+             it in a pipeline",
+            step.kind()
+        )
+    })?;
+    let model = ScoredClassifier::new(model, args.score);
     let size = vulnmap_models::Classifier::input_spec(&model).height as u32;
     let preprocess = Preprocess {
         resize: Some(args.resize.unwrap_or(size * 256 / 224)),
         crop: Some((size, size)),
     };
-    let method = args.method.clone().with_batch_size(args.batch_size);
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let mut out = std::io::stdout().lock();

@@ -2,22 +2,22 @@
 //! ImageNet weights with a new head, or from scratch.
 
 use anyhow::{Context, Result};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use vulnmap_data::split::{split_by_patient, summary, PAPER_FRACTIONS};
 use vulnmap_data::{Dataset, ManifestOptions, Preprocess};
-use vulnmap_models::hub::HubFile;
-use vulnmap_models::optim::AdamConfig;
-use vulnmap_models::train::{fit, LrSchedule, TrainConfig, TrainableModel};
-use vulnmap_models::{parse_device, Arch, Checkpoint, Classes};
+use vulnmap_models::{zoo, Arch, Checkpoint, Classes, DeviceName};
+use vulnmap_train::optim::AdamConfig;
+use vulnmap_train::train::{fit, LrSchedule, TrainConfig, TrainableModel};
 
 #[derive(clap::Args, Debug)]
-pub struct Args {
+pub(crate) struct Args {
     /// A CSV manifest, a folder holding manifest.csv, or a folder with one subfolder per class.
     #[arg(long)]
     data: PathBuf,
-    /// The architecture.
-    #[arg(long, value_parser = crate::model_args::parse_arch)]
+    /// The architecture (as `--model` elsewhere).
+    #[arg(long, alias = "model", value_parser = crate::model_args::parse_arch)]
     arch: Arch,
     /// Start from these weights (backbone kept, head replaced); default: the hub's ImageNet
     /// weights for ResNets, fresh weights for tiny-resnet. `--scratch` forces fresh weights.
@@ -62,9 +62,9 @@ pub struct Args {
     /// Output folder: best.safetensors and report.json.
     #[arg(long)]
     out: PathBuf,
-    /// cpu, cuda, cuda:N or auto.
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    /// cpu, cuda, cuda:N or auto (a GPU when there is one).
+    #[arg(long, default_value_t)]
+    device: DeviceName,
     /// Print the training report as JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -96,19 +96,16 @@ fn read_dataset(data: &Path, skip_bad: bool) -> Result<Dataset> {
     }
 }
 
-pub fn run(args: Args) -> Result<()> {
-    let device = parse_device(&args.device)?;
+pub(crate) fn run(args: Args) -> Result<()> {
+    let device = args.device.open()?;
     let dataset = Arc::new(read_dataset(&args.data, args.skip_bad)?);
     anyhow::ensure!(!dataset.is_empty(), "{}: no images", args.data.display());
     let splits = split_by_patient(&dataset, PAPER_FRACTIONS, args.seed);
     eprint!("{}", summary(&dataset, &splits));
     let classes = Classes::new(dataset.classes.clone());
-    let weights = match (&args.weights, args.scratch) {
-        (Some(w), _) => Some(w.clone()),
-        (None, true) => None,
-        (None, false) => HubFile::default_for(args.arch.name())
-            .map(|h| h.resolve())
-            .transpose()?,
+    let weights = match args.scratch {
+        true => None,
+        false => Some(zoo::weights_path(args.arch, args.weights.as_deref())?),
     };
     let model = match &weights {
         Some(path) => {
@@ -158,14 +155,15 @@ pub fn run(args: Args) -> Result<()> {
     let json = serde_json::to_string_pretty(&report)?;
     vulnmap_data::fs::write_atomic(&args.out.join("report.json"), json.as_bytes())?;
     if args.json {
-        println!("{}", serde_json::to_string(&report)?);
+        writeln!(std::io::stdout(), "{}", serde_json::to_string(&report)?)?;
     } else {
-        println!(
+        writeln!(
+            std::io::stdout(),
             "best epoch {}: test accuracy {:.3}; weights in {}",
             report.best_epoch,
             report.test_accuracy,
             args.out.join("best.safetensors").display()
-        );
+        )?;
     }
     Ok(())
 }

@@ -3,10 +3,10 @@
 use anyhow::Result;
 use candle_core::DType;
 use std::path::PathBuf;
-use vulnmap_models::{parse_device, zoo, Arch, Classifier};
+use vulnmap_models::{zoo, Arch, Classifier, DeviceName};
 
 #[derive(clap::Args, Debug, Clone)]
-pub struct ModelArgs {
+pub(crate) struct ModelArgs {
     /// resnet18|34|50|101|152, efficientnet-lite0 or tiny-resnet.
     #[arg(long, short = 'm', value_parser = parse_arch)]
     pub model: Arch,
@@ -14,19 +14,19 @@ pub struct ModelArgs {
     /// Face hub; without it, hub models download their default.
     #[arg(long, short = 'w')]
     pub weights: Option<PathBuf>,
-    /// cpu, cuda, cuda:N or auto.
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
+    /// cpu, cuda, cuda:N or auto (a GPU when there is one; a pipeline's default too).
+    #[arg(long, default_value_t)]
+    pub device: DeviceName,
 }
 
-pub fn parse_arch(s: &str) -> std::result::Result<Arch, String> {
+pub(crate) fn parse_arch(s: &str) -> std::result::Result<Arch, String> {
     s.parse::<Arch>().map_err(|e| e.to_string())
 }
 
 impl ModelArgs {
     /// Loads the classifier these options name.
-    pub fn load(&self) -> Result<Box<dyn Classifier>> {
-        let device = parse_device(&self.device)?;
+    pub(crate) fn load(&self) -> Result<Box<dyn Classifier>> {
+        let device = self.device.open()?;
         tracing::info!(model = %self.model, device = ?device, "loading model");
         Ok(zoo::load(
             self.model,

@@ -2,14 +2,16 @@
 
 use anyhow::{Context, Result};
 use serde_json::json;
+use std::io::Write;
 use std::path::{Path, PathBuf};
+use vulnmap_models::DeviceName;
 use vulnmap_pipeline::{config, runner, Pipeline, RunOptions, RunSummary, Shard};
 
 /// The demo: the synthetic fundus benchmark, every saliency method and attack, scored.
 const DEMO: &str = include_str!("../../../pipelines/demo.yaml");
 
 #[derive(clap::Args, Debug)]
-pub struct RunArgs {
+pub(crate) struct RunArgs {
     /// The pipeline file.
     pipeline: PathBuf,
     /// The run directory (default: runs/<pipeline name>, with the shard appended).
@@ -17,7 +19,7 @@ pub struct RunArgs {
     out: Option<PathBuf>,
     /// cpu, cuda, cuda:N or auto (overrides the pipeline's).
     #[arg(long)]
-    device: Option<String>,
+    device: Option<DeviceName>,
     /// Run only every N-th chunk of images starting at I (e.g. 0/4), for job arrays.
     #[arg(long, value_parser = parse_shard)]
     shard: Option<Shard>,
@@ -36,7 +38,7 @@ pub struct RunArgs {
 }
 
 #[derive(clap::Args, Debug)]
-pub struct MergeArgs {
+pub(crate) struct MergeArgs {
     /// The shards' run directories.
     #[arg(required = true)]
     shards: Vec<PathBuf>,
@@ -48,12 +50,12 @@ pub struct MergeArgs {
 }
 
 #[derive(clap::Args, Debug)]
-pub struct DemoArgs {
+pub(crate) struct DemoArgs {
     /// The run directory.
     #[arg(long, default_value = "runs/demo")]
     out: PathBuf,
     #[arg(long)]
-    device: Option<String>,
+    device: Option<DeviceName>,
     /// Continue an interrupted demo in --out.
     #[arg(long)]
     resume: bool,
@@ -75,16 +77,17 @@ fn print(summary: &RunSummary, json: bool) -> Result<()> {
             "rows": summary.rows,
             "report": summary.report,
         });
-        println!("{line}");
+        writeln!(std::io::stdout(), "{line}")?;
     } else {
-        println!(
+        writeln!(
+            std::io::stdout(),
             "{} images, {} result rows in {}",
             summary.images,
             summary.rows,
             summary.out.join("results.jsonl").display()
-        );
+        )?;
         if let Some(report) = &summary.report {
-            println!("report: {}", report.display());
+            writeln!(std::io::stdout(), "report: {}", report.display())?;
         }
     }
     Ok(())
@@ -96,10 +99,10 @@ fn execute(pipeline: &Pipeline, options: RunOptions, json: bool) -> Result<()> {
     print(&summary, json)
 }
 
-pub fn run(args: RunArgs) -> Result<()> {
+pub(crate) fn run(args: RunArgs) -> Result<()> {
     let pipeline = config::load(&args.pipeline)?;
     if args.check {
-        print!("{}", config::to_yaml(&pipeline)?);
+        write!(std::io::stdout(), "{}", config::to_yaml(&pipeline)?)?;
         return Ok(());
     }
     let out = args.out.unwrap_or_else(|| {
@@ -120,12 +123,12 @@ pub fn run(args: RunArgs) -> Result<()> {
     execute(&pipeline, options, args.json)
 }
 
-pub fn merge(args: MergeArgs) -> Result<()> {
+pub(crate) fn merge(args: MergeArgs) -> Result<()> {
     let summary = runner::merge(&args.out, &args.shards)?;
     print(&summary, args.json)
 }
 
-pub fn demo(args: DemoArgs) -> Result<()> {
+pub(crate) fn demo(args: DemoArgs) -> Result<()> {
     let pipeline = config::parse(
         DEMO,
         Path::new("<the embedded demo pipeline>"),

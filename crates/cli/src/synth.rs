@@ -1,6 +1,7 @@
 //! `vulnmap synth fundus`: write a synthetic fundus dataset (images, lesion masks, manifest).
 
 use anyhow::Result;
+use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 use vulnmap_data::split::{split_by_patient, summary, PAPER_FRACTIONS};
@@ -8,7 +9,7 @@ use vulnmap_data::synthetic::{write_dataset, FundusConfig, LabelScheme};
 use vulnmap_data::{Dataset, ManifestOptions};
 
 #[derive(clap::Args, Debug)]
-pub struct Args {
+pub(crate) struct Args {
     /// What to synthesise (only `fundus` so far).
     #[arg(value_parser = ["fundus"])]
     kind: String,
@@ -41,7 +42,7 @@ fn parse_probability(s: &str) -> std::result::Result<f64, String> {
     }
 }
 
-pub fn run(args: Args) -> Result<()> {
+pub(crate) fn run(args: Args) -> Result<()> {
     let config = FundusConfig {
         patients: args.patients,
         size: args.size as usize,
@@ -64,7 +65,7 @@ pub fn run(args: Args) -> Result<()> {
         dataset.len() as f64 / seconds
     );
     let splits = split_by_patient(&dataset, PAPER_FRACTIONS, args.seed);
-    println!("{}", manifest.display());
+    writeln!(std::io::stdout(), "{}", manifest.display())?;
     eprint!("{}", summary(&dataset, &splits));
     Ok(())
 }

@@ -2,7 +2,7 @@
 //! and the exit codes (0 success, 1 failure, 2 usage).
 
 use std::process::Command;
-use vulnmap_data::assets::test_asset;
+use vulnmap_testkit::test_asset;
 
 fn vulnmap() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_vulnmap"));

@@ -1,7 +1,7 @@
 //! `vulnmap explain`: maps and overlays written as PNGs, one JSON object per image.
 
 use std::process::Command;
-use vulnmap_data::assets::test_asset;
+use vulnmap_testkit::test_asset;
 
 #[test]
 fn explain_writes_a_map_and_an_overlay_per_image() {
@@ -54,5 +54,6 @@ fn explain_writes_a_map_and_an_overlay_per_image() {
         .output()
         .unwrap();
     assert_eq!(bad.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown saliency method `lime`"));
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("lime") && err.contains("grad-cam"), "{err}");
 }

@@ -1,7 +1,7 @@
 //! `vulnmap run`, `attack` and `merge` end to end: exit codes, errors with lines, JSON on stdout.
 
 use std::process::Command;
-use vulnmap_data::assets::test_asset;
+use vulnmap_testkit::test_asset;
 
 fn vulnmap() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_vulnmap"));

@@ -126,3 +126,163 @@ fn bad_values_are_usage_errors_and_bad_data_fails_naming_the_line() {
         "{err}"
     );
 }
+
+/// The rows of a `results.jsonl`, without the timing that differs between runs.
+fn rows_without_timing(run: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("results.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let mut row: serde_json::Value = serde_json::from_str(line).unwrap();
+            row.as_object_mut().unwrap().remove("seconds");
+            row
+        })
+        .collect()
+}
+
+#[test]
+fn the_cli_and_a_pipeline_with_the_same_settings_give_the_same_results() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let ok = |out: std::process::Output| {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    };
+    ok(vulnmap()
+        .args([
+            "synth",
+            "fundus",
+            "--patients",
+            "4",
+            "--size",
+            "64",
+            "--out",
+        ])
+        .arg(&data)
+        .output()
+        .unwrap());
+    let model = dir.path().join("model");
+    ok(vulnmap()
+        .args([
+            "finetune",
+            "--model",
+            "tiny-resnet",
+            "--scratch",
+            "--epochs",
+            "1",
+        ])
+        .args(["--size", "64", "--batch-size", "8", "--data"])
+        .arg(&data)
+        .arg("--out")
+        .arg(&model)
+        .output()
+        .unwrap());
+    let weights = model.join("best.safetensors");
+    let run = |pipeline: &std::path::Path, out: &std::path::Path| {
+        ok(vulnmap()
+            .arg("run")
+            .arg(pipeline)
+            .arg("--out")
+            .arg(out)
+            .output()
+            .unwrap())
+    };
+
+    // `vulnmap eval` with its defaults, and the pipeline file a user would write for it.
+    let by_cli = dir.path().join("eval");
+    ok(vulnmap()
+        .args([
+            "eval",
+            "--model",
+            "tiny-resnet",
+            "--device",
+            "cpu",
+            "--split",
+            "all",
+        ])
+        .args([
+            "--methods",
+            "grad-cam,occlusion",
+            "--score",
+            "centred-logit",
+            "--limit",
+            "3",
+        ])
+        .arg("--weights")
+        .arg(&weights)
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&by_cli)
+        .output()
+        .unwrap());
+    let pipeline = dir.path().join("same.yaml");
+    std::fs::write(
+        &pipeline,
+        format!(
+            "name: same\ndevice: cpu\nmodel: {{arch: tiny-resnet, weights: {}, score: centred-logit}}\n\
+             data: {{manifest: {}, split: all, limit: 3}}\n\
+             steps:\n  - grad_cam: {{}}\n  - occlusion: {{}}\n  - metrics: {{}}\n",
+            weights.display(),
+            data.join("manifest.csv").display()
+        ),
+    )
+    .unwrap();
+    let by_file = dir.path().join("run");
+    run(&pipeline, &by_file);
+    let rows = rows_without_timing(&by_cli);
+    assert_eq!(
+        rows.len(),
+        3 * 3,
+        "three images, two maps and their metrics"
+    );
+    assert_eq!(rows, rows_without_timing(&by_file));
+
+    // `vulnmap attack` and a pipeline's `random_attack` step: the same Table I row.
+    let image = data.join("images/P0001_OD_CFP.png");
+    let out = ok(vulnmap()
+        .args([
+            "attack",
+            "--json",
+            "--model",
+            "tiny-resnet",
+            "--device",
+            "cpu",
+        ])
+        .args(["--max-iters", "3", "--weights"])
+        .arg(&weights)
+        .arg("--out")
+        .arg(dir.path().join("attacks"))
+        .arg(&image)
+        .output()
+        .unwrap());
+    let by_cli: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    std::fs::write(
+        &pipeline,
+        format!(
+            "name: attack\ndevice: cpu\nmodel: {{arch: tiny-resnet, weights: {}}}\n\
+             data: {{files: [{}]}}\nsteps:\n  - random_attack: {{max_iters: 3}}\n",
+            weights.display(),
+            image.display()
+        ),
+    )
+    .unwrap();
+    let by_file = dir.path().join("attack-run");
+    run(&pipeline, &by_file);
+    let row = &rows_without_timing(&by_file)[0];
+    for key in [
+        "label_from",
+        "label_to",
+        "iterations",
+        "success",
+        "origin_loss",
+        "final_loss",
+    ] {
+        assert!(!by_cli[key].is_null(), "{key} missing from {by_cli}");
+        assert_eq!(by_cli[key], row["outcome"][key], "{key}");
+    }
+}

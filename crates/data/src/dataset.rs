@@ -47,9 +47,11 @@ impl std::str::FromStr for Modality {
 /// One labelled image.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sample {
+    /// The image file; a manifest's relative paths are joined to the manifest's folder.
     pub path: PathBuf,
     /// Index into [`Dataset::classes`].
     pub label: usize,
+    /// The modality from the manifest's `modality` column; `None` when absent or empty.
     pub modality: Option<Modality>,
     /// Images of one patient never land in two splits.
     pub patient: String,
@@ -64,7 +66,9 @@ pub struct Sample {
 pub struct Skipped {
     /// The manifest line, when the sample came from a manifest.
     pub line: Option<usize>,
+    /// The image file at fault, as in [`Sample::path`].
     pub path: PathBuf,
+    /// Why it was left out: a missing file, an unknown label, a corrupt image or mask, etc.
     pub reason: String,
 }
 
@@ -94,6 +98,7 @@ pub struct ManifestOptions {
 pub struct Dataset {
     /// Class names; a sample's label indexes this list.
     pub classes: Vec<String>,
+    /// The labelled images, in manifest-row order or class by class for folders.
     pub samples: Vec<Sample>,
     /// Where the dataset was read from (manifest or folder), for messages.
     pub source: PathBuf,

@@ -8,19 +8,29 @@ pub enum Error {
     /// A file could not be read or written.
     #[error("{path}: {error}")]
     Io {
+        /// The file (or folder) being read or written.
         path: PathBuf,
+        /// The underlying I/O error.
         error: std::io::Error,
     },
 
     /// An image could not be decoded or encoded.
     #[error("{path}: {reason}")]
-    Image { path: PathBuf, reason: String },
+    Image {
+        /// The image (or mask) file.
+        path: PathBuf,
+        /// What went wrong: a decoding or encoding failure, an unsupported format, etc.
+        reason: String,
+    },
 
     /// A manifest row (or the header, line 1) that cannot be used.
     #[error("{path}:{line}: {message}")]
     Manifest {
+        /// The manifest file.
         path: PathBuf,
+        /// The 1-based line in the manifest (the header is line 1; 0 when unknown).
         line: usize,
+        /// What is wrong with the row, usually naming the image it points to.
         message: String,
     },
 

@@ -48,6 +48,7 @@ pub struct Loader {
 }
 
 impl Loader {
+    /// Batches of `batch_size` images (at least 1), two decoded ahead, without flips.
     pub fn new(dataset: Arc<Dataset>, preprocess: Preprocess, batch_size: usize) -> Self {
         Self {
             dataset,

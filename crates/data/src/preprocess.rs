@@ -102,7 +102,7 @@ impl Preprocess {
 /// torchvision's `Resize(int)` truncates the longer side instead (384 rather than 385 for a
 /// 451 x 300 image); rounding keeps the aspect ratio closer and is what the shared PyTorch
 /// reference fixtures used. The difference is at most one pixel of the longer side.
-pub fn resize_shorter_side(img: &RgbImage, size: u32) -> RgbImage {
+pub(crate) fn resize_shorter_side(img: &RgbImage, size: u32) -> RgbImage {
     let (w, h) = img.dimensions();
     let scaled = |long: u32, short: u32| (size as f64 * long as f64 / short as f64).round() as u32;
     let (nw, nh) = if w <= h {
@@ -119,7 +119,7 @@ pub fn resize_shorter_side(img: &RgbImage, size: u32) -> RgbImage {
 
 /// The centre `height x width` crop, offsets rounded half to even as torchvision's
 /// `CenterCrop` (Python's `round`).
-pub fn centre_crop(img: &RgbImage, height: u32, width: u32) -> Result<RgbImage> {
+pub(crate) fn centre_crop(img: &RgbImage, height: u32, width: u32) -> Result<RgbImage> {
     let (w, h) = img.dimensions();
     if height > h || width > w {
         return Err(Error::InvalidArgument(format!(
@@ -142,7 +142,7 @@ fn round_half_even(x: f64) -> u32 {
 }
 
 /// Image files (PNG, JPEG) in a folder, sorted by name.
-pub fn image_files(dir: impl AsRef<Path>) -> Result<Vec<PathBuf>> {
+pub(crate) fn image_files(dir: impl AsRef<Path>) -> Result<Vec<PathBuf>> {
     let dir = dir.as_ref();
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| Error::io(dir, e))?

@@ -10,8 +10,11 @@ use std::fmt::Write as _;
 /// Sample indices of each split.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Splits {
+    /// Indices into [`Dataset::samples`] to train on, ascending.
     pub train: Vec<usize>,
+    /// Indices to validate on (choosing the best epoch), ascending.
     pub val: Vec<usize>,
+    /// Indices held out for the final test, ascending.
     pub test: Vec<usize>,
 }
 
@@ -23,6 +26,34 @@ impl Splits {
             ("val", &self.val),
             ("test", &self.test),
         ]
+    }
+}
+
+/// Which images of a dataset to use: one split, or all of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[serde(rename_all = "lowercase")]
+pub enum Split {
+    /// The training split.
+    Train,
+    /// The validation split.
+    Val,
+    /// The held-out test split.
+    #[default]
+    Test,
+    /// Every image, in dataset order.
+    All,
+}
+
+impl Split {
+    /// The indices this split selects from `splits` of a dataset of `len` images.
+    pub fn select(self, splits: &Splits, len: usize) -> Vec<usize> {
+        match self {
+            Split::Train => splits.train.clone(),
+            Split::Val => splits.val.clone(),
+            Split::Test => splits.test.clone(),
+            Split::All => (0..len).collect(),
+        }
     }
 }
 

@@ -3,9 +3,9 @@
 
 use candle_core::{DType, Device};
 use std::io::Cursor;
-use vulnmap_data::assets::test_asset;
 use vulnmap_data::image_io::{from_tensor, load_rgb, to_tensor};
 use vulnmap_data::{save_png, Preprocess};
+use vulnmap_testkit::test_asset;
 
 #[test]
 fn resize_256_and_centre_crop_match_pil_on_chelsea_and_coffee() {

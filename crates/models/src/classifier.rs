@@ -189,9 +189,14 @@ impl std::fmt::Debug for dyn Classifier {
 }
 
 /// What a classifier's outputs are taken to be, for explaining them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[serde(rename_all = "kebab-case")]
 pub enum Score {
     /// The logits as they are (Captum's and pytorch-grad-cam's default).
+    #[default]
     Logit,
     /// Each logit minus the mean of all: what the softmax depends on, without the part all
     /// classes share. For two classes, half the logit difference.
@@ -226,6 +231,7 @@ pub struct ScoredClassifier<C> {
 }
 
 impl<C: Classifier> ScoredClassifier<C> {
+    /// `inner`, its outputs replaced by `score` of its logits.
     pub fn new(inner: C, score: Score) -> Self {
         Self { inner, score }
     }

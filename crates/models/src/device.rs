@@ -1,48 +1,88 @@
 //! Devices by name: `cpu`, `cuda`, `cuda:N`, or `auto` (CUDA when built with it and a GPU is
-//! present), given directly or through `$VULNMAP_DEVICE`.
+//! present).
 
 use crate::error::{Error, Result};
 use candle_core::Device;
 
-/// Parses a device name as the CLI and pipelines accept it.
+/// A device as the CLI and pipelines name it: `cpu`, `cuda` (or `gpu`), `cuda:N`, or `auto`
+/// (CUDA when built with it and a GPU is present, else the CPU). Names ignore case.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum DeviceName {
+    /// The CPU.
+    Cpu,
+    /// The first GPU if there is one, else the CPU.
+    #[default]
+    Auto,
+    /// A GPU: the first (`cuda`) or number N (`cuda:N`).
+    Cuda(Option<usize>),
+}
+
+impl DeviceName {
+    /// Opens the device; a CUDA device fails with what to do when this build has no CUDA.
+    pub fn open(self) -> Result<Device> {
+        match self {
+            DeviceName::Cpu => Ok(Device::Cpu),
+            DeviceName::Auto => Ok(Device::cuda_if_available(0)?),
+            DeviceName::Cuda(ordinal) => cuda(ordinal.unwrap_or(0)),
+        }
+    }
+}
+
+impl std::str::FromStr for DeviceName {
+    type Err = Error;
+
+    fn from_str(name: &str) -> Result<Self> {
+        let name = name.trim().to_ascii_lowercase();
+        match name.as_str() {
+            "cpu" => Ok(DeviceName::Cpu),
+            "auto" => Ok(DeviceName::Auto),
+            "cuda" | "gpu" => Ok(DeviceName::Cuda(None)),
+            _ => match name.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(ordinal)) => Ok(DeviceName::Cuda(Some(ordinal))),
+                _ => Err(Error::InvalidArgument(format!(
+                    "unknown device `{name}`; expected cpu, cuda, cuda:N or auto"
+                ))),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceName::Cpu => f.write_str("cpu"),
+            DeviceName::Auto => f.write_str("auto"),
+            DeviceName::Cuda(None) => f.write_str("cuda"),
+            DeviceName::Cuda(Some(n)) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl TryFrom<String> for DeviceName {
+    type Error = Error;
+
+    fn try_from(name: String) -> Result<Self> {
+        name.parse()
+    }
+}
+
+impl From<DeviceName> for String {
+    fn from(name: DeviceName) -> String {
+        name.to_string()
+    }
+}
+
+/// Parses a device name as the CLI and pipelines accept it and opens the device.
 pub fn parse_device(name: &str) -> Result<Device> {
-    let name = name.trim().to_ascii_lowercase();
-    match name.as_str() {
-        "cpu" => Ok(Device::Cpu),
-        "auto" => Ok(Device::cuda_if_available(0)?),
-        "cuda" | "gpu" => cuda(0),
-        _ => match name.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(ordinal)) => cuda(ordinal),
-            _ => Err(Error::InvalidArgument(format!(
-                "unknown device `{name}`; expected cpu, cuda, cuda:N or auto"
-            ))),
-        },
-    }
-}
-
-/// The variable that names the device [`device_from_env`] opens.
-pub const DEVICE_VAR: &str = "VULNMAP_DEVICE";
-
-/// The device named by `$VULNMAP_DEVICE`, `cpu` when it is unset: the test suites run on it, so
-/// `VULNMAP_DEVICE=cuda cargo test --workspace --features vulnmap-models/cuda` runs them on a GPU.
-pub fn device_from_env() -> Result<Device> {
-    device_named_by(std::env::var(DEVICE_VAR))
-}
-
-fn device_named_by(value: std::result::Result<String, std::env::VarError>) -> Result<Device> {
-    let in_var = |e: &dyn std::fmt::Display| Error::InvalidArgument(format!("${DEVICE_VAR}: {e}"));
-    match value {
-        Ok(name) => parse_device(&name).map_err(|e| in_var(&e)),
-        Err(std::env::VarError::NotPresent) => Ok(Device::Cpu),
-        Err(e) => Err(in_var(&e)),
-    }
+    name.parse::<DeviceName>()?.open()
 }
 
 fn cuda(ordinal: usize) -> Result<Device> {
     if !candle_core::utils::cuda_is_available() {
         return Err(Error::InvalidArgument(format!(
             "device cuda:{ordinal} asked for, but this vulnmap was built without CUDA; rebuild with \
-             `--features cuda` (see ../docs/CUDA.md) or use --device cpu"
+             `--features cuda` (README.md, section CUDA) or use --device cpu"
         )));
     }
     Device::new_cuda(ordinal)
@@ -56,6 +96,10 @@ mod tests {
     #[test]
     fn names_parse_and_bad_ones_say_what_is_expected() {
         assert!(parse_device("cpu").unwrap().is_cpu());
+        for name in ["cpu", "auto", "cuda", "cuda:3"] {
+            assert_eq!(name.parse::<DeviceName>().unwrap().to_string(), name);
+        }
+        assert_eq!("GPU".parse::<DeviceName>().unwrap(), DeviceName::Cuda(None));
         assert!(parse_device("auto").is_ok());
         let err = parse_device("tpu:0").unwrap_err().to_string();
         assert!(err.contains("tpu:0") && err.contains("cuda:N"), "{err}");
@@ -63,21 +107,5 @@ mod tests {
             let err = parse_device("cuda:1").unwrap_err().to_string();
             assert!(err.contains("without CUDA"), "{err}");
         }
-    }
-
-    #[test]
-    fn the_environment_names_the_device_and_cpu_is_the_default() {
-        use std::env::VarError;
-        assert!(device_named_by(Err(VarError::NotPresent)).unwrap().is_cpu());
-        assert!(device_named_by(Ok("CPU".into())).unwrap().is_cpu());
-        let err = device_named_by(Ok("tpu".into())).unwrap_err().to_string();
-        assert!(
-            err.contains("VULNMAP_DEVICE") && err.contains("tpu"),
-            "{err}"
-        );
-        let err = device_named_by(Err(VarError::NotUnicode("\u{fffd}".into())))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("VULNMAP_DEVICE"), "{err}");
     }
 }

@@ -2,13 +2,13 @@
 //! BatchNorm epsilon 1e-3, as Google's TF-Lite release; tensor names as lukemelas'
 //! EfficientNet-PyTorch (`_conv_stem`, `_blocks.N._depthwise_conv`, `_fc`).
 
-use crate::batch_norm::BatchNorm;
 use crate::classifier::{unknown_layer, Classes, Classifier, InputSpec};
-use crate::conv::{Conv2d, DepthwiseConv2d, Padding};
-use crate::pool::global_avg_pool;
 use crate::resnet::linear_head;
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{Linear, Module, VarBuilder};
+use vulnmap_ops::batch_norm::BatchNorm;
+use vulnmap_ops::conv::{Conv2d, DepthwiseConv2d, Padding};
+use vulnmap_ops::pool::global_avg_pool;
 
 /// TensorFlow's BatchNorm epsilon, which these weights were trained with.
 const BN_EPS: f64 = 1e-3;

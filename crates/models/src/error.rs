@@ -16,19 +16,29 @@ pub enum Error {
     /// A file could not be read or written.
     #[error("{path}: {error}")]
     Io {
+        /// The file being read or written.
         path: PathBuf,
+        /// The underlying I/O error.
         error: std::io::Error,
     },
 
     /// The file is not a checkpoint we can read (truncated, corrupt, or another format).
     #[error("{path}: {reason}")]
-    InvalidCheckpoint { path: PathBuf, reason: String },
+    InvalidCheckpoint {
+        /// The checkpoint file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
 
     /// The checkpoint's tensors do not fit the model: each problem names the tensor and both shapes.
     #[error("{}", mismatch_message(.path, .model, .problems, .looks_like.as_deref()))]
     CheckpointMismatch {
+        /// The checkpoint file.
         path: PathBuf,
+        /// The name of the architecture being built, e.g. `resnet50`.
         model: String,
+        /// Every tensor that is missing, unexpected or of the wrong shape.
         problems: Vec<TensorProblem>,
         /// The architecture the checkpoint's tensors suggest, when it can be told.
         looks_like: Option<String>,
@@ -47,14 +57,16 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
-    pub(crate) fn io(path: impl Into<PathBuf>, error: std::io::Error) -> Self {
+    /// An I/O failure on `path`.
+    pub fn io(path: impl Into<PathBuf>, error: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
             error,
         }
     }
 
-    pub(crate) fn invalid(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
+    /// A file at `path` that is not what it should be, and why.
+    pub fn invalid(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
         Error::InvalidCheckpoint {
             path: path.into(),
             reason: reason.into(),
@@ -66,13 +78,26 @@ impl Error {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TensorProblem {
     /// The model needs the tensor and the checkpoint lacks it.
-    Missing { name: String, expected: Vec<usize> },
+    Missing {
+        /// The tensor's name, e.g. `layer1.0.conv1.weight`.
+        name: String,
+        /// The shape the model needs.
+        expected: Vec<usize>,
+    },
     /// The checkpoint has a tensor the model does not use.
-    Unexpected { name: String, shape: Vec<usize> },
+    Unexpected {
+        /// The tensor's name in the checkpoint.
+        name: String,
+        /// Its shape in the checkpoint.
+        shape: Vec<usize>,
+    },
     /// Both have the tensor, with different shapes.
     Misshapen {
+        /// The tensor's name.
         name: String,
+        /// Its shape in the checkpoint.
         checkpoint: Vec<usize>,
+        /// The shape the model needs.
         expected: Vec<usize>,
     },
 }

@@ -5,7 +5,7 @@
 const CLASS_NAMES: &str = include_str!("imagenet_classes.txt");
 
 /// The 1000 ImageNet class names, index `i` naming logit `i`.
-pub fn class_names() -> Vec<String> {
+pub(crate) fn class_names() -> Vec<String> {
     CLASS_NAMES.lines().map(str::to_owned).collect()
 }
 

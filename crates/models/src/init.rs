@@ -113,12 +113,12 @@ mod tests {
 
     #[test]
     fn same_seed_same_weights_and_names_are_independent_of_order() -> Result<()> {
-        let dev = crate::device_from_env().expect("$VULNMAP_DEVICE names a device");
+        let dev = vulnmap_testkit::device();
         let draw = |names: &[&str], seed| -> Result<Vec<Vec<f32>>> {
             let vm = VarMap::new();
             let vb = seeded_var_builder(&vm, seed, DType::F32, &dev);
             for n in names {
-                vb.get_with_hints((4, 3), n, crate::conv::KAIMING_FAN_OUT)?;
+                vb.get_with_hints((4, 3), n, vulnmap_ops::conv::KAIMING_FAN_OUT)?;
             }
             let data = vm.data().lock().unwrap();
             let mut out = Vec::new();

@@ -5,14 +5,14 @@
 //! candle-transformers' `Func`, intermediate feature maps are reachable (Grad-CAM), BatchNorm
 //! has a train mode, and the head can be replaced for fine-tuning.
 
-use crate::batch_norm::BatchNorm;
 use crate::classifier::{unknown_layer, Classes, Classifier, InputSpec};
-use crate::conv::{Conv2d, Padding};
-use crate::fused_conv::Epilogue;
-use crate::pool::{global_avg_pool, max_pool2d};
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{Init, Linear, Module, VarBuilder};
 use std::sync::{Arc, Mutex};
+use vulnmap_ops::batch_norm::BatchNorm;
+use vulnmap_ops::conv::{Conv2d, Padding};
+use vulnmap_ops::fused_conv::Epilogue;
+use vulnmap_ops::pool::{global_avg_pool, max_pool2d};
 
 /// PyTorch's BatchNorm epsilon.
 const BN_EPS: f64 = 1e-5;
@@ -37,28 +37,35 @@ impl BlockKind {
 
 /// A ResNet's shape: block kind, blocks per stage, stem width and classes.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Config {
+pub struct ResNetConfig {
+    /// The residual block of every stage.
     pub block: BlockKind,
     /// Blocks in `layer1` .. `layer4`.
     pub layers: [usize; 4],
     /// Channels of the stem and of `layer1` (64 in torchvision); doubled at each stage.
     pub width: usize,
+    /// Outputs of the classifier head.
     pub num_classes: usize,
 }
 
-impl Config {
+impl ResNetConfig {
+    /// torchvision's ResNet18: basic blocks, [2, 2, 2, 2] per stage.
     pub fn resnet18(num_classes: usize) -> Self {
         Self::new(BlockKind::Basic, [2, 2, 2, 2], 64, num_classes)
     }
+    /// torchvision's ResNet34: basic blocks, [3, 4, 6, 3] per stage.
     pub fn resnet34(num_classes: usize) -> Self {
         Self::new(BlockKind::Basic, [3, 4, 6, 3], 64, num_classes)
     }
+    /// torchvision's ResNet50: bottleneck blocks, [3, 4, 6, 3] per stage.
     pub fn resnet50(num_classes: usize) -> Self {
         Self::new(BlockKind::Bottleneck, [3, 4, 6, 3], 64, num_classes)
     }
+    /// torchvision's ResNet101: bottleneck blocks, [3, 4, 23, 3] per stage.
     pub fn resnet101(num_classes: usize) -> Self {
         Self::new(BlockKind::Bottleneck, [3, 4, 23, 3], 64, num_classes)
     }
+    /// torchvision's ResNet152: bottleneck blocks, [3, 8, 36, 3] per stage.
     pub fn resnet152(num_classes: usize) -> Self {
         Self::new(BlockKind::Bottleneck, [3, 8, 36, 3], 64, num_classes)
     }
@@ -232,7 +239,7 @@ impl Block {
 #[derive(Debug, Clone)]
 pub struct ResNet {
     arch: String,
-    config: Config,
+    config: ResNetConfig,
     stem: ConvBn,
     /// Every block in order, with its name `layerI.J`.
     blocks: Vec<(String, Block)>,
@@ -246,7 +253,7 @@ pub struct ResNet {
 impl ResNet {
     /// Builds the network from `vb` (a checkpoint, or fresh variables for training).
     /// `arch` is the name reported by [`Classifier::arch`].
-    pub fn new(arch: &str, config: &Config, vb: VarBuilder) -> Result<Self> {
+    pub fn new(arch: &str, config: &ResNetConfig, vb: VarBuilder) -> Result<Self> {
         let width = config.width;
         let stem = ConvBn::new(3, width, 7, 2, vb.pp("conv1"), vb.pp("bn1"))?;
         let mut blocks = Vec::new();
@@ -283,7 +290,7 @@ impl ResNet {
     }
 
     /// The shape this network was built with.
-    pub fn config(&self) -> &Config {
+    pub fn config(&self) -> &ResNetConfig {
         &self.config
     }
 

@@ -6,24 +6,32 @@ use crate::efficientnet_lite::EfficientNetLite0;
 use crate::error::{Error, Result};
 use crate::hub::HubFile;
 use crate::init::seeded_var_builder;
-use crate::resnet::{Config, ResNet};
+use crate::resnet::{ResNet, ResNetConfig};
 use candle_core::{DType, Device};
 use candle_nn::{VarBuilder, VarMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// The input size of ImageNet models, and of checkpoints that do not say otherwise.
 pub const DEFAULT_INPUT_SIZE: usize = 224;
 
-/// The architectures vulnmap can build.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// The architectures vulnmap can build. Written as [`Arch::name`] in pipelines and on the
+/// command line; parsing ignores case and takes `_` for `-`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub enum Arch {
+    /// `resnet18`: torchvision's ResNet-18, basic blocks `[2, 2, 2, 2]`.
     ResNet18,
+    /// `resnet34`: torchvision's ResNet-34, basic blocks `[3, 4, 6, 3]`.
     ResNet34,
+    /// `resnet50`: torchvision's ResNet-50, bottleneck blocks `[3, 4, 6, 3]`.
     ResNet50,
+    /// `resnet101`: torchvision's ResNet-101, bottleneck blocks `[3, 4, 23, 3]`.
     ResNet101,
+    /// `resnet152`: torchvision's ResNet-152, bottleneck blocks `[3, 8, 36, 3]`.
     ResNet152,
-    /// A small ResNet for the synthetic fundus task and tests (see [`Config::tiny`]).
+    /// A small ResNet for the synthetic fundus task and tests (see [`ResNetConfig::tiny`]).
     TinyResNet,
+    /// `efficientnet-lite0`: Google's EfficientNet-Lite0, with TF-Lite input scaling.
     EfficientNetLite0,
 }
 
@@ -69,14 +77,14 @@ impl Arch {
     }
 
     /// The ResNet configuration, for the ResNet architectures.
-    pub fn resnet_config(self, num_classes: usize) -> Option<Config> {
+    pub fn resnet_config(self, num_classes: usize) -> Option<ResNetConfig> {
         Some(match self {
-            Arch::ResNet18 => Config::resnet18(num_classes),
-            Arch::ResNet34 => Config::resnet34(num_classes),
-            Arch::ResNet50 => Config::resnet50(num_classes),
-            Arch::ResNet101 => Config::resnet101(num_classes),
-            Arch::ResNet152 => Config::resnet152(num_classes),
-            Arch::TinyResNet => Config::tiny(num_classes),
+            Arch::ResNet18 => ResNetConfig::resnet18(num_classes),
+            Arch::ResNet34 => ResNetConfig::resnet34(num_classes),
+            Arch::ResNet50 => ResNetConfig::resnet50(num_classes),
+            Arch::ResNet101 => ResNetConfig::resnet101(num_classes),
+            Arch::ResNet152 => ResNetConfig::resnet152(num_classes),
+            Arch::TinyResNet => ResNetConfig::tiny(num_classes),
             Arch::EfficientNetLite0 => return None,
         })
     }
@@ -128,6 +136,20 @@ impl std::str::FromStr for Arch {
     }
 }
 
+impl TryFrom<String> for Arch {
+    type Error = Error;
+
+    fn try_from(name: String) -> Result<Self> {
+        name.parse()
+    }
+}
+
+impl From<Arch> for String {
+    fn from(arch: Arch) -> String {
+        arch.name().to_string()
+    }
+}
+
 /// Loads `arch` with constant weights from `weights` (a local file, or `hf://owner/name[/file]`
 /// for the Hugging Face hub), or from the hub default when `None`.
 /// The number of classes comes from the checkpoint's head, their names from its metadata (or
@@ -138,20 +160,25 @@ pub fn load(
     dtype: DType,
     device: &Device,
 ) -> Result<Box<dyn Classifier>> {
+    let checkpoint = Checkpoint::open(weights_path(arch, weights)?)?;
+    from_checkpoint(arch, &checkpoint, dtype, device)
+}
+
+/// The local file `weights` names for `arch`: the path itself, a hub file (`hf://...`) fetched
+/// into the local cache, or, when `None`, the hub's default weights for `arch`.
+pub fn weights_path(arch: Arch, weights: Option<&Path>) -> Result<PathBuf> {
     let hub_uri = weights.and_then(|p| p.to_str()).and_then(HubFile::from_uri);
-    let path = match (hub_uri, weights) {
-        (Some(hub), _) => hub?.resolve()?,
-        (None, Some(p)) => p.to_path_buf(),
+    match (hub_uri, weights) {
+        (Some(hub), _) => hub?.resolve(),
+        (None, Some(p)) => Ok(p.to_path_buf()),
         (None, None) => HubFile::default_for(arch.name())
             .ok_or_else(|| {
                 Error::InvalidArgument(format!(
-                    "{arch} has no default weights on the Hugging Face hub; pass a checkpoint with --weights PATH"
+                    "{arch} has no default weights on the Hugging Face hub; pass a checkpoint with --weights PATH (or train from scratch)"
                 ))
             })?
-            .resolve()?,
-    };
-    let checkpoint = Checkpoint::open(&path)?;
-    from_checkpoint(arch, &checkpoint, dtype, device)
+            .resolve(),
+    }
 }
 
 /// Builds `arch` from an opened checkpoint (strictly: see [`Checkpoint::build`]).

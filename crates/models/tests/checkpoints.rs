@@ -7,11 +7,11 @@ use candle_core::{DType, Tensor};
 use common::*;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use vulnmap_data::assets::test_asset;
 use vulnmap_models::checkpoint::{varmap_tensors, META_CLASSES};
 use vulnmap_models::{
     save_safetensors, zoo, Arch, Checkpoint, Classes, Error, HubFile, TensorProblem,
 };
+use vulnmap_testkit::test_asset;
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

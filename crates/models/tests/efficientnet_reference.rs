@@ -5,8 +5,8 @@ mod common;
 
 use candle_core::{DType, Tensor};
 use common::*;
-use vulnmap_data::assets::test_asset;
 use vulnmap_models::{zoo, Arch};
+use vulnmap_testkit::test_asset;
 
 #[test]
 fn lite0_matches_the_reference_on_every_image() {

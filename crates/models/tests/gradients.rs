@@ -6,9 +6,10 @@ mod common;
 
 use candle_core::{DType, Tensor};
 use common::device;
-use vulnmap_data::assets::test_asset;
-use vulnmap_models::gradcheck::gradient_error;
-use vulnmap_models::{random, zoo, Arch, Classes, Classifier};
+use vulnmap_data::random;
+use vulnmap_models::{zoo, Arch, Classes, Classifier};
+use vulnmap_testkit::gradcheck::gradient_error;
+use vulnmap_testkit::test_asset;
 
 fn check(model: &dyn Classifier, size: usize, train: bool) {
     let device = device();

@@ -5,8 +5,8 @@ mod common;
 
 use candle_core::{DType, Tensor, Var};
 use common::*;
-use vulnmap_data::assets::test_asset;
 use vulnmap_models::{zoo, Arch, Checkpoint};
+use vulnmap_testkit::test_asset;
 
 fn check(arch: Arch, stem: &str) {
     let (Some(weights), Some(parity)) = (

@@ -27,12 +27,12 @@ fn folder(item: &Item) -> String {
 }
 
 /// The input image's figure, relative to the run directory.
-pub fn input(item: &Item) -> String {
+pub(crate) fn input(item: &Item) -> String {
     format!("{}/input.png", folder(item))
 }
 
 /// The figure `what` (map, overlay, noise, perturbed) of step `id`, relative to the run directory.
-pub fn file(item: &Item, id: &str, what: &str) -> String {
+pub(crate) fn file(item: &Item, id: &str, what: &str) -> String {
     format!("{}/{id}_{what}.png", folder(item))
 }
 

@@ -12,14 +12,13 @@ use std::path::Path;
 use std::sync::Arc;
 use vulnmap_data::split::{split_by_patient, PAPER_FRACTIONS};
 use vulnmap_data::Preprocess;
-use vulnmap_models::hub::HubFile;
-use vulnmap_models::optim::AdamConfig;
-use vulnmap_models::train::{fit, LrSchedule, TrainConfig, TrainableModel};
-use vulnmap_models::{zoo, Arch, Checkpoint, Classes, Classifier};
+use vulnmap_models::{zoo, Checkpoint, Classes, Classifier};
+use vulnmap_train::optim::AdamConfig;
+use vulnmap_train::train::{fit, LrSchedule, TrainConfig, TrainableModel};
 
 /// Fine-tunes (or, when its row is already in `results`, reloads) the model.
 #[allow(clippy::too_many_arguments)]
-pub fn run(
+pub(crate) fn run(
     pipeline: &Pipeline,
     step: &FinetuneStep,
     id: &str,
@@ -32,7 +31,7 @@ pub fn run(
     let spec = pipeline.model.as_ref().ok_or_else(|| {
         Error::Run("finetune needs a model (arch, and weights unless scratch)".into())
     })?;
-    let arch: Arch = spec.arch.parse()?;
+    let arch = spec.arch;
     let best = out.join("model").join("best.safetensors");
     if results.is_done(&dataset_key(id)) && best.is_file() {
         tracing::info!("reusing the fine-tuned model {}", best.display());
@@ -46,19 +45,7 @@ pub fn run(
     let model = if step.scratch {
         TrainableModel::fresh(arch, &classes, step.size, pipeline.seed, device)?
     } else {
-        let path = match &spec.weights {
-            Some(w) => match HubFile::from_uri(w) {
-                Some(hub) => hub?.resolve()?,
-                None => w.into(),
-            },
-            None => HubFile::default_for(arch.name())
-                .ok_or_else(|| {
-                    Error::Run(format!(
-                        "{arch} has no default weights; give model.weights or scratch: true"
-                    ))
-                })?
-                .resolve()?,
-        };
+        let path = zoo::weights_path(arch, spec.weights.as_deref().map(Path::new))?;
         TrainableModel::finetune(
             arch,
             &Checkpoint::open(&path)?,

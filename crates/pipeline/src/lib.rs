@@ -22,29 +22,31 @@
 //! Modules:
 //! - [`schema`]: the pipeline file's types, with the paper's values as defaults.
 //! - [`config`]: loading a file: `${VAR}` expansion, parsing, checks with line and column.
-//! - [`locate`]: positions of YAML values by path, for checks made after parsing.
-//! - [`source`]: the images (files, glob, manifest, folders, synthetic, benchmark) and masks.
+//! - `locate`: positions of YAML values by path, for checks made after parsing.
+//! - `source`: the images (files, glob, manifest, folders, synthetic, benchmark) and masks.
+//! - [`steps`]: each step's settings converted into the libraries' (shared with the CLI).
 //! - [`runner`]: chunks, steps, `--resume`, `--shard`, and `merge`.
-//! - [`finetune`]: the fine-tuning step.
+//! - `finetune`: the fine-tuning step.
 //! - [`rundir`]: `results.jsonl` (append, repair, sort) and joining shards.
 //! - [`figures`]: PNGs of inputs, maps, overlays, noise and perturbed images.
-//! - [`report`]: Table I, the scores table, `report.html`.
-//! - [`plot`]: the alpha-sweep plot (SVG).
-//! - [`error`]: errors; configuration problems carry file, line and column.
+//! - `report`: Table I, the scores table, `report.html`.
+//! - `plot`: the alpha-sweep plot (SVG).
+//! - `error`: errors; configuration problems carry file, line and column.
 //!
 //! Cargo features: none (CUDA comes through `vulnmap-models`).
 
 pub mod config;
-pub mod error;
+mod error;
 pub mod figures;
-pub mod finetune;
-pub mod locate;
-pub mod plot;
-pub mod report;
+mod finetune;
+mod locate;
+mod plot;
+mod report;
 pub mod rundir;
 pub mod runner;
 pub mod schema;
-pub mod source;
+mod source;
+pub mod steps;
 
 pub use error::{Error, Problem, Result};
 pub use runner::{merge, run, RunOptions, RunSummary, Shard};

@@ -6,14 +6,14 @@ use std::collections::HashMap;
 
 /// A 1-based line and column.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Position {
+pub(crate) struct Position {
     pub line: usize,
     pub column: usize,
 }
 
 /// Positions of the values of a document by path: `steps[2].smoothgrad.samples`.
 #[derive(Debug, Default, Clone)]
-pub struct Locations {
+pub(crate) struct Locations {
     values: HashMap<String, Position>,
 }
 
@@ -25,7 +25,7 @@ enum Frame {
 impl Locations {
     /// Reads the positions of `text`; a document that does not parse gives none (the parse error
     /// carries its own position).
-    pub fn of(text: &str) -> Self {
+    pub(crate) fn of(text: &str) -> Self {
         let mut values = HashMap::new();
         let mut stack: Vec<Frame> = Vec::new();
         for item in Parser::new_from_str(text) {
@@ -73,7 +73,7 @@ impl Locations {
     }
 
     /// The position of the value at `path`, or of its nearest enclosing value.
-    pub fn find(&self, path: &str) -> Option<Position> {
+    pub(crate) fn find(&self, path: &str) -> Option<Position> {
         let mut path = path;
         loop {
             if let Some(p) = self.values.get(path) {

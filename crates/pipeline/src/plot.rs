@@ -5,7 +5,7 @@ use crate::error::{Error, Result};
 use plotters::prelude::*;
 
 /// One line of the plot: a label and (alpha, mean iterations) points.
-pub struct Series {
+pub(crate) struct Series {
     pub label: String,
     pub points: Vec<(f64, f64)>,
 }
@@ -24,7 +24,7 @@ fn drawing(e: impl std::fmt::Display) -> Error {
 }
 
 /// The SVG text of the plot, alpha on a log axis.
-pub fn alpha_sweep_svg(title: &str, series: &[Series]) -> Result<String> {
+pub(crate) fn alpha_sweep_svg(title: &str, series: &[Series]) -> Result<String> {
     let points = series.iter().flat_map(|s| s.points.iter());
     let (mut x0, mut x1, mut y1) = (f64::INFINITY, 0f64, 1f64);
     for &(x, y) in points {

@@ -4,7 +4,7 @@
 
 use crate::error::{Error, Result};
 use crate::plot::{alpha_sweep_svg, Series};
-use crate::schema::{Pipeline, Step};
+use crate::schema::{Measure, Pipeline, Step};
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -180,7 +180,7 @@ fn attack_summary(rows: &[Row]) -> Table {
 
 /// Mean scores of each scored map-making step.
 fn metrics(rows: &[Row]) -> Table {
-    let measures = ["pointing_game", "auroc", "iou", "deletion", "insertion"];
+    let measures = Measure::ALL.map(Measure::name);
     let mut by_step: BTreeMap<String, BTreeMap<&str, Vec<f64>>> = BTreeMap::new();
     for r in rows {
         let Some(Value::Object(scores)) = r.get("scores") else {
@@ -188,36 +188,33 @@ fn metrics(rows: &[Row]) -> Table {
         };
         for (step, v) in scores {
             let entry = by_step.entry(step.clone()).or_default();
-            for m in measures {
+            for m in &measures {
                 if let Some(x) = v.get(m) {
                     let x = x.as_f64().or_else(|| x.as_bool().map(|b| b as u8 as f64));
                     if let Some(x) = x {
-                        entry.entry(m).or_default().push(x);
+                        entry.entry(m.as_str()).or_default().push(x);
                     }
                 }
             }
         }
     }
-    let titles = [
-        "pointing game",
-        "AUROC",
-        "IoU@0.5",
-        "deletion AUC (lower is better)",
-        "insertion AUC (higher is better)",
-    ];
     // Only the measures some map was scored by.
     let used: Vec<usize> = (0..measures.len())
-        .filter(|&k| by_step.values().any(|m| m.contains_key(measures[k])))
+        .filter(|&k| {
+            by_step
+                .values()
+                .any(|m| m.contains_key(measures[k].as_str()))
+        })
         .collect();
     let mut header = vec!["method", "images"];
-    header.extend(used.iter().map(|&k| titles[k]));
+    header.extend(used.iter().map(|&k| Measure::ALL[k].title()));
     let mut t = Table::new(&header);
     for (step, m) in by_step {
         let n = m.values().map(Vec::len).max().unwrap_or(0);
         let mut row = vec![step, n.to_string()];
         row.extend(
             used.iter()
-                .map(|&k| fmt(m.get(measures[k]).and_then(|v| mean(v)), 3)),
+                .map(|&k| fmt(m.get(measures[k].as_str()).and_then(|v| mean(v)), 3)),
         );
         t.rows.push(row);
     }
@@ -304,7 +301,7 @@ figure img{width:160px;height:160px;image-rendering:pixelated;display:block}figc
 .plot img{width:640px;height:auto}.image-row{border-top:1px solid #eee;padding:0.5em 0}";
 
 /// Writes the tables, the plots and `report.html` into `dir`; returns the report's path.
-pub fn write(dir: &Path, pipeline: &Pipeline, rows: &[Row]) -> Result<PathBuf> {
+pub(crate) fn write(dir: &Path, pipeline: &Pipeline, rows: &[Row]) -> Result<PathBuf> {
     let write =
         |name: &str, text: &str| vulnmap_data::fs::write_atomic(&dir.join(name), text.as_bytes());
     let t1 = table1(rows);

@@ -12,9 +12,11 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
-/// The file names inside a run directory.
+/// The results file: one JSON row per (image, step), appended as each chunk-step ends.
 pub const RESULTS: &str = "results.jsonl";
+/// The resolved pipeline, as YAML; a run into a folder holding another pipeline is refused.
 pub const PIPELINE: &str = "pipeline.yaml";
+/// A summary of the run as JSON: pipeline name, shard, images and rows.
 pub const RUN_INFO: &str = "run.json";
 
 /// A row's identity: the image (none for dataset-level steps) and the step id.
@@ -117,6 +119,7 @@ impl Results {
         Ok(Self { path, file, done })
     }
 
+    /// Whether the row `key` is already in the file (from before a resume, or appended since).
     pub fn is_done(&self, key: &RowKey) -> bool {
         self.done.contains(key)
     }

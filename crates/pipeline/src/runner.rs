@@ -7,6 +7,7 @@ use crate::figures;
 use crate::rundir::{self, Results, RowKey};
 use crate::schema::*;
 use crate::source::{self, Item, Source};
+use crate::steps;
 use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
@@ -17,23 +18,19 @@ use vulnmap_attacks::{
     mask_attack::mask_attack,
     random::random_attack,
     rounds::{alpha_sweep, rounds},
-    saliency_attack::{
-        clean_masks, control_masks, fixed_mask_attack, saliency_attack, Control, SaliencyAttack,
-    },
-    AttackConfig, AttackOutcome, GeneratorChoice, Goal, LearnedMask, MaskNetwork, Sparsity,
+    saliency_attack::{clean_masks, control_masks, fixed_mask_attack, saliency_attack},
+    AttackConfig, AttackOutcome, Goal,
 };
-use vulnmap_models::{parse_device, zoo, Arch, Classifier, Score, ScoredClassifier};
+use vulnmap_models::{zoo, Arch, Classifier, DeviceName, Score, ScoredClassifier};
 use vulnmap_saliency::metrics::causal::CausalMetric;
 use vulnmap_saliency::metrics::localisation::{auroc, iou, PointingGame};
-use vulnmap_saliency::{
-    Aggregate, Baseline, GradCam, Gradient, IntegratedGradients, Integration, Method, Occlusion,
-    OcclusionBaseline, Rise, SmoothGrad,
-};
 
 /// Every N-th chunk of images, starting at chunk I (`--shard I/N`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Shard {
+    /// Which shard this is, from 0 to `count - 1`: it runs chunks `c` with `c % count == index`.
     pub index: usize,
+    /// How many shards the run is split into (at least 1).
     pub count: usize,
 }
 
@@ -59,7 +56,9 @@ pub struct RunOptions {
     /// The run directory.
     pub out: PathBuf,
     /// Overrides the pipeline's device.
-    pub device: Option<String>,
+    pub device: Option<DeviceName>,
+    /// Run only this shard's chunks (`--shard I/N`), leaving the report to `merge`; `None`: all.
+    /// A pipeline that fine-tunes cannot be split into more than one shard.
     pub shard: Option<Shard>,
     /// Continue a run in `out`, skipping finished rows.
     pub resume: bool,
@@ -72,7 +71,9 @@ pub struct RunOptions {
 /// What a run did.
 #[derive(Debug, Clone)]
 pub struct RunSummary {
+    /// The run directory.
     pub out: PathBuf,
+    /// Images covered: this shard's, or, after `merge`, those of all shards.
     pub images: usize,
     /// Rows in `results.jsonl` when the run ended.
     pub rows: usize,
@@ -139,7 +140,7 @@ pub fn run(pipeline: &Pipeline, options: &RunOptions) -> Result<RunSummary> {
         ));
     }
 
-    let device = parse_device(options.device.as_deref().unwrap_or(&pipeline.device))?;
+    let device = options.device.unwrap_or(pipeline.device).open()?;
     let source = source::open(pipeline, out, &options.cache)?;
     let ids = step_ids(&pipeline.steps);
     let model = model(
@@ -262,14 +263,9 @@ fn model(
     let score = pipeline
         .model
         .as_ref()
-        .map(|m| m.score.as_str())
+        .map(|m| m.score)
         // The benchmark's two-class model: explain what the decision depends on (see Score).
-        .unwrap_or("centred-logit");
-    let score = match score {
-        "centred-logit" => Score::CentredLogit,
-        "log-probability" => Score::LogProbability,
-        _ => Score::Logit,
-    };
+        .unwrap_or(Score::CentredLogit);
     let base: Box<dyn Classifier> = if let Some(Step::Finetune(f)) = pipeline.steps.first() {
         crate::finetune::run(pipeline, f, &ids[0], source, results, out, device, progress)?
     } else if let (None, Some(b)) = (&pipeline.model, &source.benchmark) {
@@ -279,7 +275,7 @@ fn model(
             .model
             .as_ref()
             .ok_or_else(|| Error::Run("the pipeline names no model".into()))?;
-        let arch: Arch = spec.arch.parse()?;
+        let arch = spec.arch;
         let weights = match (&spec.weights, &source.benchmark) {
             (Some(w), _) => Some(PathBuf::from(w)),
             (None, Some(b)) if arch == Arch::TinyResNet => Some(b.checkpoint.clone()),
@@ -309,11 +305,8 @@ fn row(
     m
 }
 
-fn goal(a: &AttackSettings) -> Goal {
-    match a.target {
-        Some(t) if a.mode == "targeted" => Goal::Targeted(t),
-        _ => Goal::Untargeted,
-    }
+fn goal(a: &AttackSettings) -> Result<Goal> {
+    Ok(a.mode.goal(a.target)?)
 }
 
 impl Runner<'_> {
@@ -363,7 +356,11 @@ impl Runner<'_> {
             let start = Instant::now();
             let (rows, map) = self
                 .step(step, id, &chunk_data, &mut maps, chunk)
-                .map_err(|e| Error::Run(format!("step `{id}` on chunk {chunk}: {e}")))?;
+                .map_err(|e| Error::Step {
+                    id: id.clone(),
+                    chunk,
+                    source: Box::new(e),
+                })?;
             let seconds = start.elapsed().as_secs_f64() / items.len() as f64;
             if let Some(m) = map {
                 let m = m.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
@@ -427,21 +424,11 @@ impl Runner<'_> {
                 )));
             }
         }
-        Ok(AttackConfig {
-            alpha: a.alpha,
-            max_iters: a.max_iters,
-            lr: a.lr,
-            confidence: a.confidence,
-            seed: self.pipeline.seed,
-            generator: match a.generator.as_str() {
-                "paper" => GeneratorChoice::Paper,
-                "generic" => GeneratorChoice::Generic,
-                _ => GeneratorChoice::Auto,
-            },
-            batch_size: self.pipeline.batch_size,
-            progress: false,
-            ..AttackConfig::default()
-        })
+        Ok(steps::attacks::config(
+            a,
+            self.pipeline.seed,
+            self.pipeline.batch_size,
+        ))
     }
 
     fn outcome(&self, o: &AttackOutcome) -> Result<Value> {
@@ -523,57 +510,7 @@ impl Runner<'_> {
         let bs = self.pipeline.batch_size;
         let seed = self.pipeline.seed;
         let n = chunk.items.len();
-        let method = match step {
-            Step::Gradient(_) => Some(Method::Gradient(Gradient { batch_size: bs })),
-            Step::Smoothgrad(s) => Some(Method::SmoothGrad(SmoothGrad {
-                samples: s.samples,
-                noise_level: s.noise_level,
-                aggregate: match s.aggregate.as_str() {
-                    "squared" => Aggregate::Squared,
-                    "vargrad" => Aggregate::VarGrad,
-                    _ => Aggregate::Plain,
-                },
-                seed,
-                batch_size: bs,
-            })),
-            Step::IntegratedGradients(s) => {
-                Some(Method::IntegratedGradients(IntegratedGradients {
-                    steps: s.steps,
-                    baseline: match s.baseline.as_str() {
-                        "black" => Baseline::Black,
-                        _ => Baseline::Blurred { sigma: s.sigma },
-                    },
-                    integration: match s.integration.as_str() {
-                        "riemann-middle" => Integration::RiemannMiddle,
-                        "riemann-trapezoid" => Integration::RiemannTrapezoid,
-                        _ => Integration::GaussLegendre,
-                    },
-                    batch_size: bs,
-                }))
-            }
-            Step::GradCam(s) => Some(Method::GradCam(GradCam {
-                layer: s.layer.clone(),
-                batch_size: bs,
-            })),
-            Step::Occlusion(s) => Some(Method::Occlusion(Occlusion {
-                window: s.window,
-                stride: s.stride,
-                baseline: match s.baseline.as_str() {
-                    "black" => OcclusionBaseline::Value(0.0),
-                    "grey" => OcclusionBaseline::Value(0.5),
-                    _ => OcclusionBaseline::Blurred { sigma: s.sigma },
-                },
-                batch_size: bs * 4,
-            })),
-            Step::Rise(s) => Some(Method::Rise(Rise {
-                masks: s.masks,
-                cells: s.cells,
-                keep: s.keep,
-                seed,
-                batch_size: bs * 4,
-            })),
-            _ => None,
-        };
+        let method = steps::maps::method(step, seed, bs)?;
         if let Some(method) = method {
             let m = method.explain(model, &chunk.pixels, &chunk.targets)?;
             return Ok((self.map_rows(chunk, id, &m)?, Some(m)));
@@ -610,7 +547,7 @@ impl Runner<'_> {
             }
             Step::RandomAttack(s) => {
                 let config = self.attack_config(&s.attack())?;
-                let goal = goal(&s.attack());
+                let goal = goal(&s.attack())?;
                 let mut rows = Vec::new();
                 if s.rounds == 1 {
                     let outcomes = random_attack(model, &chunk.pixels, &vec![goal; n], &config)?;
@@ -645,7 +582,7 @@ impl Runner<'_> {
                         model,
                         &chunk.pixels,
                         i,
-                        goal(&s.attack()),
+                        goal(&s.attack())?,
                         &s.alphas,
                         s.rounds,
                         &config,
@@ -661,7 +598,7 @@ impl Runner<'_> {
                 let spec = LocalAttack {
                     window: s.window,
                     stride: s.stride,
-                    goal: goal(&s.attack()),
+                    goal: goal(&s.attack())?,
                 };
                 let mut all = Vec::new();
                 let mut rows = Vec::new();
@@ -700,31 +637,16 @@ impl Runner<'_> {
             }
             Step::SaliencyAttack(s) => {
                 let config = self.attack_config(&s.attack())?;
-                let goals = vec![goal(&s.attack()); n];
-                let spec = SaliencyAttack {
-                    method: SmoothGrad {
-                        samples: s.samples,
-                        noise_level: s.noise_level,
-                        seed,
-                        batch_size: bs,
-                        ..SmoothGrad::authors()
-                    },
-                    every: (s.every > 0).then_some(s.every),
-                    threshold: s.threshold,
-                };
+                let goals = vec![goal(&s.attack())?; n];
+                let spec = steps::attacks::saliency_attack(s, seed, bs);
                 let outcomes = saliency_attack(model, &chunk.pixels, &goals, &spec, &config)?;
                 let mut controls: Vec<(String, Vec<AttackOutcome>)> = Vec::new();
                 if !s.controls.is_empty() {
                     let clean = clean_masks(model, &chunk.pixels, &spec)?;
-                    for name in &s.controls {
-                        let control = if name == "bernoulli" {
-                            Control::Bernoulli
-                        } else {
-                            Control::Permuted
-                        };
+                    for &control in &s.controls {
                         let masks = control_masks(&clean, control, seed)?;
                         controls.push((
-                            name.clone(),
+                            spelling(&control),
                             fixed_mask_attack(model, &chunk.pixels, &goals, masks, &config)?,
                         ));
                     }
@@ -745,33 +667,11 @@ impl Runner<'_> {
             }
             Step::MaskAttack(s) => {
                 let config = self.attack_config(&s.attack())?;
-                let spec = LearnedMask {
-                    network: if s.network == "free" {
-                        MaskNetwork::Free { cells: s.cells }
-                    } else {
-                        MaskNetwork::UNet { base: s.base }
-                    },
-                    lr: s.mask_lr,
-                    sparsity: if s.sparsity == "literal" {
-                        Sparsity::Literal
-                    } else {
-                        Sparsity::Area
-                    },
-                    lambda_sparsity: s.lambda_sparsity,
-                    lambda_tv: s.lambda_tv,
-                    beta: s.beta,
-                    gamma: s.gamma,
-                    reference: SmoothGrad {
-                        samples: s.samples,
-                        seed,
-                        batch_size: bs,
-                        ..SmoothGrad::authors()
-                    },
-                };
+                let spec = steps::attacks::learned_mask(s, seed, bs);
                 let outcomes = mask_attack(
                     model,
                     &chunk.pixels,
-                    &vec![goal(&s.attack()); n],
+                    &vec![goal(&s.attack())?; n],
                     &spec,
                     &config,
                 )?;
@@ -842,7 +742,7 @@ impl Runner<'_> {
             batch_size: self.pipeline.batch_size * 4,
             ..CausalMetric::default()
         };
-        let measure = |m: &str| s.measures.iter().any(|x| x == m);
+        let measure = |m: Measure| s.measures.contains(&m);
         let mut per_image: Vec<Map<String, Value>> = vec![Map::new(); chunk.items.len()];
         for (sid, st) in &sources {
             let all = self.maps_of(sid, chunk_index, maps)?;
@@ -862,28 +762,28 @@ impl Runner<'_> {
                     .as_ref()
                     .filter(|m| m.len() == h * w && m.iter().any(|&b| b))
                 {
-                    if measure("pointing_game") {
-                        scores.insert("pointing_game".into(), json!(game.hit(&map, mask)?));
+                    if measure(Measure::PointingGame) {
+                        scores.insert(Measure::PointingGame.name(), json!(game.hit(&map, mask)?));
                     }
-                    if measure("auroc") && mask.iter().any(|&b| !b) {
-                        scores.insert("auroc".into(), json!(auroc(&map, mask)?));
+                    if measure(Measure::Auroc) && mask.iter().any(|&b| !b) {
+                        scores.insert(Measure::Auroc.name(), json!(auroc(&map, mask)?));
                     }
-                    if measure("iou") {
-                        scores.insert("iou".into(), json!(iou(&map, mask, 0.5)?));
+                    if measure(Measure::Iou) {
+                        scores.insert(Measure::Iou.name(), json!(iou(&map, mask, 0.5)?));
                     }
                 }
                 let image = chunk.pixels.get(i)?;
                 let map_dev = map.to_device(model.device())?;
                 let target = chunk.targets[i];
-                if measure("deletion") {
+                if measure(Measure::Deletion) {
                     scores.insert(
-                        "deletion".into(),
+                        Measure::Deletion.name(),
                         json!(causal.deletion(model, &image, &map_dev, target)?.auc),
                     );
                 }
-                if measure("insertion") {
+                if measure(Measure::Insertion) {
                     scores.insert(
-                        "insertion".into(),
+                        Measure::Insertion.name(),
                         json!(causal.insertion(model, &image, &map_dev, target)?.auc),
                     );
                 }

@@ -4,25 +4,35 @@
 //! Steps are written as one-key maps, `- smoothgrad: {samples: 25}`; `{}` takes every default.
 
 use serde::{Deserialize, Serialize};
+use vulnmap_attacks::saliency_attack::Control;
+use vulnmap_attacks::{AttackMode, GeneratorChoice, MaskNetworkKind, Sparsity};
+use vulnmap_data::Split;
+use vulnmap_models::{Arch, DeviceName, Score};
+use vulnmap_saliency::{Aggregate, BaselineKind, Integration};
 
 /// A whole pipeline file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Pipeline {
+    /// Names the run: the report's title, the progress bar and `run.json`; must not be empty.
     pub name: String,
+    /// Free text shown under the report's title (default: none).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub description: String,
     /// Seed of every random draw that a step does not seed itself.
     #[serde(default)]
     pub seed: u64,
     /// `cpu`, `cuda`, `cuda:N` or `auto`; `vulnmap run --device` overrides it.
-    #[serde(default = "default_device")]
-    pub device: String,
+    #[serde(default)]
+    pub device: DeviceName,
     /// Absent only when the data is the fundus benchmark, whose trained model is used.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<ModelSpec>,
+    /// Where the images come from.
     pub data: DataSpec,
+    /// What to do, in order (at least one); each a one-key map naming its kind.
     pub steps: Vec<Step>,
+    /// What to write besides `results.jsonl` (default: figures and a report).
     #[serde(default)]
     pub outputs: Outputs,
     /// Images per forward/backward pass (and attacks per bank).
@@ -33,9 +43,6 @@ pub struct Pipeline {
     pub chunk_size: Option<usize>,
 }
 
-fn default_device() -> String {
-    "auto".into()
-}
 fn default_batch_size() -> usize {
     8
 }
@@ -45,17 +52,13 @@ fn default_batch_size() -> usize {
 #[serde(deny_unknown_fields)]
 pub struct ModelSpec {
     /// `resnet18|34|50|101|152`, `efficientnet-lite0` or `tiny-resnet`.
-    pub arch: String,
+    pub arch: Arch,
     /// A checkpoint path or `hf://owner/name[/file][@rev]`; absent: the hub default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weights: Option<String>,
     /// What maps and attacks explain: `logit`, `centred-logit`, `log-probability`.
-    #[serde(default = "default_score")]
-    pub score: String,
-}
-
-fn default_score() -> String {
-    "logit".into()
+    #[serde(default)]
+    pub score: Score,
 }
 
 /// Where the images come from: exactly one of `files`, `glob`, `manifest`, `folders`,
@@ -63,8 +66,10 @@ fn default_score() -> String {
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataSpec {
+    /// Image files, in the order given; no labels or lesion masks.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub files: Vec<String>,
+    /// A glob pattern for image files, taken in sorted order; no labels or lesion masks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub glob: Option<String>,
     /// A CSV manifest (path, label, modality, patient_id, mask).
@@ -80,8 +85,8 @@ pub struct DataSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fundus_benchmark: Option<BenchmarkSpec>,
     /// Which patient-grouped split of a dataset to use: `train`, `val`, `test` or `all`.
-    #[serde(default = "default_split")]
-    pub split: String,
+    #[serde(default)]
+    pub split: Split,
     /// Only images with a non-empty lesion mask (the benchmark's localisation metrics).
     #[serde(default)]
     pub lesions_only: bool,
@@ -93,18 +98,20 @@ pub struct DataSpec {
     pub resize: Option<u32>,
 }
 
-fn default_split() -> String {
-    "test".into()
-}
-
 /// A synthetic fundus set (see `vulnmap_data::synthetic::FundusConfig`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SyntheticSpec {
+    /// Patients to generate, two eyes each (default 20; at least 1).
     pub patients: usize,
+    /// Image side in pixels (default 224; at least 32).
     pub size: usize,
+    /// Seed of the generation: the same seed gives the same images (default 0).
     pub seed: u64,
+    /// Probability that an eye has lesions, in [0, 1] (default 0.5).
     pub lesion_prevalence: f64,
+    /// Probability that an eye has a fluorescein angiogram besides its colour
+    /// photograph, in [0, 1] (default 1: every eye).
     pub fa_fraction: f64,
 }
 
@@ -120,20 +127,25 @@ impl Default for SyntheticSpec {
     }
 }
 
-/// The fundus benchmark (see `vulnmap_models::fundus_benchmark`); defaults are its own.
+/// The fundus benchmark (see `vulnmap_train::fundus_benchmark`); defaults are its own.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BenchmarkSpec {
+    /// Patients to generate, two eyes each (default 150; at least 10, for the 60/20/20 split).
     pub patients: usize,
+    /// Image side in pixels, and so the model's input size (default 128; at least 32).
     pub size: usize,
+    /// Training epochs of the tiny-resnet (default 12).
     pub epochs: usize,
+    /// Adam's learning rate for that training (default 2e-3).
     pub lr: f64,
+    /// Seed of the model's initial weights, the patient split and the shuffling (default 0).
     pub seed: u64,
 }
 
 impl Default for BenchmarkSpec {
     fn default() -> Self {
-        let d = vulnmap_models::fundus_benchmark::BenchmarkConfig::default();
+        let d = vulnmap_train::fundus_benchmark::BenchmarkConfig::default();
         Self {
             patients: d.fundus.patients,
             size: d.fundus.size,
@@ -170,19 +182,33 @@ impl Default for Outputs {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Step {
+    /// `classify`: the most probable classes of each image.
     Classify(Classify),
+    /// `gradient`: the vanilla input gradient map.
     Gradient(Gradient),
+    /// `smoothgrad`: the SmoothGrad map.
     Smoothgrad(SmoothGradStep),
+    /// `integrated_gradients`: the Integrated Gradients map.
     IntegratedGradients(IntegratedGradientsStep),
+    /// `grad_cam`: the Grad-CAM map.
     GradCam(GradCamStep),
+    /// `occlusion`: the sliding-window occlusion map.
     Occlusion(OcclusionStep),
+    /// `rise`: the RISE map.
     Rise(RiseStep),
+    /// `random_attack`: whole-image noise until the label flips.
     RandomAttack(RandomAttackStep),
+    /// `alpha_sweep`: the random attack's iterations against the noise strength.
     AlphaSweep(AlphaSweepStep),
+    /// `local_attack`: a map of how fast noise in each window flips the label.
     LocalAttack(LocalAttackStep),
+    /// `saliency_attack`: noise masked by SmoothGrad, against random masks.
     SaliencyAttack(SaliencyAttackStep),
+    /// `mask_attack`: noise masked by a learned mask, which is kept as a map.
     MaskAttack(MaskAttackStep),
+    /// `metrics`: scores of earlier steps' maps.
     Metrics(MetricsStep),
+    /// `finetune`: trains the model before the other steps; must come first.
     Finetune(FinetuneStep),
 }
 
@@ -243,12 +269,61 @@ impl Step {
     }
 }
 
+/// The steps that make one saliency map per image, as `vulnmap explain --method` and
+/// `vulnmap eval --methods` name them (kebab-case there, the YAML key's snake_case here).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[serde(rename_all = "snake_case")]
+pub enum MapStep {
+    /// The vanilla input gradient.
+    Gradient,
+    /// SmoothGrad.
+    Smoothgrad,
+    /// Integrated Gradients.
+    #[cfg_attr(feature = "clap", value(alias = "integrated_gradients"))]
+    IntegratedGradients,
+    /// Grad-CAM.
+    #[cfg_attr(feature = "clap", value(alias = "grad_cam"))]
+    GradCam,
+    /// Sliding-window occlusion.
+    Occlusion,
+    /// RISE.
+    Rise,
+    /// The local attack's window map.
+    #[cfg_attr(feature = "clap", value(alias = "local_attack"))]
+    LocalAttack,
+    /// The mask attack's learned mask.
+    #[cfg_attr(feature = "clap", value(alias = "mask_attack"))]
+    MaskAttack,
+}
+
+impl MapStep {
+    /// The step with a pipeline's default settings.
+    pub fn step(self) -> Step {
+        match self {
+            MapStep::Gradient => Step::Gradient(Gradient::default()),
+            MapStep::Smoothgrad => Step::Smoothgrad(SmoothGradStep::default()),
+            MapStep::IntegratedGradients => {
+                Step::IntegratedGradients(IntegratedGradientsStep::default())
+            }
+            MapStep::GradCam => Step::GradCam(GradCamStep::default()),
+            MapStep::Occlusion => Step::Occlusion(OcclusionStep::default()),
+            MapStep::Rise => Step::Rise(RiseStep::default()),
+            MapStep::LocalAttack => Step::LocalAttack(LocalAttackStep::default()),
+            MapStep::MaskAttack => Step::MaskAttack(MaskAttackStep::default()),
+        }
+    }
+}
+
 /// Top-k classes of each image.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Classify {
+    /// Names the step in `results.jsonl`, file names and `metrics.of` (default: its kind, with
+    /// `-2`, `-3` ... on repeats).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
+    /// How many of the most probable classes to record per image (default 5).
     pub top: usize,
 }
 
@@ -262,6 +337,8 @@ impl Default for Classify {
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Gradient {
+    /// Names the step in `results.jsonl`, file names and `metrics.of` (default: its kind, with
+    /// `-2`, `-3` ... on repeats).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
 }
@@ -270,11 +347,16 @@ pub struct Gradient {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SmoothGradStep {
+    /// Names the step in `results.jsonl`, file names and `metrics.of` (default: its kind, with
+    /// `-2`, `-3` ... on repeats).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
+    /// Noisy copies per image (default 25; at least 1).
     pub samples: usize,
+    /// Noise standard deviation as a fraction of the image's value range (default 0.15).
     pub noise_level: f64,
-    pub aggregate: String,
+    /// How the noisy gradients combine: `plain` (mean; the default), `squared` or `vargrad`.
+    pub aggregate: Aggregate,
 }
 
 impl Default for SmoothGradStep {
@@ -283,7 +365,7 @@ impl Default for SmoothGradStep {
             id: None,
             samples: 25,
             noise_level: 0.15,
-            aggregate: "plain".into(),
+            aggregate: Aggregate::default(),
         }
     }
 }
@@ -293,13 +375,18 @@ impl Default for SmoothGradStep {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct IntegratedGradientsStep {
+    /// Names the step in `results.jsonl`, file names and `metrics.of` (default: its kind, with
+    /// `-2`, `-3` ... on repeats).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
+    /// Points on the path from baseline to image (default 50; at least 1).
     pub steps: usize,
-    pub baseline: String,
+    /// Where the path starts: `black` or `blurred` (the default).
+    pub baseline: BaselineKind,
     /// Blur of the `blurred` baseline, in pixels.
     pub sigma: f64,
-    pub integration: String,
+    /// How the path integral is approximated (default `gauss-legendre`).
+    pub integration: Integration,
 }
 
 impl Default for IntegratedGradientsStep {
@@ -307,9 +394,9 @@ impl Default for IntegratedGradientsStep {
         Self {
             id: None,
             steps: 50,
-            baseline: "blurred".into(),
+            baseline: BaselineKind::Blurred,
             sigma: 10.0,
-            integration: "gauss-legendre".into(),
+            integration: Integration::default(),
         }
     }
 }
@@ -318,8 +405,12 @@ impl Default for IntegratedGradientsStep {
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GradCamStep {
+    /// Names the step in `results.jsonl`, file names and `metrics.of` (default: its kind, with
+    /// `-2`, `-3` ... on repeats).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
+    /// The layer whose feature map is used, e.g. `layer3` for ResNets or `_blocks.10` for
+    /// EfficientNet-Lite; absent: the model's last convolutional stage.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub layer: Option<String>,
 }
@@ -328,11 +419,17 @@ pub struct GradCamStep {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OcclusionStep {
+    /// Names the step in `results.jsonl`, file names and `metrics.of` (default: its kind, with
+    /// `-2`, `-3` ... on repeats).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
+    /// Side of the square patch occluded, in pixels (default 32).
     pub window: usize,
+    /// Step between patch positions, in pixels (default 16).
     pub stride: usize,
-    pub baseline: String,
+    /// What fills the patch: `black`, `grey` (0.5) or `blurred` (the default).
+    pub baseline: BaselineKind,
+    /// Blur of the `blurred` baseline, in pixels (default 10).
     pub sigma: f64,
 }
 
@@ -342,7 +439,7 @@ impl Default for OcclusionStep {
             id: None,
             window: 32,
             stride: 16,
-            baseline: "blurred".into(),
+            baseline: BaselineKind::Blurred,
             sigma: 10.0,
         }
     }
@@ -352,10 +449,15 @@ impl Default for OcclusionStep {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RiseStep {
+    /// Names the step in `results.jsonl`, file names and `metrics.of` (default: its kind, with
+    /// `-2`, `-3` ... on repeats).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
+    /// Random masks per image (default 1000).
     pub masks: usize,
+    /// Cells per side of each mask's coarse random grid (default 7).
     pub cells: usize,
+    /// Probability that a grid cell is kept, in (0, 1] (default 0.5).
     pub keep: f64,
 }
 
@@ -374,27 +476,32 @@ impl Default for RiseStep {
 #[derive(Debug, Clone, PartialEq)]
 pub struct AttackSettings {
     /// `untargeted` or `targeted` (with `target`).
-    pub mode: String,
+    pub mode: AttackMode,
+    /// The class index a `targeted` attack must reach; `None` when untargeted.
     pub target: Option<usize>,
+    /// Noise strength in pixel units, in (0, 1].
     pub alpha: f64,
+    /// Generator updates at most before the attack counts as failed.
     pub max_iters: usize,
+    /// Adam's learning rate for the noise generators.
     pub lr: f64,
+    /// Probability the new label must exceed to count as a success, in (0, 1).
     pub confidence: f64,
     /// `auto`, `paper` (the authors' DCGAN, 224 x 224 only) or `generic`.
-    pub generator: String,
+    pub generator: GeneratorChoice,
 }
 
 impl Default for AttackSettings {
     /// The paper's random attack: alpha 0.02, 100 updates, Adam 2e-4, confidence 0.9.
     fn default() -> Self {
         Self {
-            mode: "untargeted".into(),
+            mode: AttackMode::default(),
             target: None,
             alpha: 0.02,
             max_iters: 100,
             lr: 2e-4,
             confidence: 0.9,
-            generator: "auto".into(),
+            generator: GeneratorChoice::default(),
         }
     }
 }
@@ -407,16 +514,28 @@ macro_rules! attack_step {
         #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
         #[serde(deny_unknown_fields, default)]
         pub struct $name {
+            /// Names the step in `results.jsonl`, file names and `metrics.of` (default: its
+            /// kind, with `-2`, `-3` ... on repeats).
             #[serde(skip_serializing_if = "Option::is_none")]
             pub id: Option<String>,
-            pub mode: String,
+            /// `untargeted` (the default: any other label) or `targeted` (the label `target`).
+            pub mode: AttackMode,
+            /// The class index to reach; given exactly when `mode` is `targeted`.
             #[serde(skip_serializing_if = "Option::is_none")]
             pub target: Option<usize>,
+            /// Noise strength in pixel units, in (0, 1] (default 0.02; 0.05 for `saliency_attack`
+            /// and `mask_attack`; unused by `alpha_sweep`, which takes `alphas`).
             pub alpha: f64,
+            /// Generator updates at most before the attack counts as failed (default 100).
             pub max_iters: usize,
+            /// Adam's learning rate for the noise generators (default 2e-4).
             pub lr: f64,
+            /// Probability the new label must exceed to count as a success, in (0, 1)
+            /// (default 0.9).
             pub confidence: f64,
-            pub generator: String,
+            /// `auto` (the default: `paper` at 224 x 224, else `generic`), `paper` (the
+            /// authors' DCGAN, 224 x 224 only) or `generic`.
+            pub generator: GeneratorChoice,
             $($(#[$fdoc])* pub $field: $ty,)*
         }
 
@@ -441,13 +560,13 @@ macro_rules! attack_step {
             /// The shared attack settings.
             pub fn attack(&self) -> AttackSettings {
                 AttackSettings {
-                    mode: self.mode.clone(),
+                    mode: self.mode,
                     target: self.target,
                     alpha: self.alpha,
                     max_iters: self.max_iters,
                     lr: self.lr,
                     confidence: self.confidence,
-                    generator: self.generator.clone(),
+                    generator: self.generator,
                 }
             }
         }
@@ -457,6 +576,8 @@ macro_rules! attack_step {
 attack_step! {
     /// The random attack (Table I), repeated over `rounds` seeds.
     RandomAttackStep {
+        /// Attacks per image, seeded `seed`, `seed + 1` ...; above 1 the row also
+        /// holds their statistics (default 1).
         rounds: usize = 1,
     } alpha = 0.02
 }
@@ -464,7 +585,10 @@ attack_step! {
 attack_step! {
     /// Iterations against alpha (Fig. 6), `rounds` seeds per alpha.
     AlphaSweepStep {
+        /// Noise strengths to try, in pixel units, each in (0, 1] (default 0.005, 0.01, 0.02,
+        /// 0.05, 0.1).
         alphas: Vec<f64> = vec![0.005, 0.01, 0.02, 0.05, 0.1],
+        /// Attacks (seeds) per alpha (default 5).
         rounds: usize = 5,
     } alpha = 0.02
 }
@@ -472,7 +596,9 @@ attack_step! {
 attack_step! {
     /// The local attack's window map (Figs. 7-8).
     LocalAttackStep {
+        /// Side of the square window the noise is confined to, in pixels (default 100).
         window: usize = 100,
+        /// Step between windows, in pixels (default 50).
         stride: usize = 50,
     } alpha = 0.02
 }
@@ -480,30 +606,42 @@ attack_step! {
 attack_step! {
     /// The SmoothGrad-masked attack against random masks of the same budget (Figs. 9-10).
     SaliencyAttackStep {
+        /// SmoothGrad samples per mask (default 25).
         samples: usize = vulnmap_saliency::SmoothGrad::authors().samples,
+        /// SmoothGrad noise as a fraction of the image's value range (default 0.15).
         noise_level: f64 = vulnmap_saliency::SmoothGrad::authors().noise_level,
         /// Recompute the mask every this many updates; 0: once, on the clean image.
         every: usize = 1,
+        /// Values of the normalised map below this are set to zero, in [0, 1) (default 0: none).
         threshold: f32 = 0.0,
         /// Random-mask controls: `permuted` (same values, shuffled) and/or `bernoulli`.
-        controls: Vec<String> = vec!["permuted".into()],
+        controls: Vec<Control> = vec![Control::Permuted],
     } alpha = 0.05
 }
 
 attack_step! {
     /// The mask attack of Eq. 6 (Fig. 11); `network`: `unet` or `free`.
     MaskAttackStep {
-        network: String = "unet".into(),
+        /// What learns the mask: `unet` (the default) or `free` (a `cells` x `cells` grid
+        /// upsampled, as in the authors' final code).
+        network: MaskNetworkKind = MaskNetworkKind::default(),
         /// U-Net base channels.
         base: usize = 16,
         /// Free-mask cells per side.
         cells: usize = 14,
-        mask_lr: f64 = vulnmap_attacks::LearnedMask::default().lr,
+        /// Adam's learning rate for the mask; absent: the network's own (1e-3 for the U-Net,
+        /// the authors' 0.01 for the free mask).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        mask_lr: Option<f64> = None,
         /// `area` (the stated intent) or `literal` (Eq. 6 as printed).
-        sparsity: String = "area".into(),
+        sparsity: Sparsity = Sparsity::default(),
+        /// Weight of the sparsity term, Eq. 6's lambda1 (default 1e-4).
         lambda_sparsity: f64 = 1e-4,
+        /// Weight of the total variation `mean |grad m|^beta`, Eq. 6's lambda2 (default 1e-2).
         lambda_tv: f64 = 1e-2,
+        /// Exponent of the total variation term (default 3).
         beta: f64 = 3.0,
+        /// Weight of the pull towards the clean image's SmoothGrad map (default 1).
         gamma: f64 = 1.0,
         /// SmoothGrad samples of the map the mask is pulled towards.
         samples: usize = vulnmap_saliency::SmoothGrad::authors().samples,
@@ -514,13 +652,15 @@ attack_step! {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsStep {
+    /// Names the step in `results.jsonl`, file names and `metrics.of` (default: its kind, with
+    /// `-2`, `-3` ... on repeats).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
     /// Ids of the map-making steps to score; empty: all of them.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub of: Vec<String>,
     /// `pointing_game`, `auroc`, `iou`, `deletion`, `insertion`.
-    pub measures: Vec<String>,
+    pub measures: Vec<Measure>,
     /// Pixels changed per deletion/insertion step (RISE: 224 at 224 x 224).
     pub pixels_per_step: usize,
 }
@@ -530,14 +670,71 @@ impl Default for MetricsStep {
         Self {
             id: None,
             of: Vec::new(),
-            measures: vec![
-                "pointing_game".into(),
-                "auroc".into(),
-                "deletion".into(),
-                "insertion".into(),
-            ],
+            measures: Measure::DEFAULT.to_vec(),
             pixels_per_step: 224,
         }
+    }
+}
+
+/// What a `metrics` step measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[serde(rename_all = "snake_case")]
+pub enum Measure {
+    /// Whether the map's maximum falls on the lesion (TorchRay's pointing game).
+    #[cfg_attr(feature = "clap", value(alias = "pointing_game"))]
+    PointingGame,
+    /// Area under the ROC curve of the map as a lesion detector.
+    Auroc,
+    /// Intersection over union of the map above 0.5 with the lesion.
+    Iou,
+    /// Area under the deletion curve (RISE): lower is better.
+    Deletion,
+    /// Area under the insertion curve (RISE): higher is better.
+    Insertion,
+}
+
+impl Measure {
+    /// What a `metrics` step measures when it does not say.
+    pub const DEFAULT: [Measure; 4] = [
+        Measure::PointingGame,
+        Measure::Auroc,
+        Measure::Deletion,
+        Measure::Insertion,
+    ];
+
+    /// Every measure, in the order tables list them.
+    pub const ALL: [Measure; 5] = [
+        Measure::PointingGame,
+        Measure::Auroc,
+        Measure::Iou,
+        Measure::Deletion,
+        Measure::Insertion,
+    ];
+
+    /// The measure's name in YAML and in `results.jsonl`.
+    pub fn name(self) -> String {
+        spelling(&self)
+    }
+
+    /// The measure's column title in the scores table.
+    pub fn title(self) -> &'static str {
+        match self {
+            Measure::PointingGame => "pointing game",
+            Measure::Auroc => "AUROC",
+            Measure::Iou => "IoU@0.5",
+            Measure::Deletion => "deletion AUC (lower is better)",
+            Measure::Insertion => "insertion AUC (higher is better)",
+        }
+    }
+}
+
+/// How a setting's value is written in YAML (its serde spelling), for messages and row keys.
+pub fn spelling<T: Serialize>(value: &T) -> String {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::String(s)) => s,
+        Ok(other) => other.to_string(),
+        Err(e) => format!("<{e}>"),
     }
 }
 
@@ -546,16 +743,26 @@ impl Default for MetricsStep {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FinetuneStep {
+    /// Names the step in `results.jsonl`, file names and `metrics.of` (default: its kind, with
+    /// `-2`, `-3` ... on repeats).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
+    /// Passes over the training split (default 10).
     pub epochs: usize,
+    /// Adam's learning rate (default 1e-4).
     pub lr: f64,
+    /// Training images per update (default 32).
     pub batch_size: usize,
+    /// Train only the classification head (default false).
     pub freeze_backbone: bool,
     /// Train from a fresh initialisation instead of the model's weights.
     pub scratch: bool,
+    /// Decay the learning rate to zero over the epochs by a cosine (default false: constant).
     pub cosine: bool,
+    /// Flip training images at random, left-right and up-down (default false).
     pub flips: bool,
+    /// Standard deviation of Gaussian noise added to training pixels, in pixel units
+    /// (default 0: none).
     pub noise: f64,
     /// Input side (images are resized and centre-cropped to it).
     pub size: usize,

@@ -7,30 +7,28 @@ use std::path::{Path, PathBuf};
 use vulnmap_data::split::{split_by_patient, PAPER_FRACTIONS};
 use vulnmap_data::synthetic::{write_dataset, FundusConfig};
 use vulnmap_data::{Dataset, ManifestOptions, Preprocess};
-use vulnmap_models::fundus_benchmark::{BenchmarkConfig, FundusBenchmark};
+use vulnmap_train::fundus_benchmark::{BenchmarkConfig, FundusBenchmark};
 
 /// One image to run on. `index` is its place in the whole (unsharded) run.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Item {
-    pub index: usize,
-    pub path: PathBuf,
-    pub label: Option<usize>,
-    pub mask: Option<PathBuf>,
+pub(crate) struct Item {
+    pub(crate) index: usize,
+    pub(crate) path: PathBuf,
+    pub(crate) label: Option<usize>,
+    pub(crate) mask: Option<PathBuf>,
 }
 
 /// The images, the dataset they came from (for fine-tuning) and the benchmark, if any.
-pub struct Source {
+pub(crate) struct Source {
     pub items: Vec<Item>,
     pub dataset: Option<Dataset>,
     pub benchmark: Option<FundusBenchmark>,
-    /// Class names of the dataset, if it has labels.
-    pub classes: Option<Vec<String>>,
     /// Generated images are already the model's size: no resizing by default.
     pub generated: bool,
 }
 
 /// The benchmark configuration a pipeline's `fundus_benchmark` names.
-pub fn benchmark_config(spec: &crate::schema::BenchmarkSpec) -> BenchmarkConfig {
+pub(crate) fn benchmark_config(spec: &crate::schema::BenchmarkSpec) -> BenchmarkConfig {
     let mut config = BenchmarkConfig::default();
     config.fundus.patients = spec.patients;
     config.fundus.size = spec.size;
@@ -42,7 +40,7 @@ pub fn benchmark_config(spec: &crate::schema::BenchmarkSpec) -> BenchmarkConfig 
 
 /// Reads (or generates) the pipeline's data. `run_dir` holds generated sets; `cache` the
 /// benchmark.
-pub fn open(pipeline: &Pipeline, run_dir: &Path, cache: &Path) -> Result<Source> {
+pub(crate) fn open(pipeline: &Pipeline, run_dir: &Path, cache: &Path) -> Result<Source> {
     let d = &pipeline.data;
     let mut benchmark = None;
     let mut generated = false;
@@ -96,12 +94,7 @@ pub fn open(pipeline: &Pipeline, run_dir: &Path, cache: &Path) -> Result<Source>
         Some(ds) => {
             let seed = benchmark.as_ref().map_or(pipeline.seed, |b| b.config.seed);
             let splits = split_by_patient(ds, PAPER_FRACTIONS, seed);
-            let chosen: Vec<usize> = match d.split.as_str() {
-                "train" => splits.train.clone(),
-                "val" => splits.val.clone(),
-                "test" => splits.test.clone(),
-                _ => (0..ds.len()).collect(),
-            };
+            let chosen = d.split.select(&splits, ds.len());
             let mut chosen = chosen;
             chosen.sort_unstable();
             chosen
@@ -139,13 +132,12 @@ pub fn open(pipeline: &Pipeline, run_dir: &Path, cache: &Path) -> Result<Source>
         return Err(Error::Run(format!(
             "the data of pipeline `{}` has no images (split `{}`{})",
             pipeline.name,
-            d.split,
+            crate::schema::spelling(&d.split),
             if d.lesions_only { ", lesions only" } else { "" }
         )));
     }
     Ok(Source {
         items,
-        classes: dataset.as_ref().map(|ds| ds.classes.clone()),
         dataset,
         benchmark,
         generated,
@@ -166,7 +158,7 @@ fn files(d: &DataSpec) -> Result<Vec<PathBuf>> {
 }
 
 /// A lesion mask (white = lesion) after `preprocess`, row-major.
-pub fn load_mask(path: &Path, preprocess: &Preprocess) -> Result<Vec<bool>> {
+pub(crate) fn load_mask(path: &Path, preprocess: &Preprocess) -> Result<Vec<bool>> {
     let mask = preprocess.load(path)?;
     let first = mask.get(0)?.flatten_all()?.to_vec1::<f32>()?;
     Ok(first.into_iter().map(|v| v > 0.5).collect())
@@ -174,7 +166,7 @@ pub fn load_mask(path: &Path, preprocess: &Preprocess) -> Result<Vec<bool>> {
 
 /// The preprocessing for a model with `size x size` inputs: generated images are used as they
 /// are; others are resized (shorter side `resize`, default 256/224 of the size) and cropped.
-pub fn preprocess(data: &DataSpec, generated: bool, size: usize) -> Preprocess {
+pub(crate) fn preprocess(data: &DataSpec, generated: bool, size: usize) -> Preprocess {
     let size = size as u32;
     let resize = data
         .resize

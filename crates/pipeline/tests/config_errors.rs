@@ -75,7 +75,32 @@ fn impossible_values_name_their_lines() {
         "name: t\ndata:\n  fundus_benchmark: {}\n  split: training\nsteps: [classify: {}]\n",
     );
     assert!(
-        e.contains("line 4") && e.contains("`training` is not one of"),
+        e.contains("line 4") && e.contains("`training`") && e.contains("`train`, `val`, `test`"),
+        "{e}"
+    );
+    // Every closed set is checked by its enum, with the values it takes.
+    for (key, bad, expected) in [
+        ("smoothgrad: {aggregate: mean}", "`mean`", "`vargrad`"),
+        ("occlusion: {baseline: white}", "`white`", "`grey`"),
+        ("random_attack: {generator: gan}", "`gan`", "`paper`"),
+        ("mask_attack: {network: cnn}", "`cnn`", "`unet`"),
+        (
+            "saliency_attack: {controls: [random]}",
+            "`random`",
+            "`bernoulli`",
+        ),
+    ] {
+        let e = problems(&format!("{HEAD}steps:\n  - {key}\n"));
+        assert!(
+            e.contains("line 5") && e.contains(bad) && e.contains(expected),
+            "{e}"
+        );
+    }
+    let e = problems(&format!(
+        "{HEAD}steps:\n  - integrated_gradients: {{baseline: grey}}\n"
+    ));
+    assert!(
+        e.contains("line 5") && e.contains("`black` or `blurred`"),
         "{e}"
     );
 }
@@ -117,7 +142,7 @@ fn every_shipped_pipeline_parses_and_validates() {
         let text = std::fs::read_to_string(path).unwrap();
         if text.contains("${VULNMAP_ASSETS}") && assets.is_none() {
             assert!(
-                !vulnmap_data::assets::assets_required(),
+                !vulnmap_testkit::assets::assets_required(),
                 "{} needs the shared assets (VULNMAP_ASSETS)",
                 path.display()
             );

@@ -34,7 +34,7 @@ fn pipeline() -> Pipeline {
 fn options(out: &Path, shard: Option<Shard>, resume: bool) -> RunOptions {
     RunOptions {
         out: out.to_path_buf(),
-        device: Some("cpu".into()),
+        device: Some(vulnmap_models::DeviceName::Cpu),
         shard,
         resume,
         cache: PathBuf::from(env!("CARGO_TARGET_TMPDIR")),

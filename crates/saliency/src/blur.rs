@@ -6,7 +6,7 @@ use candle_core::{Tensor, D};
 
 /// Blurs each channel of `x` (`N x C x H x W`) with a Gaussian of standard deviation `sigma`
 /// pixels (kernel radius 3 sigma, edges replicated).
-pub fn gaussian_blur(x: &Tensor, sigma: f64) -> Result<Tensor> {
+pub(crate) fn gaussian_blur(x: &Tensor, sigma: f64) -> Result<Tensor> {
     ensure(sigma > 0.0, || {
         format!("blur sigma must be positive, got {sigma}")
     })?;

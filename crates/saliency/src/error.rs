@@ -6,10 +6,13 @@ pub enum Error {
     /// A parameter out of its range (zero samples, a window larger than the image, ...).
     #[error("{0}")]
     InvalidParameter(String),
+    /// A tensor computation failed inside candle.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// The classifier failed.
     #[error(transparent)]
     Model(#[from] vulnmap_models::Error),
+    /// A rendered picture could not be written (see [`crate::render::save`]).
     #[error(transparent)]
     Data(#[from] vulnmap_data::Error),
 }

@@ -12,6 +12,7 @@ pub struct GradCam {
     /// The layer (see [`Classifier::layers`]); `None` is the model's default, the last
     /// convolutional stage (`layer4` for ResNets, as pytorch-grad-cam recommends).
     pub layer: Option<String>,
+    /// Images per forward/backward pass (at least 1; default 16); bounds memory, not the result.
     pub batch_size: usize,
 }
 

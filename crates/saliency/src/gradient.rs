@@ -52,6 +52,7 @@ pub(crate) fn batch_gradient(
 /// Settings of the vanilla gradient.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Gradient {
+    /// Images per backward pass (at least 1; default 16); bounds memory, not the result.
     pub batch_size: usize,
 }
 
@@ -62,6 +63,7 @@ impl Default for Gradient {
 }
 
 impl Gradient {
+    /// The gradient of each image's target logit with respect to its pixels (`N x C x H x W`).
     pub fn attribute(
         &self,
         model: &dyn Classifier,

@@ -9,11 +9,14 @@ use crate::error::{ensure, Result};
 /// covered (Captum's occlusion leaves them out; the paper's 100/50 grid on 224 would miss 24).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WindowGrid {
+    /// Side of each square window, in pixels (positive, at most the image's sides).
     pub window: usize,
+    /// Pixels between neighbouring windows along each axis (positive).
     pub stride: usize,
 }
 
 impl WindowGrid {
+    /// Windows of `window x window` pixels every `stride` pixels.
     pub fn new(window: usize, stride: usize) -> Self {
         Self { window, stride }
     }

@@ -15,25 +15,69 @@ pub enum Baseline {
     /// All zeros (a black image).
     Black,
     /// The image blurred by a Gaussian of this many pixels.
-    Blurred { sigma: f64 },
+    Blurred {
+        /// The Gaussian's standard deviation, in pixels (positive).
+        sigma: f64,
+    },
 }
 
 /// How the path integral is approximated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[serde(rename_all = "kebab-case")]
 pub enum Integration {
     /// Midpoints of equal steps.
     RiemannMiddle,
     /// Trapezoids over equal steps, ends included.
     RiemannTrapezoid,
     /// Gauss-Legendre nodes and weights (Captum's default).
+    #[default]
     GaussLegendre,
+}
+
+/// The baselines a setting can name (`baseline: blurred` with its `sigma`): Integrated
+/// Gradients' path start and occlusion's fill.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[serde(rename_all = "lowercase")]
+pub enum BaselineKind {
+    /// Zeros.
+    Black,
+    /// 0.5 everywhere (occlusion only).
+    Grey,
+    /// The image blurred by a Gaussian of `sigma` pixels.
+    #[default]
+    Blurred,
+}
+
+impl BaselineKind {
+    /// Integrated Gradients' baseline of this kind, or `None` for one it cannot start from.
+    pub fn path_start(self, sigma: f64) -> Option<Baseline> {
+        match self {
+            BaselineKind::Black => Some(Baseline::Black),
+            BaselineKind::Grey => None,
+            BaselineKind::Blurred => Some(Baseline::Blurred { sigma }),
+        }
+    }
+
+    /// Occlusion's fill of this kind.
+    pub fn fill(self, sigma: f64) -> crate::OcclusionBaseline {
+        match self {
+            BaselineKind::Black => crate::OcclusionBaseline::Value(0.0),
+            BaselineKind::Grey => crate::OcclusionBaseline::Value(0.5),
+            BaselineKind::Blurred => crate::OcclusionBaseline::Blurred { sigma },
+        }
+    }
 }
 
 /// Integrated Gradients' settings.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct IntegratedGradients {
+    /// Path points per image, one gradient each (at least 1; default 50).
     pub steps: usize,
+    /// Where the path starts (default black).
     pub baseline: Baseline,
+    /// How the path integral is approximated (default Gauss-Legendre).
     pub integration: Integration,
     /// Path points per backward pass.
     pub batch_size: usize,

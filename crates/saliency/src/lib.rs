@@ -17,43 +17,43 @@
 //! are seeded, so batched and unbatched runs give the same maps.
 //!
 //! Modules:
-//! - [`gradient`]: the vanilla input gradient (Simonyan et al.).
-//! - [`smoothgrad`]: SmoothGrad, SmoothGrad-Squared and VarGrad; the paper's authors' preset.
-//! - [`integrated_gradients`]: Integrated Gradients, black or blurred baseline, Riemann or
+//! - `gradient`: the vanilla input gradient (Simonyan et al.).
+//! - `smoothgrad`: SmoothGrad, SmoothGrad-Squared and VarGrad; the paper's authors' preset.
+//! - `integrated_gradients`: Integrated Gradients, black or blurred baseline, Riemann or
 //!   Gauss-Legendre.
-//! - [`grad_cam`]: Grad-CAM on a named layer.
-//! - [`occlusion`]: sliding-window occlusion on the local attack's grid.
-//! - [`rise`]: RISE's random masks.
-//! - [`method`]: the methods by name with their default post-processing.
-//! - [`postprocess`]: channel reduction, percentile clipping, scaling to [0, 1], resizing.
+//! - `grad_cam`: Grad-CAM on a named layer.
+//! - `occlusion`: sliding-window occlusion on the local attack's grid.
+//! - `rise`: RISE's random masks.
+//! - `method`: the methods by name with their default post-processing.
+//! - `postprocess`: channel reduction, percentile clipping, scaling to [0, 1], resizing.
 //! - [`metrics`]: deletion/insertion, pointing game, AUROC, IoU, randomisation check.
 //! - [`render`]: colour maps, overlays, PNG output.
-//! - [`grid`]: the window grid shared with the local attack.
-//! - [`blur`]: Gaussian blur (IG baseline, insertion substrate).
-//! - [`target`]: predicted classes and input checks.
+//! - `grid`: the window grid shared with the local attack.
+//! - `blur`: Gaussian blur (IG baseline, insertion substrate).
+//! - `target`: predicted classes and input checks.
 //!
 //! Cargo features: none (CUDA comes through `vulnmap-models`).
 
-pub mod blur;
-pub mod error;
-pub mod grad_cam;
-pub mod gradient;
-pub mod grid;
-pub mod integrated_gradients;
-pub mod method;
+mod blur;
+mod error;
+mod grad_cam;
+mod gradient;
+mod grid;
+mod integrated_gradients;
+mod method;
 pub mod metrics;
-pub mod occlusion;
-pub mod postprocess;
+mod occlusion;
+mod postprocess;
 pub mod render;
-pub mod rise;
-pub mod smoothgrad;
-pub mod target;
+mod rise;
+mod smoothgrad;
+mod target;
 
 pub use error::{Error, Result};
 pub use grad_cam::GradCam;
 pub use gradient::{input_gradients, Gradient};
 pub use grid::WindowGrid;
-pub use integrated_gradients::{Baseline, IntegratedGradients, Integration};
+pub use integrated_gradients::{Baseline, BaselineKind, IntegratedGradients, Integration};
 pub use method::Method;
 pub use occlusion::{Occlusion, OcclusionBaseline};
 pub use postprocess::{PostProcess, Reduction};

@@ -1,6 +1,6 @@
 //! The saliency methods by name, each with its default post-processing, behind one `explain`.
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::postprocess::{PostProcess, Reduction};
 use crate::{GradCam, Gradient, IntegratedGradients, Occlusion, Rise, SmoothGrad};
 use candle_core::Tensor;
@@ -9,44 +9,22 @@ use vulnmap_models::Classifier;
 /// A saliency method and its settings.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Method {
+    /// The vanilla gradient (Simonyan et al., 2014).
     Gradient(Gradient),
+    /// SmoothGrad (Smilkov et al., 2017): gradients averaged over noisy copies.
     SmoothGrad(SmoothGrad),
+    /// Integrated Gradients (Sundararajan et al., 2017): gradients along a path from a baseline.
     IntegratedGradients(IntegratedGradients),
+    /// Grad-CAM (Selvaraju et al., 2017): a layer's feature maps weighted by their gradients.
     GradCam(GradCam),
+    /// Occlusion (Zeiler and Fergus, 2014): the target logit's drop when windows are covered.
     Occlusion(Occlusion),
+    /// RISE (Petsiuk et al., 2018): the target probability through random smooth masks.
     Rise(Rise),
 }
 
 impl Method {
-    /// The names the CLI and pipelines use, in that order.
-    pub const NAMES: [&'static str; 6] = [
-        "gradient",
-        "smoothgrad",
-        "integrated-gradients",
-        "grad-cam",
-        "occlusion",
-        "rise",
-    ];
-
-    /// The method called `name`, with its default settings.
-    pub fn from_name(name: &str) -> Result<Self> {
-        Ok(match name {
-            "gradient" => Method::Gradient(Gradient::default()),
-            "smoothgrad" => Method::SmoothGrad(SmoothGrad::default()),
-            "integrated-gradients" => Method::IntegratedGradients(IntegratedGradients::default()),
-            "grad-cam" => Method::GradCam(GradCam::default()),
-            "occlusion" => Method::Occlusion(Occlusion::default()),
-            "rise" => Method::Rise(Rise::default()),
-            _ => {
-                return Err(Error::InvalidParameter(format!(
-                    "unknown saliency method `{name}`; known: {}",
-                    Self::NAMES.join(", ")
-                )))
-            }
-        })
-    }
-
-    /// The method's name.
+    /// The method's name in file names and messages (as `vulnmap explain --method` spells it).
     pub fn name(&self) -> &'static str {
         match self {
             Method::Gradient(_) => "gradient",

@@ -15,14 +15,20 @@ pub enum OcclusionBaseline {
     Value(f32),
     /// The image blurred by a Gaussian of this many pixels: removes detail without drawing a
     /// new shape (a black square can itself look like a lesion, or an object).
-    Blurred { sigma: f64 },
+    Blurred {
+        /// The Gaussian's standard deviation, in pixels (positive).
+        sigma: f64,
+    },
 }
 
 /// Occlusion's settings.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Occlusion {
+    /// Side of each square occluding window, in pixels (default 32); at most the image's sides.
     pub window: usize,
+    /// Pixels between neighbouring windows (default 16); see [`WindowGrid`].
     pub stride: usize,
+    /// What an occluded window shows (default black, `Value(0.0)`).
     pub baseline: OcclusionBaseline,
     /// Occluded images per forward pass.
     pub batch_size: usize,

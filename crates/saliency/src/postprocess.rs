@@ -3,7 +3,7 @@
 
 use crate::error::{ensure, Result};
 use candle_core::Tensor;
-use vulnmap_models::resize::bilinear;
+use vulnmap_ops::resize::bilinear;
 
 /// How channels become one value per pixel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -19,6 +19,7 @@ pub enum Reduction {
 /// Raw attributions to `N x H x W` maps in [0, 1].
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PostProcess {
+    /// How channels become one value per pixel (default the sum of absolute values).
     pub reduction: Reduction,
     /// Set negative values to zero after reducing (Grad-CAM, occlusion, RISE).
     pub positive_only: bool,
@@ -86,7 +87,7 @@ impl PostProcess {
 }
 
 /// The `p`-th percentile of sorted `values`, interpolating linearly (numpy's default).
-pub fn percentile(sorted: &[f32], p: f64) -> f32 {
+pub(crate) fn percentile(sorted: &[f32], p: f64) -> f32 {
     if sorted.is_empty() {
         return 0.0;
     }

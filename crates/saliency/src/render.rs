@@ -8,10 +8,15 @@ use std::path::Path;
 /// A colour map for values in [0, 1].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Colormap {
+    /// Google's Turbo: a rainbow map, smoother than Jet; dark blue (0) to dark red (1).
     Turbo,
+    /// Matplotlib's Inferno: perceptually uniform, black (0) through red to pale yellow (1).
     Inferno,
+    /// Matplotlib's Viridis: perceptually uniform, purple (0) through teal to yellow (1).
     Viridis,
+    /// Matplotlib's Magma: perceptually uniform, black (0) through pink to pale yellow (1).
     Magma,
+    /// Black (0) to white (1).
     Grey,
 }
 

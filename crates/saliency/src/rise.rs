@@ -5,17 +5,20 @@ use crate::error::{ensure, Result};
 use crate::target::check_inputs;
 use candle_core::{DType, Tensor};
 use rand::Rng;
-use vulnmap_models::resize::bilinear;
-use vulnmap_models::{random, Classifier};
+use vulnmap_data::random;
+use vulnmap_models::Classifier;
+use vulnmap_ops::resize::bilinear;
 
 /// RISE's settings.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Rise {
+    /// Random masks per image (at least 1; default 1000; RISE's ImageNet setting: 4000).
     pub masks: usize,
     /// Cells per side of the coarse random grid.
     pub cells: usize,
     /// Probability that a cell is kept.
     pub keep: f64,
+    /// Seed of the masks (default 0); every image sees the same masks.
     pub seed: u64,
     /// Masked images per forward pass.
     pub batch_size: usize,

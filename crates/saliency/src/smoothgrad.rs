@@ -4,12 +4,17 @@ use crate::error::{ensure, Result};
 use crate::gradient::batch_gradient;
 use crate::target::check_inputs;
 use candle_core::{DType, Tensor};
-use vulnmap_models::{random, Classifier};
+use vulnmap_data::random;
+use vulnmap_models::Classifier;
 
 /// How the noisy gradients are combined.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[cfg_attr(feature = "clap", value(rename_all = "lower"))]
+#[serde(rename_all = "lowercase")]
 pub enum Aggregate {
     /// Their mean.
+    #[default]
     Plain,
     /// The mean of their squares (SmoothGrad-Squared; the paper's authors).
     Squared,
@@ -24,7 +29,9 @@ pub struct SmoothGrad {
     pub samples: usize,
     /// Noise standard deviation as a fraction of the image's value range (max - min).
     pub noise_level: f64,
+    /// How the noisy gradients are combined (default `Plain`; the authors': `Squared`).
     pub aggregate: Aggregate,
+    /// Seed of the noise (default 0); each sample's draw is shared by every image.
     pub seed: u64,
     /// Noisy copies per backward pass.
     pub batch_size: usize,

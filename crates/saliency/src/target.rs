@@ -28,7 +28,7 @@ pub fn predicted_classes(
 
 /// Checks `pixels` is `N x C x H x W`, there is one target per image, each a class of `model`,
 /// and `batch_size` is positive.
-pub fn check_inputs(
+pub(crate) fn check_inputs(
     model: &dyn Classifier,
     pixels: &Tensor,
     targets: &[usize],

@@ -11,11 +11,11 @@ use candle_core::{DType, Tensor};
 use common::device;
 use std::path::Path;
 use vulnmap_data::{Dataset, Preprocess};
-use vulnmap_models::fundus_benchmark::{BenchmarkConfig, FundusBenchmark};
 use vulnmap_models::{zoo, Arch, Checkpoint, Classifier, Score, ScoredClassifier};
 use vulnmap_saliency::metrics::localisation::{auroc, PointingGame};
 use vulnmap_saliency::metrics::randomisation::spearman;
 use vulnmap_saliency::{GradCam, Gradient, Method, Occlusion, OcclusionBaseline, SmoothGrad};
+use vulnmap_train::fundus_benchmark::{BenchmarkConfig, FundusBenchmark};
 
 struct Lesions {
     model: Box<dyn Classifier>,

@@ -6,11 +6,12 @@ mod common;
 
 use candle_core::{DType, Tensor};
 use common::device;
-use vulnmap_data::assets::test_asset;
+use vulnmap_data::random;
 use vulnmap_data::Preprocess;
-use vulnmap_models::{random, zoo, Arch};
+use vulnmap_models::{zoo, Arch};
 use vulnmap_saliency::metrics::causal::CausalMetric;
 use vulnmap_saliency::{Method, SmoothGrad};
+use vulnmap_testkit::test_asset;
 
 #[test]
 fn smoothgrad_beats_a_random_map_on_deletion_and_insertion() {

@@ -1,16 +1,13 @@
 //! The trained synthetic-fundus model and lesion images the attack tests share.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports, unreachable_pub)]
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use std::path::Path;
 use vulnmap_data::Preprocess;
-use vulnmap_models::fundus_benchmark::{BenchmarkConfig, FundusBenchmark};
 use vulnmap_models::Classifier;
+use vulnmap_train::fundus_benchmark::{BenchmarkConfig, FundusBenchmark};
 
-/// The device the tests run on: `$VULNMAP_DEVICE`, `cpu` when unset.
-pub fn device() -> Device {
-    vulnmap_models::device_from_env().unwrap_or_else(|e| panic!("{e}"))
-}
+pub use vulnmap_testkit::device;
 
 pub struct Lesions {
     pub model: Box<dyn Classifier>,

@@ -9,7 +9,9 @@ use std::f32::consts::PI;
 /// Which eye: in a right eye's photograph the optic disc is on the right (nasal) side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Eye {
+    /// The right eye (OD): the disc lies right of the centre of the image.
     Right,
+    /// The left eye (OS): the disc lies left of the centre of the image.
     Left,
 }
 
@@ -26,7 +28,9 @@ impl Eye {
 /// A straight piece of vessel.
 #[derive(Debug, Clone, Copy)]
 pub struct Segment {
+    /// The upstream end (towards the disc), `(x, y)` in pixels.
     pub a: (f32, f32),
+    /// The downstream end, `(x, y)` in pixels.
     pub b: (f32, f32),
     /// Width in pixels.
     pub width: f32,
@@ -36,26 +40,36 @@ pub struct Segment {
 
 /// One eye's fixed structures, in pixel coordinates of a `size x size` image.
 pub struct Anatomy {
+    /// Side of the square image, in pixels.
     pub size: usize,
+    /// Which eye; it decides the side the disc is on.
     pub eye: Eye,
+    /// Centre of the field of view, `(x, y)` in pixels.
     pub centre: (f32, f32),
     /// Radius of the circular field of view.
     pub radius: f32,
+    /// Centre of the optic disc, `(x, y)` in pixels.
     pub disc: (f32, f32),
+    /// Radius of the optic disc, in pixels.
     pub disc_radius: f32,
     /// Cup radius as a fraction of the disc radius.
     pub cup: f32,
+    /// Centre of the fovea, `(x, y)` in pixels.
     pub fovea: (f32, f32),
+    /// The vessel tree (arteries and veins) as straight pieces.
     pub vessels: Vec<Segment>,
     /// Overall fundus brightness (pigmentation), around 1.
     pub pigment: f32,
     /// Illumination gradient across the field, (x, y) per radius.
     pub light: (f32, f32),
+    /// Large-scale background mottling: 6 x 6 noise cells across the image.
     pub coarse: ValueNoise,
+    /// Small-scale background texture: 24 x 24 noise cells across the image.
     pub fine: ValueNoise,
 }
 
 impl Anatomy {
+    /// A random `eye` in a `size x size` image, drawn from `rng`.
     pub fn generate(rng: &mut SeededRng, size: usize, eye: Eye) -> Self {
         let s = size as f32;
         let centre = (

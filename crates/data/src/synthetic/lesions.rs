@@ -16,12 +16,16 @@ pub const COVERAGE_THRESHOLD: f32 = 0.15;
 /// The kinds of lesion the generator draws.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum LesionKind {
+    /// A dark red blot of two or three ellipses; dark in FA as well (blocked fluorescence).
     Haemorrhage,
+    /// A cluster of bright yellow dots; in FA a bright haze of leakage instead.
     Exudate,
+    /// A cluster of tiny dark red dots; bright dots in FA.
     Microaneurysm,
 }
 
 impl LesionKind {
+    /// Every kind, in the order of the lesion-type labels.
     pub const ALL: [LesionKind; 3] = [
         LesionKind::Haemorrhage,
         LesionKind::Exudate,
@@ -41,9 +45,13 @@ impl LesionKind {
 /// An ellipse with a hard (anti-aliased) or Gaussian edge.
 #[derive(Debug, Clone, Copy)]
 pub struct Blob {
+    /// Centre, `(x, y)` in pixels.
     pub centre: (f32, f32),
+    /// Semi-axis along `angle`, in pixels (for a soft blob, the Gaussian's scale).
     pub rx: f32,
+    /// Semi-axis across `angle`, in pixels.
     pub ry: f32,
+    /// Rotation of the `rx` axis from the x axis, in radians (y points down).
     pub angle: f32,
     /// Gaussian falloff (FA leakage) instead of a sharp edge.
     pub soft: bool,
@@ -86,7 +94,9 @@ impl Blob {
 /// One lesion: what it is and the blobs it is drawn with in each modality.
 #[derive(Debug, Clone)]
 pub struct Lesion {
+    /// What the lesion is.
     pub kind: LesionKind,
+    /// Where it was placed, `(x, y)` in pixels; its blobs gather around this point.
     pub centre: (f32, f32),
     /// Blobs drawn in colour photographs.
     pub cfp: Vec<Blob>,

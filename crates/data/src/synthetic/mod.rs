@@ -26,9 +26,12 @@ use rayon::prelude::*;
 use std::path::{Path, PathBuf};
 
 /// What the labels say.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[serde(rename_all = "kebab-case")]
 pub enum LabelScheme {
     /// `healthy` or `lesion`.
+    #[default]
     Binary,
     /// `healthy`, `haemorrhage`, `exudate` or `microaneurysm`: each diseased eye has one kind.
     LesionType,
@@ -48,14 +51,17 @@ impl LabelScheme {
 /// How to generate a synthetic fundus set.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FundusConfig {
+    /// Number of patients, two eyes each (default 150).
     pub patients: usize,
     /// Images are `size x size`.
     pub size: usize,
+    /// Seed of every random choice: the same seed gives the same files (default 0).
     pub seed: u64,
     /// Probability that an eye has lesions.
     pub lesion_prevalence: f64,
     /// Probability that an eye also has an FA image (1: every eye, 0: colour only).
     pub fa_fraction: f64,
+    /// What the labels say (default [`LabelScheme::Binary`]).
     pub labels: LabelScheme,
 }
 
@@ -74,8 +80,11 @@ impl Default for FundusConfig {
 
 /// One generated image with everything known about it.
 pub struct FundusImage {
+    /// The patient ID, `P0001` for the first.
     pub patient: String,
+    /// Which of the patient's eyes.
     pub eye: Eye,
+    /// Colour photograph or angiogram.
     pub modality: Modality,
     /// The class name under the config's label scheme.
     pub label: String,
@@ -99,7 +108,9 @@ impl FundusImage {
 
 /// The anatomy and lesions of one eye, from which its images are rendered.
 pub struct EyeModel {
+    /// The eye's fixed structures.
     pub anatomy: Anatomy,
+    /// Its lesions, two to four of each kind drawn (empty for a healthy eye).
     pub lesions: Vec<Lesion>,
 }
 

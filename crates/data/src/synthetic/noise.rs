@@ -11,6 +11,7 @@ pub struct ValueNoise {
 }
 
 impl ValueNoise {
+    /// Noise with `cells x cells` grid cells (at least 1), its values drawn from `rng`.
     pub fn new(rng: &mut SeededRng, cells: usize) -> Self {
         let n = cells + 1;
         let values = (0..n * n)

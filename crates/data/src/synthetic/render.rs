@@ -16,8 +16,11 @@ use rand::Rng;
 
 /// A rendered image: RGB in [0, 1] (row-major, interleaved) and its lesion mask.
 pub struct Rendering {
+    /// Side of the square image, in pixels.
     pub size: usize,
+    /// `size * size * 3` values: RGB in [0, 1], row-major, interleaved; black outside the field.
     pub pixels: Vec<f32>,
+    /// `size * size` flags, row-major: `true` where a lesion is drawn.
     pub mask: Vec<bool>,
 }
 

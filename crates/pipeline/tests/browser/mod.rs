@@ -86,7 +86,7 @@ impl DevTools {
 }
 
 /// Panics unless `page` loads in Chromium with no console errors and all images decoded.
-pub fn check_report(page: &Path) {
+pub(crate) fn check_report(page: &Path) {
     let Some(binary) = chromium() else {
         let reason = "no Chromium found (install Debian's `chromium`, or set CHROMIUM)";
         assert!(
@@ -223,6 +223,6 @@ pub fn check_report(page: &Path) {
 }
 
 /// Whether a Chromium is there to check pages with.
-pub fn available() -> bool {
+pub(crate) fn available() -> bool {
     chromium().is_some()
 }

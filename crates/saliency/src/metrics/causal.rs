@@ -33,7 +33,9 @@ impl Default for CausalMetric {
 pub struct Curve {
     /// Fraction of the pixels changed at each point.
     pub fractions: Vec<f64>,
+    /// The target's probability at each point, in [0, 1].
     pub scores: Vec<f64>,
+    /// Trapezoidal area under `scores` against `fractions`, in [0, 1].
     pub auc: f64,
 }
 

@@ -81,15 +81,3 @@ where
     }
     Ok(report)
 }
-
-/// Test helper: element-wise `|a - b| <= tol`.
-#[cfg(test)]
-pub(crate) fn assert_close(a: &[f64], b: &[f64], tol: f64) {
-    assert_eq!(a.len(), b.len(), "lengths differ");
-    for (i, (x, y)) in a.iter().zip(b).enumerate() {
-        assert!(
-            (x - y).abs() <= tol,
-            "element {i}: {x} vs {y} (tolerance {tol})"
-        );
-    }
-}

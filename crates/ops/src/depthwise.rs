@@ -243,17 +243,19 @@ impl CustomOp2 for Backward<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gradcheck::finite_difference_check;
     use candle_core::{DType, Device, Var};
+    use vulnmap_testkit::gradcheck::finite_difference_check;
 
     #[test]
     fn matches_grouped_convolution_and_its_gradients() -> Result<()> {
         let dev = Device::Cpu;
         // Seeded inputs: the finite-difference tolerance is tight, and a test must not flake.
-        let mut rng = crate::random::rng(7, "depthwise test");
+        let mut rng = vulnmap_data::random::rng(7, "depthwise test");
         for &(k, s) in &[(3, 1), (3, 2), (5, 2), (5, 1)] {
-            let x = crate::random::randn(&mut rng, (2, 3, 11, 12), &dev)?.to_dtype(DType::F64)?;
-            let w = crate::random::randn(&mut rng, (3, 1, k, k), &dev)?.to_dtype(DType::F64)?;
+            let x = vulnmap_data::random::randn(&mut rng, (2, 3, 11, 12), &dev)?
+                .to_dtype(DType::F64)?;
+            let w =
+                vulnmap_data::random::randn(&mut rng, (3, 1, k, k), &dev)?.to_dtype(DType::F64)?;
             let (x, w) = (Var::from_tensor(&x)?, Var::from_tensor(&w)?);
             let ours = depthwise_conv2d(x.as_tensor(), w.as_tensor(), s)?;
             let theirs = x.as_tensor().conv2d(w.as_tensor(), 0, s, 1, 3)?;

@@ -7,22 +7,22 @@
 //! the `B` networks independently. Entry `b`'s initial weights come from its own seed only, so a
 //! network does not depend on which others share its bank.
 
-use crate::conv_grad::{col2im, im2col, Geometry};
 use candle_core::{DType, Device, Result, Tensor, Var};
 use rayon::prelude::*;
 use std::collections::HashMap;
 use vulnmap_data::random;
+use vulnmap_ops::conv_grad::{col2im, im2col, Geometry};
 
 /// Where and in what dtype a bank's weights live.
 #[derive(Debug, Clone)]
-pub struct Placement {
+pub(crate) struct Placement {
     pub device: Device,
     pub dtype: DType,
 }
 
 impl Placement {
     /// f32 on `device`.
-    pub fn f32(device: &Device) -> Self {
+    pub(crate) fn f32(device: &Device) -> Self {
         Self {
             device: device.clone(),
             dtype: DType::F32,
@@ -59,14 +59,20 @@ fn draw(
 }
 
 /// Weights drawn from N(0, std) per entry (DCGAN's initialisation uses std 0.02).
-pub fn normal(seeds: &[u64], name: &str, shape: &[usize], std: f64, at: &Placement) -> Result<Var> {
+pub(crate) fn normal(
+    seeds: &[u64],
+    name: &str,
+    shape: &[usize],
+    std: f64,
+    at: &Placement,
+) -> Result<Var> {
     draw(seeds, name, shape, at, |rng, n| {
         random::normal_vec(rng, n, 0.0, std)
     })
 }
 
 /// Weights drawn from N(mean, std) per entry.
-pub fn normal_around(
+pub(crate) fn normal_around(
     seeds: &[u64],
     name: &str,
     shape: &[usize],
@@ -80,7 +86,7 @@ pub fn normal_around(
 }
 
 /// A constant per entry.
-pub fn constant(entries: usize, shape: &[usize], value: f64, at: &Placement) -> Result<Var> {
+pub(crate) fn constant(entries: usize, shape: &[usize], value: f64, at: &Placement) -> Result<Var> {
     let mut dims = vec![entries];
     dims.extend_from_slice(shape);
     Var::from_tensor(&(Tensor::ones(dims, at.dtype, &at.device)? * value)?)
@@ -88,7 +94,7 @@ pub fn constant(entries: usize, shape: &[usize], value: f64, at: &Placement) -> 
 
 /// `ConvTranspose2d` (no bias) with one kernel per entry: input `B x Cin x H x W`, weight
 /// `B x Cin x Cout x k x k` (PyTorch's layout per entry).
-pub struct BankedConvTranspose2d {
+pub(crate) struct BankedConvTranspose2d {
     pub weight: Var,
     pub kernel: usize,
     pub stride: usize,
@@ -97,7 +103,7 @@ pub struct BankedConvTranspose2d {
 
 impl BankedConvTranspose2d {
     /// Output height and width for an `h x w` input.
-    pub fn output_size(&self, (h, w): (usize, usize)) -> Result<(usize, usize)> {
+    pub(crate) fn output_size(&self, (h, w): (usize, usize)) -> Result<(usize, usize)> {
         let out = |n: usize| ((n - 1) * self.stride + self.kernel).checked_sub(2 * self.padding);
         match (out(h), out(w)) {
             (Some(a), Some(b)) if a > 0 && b > 0 => Ok((a, b)),
@@ -105,7 +111,7 @@ impl BankedConvTranspose2d {
         }
     }
 
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, cin, h, w) = x.dims4()?;
         let dims = self.weight.dims();
         let (cout, k) = (dims[2], dims[3]);
@@ -126,7 +132,7 @@ impl BankedConvTranspose2d {
 
 /// `Conv2d` with one kernel (and bias) per entry: input `B x Cin x H x W`, weight
 /// `B x Cout x Cin x k x k`.
-pub struct BankedConv2d {
+pub(crate) struct BankedConv2d {
     pub weight: Var,
     pub bias: Option<Var>,
     pub stride: usize,
@@ -134,7 +140,7 @@ pub struct BankedConv2d {
 }
 
 impl BankedConv2d {
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, cin, h, w) = x.dims4()?;
         let dims = self.weight.dims();
         let (cout, k) = (dims[1], dims[3]);
@@ -159,14 +165,14 @@ impl BankedConv2d {
 
 /// BatchNorm in train mode on a batch of one image: normalisation over each channel's pixels,
 /// then an affine map per entry and channel (`gamma`, `beta`: `B x C`).
-pub struct BankedNorm {
+pub(crate) struct BankedNorm {
     pub gamma: Var,
     pub beta: Var,
     pub eps: f64,
 }
 
 impl BankedNorm {
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, _, _) = x.dims4()?;
         let mean = x.mean_keepdim((2, 3))?;
         let centred = x.broadcast_sub(&mean)?;
@@ -181,12 +187,12 @@ impl BankedNorm {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gradcheck::finite_difference_check;
     use candle_core::DType;
+    use vulnmap_testkit::gradcheck::finite_difference_check;
 
     #[test]
     fn banked_transposed_convolution_equals_candles_per_entry() -> Result<()> {
-        let dev = crate::device_from_env().expect("$VULNMAP_DEVICE names a device");
+        let dev = vulnmap_testkit::device();
         for &(k, s, p, h) in &[
             (4, 1, 0, 1),
             (4, 2, 1, 4),
@@ -222,7 +228,7 @@ mod tests {
 
     #[test]
     fn banked_convolution_equals_candles_per_entry_and_gradients_check() -> Result<()> {
-        let dev = crate::device_from_env().expect("$VULNMAP_DEVICE names a device");
+        let dev = vulnmap_testkit::device();
         let at = Placement::f32(&dev);
         let layer = BankedConv2d {
             weight: normal(&[4, 5], "w", &[3, 2, 3, 3], 1.0, &at)?,

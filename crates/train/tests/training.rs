@@ -2,20 +2,18 @@
 //! accuracy; fine-tuning keeps the backbone from a checkpoint, trains a fresh head, and can freeze
 //! the backbone.
 
-mod common;
-
 use candle_core::DType;
-use common::device;
 use std::path::Path;
 use std::sync::Arc;
 use vulnmap_data::loader::Loader;
 use vulnmap_data::split::{split_by_patient, PAPER_FRACTIONS};
 use vulnmap_data::synthetic::{write_dataset, FundusConfig};
 use vulnmap_data::{Dataset, ManifestOptions, Preprocess};
-use vulnmap_models::fundus_benchmark::{BenchmarkConfig, FundusBenchmark};
-use vulnmap_models::optim::AdamConfig;
-use vulnmap_models::train::{evaluate, fit, TrainConfig, TrainableModel};
 use vulnmap_models::{Arch, Checkpoint, Classes};
+use vulnmap_testkit::device;
+use vulnmap_train::fundus_benchmark::{BenchmarkConfig, FundusBenchmark};
+use vulnmap_train::optim::AdamConfig;
+use vulnmap_train::train::{evaluate, fit, TrainConfig, TrainableModel};
 
 #[test]
 fn tiny_resnet_learns_healthy_vs_lesion_on_synthetic_fundus() {
@@ -77,7 +75,7 @@ fn tiny_dataset(dir: &Path) -> Arc<Dataset> {
 
 #[test]
 fn finetuning_replaces_the_head_and_a_frozen_backbone_stays_put() {
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny_resnet.pth");
+    let fixture = tiny_resnet_pth();
     let checkpoint = Checkpoint::open(&fixture).unwrap();
     let classes = Classes::new(vec!["healthy".into(), "lesion".into()]);
     let model = TrainableModel::finetune(Arch::TinyResNet, &checkpoint, &classes, 64, 1, &device())
@@ -148,7 +146,7 @@ fn finetuning_replaces_the_head_and_a_frozen_backbone_stays_put() {
 
 #[test]
 fn finetuning_from_a_checkpoint_of_another_architecture_fails_naming_tensors() {
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny_resnet.pth");
+    let fixture = tiny_resnet_pth();
     let checkpoint = Checkpoint::open(&fixture).unwrap();
     let classes = Classes::numbered(2);
     let err = TrainableModel::finetune(Arch::ResNet18, &checkpoint, &classes, 224, 1, &device())
@@ -161,4 +159,9 @@ fn finetuning_from_a_checkpoint_of_another_architecture_fails_naming_tensors() {
             && err.contains("tiny-resnet"),
         "{err}"
     );
+}
+
+/// The PyTorch-saved tiny-resnet checkpoint the models crate's tests also read.
+fn tiny_resnet_pth() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/tests/fixtures/tiny_resnet.pth")
 }

@@ -95,8 +95,9 @@ impl CustomOp1 for MaxPool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gradcheck::{assert_close, finite_difference_check};
     use candle_core::DType;
+    use vulnmap_testkit::assert_close;
+    use vulnmap_testkit::gradcheck::finite_difference_check;
 
     /// A direct loop implementation of PyTorch's max-pool, as the independent reference.
     fn naive_max_pool(x: &[f64], (h, w): (usize, usize), k: usize, s: usize, p: usize) -> Vec<f64> {
@@ -126,7 +127,7 @@ mod tests {
 
     #[test]
     fn forward_matches_a_direct_loop() -> Result<()> {
-        let dev = crate::device_from_env().expect("$VULNMAP_DEVICE names a device");
+        let dev = vulnmap_testkit::device();
         for &(h, w, k, s, p) in &[
             (9, 7, 3, 2, 1),
             (8, 8, 2, 2, 0),
@@ -143,7 +144,7 @@ mod tests {
 
     #[test]
     fn gradient_matches_finite_differences() -> Result<()> {
-        let dev = crate::device_from_env().expect("$VULNMAP_DEVICE names a device");
+        let dev = vulnmap_testkit::device();
         // ResNet's stem pool and a few other shapes; random values have no ties.
         for &(h, w, k, s, p) in &[
             (9, 9, 3, 2, 1),
@@ -159,7 +160,7 @@ mod tests {
 
     #[test]
     fn ties_send_the_gradient_to_the_first_maximum_as_pytorch_does() -> Result<()> {
-        let dev = crate::device_from_env().expect("$VULNMAP_DEVICE names a device");
+        let dev = vulnmap_testkit::device();
         let x = Tensor::zeros((1, 1, 4, 4), DType::F64, &dev)?;
         let var = candle_core::Var::from_tensor(&x)?;
         let y = max_pool2d(var.as_tensor(), 3, 2, 1)?; // 2 x 2 outputs

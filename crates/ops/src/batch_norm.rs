@@ -102,7 +102,7 @@ mod tests {
 
     #[test]
     fn train_mode_normalises_by_batch_and_updates_running_stats_like_pytorch() -> Result<()> {
-        let dev = crate::device_from_env().expect("$VULNMAP_DEVICE names a device");
+        let dev = vulnmap_testkit::device();
         let (n, c, h, w) = (3, 2, 2, 2);
         let x = Tensor::randn(1f64, 2.0, (n, c, h, w), &dev)?;
         let tensors: HashMap<String, Tensor> = [

@@ -384,21 +384,9 @@ impl CustomOp1 for Col2Im {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gradcheck::finite_difference_check;
     use candle_core::{Device, Var};
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    }
+    use vulnmap_testkit::gradcheck::finite_difference_check;
+    use vulnmap_testkit::max_diff;
 
     const CASES: [(usize, usize, usize, usize, usize); 6] = [
         // (channels in, size, kernel, stride, padding)

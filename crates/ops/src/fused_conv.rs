@@ -22,8 +22,12 @@ use rayon::prelude::*;
 /// (same shape as the output), ReLU.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Epilogue<'a> {
+    /// `Cout` values, one added to each output channel (default none).
     pub bias: Option<&'a Tensor>,
+    /// A tensor of the output's shape added after the bias, such as a skip connection (default
+    /// none); the backward pass reaches it.
     pub residual: Option<&'a Tensor>,
+    /// Apply ReLU last (default `false`).
     pub relu: bool,
 }
 
@@ -573,8 +577,9 @@ fn rows2im<T: Float>(cols: &[T], g: &Geometry, image: &mut [T], parallel: bool) 
 mod tests {
     use super::*;
     use crate::conv_grad::im2col;
-    use crate::gradcheck::finite_difference_check;
     use candle_core::{Device, Var};
+    use vulnmap_testkit::gradcheck::finite_difference_check;
+    use vulnmap_testkit::max_diff;
 
     /// (channels in, height, width, kernel, stride, padding): ResNet's shapes and odd ones.
     const CASES: [(usize, usize, usize, usize, usize, usize); 7] = [
@@ -587,24 +592,23 @@ mod tests {
         (3, 5, 6, 3, 1, 0),
     ];
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .and_then(|d| d.abs()?.max_all()?.to_dtype(DType::F64)?.to_scalar::<f64>())
-            .expect("same shapes")
-    }
-
     #[test]
     fn every_epilogue_equals_plain_ops_with_the_same_input_and_residual_gradients() -> Result<()> {
         let dev = Device::Cpu;
-        let mut rng = crate::random::rng(3, "fused convolution test");
+        let mut rng = vulnmap_data::random::rng(3, "fused convolution test");
         for (case, (cin, h, w, k, s, p)) in CASES.into_iter().enumerate() {
             // One image (its GEMM split across threads), or several (an image per thread).
             let batch = 1 + case % 3;
-            let x = Var::from_tensor(&crate::random::randn(&mut rng, (batch, cin, h, w), &dev)?)?;
-            let weight = crate::random::randn(&mut rng, (5, cin, k, k), &dev)?;
-            let bias = crate::random::randn(&mut rng, 5, &dev)?;
+            let x = Var::from_tensor(&vulnmap_data::random::randn(
+                &mut rng,
+                (batch, cin, h, w),
+                &dev,
+            )?)?;
+            let weight = vulnmap_data::random::randn(&mut rng, (5, cin, k, k), &dev)?;
+            let bias = vulnmap_data::random::randn(&mut rng, 5, &dev)?;
             let out = conv2d(x.as_tensor(), &weight, s, p)?;
-            let residual = Var::from_tensor(&crate::random::randn(&mut rng, out.shape(), &dev)?)?;
+            let residual =
+                Var::from_tensor(&vulnmap_data::random::randn(&mut rng, out.shape(), &dev)?)?;
             for (with_bias, with_residual, relu) in [
                 (true, false, false),
                 (false, false, true),
@@ -621,7 +625,7 @@ mod tests {
                 let case = format!("k={k} s={s} p={p} {h}x{w} bias={with_bias} residual={with_residual} relu={relu}");
                 // Sums of up to 196 products of order 1 in another order: rounding only.
                 assert!(max_diff(&fused, &plain) < 1e-4, "value, {case}");
-                let probe = crate::random::randn(&mut rng, fused.shape(), &dev)?;
+                let probe = vulnmap_data::random::randn(&mut rng, fused.shape(), &dev)?;
                 let g1 = (&fused * &probe)?.sum_all()?.backward()?;
                 let g2 = (&plain * &probe)?.sum_all()?.backward()?;
                 let gx = |g: &candle_core::backprop::GradStore| g.get(x.as_tensor()).cloned();
@@ -645,18 +649,22 @@ mod tests {
     fn an_image_gets_the_same_bits_alone_and_in_a_batch() -> Result<()> {
         // Banked attacks rely on it: a job's result must not depend on its bank.
         let dev = Device::Cpu;
-        let mut rng = crate::random::rng(6, "fused convolution batching");
+        let mut rng = vulnmap_data::random::rng(6, "fused convolution batching");
         for (cin, h, w, k, s, p) in CASES {
-            let x = Var::from_tensor(&crate::random::randn(&mut rng, (3, cin, h, w), &dev)?)?;
-            let weight = crate::random::randn(&mut rng, (40, cin, k, k), &dev)?;
-            let bias = crate::random::randn(&mut rng, 40, &dev)?;
+            let x = Var::from_tensor(&vulnmap_data::random::randn(
+                &mut rng,
+                (3, cin, h, w),
+                &dev,
+            )?)?;
+            let weight = vulnmap_data::random::randn(&mut rng, (40, cin, k, k), &dev)?;
+            let bias = vulnmap_data::random::randn(&mut rng, 40, &dev)?;
             let epilogue = Epilogue {
                 bias: Some(&bias),
                 relu: true,
                 ..Epilogue::default()
             };
             let batch = conv2d_fused(x.as_tensor(), &weight, epilogue, s, p)?;
-            let probe = crate::random::randn(&mut rng, batch.shape(), &dev)?;
+            let probe = vulnmap_data::random::randn(&mut rng, batch.shape(), &dev)?;
             let grads = (&batch * &probe)?.sum_all()?.backward()?;
             let grad = grads.get(x.as_tensor()).expect("input gradient");
             for i in 0..3 {
@@ -682,16 +690,17 @@ mod tests {
     #[test]
     fn input_gradients_match_finite_differences() -> Result<()> {
         let dev = Device::Cpu;
-        let mut rng = crate::random::rng(4, "fused convolution finite differences");
+        let mut rng = vulnmap_data::random::rng(4, "fused convolution finite differences");
         for (case, (cin, h, w, k, s, p)) in CASES.into_iter().enumerate() {
             let batch = 1 + case % 2;
-            let x =
-                crate::random::randn(&mut rng, (batch, cin, h, w), &dev)?.to_dtype(DType::F64)?;
-            let weight =
-                crate::random::randn(&mut rng, (3, cin, k, k), &dev)?.to_dtype(DType::F64)?;
-            let bias = crate::random::randn(&mut rng, 3, &dev)?.to_dtype(DType::F64)?;
+            let x = vulnmap_data::random::randn(&mut rng, (batch, cin, h, w), &dev)?
+                .to_dtype(DType::F64)?;
+            let weight = vulnmap_data::random::randn(&mut rng, (3, cin, k, k), &dev)?
+                .to_dtype(DType::F64)?;
+            let bias = vulnmap_data::random::randn(&mut rng, 3, &dev)?.to_dtype(DType::F64)?;
             let shape = conv2d(&x, &weight, s, p)?.shape().clone();
-            let residual = crate::random::randn(&mut rng, shape, &dev)?.to_dtype(DType::F64)?;
+            let residual =
+                vulnmap_data::random::randn(&mut rng, shape, &dev)?.to_dtype(DType::F64)?;
             let epilogue = |relu| Epilogue {
                 bias: Some(&bias),
                 residual: Some(&residual),
@@ -734,9 +743,10 @@ mod tests {
     #[test]
     fn rows_are_the_transposed_columns_and_rows2im_is_their_adjoint() -> Result<()> {
         let dev = Device::Cpu;
-        let mut rng = crate::random::rng(5, "im2rows test");
+        let mut rng = vulnmap_data::random::rng(5, "im2rows test");
         for (cin, h, w, k, s, p) in CASES {
-            let x = crate::random::randn(&mut rng, (1, cin, h, w), &dev)?.to_dtype(DType::F64)?;
+            let x = vulnmap_data::random::randn(&mut rng, (1, cin, h, w), &dev)?
+                .to_dtype(DType::F64)?;
             let g = Geometry::conv(cin, (h, w), k, s, p)?;
             let columns = im2col(&x, &g)?
                 .transpose(1, 2)?

@@ -9,7 +9,7 @@ use candle_core::{Result, Tensor};
 
 /// Padding in pixels on each side of a feature map.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Pad2d {
+pub(crate) struct Pad2d {
     pub top: usize,
     pub bottom: usize,
     pub left: usize,
@@ -18,7 +18,7 @@ pub struct Pad2d {
 
 impl Pad2d {
     /// The same padding on every side, as PyTorch's `padding=p`.
-    pub fn uniform(p: usize) -> Self {
+    pub(crate) fn uniform(p: usize) -> Self {
         Self {
             top: p,
             bottom: p,
@@ -28,7 +28,7 @@ impl Pad2d {
     }
 
     /// TensorFlow's "SAME" padding: output `ceil(in / stride)`, the extra pixel bottom and right.
-    pub fn tf_same(in_size: (usize, usize), kernel: usize, stride: usize) -> Self {
+    pub(crate) fn tf_same(in_size: (usize, usize), kernel: usize, stride: usize) -> Self {
         let along = |n: usize| {
             let out = n.div_ceil(stride);
             let total = ((out - 1) * stride + kernel).saturating_sub(n);
@@ -45,13 +45,13 @@ impl Pad2d {
     }
 
     /// Whether all four sides are equal, so a convolution's own padding argument can do it.
-    pub fn is_uniform(&self) -> bool {
+    pub(crate) fn is_uniform(&self) -> bool {
         self.top == self.bottom && self.top == self.left && self.top == self.right
     }
 }
 
 /// Pads the last two dimensions of `x` with `value` (zeros, or -inf for max-pooling).
-pub fn pad2d(x: &Tensor, pad: Pad2d, value: f64) -> Result<Tensor> {
+pub(crate) fn pad2d(x: &Tensor, pad: Pad2d, value: f64) -> Result<Tensor> {
     if value == 0.0 {
         return x
             .pad_with_zeros(2, pad.top, pad.bottom)?
@@ -82,7 +82,7 @@ fn pad_dim(x: &Tensor, dim: usize, before: usize, after: usize, value: f64) -> R
 }
 
 /// The output size of a window of `kernel` with `stride` over `size` padded pixels.
-pub fn output_size(padded: usize, kernel: usize, stride: usize) -> Result<usize> {
+pub(crate) fn output_size(padded: usize, kernel: usize, stride: usize) -> Result<usize> {
     if stride == 0 || kernel == 0 {
         candle_core::bail!("kernel and stride must be positive, got {kernel} and {stride}");
     }
@@ -93,7 +93,7 @@ pub fn output_size(padded: usize, kernel: usize, stride: usize) -> Result<usize>
 }
 
 /// The taps of a `kernel x kernel` window with `stride` over a padded feature map.
-pub struct Windows {
+pub(crate) struct Windows {
     /// The padded input folded to `N x C x Hb x s x Wb x s`, so offset `dy` is block `dy / s`,
     /// phase `dy % s`.
     grid: Tensor,
@@ -106,7 +106,7 @@ pub struct Windows {
 impl Windows {
     /// Pads `x` (`N x C x H x W`) by `pad` with `value` and prepares the taps of a `kernel`-sized
     /// window moved by `stride`.
-    pub fn new(
+    pub(crate) fn new(
         x: &Tensor,
         kernel: (usize, usize),
         stride: usize,
@@ -146,17 +146,17 @@ impl Windows {
     }
 
     /// Output height and width.
-    pub fn output(&self) -> (usize, usize) {
+    pub(crate) fn output(&self) -> (usize, usize) {
         self.out
     }
 
     /// The padded input's height and width.
-    pub fn padded_size(&self) -> (usize, usize) {
+    pub(crate) fn padded_size(&self) -> (usize, usize) {
         self.padded
     }
 
     /// The view for kernel offset `(dy, dx)`: `N x C x Ho x Wo`.
-    pub fn tap(&self, dy: usize, dx: usize) -> Result<Tensor> {
+    pub(crate) fn tap(&self, dy: usize, dx: usize) -> Result<Tensor> {
         let s = self.stride;
         let (ho, wo) = self.out;
         self.grid
@@ -172,7 +172,7 @@ impl Windows {
 /// The adjoint of [`Windows::tap`]: scatters per-tap values back to the padded input's positions,
 /// summing where windows overlap. `values` holds `((dy, dx), N x C x Ho x Wo)` pairs; the result
 /// is `N x C x Hp x Wp` for the padded size.
-pub fn untap(
+pub(crate) fn untap(
     values: Vec<((usize, usize), Tensor)>,
     stride: usize,
     out: (usize, usize),

@@ -4,12 +4,12 @@
 //! BatchNorm in train mode on one image (per-image normalisation), ReLU, a 1x1 convolution and
 //! a sigmoid. One network per bank entry, as the attack trains one per image.
 
-use crate::bank::{self, BankedConv2d, BankedConvTranspose2d, BankedNorm, Placement};
-use crate::pool::max_pool2d;
+use super::bank::{self, BankedConv2d, BankedConvTranspose2d, BankedNorm, Placement};
 use candle_core::{Result, Tensor, Var};
+use vulnmap_ops::pool::max_pool2d;
 
 /// The input's sides must be divisible by this (four poolings by two).
-pub const MULTIPLE: usize = 16;
+pub(crate) const MULTIPLE: usize = 16;
 
 struct DoubleConv {
     convs: [BankedConv2d; 2],
@@ -61,7 +61,7 @@ impl DoubleConv {
 }
 
 /// A bank of U-Nets with `base` channels at the first level (doubling per level).
-pub struct UNet {
+pub(crate) struct UNet {
     down: Vec<DoubleConv>,
     bottom: DoubleConv,
     up: Vec<(BankedConvTranspose2d, DoubleConv)>,
@@ -70,7 +70,7 @@ pub struct UNet {
 
 impl UNet {
     /// One U-Net per seed, for `channels`-channel images.
-    pub fn new(channels: usize, base: usize, seeds: &[u64], at: &Placement) -> Result<Self> {
+    pub(crate) fn new(channels: usize, base: usize, seeds: &[u64], at: &Placement) -> Result<Self> {
         if seeds.is_empty() || base == 0 {
             candle_core::bail!("a U-Net bank needs a seed and at least one base channel");
         }
@@ -130,7 +130,7 @@ impl UNet {
     }
 
     /// The mask `B x 1 x H x W` in (0, 1) for images `B x C x H x W` (sides divisible by 16).
-    pub fn forward(&self, images: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, images: &Tensor) -> Result<Tensor> {
         let (_, _, h, w) = images.dims4()?;
         if h % MULTIPLE != 0 || w % MULTIPLE != 0 || h == 0 || w == 0 {
             candle_core::bail!("the U-Net needs sides divisible by {MULTIPLE}, got {h}x{w}");
@@ -151,7 +151,7 @@ impl UNet {
     }
 
     /// Every trainable tensor (bank first).
-    pub fn vars(&self) -> Vec<Var> {
+    pub(crate) fn vars(&self) -> Vec<Var> {
         let mut v = Vec::new();
         for d in self.down.iter().chain(std::iter::once(&self.bottom)) {
             v.extend(d.vars());
@@ -173,7 +173,7 @@ mod tests {
 
     #[test]
     fn masks_have_the_input_size_and_odd_sizes_are_refused() -> Result<()> {
-        let dev = crate::device_from_env().expect("$VULNMAP_DEVICE names a device");
+        let dev = vulnmap_testkit::device();
         let unet = UNet::new(3, 4, &[1, 2], &Placement::f32(&dev))?;
         let images = Tensor::rand(0f32, 1.0, (2, 3, 32, 48), &dev)?;
         let m = unet.forward(&images)?;
@@ -192,7 +192,7 @@ mod tests {
 
     #[test]
     fn unet_gradients_match_finite_differences() -> Result<()> {
-        let dev = crate::device_from_env().expect("$VULNMAP_DEVICE names a device");
+        let dev = vulnmap_testkit::device();
         let at = Placement {
             device: dev.clone(),
             dtype: DType::F64,
@@ -200,7 +200,8 @@ mod tests {
         let unet = UNet::new(2, 2, &[5], &at)?;
         let x = Tensor::rand(0f64, 1.0, (1, 2, 16, 16), &dev)?;
         // Max-pooling has kinks: a small step, and enough points to cover every level.
-        let report = crate::gradcheck::gradient_error(&x, |x| unet.forward(x), 1e-7, 200)?;
+        let report =
+            vulnmap_testkit::gradcheck::gradient_error(&x, |x| unet.forward(x), 1e-7, 200)?;
         assert!(
             report.max_abs_error <= 1e-5 * report.max_abs_gradient.max(1e-3),
             "{report:?}"

@@ -67,18 +67,13 @@ pub fn bilinear(x: &Tensor, size: (usize, usize), align_corners: bool) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gradcheck::finite_difference_check;
+    use vulnmap_testkit::gradcheck::finite_difference_check;
 
     #[test]
     fn matches_pytorch_reference_values() -> Result<()> {
         // torch.nn.functional.interpolate(torch.arange(6.).view(1,1,2,3), size=(3,4), mode="bilinear",
         // align_corners=False) and align_corners=True.
-        let x = Tensor::arange(
-            0f32,
-            6.0,
-            &crate::device_from_env().expect("$VULNMAP_DEVICE names a device"),
-        )?
-        .reshape((1, 1, 2, 3))?;
+        let x = Tensor::arange(0f32, 6.0, &vulnmap_testkit::device())?.reshape((1, 1, 2, 3))?;
         let got = bilinear(&x, (3, 4), false)?
             .flatten_all()?
             .to_vec1::<f32>()?;
@@ -99,12 +94,7 @@ mod tests {
             assert!((g - w).abs() < 1e-6, "{got:?}");
         }
         // Downsampling 4 x 5 to 3 x 2 (no antialiasing, as PyTorch's default).
-        let y = Tensor::arange(
-            0f32,
-            20.0,
-            &crate::device_from_env().expect("$VULNMAP_DEVICE names a device"),
-        )?
-        .reshape((1, 1, 4, 5))?;
+        let y = Tensor::arange(0f32, 20.0, &vulnmap_testkit::device())?.reshape((1, 1, 4, 5))?;
         let got = bilinear(&y, (3, 2), false)?
             .flatten_all()?
             .to_vec1::<f32>()?;
@@ -117,12 +107,7 @@ mod tests {
 
     #[test]
     fn gradient_matches_finite_differences() -> Result<()> {
-        let x = Tensor::randn(
-            0f64,
-            1.0,
-            (2, 2, 4, 5),
-            &crate::device_from_env().expect("$VULNMAP_DEVICE names a device"),
-        )?;
+        let x = Tensor::randn(0f64, 1.0, (2, 2, 4, 5), &vulnmap_testkit::device())?;
         for align in [false, true] {
             finite_difference_check(&x, |x| bilinear(x, (9, 7), align), 1e-6, 1e-8)?;
             finite_difference_check(&x, |x| bilinear(x, (3, 2), align), 1e-6, 1e-8)?;

@@ -13,16 +13,16 @@
 //! initialisation (the paper does not say). A bank holds several independent generators
 //! ([`crate::bank`]).
 
-use crate::bank::{self, BankedConvTranspose2d, BankedNorm, Placement};
+use super::bank::{self, BankedConvTranspose2d, BankedNorm, Placement};
 use candle_core::{Result, Tensor, Var};
 use vulnmap_data::random;
 
 /// The size of the latent vector `z`.
-pub const LATENT: usize = 100;
+pub(crate) const LATENT: usize = 100;
 
 /// Which generator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GeneratorKind {
+pub(crate) enum GeneratorKind {
     /// The authors' DCGAN; 224 x 224 only.
     Paper,
     /// The same structure for `height x width` noise.
@@ -31,7 +31,7 @@ pub enum GeneratorKind {
 
 impl GeneratorKind {
     /// The noise's height and width.
-    pub fn size(self) -> (usize, usize) {
+    pub(crate) fn size(self) -> (usize, usize) {
         match self {
             GeneratorKind::Paper => (224, 224),
             GeneratorKind::Generic { height, width } => (height, width),
@@ -82,7 +82,7 @@ struct Layer {
 }
 
 /// A bank of independent noise generators, one per seed.
-pub struct NoiseGenerators {
+pub(crate) struct NoiseGenerators {
     kind: GeneratorKind,
     layers: Vec<Layer>,
     /// `B x 100 x 1 x 1`, fixed.
@@ -91,7 +91,7 @@ pub struct NoiseGenerators {
 
 impl NoiseGenerators {
     /// One generator per seed: its weights and its `z` come from that seed alone.
-    pub fn new(kind: GeneratorKind, seeds: &[u64], at: &Placement) -> Result<Self> {
+    pub(crate) fn new(kind: GeneratorKind, seeds: &[u64], at: &Placement) -> Result<Self> {
         if seeds.is_empty() {
             candle_core::bail!("a bank of generators needs at least one seed");
         }
@@ -150,27 +150,18 @@ impl NoiseGenerators {
     }
 
     /// How many generators.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.z.dim(0).unwrap_or(0)
     }
 
-    /// Whether the bank is empty (never: construction needs a seed).
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// The generator's kind.
-    pub fn kind(&self) -> GeneratorKind {
-        self.kind
-    }
-
     /// Noise `B x 3 x H x W` in [-1, 1] from the fixed latent vectors.
-    pub fn forward(&self) -> Result<Tensor> {
+    pub(crate) fn forward(&self) -> Result<Tensor> {
         self.forward_from(&self.z)
     }
 
     /// Noise from other latent vectors (`B x 100 x 1 x 1`).
-    pub fn forward_from(&self, z: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward_from(&self, z: &Tensor) -> Result<Tensor> {
         let mut x = z.clone();
         for layer in &self.layers {
             x = layer.conv.forward(&x)?;
@@ -188,7 +179,7 @@ impl NoiseGenerators {
     }
 
     /// Every trainable tensor; each has the bank as its leading dimension.
-    pub fn vars(&self) -> Vec<Var> {
+    pub(crate) fn vars(&self) -> Vec<Var> {
         let mut vars = Vec::new();
         for layer in &self.layers {
             vars.push(layer.conv.weight.clone());
@@ -201,7 +192,8 @@ impl NoiseGenerators {
     }
 
     /// The number of weights of one generator.
-    pub fn weights_per_generator(&self) -> usize {
+    #[cfg(test)]
+    fn weights_per_generator(&self) -> usize {
         self.vars()
             .iter()
             .map(|v| v.elem_count() / self.len())
@@ -215,7 +207,7 @@ mod tests {
 
     #[test]
     fn the_papers_generator_makes_224_by_224_noise_in_range() -> Result<()> {
-        let dev = crate::device_from_env().expect("$VULNMAP_DEVICE names a device");
+        let dev = vulnmap_testkit::device();
         let spatial: Vec<usize> = {
             let mut s = vec![1usize];
             for &(_, _, k, st, p) in &GeneratorKind::Paper.layers()? {
@@ -239,7 +231,7 @@ mod tests {
 
     #[test]
     fn generic_generators_fit_any_size_and_seeds_decide_everything() -> Result<()> {
-        let dev = crate::device_from_env().expect("$VULNMAP_DEVICE names a device");
+        let dev = vulnmap_testkit::device();
         for &(h, w) in &[(224, 224), (100, 100), (32, 32), (128, 96), (3, 5)] {
             let g = NoiseGenerators::new(
                 GeneratorKind::Generic {
@@ -288,7 +280,7 @@ mod tests {
 
     #[test]
     fn generator_gradients_match_finite_differences() -> Result<()> {
-        let dev = crate::device_from_env().expect("$VULNMAP_DEVICE names a device");
+        let dev = vulnmap_testkit::device();
         let at = Placement {
             device: dev.clone(),
             dtype: candle_core::DType::F64,
@@ -303,7 +295,7 @@ mod tests {
         )?;
         let z = random::randn(&mut random::rng(1, "z"), (2, LATENT, 1, 1), &dev)?
             .to_dtype(candle_core::DType::F64)?;
-        crate::gradcheck::finite_difference_check(&z, |z| g.forward_from(z), 1e-6, 1e-6)?;
+        vulnmap_testkit::gradcheck::finite_difference_check(&z, |z| g.forward_from(z), 1e-6, 1e-6)?;
         Ok(())
     }
 }

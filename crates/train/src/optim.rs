@@ -3,19 +3,24 @@
 //! candle-nn's `AdamW` defaults to weight decay 0.01 and only decays decoupled; PyTorch's Adam
 //! adds `weight_decay * p` to the gradient. Both are here, with PyTorch's defaults.
 
-use crate::cpu_kernels::Float;
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, DType, InplaceOp2, Layout, Result, Tensor, Var};
 use rayon::prelude::*;
 use std::sync::Mutex;
+use vulnmap_ops::cpu_kernels::Float;
 
 /// Adam's hyperparameters; `Default` is PyTorch's (lr 1e-3, betas 0.9/0.999, eps 1e-8, no decay).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamConfig {
+    /// Learning rate (default 1e-3).
     pub lr: f64,
+    /// Decay rate of the running mean of the gradient, in [0, 1) (default 0.9).
     pub beta1: f64,
+    /// Decay rate of the running mean of the squared gradient, in [0, 1) (default 0.999).
     pub beta2: f64,
+    /// Added to the denominator `sqrt(v_hat)` for numerical stability (default 1e-8).
     pub eps: f64,
+    /// Weight decay factor (default 0: none); how it applies depends on `decoupled`.
     pub weight_decay: f64,
     /// Decay the weights directly (AdamW) instead of through the gradient (Adam's L2).
     pub decoupled: bool,
@@ -56,10 +61,12 @@ enum HostMoments {
 pub struct Adam {
     slots: Vec<Slot>,
     step: i32,
+    /// The hyperparameters, read at every step: changing `lr` between steps is how schedules work.
     pub config: AdamConfig,
 }
 
 impl Adam {
+    /// Adam over `vars` with zero moments; on the CPU, f32 and f64 weights are updated in place.
     pub fn new(vars: Vec<Var>, config: AdamConfig) -> Result<Self> {
         Self::build(vars, config, true)
     }
@@ -372,7 +379,7 @@ mod tests {
     #[test]
     fn the_in_place_cpu_step_equals_the_tensor_step() -> Result<()> {
         let dev = Device::Cpu;
-        let mut rng = crate::random::rng(9, "adam paths");
+        let mut rng = vulnmap_data::random::rng(9, "adam paths");
         let settings = [(0.0, false), (0.1, false), (0.1, true)];
         let cases = settings
             .into_iter()
@@ -385,7 +392,7 @@ mod tests {
                 ..Default::default()
             };
             // Three bank entries of 5 x 7 weights; entry 1 stops after two steps.
-            let start = crate::random::randn(&mut rng, (3, 5, 7), &dev)?.to_dtype(dtype)?;
+            let start = vulnmap_data::random::randn(&mut rng, (3, 5, 7), &dev)?.to_dtype(dtype)?;
             let (a, b) = (Var::from_tensor(&start)?, Var::from_tensor(&start)?);
             let mut fused = Adam::build(vec![a.clone()], config, true)?;
             let mut plain = Adam::build(vec![b.clone()], config, false)?;

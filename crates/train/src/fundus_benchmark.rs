@@ -7,18 +7,18 @@
 //! (by an atomic rename) only once complete, so an interrupted run leaves nothing half-made and a
 //! concurrent one finds it or builds its own.
 
-use crate::checkpoint::Checkpoint;
-use crate::classifier::{Classes, Classifier};
-use crate::error::{Error, Result};
 use crate::optim::AdamConfig;
 use crate::train::{fit, LrSchedule, TrainConfig, TrainReport, TrainableModel};
-use crate::zoo::{self, Arch};
 use candle_core::{DType, Device};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use vulnmap_data::split::{split_by_patient, PAPER_FRACTIONS};
 use vulnmap_data::synthetic::{write_dataset, FundusConfig};
 use vulnmap_data::{Dataset, ManifestOptions, Preprocess, Splits};
+use vulnmap_models::zoo::{self, Arch};
+use vulnmap_models::Checkpoint;
+use vulnmap_models::{Classes, Classifier};
+use vulnmap_models::{Error, Result};
 
 /// Bump when the generator or the training changes what a configuration produces.
 const VERSION: u32 = 1;
@@ -26,9 +26,13 @@ const VERSION: u32 = 1;
 /// What to generate and how to train.
 #[derive(Debug, Clone)]
 pub struct BenchmarkConfig {
+    /// The synthetic images to generate (default 150 patients at 128 x 128, healthy vs lesion).
     pub fundus: FundusConfig,
+    /// Training epochs (default 12).
     pub epochs: usize,
+    /// Images per training batch (default 32).
     pub batch_size: usize,
+    /// Adam's learning rate at the first epoch, then decayed by a cosine schedule (default 2e-3).
     pub lr: f64,
     /// Gaussian noise added to training pixels (see [`TrainConfig::noise_std`]).
     pub noise_std: f64,
@@ -72,10 +76,15 @@ impl BenchmarkConfig {
 /// A prepared benchmark: the data on disk and the trained model.
 #[derive(Debug, Clone)]
 pub struct FundusBenchmark {
+    /// The cache folder holding everything else, `<cache root>/fundus-<key>`.
     pub dir: PathBuf,
+    /// The generated dataset's manifest, `<dir>/data/manifest.csv`.
     pub manifest: PathBuf,
+    /// The trained weights, `<dir>/tiny-resnet.safetensors`.
     pub checkpoint: PathBuf,
+    /// How training went, read from `<dir>/report.json`.
     pub report: TrainReport,
+    /// The configuration the benchmark was made from.
     pub config: BenchmarkConfig,
 }
 

@@ -166,9 +166,9 @@ impl DepthwiseConv2d {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gradcheck::finite_difference_check;
     use candle_core::{DType, Device};
     use std::collections::HashMap;
+    use vulnmap_testkit::gradcheck::finite_difference_check;
 
     fn builder(tensors: Vec<(&str, Tensor)>) -> VarBuilder<'static> {
         let map: HashMap<String, Tensor> = tensors

@@ -5,7 +5,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result};
 
 /// A float type the CPU kernels handle (f32 and f64).
-pub(crate) trait Float:
+pub trait Float:
     Copy
     + Default
     + PartialOrd
@@ -18,8 +18,11 @@ pub(crate) trait Float:
     + std::ops::AddAssign
     + 'static
 {
+    /// The multiplicative identity.
     const ONE: Self;
+    /// `x` rounded to this type.
     fn of(x: f64) -> Self;
+    /// The square root.
     fn sqrt(self) -> Self;
     /// The storage's elements, if it holds this type.
     fn elements(storage: &CpuStorage) -> Option<&[Self]>;
@@ -67,7 +70,7 @@ impl Float for f64 {
 
 /// The `T` elements of a contiguous tensor, or an error naming the op (`what`) that needed them
 /// so: a tensor of another dtype than the kernel's `T`, or a strided one.
-pub(crate) fn slice<'a, T: Float>(
+pub fn slice<'a, T: Float>(
     storage: &'a CpuStorage,
     layout: &Layout,
     what: &str,

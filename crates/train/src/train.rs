@@ -3,12 +3,7 @@
 //! on the training and validation splits, test accuracy of the best epoch at the end, the best
 //! checkpoint saved as safetensors.
 
-use crate::checkpoint::{save_safetensors, Checkpoint, META_ARCH, META_CLASSES, META_INPUT_SIZE};
-use crate::classifier::{Classes, Classifier};
-use crate::error::{Error, Result};
-use crate::init::seeded_var_builder;
 use crate::optim::{Adam, AdamConfig};
-use crate::zoo::Arch;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -18,11 +13,21 @@ use std::sync::Arc;
 use std::time::Instant;
 use vulnmap_data::loader::Loader;
 use vulnmap_data::{random, Dataset, Preprocess, Splits};
+use vulnmap_models::checkpoint::{
+    save_safetensors, Checkpoint, META_ARCH, META_CLASSES, META_INPUT_SIZE,
+};
+use vulnmap_models::init::seeded_var_builder;
+use vulnmap_models::zoo::Arch;
+use vulnmap_models::{Classes, Classifier};
+use vulnmap_models::{Error, Result};
 
 /// A classifier whose weights are variables in a `VarMap`, ready to train.
 pub struct TrainableModel {
+    /// The architecture, written into saved checkpoints so that `zoo::load` rebuilds it.
     pub arch: Arch,
+    /// The classifier, built on the variables of `varmap`.
     pub model: Box<dyn Classifier>,
+    /// The trainable weights, by name.
     pub varmap: VarMap,
 }
 
@@ -178,12 +183,17 @@ impl LrSchedule {
 /// How to train.
 #[derive(Debug, Clone)]
 pub struct TrainConfig {
+    /// Passes over the training split (default 10).
     pub epochs: usize,
+    /// Images per batch, for training steps and evaluation alike (default 32).
     pub batch_size: usize,
+    /// The optimiser's settings; `adam.lr` is the schedule's base rate (default 1e-4).
     pub adam: AdamConfig,
+    /// How the learning rate changes over the epochs (default constant).
     pub schedule: LrSchedule,
     /// Shuffling seed (epoch `e` shuffles with `seed + e`).
     pub seed: u64,
+    /// How every split's images are resized and cropped (default resize 224, centre crop 224).
     pub preprocess: Preprocess,
     /// Train only the head.
     pub freeze_backbone: bool,
@@ -223,21 +233,30 @@ impl Default for TrainConfig {
 /// Loss and accuracy of one epoch.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct EpochStats {
+    /// The epoch, counted from 1.
     pub epoch: usize,
+    /// Mean cross-entropy per training image, measured during the epoch's steps (train mode).
     pub train_loss: f64,
+    /// Fraction of training images classified correctly during the epoch's steps, in [0, 1].
     pub train_accuracy: f64,
+    /// Mean cross-entropy per validation image (the training loss when that split is empty).
     pub val_loss: f64,
+    /// Validation accuracy, in [0, 1] (the training accuracy when that split is empty).
     pub val_accuracy: f64,
+    /// Wall-clock time of the epoch, validation included, in seconds.
     pub seconds: f64,
 }
 
 /// What training did.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TrainReport {
+    /// Every epoch's figures, in order.
     pub epochs: Vec<EpochStats>,
     /// The epoch whose weights were kept (best validation accuracy).
     pub best_epoch: usize,
+    /// Mean cross-entropy per test image with the kept weights (NaN without a test split).
     pub test_loss: f64,
+    /// Test accuracy with the kept weights, in [0, 1] (NaN without a test split).
     pub test_accuracy: f64,
 }
 

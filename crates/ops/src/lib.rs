@@ -1,0 +1,47 @@
+//! Differentiable candle ops with fast CPU kernels and backward passes that keep only what the
+//! backward needs: the layers vulnmap's classifiers and attack networks are built from, usable by
+//! any candle user.
+//!
+//! ```
+//! use candle_core::{Device, Tensor, Var};
+//! # fn main() -> candle_core::Result<()> {
+//! let x = Var::from_tensor(&Tensor::rand(0f32, 1f32, (2, 3, 16, 16), &Device::Cpu)?)?;
+//! // Max-pooling whose backward routes each gradient to the first maximum, as PyTorch does.
+//! let pooled = vulnmap_ops::pool::max_pool2d(x.as_tensor(), 3, 2, 1)?;
+//! // Bilinear resizing with a backward pass (PyTorch's `interpolate`, align_corners = false).
+//! let resized = vulnmap_ops::resize::bilinear(&pooled, (32, 32), false)?;
+//! let grads = resized.sum_all()?.backward()?;
+//! assert_eq!(grads.get(x.as_tensor()).unwrap().dims(), &[2, 3, 16, 16]);
+//! # Ok(()) }
+//! ```
+//!
+//! Modules:
+//! - [`conv`]: dense and depthwise convolution layers, PyTorch or TF-"SAME" padding.
+//! - [`fused_conv`]: constant-weight convolution with its bias, residual add and ReLU in one op.
+//! - [`conv_grad`]: convolution whose backward is GEMM + col2im, skipping unneeded gradients.
+//! - `depthwise`: CPU depthwise convolution kernels with their own backward pass.
+//! - [`batch_norm`]: BatchNorm with eval and train modes.
+//! - [`pool`]: max-pooling with a working backward pass; global average pooling.
+//! - [`resize`]: differentiable bilinear resizing, on every device.
+//! - `windows`: strided window views, the building block of pooling and depthwise convolution.
+//! - [`cpu_kernels`]: what the hand-written CPU kernels share (float types, contiguous views).
+//!
+//! Cargo features:
+//! - `cuda`: candle's CUDA backend (the hand-written kernels are CPU kernels; on CUDA the ops use
+//!   candle's own).
+//! - `cudnn`: cuDNN convolutions (implies `cuda`).
+
+pub mod batch_norm;
+pub mod conv;
+pub mod conv_grad;
+pub mod cpu_kernels;
+mod depthwise;
+pub mod fused_conv;
+pub mod pool;
+pub mod resize;
+mod windows;
+
+pub use batch_norm::BatchNorm;
+pub use conv::{Conv2d, DepthwiseConv2d, Padding};
+pub use depthwise::depthwise_conv2d;
+pub use fused_conv::{conv2d_fused, Epilogue};
