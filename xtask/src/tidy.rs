@@ -6,7 +6,9 @@
 //! - crate dependencies point down the layers (data <- ops <- models <- train, saliency <- attacks
 //!   <- pipeline <- cli, bench), and the test kit is only ever a dev-dependency;
 //! - ARCHITECTURE.md's code map names every crate with its package name, and each crate's
-//!   `**Modules:**` line lists exactly the modules in its tree.
+//!   `**Modules:**` line lists exactly the modules in its tree;
+//! - the pipeline schema holds text only where the value is free (names, paths, ids, layers):
+//!   a closed set of values is an enum, never a string checked against a list.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -284,6 +286,47 @@ fn the_code_map_names_what_is_in_the_tree() {
     );
 }
 
+/// The schema's fields whose values are free text: a closed set belongs in an enum.
+const FREE_TEXT_FIELDS: &[&str] = &[
+    "name",
+    "description",
+    "weights",
+    "files",
+    "glob",
+    "manifest",
+    "folders",
+    "id",
+    "layer",
+    "of",
+];
+
+/// The `pub` fields of `source` whose type holds a `String`.
+fn string_fields(source: &str) -> Vec<String> {
+    source
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("pub ") && !l.starts_with("pub fn") && l.contains("String"))
+        .filter_map(|l| l.strip_prefix("pub ")?.split(':').next())
+        .map(|name| name.trim().to_string())
+        .collect()
+}
+
+#[test]
+fn settings_with_a_closed_set_of_values_are_enums() {
+    let schema = read(&crate::root().join("crates/pipeline/src/schema.rs"));
+    let fields = string_fields(&schema);
+    assert!(fields.len() >= 10, "found only {fields:?}");
+    let stringly: Vec<&String> = fields
+        .iter()
+        .filter(|f| !FREE_TEXT_FIELDS.contains(&f.as_str()))
+        .collect();
+    assert!(
+        stringly.is_empty(),
+        "schema fields typed as text: {stringly:?}; give a closed set of values an enum (serde \
+         spelling, #[default]) beside the code that uses it, or list a free-text field here"
+    );
+}
+
 #[test]
 fn the_checks_see_what_they_check() {
     let manifest =
@@ -302,6 +345,10 @@ fn the_checks_see_what_they_check() {
     assert_eq!(lines, [1]);
     let map = code_map(
         "## Code map\n### `crates/a` (pkg-a)\ntext\n**Modules:** `x`,\n`y/z`.\n\n### `b` (pkg-b)\n## Next\n",
+    );
+    assert_eq!(
+        string_fields("pub struct S {\n    pub mode: String,\n    pub n: usize,\n    pub ids: Vec<String>,\n}\npub fn f() -> String {}"),
+        ["mode", "ids"]
     );
     let modules: BTreeSet<String> = ["x", "y/z"].map(String::from).into();
     assert_eq!(
