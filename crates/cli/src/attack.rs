@@ -127,7 +127,7 @@ pub(crate) fn run(args: Args) -> Result<()> {
     for chunk in args.images.chunks(args.batch_size.max(1)) {
         let pixels = preprocess.load_batch(chunk, model.device())?;
         let goals = vec![goal; chunk.len()];
-        let saliency = attacks::saliency_attack(&saliency_step, args.seed, config.batch_size);
+        let saliency = attacks::saliency_spec(&saliency_step, args.seed, config.batch_size);
         let control = |control| -> Result<_> {
             let clean = clean_masks(model.as_ref(), &pixels, &saliency)?;
             let masks = control_masks(&clean, control, args.seed)?;
@@ -144,7 +144,7 @@ pub(crate) fn run(args: Args) -> Result<()> {
                 network,
                 ..mask_step.clone()
             };
-            let spec = attacks::learned_mask(&step, args.seed, config.batch_size);
+            let spec = attacks::mask_spec(&step, args.seed, config.batch_size);
             Ok(mask_attack(
                 model.as_ref(),
                 &pixels,

@@ -7,20 +7,12 @@ use crate::figures;
 use crate::rundir::{self, Results, RowKey};
 use crate::schema::*;
 use crate::source::{self, Item, Source};
-use crate::steps;
+use crate::steps::{self, Chunk, Rows, StepContext};
 use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use vulnmap_attacks::{
-    local::{local_attack, LocalAttack},
-    mask_attack::mask_attack,
-    random::random_attack,
-    rounds::{alpha_sweep, rounds},
-    saliency_attack::{clean_masks, control_masks, fixed_mask_attack, saliency_attack},
-    AttackConfig, AttackOutcome, Goal,
-};
 use vulnmap_models::{zoo, Arch, Classifier, DeviceName, Score, ScoredClassifier};
 use vulnmap_saliency::metrics::causal::CausalMetric;
 use vulnmap_saliency::metrics::localisation::{auroc, iou, PointingGame};
@@ -93,13 +85,6 @@ pub fn default_cache() -> PathBuf {
     std::env::var_os("HOME")
         .map(|h| PathBuf::from(h).join(".cache").join("vulnmap"))
         .unwrap_or_else(|| std::env::temp_dir().join("vulnmap-cache"))
-}
-
-/// Everything a step needs about the chunk it runs on.
-struct Chunk<'a> {
-    items: &'a [Item],
-    pixels: Tensor,
-    targets: Vec<usize>,
 }
 
 struct Runner<'a> {
@@ -305,10 +290,6 @@ fn row(
     m
 }
 
-fn goal(a: &AttackSettings) -> Result<Goal> {
-    Ok(a.mode.goal(a.target)?)
-}
-
 impl Runner<'_> {
     fn run_chunk(
         &self,
@@ -415,89 +396,6 @@ impl Runner<'_> {
         Ok(m)
     }
 
-    fn attack_config(&self, a: &AttackSettings) -> Result<AttackConfig> {
-        if let Some(t) = a.target {
-            let n = self.model.classes().len();
-            if t >= n {
-                return Err(Error::Run(format!(
-                    "target class {t} is not below the model's {n} classes"
-                )));
-            }
-        }
-        Ok(steps::attacks::config(
-            a,
-            self.pipeline.seed,
-            self.pipeline.batch_size,
-        ))
-    }
-
-    fn outcome(&self, o: &AttackOutcome) -> Result<Value> {
-        let mut v = serde_json::to_value(o)?;
-        if let Value::Object(m) = &mut v {
-            let names = self.model.classes();
-            m.insert(
-                "name_from".into(),
-                json!(names.name(o.label_from).unwrap_or("")),
-            );
-            m.insert(
-                "name_to".into(),
-                json!(names.name(o.label_to).unwrap_or("")),
-            );
-        }
-        Ok(v)
-    }
-
-    /// Saves an attack's noise and perturbed image; returns their figure paths.
-    fn attack_figures(
-        &self,
-        item: &Item,
-        id: &str,
-        o: &AttackOutcome,
-        data: &mut Map<String, Value>,
-    ) -> Result<()> {
-        if !self.figures {
-            return Ok(());
-        }
-        let noise = figures::file(item, id, "noise");
-        figures::save_noise(&o.noise, o.alpha, &self.out.join(&noise))?;
-        let perturbed = figures::file(item, id, "perturbed");
-        figures::save_rgb(&o.perturbed, &self.out.join(&perturbed))?;
-        data.insert("noise_figure".into(), json!(noise));
-        data.insert("perturbed_figure".into(), json!(perturbed));
-        Ok(())
-    }
-
-    fn map_rows(&self, chunk: &Chunk, id: &str, maps: &Tensor) -> Result<Vec<Map<String, Value>>> {
-        let mut rows = Vec::new();
-        for (i, item) in chunk.items.iter().enumerate() {
-            let mut data = Map::new();
-            let t = chunk.targets[i];
-            data.insert("target".into(), json!(t));
-            data.insert(
-                "target_name".into(),
-                json!(self.model.classes().name(t).unwrap_or("")),
-            );
-            if self.figures {
-                let map = maps.get(i)?;
-                let (m, o) = (
-                    figures::file(item, id, "map"),
-                    figures::file(item, id, "overlay"),
-                );
-                figures::save_map(
-                    &map,
-                    &chunk.pixels.get(i)?,
-                    &self.out.join(&m),
-                    &self.out.join(&o),
-                )?;
-                data.insert("map_figure".into(), json!(m));
-                data.insert("overlay_figure".into(), json!(o));
-            }
-            rows.push(data);
-        }
-        Ok(rows)
-    }
-
-    #[allow(clippy::type_complexity)]
     fn step(
         &self,
         step: &Step,
@@ -505,208 +403,32 @@ impl Runner<'_> {
         chunk: &Chunk,
         maps: &mut HashMap<String, Tensor>,
         chunk_index: usize,
-    ) -> Result<(Vec<Map<String, Value>>, Option<Tensor>)> {
-        let model = self.model.as_ref();
-        let bs = self.pipeline.batch_size;
-        let seed = self.pipeline.seed;
-        let n = chunk.items.len();
-        let method = steps::maps::method(step, seed, bs)?;
-        if let Some(method) = method {
-            let m = method.explain(model, &chunk.pixels, &chunk.targets)?;
-            return Ok((self.map_rows(chunk, id, &m)?, Some(m)));
+    ) -> Result<(Rows, Option<Tensor>)> {
+        let cx = self.context();
+        if let Some(method) = steps::maps::method(step, cx.seed, cx.batch_size)? {
+            let m = method.explain(cx.model, &chunk.pixels, &chunk.targets)?;
+            return Ok((cx.map_rows(chunk, id, &m)?, Some(m)));
         }
         match step {
-            Step::Classify(c) => {
-                let probs = candle_nn::ops::softmax(&model.forward(&chunk.pixels)?, 1)?
-                    .to_device(&Device::Cpu)?
-                    .to_vec2::<f32>()?;
-                let names = model.classes();
-                let rows = probs
-                    .iter()
-                    .zip(chunk.items)
-                    .map(|(p, item)| {
-                        let mut order: Vec<usize> = (0..p.len()).collect();
-                        order.sort_by(|&a, &b| p[b].total_cmp(&p[a]));
-                        let top: Vec<Value> = order
-                            .iter()
-                            .take(c.top)
-                            .map(|&k| json!({"class": k, "name": names.name(k).unwrap_or(""), "probability": p[k]}))
-                            .collect();
-                        let mut data = Map::new();
-                        data.insert("predicted".into(), json!(order[0]));
-                        data.insert("name".into(), json!(names.name(order[0]).unwrap_or("")));
-                        data.insert("top".into(), Value::Array(top));
-                        if let Some(label) = item.label {
-                            data.insert("label".into(), json!(label));
-                            data.insert("correct".into(), json!(label == order[0]));
-                        }
-                        data
-                    })
-                    .collect();
-                Ok((rows, None))
-            }
-            Step::RandomAttack(s) => {
-                let config = self.attack_config(&s.attack())?;
-                let goal = goal(&s.attack())?;
-                let mut rows = Vec::new();
-                if s.rounds == 1 {
-                    let outcomes = random_attack(model, &chunk.pixels, &vec![goal; n], &config)?;
-                    for (o, item) in outcomes.iter().zip(chunk.items) {
-                        let mut data = Map::new();
-                        data.insert("outcome".into(), self.outcome(o)?);
-                        self.attack_figures(item, id, o, &mut data)?;
-                        rows.push(data);
-                    }
-                } else {
-                    for (i, item) in chunk.items.iter().enumerate() {
-                        let (outcomes, stats) =
-                            rounds(model, &chunk.pixels, i, goal, s.rounds, &config)?;
-                        let mut data = Map::new();
-                        data.insert("outcome".into(), self.outcome(&outcomes[0])?);
-                        data.insert("rounds".into(), serde_json::to_value(&stats)?);
-                        data.insert(
-                            "iterations".into(),
-                            json!(outcomes.iter().map(|o| o.iterations).collect::<Vec<_>>()),
-                        );
-                        self.attack_figures(item, id, &outcomes[0], &mut data)?;
-                        rows.push(data);
-                    }
-                }
-                Ok((rows, None))
-            }
-            Step::AlphaSweep(s) => {
-                let config = self.attack_config(&s.attack())?;
-                let mut rows = Vec::new();
-                for i in 0..n {
-                    let points = alpha_sweep(
-                        model,
-                        &chunk.pixels,
-                        i,
-                        goal(&s.attack())?,
-                        &s.alphas,
-                        s.rounds,
-                        &config,
-                    )?;
-                    let mut data = Map::new();
-                    data.insert("sweep".into(), serde_json::to_value(&points)?);
-                    rows.push(data);
-                }
-                Ok((rows, None))
-            }
-            Step::LocalAttack(s) => {
-                let config = self.attack_config(&s.attack())?;
-                let spec = LocalAttack {
-                    window: s.window,
-                    stride: s.stride,
-                    goal: goal(&s.attack())?,
-                };
-                let mut all = Vec::new();
-                let mut rows = Vec::new();
-                for i in 0..n {
-                    let local = local_attack(model, &chunk.pixels, i, &spec, &config)?;
-                    let best = local
-                        .speeds
-                        .iter()
-                        .enumerate()
-                        .max_by(|a, b| a.1.total_cmp(b.1))
-                        .map(|(k, _)| local.windows[k]);
-                    let mut data = Map::new();
-                    data.insert("windows".into(), json!(local.windows.len()));
-                    data.insert("contrast".into(), json!(local.contrast));
-                    data.insert(
-                        "iterations".into(),
-                        json!(local
-                            .outcomes
-                            .iter()
-                            .map(|o| o.iterations)
-                            .collect::<Vec<_>>()),
-                    );
-                    data.insert(
-                        "successes".into(),
-                        json!(local.outcomes.iter().filter(|o| o.success).count()),
-                    );
-                    data.insert("fastest_window".into(), json!(best));
-                    rows.push(data);
-                    all.push(local.map);
-                }
-                let m = Tensor::stack(&all, 0)?;
-                for (r, extra) in rows.iter_mut().zip(self.map_rows(chunk, id, &m)?) {
-                    r.extend(extra);
-                }
-                Ok((rows, Some(m)))
-            }
-            Step::SaliencyAttack(s) => {
-                let config = self.attack_config(&s.attack())?;
-                let goals = vec![goal(&s.attack())?; n];
-                let spec = steps::attacks::saliency_attack(s, seed, bs);
-                let outcomes = saliency_attack(model, &chunk.pixels, &goals, &spec, &config)?;
-                let mut controls: Vec<(String, Vec<AttackOutcome>)> = Vec::new();
-                if !s.controls.is_empty() {
-                    let clean = clean_masks(model, &chunk.pixels, &spec)?;
-                    for &control in &s.controls {
-                        let masks = control_masks(&clean, control, seed)?;
-                        controls.push((
-                            spelling(&control),
-                            fixed_mask_attack(model, &chunk.pixels, &goals, masks, &config)?,
-                        ));
-                    }
-                }
-                let mut rows = Vec::new();
-                for (i, item) in chunk.items.iter().enumerate() {
-                    let mut data = Map::new();
-                    data.insert("outcome".into(), self.outcome(&outcomes[i])?);
-                    let mut c = Map::new();
-                    for (name, os) in &controls {
-                        c.insert(name.clone(), self.outcome(&os[i])?);
-                    }
-                    data.insert("controls".into(), Value::Object(c));
-                    self.attack_figures(item, id, &outcomes[i], &mut data)?;
-                    rows.push(data);
-                }
-                Ok((rows, None))
-            }
-            Step::MaskAttack(s) => {
-                let config = self.attack_config(&s.attack())?;
-                let spec = steps::attacks::learned_mask(s, seed, bs);
-                let outcomes = mask_attack(
-                    model,
-                    &chunk.pixels,
-                    &vec![goal(&s.attack())?; n],
-                    &spec,
-                    &config,
-                )?;
-                let (_, _, h, w) = chunk.pixels.dims4()?;
-                let mut masks = Vec::new();
-                let mut rows = Vec::new();
-                for (o, item) in outcomes.iter().zip(chunk.items) {
-                    let mask = match &o.mask {
-                        Some(m) => m
-                            .to_device(&Device::Cpu)?
-                            .to_dtype(DType::F32)?
-                            .reshape((h, w))?,
-                        None => return Err(Error::Run("the mask attack returned no mask".into())),
-                    };
-                    // The learned mask's scale is arbitrary (it may barely move from its start):
-                    // stretch it to [0, 1] so it reads as a map, as every other method's does.
-                    let (lo, hi) = (
-                        mask.min_all()?.to_scalar::<f32>()?,
-                        mask.max_all()?.to_scalar::<f32>()?,
-                    );
-                    let mask = ((mask - lo as f64)? / ((hi - lo) as f64).max(1e-12))?;
-                    masks.push(mask);
-                    let mut data = Map::new();
-                    data.insert("outcome".into(), self.outcome(o)?);
-                    self.attack_figures(item, id, o, &mut data)?;
-                    rows.push(data);
-                }
-                let m = Tensor::stack(&masks, 0)?;
-                for (r, extra) in rows.iter_mut().zip(self.map_rows(chunk, id, &m)?) {
-                    r.extend(extra);
-                }
-                Ok((rows, Some(m)))
-            }
+            Step::Classify(s) => Ok((steps::classify::run(&cx, s, chunk)?, None)),
+            Step::RandomAttack(s) => Ok((steps::attacks::random(&cx, s, id, chunk)?, None)),
+            Step::AlphaSweep(s) => Ok((steps::attacks::alpha_sweep(&cx, s, chunk)?, None)),
+            Step::LocalAttack(s) => steps::attacks::local(&cx, s, id, chunk),
+            Step::SaliencyAttack(s) => Ok((steps::attacks::saliency(&cx, s, id, chunk)?, None)),
+            Step::MaskAttack(s) => steps::attacks::mask(&cx, s, id, chunk),
             Step::Metrics(s) => Ok((self.metrics(s, id, chunk, maps, chunk_index)?, None)),
             _ => Err(Error::Run(format!("step `{id}` does not run per image"))),
+        }
+    }
+
+    /// What the steps need of the run.
+    fn context(&self) -> StepContext<'_> {
+        StepContext {
+            model: self.model.as_ref(),
+            seed: self.pipeline.seed,
+            batch_size: self.pipeline.batch_size,
+            out: &self.out,
+            figures: self.figures,
         }
     }
 

@@ -491,6 +491,13 @@ pub struct AttackSettings {
     pub generator: GeneratorChoice,
 }
 
+impl AttackSettings {
+    /// What the attack wants: any other label, or the target when the mode is targeted.
+    pub fn goal(&self) -> vulnmap_attacks::Result<vulnmap_attacks::Goal> {
+        self.mode.goal(self.target)
+    }
+}
+
 impl Default for AttackSettings {
     /// The paper's random attack: alpha 0.02, 100 updates, Adam 2e-4, confidence 0.9.
     fn default() -> Self {

@@ -1,10 +1,24 @@
-//! The attack steps' settings as the attack library's: the shared [`AttackSettings`] as an
+//! The attack steps: their settings as the attack library's (the shared [`AttackSettings`] as an
 //! [`AttackConfig`], `saliency_attack` as a [`SaliencyAttack`], `mask_attack` as a
-//! [`LearnedMask`].
+//! [`LearnedMask`]), and each step's run on a chunk of images.
 
-use crate::schema::{AttackSettings, MaskAttackStep, SaliencyAttackStep};
-use vulnmap_attacks::saliency_attack::SaliencyAttack;
-use vulnmap_attacks::{AttackConfig, LearnedMask};
+use super::{Chunk, Rows, StepContext};
+use crate::error::{Error, Result};
+use crate::schema::spelling;
+use crate::schema::{
+    AlphaSweepStep, AttackSettings, LocalAttackStep, MaskAttackStep, RandomAttackStep,
+    SaliencyAttackStep,
+};
+use candle_core::{DType, Device, Tensor};
+use serde_json::{json, Map, Value};
+use vulnmap_attacks::local::{local_attack, LocalAttack};
+use vulnmap_attacks::mask_attack::mask_attack;
+use vulnmap_attacks::random::random_attack;
+use vulnmap_attacks::rounds::{self, rounds};
+use vulnmap_attacks::saliency_attack::{
+    clean_masks, control_masks, fixed_mask_attack, saliency_attack, SaliencyAttack,
+};
+use vulnmap_attacks::{AttackConfig, AttackOutcome, LearnedMask};
 use vulnmap_saliency::SmoothGrad;
 
 /// The attack configuration of `settings`, its generators drawn from `seed` and banked
@@ -25,7 +39,7 @@ pub fn config(settings: &AttackSettings, seed: u64, batch_size: usize) -> Attack
 
 /// The saliency-mask attack of `step`: the authors' SmoothGrad with the step's samples and
 /// noise, its noise drawn from `seed`.
-pub fn saliency_attack(step: &SaliencyAttackStep, seed: u64, batch_size: usize) -> SaliencyAttack {
+pub fn saliency_spec(step: &SaliencyAttackStep, seed: u64, batch_size: usize) -> SaliencyAttack {
     SaliencyAttack {
         method: SmoothGrad {
             samples: step.samples,
@@ -40,7 +54,7 @@ pub fn saliency_attack(step: &SaliencyAttackStep, seed: u64, batch_size: usize) 
 }
 
 /// The learned mask of `step`; without a `mask_lr`, the network's own learning rate.
-pub fn learned_mask(step: &MaskAttackStep, seed: u64, batch_size: usize) -> LearnedMask {
+pub fn mask_spec(step: &MaskAttackStep, seed: u64, batch_size: usize) -> LearnedMask {
     LearnedMask {
         network: step.network.network(step.base, step.cells),
         lr: step.mask_lr.unwrap_or(step.network.default_lr()),
@@ -56,4 +70,204 @@ pub fn learned_mask(step: &MaskAttackStep, seed: u64, batch_size: usize) -> Lear
             ..SmoothGrad::authors()
         },
     }
+}
+
+/// Runs the random attack `s` on every image of `chunk` (with `rounds`, seed after seed).
+pub(crate) fn random(
+    cx: &StepContext,
+    s: &RandomAttackStep,
+    id: &str,
+    chunk: &Chunk,
+) -> Result<Rows> {
+    let model = cx.model;
+    let n = chunk.items.len();
+    let config = cx.attack_config(&s.attack())?;
+    let goal = s.attack().goal()?;
+    let mut rows = Vec::new();
+    if s.rounds == 1 {
+        let outcomes = random_attack(model, &chunk.pixels, &vec![goal; n], &config)?;
+        for (o, item) in outcomes.iter().zip(chunk.items) {
+            let mut data = Map::new();
+            data.insert("outcome".into(), cx.outcome(o)?);
+            cx.attack_figures(item, id, o, &mut data)?;
+            rows.push(data);
+        }
+    } else {
+        for (i, item) in chunk.items.iter().enumerate() {
+            let (outcomes, stats) = rounds(model, &chunk.pixels, i, goal, s.rounds, &config)?;
+            let mut data = Map::new();
+            data.insert("outcome".into(), cx.outcome(&outcomes[0])?);
+            data.insert("rounds".into(), serde_json::to_value(&stats)?);
+            data.insert(
+                "iterations".into(),
+                json!(outcomes.iter().map(|o| o.iterations).collect::<Vec<_>>()),
+            );
+            cx.attack_figures(item, id, &outcomes[0], &mut data)?;
+            rows.push(data);
+        }
+    }
+    Ok(rows)
+}
+
+/// Runs the alpha sweep `s` on every image of `chunk`.
+pub(crate) fn alpha_sweep(cx: &StepContext, s: &AlphaSweepStep, chunk: &Chunk) -> Result<Rows> {
+    let model = cx.model;
+    let n = chunk.items.len();
+    let config = cx.attack_config(&s.attack())?;
+    let mut rows = Vec::new();
+    for i in 0..n {
+        let points = rounds::alpha_sweep(
+            model,
+            &chunk.pixels,
+            i,
+            s.attack().goal()?,
+            &s.alphas,
+            s.rounds,
+            &config,
+        )?;
+        let mut data = Map::new();
+        data.insert("sweep".into(), serde_json::to_value(&points)?);
+        rows.push(data);
+    }
+    Ok(rows)
+}
+
+/// Runs the local attack `s` on every image of `chunk`; its window maps are the step's maps.
+pub(crate) fn local(
+    cx: &StepContext,
+    s: &LocalAttackStep,
+    id: &str,
+    chunk: &Chunk,
+) -> Result<(Rows, Option<Tensor>)> {
+    let model = cx.model;
+    let n = chunk.items.len();
+    let config = cx.attack_config(&s.attack())?;
+    let spec = LocalAttack {
+        window: s.window,
+        stride: s.stride,
+        goal: s.attack().goal()?,
+    };
+    let mut all = Vec::new();
+    let mut rows = Vec::new();
+    for i in 0..n {
+        let local = local_attack(model, &chunk.pixels, i, &spec, &config)?;
+        let best = local
+            .speeds
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(k, _)| local.windows[k]);
+        let mut data = Map::new();
+        data.insert("windows".into(), json!(local.windows.len()));
+        data.insert("contrast".into(), json!(local.contrast));
+        data.insert(
+            "iterations".into(),
+            json!(local
+                .outcomes
+                .iter()
+                .map(|o| o.iterations)
+                .collect::<Vec<_>>()),
+        );
+        data.insert(
+            "successes".into(),
+            json!(local.outcomes.iter().filter(|o| o.success).count()),
+        );
+        data.insert("fastest_window".into(), json!(best));
+        rows.push(data);
+        all.push(local.map);
+    }
+    let m = Tensor::stack(&all, 0)?;
+    for (r, extra) in rows.iter_mut().zip(cx.map_rows(chunk, id, &m)?) {
+        r.extend(extra);
+    }
+    Ok((rows, Some(m)))
+}
+
+/// Runs the saliency-mask attack `s` and its random-mask controls on every image of `chunk`.
+pub(crate) fn saliency(
+    cx: &StepContext,
+    s: &SaliencyAttackStep,
+    id: &str,
+    chunk: &Chunk,
+) -> Result<Rows> {
+    let model = cx.model;
+    let n = chunk.items.len();
+    let config = cx.attack_config(&s.attack())?;
+    let goals = vec![s.attack().goal()?; n];
+    let spec = saliency_spec(s, cx.seed, cx.batch_size);
+    let outcomes = saliency_attack(model, &chunk.pixels, &goals, &spec, &config)?;
+    let mut controls: Vec<(String, Vec<AttackOutcome>)> = Vec::new();
+    if !s.controls.is_empty() {
+        let clean = clean_masks(model, &chunk.pixels, &spec)?;
+        for &control in &s.controls {
+            let masks = control_masks(&clean, control, cx.seed)?;
+            controls.push((
+                spelling(&control),
+                fixed_mask_attack(model, &chunk.pixels, &goals, masks, &config)?,
+            ));
+        }
+    }
+    let mut rows = Vec::new();
+    for (i, item) in chunk.items.iter().enumerate() {
+        let mut data = Map::new();
+        data.insert("outcome".into(), cx.outcome(&outcomes[i])?);
+        let mut c = Map::new();
+        for (name, os) in &controls {
+            c.insert(name.clone(), cx.outcome(&os[i])?);
+        }
+        data.insert("controls".into(), Value::Object(c));
+        cx.attack_figures(item, id, &outcomes[i], &mut data)?;
+        rows.push(data);
+    }
+    Ok(rows)
+}
+
+/// Runs the mask attack `s` on every image of `chunk`; its learned masks, stretched to [0, 1],
+/// are the step's maps.
+pub(crate) fn mask(
+    cx: &StepContext,
+    s: &MaskAttackStep,
+    id: &str,
+    chunk: &Chunk,
+) -> Result<(Rows, Option<Tensor>)> {
+    let model = cx.model;
+    let n = chunk.items.len();
+    let config = cx.attack_config(&s.attack())?;
+    let spec = mask_spec(s, cx.seed, cx.batch_size);
+    let outcomes = mask_attack(
+        model,
+        &chunk.pixels,
+        &vec![s.attack().goal()?; n],
+        &spec,
+        &config,
+    )?;
+    let (_, _, h, w) = chunk.pixels.dims4()?;
+    let mut masks = Vec::new();
+    let mut rows = Vec::new();
+    for (o, item) in outcomes.iter().zip(chunk.items) {
+        let mask = match &o.mask {
+            Some(m) => m
+                .to_device(&Device::Cpu)?
+                .to_dtype(DType::F32)?
+                .reshape((h, w))?,
+            None => return Err(Error::Run("the mask attack returned no mask".into())),
+        };
+        // The learned mask's scale is arbitrary (it may barely move from its start):
+        // stretch it to [0, 1] so it reads as a map, as every other method's does.
+        let (lo, hi) = (
+            mask.min_all()?.to_scalar::<f32>()?,
+            mask.max_all()?.to_scalar::<f32>()?,
+        );
+        let mask = ((mask - lo as f64)? / ((hi - lo) as f64).max(1e-12))?;
+        masks.push(mask);
+        let mut data = Map::new();
+        data.insert("outcome".into(), cx.outcome(o)?);
+        cx.attack_figures(item, id, o, &mut data)?;
+        rows.push(data);
+    }
+    let m = Tensor::stack(&masks, 0)?;
+    for (r, extra) in rows.iter_mut().zip(cx.map_rows(chunk, id, &m)?) {
+        r.extend(extra);
+    }
+    Ok((rows, Some(m)))
 }
