@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use vulnmap_data::Split;
 use vulnmap_models::Score;
 use vulnmap_pipeline::schema::{
-    DataSpec, MapStep, MetricsStep, ModelSpec, Outputs, Pipeline, Step,
+    DataSpec, MapStep, MetricsStep, ModelSpec, Outputs, Pipeline, Step, StepKind,
 };
 use vulnmap_pipeline::{runner, RunOptions};
 
@@ -60,7 +60,7 @@ pub(crate) fn run(args: Args) -> Result<()> {
             "{} scored on {}",
             args.methods
                 .iter()
-                .map(|m| m.step().kind())
+                .map(|m| m.step().kind().name())
                 .collect::<Vec<_>>()
                 .join(", "),
             manifest.display()
@@ -98,9 +98,10 @@ pub(crate) fn run(args: Args) -> Result<()> {
     let summary = runner::run(&pipeline, &options).context("evaluating")?;
     let rows = vulnmap_pipeline::rundir::read_rows(&summary.out.join("results.jsonl"), false)?;
     if args.json {
+        let metrics = StepKind::Metrics.name();
         for row in rows
             .iter()
-            .filter(|r| r.get("kind").and_then(|k| k.as_str()) == Some("metrics"))
+            .filter(|r| r.get("kind").and_then(|k| k.as_str()) == Some(&metrics))
         {
             writeln!(
                 std::io::stdout(),

@@ -148,7 +148,7 @@ pub fn step_ids(steps: &[Step]) -> Vec<String> {
     steps
         .iter()
         .map(|s| {
-            let base = s.given_id().unwrap_or(s.kind()).to_string();
+            let base = s.given_id().map_or_else(|| s.kind().name(), str::to_string);
             let mut id = base.clone();
             let mut k = 2;
             while !seen.insert(id.clone()) {

@@ -4,7 +4,7 @@
 use crate::error::{Error, Result};
 use crate::rundir::Results;
 use crate::runner::{dataset_key, dataset_row};
-use crate::schema::{FinetuneStep, Pipeline};
+use crate::schema::{FinetuneStep, Pipeline, StepKind};
 use crate::source::Source;
 use candle_core::{DType, Device};
 use serde_json::Value;
@@ -81,7 +81,8 @@ pub(crate) fn run(
     };
     let start = std::time::Instant::now();
     let report = fit(&model, Arc::new(dataset), &splits, &config)?;
-    let mut row = dataset_row(id, "finetune", out, start.elapsed().as_secs_f64());
+    let kind = StepKind::Finetune.name();
+    let mut row = dataset_row(id, &kind, out, start.elapsed().as_secs_f64());
     row.insert(
         "checkpoint".into(),
         Value::String("model/best.safetensors".into()),

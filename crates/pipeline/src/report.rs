@@ -4,7 +4,7 @@
 
 use crate::error::{Error, Result};
 use crate::plot::{alpha_sweep_svg, Series};
-use crate::schema::{Measure, Pipeline, Step};
+use crate::schema::{Measure, Pipeline, StepKind};
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -345,7 +345,7 @@ pub(crate) fn write(dir: &Path, pipeline: &Pipeline, rows: &[Row]) -> Result<Pat
             )
         })
         .unwrap_or_else(|| "tiny-resnet trained on the synthetic fundus benchmark".into());
-    let steps: Vec<&str> = pipeline.steps.iter().map(Step::kind).collect();
+    let steps: Vec<String> = pipeline.steps.iter().map(|s| s.kind().name()).collect();
     let _ = writeln!(
         html,
         "<p>Model: {}. Images: {}. Steps: {}. Result rows: {}.</p>",
@@ -355,7 +355,8 @@ pub(crate) fn write(dir: &Path, pipeline: &Pipeline, rows: &[Row]) -> Result<Pat
         rows.len()
     );
 
-    let classified: Vec<&Row> = rows.iter().filter(|r| s(r, "kind") == "classify").collect();
+    let classify = StepKind::Classify.name();
+    let classified: Vec<&Row> = rows.iter().filter(|r| s(r, "kind") == classify).collect();
     let labelled: Vec<bool> = classified
         .iter()
         .filter_map(|r| r.get("correct").and_then(Value::as_bool))
@@ -369,7 +370,8 @@ pub(crate) fn write(dir: &Path, pipeline: &Pipeline, rows: &[Row]) -> Result<Pat
             labelled.len()
         );
     }
-    for r in rows.iter().filter(|r| s(r, "kind") == "finetune") {
+    let finetune = StepKind::Finetune.name();
+    for r in rows.iter().filter(|r| s(r, "kind") == finetune) {
         if let Some(rep) = r.get("report") {
             let _ = writeln!(
                 html,

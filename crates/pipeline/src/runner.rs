@@ -357,7 +357,7 @@ impl Runner<'_> {
                 .into_iter()
                 .zip(items)
                 .map(|(data, item)| {
-                    let mut r = row(Some(item), id, step.kind(), &self.out, seconds);
+                    let mut r = row(Some(item), id, &step.kind().name(), &self.out, seconds);
                     r.extend(data);
                     r
                 })

@@ -213,23 +213,23 @@ pub enum Step {
 }
 
 impl Step {
-    /// The key that names this kind of step in YAML.
-    pub fn kind(&self) -> &'static str {
+    /// The kind of step (its YAML key).
+    pub fn kind(&self) -> StepKind {
         match self {
-            Step::Classify(_) => "classify",
-            Step::Gradient(_) => "gradient",
-            Step::Smoothgrad(_) => "smoothgrad",
-            Step::IntegratedGradients(_) => "integrated_gradients",
-            Step::GradCam(_) => "grad_cam",
-            Step::Occlusion(_) => "occlusion",
-            Step::Rise(_) => "rise",
-            Step::RandomAttack(_) => "random_attack",
-            Step::AlphaSweep(_) => "alpha_sweep",
-            Step::LocalAttack(_) => "local_attack",
-            Step::SaliencyAttack(_) => "saliency_attack",
-            Step::MaskAttack(_) => "mask_attack",
-            Step::Metrics(_) => "metrics",
-            Step::Finetune(_) => "finetune",
+            Step::Classify(_) => StepKind::Classify,
+            Step::Gradient(_) => StepKind::Gradient,
+            Step::Smoothgrad(_) => StepKind::Smoothgrad,
+            Step::IntegratedGradients(_) => StepKind::IntegratedGradients,
+            Step::GradCam(_) => StepKind::GradCam,
+            Step::Occlusion(_) => StepKind::Occlusion,
+            Step::Rise(_) => StepKind::Rise,
+            Step::RandomAttack(_) => StepKind::RandomAttack,
+            Step::AlphaSweep(_) => StepKind::AlphaSweep,
+            Step::LocalAttack(_) => StepKind::LocalAttack,
+            Step::SaliencyAttack(_) => StepKind::SaliencyAttack,
+            Step::MaskAttack(_) => StepKind::MaskAttack,
+            Step::Metrics(_) => StepKind::Metrics,
+            Step::Finetune(_) => StepKind::Finetune,
         }
     }
 
@@ -266,6 +266,53 @@ impl Step {
                 | Step::LocalAttack(_)
                 | Step::MaskAttack(_)
         )
+    }
+}
+
+/// The kinds of step, spelled as their YAML keys (and as the `kind` of their result rows).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepKind {
+    /// `classify`.
+    Classify,
+    /// `gradient`.
+    Gradient,
+    /// `smoothgrad`.
+    Smoothgrad,
+    /// `integrated_gradients`.
+    IntegratedGradients,
+    /// `grad_cam`.
+    GradCam,
+    /// `occlusion`.
+    Occlusion,
+    /// `rise`.
+    Rise,
+    /// `random_attack`.
+    RandomAttack,
+    /// `alpha_sweep`.
+    AlphaSweep,
+    /// `local_attack`.
+    LocalAttack,
+    /// `saliency_attack`.
+    SaliencyAttack,
+    /// `mask_attack`.
+    MaskAttack,
+    /// `metrics`.
+    Metrics,
+    /// `finetune`.
+    Finetune,
+}
+
+impl StepKind {
+    /// The YAML key of this kind of step.
+    pub fn name(self) -> String {
+        spelling(&self)
+    }
+}
+
+impl std::fmt::Display for StepKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name())
     }
 }
 
