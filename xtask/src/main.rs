@@ -1,7 +1,8 @@
 //! `cargo xtask <command>`: project chores that are more than one cargo call.
 //!
-//! - `ci`: what CI runs (`.ci/run`): formatting, lints, and the test suite with the shared
-//!   assets required.
+//! - `ci`: what CI runs (`.ci/run`): `lint`, then the test suite with the shared assets
+//!   required.
+//! - `lint`: formatting, and clippy with warnings as errors over the workspace lints.
 //! - `reproduce <name|all>`: runs `pipelines/<name>.yaml` with the release binary into
 //!   `runs/<name>` and prints where the report is.
 //! - `demo`: `vulnmap demo` with the release binary.
@@ -24,6 +25,7 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("ci") => ci(),
+        Some("lint") => lint(),
         Some("reproduce") => reproduce(args.get(1).map(String::as_str), &args[args.len().min(2)..]),
         Some("bench") => bench(&args[1..]),
         Some("demo") => vulnmap(&["demo", "--out", "runs/demo"]),
@@ -50,8 +52,9 @@ commands:
   gpu-bundle [--cudnn]
         build the CUDA bench, CLI and test binaries (toolkit per ../shared/docs/CUDA.md) and
         pack them into .gpu/ parts of at most 60 MiB for the GPU machine, with .gpu/run.sh
-  ci    formatting, clippy with warnings as errors, and the workspace tests
-        (VULNMAP_REQUIRE_ASSETS=1, so missing shared assets fail instead of skipping)";
+  ci    `lint`, then the workspace tests (VULNMAP_REQUIRE_ASSETS=1, so missing shared assets
+        fail instead of skipping)
+  lint  formatting, and clippy with warnings as errors (the workspace lints among them)";
 
 pub(crate) fn root() -> PathBuf {
     // xtask/ is a folder of the workspace root at compile time: it always has a parent.
@@ -74,7 +77,8 @@ fn cargo(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-fn ci() -> Result<()> {
+/// Formatting, then clippy with warnings as errors (the workspace lints among them).
+fn lint() -> Result<()> {
     cargo(&["fmt", "--all", "--", "--check"])?;
     cargo(&[
         "clippy",
@@ -83,7 +87,11 @@ fn ci() -> Result<()> {
         "--",
         "-D",
         "warnings",
-    ])?;
+    ])
+}
+
+fn ci() -> Result<()> {
+    lint()?;
     cargo(&["test", "--workspace"])
 }
 
