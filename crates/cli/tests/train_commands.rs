@@ -3,6 +3,16 @@
 
 use std::process::Command;
 
+/// `out`, after failing the test with its stderr unless the command succeeded.
+fn succeeded(out: std::process::Output) -> std::process::Output {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 fn vulnmap() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_vulnmap"));
     cmd.env_remove("RUST_LOG").arg("-q");
@@ -13,25 +23,22 @@ fn vulnmap() -> Command {
 fn synth_finetune_classify_round_trip() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let out = vulnmap()
-        .args([
-            "synth",
-            "fundus",
-            "--patients",
-            "4",
-            "--size",
-            "48",
-            "--seed",
-            "3",
-            "--out",
-        ])
-        .arg(&data)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = succeeded(
+        vulnmap()
+            .args([
+                "synth",
+                "fundus",
+                "--patients",
+                "4",
+                "--size",
+                "48",
+                "--seed",
+                "3",
+                "--out",
+            ])
+            .arg(&data)
+            .output()
+            .unwrap(),
     );
     let manifest = String::from_utf8(out.stdout).unwrap();
     assert!(manifest.trim().ends_with("manifest.csv"));
@@ -39,32 +46,29 @@ fn synth_finetune_classify_round_trip() {
     assert_eq!(rows.lines().count(), 1 + 16);
 
     let run = dir.path().join("run");
-    let out = vulnmap()
-        .args([
-            "finetune",
-            "--arch",
-            "tiny-resnet",
-            "--scratch",
-            "--epochs",
-            "2",
-            "--size",
-            "48",
-            "--batch-size",
-            "8",
-            "--lr",
-            "1e-3",
-            "--json",
-            "--data",
-        ])
-        .arg(&data)
-        .arg("--out")
-        .arg(&run)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = succeeded(
+        vulnmap()
+            .args([
+                "finetune",
+                "--arch",
+                "tiny-resnet",
+                "--scratch",
+                "--epochs",
+                "2",
+                "--size",
+                "48",
+                "--batch-size",
+                "8",
+                "--lr",
+                "1e-3",
+                "--json",
+                "--data",
+            ])
+            .arg(&data)
+            .arg("--out")
+            .arg(&run)
+            .output()
+            .unwrap(),
     );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["epochs"].as_array().unwrap().len(), 2);
@@ -72,24 +76,21 @@ fn synth_finetune_classify_round_trip() {
     assert!(run.join("report.json").is_file());
 
     let image = data.join("images/P0001_OD_CFP.png");
-    let out = vulnmap()
-        .args([
-            "classify",
-            "--json",
-            "--model",
-            "tiny-resnet",
-            "--resize",
-            "48",
-            "--weights",
-        ])
-        .arg(run.join("best.safetensors"))
-        .arg(&image)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = succeeded(
+        vulnmap()
+            .args([
+                "classify",
+                "--json",
+                "--model",
+                "tiny-resnet",
+                "--resize",
+                "48",
+                "--weights",
+            ])
+            .arg(run.join("best.safetensors"))
+            .arg(&image)
+            .output()
+            .unwrap(),
     );
     let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let name = line["top"][0]["name"].as_str().unwrap();
@@ -144,82 +145,82 @@ fn rows_without_timing(run: &std::path::Path) -> Vec<serde_json::Value> {
 fn the_cli_and_a_pipeline_with_the_same_settings_give_the_same_results() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let ok = |out: std::process::Output| {
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out
-    };
-    ok(vulnmap()
-        .args([
-            "synth",
-            "fundus",
-            "--patients",
-            "4",
-            "--size",
-            "64",
-            "--out",
-        ])
-        .arg(&data)
-        .output()
-        .unwrap());
+    succeeded(
+        vulnmap()
+            .args([
+                "synth",
+                "fundus",
+                "--patients",
+                "4",
+                "--size",
+                "64",
+                "--out",
+            ])
+            .arg(&data)
+            .output()
+            .unwrap(),
+    );
     let model = dir.path().join("model");
-    ok(vulnmap()
-        .args([
-            "finetune",
-            "--model",
-            "tiny-resnet",
-            "--scratch",
-            "--epochs",
-            "1",
-        ])
-        .args(["--size", "64", "--batch-size", "8", "--data"])
-        .arg(&data)
-        .arg("--out")
-        .arg(&model)
-        .output()
-        .unwrap());
+    succeeded(
+        vulnmap()
+            .args([
+                "finetune",
+                "--model",
+                "tiny-resnet",
+                "--scratch",
+                "--epochs",
+                "1",
+            ])
+            .args(["--size", "64", "--batch-size", "8", "--data"])
+            .arg(&data)
+            .arg("--out")
+            .arg(&model)
+            .output()
+            .unwrap(),
+    );
     let weights = model.join("best.safetensors");
     let run = |pipeline: &std::path::Path, out: &std::path::Path| {
-        ok(vulnmap()
-            .arg("run")
-            .arg(pipeline)
-            .arg("--out")
-            .arg(out)
-            .output()
-            .unwrap())
+        succeeded(
+            vulnmap()
+                .arg("run")
+                .arg(pipeline)
+                .arg("--out")
+                .arg(out)
+                .output()
+                .unwrap(),
+        )
     };
 
     // `vulnmap eval` with its defaults, and the pipeline file a user would write for it.
     let by_cli = dir.path().join("eval");
-    ok(vulnmap()
-        .args([
-            "eval",
-            "--model",
-            "tiny-resnet",
-            "--device",
-            "cpu",
-            "--split",
-            "all",
-        ])
-        .args([
-            "--methods",
-            "grad-cam,occlusion",
-            "--score",
-            "centred-logit",
-            "--limit",
-            "3",
-        ])
-        .arg("--weights")
-        .arg(&weights)
-        .arg("--data")
-        .arg(&data)
-        .arg("--out")
-        .arg(&by_cli)
-        .output()
-        .unwrap());
+    succeeded(
+        vulnmap()
+            .args([
+                "eval",
+                "--model",
+                "tiny-resnet",
+                "--device",
+                "cpu",
+                "--split",
+                "all",
+            ])
+            .args([
+                "--methods",
+                "grad-cam,occlusion",
+                "--score",
+                "centred-logit",
+                "--limit",
+                "3",
+            ])
+            .arg("--weights")
+            .arg(&weights)
+            .arg("--data")
+            .arg(&data)
+            .arg("--out")
+            .arg(&by_cli)
+            .output()
+            .unwrap(),
+    );
     let pipeline = dir.path().join("same.yaml");
     std::fs::write(
         &pipeline,
@@ -244,22 +245,24 @@ fn the_cli_and_a_pipeline_with_the_same_settings_give_the_same_results() {
 
     // `vulnmap attack` and a pipeline's `random_attack` step: the same Table I row.
     let image = data.join("images/P0001_OD_CFP.png");
-    let out = ok(vulnmap()
-        .args([
-            "attack",
-            "--json",
-            "--model",
-            "tiny-resnet",
-            "--device",
-            "cpu",
-        ])
-        .args(["--max-iters", "3", "--weights"])
-        .arg(&weights)
-        .arg("--out")
-        .arg(dir.path().join("attacks"))
-        .arg(&image)
-        .output()
-        .unwrap());
+    let out = succeeded(
+        vulnmap()
+            .args([
+                "attack",
+                "--json",
+                "--model",
+                "tiny-resnet",
+                "--device",
+                "cpu",
+            ])
+            .args(["--max-iters", "3", "--weights"])
+            .arg(&weights)
+            .arg("--out")
+            .arg(dir.path().join("attacks"))
+            .arg(&image)
+            .output()
+            .unwrap(),
+    );
     let by_cli: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     std::fs::write(
         &pipeline,

@@ -87,22 +87,17 @@ pub(crate) fn random(
     if s.rounds == 1 {
         let outcomes = random_attack(model, &chunk.pixels, &vec![goal; n], &config)?;
         for (o, item) in outcomes.iter().zip(chunk.items) {
-            let mut data = Map::new();
-            data.insert("outcome".into(), cx.outcome(o)?);
-            cx.attack_figures(item, id, o, &mut data)?;
-            rows.push(data);
+            rows.push(cx.outcome_row(item, id, o)?);
         }
     } else {
         for (i, item) in chunk.items.iter().enumerate() {
             let (outcomes, stats) = rounds(model, &chunk.pixels, i, goal, s.rounds, &config)?;
-            let mut data = Map::new();
-            data.insert("outcome".into(), cx.outcome(&outcomes[0])?);
+            let mut data = cx.outcome_row(item, id, &outcomes[0])?;
             data.insert("rounds".into(), serde_json::to_value(&stats)?);
             data.insert(
                 "iterations".into(),
                 json!(outcomes.iter().map(|o| o.iterations).collect::<Vec<_>>()),
             );
-            cx.attack_figures(item, id, &outcomes[0], &mut data)?;
             rows.push(data);
         }
     }
@@ -177,9 +172,7 @@ pub(crate) fn local(
         all.push(local.map);
     }
     let m = Tensor::stack(&all, 0)?;
-    for (r, extra) in rows.iter_mut().zip(cx.map_rows(chunk, id, &m)?) {
-        r.extend(extra);
-    }
+    cx.add_map_rows(&mut rows, chunk, id, &m)?;
     Ok((rows, Some(m)))
 }
 
@@ -209,14 +202,12 @@ pub(crate) fn saliency(
     }
     let mut rows = Vec::new();
     for (i, item) in chunk.items.iter().enumerate() {
-        let mut data = Map::new();
-        data.insert("outcome".into(), cx.outcome(&outcomes[i])?);
+        let mut data = cx.outcome_row(item, id, &outcomes[i])?;
         let mut c = Map::new();
         for (name, os) in &controls {
             c.insert(name.clone(), cx.outcome(&os[i])?);
         }
         data.insert("controls".into(), Value::Object(c));
-        cx.attack_figures(item, id, &outcomes[i], &mut data)?;
         rows.push(data);
     }
     Ok(rows)
@@ -260,14 +251,9 @@ pub(crate) fn mask(
         );
         let mask = ((mask - lo as f64)? / ((hi - lo) as f64).max(1e-12))?;
         masks.push(mask);
-        let mut data = Map::new();
-        data.insert("outcome".into(), cx.outcome(o)?);
-        cx.attack_figures(item, id, o, &mut data)?;
-        rows.push(data);
+        rows.push(cx.outcome_row(item, id, o)?);
     }
     let m = Tensor::stack(&masks, 0)?;
-    for (r, extra) in rows.iter_mut().zip(cx.map_rows(chunk, id, &m)?) {
-        r.extend(extra);
-    }
+    cx.add_map_rows(&mut rows, chunk, id, &m)?;
     Ok((rows, Some(m)))
 }

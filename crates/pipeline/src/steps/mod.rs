@@ -71,7 +71,7 @@ impl StepContext<'_> {
     }
 
     /// Saves an attack's noise and perturbed image and puts their paths into `data`.
-    pub(crate) fn attack_figures(
+    fn attack_figures(
         &self,
         item: &Item,
         id: &str,
@@ -87,6 +87,33 @@ impl StepContext<'_> {
         figures::save_rgb(&o.perturbed, &self.out.join(&perturbed))?;
         data.insert("noise_figure".into(), json!(noise));
         data.insert("perturbed_figure".into(), json!(perturbed));
+        Ok(())
+    }
+
+    /// An attack's row: its outcome and, with figures, its noise and perturbed image.
+    pub(crate) fn outcome_row(
+        &self,
+        item: &Item,
+        id: &str,
+        o: &AttackOutcome,
+    ) -> Result<Map<String, Value>> {
+        let mut data = Map::new();
+        data.insert("outcome".into(), self.outcome(o)?);
+        self.attack_figures(item, id, o, &mut data)?;
+        Ok(data)
+    }
+
+    /// Adds [`StepContext::map_rows`] to the rows of a step whose maps are `maps`.
+    pub(crate) fn add_map_rows(
+        &self,
+        rows: &mut Rows,
+        chunk: &Chunk,
+        id: &str,
+        maps: &Tensor,
+    ) -> Result<()> {
+        for (row, extra) in rows.iter_mut().zip(self.map_rows(chunk, id, maps)?) {
+            row.extend(extra);
+        }
         Ok(())
     }
 
