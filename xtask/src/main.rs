@@ -252,7 +252,36 @@ fn bench(args: &[String]) -> Result<()> {
         eprintln!("PyTorch unavailable: printing vulnmap's numbers without ratios");
         None
     };
+    println!("CPU: {}\n", cpu_description());
     tabulate(&ours, torch.as_ref())
+}
+
+/// This machine's CPU model, the widest SIMD level PyTorch and gemm can use on it, and its cores:
+/// figures from an AVX2 machine and an AVX-512 one do not compare.
+fn cpu_description() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    describe_cpu(&info, cores)
+}
+
+fn describe_cpu(cpuinfo: &str, cores: usize) -> String {
+    let field = |name: &str| {
+        cpuinfo
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .find(|(key, _)| key.trim() == name)
+            .map(|(_, value)| value.trim())
+    };
+    let model = field("model name").unwrap_or("unknown CPU");
+    let flags: Vec<&str> = field("flags").unwrap_or("").split_whitespace().collect();
+    let simd = if flags.contains(&"avx512f") {
+        "AVX-512"
+    } else if flags.contains(&"avx2") {
+        "AVX2"
+    } else {
+        "neither AVX2 nor AVX-512"
+    };
+    format!("{model}, {simd}, {cores} cores")
 }
 
 /// Prints the Markdown table of vulnmap's measurements with PyTorch's beside them, and writes
@@ -296,4 +325,19 @@ fn tabulate(ours: &serde_json::Value, torch: Option<&serde_json::Value>) -> Resu
     std::fs::write(&path, serde_json::to_string_pretty(&combined)?)?;
     eprintln!("written {}", path.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_cpu_description_names_the_widest_simd_level() {
+        let info = "processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu avx2 avx512f\n";
+        assert_eq!(super::describe_cpu(info, 2), "Some CPU, AVX-512, 2 cores");
+        let info = "model name\t: Other\nflags\t\t: fpu avx avx2\n";
+        assert_eq!(super::describe_cpu(info, 4), "Other, AVX2, 4 cores");
+        assert_eq!(
+            super::describe_cpu("", 1),
+            "unknown CPU, neither AVX2 nor AVX-512, 1 cores"
+        );
+    }
 }
