@@ -5,23 +5,27 @@ use crate::engine::{run, AttackConfig, Goal, Job, Masking, Region};
 use crate::error::{ensure, Result};
 use crate::outcome::AttackOutcome;
 use candle_core::Tensor;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use vulnmap_models::Classifier;
 
 /// Iterations to success over rounds (of the successful rounds), and the success rate.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RoundStats {
     /// Rounds run (one seed each).
     pub rounds: usize,
     /// Rounds that met the goal.
     pub successes: usize,
     /// `successes / rounds`, in [0, 1].
+    #[serde(deserialize_with = "vulnmap_data::json::nan_from_null")]
     pub success_rate: f64,
     /// Mean iterations to success over the successful rounds (NaN when none succeeded).
+    #[serde(deserialize_with = "vulnmap_data::json::nan_from_null")]
     pub mean_iterations: f64,
     /// Median iterations to success over the successful rounds (NaN when none succeeded).
+    #[serde(deserialize_with = "vulnmap_data::json::nan_from_null")]
     pub median_iterations: f64,
     /// Standard deviation.
+    #[serde(deserialize_with = "vulnmap_data::json::nan_from_null")]
     pub std_iterations: f64,
     /// Fewest iterations to success (0 when none succeeded).
     pub min_iterations: usize,
@@ -87,7 +91,7 @@ pub fn rounds(
 }
 
 /// One point of the alpha sweep.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SweepPoint {
     /// Noise strength in pixel units.
     pub alpha: f64,

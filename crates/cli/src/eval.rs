@@ -98,16 +98,8 @@ pub(crate) fn run(args: Args) -> Result<()> {
     let summary = runner::run(&pipeline, &options).context("evaluating")?;
     let rows = vulnmap_pipeline::rundir::read_rows(&summary.out.join("results.jsonl"), false)?;
     if args.json {
-        let metrics = StepKind::Metrics.name();
-        for row in rows
-            .iter()
-            .filter(|r| r.get("kind").and_then(|k| k.as_str()) == Some(&metrics))
-        {
-            writeln!(
-                std::io::stdout(),
-                "{}",
-                serde_json::Value::Object(row.clone())
-            )?;
+        for row in rows.iter().filter(|r| r.kind() == StepKind::Metrics) {
+            writeln!(std::io::stdout(), "{}", row.to_line()?)?;
         }
     } else {
         let table = summary.out.join("metrics.md");

@@ -10,6 +10,7 @@
 //! - [`synthetic`]: the synthetic fundus benchmark (CFP and FA images with known lesions).
 //! - [`random`]: seeded random draws, identical across runs and devices for a seed.
 //! - [`fs`]: writing files through a temporary file and a rename.
+//! - [`json`]: NaN through JSON (written as `null`, read back as NaN).
 //! - [`assets`]: locating the shared example images, weights and reference fixtures.
 //! - `error`: errors that name the file (and manifest line) at fault.
 //!
@@ -20,6 +21,7 @@ mod dataset;
 mod error;
 pub mod fs;
 pub mod image_io;
+pub mod json;
 pub mod loader;
 mod preprocess;
 pub mod random;

@@ -2,12 +2,12 @@
 //! 60/20/20), keeps the best checkpoint in `model/best.safetensors`, and hands it to later steps.
 
 use crate::error::{Error, Result};
+use crate::rows::{Finetuned, Found};
 use crate::rundir::Results;
 use crate::runner::{dataset_key, dataset_row};
-use crate::schema::{FinetuneStep, Pipeline, StepKind};
+use crate::schema::{FinetuneStep, Pipeline};
 use crate::source::Source;
 use candle_core::{DType, Device};
-use serde_json::Value;
 use std::path::Path;
 use std::sync::Arc;
 use vulnmap_data::split::{split_by_patient, PAPER_FRACTIONS};
@@ -81,13 +81,15 @@ pub(crate) fn run(
     };
     let start = std::time::Instant::now();
     let report = fit(&model, Arc::new(dataset), &splits, &config)?;
-    let kind = StepKind::Finetune.name();
-    let mut row = dataset_row(id, &kind, out, start.elapsed().as_secs_f64());
-    row.insert(
-        "checkpoint".into(),
-        Value::String("model/best.safetensors".into()),
-    );
-    row.insert("report".into(), serde_json::to_value(&report)?);
-    results.append(vec![row])?;
+    let found = Found::Finetune(Finetuned {
+        checkpoint: "model/best.safetensors".into(),
+        report,
+    });
+    results.append(vec![dataset_row(
+        id,
+        out,
+        start.elapsed().as_secs_f64(),
+        found,
+    )])?;
     Ok(zoo::load(arch, Some(&best), DType::F32, device)?)
 }

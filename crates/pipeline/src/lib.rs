@@ -27,6 +27,7 @@
 //! - [`steps`]: each step's settings converted into the libraries' (shared with the CLI).
 //! - [`runner`]: chunks, steps, `--resume`, `--shard`, and `merge`.
 //! - `finetune`: the fine-tuning step.
+//! - [`rows`]: the typed rows of `results.jsonl`, written by the steps and read by the report.
 //! - [`rundir`]: `results.jsonl` (append, repair, sort) and joining shards.
 //! - [`figures`]: PNGs of inputs, maps, overlays, noise and perturbed images.
 //! - `report`: Table I, the scores table, `report.html`.
@@ -42,6 +43,7 @@ mod finetune;
 mod locate;
 mod plot;
 mod report;
+pub mod rows;
 pub mod rundir;
 pub mod runner;
 pub mod schema;

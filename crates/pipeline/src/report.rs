@@ -4,20 +4,15 @@
 
 use crate::error::{Error, Result};
 use crate::plot::{alpha_sweep_svg, Series};
-use crate::schema::{Measure, Pipeline, StepKind};
-use serde_json::{Map, Value};
+use crate::rows::{Found, Outcome, ResultRow as Row};
+use crate::schema::{Measure, Pipeline};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-type Row = Map<String, Value>;
-
-fn f(row: &Value, key: &str) -> Option<f64> {
-    row.get(key).and_then(Value::as_f64)
-}
-
-fn s<'a>(row: &'a Row, key: &str) -> &'a str {
-    row.get(key).and_then(Value::as_str).unwrap_or("")
+/// The row's image index as a table cell (`null` for dataset-level rows).
+fn image_cell(row: &Row) -> String {
+    row.image.map_or_else(|| "null".into(), |i| i.to_string())
 }
 
 fn escape(text: &str) -> String {
@@ -103,34 +98,29 @@ fn table1(rows: &[Row]) -> Table {
         "success",
     ]);
     for r in rows {
-        let Some(o) = r.get("outcome") else { continue };
-        let label = |k: &str, n: &str| {
-            format!(
-                "{}{}",
-                o.get(k).and_then(Value::as_u64).unwrap_or(0),
-                o.get(n)
-                    .and_then(Value::as_str)
-                    .filter(|s| !s.is_empty())
-                    .map(|s| format!(" ({s})"))
-                    .unwrap_or_default()
-            )
+        let Some(o) = r.outcome() else { continue };
+        let label = |class: usize, name: &str| {
+            if name.is_empty() {
+                class.to_string()
+            } else {
+                format!("{class} ({name})")
+            }
         };
+        let finite = |v: f64| v.is_finite().then_some(v);
         t.rows.push(vec![
-            r.get("image").map(|v| v.to_string()).unwrap_or_default(),
-            s(r, "step").to_string(),
-            fmt(f(o, "alpha"), 3),
-            f(o, "origin_loss").map_or("-".into(), |v| format!("{v:.3e}")),
-            fmt(f(o, "final_loss"), 4),
+            image_cell(r),
+            r.step.clone(),
+            fmt(finite(o.alpha), 3),
+            finite(o.origin_loss).map_or("-".into(), |v| format!("{v:.3e}")),
+            fmt(finite(o.final_loss), 4),
             format!(
                 "from {} to {}",
-                label("label_from", "name_from"),
-                label("label_to", "name_to")
+                label(o.label_from, &o.name_from),
+                label(o.label_to, &o.name_to)
             ),
-            o.get("iterations")
-                .map(|v| v.to_string())
-                .unwrap_or_default(),
-            fmt(f(o, "confidence"), 4),
-            o.get("success").map(|v| v.to_string()).unwrap_or_default(),
+            o.iterations.to_string(),
+            fmt(finite(o.confidence), 4),
+            o.success.to_string(),
         ]);
     }
     t
@@ -146,23 +136,23 @@ fn attack_summary(rows: &[Row]) -> Table {
         "mean iterations (successes)",
     ]);
     let mut groups: BTreeMap<(String, String), (usize, usize, Vec<f64>)> = BTreeMap::new();
-    let mut add = |step: &str, what: &str, o: &Value| {
+    let mut add = |step: &str, what: &str, o: &Outcome| {
         let g = groups
             .entry((step.to_string(), what.to_string()))
             .or_default();
         g.0 += 1;
-        if o.get("success").and_then(Value::as_bool) == Some(true) {
+        if o.success {
             g.1 += 1;
-            g.2.push(f(o, "iterations").unwrap_or(0.0));
+            g.2.push(o.iterations as f64);
         }
     };
     for r in rows {
-        if let Some(o) = r.get("outcome") {
-            add(s(r, "step"), s(r, "kind"), o);
+        if let Some(o) = r.outcome() {
+            add(&r.step, &r.kind().name(), o);
         }
-        if let Some(Value::Object(c)) = r.get("controls") {
-            for (name, o) in c {
-                add(s(r, "step"), &format!("control: {name} mask"), o);
+        if let Found::SaliencyAttack(a) = &r.found {
+            for (name, o) in &a.controls {
+                add(&r.step, &format!("control: {name} mask"), o);
             }
         }
     }
@@ -180,42 +170,32 @@ fn attack_summary(rows: &[Row]) -> Table {
 
 /// Mean scores of each scored map-making step.
 fn metrics(rows: &[Row]) -> Table {
-    let measures = Measure::ALL.map(Measure::name);
-    let mut by_step: BTreeMap<String, BTreeMap<&str, Vec<f64>>> = BTreeMap::new();
+    let mut by_step: BTreeMap<String, BTreeMap<Measure, Vec<f64>>> = BTreeMap::new();
     for r in rows {
-        let Some(Value::Object(scores)) = r.get("scores") else {
+        let Found::Metrics(scored) = &r.found else {
             continue;
         };
-        for (step, v) in scores {
+        for (step, scores) in &scored.scores {
             let entry = by_step.entry(step.clone()).or_default();
-            for m in &measures {
-                if let Some(x) = v.get(m) {
-                    let x = x.as_f64().or_else(|| x.as_bool().map(|b| b as u8 as f64));
-                    if let Some(x) = x {
-                        entry.entry(m.as_str()).or_default().push(x);
-                    }
+            for m in Measure::ALL {
+                if let Some(x) = scores.get(m).filter(|x| !x.is_nan()) {
+                    entry.entry(m).or_default().push(x);
                 }
             }
         }
     }
     // Only the measures some map was scored by.
-    let used: Vec<usize> = (0..measures.len())
-        .filter(|&k| {
-            by_step
-                .values()
-                .any(|m| m.contains_key(measures[k].as_str()))
-        })
+    let used: Vec<Measure> = Measure::ALL
+        .into_iter()
+        .filter(|m| by_step.values().any(|scores| scores.contains_key(m)))
         .collect();
     let mut header = vec!["method", "images"];
-    header.extend(used.iter().map(|&k| Measure::ALL[k].title()));
+    header.extend(used.iter().map(|m| m.title()));
     let mut t = Table::new(&header);
     for (step, m) in by_step {
         let n = m.values().map(Vec::len).max().unwrap_or(0);
         let mut row = vec![step, n.to_string()];
-        row.extend(
-            used.iter()
-                .map(|&k| fmt(m.get(measures[k].as_str()).and_then(|v| mean(v)), 3)),
-        );
+        row.extend(used.iter().map(|k| fmt(m.get(k).and_then(|v| mean(v)), 3)));
         t.rows.push(row);
     }
     t
@@ -225,37 +205,33 @@ fn metrics(rows: &[Row]) -> Table {
 fn sweeps(rows: &[Row]) -> Vec<(String, Vec<Series>)> {
     let mut by_step: BTreeMap<String, Vec<Series>> = BTreeMap::new();
     for r in rows {
-        let Some(Value::Array(points)) = r.get("sweep") else {
+        let Found::AlphaSweep(swept) = &r.found else {
             continue;
         };
-        let points: Vec<(f64, f64)> = points
+        let points: Vec<(f64, f64)> = swept
+            .sweep
             .iter()
             .filter_map(|p| {
-                let alpha = f(p, "alpha")?;
-                let stats = p.get("stats")?;
                 // Unsuccessful alphas count as the cap (shown as the max iterations).
-                let its = if stats.get("successes").and_then(Value::as_u64) == Some(0) {
-                    f(stats, "max_iterations")?
+                let its = if p.stats.successes == 0 {
+                    p.stats.max_iterations as f64
                 } else {
-                    f(stats, "mean_iterations")?
+                    p.stats.mean_iterations
                 };
-                Some((alpha, its))
+                (p.alpha.is_finite() && its.is_finite()).then_some((p.alpha, its))
             })
             .collect();
-        by_step
-            .entry(s(r, "step").to_string())
-            .or_default()
-            .push(Series {
-                label: format!(
-                    "image {} ({})",
-                    r.get("image").map(|v| v.to_string()).unwrap_or_default(),
-                    Path::new(s(r, "file"))
-                        .file_name()
-                        .map(|n| n.to_string_lossy().into_owned())
-                        .unwrap_or_default()
-                ),
-                points,
-            });
+        by_step.entry(r.step.clone()).or_default().push(Series {
+            label: format!(
+                "image {} ({})",
+                image_cell(r),
+                Path::new(r.file.as_deref().unwrap_or(""))
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            ),
+            points,
+        });
     }
     by_step.into_iter().collect()
 }
@@ -324,10 +300,7 @@ pub(crate) fn write(dir: &Path, pipeline: &Pipeline, rows: &[Row]) -> Result<Pat
     if !pipeline.description.is_empty() {
         let _ = writeln!(html, "<p>{}</p>", escape(&pipeline.description));
     }
-    let images: std::collections::BTreeSet<u64> = rows
-        .iter()
-        .filter_map(|r| r.get("image").and_then(Value::as_u64))
-        .collect();
+    let images: std::collections::BTreeSet<usize> = rows.iter().filter_map(|r| r.image).collect();
     let model = pipeline
         .model
         .as_ref()
@@ -355,11 +328,12 @@ pub(crate) fn write(dir: &Path, pipeline: &Pipeline, rows: &[Row]) -> Result<Pat
         rows.len()
     );
 
-    let classify = StepKind::Classify.name();
-    let classified: Vec<&Row> = rows.iter().filter(|r| s(r, "kind") == classify).collect();
-    let labelled: Vec<bool> = classified
+    let labelled: Vec<bool> = rows
         .iter()
-        .filter_map(|r| r.get("correct").and_then(Value::as_bool))
+        .filter_map(|r| match &r.found {
+            Found::Classify(c) => c.correct,
+            _ => None,
+        })
         .collect();
     if !labelled.is_empty() {
         let correct = labelled.iter().filter(|&&c| c).count();
@@ -370,16 +344,14 @@ pub(crate) fn write(dir: &Path, pipeline: &Pipeline, rows: &[Row]) -> Result<Pat
             labelled.len()
         );
     }
-    let finetune = StepKind::Finetune.name();
-    for r in rows.iter().filter(|r| s(r, "kind") == finetune) {
-        if let Some(rep) = r.get("report") {
+    for r in rows {
+        if let Found::Finetune(f) = &r.found {
+            let accuracy = f.report.test_accuracy;
             let _ = writeln!(
                 html,
                 "<h2>Fine-tuning</h2><p>Best epoch {}, test accuracy {}.</p>",
-                rep.get("best_epoch")
-                    .map(|v| v.to_string())
-                    .unwrap_or_default(),
-                fmt(f(rep, "test_accuracy"), 3)
+                f.report.best_epoch,
+                fmt(accuracy.is_finite().then_some(accuracy), 3)
             );
         }
     }
@@ -410,9 +382,9 @@ pub(crate) fn write(dir: &Path, pipeline: &Pipeline, rows: &[Row]) -> Result<Pat
     }
 
     // Figures of the first images: the input, then every figure of every step.
-    let mut by_image: BTreeMap<u64, Vec<&Row>> = BTreeMap::new();
+    let mut by_image: BTreeMap<usize, Vec<&Row>> = BTreeMap::new();
     for r in rows {
-        if let Some(i) = r.get("image").and_then(Value::as_u64) {
+        if let Some(i) = r.image {
             by_image.entry(i).or_default().push(r);
         }
     }
@@ -423,13 +395,13 @@ pub(crate) fn write(dir: &Path, pipeline: &Pipeline, rows: &[Row]) -> Result<Pat
             break;
         }
         let mut cells = String::new();
-        let file = s(image_rows[0], "file");
+        let file = image_rows[0].file.as_deref().unwrap_or("");
         let input = image_rows
             .iter()
             .find_map(|r| {
-                r.get("map_figure")
-                    .or(r.get("noise_figure"))
-                    .and_then(Value::as_str)
+                r.map()
+                    .and_then(|m| m.map_figure.as_deref())
+                    .or(r.attack_figures().and_then(|f| f.noise_figure.as_deref()))
             })
             .and_then(|p| p.rsplit_once('/'))
             .map(|(folder, _)| format!("{folder}/input.png"));
@@ -437,24 +409,23 @@ pub(crate) fn write(dir: &Path, pipeline: &Pipeline, rows: &[Row]) -> Result<Pat
             cells.push_str(&image(dir, &input, "input", "image/png"));
         }
         for r in &image_rows {
-            let step = s(r, "step");
-            for (key, what) in [
-                ("overlay_figure", ""),
-                ("noise_figure", " noise"),
-                ("perturbed_figure", " perturbed"),
-            ] {
-                if let Some(p) = r.get(key).and_then(Value::as_str) {
-                    let mut caption = format!("{step}{what}");
-                    if let Some(o) = r.get("outcome").filter(|_| key == "perturbed_figure") {
-                        caption.push_str(&format!(
-                            ": {} iterations",
-                            o.get("iterations")
-                                .map(|v| v.to_string())
-                                .unwrap_or_default()
-                        ));
-                    }
-                    cells.push_str(&image(dir, p, &caption, "image/png"));
+            let step = &r.step;
+            let overlay = r.map().and_then(|m| m.overlay_figure.as_deref());
+            let attack = r.attack_figures();
+            let noise = attack.and_then(|f| f.noise_figure.as_deref());
+            let perturbed = attack.and_then(|f| f.perturbed_figure.as_deref());
+            if let Some(p) = overlay {
+                cells.push_str(&image(dir, p, step, "image/png"));
+            }
+            if let Some(p) = noise {
+                cells.push_str(&image(dir, p, &format!("{step} noise"), "image/png"));
+            }
+            if let Some(p) = perturbed {
+                let mut caption = format!("{step} perturbed");
+                if let Some(o) = r.outcome() {
+                    let _ = write!(caption, ": {} iterations", o.iterations);
                 }
+                cells.push_str(&image(dir, p, &caption, "image/png"));
             }
         }
         if !cells.is_empty() {

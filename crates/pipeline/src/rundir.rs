@@ -6,7 +6,7 @@
 //! through a temporary file and a rename, so sharded, resumed and plain runs compare equal.
 
 use crate::error::{Error, Result};
-use serde_json::{Map, Value};
+use crate::rows::{ResultRow, RowKey};
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
@@ -19,22 +19,9 @@ pub const PIPELINE: &str = "pipeline.yaml";
 /// A summary of the run as JSON: pipeline name, shard, images and rows.
 pub const RUN_INFO: &str = "run.json";
 
-/// A row's identity: the image (none for dataset-level steps) and the step id.
-pub type RowKey = (Option<usize>, String);
-
-/// The key of a result row.
-pub fn key_of(row: &Map<String, Value>) -> Option<RowKey> {
-    let step = row.get("step")?.as_str()?.to_string();
-    let image = match row.get("image")? {
-        Value::Null => None,
-        v => Some(v.as_u64()? as usize),
-    };
-    Some((image, step))
-}
-
 /// Reads the rows of a results file, dropping a torn last line (and cutting it off the file
 /// when `repair`).
-pub fn read_rows(path: &Path, repair: bool) -> Result<Vec<Map<String, Value>>> {
+pub fn read_rows(path: &Path, repair: bool) -> Result<Vec<ResultRow>> {
     let file = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -55,21 +42,21 @@ pub fn read_rows(path: &Path, repair: bool) -> Result<Vec<Map<String, Value>>> {
         }
         number += 1;
         let complete = line.ends_with('\n');
-        match serde_json::from_str::<Map<String, Value>>(line.trim_end()) {
-            Ok(row) if complete && key_of(&row).is_some() => {
+        match (serde_json::from_str::<ResultRow>(line.trim_end()), complete) {
+            (Ok(row), true) => {
                 rows.push(row);
                 good_bytes += n as u64;
             }
-            _ if !complete => {
+            (_, false) => {
                 tracing::warn!(
                     "{}: dropping the unfinished last line {number} (an interrupted write)",
                     path.display()
                 );
                 break;
             }
-            _ => {
+            (Err(e), true) => {
                 return Err(Error::Run(format!(
-                    "{}, line {number}: not a result row (a JSON object with `image` and `step`)",
+                    "{}, line {number}: not a result row ({e})",
                     path.display()
                 )))
             }
@@ -110,7 +97,7 @@ impl Results {
                 existing.len()
             )));
         }
-        let done = existing.iter().filter_map(key_of).collect();
+        let done = existing.iter().map(ResultRow::key).collect();
         let file = OpenOptions::new()
             .create(true)
             .append(true)
@@ -125,12 +112,11 @@ impl Results {
     }
 
     /// Appends `rows` (skipping finished ones) and flushes them to the disk.
-    pub fn append(&mut self, rows: Vec<Map<String, Value>>) -> Result<()> {
+    pub fn append(&mut self, rows: Vec<ResultRow>) -> Result<()> {
         let mut text = String::new();
         for row in rows {
-            let key = key_of(&row).ok_or_else(|| Error::Run("a row without a key".into()))?;
-            if self.done.insert(key) {
-                text.push_str(&serde_json::to_string(&row)?);
+            if self.done.insert(row.key()) {
+                text.push_str(&row.to_line()?);
                 text.push('\n');
             }
         }
@@ -145,7 +131,7 @@ impl Results {
 }
 
 /// Rewrites `dir/results.jsonl` with its rows in (image, step order) order, atomically.
-pub fn sort_results(dir: &Path, step_order: &[String]) -> Result<Vec<Map<String, Value>>> {
+pub fn sort_results(dir: &Path, step_order: &[String]) -> Result<Vec<ResultRow>> {
     let path = dir.join(RESULTS);
     let rows = read_rows(&path, false)?;
     let rows = sorted(rows, step_order);
@@ -153,26 +139,24 @@ pub fn sort_results(dir: &Path, step_order: &[String]) -> Result<Vec<Map<String,
     Ok(rows)
 }
 
-fn sorted(rows: Vec<Map<String, Value>>, step_order: &[String]) -> Vec<Map<String, Value>> {
+fn sorted(rows: Vec<ResultRow>, step_order: &[String]) -> Vec<ResultRow> {
     let rank = |step: &str| {
         step_order
             .iter()
             .position(|s| s == step)
             .unwrap_or(usize::MAX)
     };
-    let mut keyed: BTreeMap<(Option<usize>, usize, String), Map<String, Value>> = BTreeMap::new();
+    let mut keyed: BTreeMap<(Option<usize>, usize, String), ResultRow> = BTreeMap::new();
     for row in rows {
-        if let Some((image, step)) = key_of(&row) {
-            keyed.insert((image, rank(&step), step), row);
-        }
+        keyed.insert((row.image, rank(&row.step), row.step.clone()), row);
     }
     keyed.into_values().collect()
 }
 
-fn write_rows(path: &Path, rows: &[Map<String, Value>]) -> Result<()> {
+fn write_rows(path: &Path, rows: &[ResultRow]) -> Result<()> {
     let mut text = String::new();
     for row in rows {
-        text.push_str(&serde_json::to_string(row)?);
+        text.push_str(&row.to_line()?);
         text.push('\n');
     }
     vulnmap_data::fs::write_atomic(path, text.as_bytes())?;
@@ -199,17 +183,13 @@ fn copy_tree(from: &Path, to: &Path) -> Result<()> {
 
 /// Joins shard run directories into `out`: the same pipeline in each, rows joined (a row found
 /// twice must be the same), figures and maps copied. Returns the joined rows, sorted.
-pub fn merge(
-    out: &Path,
-    shards: &[PathBuf],
-    step_order: &[String],
-) -> Result<Vec<Map<String, Value>>> {
+pub fn merge(out: &Path, shards: &[PathBuf], step_order: &[String]) -> Result<Vec<ResultRow>> {
     let first = shards
         .first()
         .ok_or_else(|| Error::Run("merge needs at least one run directory".into()))?;
     let pipeline = std::fs::read_to_string(first.join(PIPELINE))
         .map_err(|e| Error::io(first.join(PIPELINE), e))?;
-    let mut joined: BTreeMap<RowKey, Map<String, Value>> = BTreeMap::new();
+    let mut joined: BTreeMap<RowKey, ResultRow> = BTreeMap::new();
     for shard in shards {
         let p = shard.join(PIPELINE);
         let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
@@ -221,9 +201,9 @@ pub fn merge(
             )));
         }
         for row in read_rows(&shard.join(RESULTS), false)? {
-            let key = key_of(&row).expect("read_rows keeps keyed rows");
+            let key = row.key();
             match joined.get(&key) {
-                Some(seen) if !same_result(seen, &row) => {
+                Some(seen) if !seen.same_result(&row) => {
                     return Err(Error::Run(format!(
                         "image {:?} step `{}` has different results in two shards (from {})",
                         key.0,
@@ -246,14 +226,4 @@ pub fn merge(
     let rows = sorted(joined.into_values().collect(), step_order);
     write_rows(&out.join(RESULTS), &rows)?;
     Ok(rows)
-}
-
-/// Two rows agree on everything but timing.
-pub fn same_result(a: &Map<String, Value>, b: &Map<String, Value>) -> bool {
-    let strip = |m: &Map<String, Value>| {
-        let mut m = m.clone();
-        m.remove("seconds");
-        m
-    };
-    strip(a) == strip(b)
 }

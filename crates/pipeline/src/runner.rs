@@ -4,18 +4,18 @@
 use crate::config::step_ids;
 use crate::error::{Error, Result};
 use crate::figures;
-use crate::rundir::{self, Results, RowKey};
+use crate::rows::{Found, ResultRow, RowKey};
+use crate::rundir::{self, Results};
 use crate::schema::*;
 use crate::source::{self, Item, Source};
-use crate::steps::{self, Chunk, Rows, StepContext};
+use crate::steps::metrics::ScoredMaps;
+use crate::steps::{self, Chunk, StepContext};
 use candle_core::{DType, Device, Tensor};
-use serde_json::{json, Map, Value};
+use serde_json::json;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use vulnmap_models::{zoo, Arch, Classifier, DeviceName, Score, ScoredClassifier};
-use vulnmap_saliency::metrics::causal::CausalMetric;
-use vulnmap_saliency::metrics::localisation::{auroc, iou, PointingGame};
 
 /// Every N-th chunk of images, starting at chunk I (`--shard I/N`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -205,7 +205,7 @@ pub fn merge(out: &Path, shards: &[PathBuf]) -> Result<RunSummary> {
     let rows = rundir::merge(out, shards, &ids)?;
     let images = rows
         .iter()
-        .filter_map(|r| r.get("image").and_then(Value::as_u64))
+        .filter_map(|r| r.image)
         .collect::<std::collections::BTreeSet<_>>()
         .len();
     let report = if pipeline.outputs.report {
@@ -271,23 +271,18 @@ fn model(
     Ok(Box::new(ScoredClassifier::new(base, score)))
 }
 
-fn row(
-    item: Option<&Item>,
-    step: &str,
-    kind: &str,
-    out: &Path,
-    seconds: f64,
-) -> Map<String, Value> {
-    let mut m = Map::new();
-    m.insert("image".into(), item.map_or(Value::Null, |i| json!(i.index)));
-    m.insert("step".into(), json!(step));
-    m.insert("kind".into(), json!(kind));
-    if let Some(i) = item {
-        let file = i.path.strip_prefix(out).unwrap_or(&i.path);
-        m.insert("file".into(), json!(file.display().to_string()));
+/// The row of `found` for `item` (none: a dataset-level step), its paths relative to `out`.
+fn row(item: Option<&Item>, step: &str, out: &Path, seconds: f64, found: Found) -> ResultRow {
+    ResultRow {
+        image: item.map(|i| i.index),
+        step: step.to_string(),
+        file: item.map(|i| {
+            let file = i.path.strip_prefix(out).unwrap_or(&i.path);
+            file.display().to_string()
+        }),
+        seconds: (seconds * 1000.0).round() / 1000.0,
+        found,
     }
-    m.insert("seconds".into(), json!((seconds * 1000.0).round() / 1000.0));
-    m
 }
 
 impl Runner<'_> {
@@ -356,11 +351,7 @@ impl Runner<'_> {
             let rows = rows
                 .into_iter()
                 .zip(items)
-                .map(|(data, item)| {
-                    let mut r = row(Some(item), id, &step.kind().name(), &self.out, seconds);
-                    r.extend(data);
-                    r
-                })
+                .map(|(found, item)| row(Some(item), id, &self.out, seconds, found))
                 .collect();
             results.append(rows)?;
             bar.inc(1);
@@ -403,22 +394,39 @@ impl Runner<'_> {
         chunk: &Chunk,
         maps: &mut HashMap<String, Tensor>,
         chunk_index: usize,
-    ) -> Result<(Rows, Option<Tensor>)> {
+    ) -> Result<(Vec<Found>, Option<Tensor>)> {
         let cx = self.context();
         if let Some(method) = steps::maps::method(step, cx.seed, cx.batch_size)? {
             let m = method.explain(cx.model, &chunk.pixels, &chunk.targets)?;
-            return Ok((cx.map_rows(chunk, id, &m)?, Some(m)));
+            let rows = cx
+                .map_rows(chunk, id, &m)?
+                .into_iter()
+                .filter_map(|map| Found::map_of(step.kind(), map))
+                .collect();
+            return Ok((rows, Some(m)));
         }
-        match step {
-            Step::Classify(s) => Ok((steps::classify::run(&cx, s, chunk)?, None)),
-            Step::RandomAttack(s) => Ok((steps::attacks::random(&cx, s, id, chunk)?, None)),
-            Step::AlphaSweep(s) => Ok((steps::attacks::alpha_sweep(&cx, s, chunk)?, None)),
-            Step::LocalAttack(s) => steps::attacks::local(&cx, s, id, chunk),
-            Step::SaliencyAttack(s) => Ok((steps::attacks::saliency(&cx, s, id, chunk)?, None)),
-            Step::MaskAttack(s) => steps::attacks::mask(&cx, s, id, chunk),
-            Step::Metrics(s) => Ok((self.metrics(s, id, chunk, maps, chunk_index)?, None)),
-            _ => Err(Error::Run(format!("step `{id}` does not run per image"))),
-        }
+        let (rows, m) = match step {
+            Step::Classify(s) => (steps::classify::run(&cx, s, chunk)?, None),
+            Step::RandomAttack(s) => (steps::attacks::random(&cx, s, id, chunk)?, None),
+            Step::AlphaSweep(s) => (steps::attacks::alpha_sweep(&cx, s, chunk)?, None),
+            Step::LocalAttack(s) => {
+                let (rows, m) = steps::attacks::local(&cx, s, id, chunk)?;
+                (rows, Some(m))
+            }
+            Step::SaliencyAttack(s) => (steps::attacks::saliency(&cx, s, id, chunk)?, None),
+            Step::MaskAttack(s) => {
+                let (rows, m) = steps::attacks::mask(&cx, s, id, chunk)?;
+                (rows, Some(m))
+            }
+            Step::Metrics(s) => {
+                let sources = self.scored_maps(s, id, maps, chunk_index)?;
+                let masks = self.lesion_masks(chunk)?;
+                let rows = steps::metrics::run(&cx, s, chunk, &masks, &sources)?;
+                (rows, None)
+            }
+            _ => return Err(Error::Run(format!("step `{id}` does not run per image"))),
+        };
+        Ok((rows, m))
     }
 
     /// What the steps need of the run.
@@ -432,24 +440,33 @@ impl Runner<'_> {
         }
     }
 
-    fn metrics(
+    /// The maps the metrics step `id` scores: those of the map-making steps before it (only
+    /// those it names in `of`, when it names any).
+    fn scored_maps(
         &self,
         s: &MetricsStep,
         id: &str,
-        chunk: &Chunk,
         maps: &mut HashMap<String, Tensor>,
         chunk_index: usize,
-    ) -> Result<Vec<Map<String, Value>>> {
-        let model = self.model.as_ref();
+    ) -> Result<Vec<ScoredMaps>> {
         let position = self.ids.iter().position(|i| i == id).unwrap_or(0);
-        let sources: Vec<(String, &Step)> = self.ids[..position]
+        self.ids[..position]
             .iter()
             .zip(&self.pipeline.steps)
             .filter(|(sid, st)| st.makes_maps() && (s.of.is_empty() || s.of.contains(sid)))
-            .map(|(sid, st)| (sid.clone(), st))
-            .collect();
-        let (_, _, h, w) = chunk.pixels.dims4()?;
-        let masks: Vec<Option<Vec<bool>>> = chunk
+            .map(|(sid, st)| {
+                Ok(ScoredMaps {
+                    id: sid.clone(),
+                    kind: st.kind(),
+                    maps: self.maps_of(sid, chunk_index, maps)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Each image's lesion mask, where it has one, preprocessed as the image.
+    fn lesion_masks(&self, chunk: &Chunk) -> Result<Vec<Option<Vec<bool>>>> {
+        chunk
             .items
             .iter()
             .map(|item| {
@@ -458,64 +475,7 @@ impl Runner<'_> {
                     .map(|m| source::load_mask(m, &self.preprocess))
                     .transpose()
             })
-            .collect::<Result<_>>()?;
-        let causal = CausalMetric {
-            pixels_per_step: s.pixels_per_step,
-            batch_size: self.pipeline.batch_size * 4,
-            ..CausalMetric::default()
-        };
-        let measure = |m: Measure| s.measures.contains(&m);
-        let mut per_image: Vec<Map<String, Value>> = vec![Map::new(); chunk.items.len()];
-        for (sid, st) in &sources {
-            let all = self.maps_of(sid, chunk_index, maps)?;
-            let game = match st {
-                Step::Gradient(_) | Step::Smoothgrad(_) | Step::IntegratedGradients(_) => {
-                    PointingGame::torchray()
-                }
-                _ => PointingGame {
-                    tolerance: 15.0,
-                    smooth: 0.0,
-                },
-            };
-            for i in 0..chunk.items.len() {
-                let map = all.get(i)?;
-                let mut scores = Map::new();
-                if let Some(mask) = masks[i]
-                    .as_ref()
-                    .filter(|m| m.len() == h * w && m.iter().any(|&b| b))
-                {
-                    if measure(Measure::PointingGame) {
-                        scores.insert(Measure::PointingGame.name(), json!(game.hit(&map, mask)?));
-                    }
-                    if measure(Measure::Auroc) && mask.iter().any(|&b| !b) {
-                        scores.insert(Measure::Auroc.name(), json!(auroc(&map, mask)?));
-                    }
-                    if measure(Measure::Iou) {
-                        scores.insert(Measure::Iou.name(), json!(iou(&map, mask, 0.5)?));
-                    }
-                }
-                let image = chunk.pixels.get(i)?;
-                let map_dev = map.to_device(model.device())?;
-                let target = chunk.targets[i];
-                if measure(Measure::Deletion) {
-                    scores.insert(
-                        Measure::Deletion.name(),
-                        json!(causal.deletion(model, &image, &map_dev, target)?.auc),
-                    );
-                }
-                if measure(Measure::Insertion) {
-                    scores.insert(
-                        Measure::Insertion.name(),
-                        json!(causal.insertion(model, &image, &map_dev, target)?.auc),
-                    );
-                }
-                per_image[i].insert(sid.clone(), Value::Object(scores));
-            }
-        }
-        Ok(per_image
-            .into_iter()
-            .map(|scores| Map::from_iter([("scores".to_string(), Value::Object(scores))]))
-            .collect())
+            .collect()
     }
 }
 
@@ -525,6 +485,6 @@ pub(crate) fn dataset_key(id: &str) -> RowKey {
 }
 
 /// A dataset-level result row.
-pub(crate) fn dataset_row(id: &str, kind: &str, out: &Path, seconds: f64) -> Map<String, Value> {
-    row(None, id, kind, out, seconds)
+pub(crate) fn dataset_row(id: &str, out: &Path, seconds: f64, found: Found) -> ResultRow {
+    row(None, id, out, seconds, found)
 }

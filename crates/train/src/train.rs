@@ -236,10 +236,12 @@ pub struct EpochStats {
     /// The epoch, counted from 1.
     pub epoch: usize,
     /// Mean cross-entropy per training image, measured during the epoch's steps (train mode).
+    #[serde(deserialize_with = "vulnmap_data::json::nan_from_null")]
     pub train_loss: f64,
     /// Fraction of training images classified correctly during the epoch's steps, in [0, 1].
     pub train_accuracy: f64,
     /// Mean cross-entropy per validation image (the training loss when that split is empty).
+    #[serde(deserialize_with = "vulnmap_data::json::nan_from_null")]
     pub val_loss: f64,
     /// Validation accuracy, in [0, 1] (the training accuracy when that split is empty).
     pub val_accuracy: f64,
@@ -255,8 +257,10 @@ pub struct TrainReport {
     /// The epoch whose weights were kept (best validation accuracy).
     pub best_epoch: usize,
     /// Mean cross-entropy per test image with the kept weights (NaN without a test split).
+    #[serde(deserialize_with = "vulnmap_data::json::nan_from_null")]
     pub test_loss: f64,
     /// Test accuracy with the kept weights, in [0, 1] (NaN without a test split).
+    #[serde(deserialize_with = "vulnmap_data::json::nan_from_null")]
     pub test_accuracy: f64,
 }
 

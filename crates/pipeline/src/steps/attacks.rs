@@ -2,15 +2,15 @@
 //! [`AttackConfig`], `saliency_attack` as a [`SaliencyAttack`], `mask_attack` as a
 //! [`LearnedMask`]), and each step's run on a chunk of images.
 
-use super::{Chunk, Rows, StepContext};
+use super::{Chunk, StepContext};
 use crate::error::{Error, Result};
+use crate::rows::{Found, LocalAttacked, MaskAttacked, RandomAttacked, SaliencyAttacked, Swept};
 use crate::schema::spelling;
 use crate::schema::{
     AlphaSweepStep, AttackSettings, LocalAttackStep, MaskAttackStep, RandomAttackStep,
     SaliencyAttackStep,
 };
 use candle_core::{DType, Device, Tensor};
-use serde_json::{json, Map, Value};
 use vulnmap_attacks::local::{local_attack, LocalAttack};
 use vulnmap_attacks::mask_attack::mask_attack;
 use vulnmap_attacks::random::random_attack;
@@ -78,7 +78,7 @@ pub(crate) fn random(
     s: &RandomAttackStep,
     id: &str,
     chunk: &Chunk,
-) -> Result<Rows> {
+) -> Result<Vec<Found>> {
     let model = cx.model;
     let n = chunk.items.len();
     let config = cx.attack_config(&s.attack())?;
@@ -87,25 +87,33 @@ pub(crate) fn random(
     if s.rounds == 1 {
         let outcomes = random_attack(model, &chunk.pixels, &vec![goal; n], &config)?;
         for (o, item) in outcomes.iter().zip(chunk.items) {
-            rows.push(cx.outcome_row(item, id, o)?);
+            rows.push(Found::RandomAttack(RandomAttacked {
+                outcome: cx.outcome(o),
+                figures: cx.attack_figures(item, id, o)?,
+                rounds: None,
+                iterations: None,
+            }));
         }
     } else {
         for (i, item) in chunk.items.iter().enumerate() {
             let (outcomes, stats) = rounds(model, &chunk.pixels, i, goal, s.rounds, &config)?;
-            let mut data = cx.outcome_row(item, id, &outcomes[0])?;
-            data.insert("rounds".into(), serde_json::to_value(&stats)?);
-            data.insert(
-                "iterations".into(),
-                json!(outcomes.iter().map(|o| o.iterations).collect::<Vec<_>>()),
-            );
-            rows.push(data);
+            rows.push(Found::RandomAttack(RandomAttacked {
+                outcome: cx.outcome(&outcomes[0]),
+                figures: cx.attack_figures(item, id, &outcomes[0])?,
+                rounds: Some(stats),
+                iterations: Some(outcomes.iter().map(|o| o.iterations).collect()),
+            }));
         }
     }
     Ok(rows)
 }
 
 /// Runs the alpha sweep `s` on every image of `chunk`.
-pub(crate) fn alpha_sweep(cx: &StepContext, s: &AlphaSweepStep, chunk: &Chunk) -> Result<Rows> {
+pub(crate) fn alpha_sweep(
+    cx: &StepContext,
+    s: &AlphaSweepStep,
+    chunk: &Chunk,
+) -> Result<Vec<Found>> {
     let model = cx.model;
     let n = chunk.items.len();
     let config = cx.attack_config(&s.attack())?;
@@ -120,9 +128,7 @@ pub(crate) fn alpha_sweep(cx: &StepContext, s: &AlphaSweepStep, chunk: &Chunk) -
             s.rounds,
             &config,
         )?;
-        let mut data = Map::new();
-        data.insert("sweep".into(), serde_json::to_value(&points)?);
-        rows.push(data);
+        rows.push(Found::AlphaSweep(Swept { sweep: points }));
     }
     Ok(rows)
 }
@@ -133,7 +139,7 @@ pub(crate) fn local(
     s: &LocalAttackStep,
     id: &str,
     chunk: &Chunk,
-) -> Result<(Rows, Option<Tensor>)> {
+) -> Result<(Vec<Found>, Tensor)> {
     let model = cx.model;
     let n = chunk.items.len();
     let config = cx.attack_config(&s.attack())?;
@@ -143,37 +149,34 @@ pub(crate) fn local(
         goal: s.attack().goal()?,
     };
     let mut all = Vec::new();
-    let mut rows = Vec::new();
+    let mut locals = Vec::new();
     for i in 0..n {
         let local = local_attack(model, &chunk.pixels, i, &spec, &config)?;
-        let best = local
-            .speeds
-            .iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1))
-            .map(|(k, _)| local.windows[k]);
-        let mut data = Map::new();
-        data.insert("windows".into(), json!(local.windows.len()));
-        data.insert("contrast".into(), json!(local.contrast));
-        data.insert(
-            "iterations".into(),
-            json!(local
-                .outcomes
-                .iter()
-                .map(|o| o.iterations)
-                .collect::<Vec<_>>()),
-        );
-        data.insert(
-            "successes".into(),
-            json!(local.outcomes.iter().filter(|o| o.success).count()),
-        );
-        data.insert("fastest_window".into(), json!(best));
-        rows.push(data);
-        all.push(local.map);
+        all.push(local.map.clone());
+        locals.push(local);
     }
     let m = Tensor::stack(&all, 0)?;
-    cx.add_map_rows(&mut rows, chunk, id, &m)?;
-    Ok((rows, Some(m)))
+    let rows = locals
+        .into_iter()
+        .zip(cx.map_rows(chunk, id, &m)?)
+        .map(|(local, map)| {
+            let fastest_window = local
+                .speeds
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .map(|(k, _)| local.windows[k]);
+            Found::LocalAttack(LocalAttacked {
+                windows: local.windows.len(),
+                contrast: local.contrast,
+                iterations: local.outcomes.iter().map(|o| o.iterations).collect(),
+                successes: local.outcomes.iter().filter(|o| o.success).count(),
+                fastest_window,
+                map,
+            })
+        })
+        .collect();
+    Ok((rows, m))
 }
 
 /// Runs the saliency-mask attack `s` and its random-mask controls on every image of `chunk`.
@@ -182,7 +185,7 @@ pub(crate) fn saliency(
     s: &SaliencyAttackStep,
     id: &str,
     chunk: &Chunk,
-) -> Result<Rows> {
+) -> Result<Vec<Found>> {
     let model = cx.model;
     let n = chunk.items.len();
     let config = cx.attack_config(&s.attack())?;
@@ -202,13 +205,14 @@ pub(crate) fn saliency(
     }
     let mut rows = Vec::new();
     for (i, item) in chunk.items.iter().enumerate() {
-        let mut data = cx.outcome_row(item, id, &outcomes[i])?;
-        let mut c = Map::new();
-        for (name, os) in &controls {
-            c.insert(name.clone(), cx.outcome(&os[i])?);
-        }
-        data.insert("controls".into(), Value::Object(c));
-        rows.push(data);
+        rows.push(Found::SaliencyAttack(SaliencyAttacked {
+            outcome: cx.outcome(&outcomes[i]),
+            figures: cx.attack_figures(item, id, &outcomes[i])?,
+            controls: controls
+                .iter()
+                .map(|(name, os)| (name.clone(), cx.outcome(&os[i])))
+                .collect(),
+        }));
     }
     Ok(rows)
 }
@@ -220,7 +224,7 @@ pub(crate) fn mask(
     s: &MaskAttackStep,
     id: &str,
     chunk: &Chunk,
-) -> Result<(Rows, Option<Tensor>)> {
+) -> Result<(Vec<Found>, Tensor)> {
     let model = cx.model;
     let n = chunk.items.len();
     let config = cx.attack_config(&s.attack())?;
@@ -234,8 +238,7 @@ pub(crate) fn mask(
     )?;
     let (_, _, h, w) = chunk.pixels.dims4()?;
     let mut masks = Vec::new();
-    let mut rows = Vec::new();
-    for (o, item) in outcomes.iter().zip(chunk.items) {
+    for o in &outcomes {
         let mask = match &o.mask {
             Some(m) => m
                 .to_device(&Device::Cpu)?
@@ -251,9 +254,19 @@ pub(crate) fn mask(
         );
         let mask = ((mask - lo as f64)? / ((hi - lo) as f64).max(1e-12))?;
         masks.push(mask);
-        rows.push(cx.outcome_row(item, id, o)?);
     }
     let m = Tensor::stack(&masks, 0)?;
-    cx.add_map_rows(&mut rows, chunk, id, &m)?;
-    Ok((rows, Some(m)))
+    let mut rows = Vec::new();
+    for ((o, item), map) in outcomes
+        .iter()
+        .zip(chunk.items)
+        .zip(cx.map_rows(chunk, id, &m)?)
+    {
+        rows.push(Found::MaskAttack(MaskAttacked {
+            outcome: cx.outcome(o),
+            figures: cx.attack_figures(item, id, o)?,
+            map,
+        }));
+    }
+    Ok((rows, m))
 }

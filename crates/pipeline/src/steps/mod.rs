@@ -5,23 +5,22 @@
 //! - [`maps`]: the saliency-method steps as [`vulnmap_saliency::Method`]s.
 //! - [`attacks`]: the attack steps: their settings as the attack library's, and their runs.
 //! - `classify`: the top classes of each image.
+//! - `metrics`: the scores of earlier steps' maps.
 
 pub mod attacks;
 pub(crate) mod classify;
 pub mod maps;
+pub(crate) mod metrics;
 
 use crate::error::{Error, Result};
 use crate::figures;
+use crate::rows::{AttackFigures, MapFound, Outcome};
 use crate::schema::AttackSettings;
 use crate::source::Item;
 use candle_core::Tensor;
-use serde_json::{json, Map, Value};
 use std::path::Path;
 use vulnmap_attacks::{AttackConfig, AttackOutcome};
 use vulnmap_models::Classifier;
-
-/// One result row's step-specific fields, per image.
-pub(crate) type Rows = Vec<Map<String, Value>>;
 
 /// Everything a step needs about the chunk it runs on.
 pub(crate) struct Chunk<'a> {
@@ -53,97 +52,57 @@ impl StepContext<'_> {
         Ok(attacks::config(a, self.seed, self.batch_size))
     }
 
-    /// An attack's outcome as a row value, with the class names of both labels.
-    pub(crate) fn outcome(&self, o: &AttackOutcome) -> Result<Value> {
-        let mut v = serde_json::to_value(o)?;
-        if let Value::Object(m) = &mut v {
-            let names = self.model.classes();
-            m.insert(
-                "name_from".into(),
-                json!(names.name(o.label_from).unwrap_or("")),
-            );
-            m.insert(
-                "name_to".into(),
-                json!(names.name(o.label_to).unwrap_or("")),
-            );
-        }
-        Ok(v)
+    /// An attack's outcome as a row holds it, with the class names of both labels.
+    pub(crate) fn outcome(&self, o: &AttackOutcome) -> Outcome {
+        Outcome::of(o, self.model.classes())
     }
 
-    /// Saves an attack's noise and perturbed image and puts their paths into `data`.
-    fn attack_figures(
+    /// Saves an attack's noise and perturbed image (with figures) and says where they went.
+    pub(crate) fn attack_figures(
         &self,
         item: &Item,
         id: &str,
         o: &AttackOutcome,
-        data: &mut Map<String, Value>,
-    ) -> Result<()> {
+    ) -> Result<AttackFigures> {
         if !self.figures {
-            return Ok(());
+            return Ok(AttackFigures::default());
         }
         let noise = figures::file(item, id, "noise");
         figures::save_noise(&o.noise, o.alpha, &self.out.join(&noise))?;
         let perturbed = figures::file(item, id, "perturbed");
         figures::save_rgb(&o.perturbed, &self.out.join(&perturbed))?;
-        data.insert("noise_figure".into(), json!(noise));
-        data.insert("perturbed_figure".into(), json!(perturbed));
-        Ok(())
-    }
-
-    /// An attack's row: its outcome and, with figures, its noise and perturbed image.
-    pub(crate) fn outcome_row(
-        &self,
-        item: &Item,
-        id: &str,
-        o: &AttackOutcome,
-    ) -> Result<Map<String, Value>> {
-        let mut data = Map::new();
-        data.insert("outcome".into(), self.outcome(o)?);
-        self.attack_figures(item, id, o, &mut data)?;
-        Ok(data)
-    }
-
-    /// Adds [`StepContext::map_rows`] to the rows of a step whose maps are `maps`.
-    pub(crate) fn add_map_rows(
-        &self,
-        rows: &mut Rows,
-        chunk: &Chunk,
-        id: &str,
-        maps: &Tensor,
-    ) -> Result<()> {
-        for (row, extra) in rows.iter_mut().zip(self.map_rows(chunk, id, maps)?) {
-            row.extend(extra);
-        }
-        Ok(())
+        Ok(AttackFigures {
+            noise_figure: Some(noise),
+            perturbed_figure: Some(perturbed),
+        })
     }
 
     /// Each image's target and, with figures, its map and overlay PNGs.
-    pub(crate) fn map_rows(&self, chunk: &Chunk, id: &str, maps: &Tensor) -> Result<Rows> {
+    pub(crate) fn map_rows(&self, chunk: &Chunk, id: &str, maps: &Tensor) -> Result<Vec<MapFound>> {
         let mut rows = Vec::new();
         for (i, item) in chunk.items.iter().enumerate() {
-            let mut data = Map::new();
-            let t = chunk.targets[i];
-            data.insert("target".into(), json!(t));
-            data.insert(
-                "target_name".into(),
-                json!(self.model.classes().name(t).unwrap_or("")),
-            );
+            let target = chunk.targets[i];
+            let mut found = MapFound {
+                target,
+                target_name: self.model.classes().name(target).unwrap_or("").to_string(),
+                map_figure: None,
+                overlay_figure: None,
+            };
             if self.figures {
-                let map = maps.get(i)?;
                 let (m, o) = (
                     figures::file(item, id, "map"),
                     figures::file(item, id, "overlay"),
                 );
                 figures::save_map(
-                    &map,
+                    &maps.get(i)?,
                     &chunk.pixels.get(i)?,
                     &self.out.join(&m),
                     &self.out.join(&o),
                 )?;
-                data.insert("map_figure".into(), json!(m));
-                data.insert("overlay_figure".into(), json!(o));
+                found.map_figure = Some(m);
+                found.overlay_figure = Some(o);
             }
-            rows.push(data);
+            rows.push(found);
         }
         Ok(rows)
     }

@@ -1,0 +1,84 @@
+//! The `metrics` step: scores the maps of earlier steps, per image, against the lesion masks
+//! (pointing game, AUROC, IoU) and against the model (deletion, insertion).
+
+use super::{Chunk, StepContext};
+use crate::error::Result;
+use crate::rows::{Found, Scored, Scores};
+use crate::schema::{Measure, MetricsStep, StepKind};
+use candle_core::Tensor;
+use std::collections::BTreeMap;
+use vulnmap_saliency::metrics::causal::CausalMetric;
+use vulnmap_saliency::metrics::localisation::{auroc, iou, PointingGame};
+
+/// The maps one earlier step made for the chunk's images.
+pub(crate) struct ScoredMaps {
+    /// The step's id.
+    pub(crate) id: String,
+    /// Its kind, which sets the pointing game's tolerance.
+    pub(crate) kind: StepKind,
+    /// `N x H x W`, on the CPU.
+    pub(crate) maps: Tensor,
+}
+
+/// Scores every map of `sources` for each image of `chunk`; `masks` are the images' lesion
+/// masks (`H x W`, row-major), where they have one.
+pub(crate) fn run(
+    cx: &StepContext,
+    s: &MetricsStep,
+    chunk: &Chunk,
+    masks: &[Option<Vec<bool>>],
+    sources: &[ScoredMaps],
+) -> Result<Vec<Found>> {
+    let model = cx.model;
+    let (_, _, h, w) = chunk.pixels.dims4()?;
+    let causal = CausalMetric {
+        pixels_per_step: s.pixels_per_step,
+        batch_size: cx.batch_size * 4,
+        ..CausalMetric::default()
+    };
+    let measure = |m: Measure| s.measures.contains(&m);
+    let mut per_image: Vec<BTreeMap<String, Scores>> = vec![BTreeMap::new(); chunk.items.len()];
+    for source in sources {
+        let game = match source.kind {
+            StepKind::Gradient | StepKind::Smoothgrad | StepKind::IntegratedGradients => {
+                PointingGame::torchray()
+            }
+            _ => PointingGame {
+                tolerance: 15.0,
+                smooth: 0.0,
+            },
+        };
+        for (i, scored) in per_image.iter_mut().enumerate() {
+            let map = source.maps.get(i)?;
+            let mut scores = Scores::default();
+            if let Some(mask) = masks[i]
+                .as_ref()
+                .filter(|m| m.len() == h * w && m.iter().any(|&b| b))
+            {
+                if measure(Measure::PointingGame) {
+                    scores.pointing_game = Some(game.hit(&map, mask)?);
+                }
+                if measure(Measure::Auroc) && mask.iter().any(|&b| !b) {
+                    scores.auroc = Some(auroc(&map, mask)?);
+                }
+                if measure(Measure::Iou) {
+                    scores.iou = Some(iou(&map, mask, 0.5)?);
+                }
+            }
+            let image = chunk.pixels.get(i)?;
+            let map_dev = map.to_device(model.device())?;
+            let target = chunk.targets[i];
+            if measure(Measure::Deletion) {
+                scores.deletion = Some(causal.deletion(model, &image, &map_dev, target)?.auc);
+            }
+            if measure(Measure::Insertion) {
+                scores.insertion = Some(causal.insertion(model, &image, &map_dev, target)?.auc);
+            }
+            scored.insert(source.id.clone(), scores);
+        }
+    }
+    Ok(per_image
+        .into_iter()
+        .map(|scores| Found::Metrics(Scored { scores }))
+        .collect())
+}
