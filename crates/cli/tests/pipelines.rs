@@ -43,6 +43,25 @@ fn an_invalid_pipeline_fails_with_its_line_before_running() {
 }
 
 #[test]
+fn a_missing_file_is_named_with_its_cause_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.yaml");
+    let out = vulnmap().arg("run").arg(&missing).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let cause = std::fs::read(&missing).unwrap_err().to_string();
+    assert!(
+        err.contains(&format!("{}: {cause}", missing.display())),
+        "{err}"
+    );
+    assert_eq!(
+        err.matches(&cause).count(),
+        1,
+        "the cause printed twice: {err}"
+    );
+}
+
+#[test]
 fn run_check_prints_the_resolved_pipeline() {
     let table1 =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../pipelines/table1.yaml");

@@ -245,11 +245,11 @@ impl Dataset {
 fn check_sample(sample: &Sample) -> Option<String> {
     let image = match load_rgb(&sample.path) {
         Ok(img) => img,
-        Err(e) => return Some(e.to_string()),
+        Err(e) => return Some(crate::describe(&e)),
     };
     let mask_path = sample.mask.as_ref()?;
     match load_rgb(mask_path) {
-        Err(e) => Some(format!("mask: {e}")),
+        Err(e) => Some(format!("mask: {}", crate::describe(&e))),
         Ok(mask) if mask.dimensions() != image.dimensions() => Some(format!(
             "mask {} is {}x{} but the image is {}x{}",
             mask_path.display(),

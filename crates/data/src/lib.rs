@@ -29,7 +29,7 @@ pub mod split;
 pub mod synthetic;
 
 pub use dataset::{Dataset, ManifestOptions, Modality, Sample, Skipped};
-pub use error::{Error, Result};
+pub use error::{describe, Error, Result};
 pub use image_io::{load_rgb, save_png, RgbImage};
 pub use preprocess::Preprocess;
 pub use split::{split_by_patient, Split, Splits};

@@ -535,7 +535,7 @@ impl SimpleBackend for CheckingBackend<'_> {
                 _ => Ok(t),
             },
             Err(e) => {
-                let msg = e.to_string();
+                let msg = vulnmap_data::describe(&e);
                 state.read_error.get_or_insert(e);
                 Err(candle_core::Error::Msg(msg))
             }
@@ -545,7 +545,7 @@ impl SimpleBackend for CheckingBackend<'_> {
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         self.checkpoint
             .tensor(name, dtype, dev)
-            .map_err(|e| candle_core::Error::Msg(e.to_string()))
+            .map_err(|e| candle_core::Error::Msg(vulnmap_data::describe(&e)))
     }
 
     fn contains_tensor(&self, name: &str) -> bool {

@@ -14,12 +14,12 @@ pub enum Error {
     Data(#[from] vulnmap_data::Error),
 
     /// A file could not be read or written.
-    #[error("{path}: {error}")]
+    #[error("{}", .path.display())]
     Io {
         /// The file being read or written.
         path: PathBuf,
-        /// The underlying I/O error.
-        error: std::io::Error,
+        /// The underlying I/O error (printed by `{:#}` chains, after the path).
+        source: std::io::Error,
     },
 
     /// The file is not a checkpoint we can read (truncated, corrupt, or another format).
@@ -61,7 +61,7 @@ impl Error {
     pub fn io(path: impl Into<PathBuf>, error: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            error,
+            source: error,
         }
     }
 

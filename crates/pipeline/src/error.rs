@@ -51,7 +51,7 @@ pub enum Error {
         source: Box<Error>,
     },
     /// A file or folder could not be read or written.
-    #[error("{}: {source}", .path.display())]
+    #[error("{}", .path.display())]
     Io {
         /// The file or folder concerned.
         path: PathBuf,
