@@ -83,17 +83,6 @@ enum MaskChoice {
 }
 
 pub(crate) fn run(args: Args) -> Result<()> {
-    let model = args.model.load()?;
-    if let Some(t) = args.target {
-        anyhow::ensure!(
-            t < model.classes().len(),
-            "--target {t}: the model has {} classes",
-            model.classes().len()
-        );
-    }
-    let size = model.input_spec().height as u32;
-    let preprocess = Preprocess::resize_crop(size * 256 / 224, size);
-    let goal = args.mode.goal(args.target)?;
     let saliency_step = SaliencyAttackStep::default();
     let mask_step = MaskAttackStep::default();
     let default_alpha = match args.mask {
@@ -110,6 +99,19 @@ pub(crate) fn run(args: Args) -> Result<()> {
         confidence: args.confidence,
         generator: args.generator,
     };
+    // The pipeline's checks, before the model is loaded.
+    vulnmap_pipeline::config::check_attack(&settings, "vulnmap attack")?;
+    let goal = settings.goal()?;
+    let model = args.model.load()?;
+    if let Some(t) = args.target {
+        anyhow::ensure!(
+            t < model.classes().len(),
+            "--target {t}: the model has {} classes",
+            model.classes().len()
+        );
+    }
+    let size = model.input_spec().height as u32;
+    let preprocess = Preprocess::resize_crop(size * 256 / 224, size);
     let config = AttackConfig {
         progress: true,
         ..attacks::config(&settings, args.seed, args.batch_size.max(1))

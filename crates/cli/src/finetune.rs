@@ -6,10 +6,10 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use vulnmap_data::split::{split_by_patient, summary, PAPER_FRACTIONS};
-use vulnmap_data::{Dataset, ManifestOptions, Preprocess};
+use vulnmap_data::{Dataset, ManifestOptions};
 use vulnmap_models::{zoo, Arch, Checkpoint, Classes, DeviceName};
-use vulnmap_train::optim::AdamConfig;
-use vulnmap_train::train::{fit, LrSchedule, TrainConfig, TrainableModel};
+use vulnmap_pipeline::schema::{FinetuneStep, Step};
+use vulnmap_train::train::{fit, TrainableModel};
 
 #[derive(clap::Args, Debug)]
 pub(crate) struct Args {
@@ -26,14 +26,17 @@ pub(crate) struct Args {
     /// Train from freshly initialised weights.
     #[arg(long, conflicts_with = "weights")]
     scratch: bool,
-    #[arg(long, default_value_t = 10)]
+    /// Passes over the training split.
+    #[arg(long, default_value_t = FinetuneStep::default().epochs)]
     epochs: usize,
-    #[arg(long, default_value_t = 1e-4)]
+    /// Adam's learning rate.
+    #[arg(long, default_value_t = FinetuneStep::default().lr)]
     lr: f64,
-    #[arg(long, default_value_t = 32)]
+    /// Training images per update.
+    #[arg(long, default_value_t = FinetuneStep::default().batch_size)]
     batch_size: usize,
     /// Adam weight decay (L2, as torch.optim.Adam).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = FinetuneStep::default().weight_decay)]
     weight_decay: f64,
     /// Cosine decay of the learning rate over the epochs (default: constant, as the paper).
     #[arg(long)]
@@ -42,13 +45,13 @@ pub(crate) struct Args {
     #[arg(long)]
     flips: bool,
     /// Gaussian noise of this standard deviation added to training pixels (0: none).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = FinetuneStep::default().noise)]
     noise: f64,
     /// Train only the new head.
     #[arg(long)]
     freeze_backbone: bool,
     /// Input size: images are resized (shorter side) to --resize and centre-cropped to this.
-    #[arg(long, default_value_t = 224)]
+    #[arg(long, default_value_t = FinetuneStep::default().size)]
     size: usize,
     /// Shorter side before the crop (default: --size, as the paper's code).
     #[arg(long)]
@@ -96,7 +99,27 @@ fn read_dataset(data: &Path, skip_bad: bool) -> Result<Dataset> {
     }
 }
 
+/// The pipeline's `finetune` step with the flags' settings.
+fn step(args: &Args) -> FinetuneStep {
+    FinetuneStep {
+        id: None,
+        epochs: args.epochs,
+        lr: args.lr,
+        weight_decay: args.weight_decay,
+        batch_size: args.batch_size,
+        freeze_backbone: args.freeze_backbone,
+        scratch: args.scratch,
+        cosine: args.cosine,
+        flips: args.flips,
+        noise: args.noise,
+        size: args.size,
+    }
+}
+
 pub(crate) fn run(args: Args) -> Result<()> {
+    let step = step(&args);
+    // The pipeline's checks, before any data is read.
+    vulnmap_pipeline::config::check_step(&Step::Finetune(step.clone()), "vulnmap finetune")?;
     let device = args.device.open()?;
     let dataset = Arc::new(read_dataset(&args.data, args.skip_bad)?);
     anyhow::ensure!(!dataset.is_empty(), "{}: no images", args.data.display());
@@ -127,30 +150,13 @@ pub(crate) fn run(args: Args) -> Result<()> {
     };
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
-    let config = TrainConfig {
-        epochs: args.epochs,
-        batch_size: args.batch_size,
-        adam: AdamConfig {
-            lr: args.lr,
-            weight_decay: args.weight_decay,
-            ..AdamConfig::default()
-        },
-        schedule: if args.cosine {
-            LrSchedule::Cosine
-        } else {
-            LrSchedule::Constant
-        },
-        seed: args.seed,
-        preprocess: Preprocess::resize_crop(
-            args.resize.unwrap_or(args.size as u32),
-            args.size as u32,
-        ),
-        freeze_backbone: args.freeze_backbone,
-        random_flips: args.flips,
-        noise_std: args.noise,
-        checkpoint: Some(args.out.join("best.safetensors")),
-        progress: true,
-    };
+    let config = vulnmap_pipeline::steps::finetune::train_config(
+        &step,
+        args.seed,
+        args.resize,
+        args.out.join("best.safetensors"),
+        true,
+    );
     let report = fit(&model, dataset, &splits, &config)?;
     let json = serde_json::to_string_pretty(&report)?;
     vulnmap_data::fs::write_atomic(&args.out.join("report.json"), json.as_bytes())?;

@@ -62,6 +62,24 @@ fn a_missing_file_is_named_with_its_cause_once() {
 }
 
 #[test]
+fn attack_flags_get_the_pipeline_checks_before_any_model_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = vulnmap()
+        .args(["attack", "x.png", "--model", "resnet18", "--alpha", "2"])
+        .arg("--out")
+        .arg(dir.path().join("out"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("vulnmap attack, `attack.alpha`: must be in (0, 1]"),
+        "{err}"
+    );
+    assert!(!err.contains("hub"), "checked before the model: {err}");
+}
+
+#[test]
 fn run_check_prints_the_resolved_pipeline() {
     let table1 =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../pipelines/table1.yaml");

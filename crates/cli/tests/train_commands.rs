@@ -126,6 +126,31 @@ fn bad_values_are_usage_errors_and_bad_data_fails_naming_the_line() {
         err.contains("manifest.csv:2:") && err.contains("nowhere.png"),
         "{err}"
     );
+
+    // The pipeline step's checks, before the data is read.
+    let out = vulnmap()
+        .args([
+            "finetune",
+            "--arch",
+            "tiny-resnet",
+            "--scratch",
+            "--epochs",
+            "0",
+        ])
+        .args(["--size", "16", "--data"])
+        .arg(dir.path())
+        .arg("--out")
+        .arg(dir.path().join("run"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("`finetune.epochs`: must be at least 1")
+            && err.contains("`finetune.size`: must be at least 32")
+            && !err.contains("nowhere.png"),
+        "{err}"
+    );
 }
 
 /// The rows of a `results.jsonl`, without the timing that differs between runs.

@@ -55,6 +55,32 @@ pub fn parse(text: &str, origin: &Path, base: &Path) -> Result<Pipeline> {
     }
 }
 
+/// Checks attack settings given outside a file (`vulnmap attack`'s flags) as a pipeline's attack
+/// step is checked; `origin` names where they came from, and each problem names the setting.
+pub fn check_attack(settings: &AttackSettings, origin: &str) -> Result<()> {
+    check_outside_a_file(origin, |c| c.attack(settings, "attack"))
+}
+
+/// Checks one step given outside a file (a CLI command's flags) as the same step in a pipeline
+/// is checked; `origin` names where it came from, and each problem names the setting.
+pub fn check_step(step: &Step, origin: &str) -> Result<()> {
+    check_outside_a_file(origin, |c| c.step(step, &step.kind().name(), 0, &[], &[]))
+}
+
+fn check_outside_a_file(origin: &str, check: impl FnOnce(&mut Checker)) -> Result<()> {
+    let mut checker = Checker {
+        origin: PathBuf::from(origin),
+        locations: Locations::of(""),
+        problems: Vec::new(),
+    };
+    check(&mut checker);
+    if checker.problems.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Config(checker.problems))
+    }
+}
+
 /// Parses pipeline YAML, steps as one-key maps (`- smoothgrad: {...}`) rather than YAML tags.
 pub fn from_yaml(text: &str) -> std::result::Result<Pipeline, serde_yaml_ng::Error> {
     serde_yaml_ng::with::singleton_map_recursive::deserialize(
@@ -439,6 +465,9 @@ impl Checker {
                 });
                 self.at_least_one(s.epochs, &f("epochs"));
                 self.positive(s.lr, &f("lr"));
+                self.check(s.weight_decay >= 0.0, &f("weight_decay"), || {
+                    format!("must be zero or more, got {}", s.weight_decay)
+                });
                 self.at_least_one(s.batch_size, &f("batch_size"));
                 self.check(s.size >= 32, &f("size"), || {
                     format!("must be at least 32, got {}", s.size)

@@ -11,10 +11,8 @@ use candle_core::{DType, Device};
 use std::path::Path;
 use std::sync::Arc;
 use vulnmap_data::split::{split_by_patient, PAPER_FRACTIONS};
-use vulnmap_data::Preprocess;
 use vulnmap_models::{zoo, Checkpoint, Classes, Classifier};
-use vulnmap_train::optim::AdamConfig;
-use vulnmap_train::train::{fit, LrSchedule, TrainConfig, TrainableModel};
+use vulnmap_train::train::{fit, TrainableModel};
 
 /// Fine-tunes (or, when its row is already in `results`, reloads) the model.
 #[allow(clippy::too_many_arguments)]
@@ -56,29 +54,13 @@ pub(crate) fn run(
         )?
     };
     std::fs::create_dir_all(best.parent().unwrap_or(out)).map_err(|e| Error::io(out, e))?;
-    let config = TrainConfig {
-        epochs: step.epochs,
-        batch_size: step.batch_size,
-        adam: AdamConfig {
-            lr: step.lr,
-            ..AdamConfig::default()
-        },
-        schedule: if step.cosine {
-            LrSchedule::Cosine
-        } else {
-            LrSchedule::Constant
-        },
-        seed: pipeline.seed,
-        preprocess: Preprocess::resize_crop(
-            pipeline.data.resize.unwrap_or(step.size as u32),
-            step.size as u32,
-        ),
-        freeze_backbone: step.freeze_backbone,
-        random_flips: step.flips,
-        noise_std: step.noise,
-        checkpoint: Some(best.clone()),
+    let config = crate::steps::finetune::train_config(
+        step,
+        pipeline.seed,
+        pipeline.data.resize,
+        best.clone(),
         progress,
-    };
+    );
     let start = std::time::Instant::now();
     let report = fit(&model, Arc::new(dataset), &splits, &config)?;
     let found = Found::Finetune(Finetuned {

@@ -805,6 +805,10 @@ pub struct FinetuneStep {
     pub epochs: usize,
     /// Adam's learning rate (default 1e-4).
     pub lr: f64,
+    /// Adam's weight decay (L2, as `torch.optim.Adam`; default 0, left out of the resolved file
+    /// then, so runs from before it existed still resume).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub weight_decay: f64,
     /// Training images per update (default 32).
     pub batch_size: usize,
     /// Train only the classification head (default false).
@@ -822,6 +826,10 @@ pub struct FinetuneStep {
     pub size: usize,
 }
 
+fn is_zero(v: &f64) -> bool {
+    *v == 0.0
+}
+
 impl Default for FinetuneStep {
     /// The paper's fine-tuning: Adam 1e-4, batch 32.
     fn default() -> Self {
@@ -829,6 +837,7 @@ impl Default for FinetuneStep {
             id: None,
             epochs: 10,
             lr: 1e-4,
+            weight_decay: 0.0,
             batch_size: 32,
             freeze_backbone: false,
             scratch: false,

@@ -5,10 +5,12 @@
 //! - [`maps`]: the saliency-method steps as [`vulnmap_saliency::Method`]s.
 //! - [`attacks`]: the attack steps: their settings as the attack library's, and their runs.
 //! - `classify`: the top classes of each image.
+//! - [`finetune`]: the fine-tuning settings as the training library's.
 //! - `metrics`: the scores of earlier steps' maps.
 
 pub mod attacks;
 pub(crate) mod classify;
+pub mod finetune;
 pub mod maps;
 pub(crate) mod metrics;
 
