@@ -10,9 +10,9 @@ use vulnmap_data::{Dataset, ManifestOptions};
 
 #[derive(clap::Args, Debug)]
 pub(crate) struct Args {
-    /// What to synthesise (only `fundus` so far).
-    #[arg(value_parser = ["fundus"])]
-    kind: String,
+    /// What to synthesise.
+    #[arg(value_enum)]
+    kind: SynthKind,
     /// Output folder (created); gets images/, masks beside the images, and manifest.csv.
     #[arg(long)]
     out: PathBuf,
@@ -30,9 +30,16 @@ pub(crate) struct Args {
     /// Probability that an eye also has a fluorescein angiogram.
     #[arg(long, default_value_t = 1.0, value_parser = parse_probability)]
     fa_fraction: f64,
-    /// `binary` (healthy, lesion) or `lesion-type` (healthy, haemorrhage, exudate, microaneurysm).
-    #[arg(long, default_value = "binary", value_parser = ["binary", "lesion-type"])]
-    labels: String,
+    /// What the labels say.
+    #[arg(long, value_enum, default_value_t)]
+    labels: LabelScheme,
+}
+
+/// The kinds of synthetic data set.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum SynthKind {
+    /// Colour fundus photographs and fluorescein angiograms with known lesions.
+    Fundus,
 }
 
 fn parse_probability(s: &str) -> std::result::Result<f64, String> {
@@ -43,17 +50,14 @@ fn parse_probability(s: &str) -> std::result::Result<f64, String> {
 }
 
 pub(crate) fn run(args: Args) -> Result<()> {
+    let SynthKind::Fundus = args.kind;
     let config = FundusConfig {
         patients: args.patients,
         size: args.size as usize,
         seed: args.seed,
         lesion_prevalence: args.lesion_prevalence,
         fa_fraction: args.fa_fraction,
-        labels: if args.labels == "binary" {
-            LabelScheme::Binary
-        } else {
-            LabelScheme::LesionType
-        },
+        labels: args.labels,
     };
     let start = Instant::now();
     let manifest = write_dataset(&config, &args.out)?;
