@@ -360,7 +360,13 @@ impl Checker {
         let f = |k: &str| format!("{at}.{k}");
         match step {
             Step::Classify(s) => self.at_least_one(s.top, &f("top")),
-            Step::Gradient(_) | Step::GradCam(_) => {}
+            Step::Gradient(_)
+            | Step::InputXGradient(_)
+            | Step::GradCam(_)
+            | Step::GradCamPlusPlus(_)
+            | Step::LayerCam(_)
+            | Step::EigenCam(_)
+            | Step::ScoreCam(_) => {}
             Step::Smoothgrad(s) => {
                 self.at_least_one(s.samples, &f("samples"));
                 self.positive(s.noise_level, &f("noise_level"));
@@ -458,6 +464,13 @@ impl Checker {
                     "no measures".into()
                 });
                 self.at_least_one(s.pixels_per_step, &f("pixels_per_step"));
+                self.positive(s.blur_sigma, &f("blur_sigma"));
+                self.check(s.blur_taps % 2 == 1, &f("blur_taps"), || {
+                    format!(
+                        "must be odd (a kernel centred on the pixel), got {}",
+                        s.blur_taps
+                    )
+                });
             }
             Step::Finetune(s) => {
                 self.check(index == 0, at, || {

@@ -84,9 +84,14 @@ impl ResultRow {
     pub fn map(&self) -> Option<&MapFound> {
         match &self.found {
             Found::Gradient(m)
+            | Found::InputXGradient(m)
             | Found::Smoothgrad(m)
             | Found::IntegratedGradients(m)
             | Found::GradCam(m)
+            | Found::GradCamPlusPlus(m)
+            | Found::LayerCam(m)
+            | Found::EigenCam(m)
+            | Found::ScoreCam(m)
             | Found::Occlusion(m)
             | Found::Rise(m) => Some(m),
             Found::LocalAttack(l) => Some(&l.map),
@@ -103,9 +108,14 @@ impl ResultRow {
 pub enum Found {
     Classify(Classified),
     Gradient(MapFound),
+    InputXGradient(MapFound),
     Smoothgrad(MapFound),
     IntegratedGradients(MapFound),
     GradCam(MapFound),
+    GradCamPlusPlus(MapFound),
+    LayerCam(MapFound),
+    EigenCam(MapFound),
+    ScoreCam(MapFound),
     Occlusion(MapFound),
     Rise(MapFound),
     RandomAttack(RandomAttacked),
@@ -123,9 +133,14 @@ impl Found {
         match self {
             Found::Classify(_) => StepKind::Classify,
             Found::Gradient(_) => StepKind::Gradient,
+            Found::InputXGradient(_) => StepKind::InputXGradient,
             Found::Smoothgrad(_) => StepKind::Smoothgrad,
             Found::IntegratedGradients(_) => StepKind::IntegratedGradients,
             Found::GradCam(_) => StepKind::GradCam,
+            Found::GradCamPlusPlus(_) => StepKind::GradCamPlusPlus,
+            Found::LayerCam(_) => StepKind::LayerCam,
+            Found::EigenCam(_) => StepKind::EigenCam,
+            Found::ScoreCam(_) => StepKind::ScoreCam,
             Found::Occlusion(_) => StepKind::Occlusion,
             Found::Rise(_) => StepKind::Rise,
             Found::RandomAttack(_) => StepKind::RandomAttack,
@@ -142,9 +157,14 @@ impl Found {
     pub(crate) fn map_of(kind: StepKind, map: MapFound) -> Option<Found> {
         Some(match kind {
             StepKind::Gradient => Found::Gradient(map),
+            StepKind::InputXGradient => Found::InputXGradient(map),
             StepKind::Smoothgrad => Found::Smoothgrad(map),
             StepKind::IntegratedGradients => Found::IntegratedGradients(map),
             StepKind::GradCam => Found::GradCam(map),
+            StepKind::GradCamPlusPlus => Found::GradCamPlusPlus(map),
+            StepKind::LayerCam => Found::LayerCam(map),
+            StepKind::EigenCam => Found::EigenCam(map),
+            StepKind::ScoreCam => Found::ScoreCam(map),
             StepKind::Occlusion => Found::Occlusion(map),
             StepKind::Rise => Found::Rise(map),
             _ => return None,
@@ -347,6 +367,10 @@ pub struct Scores {
     pub deletion: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub insertion: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sparseness: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub complexity: Option<f64>,
 }
 
 impl Scores {
@@ -358,6 +382,8 @@ impl Scores {
             Measure::Iou => self.iou,
             Measure::Deletion => self.deletion,
             Measure::Insertion => self.insertion,
+            Measure::Sparseness => self.sparseness,
+            Measure::Complexity => self.complexity,
         }
     }
 }

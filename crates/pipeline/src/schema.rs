@@ -186,12 +186,22 @@ pub enum Step {
     Classify(Classify),
     /// `gradient`: the vanilla input gradient map.
     Gradient(Gradient),
+    /// `input_x_gradient`: the input x gradient map.
+    InputXGradient(Gradient),
     /// `smoothgrad`: the SmoothGrad map.
     Smoothgrad(SmoothGradStep),
     /// `integrated_gradients`: the Integrated Gradients map.
     IntegratedGradients(IntegratedGradientsStep),
     /// `grad_cam`: the Grad-CAM map.
-    GradCam(GradCamStep),
+    GradCam(CamStep),
+    /// `grad_cam_plus_plus`: the Grad-CAM++ map.
+    GradCamPlusPlus(CamStep),
+    /// `layer_cam`: the LayerCAM map.
+    LayerCam(CamStep),
+    /// `eigen_cam`: the Eigen-CAM map (class-agnostic).
+    EigenCam(CamStep),
+    /// `score_cam`: the Score-CAM map.
+    ScoreCam(CamStep),
     /// `occlusion`: the sliding-window occlusion map.
     Occlusion(OcclusionStep),
     /// `rise`: the RISE map.
@@ -218,9 +228,14 @@ impl Step {
         match self {
             Step::Classify(_) => StepKind::Classify,
             Step::Gradient(_) => StepKind::Gradient,
+            Step::InputXGradient(_) => StepKind::InputXGradient,
             Step::Smoothgrad(_) => StepKind::Smoothgrad,
             Step::IntegratedGradients(_) => StepKind::IntegratedGradients,
             Step::GradCam(_) => StepKind::GradCam,
+            Step::GradCamPlusPlus(_) => StepKind::GradCamPlusPlus,
+            Step::LayerCam(_) => StepKind::LayerCam,
+            Step::EigenCam(_) => StepKind::EigenCam,
+            Step::ScoreCam(_) => StepKind::ScoreCam,
             Step::Occlusion(_) => StepKind::Occlusion,
             Step::Rise(_) => StepKind::Rise,
             Step::RandomAttack(_) => StepKind::RandomAttack,
@@ -237,10 +252,14 @@ impl Step {
     pub fn given_id(&self) -> Option<&str> {
         match self {
             Step::Classify(s) => s.id.as_deref(),
-            Step::Gradient(s) => s.id.as_deref(),
+            Step::Gradient(s) | Step::InputXGradient(s) => s.id.as_deref(),
             Step::Smoothgrad(s) => s.id.as_deref(),
             Step::IntegratedGradients(s) => s.id.as_deref(),
-            Step::GradCam(s) => s.id.as_deref(),
+            Step::GradCam(s)
+            | Step::GradCamPlusPlus(s)
+            | Step::LayerCam(s)
+            | Step::EigenCam(s)
+            | Step::ScoreCam(s) => s.id.as_deref(),
             Step::Occlusion(s) => s.id.as_deref(),
             Step::Rise(s) => s.id.as_deref(),
             Step::RandomAttack(s) => s.id.as_deref(),
@@ -258,9 +277,14 @@ impl Step {
         matches!(
             self,
             Step::Gradient(_)
+                | Step::InputXGradient(_)
                 | Step::Smoothgrad(_)
                 | Step::IntegratedGradients(_)
                 | Step::GradCam(_)
+                | Step::GradCamPlusPlus(_)
+                | Step::LayerCam(_)
+                | Step::EigenCam(_)
+                | Step::ScoreCam(_)
                 | Step::Occlusion(_)
                 | Step::Rise(_)
                 | Step::LocalAttack(_)
@@ -277,12 +301,22 @@ pub enum StepKind {
     Classify,
     /// `gradient`.
     Gradient,
+    /// `input_x_gradient`.
+    InputXGradient,
     /// `smoothgrad`.
     Smoothgrad,
     /// `integrated_gradients`.
     IntegratedGradients,
     /// `grad_cam`.
     GradCam,
+    /// `grad_cam_plus_plus`.
+    GradCamPlusPlus,
+    /// `layer_cam`.
+    LayerCam,
+    /// `eigen_cam`.
+    EigenCam,
+    /// `score_cam`.
+    ScoreCam,
     /// `occlusion`.
     Occlusion,
     /// `rise`.
@@ -324,6 +358,9 @@ impl std::fmt::Display for StepKind {
 pub enum MapStep {
     /// The vanilla input gradient.
     Gradient,
+    /// Input x gradient.
+    #[cfg_attr(feature = "clap", value(alias = "input_x_gradient"))]
+    InputXGradient,
     /// SmoothGrad.
     Smoothgrad,
     /// Integrated Gradients.
@@ -332,6 +369,18 @@ pub enum MapStep {
     /// Grad-CAM.
     #[cfg_attr(feature = "clap", value(alias = "grad_cam"))]
     GradCam,
+    /// Grad-CAM++.
+    #[cfg_attr(feature = "clap", value(alias = "grad_cam_plus_plus"))]
+    GradCamPlusPlus,
+    /// LayerCAM.
+    #[cfg_attr(feature = "clap", value(alias = "layer_cam"))]
+    LayerCam,
+    /// Eigen-CAM (class-agnostic).
+    #[cfg_attr(feature = "clap", value(alias = "eigen_cam"))]
+    EigenCam,
+    /// Score-CAM.
+    #[cfg_attr(feature = "clap", value(alias = "score_cam"))]
+    ScoreCam,
     /// Sliding-window occlusion.
     Occlusion,
     /// RISE.
@@ -349,11 +398,16 @@ impl MapStep {
     pub fn step(self) -> Step {
         match self {
             MapStep::Gradient => Step::Gradient(Gradient::default()),
+            MapStep::InputXGradient => Step::InputXGradient(Gradient::default()),
             MapStep::Smoothgrad => Step::Smoothgrad(SmoothGradStep::default()),
             MapStep::IntegratedGradients => {
                 Step::IntegratedGradients(IntegratedGradientsStep::default())
             }
-            MapStep::GradCam => Step::GradCam(GradCamStep::default()),
+            MapStep::GradCam => Step::GradCam(CamStep::default()),
+            MapStep::GradCamPlusPlus => Step::GradCamPlusPlus(CamStep::default()),
+            MapStep::LayerCam => Step::LayerCam(CamStep::default()),
+            MapStep::EigenCam => Step::EigenCam(CamStep::default()),
+            MapStep::ScoreCam => Step::ScoreCam(CamStep::default()),
             MapStep::Occlusion => Step::Occlusion(OcclusionStep::default()),
             MapStep::Rise => Step::Rise(RiseStep::default()),
             MapStep::LocalAttack => Step::LocalAttack(LocalAttackStep::default()),
@@ -448,10 +502,11 @@ impl Default for IntegratedGradientsStep {
     }
 }
 
-/// Grad-CAM on a named layer (default: the model's last feature map).
+/// A class activation map (Grad-CAM, Grad-CAM++, LayerCAM, Eigen-CAM, Score-CAM) on a named
+/// layer (default: the model's last feature map).
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct GradCamStep {
+pub struct CamStep {
     /// Names the step in `results.jsonl`, file names and `metrics.of` (default: its kind, with
     /// `-2`, `-3` ... on repeats).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -713,19 +768,26 @@ pub struct MetricsStep {
     /// Ids of the map-making steps to score; empty: all of them.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub of: Vec<String>,
-    /// `pointing_game`, `auroc`, `iou`, `deletion`, `insertion`.
+    /// `pointing_game`, `auroc`, `iou`, `deletion`, `insertion`, `sparseness`, `complexity`.
     pub measures: Vec<Measure>,
     /// Pixels changed per deletion/insertion step (RISE: 224 at 224 x 224).
     pub pixels_per_step: usize,
+    /// Standard deviation of insertion's blurred start, in pixels (RISE: 5).
+    pub blur_sigma: f64,
+    /// Taps of that blur's kernel, odd (RISE: 11); edges are reflected, as RISE's.
+    pub blur_taps: usize,
 }
 
 impl Default for MetricsStep {
     fn default() -> Self {
+        let rise = vulnmap_saliency::GaussianBlur::rise();
         Self {
             id: None,
             of: Vec::new(),
             measures: Measure::DEFAULT.to_vec(),
             pixels_per_step: 224,
+            blur_sigma: rise.sigma,
+            blur_taps: rise.taps.unwrap_or(11),
         }
     }
 }
@@ -746,6 +808,10 @@ pub enum Measure {
     Deletion,
     /// Area under the insertion curve (RISE): higher is better.
     Insertion,
+    /// The Gini index of the map (Chalasani et al.; Quantus): higher is sparser.
+    Sparseness,
+    /// The entropy of the map as a distribution (Bhatt et al.; Quantus): lower is simpler.
+    Complexity,
 }
 
 impl Measure {
@@ -758,12 +824,14 @@ impl Measure {
     ];
 
     /// Every measure, in the order tables list them.
-    pub const ALL: [Measure; 5] = [
+    pub const ALL: [Measure; 7] = [
         Measure::PointingGame,
         Measure::Auroc,
         Measure::Iou,
         Measure::Deletion,
         Measure::Insertion,
+        Measure::Sparseness,
+        Measure::Complexity,
     ];
 
     /// The measure's name in YAML and in `results.jsonl`.
@@ -779,6 +847,8 @@ impl Measure {
             Measure::Iou => "IoU@0.5",
             Measure::Deletion => "deletion AUC (lower is better)",
             Measure::Insertion => "insertion AUC (higher is better)",
+            Measure::Sparseness => "sparseness (Gini)",
+            Measure::Complexity => "complexity (entropy)",
         }
     }
 }

@@ -260,3 +260,64 @@ fn the_shipped_local_attack_pipeline_runs_and_finds_the_lesions() {
     );
     assert!(summary.report.unwrap().is_file());
 }
+
+/// Every class activation map rule and input x gradient as pipeline steps, scored by every
+/// measure: one row per image and step, each map scored, the concentration measures in range.
+#[test]
+fn every_map_method_runs_as_a_step_and_every_measure_scores_it() {
+    let text = "name: methods
+batch_size: 4
+data:
+  fundus_benchmark: {}
+  split: test
+  lesions_only: true
+  limit: 3
+outputs: {figures: false, report: false}
+steps:
+  - input_x_gradient: {}
+  - grad_cam_plus_plus: {layer: layer3}
+  - layer_cam: {layer: layer3}
+  - eigen_cam: {layer: layer3}
+  - score_cam: {layer: layer3}
+  - metrics: {measures: [pointing_game, auroc, iou, deletion, insertion, sparseness, complexity], pixels_per_step: 2048, blur_sigma: 3, blur_taps: 7}
+";
+    let pipeline = config::parse(text, Path::new("methods.yaml"), Path::new(".")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    runner::run(&pipeline, &options(dir.path(), None, false)).unwrap();
+    let rows = rows(dir.path());
+    assert_eq!(rows.len(), 3 * 6, "3 images x 6 steps");
+    let steps = [
+        "input_x_gradient",
+        "grad_cam_plus_plus",
+        "layer_cam",
+        "eigen_cam",
+        "score_cam",
+    ];
+    for step in steps {
+        assert_eq!(
+            rows.iter().filter(|r| r["kind"] == step).count(),
+            3,
+            "{step}"
+        );
+    }
+    let n = (128.0f64 * 128.0).ln();
+    for r in rows.iter().filter(|r| r["kind"] == "metrics") {
+        for step in steps {
+            let s = &r["scores"][step];
+            let gini = s["sparseness"].as_f64().unwrap();
+            let entropy = s["complexity"].as_f64().unwrap();
+            assert!((0.0..1.0).contains(&gini), "{r:?}");
+            assert!(entropy > 0.0 && entropy <= n, "{r:?}");
+            for m in ["auroc", "iou", "deletion", "insertion"] {
+                assert!(s[m].is_number(), "{step} {m}: {r:?}");
+            }
+            assert!(s["pointing_game"].is_boolean());
+        }
+    }
+    // A blur with an even number of taps has no centre: refused at its line.
+    let bad = text.replace("blur_taps: 7", "blur_taps: 8");
+    let e = config::parse(&bad, Path::new("methods.yaml"), Path::new("."))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("line 15") && e.contains("must be odd"), "{e}");
+}

@@ -1,4 +1,5 @@
-//! The vanilla gradient (Simonyan et al., 2014): how each pixel moves the target logit.
+//! The vanilla gradient (Simonyan et al., 2014): how each pixel moves the target logit; and
+//! input x gradient, the gradient times the pixel.
 
 use crate::error::Result;
 use crate::target::check_inputs;
@@ -71,5 +72,34 @@ impl Gradient {
         targets: &[usize],
     ) -> Result<Tensor> {
         input_gradients(model, pixels, targets, self.batch_size)
+    }
+}
+
+/// Input x gradient (Shrikumar et al., 2016; Captum's `InputXGradient`): each pixel times the
+/// gradient of the target logit with respect to it. vulnmap's inputs are pixels in [0, 1] (the
+/// model normalises inside), so this is pixels x gradient; Captum's is the normalised input x
+/// its gradient.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InputXGradient {
+    /// Images per backward pass (at least 1; default 16); bounds memory, not the result.
+    pub batch_size: usize,
+}
+
+impl Default for InputXGradient {
+    fn default() -> Self {
+        Self { batch_size: 16 }
+    }
+}
+
+impl InputXGradient {
+    /// `pixels * d logit_target / d pixels` (`N x C x H x W`).
+    pub fn attribute(
+        &self,
+        model: &dyn Classifier,
+        pixels: &Tensor,
+        targets: &[usize],
+    ) -> Result<Tensor> {
+        let grads = input_gradients(model, pixels, targets, self.batch_size)?;
+        Ok((grads * pixels)?)
     }
 }

@@ -17,26 +17,28 @@
 //! are seeded, so batched and unbatched runs give the same maps.
 //!
 //! Modules:
-//! - `gradient`: the vanilla input gradient (Simonyan et al.).
+//! - `gradient`: the vanilla input gradient (Simonyan et al.) and input x gradient.
 //! - `smoothgrad`: SmoothGrad, SmoothGrad-Squared and VarGrad; the paper's authors' preset.
 //! - `integrated_gradients`: Integrated Gradients, black or blurred baseline, Riemann or
 //!   Gauss-Legendre.
-//! - `grad_cam`: Grad-CAM on a named layer.
+//! - `cam`: class activation maps on a named layer: Grad-CAM, Grad-CAM++, LayerCAM,
+//!   Eigen-CAM, Score-CAM.
 //! - `occlusion`: sliding-window occlusion on the local attack's grid.
 //! - `rise`: RISE's random masks.
 //! - `method`: the methods by name with their default post-processing.
 //! - `postprocess`: channel reduction, percentile clipping, scaling to [0, 1], resizing.
-//! - [`metrics`]: deletion/insertion, pointing game, AUROC, IoU, randomisation check.
+//! - [`metrics`]: deletion/insertion, pointing game, AUROC, IoU, sparseness, complexity,
+//!   randomisation check.
 //! - [`render`]: colour maps, overlays, PNG output.
 //! - `grid`: the window grid shared with the local attack.
-//! - `blur`: Gaussian blur (IG baseline, insertion substrate).
+//! - `blur`: Gaussian blur (IG and occlusion baselines, insertion substrate).
 //! - `target`: predicted classes and input checks.
 //!
 //! Cargo features: none (CUDA comes through `vulnmap-models`).
 
 mod blur;
+mod cam;
 mod error;
-mod grad_cam;
 mod gradient;
 mod grid;
 mod integrated_gradients;
@@ -49,9 +51,10 @@ mod rise;
 mod smoothgrad;
 mod target;
 
+pub use blur::{Edges, GaussianBlur};
+pub use cam::{Cam, CamRule};
 pub use error::{Error, Result};
-pub use grad_cam::GradCam;
-pub use gradient::{input_gradients, Gradient};
+pub use gradient::{input_gradients, Gradient, InputXGradient};
 pub use grid::WindowGrid;
 pub use integrated_gradients::{Baseline, BaselineKind, IntegratedGradients, Integration};
 pub use method::Method;

@@ -2,7 +2,7 @@
 
 use crate::error::Result;
 use crate::postprocess::{PostProcess, Reduction};
-use crate::{GradCam, Gradient, IntegratedGradients, Occlusion, Rise, SmoothGrad};
+use crate::{Cam, Gradient, InputXGradient, IntegratedGradients, Occlusion, Rise, SmoothGrad};
 use candle_core::Tensor;
 use vulnmap_models::Classifier;
 
@@ -11,12 +11,15 @@ use vulnmap_models::Classifier;
 pub enum Method {
     /// The vanilla gradient (Simonyan et al., 2014).
     Gradient(Gradient),
+    /// Input x gradient (Shrikumar et al., 2016).
+    InputXGradient(InputXGradient),
     /// SmoothGrad (Smilkov et al., 2017): gradients averaged over noisy copies.
     SmoothGrad(SmoothGrad),
     /// Integrated Gradients (Sundararajan et al., 2017): gradients along a path from a baseline.
     IntegratedGradients(IntegratedGradients),
-    /// Grad-CAM (Selvaraju et al., 2017): a layer's feature maps weighted by their gradients.
-    GradCam(GradCam),
+    /// A class activation map (Grad-CAM, Grad-CAM++, LayerCAM, Eigen-CAM, Score-CAM): a layer's
+    /// feature maps, weighted by the rule.
+    Cam(Cam),
     /// Occlusion (Zeiler and Fergus, 2014): the target logit's drop when windows are covered.
     Occlusion(Occlusion),
     /// RISE (Petsiuk et al., 2018): the target probability through random smooth masks.
@@ -28,9 +31,10 @@ impl Method {
     pub fn name(&self) -> &'static str {
         match self {
             Method::Gradient(_) => "gradient",
+            Method::InputXGradient(_) => "input-x-gradient",
             Method::SmoothGrad(_) => "smoothgrad",
             Method::IntegratedGradients(_) => "integrated-gradients",
-            Method::GradCam(_) => "grad-cam",
+            Method::Cam(m) => m.rule.name(),
             Method::Occlusion(_) => "occlusion",
             Method::Rise(_) => "rise",
         }
@@ -40,16 +44,17 @@ impl Method {
     pub fn with_batch_size(mut self, batch_size: usize) -> Self {
         match &mut self {
             Method::Gradient(m) => m.batch_size = batch_size,
+            Method::InputXGradient(m) => m.batch_size = batch_size,
             Method::SmoothGrad(m) => m.batch_size = batch_size,
             Method::IntegratedGradients(m) => m.batch_size = batch_size,
-            Method::GradCam(m) => m.batch_size = batch_size,
+            Method::Cam(m) => m.batch_size = batch_size,
             Method::Occlusion(m) => m.batch_size = batch_size,
             Method::Rise(m) => m.batch_size = batch_size,
         }
         self
     }
 
-    /// Raw attributions (`N x C x H x W`, or `N x 1 x h x w` for Grad-CAM).
+    /// Raw attributions (`N x C x H x W`, or `N x 1 x h x w` for class activation maps).
     pub fn attribute(
         &self,
         model: &dyn Classifier,
@@ -58,9 +63,10 @@ impl Method {
     ) -> Result<Tensor> {
         match self {
             Method::Gradient(m) => m.attribute(model, pixels, targets),
+            Method::InputXGradient(m) => m.attribute(model, pixels, targets),
             Method::SmoothGrad(m) => m.attribute(model, pixels, targets),
             Method::IntegratedGradients(m) => m.attribute(model, pixels, targets),
-            Method::GradCam(m) => m.attribute(model, pixels, targets),
+            Method::Cam(m) => m.attribute(model, pixels, targets),
             Method::Occlusion(m) => m.attribute(model, pixels, targets),
             Method::Rise(m) => m.attribute(model, pixels, targets),
         }
@@ -70,10 +76,11 @@ impl Method {
     /// 99th percentile for gradient methods; the positive part scaled by its maximum for the rest.
     pub fn postprocess(&self) -> PostProcess {
         match self {
-            Method::Gradient(_) | Method::SmoothGrad(_) | Method::IntegratedGradients(_) => {
-                PostProcess::default()
-            }
-            Method::GradCam(_) | Method::Occlusion(_) | Method::Rise(_) => PostProcess {
+            Method::Gradient(_)
+            | Method::InputXGradient(_)
+            | Method::SmoothGrad(_)
+            | Method::IntegratedGradients(_) => PostProcess::default(),
+            Method::Cam(_) | Method::Occlusion(_) | Method::Rise(_) => PostProcess {
                 reduction: Reduction::Sum,
                 positive_only: true,
                 clip_percentile: None,

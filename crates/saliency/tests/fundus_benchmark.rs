@@ -14,7 +14,9 @@ use vulnmap_data::{Dataset, Preprocess};
 use vulnmap_models::{zoo, Arch, Checkpoint, Classifier, Score, ScoredClassifier};
 use vulnmap_saliency::metrics::localisation::{auroc, PointingGame};
 use vulnmap_saliency::metrics::randomisation::spearman;
-use vulnmap_saliency::{GradCam, Gradient, Method, Occlusion, OcclusionBaseline, SmoothGrad};
+use vulnmap_saliency::{
+    Cam, CamRule, Gradient, InputXGradient, Method, Occlusion, OcclusionBaseline, SmoothGrad,
+};
 use vulnmap_train::fundus_benchmark::{BenchmarkConfig, FundusBenchmark};
 
 struct Lesions {
@@ -80,8 +82,17 @@ fn lesion_images(count: usize) -> Lesions {
     }
 }
 
+/// A class activation map on layer3.
+fn layer3(rule: CamRule) -> Method {
+    Method::Cam(Cam {
+        rule,
+        layer: Some("layer3".into()),
+        batch_size: 16,
+    })
+}
+
 /// TorchRay's pointing game: 15 pixels of tolerance; gradient-type maps smoothed by 2% of the
-/// image first, Grad-CAM and occlusion as they are. Grad-CAM on layer3: at 128 px layer4 is a
+/// image first, class activation maps and occlusion as they are. Grad-CAM on layer3: at 128 px layer4 is a
 /// 4 x 4 map whose 32-pixel cells cannot resolve lesions (it scores about 0.4).
 #[test]
 fn saliency_methods_point_at_the_lesions() {
@@ -97,16 +108,22 @@ fn saliency_methods_point_at_the_lesions() {
         smooth: 0.0,
         ..smoothed
     };
+    // The least hit rate each method must reach. Input x gradient scales by the pixel, and the
+    // haemorrhages are dark (it reaches about 0.7, as does class-agnostic Eigen-CAM, whose
+    // first component is not the lesion on every image); the rest reach 0.75 or more.
     let methods = [
-        (Method::Gradient(Gradient::default()), smoothed),
-        (Method::SmoothGrad(SmoothGrad::authors()), smoothed),
+        (Method::Gradient(Gradient::default()), smoothed, 0.7),
+        (Method::SmoothGrad(SmoothGrad::authors()), smoothed, 0.7),
+        (layer3(CamRule::GradCam), raw, 0.7),
         (
-            Method::GradCam(GradCam {
-                layer: Some("layer3".into()),
-                ..GradCam::default()
-            }),
-            raw,
+            Method::InputXGradient(InputXGradient::default()),
+            smoothed,
+            0.6,
         ),
+        (layer3(CamRule::GradCamPlusPlus), raw, 0.7),
+        (layer3(CamRule::LayerCam), raw, 0.7),
+        (layer3(CamRule::ScoreCam), raw, 0.7),
+        (layer3(CamRule::EigenCam), raw, 0.6),
         (
             Method::Occlusion(Occlusion {
                 window: 16,
@@ -115,10 +132,11 @@ fn saliency_methods_point_at_the_lesions() {
                 ..Occlusion::default()
             }),
             raw,
+            0.7,
         ),
     ];
     let mut failures = Vec::new();
-    for (method, game) in methods {
+    for (method, game, least) in methods {
         let start = std::time::Instant::now();
         let maps = method
             .explain(data.model.as_ref(), &data.pixels, &targets)
@@ -136,9 +154,9 @@ fn saliency_methods_point_at_the_lesions() {
             area / n as f64,
             start.elapsed().as_secs_f64()
         );
-        if rate < 0.7 {
+        if rate < least {
             failures.push(format!(
-                "{}: pointing-game hit rate {rate:.2}",
+                "{}: pointing-game hit rate {rate:.2}, below {least}",
                 method.name()
             ));
         }
@@ -179,9 +197,9 @@ fn maps_change_when_the_top_layers_are_reinitialised() {
         g.sum(1).unwrap() // Reduction::Sum, without scaling: ranks are all that matter
     };
     let gradient = correlation(&signed(data.model.as_ref()), &signed(randomised.as_ref()));
-    let cam = Method::GradCam(GradCam {
+    let cam = Method::Cam(Cam {
         layer: Some("layer3".into()),
-        ..GradCam::default()
+        ..Cam::default()
     });
     let grad_cam = correlation(
         &cam.explain(data.model.as_ref(), &data.pixels, &targets)

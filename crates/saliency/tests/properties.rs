@@ -10,8 +10,9 @@ use std::path::Path;
 use vulnmap_data::random;
 use vulnmap_models::{Classes, Classifier, InputSpec};
 use vulnmap_saliency::{
-    input_gradients, Aggregate, Baseline, GradCam, Gradient, IntegratedGradients, Integration,
-    Method, Occlusion, OcclusionBaseline, Rise, SmoothGrad, WindowGrid,
+    input_gradients, Aggregate, Baseline, Cam, CamRule, Gradient, InputXGradient,
+    IntegratedGradients, Integration, Method, Occlusion, OcclusionBaseline, Rise, SmoothGrad,
+    WindowGrid,
 };
 use vulnmap_train::fundus_benchmark::{BenchmarkConfig, FundusBenchmark};
 
@@ -196,6 +197,159 @@ fn integrated_gradients_are_complete() {
     }
 }
 
+/// Pixels drawn uniformly from [0, 1].
+fn uniform_pixels(seed: u64, shape: (usize, usize, usize, usize)) -> Tensor {
+    let n = shape.0 * shape.1 * shape.2 * shape.3;
+    let v = random::uniform_vec(&mut random::rng(seed, "pixels"), n, 0.0, 1.0);
+    Tensor::from_vec(v, shape, &device()).unwrap()
+}
+
+fn values(t: &Tensor) -> Vec<f64> {
+    t.flatten_all()
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap()
+}
+
+fn assert_all_close(what: &str, got: &[f64], want: &[f64]) {
+    assert_eq!(got.len(), want.len(), "{what}");
+    for (p, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g - w).abs() < 1e-4 * w.abs().max(1.0),
+            "{what}, position {p}: {g} vs {w}"
+        );
+    }
+}
+
+#[test]
+fn input_x_gradient_of_a_linear_model_is_the_weight_times_the_pixel() {
+    let (c, h, w) = (3, 5, 4);
+    let model = Linear::new(3, (c, h, w));
+    let pixels = uniform_pixels(3, (2, c, h, w));
+    let targets = [2, 0];
+    let got = InputXGradient { batch_size: 1 }
+        .attribute(&model, &pixels, &targets)
+        .unwrap();
+    let weights = model.w.to_vec2::<f32>().unwrap();
+    for (i, &t) in targets.iter().enumerate() {
+        let x = values(&pixels.get(i).unwrap());
+        let want: Vec<f64> = x
+            .iter()
+            .zip(&weights[t])
+            .map(|(x, w)| x * *w as f64)
+            .collect();
+        assert_all_close("input x gradient", &values(&got.get(i).unwrap()), &want);
+    }
+}
+
+/// Every class activation map rule on the linear model's input "layer", where the activations
+/// are the pixels and the gradient of class t is its weight row, against the formulas worked by
+/// hand (pytorch-grad-cam's, written out per position).
+#[test]
+fn class_activation_maps_follow_their_formulas_on_a_linear_model() {
+    let (c, h, w) = (3, 6, 5);
+    let hw = h * w;
+    let model = Linear::new(4, (c, h, w));
+    let pixels = uniform_pixels(4, (2, c, h, w));
+    let targets = [3, 1];
+    let weights = model.w.to_vec2::<f32>().unwrap();
+    let bias = model.b.to_vec1::<f32>().unwrap();
+    let relu = |v: f64| v.max(0.0);
+    for rule in [
+        CamRule::GradCam,
+        CamRule::GradCamPlusPlus,
+        CamRule::LayerCam,
+        CamRule::ScoreCam,
+    ] {
+        let cam = Cam {
+            rule,
+            layer: None,
+            batch_size: 2,
+        };
+        let got = cam.attribute(&model, &pixels, &targets).unwrap();
+        assert_eq!(got.dims(), &[2, 1, h, w], "{rule:?}");
+        for (i, &t) in targets.iter().enumerate() {
+            let a = values(&pixels.get(i).unwrap()); // c x h x w
+            let g: Vec<f64> = weights[t].iter().map(|&v| v as f64).collect();
+            let channel_weights: Vec<f64> = match rule {
+                CamRule::GradCam => (0..c)
+                    .map(|k| g[k * hw..(k + 1) * hw].iter().sum::<f64>() / hw as f64)
+                    .collect(),
+                CamRule::GradCamPlusPlus => (0..c)
+                    .map(|k| {
+                        let sum_a: f64 = a[k * hw..(k + 1) * hw].iter().sum();
+                        (k * hw..(k + 1) * hw)
+                            .map(|p| {
+                                let alpha = g[p].powi(2)
+                                    / (2.0 * g[p].powi(2) + sum_a * g[p].powi(3) + 1e-6);
+                                alpha * relu(g[p])
+                            })
+                            .sum()
+                    })
+                    .collect(),
+                CamRule::ScoreCam => {
+                    let scores: Vec<f64> = (0..c)
+                        .map(|k| {
+                            let channel = &a[k * hw..(k + 1) * hw];
+                            let lo = channel.iter().cloned().fold(f64::INFINITY, f64::min);
+                            let hi = channel.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                            let mask: Vec<f64> = channel
+                                .iter()
+                                .map(|v| (v - lo) / (hi - lo + 1e-8))
+                                .collect();
+                            bias[t] as f64
+                                + (0..c * hw).map(|p| g[p] * a[p] * mask[p % hw]).sum::<f64>()
+                        })
+                        .collect();
+                    let top = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let e: Vec<f64> = scores.iter().map(|s| (s - top).exp()).collect();
+                    let total: f64 = e.iter().sum();
+                    e.iter().map(|v| v / total).collect()
+                }
+                _ => Vec::new(),
+            };
+            let want: Vec<f64> = (0..hw)
+                .map(|p| {
+                    relu(match rule {
+                        CamRule::LayerCam => {
+                            (0..c).map(|k| relu(g[k * hw + p]) * a[k * hw + p]).sum()
+                        }
+                        _ => (0..c).map(|k| channel_weights[k] * a[k * hw + p]).sum(),
+                    })
+                })
+                .collect();
+            assert_all_close(&format!("{rule:?}"), &values(&got.get(i).unwrap()), &want);
+        }
+    }
+}
+
+/// Eigen-CAM of activations that are a mean plus one pattern `u` (centred) times channel
+/// loadings `v`: the first principal component is `v`, the projection `|v| u`.
+#[test]
+fn eigen_cam_projects_on_the_first_principal_component() {
+    let (h, w) = (4, 6);
+    let loadings = [0.5f64, 1.5, -0.25];
+    let means = [0.2f64, 0.7, 0.4];
+    let raw: Vec<f64> = (0..h * w).map(|p| ((p * 7) % 11) as f64 / 11.0).collect();
+    let centre = raw.iter().sum::<f64>() / raw.len() as f64;
+    let u: Vec<f64> = raw.iter().map(|r| r - centre).collect();
+    let mut a = Vec::new();
+    for k in 0..3 {
+        a.extend(u.iter().map(|&x| (means[k] + x * loadings[k]) as f32));
+    }
+    let pixels = Tensor::from_vec(a, (1, 3, h, w), &device()).unwrap();
+    let model = Linear::new(2, (3, h, w));
+    let got = Cam::new(CamRule::EigenCam)
+        .attribute(&model, &pixels, &[0])
+        .unwrap();
+    let norm = loadings.iter().map(|v| v * v).sum::<f64>().sqrt();
+    // The loadings sum to more than zero, so the summed activations rise with u.
+    let want: Vec<f64> = u.iter().map(|x| (x * norm).max(0.0)).collect();
+    assert_all_close("Eigen-CAM", &values(&got), &want);
+}
+
 #[test]
 fn occlusion_on_a_linear_model_is_the_analytic_answer() {
     let (c, h, w) = (3, 10, 9);
@@ -278,7 +432,7 @@ fn batched_and_unbatched_runs_give_the_same_maps() {
             steps: 7,
             ..Default::default()
         }),
-        Method::GradCam(GradCam::default()),
+        Method::Cam(Cam::default()),
         Method::Occlusion(Occlusion {
             window: 32,
             stride: 24,
@@ -346,7 +500,7 @@ fn bad_parameters_are_refused_with_the_reason() {
         e.contains("300x300 window is larger than the 128x128 image"),
         "{e}"
     );
-    let e = err(GradCam {
+    let e = err(Cam {
         layer: Some("layer9".into()),
         ..Default::default()
     }

@@ -1,10 +1,12 @@
-//! The saliency-method steps (`gradient`, `smoothgrad`, `integrated_gradients`, `grad_cam`,
-//! `occlusion`, `rise`) as the saliency library's [`Method`]s.
+//! The saliency-method steps (`gradient`, `input_x_gradient`, `smoothgrad`,
+//! `integrated_gradients`, the class activation maps, `occlusion`, `rise`) as the saliency
+//! library's [`Method`]s.
 
 use crate::error::{Error, Result};
-use crate::schema::Step;
+use crate::schema::{CamStep, Step};
 use vulnmap_saliency::{
-    GradCam, Gradient, IntegratedGradients, Method, Occlusion, Rise, SmoothGrad,
+    Cam, CamRule, Gradient, InputXGradient, IntegratedGradients, Method, Occlusion, Rise,
+    SmoothGrad,
 };
 
 /// The saliency method `step` runs, drawing its noise from `seed` and evaluating the model on at
@@ -14,6 +16,7 @@ pub fn method(step: &Step, seed: u64, batch_size: usize) -> Result<Option<Method
     let bs = batch_size;
     Ok(match step {
         Step::Gradient(_) => Some(Method::Gradient(Gradient { batch_size: bs })),
+        Step::InputXGradient(_) => Some(Method::InputXGradient(InputXGradient { batch_size: bs })),
         Step::Smoothgrad(s) => Some(Method::SmoothGrad(SmoothGrad {
             samples: s.samples,
             noise_level: s.noise_level,
@@ -29,10 +32,12 @@ pub fn method(step: &Step, seed: u64, batch_size: usize) -> Result<Option<Method
             integration: s.integration,
             batch_size: bs,
         })),
-        Step::GradCam(s) => Some(Method::GradCam(GradCam {
-            layer: s.layer.clone(),
-            batch_size: bs,
-        })),
+        Step::GradCam(s) => Some(cam(CamRule::GradCam, s, bs)),
+        Step::GradCamPlusPlus(s) => Some(cam(CamRule::GradCamPlusPlus, s, bs)),
+        Step::LayerCam(s) => Some(cam(CamRule::LayerCam, s, bs)),
+        Step::EigenCam(s) => Some(cam(CamRule::EigenCam, s, bs)),
+        // Score-CAM's passes are forward only, as occlusion's.
+        Step::ScoreCam(s) => Some(cam(CamRule::ScoreCam, s, bs * 4)),
         Step::Occlusion(s) => Some(Method::Occlusion(Occlusion {
             window: s.window,
             stride: s.stride,
@@ -47,5 +52,13 @@ pub fn method(step: &Step, seed: u64, batch_size: usize) -> Result<Option<Method
             batch_size: bs * 4,
         })),
         _ => None,
+    })
+}
+
+fn cam(rule: CamRule, step: &CamStep, batch_size: usize) -> Method {
+    Method::Cam(Cam {
+        rule,
+        layer: step.layer.clone(),
+        batch_size,
     })
 }

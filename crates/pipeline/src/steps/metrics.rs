@@ -1,5 +1,6 @@
 //! The `metrics` step: scores the maps of earlier steps, per image, against the lesion masks
-//! (pointing game, AUROC, IoU) and against the model (deletion, insertion).
+//! (pointing game, AUROC, IoU), against the model (deletion, insertion) and by their own
+//! concentration (sparseness, complexity).
 
 use super::{Chunk, StepContext};
 use crate::error::Result;
@@ -8,7 +9,9 @@ use crate::schema::{Measure, MetricsStep, StepKind};
 use candle_core::Tensor;
 use std::collections::BTreeMap;
 use vulnmap_saliency::metrics::causal::CausalMetric;
+use vulnmap_saliency::metrics::complexity::{complexity, sparseness};
 use vulnmap_saliency::metrics::localisation::{auroc, iou, PointingGame};
+use vulnmap_saliency::GaussianBlur;
 
 /// The maps one earlier step made for the chunk's images.
 pub(crate) struct ScoredMaps {
@@ -33,16 +36,21 @@ pub(crate) fn run(
     let (_, _, h, w) = chunk.pixels.dims4()?;
     let causal = CausalMetric {
         pixels_per_step: s.pixels_per_step,
+        blur: GaussianBlur {
+            sigma: s.blur_sigma,
+            taps: Some(s.blur_taps),
+            ..GaussianBlur::rise()
+        },
         batch_size: cx.batch_size * 4,
-        ..CausalMetric::default()
     };
     let measure = |m: Measure| s.measures.contains(&m);
     let mut per_image: Vec<BTreeMap<String, Scores>> = vec![BTreeMap::new(); chunk.items.len()];
     for source in sources {
         let game = match source.kind {
-            StepKind::Gradient | StepKind::Smoothgrad | StepKind::IntegratedGradients => {
-                PointingGame::torchray()
-            }
+            StepKind::Gradient
+            | StepKind::InputXGradient
+            | StepKind::Smoothgrad
+            | StepKind::IntegratedGradients => PointingGame::torchray(),
             _ => PointingGame {
                 tolerance: 15.0,
                 smooth: 0.0,
@@ -73,6 +81,12 @@ pub(crate) fn run(
             }
             if measure(Measure::Insertion) {
                 scores.insertion = Some(causal.insertion(model, &image, &map_dev, target)?.auc);
+            }
+            if measure(Measure::Sparseness) {
+                scores.sparseness = Some(sparseness(&map)?);
+            }
+            if measure(Measure::Complexity) {
+                scores.complexity = Some(complexity(&map)?);
             }
             scored.insert(source.id.clone(), scores);
         }

@@ -1,8 +1,20 @@
-//! Deletion and insertion (Petsiuk et al., RISE, 2018): remove the most salient pixels first and
-//! watch the target probability fall (a good map falls fast: low area under the curve), or insert
-//! them into a blurred copy and watch it rise (a good map rises fast: high area).
+//! Deletion and insertion (Petsiuk et al., "RISE: Randomized Input Sampling for Explanation of
+//! Black-box Models", BMVC 2018): remove the most salient pixels first and watch the target
+//! probability fall (a good map falls fast: low area under the curve), or insert them into a
+//! blurred copy and watch it rise (a good map rises fast: high area).
+//!
+//! The defaults are RISE's protocol:
+//!
+//! | | deletion | insertion |
+//! |---|---|---|
+//! | start | the image | the image blurred: 11 taps, sigma 5, reflected edges |
+//! | each step | the next pixels (all channels) set to 0 | the next pixels copied from the image |
+//! | order | map value, highest first; ties in row-major order | the same |
+//! | pixels per step | 224 (224 steps at 224 x 224) | the same |
+//! | score | softmax probability of the target class | the same |
+//! | area | trapezoid over the fraction of pixels changed, 0 to 1 | the same |
 
-use crate::blur::gaussian_blur;
+use crate::blur::GaussianBlur;
 use crate::error::{ensure, Result};
 use candle_core::{DType, Tensor};
 use vulnmap_models::Classifier;
@@ -12,8 +24,8 @@ use vulnmap_models::Classifier;
 pub struct CausalMetric {
     /// Pixels changed per step (224 in RISE's protocol at 224 x 224).
     pub pixels_per_step: usize,
-    /// Standard deviation of the insertion substrate's blur, in pixels (RISE: 5).
-    pub blur_sigma: f64,
+    /// The blur that makes insertion's starting image (RISE: 11 taps, sigma 5, reflected).
+    pub blur: GaussianBlur,
     /// Step images per forward pass.
     pub batch_size: usize,
 }
@@ -22,7 +34,7 @@ impl Default for CausalMetric {
     fn default() -> Self {
         Self {
             pixels_per_step: 224,
-            blur_sigma: 5.0,
+            blur: GaussianBlur::rise(),
             batch_size: 32,
         }
     }
@@ -60,7 +72,7 @@ impl CausalMetric {
         map: &Tensor,
         target: usize,
     ) -> Result<Curve> {
-        let blurred = gaussian_blur(&image.unsqueeze(0)?, self.blur_sigma)?.squeeze(0)?;
+        let blurred = self.blur.apply(&image.unsqueeze(0)?)?.squeeze(0)?;
         self.curve(model, &blurred, image, map, target)
     }
 
@@ -88,8 +100,9 @@ impl CausalMetric {
                 model.num_classes()
             )
         })?;
-        // Rank of every pixel, most salient first (ties by position, so the order is fixed).
-        let values = map.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        // Rank of every pixel, most salient first (ties by position, so the order is fixed), in
+        // double precision so that no two values of a double map tie by rounding.
+        let values = map.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
         let mut order: Vec<usize> = (0..values.len()).collect();
         order.sort_by(|&a, &b| values[b].total_cmp(&values[a]).then(a.cmp(&b)));
         let mut rank = vec![0f32; values.len()];

@@ -1,6 +1,8 @@
 //! How good is a saliency map: causal metrics (deletion and insertion), localisation against a
-//! known mask (pointing game, AUROC, IoU) and the model-randomisation sanity check.
+//! known mask (pointing game, AUROC, IoU), how concentrated it is (sparseness, complexity) and
+//! the model-randomisation sanity check.
 
 pub mod causal;
+pub mod complexity;
 pub mod localisation;
 pub mod randomisation;
