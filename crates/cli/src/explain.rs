@@ -2,9 +2,12 @@
 
 use crate::model_args::ModelArgs;
 use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use vulnmap_data::npy::write_npy;
 use vulnmap_data::Preprocess;
 use vulnmap_models::{Score, ScoredClassifier};
 use vulnmap_pipeline::schema::MapStep;
@@ -29,7 +32,8 @@ pub(crate) struct Args {
     /// two-class models.
     #[arg(long, value_enum, default_value_t)]
     score: Score,
-    /// Output folder for <image>_<method>.png and <image>_<method>_overlay.png.
+    /// Output folder for <image>_<method>.png and <image>_<method>_overlay.png (and, with
+    /// --save-maps, the arrays).
     #[arg(long, default_value = "explanations")]
     out: PathBuf,
     /// Resize the shorter side to this before cropping (default 256/224 of the input size).
@@ -38,6 +42,15 @@ pub(crate) struct Args {
     /// Images per forward/backward pass.
     #[arg(long, default_value_t = 16)]
     batch_size: usize,
+    /// Also write each map as numbers: `<image>_<method>.safetensors` (tensor `map`, H x W in
+    /// [0, 1]) and `<image>_<method>.npy` (for `numpy.load`).
+    #[arg(long)]
+    save_maps: bool,
+    /// With --save-maps, also the raw attribution before post-processing (tensor `attribution`
+    /// in the safetensors file, and `<image>_<method>_raw.npy`): C x H x W, or 1 x h x w at the
+    /// layer's resolution for class activation maps.
+    #[arg(long, requires = "save_maps")]
+    raw: bool,
     /// One JSON object per image on stdout.
     #[arg(long)]
     json: bool,
@@ -51,6 +64,37 @@ struct Explained<'a> {
     target_name: &'a str,
     map: PathBuf,
     overlay: PathBuf,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    arrays: Vec<PathBuf>,
+}
+
+/// Writes image `stem`'s map (and, with `raw`, its attribution) as safetensors and `.npy` into
+/// `out`; returns the files written.
+fn save_arrays(
+    out: &Path,
+    stem: &str,
+    method: &str,
+    map: &Tensor,
+    attribution: Option<&Tensor>,
+) -> Result<Vec<PathBuf>> {
+    let map = map.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+    let mut tensors = HashMap::from([("map".to_string(), map.clone())]);
+    let file = out.join(format!("{stem}_{method}.safetensors"));
+    let npy = out.join(format!("{stem}_{method}.npy"));
+    write_npy(&npy, &map.flatten_all()?.to_vec1::<f32>()?, map.dims())?;
+    let mut written = vec![file.clone(), npy];
+    if let Some(a) = attribution {
+        let a = a.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+        let raw = out.join(format!("{stem}_{method}_raw.npy"));
+        write_npy(&raw, &a.flatten_all()?.to_vec1::<f32>()?, a.dims())?;
+        tensors.insert("attribution".to_string(), a);
+        written.push(raw);
+    }
+    let tmp = vulnmap_data::fs::temp_path(&file);
+    candle_core::safetensors::save(&tensors, &tmp)
+        .with_context(|| format!("writing {}", file.display()))?;
+    vulnmap_data::fs::rename(&tmp, &file)?;
+    Ok(written)
 }
 
 pub(crate) fn run(args: Args) -> Result<()> {
@@ -78,7 +122,9 @@ pub(crate) fn run(args: Args) -> Result<()> {
             Some(t) => vec![t; chunk.len()],
             None => vulnmap_saliency::predicted_classes(&model, &pixels, args.batch_size)?,
         };
-        let maps = method.explain(&model, &pixels, &targets)?;
+        let (_, _, h, w) = pixels.dims4()?;
+        let attributions = method.attribute(&model, &pixels, &targets)?;
+        let maps = method.postprocess().apply(&attributions, (h, w))?;
         for (i, path) in chunk.iter().enumerate() {
             let stem = path
                 .file_stem()
@@ -90,6 +136,12 @@ pub(crate) fn run(args: Args) -> Result<()> {
                 .join(format!("{stem}_{}_overlay.png", method.name()));
             let map = maps.get(i)?;
             save(&colorize(&map, Colormap::Inferno)?, &map_path)?;
+            let arrays = if args.save_maps {
+                let raw = args.raw.then(|| attributions.get(i)).transpose()?;
+                save_arrays(&args.out, &stem, method.name(), &map, raw.as_ref())?
+            } else {
+                Vec::new()
+            };
             save(
                 &overlay(&pixels.get(i)?, &map, 0.5, Colormap::Inferno)?,
                 &overlay_path,
@@ -105,6 +157,7 @@ pub(crate) fn run(args: Args) -> Result<()> {
                     target_name: name,
                     map: map_path,
                     overlay: overlay_path,
+                    arrays,
                 };
                 writeln!(out, "{}", serde_json::to_string(&line)?)?;
             } else {

@@ -11,6 +11,7 @@
 //! - [`random`]: seeded random draws, identical across runs and devices for a seed.
 //! - [`fs`]: writing files through a temporary file and a rename.
 //! - [`json`]: NaN through JSON (written as `null`, read back as NaN).
+//! - [`npy`]: NumPy `.npy` files, for arrays handed to Python.
 //! - [`assets`]: locating the shared example images, weights and reference fixtures.
 //! - `error`: errors that name the file (and manifest line) at fault.
 //!
@@ -23,6 +24,7 @@ pub mod fs;
 pub mod image_io;
 pub mod json;
 pub mod loader;
+pub mod npy;
 mod preprocess;
 pub mod random;
 pub mod split;
