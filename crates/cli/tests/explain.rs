@@ -46,7 +46,7 @@ fn explain_writes_a_map_and_an_overlay_per_image() {
         .args([
             "explain",
             "--method",
-            "lime",
+            "deconvnet",
             "--model",
             "efficientnet-lite0",
             "x.png",
@@ -55,7 +55,10 @@ fn explain_writes_a_map_and_an_overlay_per_image() {
         .unwrap();
     assert_eq!(bad.status.code(), Some(2));
     let err = String::from_utf8_lossy(&bad.stderr);
-    assert!(err.contains("lime") && err.contains("grad-cam"), "{err}");
+    assert!(
+        err.contains("deconvnet") && err.contains("grad-cam"),
+        "{err}"
+    );
 }
 
 /// The values of a `.npy` file of little-endian f32 (its shape from the header, by hand).

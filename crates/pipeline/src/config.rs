@@ -385,6 +385,17 @@ impl Checker {
                 self.at_least_one(s.stride, &f("stride"));
                 self.positive(s.sigma, &f("sigma"));
             }
+            Step::Lime(s) | Step::KernelShap(s) => {
+                self.at_least_one(s.cells, &f("cells"));
+                self.check(s.samples > s.cells * s.cells + 1, &f("samples"), || {
+                    format!(
+                        "must be more than the superpixels plus one ({}), got {}",
+                        s.cells * s.cells + 1,
+                        s.samples
+                    )
+                });
+                self.positive(s.sigma, &f("sigma"));
+            }
             Step::Rise(s) => {
                 self.at_least_one(s.masks, &f("masks"));
                 self.at_least_one(s.cells, &f("cells"));

@@ -93,7 +93,9 @@ impl ResultRow {
             | Found::EigenCam(m)
             | Found::ScoreCam(m)
             | Found::Occlusion(m)
-            | Found::Rise(m) => Some(m),
+            | Found::Rise(m)
+            | Found::Lime(m)
+            | Found::KernelShap(m) => Some(m),
             Found::LocalAttack(l) => Some(&l.map),
             Found::MaskAttack(a) => Some(&a.map),
             _ => None,
@@ -118,6 +120,8 @@ pub enum Found {
     ScoreCam(MapFound),
     Occlusion(MapFound),
     Rise(MapFound),
+    Lime(MapFound),
+    KernelShap(MapFound),
     RandomAttack(RandomAttacked),
     AlphaSweep(Swept),
     LocalAttack(LocalAttacked),
@@ -143,6 +147,8 @@ impl Found {
             Found::ScoreCam(_) => StepKind::ScoreCam,
             Found::Occlusion(_) => StepKind::Occlusion,
             Found::Rise(_) => StepKind::Rise,
+            Found::Lime(_) => StepKind::Lime,
+            Found::KernelShap(_) => StepKind::KernelShap,
             Found::RandomAttack(_) => StepKind::RandomAttack,
             Found::AlphaSweep(_) => StepKind::AlphaSweep,
             Found::LocalAttack(_) => StepKind::LocalAttack,
@@ -167,6 +173,8 @@ impl Found {
             StepKind::ScoreCam => Found::ScoreCam(map),
             StepKind::Occlusion => Found::Occlusion(map),
             StepKind::Rise => Found::Rise(map),
+            StepKind::Lime => Found::Lime(map),
+            StepKind::KernelShap => Found::KernelShap(map),
             _ => return None,
         })
     }

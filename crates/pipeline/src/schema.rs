@@ -206,6 +206,10 @@ pub enum Step {
     Occlusion(OcclusionStep),
     /// `rise`: the RISE map.
     Rise(RiseStep),
+    /// `lime`: LIME's superpixel map.
+    Lime(SurrogateStep),
+    /// `kernel_shap`: KernelSHAP's superpixel map.
+    KernelShap(SurrogateStep),
     /// `random_attack`: whole-image noise until the label flips.
     RandomAttack(RandomAttackStep),
     /// `alpha_sweep`: the random attack's iterations against the noise strength.
@@ -238,6 +242,8 @@ impl Step {
             Step::ScoreCam(_) => StepKind::ScoreCam,
             Step::Occlusion(_) => StepKind::Occlusion,
             Step::Rise(_) => StepKind::Rise,
+            Step::Lime(_) => StepKind::Lime,
+            Step::KernelShap(_) => StepKind::KernelShap,
             Step::RandomAttack(_) => StepKind::RandomAttack,
             Step::AlphaSweep(_) => StepKind::AlphaSweep,
             Step::LocalAttack(_) => StepKind::LocalAttack,
@@ -262,6 +268,7 @@ impl Step {
             | Step::ScoreCam(s) => s.id.as_deref(),
             Step::Occlusion(s) => s.id.as_deref(),
             Step::Rise(s) => s.id.as_deref(),
+            Step::Lime(s) | Step::KernelShap(s) => s.id.as_deref(),
             Step::RandomAttack(s) => s.id.as_deref(),
             Step::AlphaSweep(s) => s.id.as_deref(),
             Step::LocalAttack(s) => s.id.as_deref(),
@@ -287,6 +294,8 @@ impl Step {
                 | Step::ScoreCam(_)
                 | Step::Occlusion(_)
                 | Step::Rise(_)
+                | Step::Lime(_)
+                | Step::KernelShap(_)
                 | Step::LocalAttack(_)
                 | Step::MaskAttack(_)
         )
@@ -321,6 +330,10 @@ pub enum StepKind {
     Occlusion,
     /// `rise`.
     Rise,
+    /// `lime`.
+    Lime,
+    /// `kernel_shap`.
+    KernelShap,
     /// `random_attack`.
     RandomAttack,
     /// `alpha_sweep`.
@@ -385,6 +398,11 @@ pub enum MapStep {
     Occlusion,
     /// RISE.
     Rise,
+    /// LIME on superpixels.
+    Lime,
+    /// KernelSHAP on superpixels.
+    #[cfg_attr(feature = "clap", value(alias = "kernel_shap"))]
+    KernelShap,
     /// The local attack's window map.
     #[cfg_attr(feature = "clap", value(alias = "local_attack"))]
     LocalAttack,
@@ -410,6 +428,8 @@ impl MapStep {
             MapStep::ScoreCam => Step::ScoreCam(CamStep::default()),
             MapStep::Occlusion => Step::Occlusion(OcclusionStep::default()),
             MapStep::Rise => Step::Rise(RiseStep::default()),
+            MapStep::Lime => Step::Lime(SurrogateStep::default()),
+            MapStep::KernelShap => Step::KernelShap(SurrogateStep::default()),
             MapStep::LocalAttack => Step::LocalAttack(LocalAttackStep::default()),
             MapStep::MaskAttack => Step::MaskAttack(MaskAttackStep::default()),
         }
@@ -542,6 +562,37 @@ impl Default for OcclusionStep {
             window: 32,
             stride: 16,
             baseline: BaselineKind::Blurred,
+            sigma: 10.0,
+        }
+    }
+}
+
+/// LIME or KernelSHAP on a grid of superpixels (`baseline`: what an "off" superpixel becomes).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SurrogateStep {
+    /// Names the step in `results.jsonl`, file names and `metrics.of` (default: its kind, with
+    /// `-2`, `-3` ... on repeats).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Superpixels per side of the grid (default 8: 64 superpixels).
+    pub cells: usize,
+    /// Patterns scored per image (default 1000).
+    pub samples: usize,
+    /// What an "off" superpixel becomes: `black` (the default, Captum's), `grey` or `blurred`.
+    pub baseline: BaselineKind,
+    /// Blur of the `blurred` baseline, in pixels (default 10).
+    pub sigma: f64,
+}
+
+impl Default for SurrogateStep {
+    fn default() -> Self {
+        let lime = vulnmap_saliency::Surrogate::lime();
+        Self {
+            id: None,
+            cells: lime.cells,
+            samples: lime.samples,
+            baseline: BaselineKind::Black,
             sigma: 10.0,
         }
     }

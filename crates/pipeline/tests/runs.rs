@@ -261,7 +261,8 @@ fn the_shipped_local_attack_pipeline_runs_and_finds_the_lesions() {
     assert!(summary.report.unwrap().is_file());
 }
 
-/// Every class activation map rule and input x gradient as pipeline steps, scored by every
+/// Every class activation map rule, input x gradient, LIME and KernelSHAP as pipeline steps,
+/// scored by every
 /// measure: one row per image and step, each map scored, the concentration measures in range.
 #[test]
 fn every_map_method_runs_as_a_step_and_every_measure_scores_it() {
@@ -279,19 +280,23 @@ steps:
   - layer_cam: {layer: layer3}
   - eigen_cam: {layer: layer3}
   - score_cam: {layer: layer3}
+  - lime: {cells: 4, samples: 40}
+  - kernel_shap: {cells: 4, samples: 40, baseline: blurred}
   - metrics: {measures: [pointing_game, auroc, iou, deletion, insertion, sparseness, complexity], pixels_per_step: 2048, blur_sigma: 3, blur_taps: 7}
 ";
     let pipeline = config::parse(text, Path::new("methods.yaml"), Path::new(".")).unwrap();
     let dir = tempfile::tempdir().unwrap();
     runner::run(&pipeline, &options(dir.path(), None, false)).unwrap();
     let rows = rows(dir.path());
-    assert_eq!(rows.len(), 3 * 6, "3 images x 6 steps");
+    assert_eq!(rows.len(), 3 * 8, "3 images x 8 steps");
     let steps = [
         "input_x_gradient",
         "grad_cam_plus_plus",
         "layer_cam",
         "eigen_cam",
         "score_cam",
+        "lime",
+        "kernel_shap",
     ];
     for step in steps {
         assert_eq!(
@@ -319,5 +324,13 @@ steps:
     let e = config::parse(&bad, Path::new("methods.yaml"), Path::new("."))
         .unwrap_err()
         .to_string();
-    assert!(e.contains("line 15") && e.contains("must be odd"), "{e}");
+    assert!(e.contains("line 17") && e.contains("must be odd"), "{e}");
+    let bad = text.replace("samples: 40}", "samples: 16}");
+    let e = config::parse(&bad, Path::new("methods.yaml"), Path::new("."))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("line 15") && e.contains("more than the superpixels"),
+        "{e}"
+    );
 }

@@ -25,6 +25,7 @@
 //!   Eigen-CAM, Score-CAM.
 //! - `occlusion`: sliding-window occlusion on the local attack's grid.
 //! - `rise`: RISE's random masks.
+//! - `surrogate`: LIME and KernelSHAP, linear surrogates on superpixels.
 //! - `method`: the methods by name with their default post-processing.
 //! - `postprocess`: channel reduction, percentile clipping, scaling to [0, 1], resizing.
 //! - [`metrics`]: deletion/insertion, pointing game, AUROC, IoU, sparseness, complexity,
@@ -49,6 +50,7 @@ mod postprocess;
 pub mod render;
 mod rise;
 mod smoothgrad;
+mod surrogate;
 mod target;
 
 pub use blur::{Edges, GaussianBlur};
@@ -62,4 +64,5 @@ pub use occlusion::{Occlusion, OcclusionBaseline};
 pub use postprocess::{PostProcess, Reduction};
 pub use rise::Rise;
 pub use smoothgrad::{Aggregate, SmoothGrad};
+pub use surrogate::{Surrogate, SurrogateKind};
 pub use target::predicted_classes;

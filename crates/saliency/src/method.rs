@@ -2,7 +2,9 @@
 
 use crate::error::Result;
 use crate::postprocess::{PostProcess, Reduction};
-use crate::{Cam, Gradient, InputXGradient, IntegratedGradients, Occlusion, Rise, SmoothGrad};
+use crate::{
+    Cam, Gradient, InputXGradient, IntegratedGradients, Occlusion, Rise, SmoothGrad, Surrogate,
+};
 use candle_core::Tensor;
 use vulnmap_models::Classifier;
 
@@ -24,6 +26,8 @@ pub enum Method {
     Occlusion(Occlusion),
     /// RISE (Petsiuk et al., 2018): the target probability through random smooth masks.
     Rise(Rise),
+    /// LIME or KernelSHAP: a weighted linear surrogate on superpixels.
+    Surrogate(Surrogate),
 }
 
 impl Method {
@@ -37,6 +41,7 @@ impl Method {
             Method::Cam(m) => m.rule.name(),
             Method::Occlusion(_) => "occlusion",
             Method::Rise(_) => "rise",
+            Method::Surrogate(m) => m.name(),
         }
     }
 
@@ -50,6 +55,7 @@ impl Method {
             Method::Cam(m) => m.batch_size = batch_size,
             Method::Occlusion(m) => m.batch_size = batch_size,
             Method::Rise(m) => m.batch_size = batch_size,
+            Method::Surrogate(m) => m.batch_size = batch_size,
         }
         self
     }
@@ -69,6 +75,7 @@ impl Method {
             Method::Cam(m) => m.attribute(model, pixels, targets),
             Method::Occlusion(m) => m.attribute(model, pixels, targets),
             Method::Rise(m) => m.attribute(model, pixels, targets),
+            Method::Surrogate(m) => m.attribute(model, pixels, targets),
         }
     }
 
@@ -80,11 +87,13 @@ impl Method {
             | Method::InputXGradient(_)
             | Method::SmoothGrad(_)
             | Method::IntegratedGradients(_) => PostProcess::default(),
-            Method::Cam(_) | Method::Occlusion(_) | Method::Rise(_) => PostProcess {
-                reduction: Reduction::Sum,
-                positive_only: true,
-                clip_percentile: None,
-            },
+            Method::Cam(_) | Method::Occlusion(_) | Method::Rise(_) | Method::Surrogate(_) => {
+                PostProcess {
+                    reduction: Reduction::Sum,
+                    positive_only: true,
+                    clip_percentile: None,
+                }
+            }
         }
     }
 

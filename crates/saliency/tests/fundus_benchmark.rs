@@ -16,6 +16,7 @@ use vulnmap_saliency::metrics::localisation::{auroc, PointingGame};
 use vulnmap_saliency::metrics::randomisation::spearman;
 use vulnmap_saliency::{
     Cam, CamRule, Gradient, InputXGradient, Method, Occlusion, OcclusionBaseline, SmoothGrad,
+    Surrogate,
 };
 use vulnmap_train::fundus_benchmark::{BenchmarkConfig, FundusBenchmark};
 
@@ -82,6 +83,16 @@ fn lesion_images(count: usize) -> Lesions {
     }
 }
 
+/// A surrogate on 16-pixel superpixels, off ones blurred (black would draw dark lesions).
+fn surrogate(base: Surrogate) -> Method {
+    Method::Surrogate(Surrogate {
+        samples: 300,
+        baseline: OcclusionBaseline::Blurred { sigma: 8.0 },
+        batch_size: 64,
+        ..base
+    })
+}
+
 /// A class activation map on layer3.
 fn layer3(rule: CamRule) -> Method {
     Method::Cam(Cam {
@@ -124,6 +135,8 @@ fn saliency_methods_point_at_the_lesions() {
         (layer3(CamRule::LayerCam), raw, 0.7),
         (layer3(CamRule::ScoreCam), raw, 0.7),
         (layer3(CamRule::EigenCam), raw, 0.6),
+        (surrogate(Surrogate::lime()), raw, 0.7),
+        (surrogate(Surrogate::kernel_shap()), raw, 0.7),
         (
             Method::Occlusion(Occlusion {
                 window: 16,

@@ -12,7 +12,7 @@ use vulnmap_models::{Classes, Classifier, InputSpec};
 use vulnmap_saliency::{
     input_gradients, Aggregate, Baseline, Cam, CamRule, Gradient, InputXGradient,
     IntegratedGradients, Integration, Method, Occlusion, OcclusionBaseline, Rise, SmoothGrad,
-    WindowGrid,
+    Surrogate, WindowGrid,
 };
 use vulnmap_train::fundus_benchmark::{BenchmarkConfig, FundusBenchmark};
 
@@ -348,6 +348,67 @@ fn eigen_cam_projects_on_the_first_principal_component() {
     // The loadings sum to more than zero, so the summed activations rise with u.
     let want: Vec<f64> = u.iter().map(|x| (x * norm).max(0.0)).collect();
     assert_all_close("Eigen-CAM", &values(&got), &want);
+}
+
+/// A linear model is additive in the superpixels: switching superpixel j off lowers the logit
+/// by `c_j = sum over its pixels of w (x - fill)`, whatever else is off. Both surrogates,
+/// unpenalised, must recover exactly those contributions (KernelSHAP: the Shapley values), and
+/// batching must not change them.
+#[test]
+fn lime_and_kernel_shap_recover_a_linear_models_superpixel_contributions() {
+    let (c, h, w) = (3, 9, 6);
+    let cells = 3;
+    let model = Linear::new(3, (c, h, w));
+    let pixels = uniform_pixels(5, (2, c, h, w));
+    let targets = [1, 2];
+    let weights = model.w.to_vec2::<f32>().unwrap();
+    let fill = 0.25;
+    for base in [Surrogate::lime(), Surrogate::kernel_shap()] {
+        let surrogate = Surrogate {
+            cells,
+            samples: 60,
+            baseline: OcclusionBaseline::Value(fill),
+            ridge: 0.0,
+            batch_size: 7,
+            ..base
+        };
+        let got = surrogate.attribute(&model, &pixels, &targets).unwrap();
+        assert_eq!(got.dims(), &[2, 1, h, w]);
+        for (i, &t) in targets.iter().enumerate() {
+            let x = values(&pixels.get(i).unwrap());
+            let mut contribution = vec![0f64; cells * cells];
+            for ch in 0..c {
+                for y in 0..h {
+                    for xx in 0..w {
+                        let p = ch * h * w + y * w + xx;
+                        let j = (y * cells / h) * cells + xx * cells / w;
+                        contribution[j] += weights[t][p] as f64 * (x[p] - fill as f64);
+                    }
+                }
+            }
+            let want: Vec<f64> = (0..h * w)
+                .map(|p| contribution[(p / w * cells / h) * cells + (p % w) * cells / w])
+                .collect();
+            assert_all_close(surrogate.name(), &values(&got.get(i).unwrap()), &want);
+        }
+        let unbatched = Surrogate {
+            batch_size: 100,
+            ..surrogate
+        }
+        .attribute(&model, &pixels, &targets)
+        .unwrap();
+        assert_all_close("batching", &values(&unbatched), &values(&got));
+    }
+    let few = Surrogate {
+        cells,
+        samples: 5,
+        ..Surrogate::lime()
+    };
+    let e = few
+        .attribute(&model, &pixels, &targets)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("more samples than superpixels"), "{e}");
 }
 
 #[test]

@@ -1,12 +1,12 @@
 //! The saliency-method steps (`gradient`, `input_x_gradient`, `smoothgrad`,
-//! `integrated_gradients`, the class activation maps, `occlusion`, `rise`) as the saliency
-//! library's [`Method`]s.
+//! `integrated_gradients`, the class activation maps, `occlusion`, `rise`, `lime`, `kernel_shap`)
+//! as the saliency library's [`Method`]s.
 
 use crate::error::{Error, Result};
-use crate::schema::{CamStep, Step};
+use crate::schema::{CamStep, Step, SurrogateStep};
 use vulnmap_saliency::{
     Cam, CamRule, Gradient, InputXGradient, IntegratedGradients, Method, Occlusion, Rise,
-    SmoothGrad,
+    SmoothGrad, Surrogate,
 };
 
 /// The saliency method `step` runs, drawing its noise from `seed` and evaluating the model on at
@@ -51,6 +51,8 @@ pub fn method(step: &Step, seed: u64, batch_size: usize) -> Result<Option<Method
             seed,
             batch_size: bs * 4,
         })),
+        Step::Lime(s) => Some(surrogate(Surrogate::lime(), s, seed, bs * 4)),
+        Step::KernelShap(s) => Some(surrogate(Surrogate::kernel_shap(), s, seed, bs * 4)),
         _ => None,
     })
 }
@@ -60,5 +62,17 @@ fn cam(rule: CamRule, step: &CamStep, batch_size: usize) -> Method {
         rule,
         layer: step.layer.clone(),
         batch_size,
+    })
+}
+
+/// The surrogate `base` with the step's settings; its passes are forward only.
+fn surrogate(base: Surrogate, step: &SurrogateStep, seed: u64, batch_size: usize) -> Method {
+    Method::Surrogate(Surrogate {
+        cells: step.cells,
+        samples: step.samples,
+        baseline: step.baseline.fill(step.sigma),
+        seed,
+        batch_size,
+        ..base
     })
 }
