@@ -1,5 +1,6 @@
 //! `vulnmap eval`: saliency methods scored on a dataset with lesion masks (pointing game, AUROC,
-//! IoU, deletion, insertion), through a pipeline run so that it can be resumed and reported.
+//! IoU, deletion, insertion, sparseness, complexity), through a pipeline run so that it can be
+//! resumed and reported; the table gives each mean with its 95% bootstrap interval.
 
 use crate::model_args::ModelArgs;
 use anyhow::{Context, Result};
@@ -8,7 +9,7 @@ use std::path::{Path, PathBuf};
 use vulnmap_data::Split;
 use vulnmap_models::Score;
 use vulnmap_pipeline::schema::{
-    DataSpec, MapStep, MetricsStep, ModelSpec, Outputs, Pipeline, Step, StepKind,
+    DataSpec, MapStep, Measure, MetricsStep, ModelSpec, Outputs, Pipeline, Step, StepKind,
 };
 use vulnmap_pipeline::{runner, RunOptions};
 
@@ -23,6 +24,9 @@ pub(crate) struct Args {
     /// change them).
     #[arg(long, value_delimiter = ',', required = true)]
     methods: Vec<MapStep>,
+    /// Comma-separated measures (default: pointing game, AUROC, deletion, insertion).
+    #[arg(long, value_delimiter = ',', value_enum)]
+    measures: Vec<Measure>,
     /// Which patient-grouped split.
     #[arg(long, value_enum, default_value_t)]
     split: Split,
@@ -52,7 +56,11 @@ pub(crate) fn run(args: Args) -> Result<()> {
         args.data.clone()
     };
     let mut steps: Vec<Step> = args.methods.iter().map(|m| m.step()).collect();
-    steps.push(Step::Metrics(MetricsStep::default()));
+    let mut metrics = MetricsStep::default();
+    if !args.measures.is_empty() {
+        metrics.measures = args.measures.clone();
+    }
+    steps.push(Step::Metrics(metrics));
     let weights = args.model.weights.as_ref().map(|w| w.display().to_string());
     let pipeline = Pipeline {
         name: "eval".into(),

@@ -268,6 +268,47 @@ fn the_cli_and_a_pipeline_with_the_same_settings_give_the_same_results() {
     );
     assert_eq!(rows, rows_without_timing(&by_file));
 
+    // The same with other methods and measures named on both sides; the scores table gives
+    // each mean with its bootstrap interval.
+    let by_cli = dir.path().join("eval-measures");
+    succeeded(
+        vulnmap()
+            .args(["eval", "--model", "tiny-resnet", "--device", "cpu"])
+            .args(["--split", "all", "--methods", "layer-cam,kernel-shap"])
+            .args(["--measures", "sparseness,complexity,pointing-game"])
+            .args(["--score", "centred-logit", "--limit", "3", "--weights"])
+            .arg(&weights)
+            .arg("--data")
+            .arg(&data)
+            .arg("--out")
+            .arg(&by_cli)
+            .output()
+            .unwrap(),
+    );
+    std::fs::write(
+        &pipeline,
+        format!(
+            "name: same\ndevice: cpu\nmodel: {{arch: tiny-resnet, weights: {}, score: centred-logit}}\n\
+             data: {{manifest: {}, split: all, limit: 3}}\n\
+             steps:\n  - layer_cam: {{}}\n  - kernel_shap: {{}}\n\
+             \x20 - metrics: {{measures: [sparseness, complexity, pointing_game]}}\n",
+            weights.display(),
+            data.join("manifest.csv").display()
+        ),
+    )
+    .unwrap();
+    let by_file = dir.path().join("run-measures");
+    run(&pipeline, &by_file);
+    assert_eq!(rows_without_timing(&by_cli), rows_without_timing(&by_file));
+    let table = std::fs::read_to_string(by_cli.join("metrics.md")).unwrap();
+    assert!(
+        table.contains("sparseness (Gini) [95% CI]")
+            && table
+                .lines()
+                .any(|l| l.starts_with("| kernel_shap | 3 | ") && l.contains("] |")),
+        "{table}"
+    );
+
     // `vulnmap attack` and a pipeline's `random_attack` step: the same Table I row.
     let image = data.join("images/P0001_OD_CFP.png");
     let out = succeeded(

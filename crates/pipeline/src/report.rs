@@ -1,6 +1,7 @@
-//! What a run adds up to: Table I (Markdown and CSV), the methods' scores (Markdown and CSV),
-//! the alpha-sweep plot, and `report.html`, one file with every figure embedded (no scripts, no
-//! outside links), readable in any browser and safe to mail.
+//! What a run adds up to: Table I (Markdown and CSV), the methods' scores with bootstrap
+//! confidence intervals (Markdown and CSV), the alpha-sweep plot, and `report.html`, one file
+//! with every figure embedded (no scripts, no outside links), readable in any browser and safe to
+//! mail.
 
 use crate::error::{Error, Result};
 use crate::plot::{alpha_sweep_svg, Series};
@@ -9,6 +10,7 @@ use crate::schema::{Measure, Pipeline};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
+use vulnmap_saliency::metrics::bootstrap::mean_interval;
 
 /// The row's image index as a table cell (`null` for dataset-level rows).
 fn image_cell(row: &Row) -> String {
@@ -168,8 +170,9 @@ fn attack_summary(rows: &[Row]) -> Table {
     t
 }
 
-/// Mean scores of each scored map-making step.
-fn metrics(rows: &[Row]) -> Table {
+/// Mean scores of each scored map-making step with 95% bootstrap intervals over the images: the
+/// table to read (`mean [low, high]`) and the one to compute with (mean, low and high columns).
+fn metrics(rows: &[Row]) -> Result<(Table, Table)> {
     let mut by_step: BTreeMap<String, BTreeMap<Measure, Vec<f64>>> = BTreeMap::new();
     for r in rows {
         let Found::Metrics(scored) = &r.found else {
@@ -189,17 +192,44 @@ fn metrics(rows: &[Row]) -> Table {
         .into_iter()
         .filter(|m| by_step.values().any(|scores| scores.contains_key(m)))
         .collect();
-    let mut header = vec!["method", "images"];
-    header.extend(used.iter().map(|m| m.title()));
-    let mut t = Table::new(&header);
+    let mut header = vec!["method".to_string(), "images".to_string()];
+    header.extend(used.iter().map(|m| format!("{} [95% CI]", m.title())));
+    let mut shown = Table::new(&header.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut header = vec!["method".to_string(), "images".to_string()];
+    for m in &used {
+        let name = m.name();
+        header.extend([
+            name.clone(),
+            format!("{name}_ci_low"),
+            format!("{name}_ci_high"),
+        ]);
+    }
+    let mut numbers = Table::new(&header.iter().map(String::as_str).collect::<Vec<_>>());
     for (step, m) in by_step {
         let n = m.values().map(Vec::len).max().unwrap_or(0);
-        let mut row = vec![step, n.to_string()];
-        row.extend(used.iter().map(|k| fmt(m.get(k).and_then(|v| mean(v)), 3)));
-        t.rows.push(row);
+        let mut cells = vec![step.clone(), n.to_string()];
+        let mut columns = vec![step, n.to_string()];
+        for k in &used {
+            match m.get(k).filter(|v| !v.is_empty()) {
+                Some(v) => {
+                    let i = mean_interval(v, 0.95, BOOTSTRAP_RESAMPLES, 0)?;
+                    cells.push(format!("{:.3} [{:.3}, {:.3}]", i.mean, i.low, i.high));
+                    columns.extend([i.mean, i.low, i.high].map(|x| format!("{x:.6}")));
+                }
+                None => {
+                    cells.push("-".into());
+                    columns.extend(["-".to_string(), "-".into(), "-".into()]);
+                }
+            }
+        }
+        shown.rows.push(cells);
+        numbers.rows.push(columns);
     }
-    t
+    Ok((shown, numbers))
 }
+
+/// Resamples of the bootstrap intervals in the scores table.
+const BOOTSTRAP_RESAMPLES: usize = 2000;
 
 /// Mean over images of each alpha's mean iterations, per alpha-sweep step.
 fn sweeps(rows: &[Row]) -> Vec<(String, Vec<Series>)> {
@@ -282,14 +312,14 @@ pub(crate) fn write(dir: &Path, pipeline: &Pipeline, rows: &[Row]) -> Result<Pat
         |name: &str, text: &str| vulnmap_data::fs::write_atomic(&dir.join(name), text.as_bytes());
     let t1 = table1(rows);
     let summary = attack_summary(rows);
-    let scores = metrics(rows);
+    let (scores, score_numbers) = metrics(rows)?;
     if !t1.rows.is_empty() {
         write("table1.md", &t1.markdown())?;
         write("table1.csv", &t1.csv()?)?;
     }
     if !scores.rows.is_empty() {
         write("metrics.md", &scores.markdown())?;
-        write("metrics.csv", &scores.csv()?)?;
+        write("metrics.csv", &score_numbers.csv()?)?;
     }
     let mut html = String::new();
     let title = escape(&pipeline.name);
@@ -356,7 +386,7 @@ pub(crate) fn write(dir: &Path, pipeline: &Pipeline, rows: &[Row]) -> Result<Pat
         }
     }
     if !scores.rows.is_empty() {
-        let _ = writeln!(html, "<h2>Saliency maps scored</h2><p>Pointing game: the map's maximum within 15 px of a lesion; AUROC and IoU of the map against the lesion mask; deletion and insertion: the target probability as the most salient pixels are removed or restored (area under the curve).</p>{}", scores.html());
+        let _ = writeln!(html, "<h2>Saliency maps scored</h2><p>Pointing game: the map's maximum within 15 px of a lesion; AUROC and IoU of the map against the lesion mask; deletion and insertion: the target probability as the most salient pixels are removed or restored (area under the curve, RISE's protocol); sparseness and complexity: how concentrated the map is. Each cell is the mean over the images and its 95% bootstrap interval.</p>{}", scores.html());
     }
     if !summary.rows.is_empty() {
         let _ = writeln!(html, "<h2>Attacks</h2>{}", summary.html());

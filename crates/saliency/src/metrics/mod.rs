@@ -1,7 +1,8 @@
 //! How good is a saliency map: causal metrics (deletion and insertion), localisation against a
 //! known mask (pointing game, AUROC, IoU), how concentrated it is (sparseness, complexity) and
-//! the model-randomisation sanity check.
+//! the model-randomisation sanity check; and bootstrap confidence intervals of mean scores.
 
+pub mod bootstrap;
 pub mod causal;
 pub mod complexity;
 pub mod localisation;
