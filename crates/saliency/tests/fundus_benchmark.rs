@@ -13,7 +13,7 @@ use std::path::Path;
 use vulnmap_data::{Dataset, Preprocess};
 use vulnmap_models::{zoo, Arch, Checkpoint, Classifier, Score, ScoredClassifier};
 use vulnmap_saliency::metrics::localisation::{auroc, PointingGame};
-use vulnmap_saliency::metrics::randomisation::spearman;
+use vulnmap_saliency::metrics::randomisation::{cascade, spearman};
 use vulnmap_saliency::{
     Cam, CamRule, Gradient, InputXGradient, Method, Occlusion, OcclusionBaseline, SmoothGrad,
     Surrogate,
@@ -245,4 +245,63 @@ fn maps_change_when_the_top_layers_are_reinitialised() {
         .unwrap(),
     );
     assert!(correlation(&signed(data.model.as_ref()), &signed(again.as_ref())) > 0.999);
+}
+
+/// The cascade from the top: Grad-CAM's maps decorrelate once the head and layer4 are
+/// re-initialised, and stay far from the trained model's as the rest follows; a "randomised"
+/// model that is the model itself keeps its maps.
+#[test]
+fn the_randomisation_cascade_decorrelates_grad_cam() {
+    let data = lesion_images(8);
+    let checkpoint = Checkpoint::open(&data.checkpoint).unwrap();
+    let n = data.masks.len();
+    let targets = vec![1; n];
+    let randomised = |prefixes: &[&str]| -> vulnmap_saliency::Result<Box<dyn Classifier>> {
+        Ok(centred(zoo::randomized(
+            Arch::TinyResNet,
+            &checkpoint,
+            prefixes,
+            7,
+            DType::F32,
+            &device(),
+        )?))
+    };
+    let layers = ["fc.", "layer4.", "layer3.", "layer2.", "layer1."];
+    let cam = layer3(CamRule::GradCam);
+    let curve = cascade(
+        data.model.as_ref(),
+        &randomised,
+        &cam,
+        &data.pixels,
+        &targets,
+        &layers,
+    )
+    .unwrap();
+    assert_eq!(curve.len(), layers.len());
+    for step in &curve {
+        println!("{:?}: {:.3}", step.randomised, step.similarity);
+    }
+    assert_eq!(curve[4].randomised, layers);
+    assert!(
+        curve[1..].iter().all(|s| s.similarity < 0.5),
+        "Grad-CAM stays like the trained model's: {curve:?}"
+    );
+    // Re-initialising nothing must give the model's own maps back (a check of the check).
+    let same = cascade(
+        data.model.as_ref(),
+        &|_: &[&str]| {
+            Ok(centred(zoo::load(
+                Arch::TinyResNet,
+                Some(&data.checkpoint),
+                DType::F32,
+                &device(),
+            )?))
+        },
+        &cam,
+        &data.pixels,
+        &targets,
+        &["fc."],
+    )
+    .unwrap();
+    assert!(same[0].similarity > 0.999, "{same:?}");
 }

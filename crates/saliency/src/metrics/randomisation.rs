@@ -1,9 +1,57 @@
-//! The model-randomisation sanity check (Adebayo et al., 2018): a map that explains the model
-//! must change when the model's top layers are re-initialised. Maps are compared by Spearman rank
-//! correlation; build the randomised model with `vulnmap_models::zoo::randomized`.
+//! The model-parameter randomisation test (Adebayo et al., "Sanity Checks for Saliency Maps",
+//! NeurIPS 2018): a map that explains the model must change when the model's layers are
+//! re-initialised. Maps are compared by Spearman rank correlation; [`cascade`] re-initialises
+//! the layers one more at a time from the top and gives the similarity curve (Quantus' `MPRT`
+//! in its top-down order). Build randomised models with `vulnmap_models::zoo::randomized`.
 
 use crate::error::{ensure, Result};
+use crate::Method;
 use candle_core::{DType, Tensor};
+use vulnmap_models::Classifier;
+
+/// Builds the model with the tensors under the given weight-name prefixes re-initialised.
+pub type Randomiser<'a> = dyn Fn(&[&str]) -> Result<Box<dyn Classifier>> + 'a;
+
+/// One point of the cascade.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CascadeStep {
+    /// The layers re-initialised so far, top first.
+    pub randomised: Vec<String>,
+    /// The mean over images of the Spearman correlation between the randomised model's map and
+    /// the model's.
+    pub similarity: f64,
+}
+
+/// The cascading randomisation of `layers` (weight-name prefixes such as `fc.`, `layer4.`, top
+/// first): after re-initialising each one more, `method`'s maps of `pixels` compared with those
+/// of `model`. `randomised(prefixes)` builds the model with the tensors under `prefixes`
+/// re-initialised (with the same score as `model`).
+pub fn cascade(
+    model: &dyn Classifier,
+    randomised: &Randomiser,
+    method: &Method,
+    pixels: &Tensor,
+    targets: &[usize],
+    layers: &[&str],
+) -> Result<Vec<CascadeStep>> {
+    ensure(!layers.is_empty(), || "no layers to randomise".into())?;
+    let original = method.explain(model, pixels, targets)?;
+    let n = pixels.dim(0)?;
+    let mut curve = Vec::with_capacity(layers.len());
+    for k in 1..=layers.len() {
+        let changed = randomised(&layers[..k])?;
+        let maps = method.explain(changed.as_ref(), pixels, targets)?;
+        let mut total = 0.0;
+        for i in 0..n {
+            total += spearman(&original.get(i)?, &maps.get(i)?)?;
+        }
+        curve.push(CascadeStep {
+            randomised: layers[..k].iter().map(|l| l.to_string()).collect(),
+            similarity: total / n as f64,
+        });
+    }
+    Ok(curve)
+}
 
 /// Spearman's rank correlation of two maps of the same shape (ties share their average rank).
 pub fn spearman(a: &Tensor, b: &Tensor) -> Result<f64> {
