@@ -476,6 +476,8 @@ impl Checker {
                 });
                 self.at_least_one(s.pixels_per_step, &f("pixels_per_step"));
                 self.positive(s.blur_sigma, &f("blur_sigma"));
+                self.positive(s.sensitivity_radius, &f("sensitivity_radius"));
+                self.at_least_one(s.sensitivity_samples, &f("sensitivity_samples"));
                 self.check(s.blur_taps % 2 == 1, &f("blur_taps"), || {
                     format!(
                         "must be odd (a kernel centred on the pixel), got {}",

@@ -379,6 +379,10 @@ pub struct Scores {
     pub sparseness: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub complexity: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_sensitivity: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub avg_sensitivity: Option<f64>,
 }
 
 impl Scores {
@@ -392,6 +396,8 @@ impl Scores {
             Measure::Insertion => self.insertion,
             Measure::Sparseness => self.sparseness,
             Measure::Complexity => self.complexity,
+            Measure::MaxSensitivity => self.max_sensitivity,
+            Measure::AvgSensitivity => self.avg_sensitivity,
         }
     }
 }

@@ -459,6 +459,7 @@ impl Runner<'_> {
                     id: sid.clone(),
                     kind: st.kind(),
                     maps: self.maps_of(sid, chunk_index, maps)?,
+                    method: steps::maps::method(st, self.pipeline.seed, self.pipeline.batch_size)?,
                 })
             })
             .collect()

@@ -819,7 +819,8 @@ pub struct MetricsStep {
     /// Ids of the map-making steps to score; empty: all of them.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub of: Vec<String>,
-    /// `pointing_game`, `auroc`, `iou`, `deletion`, `insertion`, `sparseness`, `complexity`.
+    /// `pointing_game`, `auroc`, `iou`, `deletion`, `insertion`, `sparseness`, `complexity`,
+    /// `max_sensitivity`, `avg_sensitivity` (the last two for saliency methods, not attacks).
     pub measures: Vec<Measure>,
     /// Pixels changed per deletion/insertion step (RISE: 224 at 224 x 224).
     pub pixels_per_step: usize,
@@ -827,11 +828,16 @@ pub struct MetricsStep {
     pub blur_sigma: f64,
     /// Taps of that blur's kernel, odd (RISE: 11); edges are reflected, as RISE's.
     pub blur_taps: usize,
+    /// Largest pixel change of the sensitivity measures' noise, in pixel units (default 0.05).
+    pub sensitivity_radius: f64,
+    /// Noisy copies per image for the sensitivity measures (default 10).
+    pub sensitivity_samples: usize,
 }
 
 impl Default for MetricsStep {
     fn default() -> Self {
         let rise = vulnmap_saliency::GaussianBlur::rise();
+        let sensitivity = vulnmap_saliency::metrics::robustness::Sensitivity::default();
         Self {
             id: None,
             of: Vec::new(),
@@ -839,6 +845,8 @@ impl Default for MetricsStep {
             pixels_per_step: 224,
             blur_sigma: rise.sigma,
             blur_taps: rise.taps.unwrap_or(11),
+            sensitivity_radius: sensitivity.radius,
+            sensitivity_samples: sensitivity.samples,
         }
     }
 }
@@ -863,6 +871,10 @@ pub enum Measure {
     Sparseness,
     /// The entropy of the map as a distribution (Bhatt et al.; Quantus): lower is simpler.
     Complexity,
+    /// The largest relative change of the attribution under small noise (Yeh et al.; Quantus).
+    MaxSensitivity,
+    /// The mean relative change of the attribution under small noise (Yeh et al.; Quantus).
+    AvgSensitivity,
 }
 
 impl Measure {
@@ -875,7 +887,7 @@ impl Measure {
     ];
 
     /// Every measure, in the order tables list them.
-    pub const ALL: [Measure; 7] = [
+    pub const ALL: [Measure; 9] = [
         Measure::PointingGame,
         Measure::Auroc,
         Measure::Iou,
@@ -883,6 +895,8 @@ impl Measure {
         Measure::Insertion,
         Measure::Sparseness,
         Measure::Complexity,
+        Measure::MaxSensitivity,
+        Measure::AvgSensitivity,
     ];
 
     /// The measure's name in YAML and in `results.jsonl`.
@@ -900,6 +914,8 @@ impl Measure {
             Measure::Insertion => "insertion AUC (higher is better)",
             Measure::Sparseness => "sparseness (Gini)",
             Measure::Complexity => "complexity (entropy)",
+            Measure::MaxSensitivity => "max-sensitivity (lower is better)",
+            Measure::AvgSensitivity => "avg-sensitivity (lower is better)",
         }
     }
 }

@@ -282,7 +282,7 @@ steps:
   - score_cam: {layer: layer3}
   - lime: {cells: 4, samples: 40}
   - kernel_shap: {cells: 4, samples: 40, baseline: blurred}
-  - metrics: {measures: [pointing_game, auroc, iou, deletion, insertion, sparseness, complexity], pixels_per_step: 2048, blur_sigma: 3, blur_taps: 7}
+  - metrics: {measures: [pointing_game, auroc, iou, deletion, insertion, sparseness, complexity, max_sensitivity, avg_sensitivity], pixels_per_step: 2048, blur_sigma: 3, blur_taps: 7, sensitivity_samples: 2}
 ";
     let pipeline = config::parse(text, Path::new("methods.yaml"), Path::new(".")).unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -316,6 +316,11 @@ steps:
             for m in ["auroc", "iou", "deletion", "insertion"] {
                 assert!(s[m].is_number(), "{step} {m}: {r:?}");
             }
+            let (max, avg) = (
+                s["max_sensitivity"].as_f64().unwrap(),
+                s["avg_sensitivity"].as_f64().unwrap(),
+            );
+            assert!(avg >= 0.0 && avg <= max, "{step}: {r:?}");
             assert!(s["pointing_game"].is_boolean());
         }
     }

@@ -9,6 +9,7 @@ use common::device;
 use std::path::Path;
 use vulnmap_data::random;
 use vulnmap_models::{Classes, Classifier, InputSpec};
+use vulnmap_saliency::metrics::robustness::Sensitivity;
 use vulnmap_saliency::{
     input_gradients, Aggregate, Baseline, Cam, CamRule, Gradient, InputXGradient,
     IntegratedGradients, Integration, Method, Occlusion, OcclusionBaseline, Rise, SmoothGrad,
@@ -409,6 +410,61 @@ fn lime_and_kernel_shap_recover_a_linear_models_superpixel_contributions() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("more samples than superpixels"), "{e}");
+}
+
+/// On a linear model the gradient never moves (sensitivity 0), and input x gradient moves by
+/// exactly `w * noise`: each sample's ratio is `||w * noise|| / ||w * x||`, worked out here from
+/// the metric's own noise draws.
+#[test]
+fn sensitivity_on_a_linear_model_is_the_analytic_answer() {
+    let (c, h, w) = (3, 4, 5);
+    let model = Linear::new(3, (c, h, w));
+    let pixels = uniform_pixels(6, (2, c, h, w));
+    let targets = [0, 2];
+    let s = Sensitivity {
+        radius: 0.1,
+        samples: 4,
+        seed: 3,
+    };
+    let gradient = Method::Gradient(Gradient::default());
+    for got in s.measure(&model, &gradient, &pixels, &targets).unwrap() {
+        assert!(got.max.abs() < 1e-6 && got.mean.abs() < 1e-6, "{got:?}");
+    }
+    let ixg = Method::InputXGradient(InputXGradient::default());
+    let got = s.measure(&model, &ixg, &pixels, &targets).unwrap();
+    let weights = model.w.to_vec2::<f32>().unwrap();
+    for (i, &t) in targets.iter().enumerate() {
+        let x = values(&pixels.get(i).unwrap());
+        let norm = |v: &[f64]| v.iter().map(|a| a * a).sum::<f64>().sqrt();
+        let wx: Vec<f64> = x
+            .iter()
+            .zip(&weights[t])
+            .map(|(x, w)| x * *w as f64)
+            .collect();
+        let ratios: Vec<f64> = (0..4)
+            .map(|k| {
+                let noise = values(&s.noise(k, &[c, h, w], &device()).unwrap());
+                let wn: Vec<f64> = noise
+                    .iter()
+                    .zip(&weights[t])
+                    .map(|(n, w)| n * *w as f64)
+                    .collect();
+                norm(&wn) / norm(&wx)
+            })
+            .collect();
+        let max = ratios.iter().copied().fold(0.0, f64::max);
+        let mean = ratios.iter().sum::<f64>() / 4.0;
+        assert!(
+            (got[i].max - max).abs() < 1e-4 * max,
+            "{:?} vs {max}",
+            got[i]
+        );
+        assert!(
+            (got[i].mean - mean).abs() < 1e-4 * mean,
+            "{:?} vs {mean}",
+            got[i]
+        );
+    }
 }
 
 #[test]

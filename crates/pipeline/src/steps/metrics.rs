@@ -1,6 +1,7 @@
 //! The `metrics` step: scores the maps of earlier steps, per image, against the lesion masks
-//! (pointing game, AUROC, IoU), against the model (deletion, insertion) and by their own
-//! concentration (sparseness, complexity).
+//! (pointing game, AUROC, IoU), against the model (deletion, insertion), by their own
+//! concentration (sparseness, complexity) and, for saliency methods, by their robustness to
+//! small noise (max- and average-sensitivity).
 
 use super::{Chunk, StepContext};
 use crate::error::Result;
@@ -11,7 +12,8 @@ use std::collections::BTreeMap;
 use vulnmap_saliency::metrics::causal::CausalMetric;
 use vulnmap_saliency::metrics::complexity::{complexity, sparseness};
 use vulnmap_saliency::metrics::localisation::{auroc, iou, PointingGame};
-use vulnmap_saliency::GaussianBlur;
+use vulnmap_saliency::metrics::robustness::Sensitivity;
+use vulnmap_saliency::{GaussianBlur, Method};
 
 /// The maps one earlier step made for the chunk's images.
 pub(crate) struct ScoredMaps {
@@ -21,6 +23,9 @@ pub(crate) struct ScoredMaps {
     pub(crate) kind: StepKind,
     /// `N x H x W`, on the CPU.
     pub(crate) maps: Tensor,
+    /// The saliency method that made them, to make them again for the sensitivity measures
+    /// (`None` for the attacks).
+    pub(crate) method: Option<Method>,
 }
 
 /// Scores every map of `sources` for each image of `chunk`; `masks` are the images' lesion
@@ -45,7 +50,20 @@ pub(crate) fn run(
     };
     let measure = |m: Measure| s.measures.contains(&m);
     let mut per_image: Vec<BTreeMap<String, Scores>> = vec![BTreeMap::new(); chunk.items.len()];
+    let sensitivity = Sensitivity {
+        radius: s.sensitivity_radius,
+        samples: s.sensitivity_samples,
+        seed: cx.seed,
+    };
     for source in sources {
+        let sensitivities = match &source.method {
+            Some(method)
+                if measure(Measure::MaxSensitivity) || measure(Measure::AvgSensitivity) =>
+            {
+                Some(sensitivity.measure(model, method, &chunk.pixels, &chunk.targets)?)
+            }
+            _ => None,
+        };
         let game = match source.kind {
             StepKind::Gradient
             | StepKind::InputXGradient
@@ -87,6 +105,14 @@ pub(crate) fn run(
             }
             if measure(Measure::Complexity) {
                 scores.complexity = Some(complexity(&map)?);
+            }
+            if let Some(v) = &sensitivities {
+                if measure(Measure::MaxSensitivity) {
+                    scores.max_sensitivity = Some(v[i].max);
+                }
+                if measure(Measure::AvgSensitivity) {
+                    scores.avg_sensitivity = Some(v[i].mean);
+                }
             }
             scored.insert(source.id.clone(), scores);
         }
