@@ -478,6 +478,8 @@ impl Checker {
                 self.positive(s.blur_sigma, &f("blur_sigma"));
                 self.positive(s.sensitivity_radius, &f("sensitivity_radius"));
                 self.at_least_one(s.sensitivity_samples, &f("sensitivity_samples"));
+                self.positive(s.infidelity_sigma, &f("infidelity_sigma"));
+                self.at_least_one(s.infidelity_samples, &f("infidelity_samples"));
                 self.check(s.blur_taps % 2 == 1, &f("blur_taps"), || {
                     format!(
                         "must be odd (a kernel centred on the pixel), got {}",

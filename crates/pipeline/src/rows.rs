@@ -383,6 +383,8 @@ pub struct Scores {
     pub max_sensitivity: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub avg_sensitivity: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub infidelity: Option<f64>,
 }
 
 impl Scores {
@@ -398,6 +400,7 @@ impl Scores {
             Measure::Complexity => self.complexity,
             Measure::MaxSensitivity => self.max_sensitivity,
             Measure::AvgSensitivity => self.avg_sensitivity,
+            Measure::Infidelity => self.infidelity,
         }
     }
 }

@@ -820,7 +820,8 @@ pub struct MetricsStep {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub of: Vec<String>,
     /// `pointing_game`, `auroc`, `iou`, `deletion`, `insertion`, `sparseness`, `complexity`,
-    /// `max_sensitivity`, `avg_sensitivity` (the last two for saliency methods, not attacks).
+    /// `max_sensitivity`, `avg_sensitivity`, `infidelity` (the last three for saliency methods,
+    /// not attacks; infidelity for attributions at the image's size, not class activation maps).
     pub measures: Vec<Measure>,
     /// Pixels changed per deletion/insertion step (RISE: 224 at 224 x 224).
     pub pixels_per_step: usize,
@@ -832,12 +833,17 @@ pub struct MetricsStep {
     pub sensitivity_radius: f64,
     /// Noisy copies per image for the sensitivity measures (default 10).
     pub sensitivity_samples: usize,
+    /// Standard deviation of infidelity's Gaussian perturbations, in pixel units (default 0.05).
+    pub infidelity_sigma: f64,
+    /// Perturbations per image for infidelity (default 10, Captum's).
+    pub infidelity_samples: usize,
 }
 
 impl Default for MetricsStep {
     fn default() -> Self {
         let rise = vulnmap_saliency::GaussianBlur::rise();
         let sensitivity = vulnmap_saliency::metrics::robustness::Sensitivity::default();
+        let infidelity = vulnmap_saliency::metrics::infidelity::Infidelity::default();
         Self {
             id: None,
             of: Vec::new(),
@@ -847,6 +853,8 @@ impl Default for MetricsStep {
             blur_taps: rise.taps.unwrap_or(11),
             sensitivity_radius: sensitivity.radius,
             sensitivity_samples: sensitivity.samples,
+            infidelity_sigma: infidelity.sigma,
+            infidelity_samples: infidelity.samples,
         }
     }
 }
@@ -875,6 +883,8 @@ pub enum Measure {
     MaxSensitivity,
     /// The mean relative change of the attribution under small noise (Yeh et al.; Quantus).
     AvgSensitivity,
+    /// How badly the attribution predicts the score's change under noise (Yeh et al.; Captum).
+    Infidelity,
 }
 
 impl Measure {
@@ -887,7 +897,7 @@ impl Measure {
     ];
 
     /// Every measure, in the order tables list them.
-    pub const ALL: [Measure; 9] = [
+    pub const ALL: [Measure; 10] = [
         Measure::PointingGame,
         Measure::Auroc,
         Measure::Iou,
@@ -897,6 +907,7 @@ impl Measure {
         Measure::Complexity,
         Measure::MaxSensitivity,
         Measure::AvgSensitivity,
+        Measure::Infidelity,
     ];
 
     /// The measure's name in YAML and in `results.jsonl`.
@@ -916,6 +927,7 @@ impl Measure {
             Measure::Complexity => "complexity (entropy)",
             Measure::MaxSensitivity => "max-sensitivity (lower is better)",
             Measure::AvgSensitivity => "avg-sensitivity (lower is better)",
+            Measure::Infidelity => "infidelity (lower is better)",
         }
     }
 }

@@ -282,7 +282,7 @@ steps:
   - score_cam: {layer: layer3}
   - lime: {cells: 4, samples: 40}
   - kernel_shap: {cells: 4, samples: 40, baseline: blurred}
-  - metrics: {measures: [pointing_game, auroc, iou, deletion, insertion, sparseness, complexity, max_sensitivity, avg_sensitivity], pixels_per_step: 2048, blur_sigma: 3, blur_taps: 7, sensitivity_samples: 2}
+  - metrics: {measures: [pointing_game, auroc, iou, deletion, insertion, sparseness, complexity, max_sensitivity, avg_sensitivity, infidelity], pixels_per_step: 2048, blur_sigma: 3, blur_taps: 7, sensitivity_samples: 2, infidelity_samples: 3}
 ";
     let pipeline = config::parse(text, Path::new("methods.yaml"), Path::new(".")).unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -321,6 +321,9 @@ steps:
                 s["avg_sensitivity"].as_f64().unwrap(),
             );
             assert!(avg >= 0.0 && avg <= max, "{step}: {r:?}");
+            // Infidelity for attributions at the image's size; not the layer-sized CAMs.
+            let cam = step.ends_with("cam") || step.contains("cam_");
+            assert_eq!(s["infidelity"].is_number(), !cam, "{step}: {r:?}");
             assert!(s["pointing_game"].is_boolean());
         }
     }

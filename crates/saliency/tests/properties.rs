@@ -9,6 +9,7 @@ use common::device;
 use std::path::Path;
 use vulnmap_data::random;
 use vulnmap_models::{Classes, Classifier, InputSpec};
+use vulnmap_saliency::metrics::infidelity::Infidelity;
 use vulnmap_saliency::metrics::robustness::Sensitivity;
 use vulnmap_saliency::{
     input_gradients, Aggregate, Baseline, Cam, CamRule, Gradient, InputXGradient,
@@ -465,6 +466,71 @@ fn sensitivity_on_a_linear_model_is_the_analytic_answer() {
             got[i]
         );
     }
+}
+
+/// Infidelity on a linear model: the gradient explains every perturbation exactly (0), input x
+/// gradient misses by `sum w I (x - 1)` per perturbation, and Captum's `normalize` rescales it
+/// by the least-squares factor; attributions at another resolution are refused.
+#[test]
+fn infidelity_on_a_linear_model_is_the_analytic_answer() {
+    let (c, h, w) = (3, 4, 4);
+    let model = Linear::new(3, (c, h, w));
+    let pixels = uniform_pixels(7, (2, c, h, w));
+    let targets = [2, 1];
+    let measure = Infidelity {
+        samples: 5,
+        seed: 4,
+        ..Infidelity::default()
+    };
+    let gradient = input_gradients(&model, &pixels, &targets, 2).unwrap();
+    for v in measure
+        .measure(&model, &pixels, &gradient, &targets)
+        .unwrap()
+    {
+        assert!(v.abs() < 1e-8, "{v}");
+    }
+    let ixg = (&gradient * &pixels).unwrap();
+    let weights = model.w.to_vec2::<f32>().unwrap();
+    for normalize in [false, true] {
+        let m = Infidelity {
+            normalize,
+            ..measure
+        };
+        let got = m.measure(&model, &pixels, &ixg, &targets).unwrap();
+        for (i, &t) in targets.iter().enumerate() {
+            let x = values(&pixels.get(i).unwrap());
+            let (mut dots, mut drops) = (Vec::new(), Vec::new());
+            for k in 0..5 {
+                let noise = values(&m.perturbation(k, &[c, h, w], &device()).unwrap());
+                let wi = |p: usize| weights[t][p] as f64 * noise[p];
+                dots.push((0..x.len()).map(|p| wi(p) * x[p]).sum::<f64>());
+                drops.push((0..x.len()).map(wi).sum::<f64>());
+            }
+            let beta = if normalize {
+                dots.iter().zip(&drops).map(|(d, f)| d * f).sum::<f64>()
+                    / dots.iter().map(|d| d * d).sum::<f64>()
+            } else {
+                1.0
+            };
+            let want = dots
+                .iter()
+                .zip(&drops)
+                .map(|(d, f)| (beta * d - f).powi(2))
+                .sum::<f64>()
+                / 5.0;
+            assert!(
+                (got[i] - want).abs() < 1e-4 * want,
+                "{normalize}: {} vs {want}",
+                got[i]
+            );
+        }
+    }
+    let cam_sized = Tensor::zeros((2, 1, 2, 2), DType::F32, &device()).unwrap();
+    let e = measure
+        .measure(&model, &pixels, &cam_sized, &targets)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("the images' size"), "{e}");
 }
 
 #[test]

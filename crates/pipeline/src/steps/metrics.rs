@@ -1,7 +1,7 @@
 //! The `metrics` step: scores the maps of earlier steps, per image, against the lesion masks
 //! (pointing game, AUROC, IoU), against the model (deletion, insertion), by their own
 //! concentration (sparseness, complexity) and, for saliency methods, by their robustness to
-//! small noise (max- and average-sensitivity).
+//! small noise (max- and average-sensitivity) and their faithfulness (infidelity).
 
 use super::{Chunk, StepContext};
 use crate::error::Result;
@@ -11,6 +11,7 @@ use candle_core::Tensor;
 use std::collections::BTreeMap;
 use vulnmap_saliency::metrics::causal::CausalMetric;
 use vulnmap_saliency::metrics::complexity::{complexity, sparseness};
+use vulnmap_saliency::metrics::infidelity::Infidelity;
 use vulnmap_saliency::metrics::localisation::{auroc, iou, PointingGame};
 use vulnmap_saliency::metrics::robustness::Sensitivity;
 use vulnmap_saliency::{GaussianBlur, Method};
@@ -55,12 +56,31 @@ pub(crate) fn run(
         samples: s.sensitivity_samples,
         seed: cx.seed,
     };
+    let infidelity = Infidelity {
+        sigma: s.infidelity_sigma,
+        samples: s.infidelity_samples,
+        normalize: false,
+        seed: cx.seed,
+    };
     for source in sources {
         let sensitivities = match &source.method {
             Some(method)
                 if measure(Measure::MaxSensitivity) || measure(Measure::AvgSensitivity) =>
             {
                 Some(sensitivity.measure(model, method, &chunk.pixels, &chunk.targets)?)
+            }
+            _ => None,
+        };
+        let infidelities = match &source.method {
+            Some(method) if measure(Measure::Infidelity) => {
+                let a = method.attribute(model, &chunk.pixels, &chunk.targets)?;
+                let (_, _, ah, aw) = a.dims4()?;
+                // Class activation maps are at their layer's resolution: no infidelity.
+                if (ah, aw) == (h, w) {
+                    Some(infidelity.measure(model, &chunk.pixels, &a, &chunk.targets)?)
+                } else {
+                    None
+                }
             }
             _ => None,
         };
@@ -105,6 +125,9 @@ pub(crate) fn run(
             }
             if measure(Measure::Complexity) {
                 scores.complexity = Some(complexity(&map)?);
+            }
+            if let Some(v) = &infidelities {
+                scores.infidelity = Some(v[i]);
             }
             if let Some(v) = &sensitivities {
                 if measure(Measure::MaxSensitivity) {
