@@ -385,6 +385,10 @@ pub struct Scores {
     pub avg_sensitivity: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub infidelity: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub road_morf: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub road_lerf: Option<f64>,
 }
 
 impl Scores {
@@ -401,6 +405,8 @@ impl Scores {
             Measure::MaxSensitivity => self.max_sensitivity,
             Measure::AvgSensitivity => self.avg_sensitivity,
             Measure::Infidelity => self.infidelity,
+            Measure::RoadMorf => self.road_morf,
+            Measure::RoadLerf => self.road_lerf,
         }
     }
 }

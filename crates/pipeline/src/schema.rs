@@ -820,7 +820,8 @@ pub struct MetricsStep {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub of: Vec<String>,
     /// `pointing_game`, `auroc`, `iou`, `deletion`, `insertion`, `sparseness`, `complexity`,
-    /// `max_sensitivity`, `avg_sensitivity`, `infidelity` (the last three for saliency methods,
+    /// `road_morf`, `road_lerf`, `max_sensitivity`, `avg_sensitivity`, `infidelity` (the last
+    /// three for saliency methods,
     /// not attacks; infidelity for attributions at the image's size, not class activation maps).
     pub measures: Vec<Measure>,
     /// Pixels changed per deletion/insertion step (RISE: 224 at 224 x 224).
@@ -885,6 +886,10 @@ pub enum Measure {
     AvgSensitivity,
     /// How badly the attribution predicts the score's change under noise (Yeh et al.; Captum).
     Infidelity,
+    /// ROAD, most relevant pixels removed first: the mean target probability (lower is better).
+    RoadMorf,
+    /// ROAD, least relevant pixels removed first: the mean target probability (higher is better).
+    RoadLerf,
 }
 
 impl Measure {
@@ -897,7 +902,7 @@ impl Measure {
     ];
 
     /// Every measure, in the order tables list them.
-    pub const ALL: [Measure; 10] = [
+    pub const ALL: [Measure; 12] = [
         Measure::PointingGame,
         Measure::Auroc,
         Measure::Iou,
@@ -908,6 +913,8 @@ impl Measure {
         Measure::MaxSensitivity,
         Measure::AvgSensitivity,
         Measure::Infidelity,
+        Measure::RoadMorf,
+        Measure::RoadLerf,
     ];
 
     /// The measure's name in YAML and in `results.jsonl`.
@@ -928,6 +935,8 @@ impl Measure {
             Measure::MaxSensitivity => "max-sensitivity (lower is better)",
             Measure::AvgSensitivity => "avg-sensitivity (lower is better)",
             Measure::Infidelity => "infidelity (lower is better)",
+            Measure::RoadMorf => "ROAD MoRF (lower is better)",
+            Measure::RoadLerf => "ROAD LeRF (higher is better)",
         }
     }
 }

@@ -282,7 +282,7 @@ steps:
   - score_cam: {layer: layer3}
   - lime: {cells: 4, samples: 40}
   - kernel_shap: {cells: 4, samples: 40, baseline: blurred}
-  - metrics: {measures: [pointing_game, auroc, iou, deletion, insertion, sparseness, complexity, max_sensitivity, avg_sensitivity, infidelity], pixels_per_step: 2048, blur_sigma: 3, blur_taps: 7, sensitivity_samples: 2, infidelity_samples: 3}
+  - metrics: {measures: [pointing_game, auroc, iou, deletion, insertion, sparseness, complexity, max_sensitivity, avg_sensitivity, infidelity, road_morf, road_lerf], pixels_per_step: 2048, blur_sigma: 3, blur_taps: 7, sensitivity_samples: 2, infidelity_samples: 3}
 ";
     let pipeline = config::parse(text, Path::new("methods.yaml"), Path::new(".")).unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -313,7 +313,14 @@ steps:
             let entropy = s["complexity"].as_f64().unwrap();
             assert!((0.0..1.0).contains(&gini), "{r:?}");
             assert!(entropy > 0.0 && entropy <= n, "{r:?}");
-            for m in ["auroc", "iou", "deletion", "insertion"] {
+            for m in [
+                "auroc",
+                "iou",
+                "deletion",
+                "insertion",
+                "road_morf",
+                "road_lerf",
+            ] {
                 assert!(s[m].is_number(), "{step} {m}: {r:?}");
             }
             let (max, avg) = (

@@ -14,6 +14,7 @@ use vulnmap_data::{Dataset, Preprocess};
 use vulnmap_models::{zoo, Arch, Checkpoint, Classifier, Score, ScoredClassifier};
 use vulnmap_saliency::metrics::localisation::{auroc, PointingGame};
 use vulnmap_saliency::metrics::randomisation::{cascade, spearman};
+use vulnmap_saliency::metrics::road::{Order, Road};
 use vulnmap_saliency::{
     Cam, CamRule, Gradient, InputXGradient, Method, Occlusion, OcclusionBaseline, SmoothGrad,
     Surrogate,
@@ -304,4 +305,48 @@ fn the_randomisation_cascade_decorrelates_grad_cam() {
     )
     .unwrap();
     assert!(same[0].similarity > 0.999, "{same:?}");
+}
+
+/// ROAD on the lesion images: removing occlusion's most relevant pixels first costs the lesion
+/// class more than removing its least relevant first, and more than a random order does.
+#[test]
+fn road_separates_a_faithful_map_from_a_random_one() {
+    let data = lesion_images(8);
+    let n = data.masks.len();
+    let targets = vec![1; n];
+    let occlusion = Method::Occlusion(Occlusion {
+        window: 16,
+        stride: 8,
+        baseline: OcclusionBaseline::Blurred { sigma: 8.0 },
+        ..Occlusion::default()
+    });
+    let maps = occlusion
+        .explain(data.model.as_ref(), &data.pixels, &targets)
+        .unwrap();
+    let road = Road::default();
+    let (mut morf, mut lerf, mut random_morf) = (0.0, 0.0, 0.0);
+    for i in 0..n {
+        let image = data.pixels.get(i).unwrap();
+        let map = maps.get(i).unwrap();
+        let m = data.model.as_ref();
+        morf += road.curve(m, &image, &map, 1, Order::MoRF).unwrap().mean / n as f64;
+        lerf += road.curve(m, &image, &map, 1, Order::LeRF).unwrap().mean / n as f64;
+        let noise = vulnmap_data::random::uniform_vec(
+            &mut vulnmap_data::random::rng(i as u64, "random map"),
+            map.elem_count(),
+            0.0,
+            1.0,
+        );
+        let random_map = Tensor::from_vec(noise, map.dims(), &device()).unwrap();
+        random_morf += road
+            .curve(m, &image, &random_map, 1, Order::MoRF)
+            .unwrap()
+            .mean
+            / n as f64;
+    }
+    println!("ROAD on {n} lesion images: occlusion MoRF {morf:.3}, LeRF {lerf:.3}; random MoRF {random_morf:.3}");
+    assert!(
+        morf < lerf && morf < random_morf,
+        "{morf} {lerf} {random_morf}"
+    );
 }

@@ -1,5 +1,5 @@
 //! The `metrics` step: scores the maps of earlier steps, per image, against the lesion masks
-//! (pointing game, AUROC, IoU), against the model (deletion, insertion), by their own
+//! (pointing game, AUROC, IoU), against the model (deletion, insertion, ROAD), by their own
 //! concentration (sparseness, complexity) and, for saliency methods, by their robustness to
 //! small noise (max- and average-sensitivity) and their faithfulness (infidelity).
 
@@ -13,6 +13,7 @@ use vulnmap_saliency::metrics::causal::CausalMetric;
 use vulnmap_saliency::metrics::complexity::{complexity, sparseness};
 use vulnmap_saliency::metrics::infidelity::Infidelity;
 use vulnmap_saliency::metrics::localisation::{auroc, iou, PointingGame};
+use vulnmap_saliency::metrics::road::{Order, Road};
 use vulnmap_saliency::metrics::robustness::Sensitivity;
 use vulnmap_saliency::{GaussianBlur, Method};
 
@@ -55,6 +56,10 @@ pub(crate) fn run(
         radius: s.sensitivity_radius,
         samples: s.sensitivity_samples,
         seed: cx.seed,
+    };
+    let road = Road {
+        seed: cx.seed,
+        ..Road::default()
     };
     let infidelity = Infidelity {
         sigma: s.infidelity_sigma,
@@ -119,6 +124,18 @@ pub(crate) fn run(
             }
             if measure(Measure::Insertion) {
                 scores.insertion = Some(causal.insertion(model, &image, &map_dev, target)?.auc);
+            }
+            for (m, order) in [
+                (Measure::RoadMorf, Order::MoRF),
+                (Measure::RoadLerf, Order::LeRF),
+            ] {
+                if measure(m) {
+                    let curve = road.curve(model, &image, &map_dev, target, order)?;
+                    match order {
+                        Order::MoRF => scores.road_morf = Some(curve.mean),
+                        Order::LeRF => scores.road_lerf = Some(curve.mean),
+                    }
+                }
             }
             if measure(Measure::Sparseness) {
                 scores.sparseness = Some(sparseness(&map)?);
