@@ -43,6 +43,18 @@ impl HubFile {
                 "`{uri}` is not a hub reference; expected hf://owner/name[/file][@revision]"
             ))));
         }
+        // Every part becomes a path in the hub cache: none may climb out of it.
+        let file = parts.get(2).copied().unwrap_or("");
+        let climbs = |segment: &str| segment == ".." || segment == "." || segment.contains('\\');
+        if parts[..2].iter().any(|p| climbs(p))
+            || file.split('/').filter(|s| !s.is_empty()).any(climbs)
+            || file.starts_with('/')
+            || revision.split('/').any(climbs)
+        {
+            return Some(Err(Error::InvalidArgument(format!(
+                "`{uri}`: a hub reference may not contain `.`, `..` or `\\` path parts, nor an absolute file"
+            ))));
+        }
         Some(Ok(Self {
             repo: format!("{}/{}", parts[0], parts[1]),
             file: parts
@@ -148,4 +160,39 @@ fn offline() -> bool {
         std::env::var("HF_HUB_OFFLINE").as_deref(),
         Ok("1") | Ok("true") | Ok("TRUE") | Ok("yes") | Ok("ON") | Ok("on")
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::HubFile;
+
+    #[test]
+    fn hub_references_parse_and_may_not_climb_out_of_the_cache() {
+        let f = HubFile::from_uri("hf://timm/resnet50.tv_in1k/sub/w.safetensors@v1.0")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (f.repo.as_str(), f.file.as_str(), f.revision.as_str()),
+            ("timm/resnet50.tv_in1k", "sub/w.safetensors", "v1.0")
+        );
+        let f = HubFile::from_uri("hf://owner/name").unwrap().unwrap();
+        assert_eq!(
+            (f.file.as_str(), f.revision.as_str()),
+            ("model.safetensors", "main")
+        );
+        assert!(HubFile::from_uri("weights/model.safetensors").is_none());
+        for bad in [
+            "hf://owner/name/../../../etc/passwd",
+            "hf://owner/name//etc/passwd",
+            "hf://../name/model.safetensors",
+            "hf://owner/../model.safetensors",
+            "hf://owner/name/a/./b",
+            "hf://owner/name/model.safetensors@../../x",
+            "hf://owner/name/..\\..\\x",
+            "hf:///etc/passwd",
+        ] {
+            let e = HubFile::from_uri(bad).unwrap().unwrap_err().to_string();
+            assert!(e.contains(bad), "{bad}: {e}");
+        }
+    }
 }

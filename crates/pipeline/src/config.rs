@@ -222,6 +222,21 @@ impl Checker {
         });
     }
 
+    /// Names that become file and folder names: nothing that could climb out of the run
+    /// directory or into another.
+    fn identifier(&mut self, value: &str, path: &str) {
+        let ok = !value.is_empty()
+            && value
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+            && !value.contains("..");
+        self.check(ok, path, || {
+            format!(
+                "must be a name of letters, digits, `_`, `.` and `-` (no `..`), as it names files; got `{value}`"
+            )
+        });
+    }
+
     fn file(&mut self, value: &str, path: &str) {
         self.check(Path::new(value).is_file(), path, || {
             format!("no such file: {value}")
@@ -229,9 +244,7 @@ impl Checker {
     }
 
     fn pipeline(&mut self, p: &Pipeline) {
-        self.check(!p.name.trim().is_empty(), "name", || {
-            "must not be empty".into()
-        });
+        self.identifier(&p.name, "name");
         self.at_least_one(p.batch_size, "batch_size");
         if let Some(c) = p.chunk_size {
             self.at_least_one(c, "chunk_size");
@@ -258,6 +271,9 @@ impl Checker {
         let ids = step_ids(&p.steps);
         for (i, step) in p.steps.iter().enumerate() {
             let at = format!("steps[{i}].{}", step.kind());
+            if let Some(id) = step.given_id() {
+                self.identifier(id, &format!("{at}.id"));
+            }
             self.step(step, &at, i, &ids, &p.steps);
         }
     }

@@ -14,7 +14,8 @@ use vulnmap_saliency::{Aggregate, BaselineKind, Integration};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Pipeline {
-    /// Names the run: the report's title, the progress bar and `run.json`; must not be empty.
+    /// Names the run: the report's title, the progress bar and `run.json`; letters, digits, `_`,
+    /// `.` and `-` (no `..`), as step ids are, since both name files.
     pub name: String,
     /// Free text shown under the report's title (default: none).
     #[serde(default, skip_serializing_if = "String::is_empty")]

@@ -174,3 +174,30 @@ fn every_shipped_pipeline_parses_and_validates() {
     }
     assert!(checked >= 5, "only {checked} pipelines checked");
 }
+
+/// Step ids and the pipeline's name become file and folder names in the run directory: any
+/// that could climb out of it, or into another folder, is refused at its line.
+#[test]
+fn ids_and_names_that_could_write_elsewhere_are_refused() {
+    for id in ["../escape", "a/b", "..", "x..y", "/abs", "a b", ""] {
+        let e = problems(&format!(
+            "{HEAD}steps:\n  - gradient: {{}}\n  - smoothgrad: {{id: \"{id}\"}}\n"
+        ));
+        assert!(
+            e.contains("line 6") && e.contains("steps[1].smoothgrad.id") && e.contains("no `..`"),
+            "{id}: {e}"
+        );
+    }
+    let e =
+        problems("name: ../../outside\ndata:\n  fundus_benchmark: {}\nsteps:\n  - gradient: {}\n");
+    assert!(e.contains("line 1") && e.contains("`name`"), "{e}");
+    // Ordinary names pass.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ok.yaml");
+    std::fs::write(
+        &path,
+        "name: run-2.v1_final\ndata:\n  fundus_benchmark: {}\nsteps:\n  - gradient: {id: grad.raw-1}\n",
+    )
+    .unwrap();
+    config::load(&path).unwrap();
+}
