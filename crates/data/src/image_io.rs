@@ -15,6 +15,14 @@ pub type RgbImage = image::Rgb32FImage;
 /// Reads an image file as RGB in [0, 1], upright.
 pub fn load_rgb(path: impl AsRef<Path>) -> Result<RgbImage> {
     let path = path.as_ref();
+    // A pipe would block the open forever and a device never ends: only regular files.
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        return Err(Error::image(
+            path,
+            "not a regular file (a folder, device or pipe); vulnmap reads image files only",
+        ));
+    }
     let reader = ImageReader::open(path)
         .map_err(|e| Error::io(path, e))?
         .with_guessed_format()

@@ -195,3 +195,26 @@ fn batches_need_one_size_and_say_which_file_differs() {
     assert_eq!(batch.dims(), &[2, 3, 6, 6]);
     assert_eq!(batch.dtype(), DType::F32);
 }
+
+/// A pipe would block reading forever and a device never ends: only regular files are read,
+/// and the error says what the path is instead.
+#[test]
+fn folders_devices_and_pipes_are_refused_without_reading() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("pipe.png");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+    let mut paths = vec![dir.path().to_path_buf()];
+    if made.is_ok_and(|s| s.success()) {
+        paths.push(fifo);
+    }
+    if std::path::Path::new("/dev/zero").exists() {
+        paths.push("/dev/zero".into());
+    }
+    for path in paths {
+        let e = vulnmap_data::load_rgb(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("not a regular file") && e.contains(&path.display().to_string()),
+            "{e}"
+        );
+    }
+}
