@@ -21,6 +21,16 @@ pub enum OcclusionBaseline {
     },
 }
 
+impl OcclusionBaseline {
+    /// What replaces each pixel of `pixels` (`N x C x H x W`) where a region is removed.
+    pub(crate) fn fill(self, pixels: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            OcclusionBaseline::Value(v) => pixels.ones_like()?.affine(v as f64, 0.0)?,
+            OcclusionBaseline::Blurred { sigma } => crate::blur::gaussian_blur(pixels, sigma)?,
+        })
+    }
+}
+
 /// Occlusion's settings.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Occlusion {
@@ -61,10 +71,7 @@ impl Occlusion {
         let dtype = pixels.dtype();
         let coverage =
             Tensor::from_vec(grid.coverage((h, w))?, (1, h, w), device)?.to_dtype(dtype)?;
-        let fill = match self.baseline {
-            OcclusionBaseline::Value(v) => pixels.ones_like()?.affine(v as f64, 0.0)?,
-            OcclusionBaseline::Blurred { sigma } => crate::blur::gaussian_blur(pixels, sigma)?,
-        };
+        let fill = self.baseline.fill(pixels)?;
         let mut maps = Vec::with_capacity(n);
         for (i, &t) in targets.iter().enumerate().take(n) {
             let x = pixels.narrow(0, i, 1)?;

@@ -187,10 +187,7 @@ impl Surrogate {
             }
         }
         let segments = Tensor::from_vec(segments, (m, h * w), device)?.to_dtype(dtype)?;
-        let fill = match self.baseline {
-            OcclusionBaseline::Value(v) => pixels.ones_like()?.affine(v as f64, 0.0)?,
-            OcclusionBaseline::Blurred { sigma } => crate::blur::gaussian_blur(pixels, sigma)?,
-        };
+        let fill = self.baseline.fill(pixels)?;
         let (patterns, weights) = self.patterns();
         let mut maps = Vec::with_capacity(n);
         for (i, &t) in targets.iter().enumerate() {
