@@ -188,7 +188,9 @@ impl Checkpoint {
         }
     }
 
-    /// Loads tensor `name` in `dtype` on `device`.
+    /// Loads tensor `name` in `dtype` on `device`. Weights are floating point and finite: an
+    /// integer tensor (a wrong name mapping) or a NaN or infinity (a diverged training run) is
+    /// refused, naming the tensor, rather than turned into a model that outputs nonsense.
     pub fn tensor(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
         let (stored, _) = self.index.get(name).ok_or_else(|| {
             Error::invalid(&self.path, format!("no tensor `{name}` in the checkpoint"))
@@ -200,6 +202,29 @@ impl Checkpoint {
             }),
         }
         .map_err(|e| Error::invalid(&self.path, format!("cannot read tensor `{name}`: {e}")))?;
+        if !matches!(
+            t.dtype(),
+            DType::F16 | DType::BF16 | DType::F32 | DType::F64
+        ) {
+            return Err(Error::invalid(
+                &self.path,
+                format!(
+                    "tensor `{name}` holds {:?} integers; model weights are floating point",
+                    t.dtype()
+                ),
+            ));
+        }
+        let values = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        if let Some(at) = values.iter().position(|v| !v.is_finite()) {
+            return Err(Error::invalid(
+                &self.path,
+                format!(
+                    "tensor `{name}` holds {} at element {at} (of {}); weights must be finite",
+                    values[at],
+                    values.len()
+                ),
+            ));
+        }
         Ok(t.to_dtype(dtype)?.to_device(device)?)
     }
 

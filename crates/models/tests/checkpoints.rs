@@ -268,3 +268,32 @@ fn unknown_model_names_list_the_known_ones() {
     );
     assert_eq!("ResNet50".parse::<Arch>().unwrap(), Arch::ResNet50);
 }
+
+#[test]
+fn integer_or_non_finite_weights_are_refused_naming_the_tensor() {
+    let device = device();
+    let classes = Classes::new(vec!["healthy".into(), "lesion".into()]);
+    let (_, varmap) = zoo::fresh(Arch::TinyResNet, &classes, 5, DType::F32, &device).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let name = "fc.weight";
+    let good = varmap_tensors(&varmap).unwrap();
+    let shape = good[name].dims().to_vec();
+    let n: usize = shape.iter().product();
+    let mut values = vec![0.5f32; n];
+    values[7] = f32::NAN;
+    let nan = Tensor::from_vec(values, shape.as_slice(), &device).unwrap();
+    let ints = Tensor::zeros(shape.as_slice(), DType::I64, &device).unwrap();
+    for (bad, expected) in [(nan, "NaN at element 7"), (ints, "I64 integers")] {
+        let mut tensors = good.clone();
+        tensors.insert(name.to_string(), bad);
+        let path = dir.path().join("bad.safetensors");
+        save_safetensors(&path, &tensors, HashMap::new(), None).unwrap();
+        let msg = zoo::load(Arch::TinyResNet, Some(&path), DType::F32, &device)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("bad.safetensors") && msg.contains(name) && msg.contains(expected),
+            "{msg}"
+        );
+    }
+}
