@@ -298,6 +298,7 @@ const FREE_TEXT_FIELDS: &[&str] = &[
     "id",
     "layer",
     "of",
+    "labels",
 ];
 
 /// The `pub` fields of `source` whose type holds a `String`.

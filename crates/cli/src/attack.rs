@@ -57,7 +57,7 @@ pub(crate) struct Args {
     #[arg(long, default_value = "attacks")]
     out: PathBuf,
     /// Images attacked together.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = crate::flags::batch_size)]
     batch_size: usize,
     #[arg(long)]
     json: bool,
@@ -126,7 +126,9 @@ pub(crate) fn run(args: Args) -> Result<()> {
         )?;
         writeln!(out, "|---|---|---|---|---|---|---|")?;
     }
-    for chunk in args.images.chunks(args.batch_size.max(1)) {
+    let names = crate::output_names::output_names(&args.images);
+    let batch = args.batch_size.max(1);
+    for (c, chunk) in args.images.chunks(batch).enumerate() {
         let pixels = preprocess.load_batch(chunk, model.device())?;
         let goals = vec![goal; chunk.len()];
         let saliency = attacks::saliency_spec(&saliency_step, args.seed, config.batch_size);
@@ -165,11 +167,8 @@ pub(crate) fn run(args: Args) -> Result<()> {
             MaskChoice::Unet => learned(MaskNetworkKind::Unet)?,
             MaskChoice::Free => learned(MaskNetworkKind::Free)?,
         };
-        for (path, o) in chunk.iter().zip(&outcomes) {
-            let stem = path
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_default();
+        for (i, (path, o)) in chunk.iter().zip(&outcomes).enumerate() {
+            let stem = &names[c * batch + i];
             let noise = args.out.join(format!("{stem}_noise.png"));
             let perturbed = args.out.join(format!("{stem}_perturbed.png"));
             vulnmap_pipeline::figures::save_noise(&o.noise, o.alpha, &noise)?;

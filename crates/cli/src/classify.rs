@@ -15,14 +15,14 @@ pub(crate) struct Args {
     #[command(flatten)]
     model: ModelArgs,
     /// How many classes to print per image.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = crate::flags::top)]
     top: usize,
     /// Resize the shorter side to this before cropping (default: 256/224 of the model's input,
     /// as torchvision's evaluation transform; the paper's code used the input size itself).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::flags::resize)]
     resize: Option<u32>,
     /// Images per forward pass.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = crate::flags::batch_size)]
     batch_size: usize,
     /// One JSON object per image on stdout.
     #[arg(long)]

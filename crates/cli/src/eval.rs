@@ -30,6 +30,10 @@ pub(crate) struct Args {
     /// Which patient-grouped split.
     #[arg(long, value_enum, default_value_t)]
     split: Split,
+    /// The classes of the manifest, in label order (comma-separated), as the model's outputs.
+    /// Default: the sorted labels present, at least two.
+    #[arg(long, value_delimiter = ',')]
+    labels: Option<Vec<String>>,
     /// At most this many images.
     #[arg(long)]
     limit: Option<usize>,
@@ -42,7 +46,10 @@ pub(crate) struct Args {
     /// Continue an interrupted evaluation in --out.
     #[arg(long)]
     resume: bool,
-    #[arg(long, default_value_t = 8)]
+    /// Discard the results already in --out and evaluate again.
+    #[arg(long, conflicts_with = "resume")]
+    force: bool,
+    #[arg(long, default_value_t = 8, value_parser = crate::flags::batch_size)]
     batch_size: usize,
     /// One JSON object per image on stdout (its scores per method).
     #[arg(long)]
@@ -84,6 +91,7 @@ pub(crate) fn run(args: Args) -> Result<()> {
             manifest: Some(manifest.display().to_string()),
             split: args.split,
             limit: args.limit,
+            labels: args.labels.clone(),
             ..DataSpec::default()
         },
         steps,
@@ -100,6 +108,7 @@ pub(crate) fn run(args: Args) -> Result<()> {
         device: None,
         shard: None,
         resume: args.resume,
+        force: args.force,
         cache: runner::default_cache(),
         progress: true,
     };

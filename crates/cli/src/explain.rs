@@ -37,10 +37,10 @@ pub(crate) struct Args {
     #[arg(long, default_value = "explanations")]
     out: PathBuf,
     /// Resize the shorter side to this before cropping (default 256/224 of the input size).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::flags::resize)]
     resize: Option<u32>,
     /// Images per forward/backward pass.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = crate::flags::batch_size)]
     batch_size: usize,
     /// Also write each map as numbers: `<image>_<method>.safetensors` (tensor `map`, H x W in
     /// [0, 1]) and `<image>_<method>.npy` (for `numpy.load`).
@@ -116,7 +116,9 @@ pub(crate) fn run(args: Args) -> Result<()> {
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let mut out = std::io::stdout().lock();
-    for chunk in args.images.chunks(args.batch_size.max(1)) {
+    let names = crate::output_names::output_names(&args.images);
+    let batch = args.batch_size.max(1);
+    for (c, chunk) in args.images.chunks(batch).enumerate() {
         let pixels = preprocess.load_batch(chunk, vulnmap_models::Classifier::device(&model))?;
         let targets = match args.target {
             Some(t) => vec![t; chunk.len()],
@@ -126,10 +128,7 @@ pub(crate) fn run(args: Args) -> Result<()> {
         let attributions = method.attribute(&model, &pixels, &targets)?;
         let maps = method.postprocess().apply(&attributions, (h, w))?;
         for (i, path) in chunk.iter().enumerate() {
-            let stem = path
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_default();
+            let stem = &names[c * batch + i];
             let map_path = args.out.join(format!("{stem}_{}.png", method.name()));
             let overlay_path = args
                 .out
@@ -138,7 +137,7 @@ pub(crate) fn run(args: Args) -> Result<()> {
             save(&colorize(&map, Colormap::Inferno)?, &map_path)?;
             let arrays = if args.save_maps {
                 let raw = args.raw.then(|| attributions.get(i)).transpose()?;
-                save_arrays(&args.out, &stem, method.name(), &map, raw.as_ref())?
+                save_arrays(&args.out, stem, method.name(), &map, raw.as_ref())?
             } else {
                 Vec::new()
             };

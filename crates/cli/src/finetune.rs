@@ -54,17 +54,24 @@ pub(crate) struct Args {
     #[arg(long, default_value_t = FinetuneStep::default().size)]
     size: usize,
     /// Shorter side before the crop (default: --size, as the paper's code).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::flags::resize)]
     resize: Option<u32>,
     /// Seed of the split, the new head and the shuffling.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// The classes of a manifest, in label order (comma-separated): a row with another label is
+    /// an error. Default: the sorted labels present, at least two.
+    #[arg(long, value_delimiter = ',')]
+    labels: Option<Vec<String>>,
     /// Leave out unreadable or inconsistent manifest rows (listed on stderr) instead of stopping.
     #[arg(long)]
     skip_bad: bool,
-    /// Output folder: best.safetensors and report.json.
+    /// Output folder: best.safetensors and report.json (refused when they exist, unless --force).
     #[arg(long)]
     out: PathBuf,
+    /// Replace best.safetensors and report.json in --out.
+    #[arg(long)]
+    force: bool,
     /// cpu, cuda, cuda:N or auto (a GPU when there is one).
     #[arg(long, default_value_t)]
     device: DeviceName,
@@ -73,7 +80,7 @@ pub(crate) struct Args {
     json: bool,
 }
 
-fn read_dataset(data: &Path, skip_bad: bool) -> Result<Dataset> {
+fn read_dataset(data: &Path, labels: Option<&[String]>, skip_bad: bool) -> Result<Dataset> {
     let manifest = if data.is_dir() {
         data.join("manifest.csv")
     } else {
@@ -81,9 +88,9 @@ fn read_dataset(data: &Path, skip_bad: bool) -> Result<Dataset> {
     };
     if manifest.is_file() {
         let options = ManifestOptions {
+            classes: labels.map(<[String]>::to_vec),
             skip_bad,
             verify: true,
-            ..Default::default()
         };
         let (dataset, skipped) = Dataset::from_manifest(&manifest, &options)?;
         if !skipped.is_empty() {
@@ -120,8 +127,20 @@ pub(crate) fn run(args: Args) -> Result<()> {
     let step = step(&args);
     // The pipeline's checks, before any data is read.
     vulnmap_pipeline::config::check_step(&Step::Finetune(step.clone()), "vulnmap finetune")?;
+    for name in ["best.safetensors", "report.json"] {
+        let existing = args.out.join(name);
+        anyhow::ensure!(
+            args.force || !existing.exists(),
+            "{} exists (an earlier fine-tuning); choose another --out, or pass --force to replace it",
+            existing.display()
+        );
+    }
     let device = args.device.open()?;
-    let dataset = Arc::new(read_dataset(&args.data, args.skip_bad)?);
+    let dataset = Arc::new(read_dataset(
+        &args.data,
+        args.labels.as_deref(),
+        args.skip_bad,
+    )?);
     anyhow::ensure!(!dataset.is_empty(), "{}: no images", args.data.display());
     let splits = split_by_patient(&dataset, PAPER_FRACTIONS, args.seed);
     eprint!("{}", summary(&dataset, &splits));
@@ -150,6 +169,7 @@ pub(crate) fn run(args: Args) -> Result<()> {
     };
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
+    let _lock = vulnmap_data::fs::DirLock::acquire(&args.out)?;
     let config = vulnmap_pipeline::steps::finetune::train_config(
         &step,
         args.seed,

@@ -8,7 +8,9 @@ mod classify;
 mod eval;
 mod explain;
 mod finetune;
+mod flags;
 mod model_args;
+mod output_names;
 mod run;
 mod synth;
 
@@ -44,6 +46,25 @@ struct Cli {
     /// Only errors on stderr.
     #[arg(short, long, global = true)]
     quiet: bool,
+    /// Refuse images of more pixels than this before decoding them (default 67108864, 64
+    /// megapixels; VULNMAP_MAX_PIXELS sets it too).
+    #[arg(long, global = true, value_name = "PIXELS", value_parser = clap::value_parser!(u64).range(1..))]
+    max_pixels: Option<u64>,
+}
+
+/// The longest error message printed: a message quoting untrusted input (a megabyte-long YAML
+/// key, say) is cut here, at a character boundary.
+const MAX_ERROR_CHARS: usize = 4000;
+
+fn capped(message: &str) -> String {
+    match message.char_indices().nth(MAX_ERROR_CHARS) {
+        None => message.to_string(),
+        Some((cut, _)) => format!(
+            "{} ... ({} more characters)",
+            &message[..cut],
+            message[cut..].chars().count()
+        ),
+    }
 }
 
 #[derive(Subcommand)]
@@ -99,6 +120,9 @@ fn main() -> ExitCode {
     keep_freed_memory();
     let cli = Cli::parse(); // usage errors exit with 2
     init_logging(cli.verbose, cli.quiet);
+    if let Some(pixels) = cli.max_pixels {
+        vulnmap_data::image_io::set_max_pixels(pixels);
+    }
     let result = match cli.command {
         Command::Classify(args) => classify::run(args),
         Command::Explain(args) => explain::run(args),
@@ -115,7 +139,8 @@ fn main() -> ExitCode {
         // `vulnmap ... | head`: the reader has what it wanted.
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // `{:#}` is the message chain, never a backtrace: RUST_BACKTRACE stays for bugs.
+            eprintln!("error: {}", capped(&format!("{e:#}")));
             ExitCode::FAILURE
         }
     }

@@ -26,6 +26,10 @@ pub(crate) struct RunArgs {
     /// Continue the run in --out, skipping finished rows.
     #[arg(long)]
     resume: bool,
+    /// Write into --out even when it holds results (discarded: the run starts again) or files
+    /// that are not a vulnmap run's (kept, beside the run's).
+    #[arg(long, conflicts_with = "resume")]
+    force: bool,
     /// Check the pipeline and print it resolved, without running anything.
     #[arg(long)]
     check: bool,
@@ -42,9 +46,15 @@ pub(crate) struct MergeArgs {
     /// The shards' run directories.
     #[arg(required = true)]
     shards: Vec<PathBuf>,
-    /// The merged run directory.
+    /// The merged run directory (new or empty).
     #[arg(long)]
     out: PathBuf,
+    /// Replace what --out holds (a merged run from before, or other files).
+    #[arg(long)]
+    force: bool,
+    /// Merge even when a shard is missing or has not finished (the report says which images it has).
+    #[arg(long)]
+    allow_partial: bool,
     #[arg(long)]
     json: bool,
 }
@@ -59,6 +69,9 @@ pub(crate) struct DemoArgs {
     /// Continue an interrupted demo in --out.
     #[arg(long)]
     resume: bool,
+    /// Run the demo again in --out, discarding the results there.
+    #[arg(long, conflicts_with = "resume")]
+    force: bool,
     #[arg(long)]
     cache: Option<PathBuf>,
     #[arg(long)]
@@ -117,6 +130,7 @@ pub(crate) fn run(args: RunArgs) -> Result<()> {
         device: args.device,
         shard: args.shard,
         resume: args.resume,
+        force: args.force,
         cache: args.cache.unwrap_or_else(runner::default_cache),
         progress: true,
     };
@@ -124,7 +138,7 @@ pub(crate) fn run(args: RunArgs) -> Result<()> {
 }
 
 pub(crate) fn merge(args: MergeArgs) -> Result<()> {
-    let summary = runner::merge(&args.out, &args.shards)?;
+    let summary = runner::merge(&args.out, &args.shards, args.force, args.allow_partial)?;
     print(&summary, args.json)
 }
 
@@ -142,6 +156,7 @@ pub(crate) fn demo(args: DemoArgs) -> Result<()> {
         device: args.device,
         shard: None,
         resume: args.resume,
+        force: args.force,
         cache: args.cache.unwrap_or_else(runner::default_cache),
         progress: true,
     };

@@ -13,14 +13,18 @@ pub(crate) struct Args {
     /// What to synthesise.
     #[arg(value_enum)]
     kind: SynthKind,
-    /// Output folder (created); gets images/, masks beside the images, and manifest.csv.
+    /// Output folder (created; new or empty); gets images/, masks beside the images, and
+    /// manifest.csv.
     #[arg(long)]
     out: PathBuf,
+    /// Write into --out even when it holds files (a dataset there is overwritten).
+    #[arg(long)]
+    force: bool,
     /// Patients (two eyes each; a CFP image per eye, and an FA image per eye by --fa-fraction).
-    #[arg(long, default_value_t = 150)]
+    #[arg(long, default_value_t = 150, value_parser = crate::flags::patients)]
     patients: usize,
     /// Image size in pixels (square, at least 32).
-    #[arg(long, default_value_t = 224, value_parser = clap::value_parser!(u32).range(32..))]
+    #[arg(long, default_value_t = 224, value_parser = crate::flags::image_size)]
     size: u32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -59,9 +63,17 @@ pub(crate) fn run(args: Args) -> Result<()> {
         fa_fraction: args.fa_fraction,
         labels: args.labels,
     };
+    vulnmap_data::fs::refuse_foreign(&args.out, args.force, "a new folder for the dataset")?;
+    std::fs::create_dir_all(&args.out)
+        .map_err(|e| anyhow::anyhow!("creating {}: {e}", args.out.display()))?;
+    let _lock = vulnmap_data::fs::DirLock::acquire(&args.out)?;
     let start = Instant::now();
     let manifest = write_dataset(&config, &args.out)?;
-    let dataset = Dataset::from_manifest(&manifest, &ManifestOptions::default())?.0;
+    let options = ManifestOptions {
+        classes: Some(args.labels.classes()),
+        ..ManifestOptions::default()
+    };
+    let dataset = Dataset::from_manifest(&manifest, &options)?.0;
     let seconds = start.elapsed().as_secs_f64();
     tracing::info!(
         "{} images in {seconds:.1} s ({:.0} images/s, with masks and PNG encoding)",

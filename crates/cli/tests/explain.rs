@@ -61,6 +61,53 @@ fn explain_writes_a_map_and_an_overlay_per_image() {
     );
 }
 
+#[test]
+fn two_images_with_one_file_name_never_write_the_same_output() {
+    let (Some(weights), Some(image)) = (
+        test_asset("assets/weights/efficientnet-lite0.safetensors"),
+        test_asset("assets/images/imagenet/coffee.png"),
+    ) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let inputs: Vec<_> = ["a", "b"]
+        .iter()
+        .map(|d| {
+            let folder = dir.path().join(d);
+            std::fs::create_dir_all(&folder).unwrap();
+            std::fs::copy(&image, folder.join("coffee.png")).unwrap();
+            folder.join("coffee.png")
+        })
+        .collect();
+    let out = dir.path().join("out");
+    let result = Command::new(env!("CARGO_BIN_EXE_vulnmap"))
+        .args(["explain", "-q", "--json", "--method", "gradient"])
+        .args(["--model", "efficientnet-lite0", "--weights"])
+        .arg(&weights)
+        .args(&inputs)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    let maps: Vec<String> = String::from_utf8_lossy(&result.stdout)
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["map"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(maps.len(), 2);
+    assert_ne!(maps[0], maps[1]);
+    for m in &maps {
+        assert!(std::path::Path::new(m).is_file(), "{m}");
+    }
+}
+
 /// The values of a `.npy` file of little-endian f32 (its shape from the header, by hand).
 fn read_npy(path: &std::path::Path) -> (Vec<usize>, Vec<f32>) {
     let bytes = std::fs::read(path).unwrap();

@@ -62,6 +62,50 @@ fn a_missing_file_is_named_with_its_cause_once() {
 }
 
 #[test]
+fn error_messages_are_capped_and_never_backtraces() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("long.yaml");
+    // A name the checks refuse, quoted back in the message.
+    let yaml = format!(
+        "name: {}\nmodel: {{arch: resnet18}}\ndata: {{files: [x.png]}}\nsteps: [classify: {{}}]\n",
+        "k/".repeat(50_000)
+    );
+    std::fs::write(&path, yaml).unwrap();
+    let out = vulnmap()
+        .arg("run")
+        .arg(&path)
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("long.yaml") && err.contains("more characters"),
+        "{err}"
+    );
+    assert!(err.len() < 5_000, "{} bytes of error", err.len());
+    assert!(!err.contains("Stack backtrace"), "{err}");
+}
+
+#[test]
+fn flags_that_multiply_memory_are_range_checked_as_pipeline_keys_are() {
+    for args in [
+        "classify --model resnet18 --top 0 x.png",
+        "classify --model resnet18 --batch-size 0 x.png",
+        "classify --model resnet18 --resize 100000 x.png",
+        "explain --model resnet18 --method gradient --batch-size 5000 x.png",
+        "attack --model resnet18 --batch-size 0 x.png",
+        "synth fundus --out nowhere --size 100000",
+        "synth fundus --out nowhere --patients 0",
+    ] {
+        let out = vulnmap().args(args.split(' ')).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args}: {err}");
+        assert!(err.contains("must be between"), "{args}: {err}");
+    }
+}
+
+#[test]
 fn attack_flags_get_the_pipeline_checks_before_any_model_loads() {
     let dir = tempfile::tempdir().unwrap();
     let out = vulnmap()

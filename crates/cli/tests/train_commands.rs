@@ -44,6 +44,35 @@ fn synth_finetune_classify_round_trip() {
     assert!(manifest.trim().ends_with("manifest.csv"));
     let rows = std::fs::read_to_string(data.join("manifest.csv")).unwrap();
     assert_eq!(rows.lines().count(), 1 + 16);
+    // A second synth over the dataset is refused, naming the folder, unless --force.
+    let again = || {
+        let mut c = vulnmap();
+        c.args([
+            "synth",
+            "fundus",
+            "--patients",
+            "4",
+            "--size",
+            "48",
+            "--seed",
+            "3",
+        ])
+        .arg("--out")
+        .arg(&data);
+        c
+    };
+    let refused = again().output().unwrap();
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&*data.to_string_lossy()) && err.contains("--force"),
+        "{err}"
+    );
+    succeeded(again().arg("--force").output().unwrap());
+    assert_eq!(
+        std::fs::read_to_string(data.join("manifest.csv")).unwrap(),
+        rows
+    );
 
     let run = dir.path().join("run");
     let out = succeeded(
@@ -74,6 +103,17 @@ fn synth_finetune_classify_round_trip() {
     assert_eq!(report["epochs"].as_array().unwrap().len(), 2);
     assert!(report["test_accuracy"].as_f64().unwrap() >= 0.0);
     assert!(run.join("report.json").is_file());
+    // Fine-tuning into the same --out again would replace the checkpoint: refused.
+    let refused = vulnmap()
+        .args(["finetune", "--arch", "tiny-resnet", "--scratch", "--data"])
+        .arg(&data)
+        .arg("--out")
+        .arg(&run)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{err}");
+    assert!(err.contains("best.safetensors exists"), "{err}");
 
     let image = data.join("images/P0001_OD_CFP.png");
     let out = succeeded(
@@ -146,8 +186,8 @@ fn bad_values_are_usage_errors_and_bad_data_fails_naming_the_line() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("`finetune.epochs`: must be at least 1")
-            && err.contains("`finetune.size`: must be at least 32")
+        err.contains("`finetune.epochs`: must be between 1 and")
+            && err.contains("`finetune.size`: must be between 32 and")
             && !err.contains("nowhere.png"),
         "{err}"
     );

@@ -162,6 +162,18 @@ impl Dataset {
                 .into_iter()
                 .collect(),
         };
+        if options.classes.is_none() && classes.len() < 2 {
+            return Err(Error::Manifest {
+                path: manifest.to_path_buf(),
+                line: 0,
+                message: format!(
+                    "every row has the label {}: the classes are read from the labels present, \
+                     so this would be a one-class problem whose labels do not index a model's \
+                     classes; declare the classes (--labels a,b, or `labels:` in a pipeline's data)",
+                    classes.first().map_or("(none)".into(), |c| format!("`{c}`"))
+                ),
+            });
+        }
         let mut samples = Vec::new();
         let mut skipped = Vec::new();
         for row in rows {

@@ -3,11 +3,100 @@
 //! 8- and 16-bit grey, RGB and RGBA are read; grey becomes three equal channels (ImageNet models
 //! want three), alpha is dropped (as PIL's `convert("RGB")`), and JPEG EXIF orientation is
 //! applied so the pixels stand the way a viewer shows them.
+//!
+//! Files are untrusted: the header is read first and an image of more than [`max_pixels`]
+//! pixels, or longer than [`MAX_ASPECT_RATIO`] times its width, is refused before any pixel is
+//! decoded; a JPEG that ends before its end-of-image marker (a truncated download) is an error,
+//! not an image padded with grey.
 
 use crate::error::{Error, Result};
 use candle_core::{DType, Device, Tensor};
-use image::{DynamicImage, ImageDecoder, ImageReader};
+use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader};
+use std::io::Read;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// The pixel budget of one image when neither [`set_max_pixels`] nor `VULNMAP_MAX_PIXELS` sets
+/// another: 64 megapixels (a 12-byte-per-pixel f32 image of 768 MB).
+pub const DEFAULT_MAX_PIXELS: u64 = 64 << 20;
+/// How many times longer than wide (or wide than long) an image may be.
+pub const MAX_ASPECT_RATIO: u64 = 64;
+
+static MAX_PIXELS: AtomicU64 = AtomicU64::new(0);
+
+/// Sets the pixel budget for the images this process reads (0: back to the default).
+pub fn set_max_pixels(pixels: u64) {
+    MAX_PIXELS.store(pixels, Ordering::Relaxed);
+}
+
+/// The pixel budget: [`set_max_pixels`]'s, else `VULNMAP_MAX_PIXELS`, else
+/// [`DEFAULT_MAX_PIXELS`].
+pub fn max_pixels() -> u64 {
+    match MAX_PIXELS.load(Ordering::Relaxed) {
+        0 => std::env::var("VULNMAP_MAX_PIXELS")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .filter(|&v| v > 0)
+            .unwrap_or(DEFAULT_MAX_PIXELS),
+        n => n,
+    }
+}
+
+/// Refuses dimensions over the budget or of an extreme shape, before decoding.
+fn check_dimensions(path: &Path, (w, h): (u32, u32)) -> Result<()> {
+    let (w, h) = (u64::from(w), u64::from(h));
+    let budget = max_pixels();
+    if w == 0 || h == 0 {
+        return Err(Error::image(
+            path,
+            format!("the header says {w} x {h} pixels"),
+        ));
+    }
+    if w * h > budget {
+        return Err(Error::image(
+            path,
+            format!(
+                "{w} x {h} pixels is more than the budget of {budget} pixels; resize it first, or \
+                 raise the budget with --max-pixels or VULNMAP_MAX_PIXELS"
+            ),
+        ));
+    }
+    if w.max(h) > MAX_ASPECT_RATIO * w.min(h) {
+        return Err(Error::image(
+            path,
+            format!("{w} x {h} pixels is longer than {MAX_ASPECT_RATIO} times its other side"),
+        ));
+    }
+    Ok(())
+}
+
+/// Whether a JPEG's bytes reach its end-of-image marker. The marker segments before the scan
+/// carry their lengths; inside entropy-coded data a 0xFF byte is followed by 0x00 (stuffing), a
+/// restart marker or another marker, so the first 0xFF 0xD9 there is the real end.
+fn jpeg_is_complete(bytes: &[u8]) -> bool {
+    let mut i = 2; // after SOI
+    while i + 1 < bytes.len() {
+        if bytes[i] != 0xFF {
+            i += 1; // entropy-coded data (or stray bytes a lenient decoder skips too)
+            continue;
+        }
+        let marker = bytes[i + 1];
+        match marker {
+            0xD9 => return true,
+            0x00 | 0xFF | 0xD0..=0xD7 | 0x01 => {
+                i += if marker == 0xFF { 1 } else { 2 };
+            }
+            _ => {
+                let Some(len) = bytes.get(i + 2..i + 4) else {
+                    return false;
+                };
+                let len = usize::from(u16::from_be_bytes([len[0], len[1]]));
+                i += 2 + len;
+            }
+        }
+    }
+    false
+}
 
 /// An RGB image with f32 channels in [0, 1], stored row-major, channels interleaved.
 pub type RgbImage = image::Rgb32FImage;
@@ -23,19 +112,47 @@ pub fn load_rgb(path: impl AsRef<Path>) -> Result<RgbImage> {
             "not a regular file (a folder, device or pipe); vulnmap reads image files only",
         ));
     }
-    let reader = ImageReader::open(path)
-        .map_err(|e| Error::io(path, e))?
+    // A file larger than the largest image within the budget could hold is not read at all.
+    let most_bytes = max_pixels() * 8 + (16 << 20);
+    if meta.len() > most_bytes {
+        return Err(Error::image(
+            path,
+            format!(
+                "{} bytes is more than an image of the pixel budget ({} pixels) can take",
+                meta.len(),
+                max_pixels()
+            ),
+        ));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    std::fs::File::open(path)
+        .and_then(|f| f.take(most_bytes).read_to_end(&mut bytes))
+        .map_err(|e| Error::io(path, e))?;
+    let mut reader = ImageReader::new(std::io::Cursor::new(&bytes))
         .with_guessed_format()
         .map_err(|e| Error::io(path, e))?;
     if reader.format().is_none() {
+        // As a reader opened on the path would: the extension names the format to try.
+        if let Ok(format) = ImageFormat::from_path(path) {
+            reader.set_format(format);
+        }
+    }
+    let mut limits = image::Limits::default();
+    limits.max_alloc = Some(most_bytes);
+    reader.limits(limits);
+    let format = reader.format().ok_or_else(|| {
+        Error::image(path, "not an image vulnmap can read (expected PNG or JPEG)")
+    })?;
+    if format == ImageFormat::Jpeg && !jpeg_is_complete(&bytes) {
         return Err(Error::image(
             path,
-            "not an image vulnmap can read (expected PNG or JPEG)",
+            "the JPEG ends before its end-of-image marker (a truncated or unfinished file)",
         ));
     }
     let mut decoder = reader
         .into_decoder()
         .map_err(|e| Error::image(path, format!("cannot decode: {e}")))?;
+    check_dimensions(path, decoder.dimensions())?;
     let orientation = decoder
         .orientation()
         .map_err(|e| Error::image(path, format!("cannot read the orientation: {e}")))?;

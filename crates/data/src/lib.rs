@@ -9,7 +9,7 @@
 //! - [`loader`]: shuffled batches decoded ahead of the model on a rayon pool.
 //! - [`synthetic`]: the synthetic fundus benchmark (CFP and FA images with known lesions).
 //! - [`random`]: seeded random draws, identical across runs and devices for a seed.
-//! - [`fs`]: writing files through a temporary file and a rename.
+//! - [`fs`]: writing files through a temporary file and a rename; one writer per output folder.
 //! - [`json`]: NaN through JSON (written as `null`, read back as NaN).
 //! - [`npy`]: NumPy `.npy` files, for arrays handed to Python.
 //! - [`assets`]: locating the shared example images, weights and reference fixtures.

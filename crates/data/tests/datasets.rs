@@ -278,3 +278,26 @@ fn loader_batches_every_index_once_shuffled_by_seed() {
     it.next();
     drop(it);
 }
+
+#[test]
+fn a_manifest_of_one_label_is_refused_unless_its_classes_are_declared() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    png(&d.join("a.png"), 8, 8);
+    png(&d.join("b.png"), 8, 8);
+    let manifest = d.join("manifest.csv");
+    write(&manifest, "path,label\na.png,lesion\nb.png,lesion\n");
+    let err = Dataset::from_manifest(&manifest, &ManifestOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("manifest.csv") && err.contains("`lesion`") && err.contains("--labels"),
+        "{err}"
+    );
+    let declared = ManifestOptions {
+        classes: Some(vec!["healthy".into(), "lesion".into()]),
+        ..ManifestOptions::default()
+    };
+    let (dataset, _) = Dataset::from_manifest(&manifest, &declared).unwrap();
+    assert!(dataset.samples.iter().all(|s| s.label == 1));
+}

@@ -218,3 +218,89 @@ fn folders_devices_and_pipes_are_refused_without_reading() {
         );
     }
 }
+
+/// CRC-32 (IEEE) of PNG chunks, bit by bit: for headers the tests rewrite.
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in bytes {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// A small PNG whose header claims `w x h` pixels (the data stays that of an 8 x 8 image).
+fn png_claiming(w: u32, h: u32) -> Vec<u8> {
+    let mut png = Vec::new();
+    image::RgbImage::new(8, 8)
+        .write_to(&mut Cursor::new(&mut png), image::ImageFormat::Png)
+        .unwrap();
+    png[16..20].copy_from_slice(&w.to_be_bytes());
+    png[20..24].copy_from_slice(&h.to_be_bytes());
+    let crc = crc32(&png[12..29]);
+    png[29..33].copy_from_slice(&crc.to_be_bytes());
+    png
+}
+
+#[test]
+fn images_over_the_pixel_budget_or_of_extreme_shape_are_refused_before_decoding() {
+    let dir = tempfile::tempdir().unwrap();
+    // 100 000 x 100 000 pixels would take 120 GB as f32: refused from its header alone.
+    let bomb = dir.path().join("bomb.png");
+    std::fs::write(&bomb, png_claiming(100_000, 100_000)).unwrap();
+    let msg = load_rgb(&bomb).unwrap_err().to_string();
+    assert!(
+        msg.contains("bomb.png") && msg.contains("100000 x 100000") && msg.contains("budget"),
+        "{msg}"
+    );
+    let strip = dir.path().join("strip.png");
+    std::fs::write(&strip, png_claiming(65_000, 8)).unwrap();
+    let msg = load_rgb(&strip).unwrap_err().to_string();
+    assert!(
+        msg.contains("strip.png") && msg.contains("longer than"),
+        "{msg}"
+    );
+    // The same file with its true header is read.
+    let fine = dir.path().join("fine.png");
+    std::fs::write(&fine, png_claiming(8, 8)).unwrap();
+    assert!(load_rgb(&fine).is_ok());
+}
+
+#[test]
+fn truncated_jpegs_are_errors_not_grey_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut img = image::RgbImage::new(64, 48);
+    for (x, y, p) in img.enumerate_pixels_mut() {
+        *p = image::Rgb([(x * 4) as u8, (y * 5) as u8, ((x * y) % 251) as u8]);
+    }
+    let mut jpeg = Vec::new();
+    img.write_to(&mut Cursor::new(&mut jpeg), image::ImageFormat::Jpeg)
+        .unwrap();
+    let whole = dir.path().join("whole.jpg");
+    std::fs::write(&whole, &jpeg).unwrap();
+    assert_eq!(load_rgb(&whole).unwrap().dimensions(), (64, 48));
+    // Bytes after the end marker (as some cameras append) are harmless.
+    let trailing = dir.path().join("trailing.jpg");
+    std::fs::write(&trailing, [jpeg.as_slice(), b"appended"].concat()).unwrap();
+    assert!(load_rgb(&trailing).is_ok());
+    for keep in [jpeg.len() - 2, jpeg.len() / 2, 700] {
+        let cut = dir.path().join(format!("cut{keep}.jpg"));
+        std::fs::write(&cut, &jpeg[..keep]).unwrap();
+        let msg = load_rgb(&cut).unwrap_err().to_string();
+        assert!(
+            msg.contains(&format!("cut{keep}.jpg")) && msg.contains("end-of-image"),
+            "{msg}"
+        );
+    }
+    for name in ["imagenet/rocket.jpg", "fundus/retina.jpg"] {
+        if let Some(path) = test_asset(&format!("assets/images/{name}")) {
+            load_rgb(&path).unwrap();
+        }
+    }
+}

@@ -3,6 +3,7 @@
 //! against the file's folder, so the resolved pipeline runs from anywhere.
 
 use crate::error::{Error, Problem, Result};
+use crate::limits::*;
 use crate::locate::Locations;
 use crate::schema::*;
 use std::collections::HashSet;
@@ -10,6 +11,21 @@ use std::path::{Path, PathBuf};
 
 /// Reads, expands, parses and checks the pipeline at `path`.
 pub fn load(path: &Path) -> Result<Pipeline> {
+    let bytes = std::fs::metadata(path)
+        .map_err(|e| Error::io(path, e))?
+        .len();
+    if bytes > crate::yaml_budget::MAX_FILE_BYTES {
+        return Err(Error::Config(vec![Problem {
+            file: path.to_path_buf(),
+            line: 0,
+            column: 0,
+            path: String::new(),
+            message: format!(
+                "{bytes} bytes is not a pipeline file (at most {} bytes)",
+                crate::yaml_budget::MAX_FILE_BYTES
+            ),
+        }]));
+    }
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let base = path
         .parent()
@@ -23,7 +39,8 @@ pub fn load(path: &Path) -> Result<Pipeline> {
 pub fn parse(text: &str, origin: &Path, base: &Path) -> Result<Pipeline> {
     let base = std::path::absolute(base).map_err(|e| Error::io(base, e))?;
     let text = expand(text, origin)?;
-    let pipeline: Pipeline = from_yaml(&text).map_err(|e| {
+    let parsed = crate::yaml_budget::check(&text).and_then(|()| from_yaml(&text));
+    let pipeline: Pipeline = parsed.map_err(|e| {
         let (line, column) = e
             .location()
             .map(|l| (l.line(), l.column()))
@@ -216,6 +233,12 @@ impl Checker {
         });
     }
 
+    fn within(&mut self, value: usize, limit: &crate::limits::Limit, path: &str) {
+        if let Some(problem) = limit.problem(value as u64) {
+            self.problem(path, problem);
+        }
+    }
+
     fn at_least_one(&mut self, value: usize, path: &str) {
         self.check(value >= 1, path, || {
             format!("must be at least 1, got {value}")
@@ -245,9 +268,9 @@ impl Checker {
 
     fn pipeline(&mut self, p: &Pipeline) {
         self.identifier(&p.name, "name");
-        self.at_least_one(p.batch_size, "batch_size");
+        self.within(p.batch_size, &BATCH_SIZE, "batch_size");
         if let Some(c) = p.chunk_size {
-            self.at_least_one(c, "chunk_size");
+            self.within(c, &CHUNK_SIZE, "chunk_size");
         }
         match &p.model {
             Some(m) => {
@@ -314,10 +337,8 @@ impl Checker {
             });
         }
         if let Some(s) = &d.synthetic {
-            self.at_least_one(s.patients, "data.synthetic.patients");
-            self.check(s.size >= 32, "data.synthetic.size", || {
-                format!("must be at least 32, got {}", s.size)
-            });
+            self.within(s.patients, &PATIENTS, "data.synthetic.patients");
+            self.within(s.size, &IMAGE_SIZE, "data.synthetic.size");
             for (v, k) in [
                 (s.lesion_prevalence, "lesion_prevalence"),
                 (s.fa_fraction, "fa_fraction"),
@@ -336,19 +357,15 @@ impl Checker {
                     b.patients
                 )
             });
-            self.check(b.size >= 32, "data.fundus_benchmark.size", || {
-                format!("must be at least 32, got {}", b.size)
-            });
-            self.at_least_one(b.epochs, "data.fundus_benchmark.epochs");
+            self.within(b.size, &IMAGE_SIZE, "data.fundus_benchmark.size");
+            self.within(b.epochs, &EPOCHS, "data.fundus_benchmark.epochs");
             self.positive(b.lr, "data.fundus_benchmark.lr");
         }
         if let Some(l) = d.limit {
             self.at_least_one(l, "data.limit");
         }
         if let Some(r) = d.resize {
-            self.check(r >= 8, "data.resize", || {
-                format!("must be at least 8, got {r}")
-            });
+            self.within(r as usize, &RESIZE, "data.resize");
         }
     }
 
@@ -363,7 +380,7 @@ impl Checker {
             &format!("{at}.alpha"),
             || format!("must be in (0, 1] (pixel units), got {}", a.alpha),
         );
-        self.at_least_one(a.max_iters, &format!("{at}.max_iters"));
+        self.within(a.max_iters, &MAX_ITERS, &format!("{at}.max_iters"));
         self.positive(a.lr, &format!("{at}.lr"));
         self.check(
             a.confidence > 0.0 && a.confidence < 1.0,
@@ -375,7 +392,7 @@ impl Checker {
     fn step(&mut self, step: &Step, at: &str, index: usize, ids: &[String], steps: &[Step]) {
         let f = |k: &str| format!("{at}.{k}");
         match step {
-            Step::Classify(s) => self.at_least_one(s.top, &f("top")),
+            Step::Classify(s) => self.within(s.top, &TOP, &f("top")),
             Step::Gradient(_)
             | Step::InputXGradient(_)
             | Step::GradCam(_)
@@ -384,11 +401,11 @@ impl Checker {
             | Step::EigenCam(_)
             | Step::ScoreCam(_) => {}
             Step::Smoothgrad(s) => {
-                self.at_least_one(s.samples, &f("samples"));
+                self.within(s.samples, &SAMPLES, &f("samples"));
                 self.positive(s.noise_level, &f("noise_level"));
             }
             Step::IntegratedGradients(s) => {
-                self.at_least_one(s.steps, &f("steps"));
+                self.within(s.steps, &STEPS, &f("steps"));
                 self.check(
                     s.baseline.path_start(s.sigma).is_some(),
                     &f("baseline"),
@@ -402,7 +419,8 @@ impl Checker {
                 self.positive(s.sigma, &f("sigma"));
             }
             Step::Lime(s) | Step::KernelShap(s) => {
-                self.at_least_one(s.cells, &f("cells"));
+                self.within(s.cells, &CELLS, &f("cells"));
+                self.within(s.samples, &SAMPLES, &f("samples"));
                 self.check(s.samples > s.cells * s.cells + 1, &f("samples"), || {
                     format!(
                         "must be more than the superpixels plus one ({}), got {}",
@@ -413,19 +431,19 @@ impl Checker {
                 self.positive(s.sigma, &f("sigma"));
             }
             Step::Rise(s) => {
-                self.at_least_one(s.masks, &f("masks"));
-                self.at_least_one(s.cells, &f("cells"));
+                self.within(s.masks, &MASKS, &f("masks"));
+                self.within(s.cells, &CELLS, &f("cells"));
                 self.check(s.keep > 0.0 && s.keep <= 1.0, &f("keep"), || {
                     format!("must be in (0, 1], got {}", s.keep)
                 });
             }
             Step::RandomAttack(s) => {
                 self.attack(&s.attack(), at);
-                self.at_least_one(s.rounds, &f("rounds"));
+                self.within(s.rounds, &ROUNDS, &f("rounds"));
             }
             Step::AlphaSweep(s) => {
                 self.attack(&s.attack(), at);
-                self.at_least_one(s.rounds, &f("rounds"));
+                self.within(s.rounds, &ROUNDS, &f("rounds"));
                 self.check(!s.alphas.is_empty(), &f("alphas"), || "no alphas".into());
                 for (i, &a) in s.alphas.iter().enumerate() {
                     self.check(a > 0.0 && a <= 1.0, &format!("{at}.alphas[{i}]"), || {
@@ -440,7 +458,7 @@ impl Checker {
             }
             Step::SaliencyAttack(s) => {
                 self.attack(&s.attack(), at);
-                self.at_least_one(s.samples, &f("samples"));
+                self.within(s.samples, &SAMPLES, &f("samples"));
                 self.positive(s.noise_level, &f("noise_level"));
                 self.check((0.0..1.0).contains(&s.threshold), &f("threshold"), || {
                     format!("must be in [0, 1), got {}", s.threshold)
@@ -449,12 +467,12 @@ impl Checker {
             Step::MaskAttack(s) => {
                 self.attack(&s.attack(), at);
                 self.at_least_one(s.base, &f("base"));
-                self.at_least_one(s.cells, &f("cells"));
+                self.within(s.cells, &CELLS, &f("cells"));
                 if let Some(lr) = s.mask_lr {
                     self.positive(lr, &f("mask_lr"));
                 }
                 self.positive(s.beta, &f("beta"));
-                self.at_least_one(s.samples, &f("samples"));
+                self.within(s.samples, &SAMPLES, &f("samples"));
                 for (v, k) in [
                     (s.lambda_sparsity, "lambda_sparsity"),
                     (s.lambda_tv, "lambda_tv"),
@@ -493,9 +511,9 @@ impl Checker {
                 self.at_least_one(s.pixels_per_step, &f("pixels_per_step"));
                 self.positive(s.blur_sigma, &f("blur_sigma"));
                 self.positive(s.sensitivity_radius, &f("sensitivity_radius"));
-                self.at_least_one(s.sensitivity_samples, &f("sensitivity_samples"));
+                self.within(s.sensitivity_samples, &SAMPLES, &f("sensitivity_samples"));
                 self.positive(s.infidelity_sigma, &f("infidelity_sigma"));
-                self.at_least_one(s.infidelity_samples, &f("infidelity_samples"));
+                self.within(s.infidelity_samples, &SAMPLES, &f("infidelity_samples"));
                 self.check(s.blur_taps % 2 == 1, &f("blur_taps"), || {
                     format!(
                         "must be odd (a kernel centred on the pixel), got {}",
@@ -507,15 +525,13 @@ impl Checker {
                 self.check(index == 0, at, || {
                     "finetune must be the first step (later steps use the fine-tuned model)".into()
                 });
-                self.at_least_one(s.epochs, &f("epochs"));
+                self.within(s.epochs, &EPOCHS, &f("epochs"));
                 self.positive(s.lr, &f("lr"));
                 self.check(s.weight_decay >= 0.0, &f("weight_decay"), || {
                     format!("must be zero or more, got {}", s.weight_decay)
                 });
-                self.at_least_one(s.batch_size, &f("batch_size"));
-                self.check(s.size >= 32, &f("size"), || {
-                    format!("must be at least 32, got {}", s.size)
-                });
+                self.within(s.batch_size, &BATCH_SIZE, &f("batch_size"));
+                self.within(s.size, &IMAGE_SIZE, &f("size"));
                 self.check(s.noise >= 0.0, &f("noise"), || {
                     "must be zero or more".into()
                 });

@@ -11,6 +11,7 @@
 //!     device: None,
 //!     shard: None,
 //!     resume: false,
+//!     force: false,
 //!     cache: runner::default_cache(),
 //!     progress: true,
 //! };
@@ -22,13 +23,16 @@
 //! Modules:
 //! - [`schema`]: the pipeline file's types, with the paper's values as defaults.
 //! - [`config`]: loading a file: `${VAR}` expansion, parsing, checks with line and column.
+//! - [`limits`]: the ranges of settings that multiply memory or time, for keys and flags alike.
+//! - `yaml_budget`: bounds on a pipeline file's size and alias expansion, before parsing.
 //! - `locate`: positions of YAML values by path, for checks made after parsing.
 //! - `source`: the images (files, glob, manifest, folders, synthetic, benchmark) and masks.
 //! - [`steps`]: each step's settings converted into the libraries' (shared with the CLI).
 //! - [`runner`]: chunks, steps, `--resume`, `--shard`, and `merge`.
 //! - `finetune`: the fine-tuning step.
 //! - [`rows`]: the typed rows of `results.jsonl`, written by the steps and read by the report.
-//! - [`rundir`]: `results.jsonl` (append, repair, sort) and joining shards.
+//! - [`rundir`]: the run directory: format marker, lock, image list, `results.jsonl` (append,
+//!   repair, sort) and joining shards.
 //! - [`figures`]: PNGs of inputs, maps, overlays, noise and perturbed images.
 //! - `report`: Table I, the scores table, `report.html`.
 //! - `plot`: the alpha-sweep plot (SVG).
@@ -40,6 +44,7 @@ pub mod config;
 mod error;
 pub mod figures;
 mod finetune;
+pub mod limits;
 mod locate;
 mod plot;
 mod report;
@@ -49,6 +54,7 @@ pub mod runner;
 pub mod schema;
 mod source;
 pub mod steps;
+mod yaml_budget;
 
 pub use error::{Error, Problem, Result};
 pub use runner::{merge, run, RunOptions, RunSummary, Shard};

@@ -54,6 +54,8 @@ pub struct RunOptions {
     pub shard: Option<Shard>,
     /// Continue a run in `out`, skipping finished rows.
     pub resume: bool,
+    /// Write into `out` even when it holds results (discarded) or files that are not a run's.
+    pub force: bool,
     /// Where the fundus benchmark is cached.
     pub cache: PathBuf,
     /// Progress bars on stderr.
@@ -99,20 +101,12 @@ struct Runner<'a> {
 /// Runs `pipeline` into `options.out`.
 pub fn run(pipeline: &Pipeline, options: &RunOptions) -> Result<RunSummary> {
     let out = &options.out;
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    let text = crate::config::to_yaml(pipeline)?;
-    let saved = out.join(rundir::PIPELINE);
-    match std::fs::read_to_string(&saved) {
-        Ok(old) if old != text => {
-            return Err(Error::Run(format!(
-                "{} holds a run of another pipeline (see its {}); choose another --out",
-                out.display(),
-                rundir::PIPELINE
-            )))
-        }
-        Ok(_) => {}
-        Err(_) => vulnmap_data::fs::write_atomic(&saved, text.as_bytes())?,
-    }
+    let existing = match (options.resume, options.force) {
+        (_, true) => rundir::Existing::Replace,
+        (true, false) => rundir::Existing::Resume,
+        (false, false) => rundir::Existing::Refuse,
+    };
+    let _dir = rundir::RunDir::open(out, &crate::config::to_yaml(pipeline)?, existing)?;
     let mut results = Results::open(out, options.resume)?;
     let has_finetune = pipeline
         .steps
@@ -127,6 +121,12 @@ pub fn run(pipeline: &Pipeline, options: &RunOptions) -> Result<RunSummary> {
 
     let device = options.device.unwrap_or(pipeline.device).open()?;
     let source = source::open(pipeline, out, &options.cache)?;
+    let records = source
+        .items
+        .iter()
+        .map(|item| rundir::ItemRecord::of(&item.path, out))
+        .collect::<Result<Vec<_>>>()?;
+    rundir::check_items(out, &records)?;
     let ids = step_ids(&pipeline.steps);
     let model = model(
         pipeline,
@@ -192,8 +192,14 @@ pub fn run(pipeline: &Pipeline, options: &RunOptions) -> Result<RunSummary> {
     })
 }
 
-/// Joins shard run directories into `out` and writes the report.
-pub fn merge(out: &Path, shards: &[PathBuf]) -> Result<RunSummary> {
+/// Joins shard run directories into `out` and writes the report: refused when `out` holds
+/// anything (unless `force`) or a shard is missing or unfinished (unless `allow_partial`).
+pub fn merge(
+    out: &Path,
+    shards: &[PathBuf],
+    force: bool,
+    allow_partial: bool,
+) -> Result<RunSummary> {
     let first = shards
         .first()
         .ok_or_else(|| Error::Run("merge needs at least one run directory".into()))?;
@@ -202,7 +208,7 @@ pub fn merge(out: &Path, shards: &[PathBuf]) -> Result<RunSummary> {
     let pipeline: Pipeline = crate::config::from_yaml(&text)
         .map_err(|e| Error::Run(format!("{}: {e}", first.join(rundir::PIPELINE).display())))?;
     let ids = step_ids(&pipeline.steps);
-    let rows = rundir::merge(out, shards, &ids)?;
+    let rows = rundir::merge(out, shards, &ids, force, allow_partial)?;
     let images = rows
         .iter()
         .filter_map(|r| r.image)

@@ -97,6 +97,11 @@ pub struct DataSpec {
     /// Resize the shorter side to this before the centre crop (default: 256/224 of the input).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resize: Option<u32>,
+    /// The classes of a manifest, in label order: a row with another label is an error. Without
+    /// it the sorted distinct labels are the classes, and a manifest of one label is refused
+    /// (its labels would not index the model's classes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<Vec<String>>,
 }
 
 /// A synthetic fundus set (see `vulnmap_data::synthetic::FundusConfig`).

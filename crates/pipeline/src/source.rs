@@ -5,7 +5,7 @@ use crate::error::{Error, Result};
 use crate::schema::{DataSpec, Pipeline};
 use std::path::{Path, PathBuf};
 use vulnmap_data::split::{split_by_patient, PAPER_FRACTIONS};
-use vulnmap_data::synthetic::{write_dataset, FundusConfig};
+use vulnmap_data::synthetic::{write_dataset, FundusConfig, LabelScheme};
 use vulnmap_data::{Dataset, ManifestOptions, Preprocess};
 use vulnmap_train::fundus_benchmark::{BenchmarkConfig, FundusBenchmark};
 
@@ -47,7 +47,11 @@ pub(crate) fn open(pipeline: &Pipeline, run_dir: &Path, cache: &Path) -> Result<
     let dataset = if !d.files.is_empty() || d.glob.is_some() {
         None
     } else if let Some(m) = &d.manifest {
-        Some(Dataset::from_manifest(m, &ManifestOptions::default())?.0)
+        let options = ManifestOptions {
+            classes: d.labels.clone(),
+            ..ManifestOptions::default()
+        };
+        Some(Dataset::from_manifest(m, &options)?.0)
     } else if let Some(f) = &d.folders {
         Some(Dataset::from_folders(f)?)
     } else if let Some(s) = &d.synthetic {
@@ -70,7 +74,11 @@ pub(crate) fn open(pipeline: &Pipeline, run_dir: &Path, cache: &Path) -> Result<
             );
             write_dataset(&config, &out)?;
         }
-        Some(Dataset::from_manifest(&manifest, &ManifestOptions::default())?.0)
+        let options = ManifestOptions {
+            classes: Some(LabelScheme::Binary.classes()),
+            ..ManifestOptions::default()
+        };
+        Some(Dataset::from_manifest(&manifest, &options)?.0)
     } else if let Some(b) = &d.fundus_benchmark {
         generated = true;
         let prepared = FundusBenchmark::prepare(&benchmark_config(b), cache)?;

@@ -61,7 +61,7 @@ fn impossible_values_name_their_lines() {
         "{HEAD}steps:\n  - smoothgrad: {{samples: 0}}\n  - random_attack:\n      mode: targeted\n      alpha: -0.1\n  - metrics: {{of: [nothing]}}\n"
     ));
     assert!(
-        e.contains("line 5") && e.contains("samples") && e.contains("at least 1"),
+        e.contains("line 5") && e.contains("samples") && e.contains("between 1 and"),
         "{e}"
     );
     assert!(e.contains("line 8") && e.contains("alpha"), "{e}");
@@ -200,4 +200,31 @@ fn ids_and_names_that_could_write_elsewhere_are_refused() {
     )
     .unwrap();
     config::load(&path).unwrap();
+}
+
+#[test]
+fn alias_bombs_and_oversized_files_are_refused_in_bounded_memory() {
+    // Nine levels of ten aliases each: 10^10 strings if expanded, 1 KB as written.
+    let mut bomb = String::from("name: bomb\nsteps:\n  - classify: {top: 1}\n");
+    bomb.push_str("data:\n  files: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+    bomb.push_str("outputs:\n");
+    for i in 1..10 {
+        let refs = vec![format!("*a{}", i - 1); 10].join(", ");
+        bomb.push_str(&format!("  k{i}: &a{i} [{refs}]\n"));
+    }
+    let msg = problems(&bomb);
+    assert!(msg.contains("more than 100000 values"), "{msg}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("big.yaml");
+    std::fs::write(
+        &big,
+        format!("name: big\ndescription: {}\n", "x".repeat(2 << 20)),
+    )
+    .unwrap();
+    let msg = config::load(&big).unwrap_err().to_string();
+    assert!(
+        msg.contains("big.yaml") && msg.contains("not a pipeline file"),
+        "{msg}"
+    );
 }

@@ -37,6 +37,7 @@ fn options(out: &Path, shard: Option<Shard>, resume: bool) -> RunOptions {
         device: Some(vulnmap_models::DeviceName::Cpu),
         shard,
         resume,
+        force: false,
         cache: PathBuf::from(env!("CARGO_TARGET_TMPDIR")),
         progress: false,
     }
@@ -174,7 +175,7 @@ fn shards_merged_equal_the_unsharded_run() {
         assert!(summary.images < 5);
     }
     let merged = root.path().join("merged");
-    let summary = runner::merge(&merged, &shards).unwrap();
+    let summary = runner::merge(&merged, &shards, false, false).unwrap();
     assert_eq!(summary.images, 5);
     assert_eq!(
         &rows(&merged),
@@ -186,7 +187,12 @@ fn shards_merged_equal_the_unsharded_run() {
     let other = root.path().join("other");
     std::fs::create_dir_all(&other).unwrap();
     std::fs::write(other.join("pipeline.yaml"), "name: other\n").unwrap();
-    let refused = runner::merge(&root.path().join("m2"), &[shards[0].clone(), other]);
+    let refused = runner::merge(
+        &root.path().join("m2"),
+        &[shards[0].clone(), other],
+        false,
+        true,
+    );
     assert!(refused
         .unwrap_err()
         .to_string()
