@@ -154,7 +154,8 @@ fn bad_values_are_usage_errors_and_bad_data_fails_naming_the_line() {
     )
     .unwrap();
     let out = vulnmap()
-        .args(["finetune", "--arch", "tiny-resnet", "--scratch", "--data"])
+        .args(["finetune", "--arch", "tiny-resnet", "--scratch"])
+        .args(["--labels", "healthy,lesion", "--data"])
         .arg(dir.path())
         .arg("--out")
         .arg(dir.path().join("run"))
