@@ -304,3 +304,18 @@ fn truncated_jpegs_are_errors_not_grey_images() {
         }
     }
 }
+
+/// A file name that is not UTF-8 (possible on Linux) is still named, lossily, in the error.
+#[cfg(unix)]
+#[test]
+fn a_non_utf8_path_is_named_lossily() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempfile::tempdir().unwrap();
+    let name = std::ffi::OsStr::from_bytes(b"caf\xe9.png");
+    let path = dir.path().join(name);
+    if std::fs::write(&path, "not an image").is_err() {
+        return; // a filesystem that insists on UTF-8 names
+    }
+    let msg = load_rgb(&path).unwrap_err().to_string();
+    assert!(msg.contains("caf\u{FFFD}.png"), "{msg}");
+}
