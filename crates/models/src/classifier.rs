@@ -167,6 +167,13 @@ pub trait Classifier: Send + Sync {
     /// The logits the rest of the network computes from `layer`'s feature map, in evaluation mode.
     /// `forward_from(features(x, l), l)` equals `forward(x)`.
     fn forward_from(&self, features: &Tensor, layer: &str) -> Result<Tensor>;
+
+    /// The same network (shared weights) whose rectifiers backpropagate only positive gradients,
+    /// for guided backpropagation (Springenberg et al., 2015); `None` for a network that has no
+    /// such variant. The forward pass is unchanged.
+    fn guided(&self) -> Option<Box<dyn Classifier>> {
+        None
+    }
 }
 
 /// The error for a layer name a model does not have, listing those it has.
@@ -278,6 +285,11 @@ impl<C: Classifier> Classifier for ScoredClassifier<C> {
     fn forward_from(&self, features: &Tensor, layer: &str) -> Result<Tensor> {
         self.score.apply(&self.inner.forward_from(features, layer)?)
     }
+
+    fn guided(&self) -> Option<Box<dyn Classifier>> {
+        let inner = self.inner.guided()?;
+        Some(Box::new(ScoredClassifier::new(inner, self.score)))
+    }
 }
 
 impl<C: Classifier + ?Sized> Classifier for Box<C> {
@@ -311,6 +323,10 @@ impl<C: Classifier + ?Sized> Classifier for Box<C> {
     fn forward_from(&self, features: &Tensor, layer: &str) -> Result<Tensor> {
         (**self).forward_from(features, layer)
     }
+
+    fn guided(&self) -> Option<Box<dyn Classifier>> {
+        (**self).guided()
+    }
 }
 
 impl<C: Classifier + ?Sized> Classifier for &C {
@@ -343,5 +359,9 @@ impl<C: Classifier + ?Sized> Classifier for &C {
     }
     fn forward_from(&self, features: &Tensor, layer: &str) -> Result<Tensor> {
         (**self).forward_from(features, layer)
+    }
+
+    fn guided(&self) -> Option<Box<dyn Classifier>> {
+        (**self).guided()
     }
 }

@@ -8,6 +8,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{Linear, Module, VarBuilder};
 use vulnmap_ops::batch_norm::BatchNorm;
 use vulnmap_ops::conv::{Conv2d, DepthwiseConv2d, Padding};
+use vulnmap_ops::guided::ReluBackward;
 use vulnmap_ops::pool::global_avg_pool;
 
 /// TensorFlow's BatchNorm epsilon, which these weights were trained with.
@@ -27,8 +28,9 @@ const STAGES: [(usize, usize, usize, usize, usize, usize); 7] = [
 const STEM_CHANNELS: usize = 32;
 const HEAD_CHANNELS: usize = 1280;
 
-fn relu6(x: &Tensor) -> Result<Tensor> {
-    x.relu()?.minimum(6.0)
+/// ReLU6, with `rule`'s backward pass (guided backpropagation's for [`Classifier::guided`]).
+fn relu6(x: &Tensor, rule: ReluBackward) -> Result<Tensor> {
+    rule.apply(x.relu()?.minimum(6.0)?)
 }
 
 /// A 1x1 convolution and its BatchNorm (expand, project, head).
@@ -97,12 +99,15 @@ impl MbConv {
         })
     }
 
-    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    fn forward_t(&self, x: &Tensor, train: bool, rule: ReluBackward) -> Result<Tensor> {
         let mut y = match &self.expand {
-            Some(e) => relu6(&e.forward_t(x, train)?)?,
+            Some(e) => relu6(&e.forward_t(x, train)?, rule)?,
             None => x.clone(),
         };
-        y = relu6(&self.bn1.forward_t(&self.depthwise.forward(&y)?, train)?)?;
+        y = relu6(
+            &self.bn1.forward_t(&self.depthwise.forward(&y)?, train)?,
+            rule,
+        )?;
         y = self.project.forward_t(&y, train)?;
         if self.skip {
             y + x
@@ -125,6 +130,8 @@ pub struct EfficientNetLite0 {
     classes: Classes,
     device: Device,
     dtype: DType,
+    /// The backward rule of every ReLU6 (guided backpropagation's for [`Classifier::guided`]).
+    relu_backward: ReluBackward,
 }
 
 impl EfficientNetLite0 {
@@ -162,6 +169,7 @@ impl EfficientNetLite0 {
             classes,
             device: vb.device().clone(),
             dtype: vb.dtype(),
+            relu_backward: ReluBackward::Exact,
         })
     }
 
@@ -210,11 +218,12 @@ impl EfficientNetLite0 {
                     &self
                         .stem_bn
                         .forward_t(&self.stem_conv.forward(&x)?, train)?,
+                    self.relu_backward,
                 )?
             } else if stage <= n {
-                self.blocks[stage - 1].forward_t(&x, train)?
+                self.blocks[stage - 1].forward_t(&x, train, self.relu_backward)?
             } else {
-                relu6(&self.head.forward_t(&x, train)?)?
+                relu6(&self.head.forward_t(&x, train)?, self.relu_backward)?
             };
         }
         Ok(x)
@@ -272,5 +281,11 @@ impl Classifier for EfficientNetLite0 {
         let start = self.position(layer)? + 1;
         let x = self.run(features.clone(), start, self.blocks.len() + 2, false)?;
         self.classify(&x)
+    }
+
+    fn guided(&self) -> Option<Box<dyn Classifier>> {
+        let mut guided = self.clone();
+        guided.relu_backward = ReluBackward::Guided;
+        Some(Box::new(guided))
     }
 }

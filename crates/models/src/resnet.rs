@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use vulnmap_ops::batch_norm::BatchNorm;
 use vulnmap_ops::conv::{Conv2d, Padding};
 use vulnmap_ops::fused_conv::Epilogue;
+use vulnmap_ops::guided::ReluBackward;
 use vulnmap_ops::pool::{global_avg_pool, max_pool2d};
 
 /// PyTorch's BatchNorm epsilon.
@@ -129,16 +130,17 @@ impl ConvBn {
     }
 
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.forward_then(x, train, None, false)
+        self.forward_then(x, train, None, None)
     }
 
-    /// `conv`, `bn`, then `+ residual` and ReLU where asked: one fused op for folded weights.
+    /// `conv`, `bn`, then `+ residual` and a ReLU (with its backward rule) where asked: one
+    /// fused op for folded weights.
     fn forward_then(
         &self,
         x: &Tensor,
         train: bool,
         residual: Option<&Tensor>,
-        relu: bool,
+        relu: Option<ReluBackward>,
     ) -> Result<Tensor> {
         let mut folded = self.folded.lock().unwrap_or_else(|e| e.into_inner());
         if train || self.conv.weight().track_op() || self.bn.is_trainable() {
@@ -148,7 +150,10 @@ impl ConvBn {
             if let Some(r) = residual {
                 y = (y + r)?;
             }
-            return if relu { y.relu() } else { Ok(y) };
+            return match relu {
+                Some(rule) => rule.apply(y.relu()?),
+                None => Ok(y),
+            };
         }
         if folded.is_none() {
             let (scale, shift) = self.bn.eval_affine()?;
@@ -163,7 +168,8 @@ impl ConvBn {
         let epilogue = Epilogue {
             bias: Some(&bias),
             residual,
-            relu,
+            relu: relu.is_some(),
+            relu_backward: relu.unwrap_or_default(),
         };
         self.conv.forward_fused(x, &kernel, epilogue)
     }
@@ -219,7 +225,7 @@ impl Block {
         Ok(Self { units, downsample })
     }
 
-    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    fn forward_t(&self, x: &Tensor, train: bool, rule: ReluBackward) -> Result<Tensor> {
         let shortcut = match &self.downsample {
             Some(ds) => ds.forward_t(x, train)?,
             None => x.clone(),
@@ -229,7 +235,7 @@ impl Block {
         for (i, unit) in self.units.iter().enumerate() {
             // ReLU after every unit; the last adds the shortcut first.
             let residual = (i == last).then_some(&shortcut);
-            y = unit.forward_then(&y, train, residual, true)?;
+            y = unit.forward_then(&y, train, residual, Some(rule))?;
         }
         Ok(y)
     }
@@ -248,6 +254,8 @@ pub struct ResNet {
     classes: Classes,
     device: Device,
     dtype: DType,
+    /// The backward rule of every ReLU (guided backpropagation's for [`Classifier::guided`]).
+    relu_backward: ReluBackward,
 }
 
 impl ResNet {
@@ -286,6 +294,7 @@ impl ResNet {
             classes,
             device: vb.device().clone(),
             dtype: vb.dtype(),
+            relu_backward: ReluBackward::Exact,
         })
     }
 
@@ -339,7 +348,9 @@ impl ResNet {
 
     fn stem_t(&self, pixels: &Tensor, train: bool) -> Result<Tensor> {
         let x = self.spec.normalize(pixels, self.dtype)?;
-        let x = self.stem.forward_then(&x, train, None, true)?;
+        let x = self
+            .stem
+            .forward_then(&x, train, None, Some(self.relu_backward))?;
         max_pool2d(&x, 3, 2, 1)
     }
 
@@ -350,7 +361,7 @@ impl ResNet {
         train: bool,
     ) -> Result<Tensor> {
         for (_, block) in &self.blocks[range] {
-            x = block.forward_t(&x, train)?;
+            x = block.forward_t(&x, train, self.relu_backward)?;
         }
         Ok(x)
     }
@@ -421,5 +432,11 @@ impl Classifier for ResNet {
         let start = self.position(layer)?;
         let x = self.blocks_t(features.clone(), start..self.blocks.len(), false)?;
         self.head(&x)
+    }
+
+    fn guided(&self) -> Option<Box<dyn Classifier>> {
+        let mut guided = self.clone();
+        guided.relu_backward = ReluBackward::Guided;
+        Some(Box::new(guided))
     }
 }

@@ -29,6 +29,8 @@ pub struct Epilogue<'a> {
     pub residual: Option<&'a Tensor>,
     /// Apply ReLU last (default `false`).
     pub relu: bool,
+    /// That ReLU's backward rule (default the exact gradient).
+    pub relu_backward: crate::guided::ReluBackward,
 }
 
 /// `conv2d(x, w)` (weight `Cout x Cin x k x k`, uniform `padding`) followed by `epilogue`, with
@@ -62,6 +64,7 @@ pub fn conv2d_fused(
         geometry,
         bias,
         relu: epilogue.relu,
+        guided: epilogue.relu_backward == crate::guided::ReluBackward::Guided,
     };
     let (x, w) = (x.contiguous()?, w.contiguous()?);
     match epilogue.residual {
@@ -86,7 +89,7 @@ fn unfused(
         y = (y + r)?;
     }
     if epilogue.relu {
-        y = y.relu()?;
+        y = epilogue.relu_backward.apply(y.relu()?)?;
     }
     Ok(y)
 }
@@ -96,6 +99,8 @@ struct FusedConv {
     geometry: Geometry,
     bias: Option<Vec<f64>>,
     relu: bool,
+    /// Guided backpropagation: the ReLU passes only positive gradients back.
+    guided: bool,
 }
 
 impl FusedConv {
@@ -188,7 +193,12 @@ impl FusedConv {
     ) -> Result<(Tensor, Option<Tensor>)> {
         let grad = grad.detach().contiguous()?;
         let grad = if self.relu {
-            grad.apply_op2_no_bwd(&output.detach(), &ReluMask)?
+            grad.apply_op2_no_bwd(
+                &output.detach(),
+                &ReluMask {
+                    guided: self.guided,
+                },
+            )?
         } else {
             grad
         };
@@ -327,8 +337,11 @@ impl CustomOp2 for InputGradient {
     }
 }
 
-/// `grad * (output > 0)`: ReLU's backward from its output, in one pass.
-struct ReluMask;
+/// `grad * (output > 0)`: ReLU's backward from its output, in one pass; `guided` also drops
+/// negative gradients (guided backpropagation).
+struct ReluMask {
+    guided: bool,
+}
 
 impl CustomOp2 for ReluMask {
     fn name(&self) -> &'static str {
@@ -345,6 +358,7 @@ impl CustomOp2 for ReluMask {
         fn mask<T: Float>(
             g: (&CpuStorage, &Layout),
             y: (&CpuStorage, &Layout),
+            guided: bool,
         ) -> Result<CpuStorage> {
             let (g, y) = (
                 slice::<T>(g.0, g.1, "relu mask")?,
@@ -357,7 +371,11 @@ impl CustomOp2 for ReluMask {
                 .zip(g.par_chunks(CHUNK).zip(y.par_chunks(CHUNK)))
                 .for_each(|(o, (g, y))| {
                     for ((o, &g), &y) in o.iter_mut().zip(g).zip(y) {
-                        *o = if y > zero { g } else { zero };
+                        *o = if y > zero && (!guided || g > zero) {
+                            g
+                        } else {
+                            zero
+                        };
                     }
                 });
             Ok(T::storage(out))
@@ -370,8 +388,8 @@ impl CustomOp2 for ReluMask {
             );
         }
         let out = match g.dtype() {
-            DType::F32 => mask::<f32>((g, gl), (y, yl))?,
-            DType::F64 => mask::<f64>((g, gl), (y, yl))?,
+            DType::F32 => mask::<f32>((g, gl), (y, yl), self.guided)?,
+            DType::F64 => mask::<f64>((g, gl), (y, yl), self.guided)?,
             other => candle_core::bail!("relu mask: f32 or f64, not {other:?}"),
         };
         Ok((out, gl.shape().clone()))
@@ -577,6 +595,7 @@ fn rows2im<T: Float>(cols: &[T], g: &Geometry, image: &mut [T], parallel: bool) 
 mod tests {
     use super::*;
     use crate::conv_grad::im2col;
+    use crate::guided::ReluBackward;
     use candle_core::{Device, Var};
     use vulnmap_testkit::gradcheck::finite_difference_check;
     use vulnmap_testkit::max_diff;
@@ -609,20 +628,25 @@ mod tests {
             let out = conv2d(x.as_tensor(), &weight, s, p)?;
             let residual =
                 Var::from_tensor(&vulnmap_data::random::randn(&mut rng, out.shape(), &dev)?)?;
-            for (with_bias, with_residual, relu) in [
-                (true, false, false),
-                (false, false, true),
-                (true, true, true),
-                (false, true, false),
+            // The guided rows check the kernel's guided mask against `guided::positive_gradient`
+            // after candle's ReLU.
+            for (with_bias, with_residual, relu, relu_backward) in [
+                (true, false, false, ReluBackward::Exact),
+                (false, false, true, ReluBackward::Exact),
+                (true, true, true, ReluBackward::Exact),
+                (false, true, false, ReluBackward::Exact),
+                (true, false, true, ReluBackward::Guided),
+                (false, true, true, ReluBackward::Guided),
             ] {
                 let epilogue = Epilogue {
                     bias: with_bias.then_some(&bias),
                     residual: with_residual.then_some(residual.as_tensor()),
                     relu,
+                    relu_backward,
                 };
                 let fused = conv2d_fused(x.as_tensor(), &weight, epilogue, s, p)?;
                 let plain = unfused(x.as_tensor(), &weight, epilogue, s, p)?;
-                let case = format!("k={k} s={s} p={p} {h}x{w} bias={with_bias} residual={with_residual} relu={relu}");
+                let case = format!("k={k} s={s} p={p} {h}x{w} bias={with_bias} residual={with_residual} relu={relu} {relu_backward:?}");
                 // Sums of up to 196 products of order 1 in another order: rounding only.
                 assert!(max_diff(&fused, &plain) < 1e-4, "value, {case}");
                 let probe = vulnmap_data::random::randn(&mut rng, fused.shape(), &dev)?;
@@ -705,6 +729,7 @@ mod tests {
                 bias: Some(&bias),
                 residual: Some(&residual),
                 relu,
+                ..Epilogue::default()
             };
             // Without ReLU everywhere; with it, away from its kink (step 1e-6, values of order 1).
             finite_difference_check(

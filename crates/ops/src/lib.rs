@@ -19,6 +19,7 @@
 //! - [`conv`]: dense and depthwise convolution layers, PyTorch or TF-"SAME" padding.
 //! - [`fused_conv`]: constant-weight convolution with its bias, residual add and ReLU in one op.
 //! - [`conv_grad`]: convolution whose backward is GEMM + col2im, skipping unneeded gradients.
+//! - [`guided`]: guided backpropagation's rectifier backward (positive gradients only).
 //! - `depthwise`: CPU depthwise convolution kernels with their own backward pass.
 //! - [`batch_norm`]: BatchNorm with eval and train modes.
 //! - [`pool`]: max-pooling with a working backward pass; global average pooling.
@@ -37,6 +38,7 @@ pub mod conv_grad;
 pub mod cpu_kernels;
 mod depthwise;
 pub mod fused_conv;
+pub mod guided;
 pub mod pool;
 pub mod resize;
 mod windows;

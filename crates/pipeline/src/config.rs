@@ -395,6 +395,7 @@ impl Checker {
             Step::Classify(s) => self.within(s.top, &TOP, &f("top")),
             Step::Gradient(_)
             | Step::InputXGradient(_)
+            | Step::GuidedBackprop(_)
             | Step::GradCam(_)
             | Step::GradCamPlusPlus(_)
             | Step::LayerCam(_)

@@ -85,6 +85,7 @@ impl ResultRow {
         match &self.found {
             Found::Gradient(m)
             | Found::InputXGradient(m)
+            | Found::GuidedBackprop(m)
             | Found::Smoothgrad(m)
             | Found::IntegratedGradients(m)
             | Found::GradCam(m)
@@ -111,6 +112,7 @@ pub enum Found {
     Classify(Classified),
     Gradient(MapFound),
     InputXGradient(MapFound),
+    GuidedBackprop(MapFound),
     Smoothgrad(MapFound),
     IntegratedGradients(MapFound),
     GradCam(MapFound),
@@ -138,6 +140,7 @@ impl Found {
             Found::Classify(_) => StepKind::Classify,
             Found::Gradient(_) => StepKind::Gradient,
             Found::InputXGradient(_) => StepKind::InputXGradient,
+            Found::GuidedBackprop(_) => StepKind::GuidedBackprop,
             Found::Smoothgrad(_) => StepKind::Smoothgrad,
             Found::IntegratedGradients(_) => StepKind::IntegratedGradients,
             Found::GradCam(_) => StepKind::GradCam,
@@ -164,6 +167,7 @@ impl Found {
         Some(match kind {
             StepKind::Gradient => Found::Gradient(map),
             StepKind::InputXGradient => Found::InputXGradient(map),
+            StepKind::GuidedBackprop => Found::GuidedBackprop(map),
             StepKind::Smoothgrad => Found::Smoothgrad(map),
             StepKind::IntegratedGradients => Found::IntegratedGradients(map),
             StepKind::GradCam => Found::GradCam(map),
@@ -368,6 +372,8 @@ pub struct Scores {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pointing_game: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pointing_game_difficult: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auroc: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iou: Option<f64>,
@@ -396,6 +402,9 @@ impl Scores {
     pub fn get(&self, measure: Measure) -> Option<f64> {
         match measure {
             Measure::PointingGame => self.pointing_game.map(|hit| f64::from(u8::from(hit))),
+            Measure::PointingGameDifficult => self
+                .pointing_game_difficult
+                .map(|hit| f64::from(u8::from(hit))),
             Measure::Auroc => self.auroc,
             Measure::Iou => self.iou,
             Measure::Deletion => self.deletion,

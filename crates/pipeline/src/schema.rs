@@ -194,6 +194,8 @@ pub enum Step {
     Gradient(Gradient),
     /// `input_x_gradient`: the input x gradient map.
     InputXGradient(Gradient),
+    /// `guided_backprop`: the guided backpropagation map.
+    GuidedBackprop(Gradient),
     /// `smoothgrad`: the SmoothGrad map.
     Smoothgrad(SmoothGradStep),
     /// `integrated_gradients`: the Integrated Gradients map.
@@ -239,6 +241,7 @@ impl Step {
             Step::Classify(_) => StepKind::Classify,
             Step::Gradient(_) => StepKind::Gradient,
             Step::InputXGradient(_) => StepKind::InputXGradient,
+            Step::GuidedBackprop(_) => StepKind::GuidedBackprop,
             Step::Smoothgrad(_) => StepKind::Smoothgrad,
             Step::IntegratedGradients(_) => StepKind::IntegratedGradients,
             Step::GradCam(_) => StepKind::GradCam,
@@ -264,7 +267,9 @@ impl Step {
     pub fn given_id(&self) -> Option<&str> {
         match self {
             Step::Classify(s) => s.id.as_deref(),
-            Step::Gradient(s) | Step::InputXGradient(s) => s.id.as_deref(),
+            Step::Gradient(s) | Step::InputXGradient(s) | Step::GuidedBackprop(s) => {
+                s.id.as_deref()
+            }
             Step::Smoothgrad(s) => s.id.as_deref(),
             Step::IntegratedGradients(s) => s.id.as_deref(),
             Step::GradCam(s)
@@ -291,6 +296,7 @@ impl Step {
             self,
             Step::Gradient(_)
                 | Step::InputXGradient(_)
+                | Step::GuidedBackprop(_)
                 | Step::Smoothgrad(_)
                 | Step::IntegratedGradients(_)
                 | Step::GradCam(_)
@@ -318,6 +324,8 @@ pub enum StepKind {
     Gradient,
     /// `input_x_gradient`.
     InputXGradient,
+    /// `guided_backprop`.
+    GuidedBackprop,
     /// `smoothgrad`.
     Smoothgrad,
     /// `integrated_gradients`.
@@ -380,6 +388,9 @@ pub enum MapStep {
     /// Input x gradient.
     #[cfg_attr(feature = "clap", value(alias = "input_x_gradient"))]
     InputXGradient,
+    /// Guided backpropagation.
+    #[cfg_attr(feature = "clap", value(alias = "guided_backprop"))]
+    GuidedBackprop,
     /// SmoothGrad.
     Smoothgrad,
     /// Integrated Gradients.
@@ -423,6 +434,7 @@ impl MapStep {
         match self {
             MapStep::Gradient => Step::Gradient(Gradient::default()),
             MapStep::InputXGradient => Step::InputXGradient(Gradient::default()),
+            MapStep::GuidedBackprop => Step::GuidedBackprop(Gradient::default()),
             MapStep::Smoothgrad => Step::Smoothgrad(SmoothGradStep::default()),
             MapStep::IntegratedGradients => {
                 Step::IntegratedGradients(IntegratedGradientsStep::default())
@@ -825,7 +837,7 @@ pub struct MetricsStep {
     /// Ids of the map-making steps to score; empty: all of them.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub of: Vec<String>,
-    /// `pointing_game`, `auroc`, `iou`, `deletion`, `insertion`, `sparseness`, `complexity`,
+    /// `pointing_game`, `pointing_game_difficult`, `auroc`, `iou`, `deletion`, `insertion`, `sparseness`, `complexity`,
     /// `road_morf`, `road_lerf`, `max_sensitivity`, `avg_sensitivity`, `infidelity` (the last
     /// three for saliency methods,
     /// not attacks; infidelity for attributions at the image's size, not class activation maps).
@@ -874,6 +886,10 @@ pub enum Measure {
     /// Whether the map's maximum falls on the lesion (TorchRay's pointing game).
     #[cfg_attr(feature = "clap", value(alias = "pointing_game"))]
     PointingGame,
+    /// The pointing game on the difficult subset only: images whose lesion covers less than a
+    /// quarter of the image (Excitation Backprop's rule; TorchRay's `difficult=True`).
+    #[cfg_attr(feature = "clap", value(alias = "pointing_game_difficult"))]
+    PointingGameDifficult,
     /// Area under the ROC curve of the map as a lesion detector.
     Auroc,
     /// Intersection over union of the map above 0.5 with the lesion.
@@ -908,8 +924,9 @@ impl Measure {
     ];
 
     /// Every measure, in the order tables list them.
-    pub const ALL: [Measure; 12] = [
+    pub const ALL: [Measure; 13] = [
         Measure::PointingGame,
+        Measure::PointingGameDifficult,
         Measure::Auroc,
         Measure::Iou,
         Measure::Deletion,
@@ -932,6 +949,7 @@ impl Measure {
     pub fn title(self) -> &'static str {
         match self {
             Measure::PointingGame => "pointing game",
+            Measure::PointingGameDifficult => "pointing game, difficult subset",
             Measure::Auroc => "AUROC",
             Measure::Iou => "IoU@0.5",
             Measure::Deletion => "deletion AUC (lower is better)",

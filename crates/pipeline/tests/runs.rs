@@ -282,21 +282,29 @@ data:
 outputs: {figures: false, report: false}
 steps:
   - input_x_gradient: {}
+  - guided_backprop: {}
   - grad_cam_plus_plus: {layer: layer3}
   - layer_cam: {layer: layer3}
   - eigen_cam: {layer: layer3}
   - score_cam: {layer: layer3}
   - lime: {cells: 4, samples: 40}
   - kernel_shap: {cells: 4, samples: 40, baseline: blurred}
-  - metrics: {measures: [pointing_game, auroc, iou, deletion, insertion, sparseness, complexity, max_sensitivity, avg_sensitivity, infidelity, road_morf, road_lerf], pixels_per_step: 2048, blur_sigma: 3, blur_taps: 7, sensitivity_samples: 2, infidelity_samples: 3}
+  - metrics: {measures: [pointing_game, pointing_game_difficult, auroc, iou, deletion, insertion, sparseness, complexity, max_sensitivity, avg_sensitivity, infidelity, road_morf, road_lerf], pixels_per_step: 2048, blur_sigma: 3, blur_taps: 7, sensitivity_samples: 2, infidelity_samples: 3}
 ";
     let pipeline = config::parse(text, Path::new("methods.yaml"), Path::new(".")).unwrap();
     let dir = tempfile::tempdir().unwrap();
     runner::run(&pipeline, &options(dir.path(), None, false)).unwrap();
     let rows = rows(dir.path());
-    assert_eq!(rows.len(), 3 * 8, "3 images x 8 steps");
+    assert_eq!(rows.len(), 3 * 9, "3 images x 9 steps");
+    assert!(
+        rows.iter()
+            .filter(|r| r["kind"] == "metrics")
+            .any(|r| r["scores"]["lime"]["pointing_game_difficult"].is_boolean()),
+        "the benchmark's lesions are small: some image is in the difficult subset"
+    );
     let steps = [
         "input_x_gradient",
+        "guided_backprop",
         "grad_cam_plus_plus",
         "layer_cam",
         "eigen_cam",
@@ -338,6 +346,12 @@ steps:
             let cam = step.ends_with("cam") || step.contains("cam_");
             assert_eq!(s["infidelity"].is_number(), !cam, "{step}: {r:?}");
             assert!(s["pointing_game"].is_boolean());
+            // The difficult subset: the same hit, for the images whose lesion is small.
+            let difficult = &s["pointing_game_difficult"];
+            assert!(
+                difficult.is_null() || difficult == &s["pointing_game"],
+                "{r:?}"
+            );
         }
     }
     // A blur with an even number of taps has no centre: refused at its line.
@@ -345,13 +359,13 @@ steps:
     let e = config::parse(&bad, Path::new("methods.yaml"), Path::new("."))
         .unwrap_err()
         .to_string();
-    assert!(e.contains("line 17") && e.contains("must be odd"), "{e}");
+    assert!(e.contains("line 18") && e.contains("must be odd"), "{e}");
     let bad = text.replace("samples: 40}", "samples: 16}");
     let e = config::parse(&bad, Path::new("methods.yaml"), Path::new("."))
         .unwrap_err()
         .to_string();
     assert!(
-        e.contains("line 15") && e.contains("more than the superpixels"),
+        e.contains("line 16") && e.contains("more than the superpixels"),
         "{e}"
     );
 }

@@ -1,5 +1,6 @@
-//! The vanilla gradient (Simonyan et al., 2014): how each pixel moves the target logit; and
-//! input x gradient, the gradient times the pixel.
+//! The vanilla gradient (Simonyan et al., 2014): how each pixel moves the target logit; input x
+//! gradient, the gradient times the pixel; and guided backpropagation (Springenberg et al.,
+//! 2015), the gradient with only positive gradients passed back through every rectifier.
 
 use crate::error::Result;
 use crate::target::check_inputs;
@@ -101,5 +102,40 @@ impl InputXGradient {
     ) -> Result<Tensor> {
         let grads = input_gradients(model, pixels, targets, self.batch_size)?;
         Ok((grads * pixels)?)
+    }
+}
+
+/// Guided backpropagation (Springenberg et al., 2015; Captum's `GuidedBackprop`): the input
+/// gradient of the target logit when every ReLU passes back only positive gradients. Adebayo
+/// et al. (2018) showed its maps barely change when the network's weights are randomised: it
+/// fails the model-parameter randomisation check, which is why it is offered, next to the
+/// gradient, for that comparison.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuidedBackprop {
+    /// Images per backward pass (at least 1; default 16); bounds memory, not the result.
+    pub batch_size: usize,
+}
+
+impl Default for GuidedBackprop {
+    fn default() -> Self {
+        Self { batch_size: 16 }
+    }
+}
+
+impl GuidedBackprop {
+    /// The guided gradient (`N x C x H x W`); an error for a model without guided rectifiers.
+    pub fn attribute(
+        &self,
+        model: &dyn Classifier,
+        pixels: &Tensor,
+        targets: &[usize],
+    ) -> Result<Tensor> {
+        let guided = model.guided().ok_or_else(|| {
+            crate::error::Error::InvalidParameter(format!(
+                "{} has no guided-backpropagation variant (its rectifiers are not vulnmap's own)",
+                model.arch()
+            ))
+        })?;
+        input_gradients(guided.as_ref(), pixels, targets, self.batch_size)
     }
 }

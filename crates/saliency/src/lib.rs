@@ -56,7 +56,7 @@ mod target;
 pub use blur::{Edges, GaussianBlur};
 pub use cam::{Cam, CamRule};
 pub use error::{Error, Result};
-pub use gradient::{input_gradients, Gradient, InputXGradient};
+pub use gradient::{input_gradients, Gradient, GuidedBackprop, InputXGradient};
 pub use grid::WindowGrid;
 pub use integrated_gradients::{Baseline, BaselineKind, IntegratedGradients, Integration};
 pub use method::Method;

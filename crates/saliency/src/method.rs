@@ -3,7 +3,8 @@
 use crate::error::Result;
 use crate::postprocess::{PostProcess, Reduction};
 use crate::{
-    Cam, Gradient, InputXGradient, IntegratedGradients, Occlusion, Rise, SmoothGrad, Surrogate,
+    Cam, Gradient, GuidedBackprop, InputXGradient, IntegratedGradients, Occlusion, Rise,
+    SmoothGrad, Surrogate,
 };
 use candle_core::Tensor;
 use vulnmap_models::Classifier;
@@ -15,6 +16,8 @@ pub enum Method {
     Gradient(Gradient),
     /// Input x gradient (Shrikumar et al., 2016).
     InputXGradient(InputXGradient),
+    /// Guided backpropagation (Springenberg et al., 2015).
+    GuidedBackprop(GuidedBackprop),
     /// SmoothGrad (Smilkov et al., 2017): gradients averaged over noisy copies.
     SmoothGrad(SmoothGrad),
     /// Integrated Gradients (Sundararajan et al., 2017): gradients along a path from a baseline.
@@ -36,6 +39,7 @@ impl Method {
         match self {
             Method::Gradient(_) => "gradient",
             Method::InputXGradient(_) => "input-x-gradient",
+            Method::GuidedBackprop(_) => "guided-backprop",
             Method::SmoothGrad(_) => "smoothgrad",
             Method::IntegratedGradients(_) => "integrated-gradients",
             Method::Cam(m) => m.rule.name(),
@@ -50,6 +54,7 @@ impl Method {
         match &mut self {
             Method::Gradient(m) => m.batch_size = batch_size,
             Method::InputXGradient(m) => m.batch_size = batch_size,
+            Method::GuidedBackprop(m) => m.batch_size = batch_size,
             Method::SmoothGrad(m) => m.batch_size = batch_size,
             Method::IntegratedGradients(m) => m.batch_size = batch_size,
             Method::Cam(m) => m.batch_size = batch_size,
@@ -70,6 +75,7 @@ impl Method {
         match self {
             Method::Gradient(m) => m.attribute(model, pixels, targets),
             Method::InputXGradient(m) => m.attribute(model, pixels, targets),
+            Method::GuidedBackprop(m) => m.attribute(model, pixels, targets),
             Method::SmoothGrad(m) => m.attribute(model, pixels, targets),
             Method::IntegratedGradients(m) => m.attribute(model, pixels, targets),
             Method::Cam(m) => m.attribute(model, pixels, targets),
@@ -85,6 +91,7 @@ impl Method {
         match self {
             Method::Gradient(_)
             | Method::InputXGradient(_)
+            | Method::GuidedBackprop(_)
             | Method::SmoothGrad(_)
             | Method::IntegratedGradients(_) => PostProcess::default(),
             Method::Cam(_) | Method::Occlusion(_) | Method::Rise(_) | Method::Surrogate(_) => {

@@ -1,12 +1,12 @@
-//! The saliency-method steps (`gradient`, `input_x_gradient`, `smoothgrad`,
+//! The saliency-method steps (`gradient`, `input_x_gradient`, `guided_backprop`, `smoothgrad`,
 //! `integrated_gradients`, the class activation maps, `occlusion`, `rise`, `lime`, `kernel_shap`)
 //! as the saliency library's [`Method`]s.
 
 use crate::error::{Error, Result};
 use crate::schema::{CamStep, Step, SurrogateStep};
 use vulnmap_saliency::{
-    Cam, CamRule, Gradient, InputXGradient, IntegratedGradients, Method, Occlusion, Rise,
-    SmoothGrad, Surrogate,
+    Cam, CamRule, Gradient, GuidedBackprop, InputXGradient, IntegratedGradients, Method, Occlusion,
+    Rise, SmoothGrad, Surrogate,
 };
 
 /// The saliency method `step` runs, drawing its noise from `seed` and evaluating the model on at
@@ -17,6 +17,7 @@ pub fn method(step: &Step, seed: u64, batch_size: usize) -> Result<Option<Method
     Ok(match step {
         Step::Gradient(_) => Some(Method::Gradient(Gradient { batch_size: bs })),
         Step::InputXGradient(_) => Some(Method::InputXGradient(InputXGradient { batch_size: bs })),
+        Step::GuidedBackprop(_) => Some(Method::GuidedBackprop(GuidedBackprop { batch_size: bs })),
         Step::Smoothgrad(s) => Some(Method::SmoothGrad(SmoothGrad {
             samples: s.samples,
             noise_level: s.noise_level,

@@ -48,7 +48,8 @@ pub(crate) fn run(
             taps: Some(s.blur_taps),
             ..GaussianBlur::rise()
         },
-        batch_size: cx.batch_size * 4,
+        // One batch of step images at a time, as every other step: `batch_size` bounds memory.
+        batch_size: cx.batch_size,
     };
     let measure = |m: Measure| s.measures.contains(&m);
     let mut per_image: Vec<BTreeMap<String, Scores>> = vec![BTreeMap::new(); chunk.items.len()];
@@ -92,6 +93,7 @@ pub(crate) fn run(
         let game = match source.kind {
             StepKind::Gradient
             | StepKind::InputXGradient
+            | StepKind::GuidedBackprop
             | StepKind::Smoothgrad
             | StepKind::IntegratedGradients => PointingGame::torchray(),
             _ => PointingGame {
@@ -108,6 +110,9 @@ pub(crate) fn run(
             {
                 if measure(Measure::PointingGame) {
                     scores.pointing_game = Some(game.hit(&map, mask)?);
+                }
+                if measure(Measure::PointingGameDifficult) && PointingGame::is_difficult(mask) {
+                    scores.pointing_game_difficult = Some(game.hit(&map, mask)?);
                 }
                 if measure(Measure::Auroc) && mask.iter().any(|&b| !b) {
                     scores.auroc = Some(auroc(&map, mask)?);

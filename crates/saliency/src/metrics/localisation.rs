@@ -4,7 +4,13 @@
 //!
 //! TorchRay's benchmark smooths gradient-type maps with a Gaussian of 2% of the image size
 //! before taking the maximum (`smooth=0.02`), Grad-CAM's not: a single pixel of a raw gradient
-//! is a noisy place to point from. [`PointingGame`] does the same.
+//! is a noisy place to point from. [`PointingGame`] does the same. Its hit is TorchRay's: a
+//! region pixel strictly closer than the tolerance (`(du^2 + dv^2) < tolerance^2`).
+//!
+//! The difficult subset is Excitation Backprop's (Zhang et al. 2016, which TorchRay ships as
+//! flag files for VOC and COCO): images whose region covers less than a quarter of the image
+//! *and* that show a distractor of another class. A lesion mask carries no other class, so
+//! [`PointingGame::is_difficult`] applies the area rule alone.
 
 use crate::error::{ensure, Result};
 use candle_core::{DType, Tensor};
@@ -46,6 +52,16 @@ impl PointingGame {
         }
     }
 
+    /// The largest fraction of the image a region may cover in the difficult subset (1/4).
+    pub const DIFFICULT_AREA: f64 = 0.25;
+
+    /// Whether an image whose region is `mask` belongs to the difficult subset: the region covers
+    /// less than [`Self::DIFFICULT_AREA`] of the image.
+    pub fn is_difficult(mask: &[bool]) -> bool {
+        let area = mask.iter().filter(|&&m| m).count();
+        (area as f64) < Self::DIFFICULT_AREA * mask.len() as f64
+    }
+
     /// Whether `map` (`H x W`) points at `mask` (row-major).
     pub fn hit(&self, map: &Tensor, mask: &[bool]) -> Result<bool> {
         if self.smooth <= 0.0 {
@@ -59,8 +75,8 @@ impl PointingGame {
     }
 }
 
-/// Whether the maximum of `map` (`H x W`; the first in row-major order if tied) lies within
-/// `tolerance` pixels (Euclidean) of a pixel of `mask` (row-major, `H * W`).
+/// Whether the maximum of `map` (`H x W`; the first in row-major order if tied) lies closer than
+/// `tolerance` pixels (Euclidean, strictly, as TorchRay) to a pixel of `mask` (row-major).
 pub fn pointing_game(map: &Tensor, mask: &[bool], tolerance: f64) -> Result<bool> {
     let (h, w, values) = flat(map)?;
     check(values.len(), mask)?;
@@ -73,7 +89,7 @@ pub fn pointing_game(map: &Tensor, mask: &[bool], tolerance: f64) -> Result<bool
     Ok((0..h * w).any(|i| {
         mask[i] && {
             let (y, x) = ((i / w) as f64, (i % w) as f64);
-            (y - by).powi(2) + (x - bx).powi(2) <= t2
+            (y - by).powi(2) + (x - bx).powi(2) < t2
         }
     }))
 }
@@ -137,9 +153,12 @@ mod tests {
         assert_eq!(auroc(&inverted, &mask).unwrap(), 0.0);
         let flat_map = map(vec![0.5; 5], 1, 5);
         assert_eq!(auroc(&flat_map, &mask).unwrap(), 0.5);
-        assert!(pointing_game(&perfect, &mask, 0.0).unwrap());
-        assert!(!pointing_game(&inverted, &mask, 2.0).unwrap());
-        assert!(pointing_game(&inverted, &mask, 3.0).unwrap());
+        assert!(pointing_game(&perfect, &mask, 1.0).unwrap());
+        // TorchRay's acceptance region is open: at exactly the tolerance it is a miss, and a
+        // tolerance of 0 never hits.
+        assert!(!pointing_game(&perfect, &mask, 0.0).unwrap());
+        assert!(!pointing_game(&inverted, &mask, 3.0).unwrap());
+        assert!(pointing_game(&inverted, &mask, 3.01).unwrap());
         assert_eq!(iou(&perfect, &mask, 0.5).unwrap(), 1.0);
         assert!(
             (iou(&map(vec![0.0, 0.0, 0.6, 0.7, 0.0], 1, 5), &mask, 0.5).unwrap() - 1.0 / 3.0).abs()
@@ -147,5 +166,14 @@ mod tests {
         );
         assert!(auroc(&perfect, &[false; 5]).is_err());
         assert!(pointing_game(&perfect, &[true; 4], 1.0).is_err());
+    }
+
+    #[test]
+    fn the_difficult_subset_is_regions_under_a_quarter_of_the_image() {
+        let mut mask = [false; 16];
+        mask[..3].fill(true);
+        assert!(PointingGame::is_difficult(&mask));
+        mask[3] = true; // exactly a quarter: not difficult
+        assert!(!PointingGame::is_difficult(&mask));
     }
 }
