@@ -438,6 +438,18 @@ impl Checker {
                     format!("must be in (0, 1], got {}", s.keep)
                 });
             }
+            Step::ExtremalPerturbation(s) => {
+                self.check(!s.areas.is_empty(), &f("areas"), || "no areas".into());
+                for (i, &a) in s.areas.iter().enumerate() {
+                    self.check(a > 0.0 && a < 1.0, &format!("{at}.areas[{i}]"), || {
+                        format!("must be in (0, 1), got {a}")
+                    });
+                }
+                self.within(s.max_iters, &MAX_ITERS, &f("max_iters"));
+                self.at_least_one(s.step, &f("step"));
+                self.positive(s.sigma, &f("sigma"));
+                self.positive(s.max_blur, &f("max_blur"));
+            }
             Step::RandomAttack(s) => {
                 self.attack(&s.attack(), at);
                 self.within(s.rounds, &ROUNDS, &f("rounds"));

@@ -95,6 +95,7 @@ impl ResultRow {
             | Found::ScoreCam(m)
             | Found::Occlusion(m)
             | Found::Rise(m)
+            | Found::ExtremalPerturbation(m)
             | Found::Lime(m)
             | Found::KernelShap(m) => Some(m),
             Found::LocalAttack(l) => Some(&l.map),
@@ -122,6 +123,7 @@ pub enum Found {
     ScoreCam(MapFound),
     Occlusion(MapFound),
     Rise(MapFound),
+    ExtremalPerturbation(MapFound),
     Lime(MapFound),
     KernelShap(MapFound),
     RandomAttack(RandomAttacked),
@@ -150,6 +152,7 @@ impl Found {
             Found::ScoreCam(_) => StepKind::ScoreCam,
             Found::Occlusion(_) => StepKind::Occlusion,
             Found::Rise(_) => StepKind::Rise,
+            Found::ExtremalPerturbation(_) => StepKind::ExtremalPerturbation,
             Found::Lime(_) => StepKind::Lime,
             Found::KernelShap(_) => StepKind::KernelShap,
             Found::RandomAttack(_) => StepKind::RandomAttack,
@@ -177,6 +180,7 @@ impl Found {
             StepKind::ScoreCam => Found::ScoreCam(map),
             StepKind::Occlusion => Found::Occlusion(map),
             StepKind::Rise => Found::Rise(map),
+            StepKind::ExtremalPerturbation => Found::ExtremalPerturbation(map),
             StepKind::Lime => Found::Lime(map),
             StepKind::KernelShap => Found::KernelShap(map),
             _ => return None,

@@ -8,7 +8,7 @@ use vulnmap_attacks::saliency_attack::Control;
 use vulnmap_attacks::{AttackMode, GeneratorChoice, MaskNetworkKind, Sparsity};
 use vulnmap_data::Split;
 use vulnmap_models::{Arch, DeviceName, Score};
-use vulnmap_saliency::{Aggregate, BaselineKind, Integration};
+use vulnmap_saliency::{Aggregate, BaselineKind, ExtremalReward, ExtremalVariant, Integration};
 
 /// A whole pipeline file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -214,6 +214,8 @@ pub enum Step {
     Occlusion(OcclusionStep),
     /// `rise`: the RISE map.
     Rise(RiseStep),
+    /// `extremal_perturbation`: Fong et al.'s smooth area-constrained masks, summed over areas.
+    ExtremalPerturbation(ExtremalStep),
     /// `lime`: LIME's superpixel map.
     Lime(SurrogateStep),
     /// `kernel_shap`: KernelSHAP's superpixel map.
@@ -251,6 +253,7 @@ impl Step {
             Step::ScoreCam(_) => StepKind::ScoreCam,
             Step::Occlusion(_) => StepKind::Occlusion,
             Step::Rise(_) => StepKind::Rise,
+            Step::ExtremalPerturbation(_) => StepKind::ExtremalPerturbation,
             Step::Lime(_) => StepKind::Lime,
             Step::KernelShap(_) => StepKind::KernelShap,
             Step::RandomAttack(_) => StepKind::RandomAttack,
@@ -279,6 +282,7 @@ impl Step {
             | Step::ScoreCam(s) => s.id.as_deref(),
             Step::Occlusion(s) => s.id.as_deref(),
             Step::Rise(s) => s.id.as_deref(),
+            Step::ExtremalPerturbation(s) => s.id.as_deref(),
             Step::Lime(s) | Step::KernelShap(s) => s.id.as_deref(),
             Step::RandomAttack(s) => s.id.as_deref(),
             Step::AlphaSweep(s) => s.id.as_deref(),
@@ -306,6 +310,7 @@ impl Step {
                 | Step::ScoreCam(_)
                 | Step::Occlusion(_)
                 | Step::Rise(_)
+                | Step::ExtremalPerturbation(_)
                 | Step::Lime(_)
                 | Step::KernelShap(_)
                 | Step::LocalAttack(_)
@@ -344,6 +349,8 @@ pub enum StepKind {
     Occlusion,
     /// `rise`.
     Rise,
+    /// `extremal_perturbation`.
+    ExtremalPerturbation,
     /// `lime`.
     Lime,
     /// `kernel_shap`.
@@ -415,6 +422,9 @@ pub enum MapStep {
     Occlusion,
     /// RISE.
     Rise,
+    /// Extremal perturbation (TorchRay's settings).
+    #[cfg_attr(feature = "clap", value(alias = "extremal_perturbation"))]
+    ExtremalPerturbation,
     /// LIME on superpixels.
     Lime,
     /// KernelSHAP on superpixels.
@@ -446,6 +456,7 @@ impl MapStep {
             MapStep::ScoreCam => Step::ScoreCam(CamStep::default()),
             MapStep::Occlusion => Step::Occlusion(OcclusionStep::default()),
             MapStep::Rise => Step::Rise(RiseStep::default()),
+            MapStep::ExtremalPerturbation => Step::ExtremalPerturbation(ExtremalStep::default()),
             MapStep::Lime => Step::Lime(SurrogateStep::default()),
             MapStep::KernelShap => Step::KernelShap(SurrogateStep::default()),
             MapStep::LocalAttack => Step::LocalAttack(LocalAttackStep::default()),
@@ -639,6 +650,51 @@ impl Default for RiseStep {
             masks: 1000,
             cells: 7,
             keep: 0.5,
+        }
+    }
+}
+
+/// Extremal perturbation (TorchRay's settings by default).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExtremalStep {
+    /// Names the step in `results.jsonl`, file names and `metrics.of` (default: its kind, with
+    /// `-2`, `-3` ... on repeats).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Mask areas as fractions of the image, each in (0, 1); the map sums their masks (default
+    /// `[0.1]`; TorchRay's benchmark: `[0.025, 0.05, 0.1, 0.2]`).
+    pub areas: Vec<f64>,
+    /// `preserve` (the default), `delete` or `dual`.
+    pub variant: ExtremalVariant,
+    /// `simple` (the target's score, the default) or `contrastive` (its margin over the best
+    /// other class).
+    pub reward: ExtremalReward,
+    /// Optimisation steps (default 800).
+    pub max_iters: usize,
+    /// Pixels between mask parameters (default 7).
+    pub step: usize,
+    /// Mask smoothing radius in pixels (default 21).
+    pub sigma: f64,
+    /// The strongest blur of the perturbation pyramid, in pixels (default 20).
+    pub max_blur: f64,
+    /// Flip the perturbed image left-right every other step (default true).
+    pub jitter: bool,
+}
+
+impl Default for ExtremalStep {
+    fn default() -> Self {
+        let d = vulnmap_saliency::ExtremalPerturbation::default();
+        Self {
+            id: None,
+            areas: d.areas,
+            variant: d.variant,
+            reward: d.reward,
+            max_iters: d.max_iters,
+            step: d.step,
+            sigma: d.sigma,
+            max_blur: d.max_blur,
+            jitter: d.jitter,
         }
     }
 }

@@ -267,7 +267,8 @@ fn the_shipped_local_attack_pipeline_runs_and_finds_the_lesions() {
     assert!(summary.report.unwrap().is_file());
 }
 
-/// Every class activation map rule, input x gradient, LIME and KernelSHAP as pipeline steps,
+/// Every class activation map rule, input x gradient, guided backpropagation, extremal
+/// perturbation, LIME and KernelSHAP as pipeline steps,
 /// scored by every
 /// measure: one row per image and step, each map scored, the concentration measures in range.
 #[test]
@@ -287,6 +288,7 @@ steps:
   - layer_cam: {layer: layer3}
   - eigen_cam: {layer: layer3}
   - score_cam: {layer: layer3}
+  - extremal_perturbation: {areas: [0.05, 0.1], max_iters: 10, step: 8, sigma: 8, max_blur: 5}
   - lime: {cells: 4, samples: 40}
   - kernel_shap: {cells: 4, samples: 40, baseline: blurred}
   - metrics: {measures: [pointing_game, pointing_game_difficult, auroc, iou, deletion, insertion, sparseness, complexity, max_sensitivity, avg_sensitivity, infidelity, road_morf, road_lerf], pixels_per_step: 2048, blur_sigma: 3, blur_taps: 7, sensitivity_samples: 2, infidelity_samples: 3}
@@ -295,7 +297,7 @@ steps:
     let dir = tempfile::tempdir().unwrap();
     runner::run(&pipeline, &options(dir.path(), None, false)).unwrap();
     let rows = rows(dir.path());
-    assert_eq!(rows.len(), 3 * 9, "3 images x 9 steps");
+    assert_eq!(rows.len(), 3 * 10, "3 images x 10 steps");
     assert!(
         rows.iter()
             .filter(|r| r["kind"] == "metrics")
@@ -309,6 +311,7 @@ steps:
         "layer_cam",
         "eigen_cam",
         "score_cam",
+        "extremal_perturbation",
         "lime",
         "kernel_shap",
     ];
@@ -359,13 +362,13 @@ steps:
     let e = config::parse(&bad, Path::new("methods.yaml"), Path::new("."))
         .unwrap_err()
         .to_string();
-    assert!(e.contains("line 18") && e.contains("must be odd"), "{e}");
+    assert!(e.contains("line 19") && e.contains("must be odd"), "{e}");
     let bad = text.replace("samples: 40}", "samples: 16}");
     let e = config::parse(&bad, Path::new("methods.yaml"), Path::new("."))
         .unwrap_err()
         .to_string();
     assert!(
-        e.contains("line 16") && e.contains("more than the superpixels"),
+        e.contains("line 17") && e.contains("more than the superpixels"),
         "{e}"
     );
 }

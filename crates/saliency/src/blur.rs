@@ -13,6 +13,8 @@ pub enum Edges {
     /// The image mirrored about its edge pixel (`c b | a b c`), as PyTorch's `reflect` padding
     /// and torchvision's `gaussian_blur`.
     Reflect,
+    /// Zeros beyond the edge, as TorchRay's `imsmooth`.
+    Zero,
 }
 
 /// A separable Gaussian blur of each channel.
@@ -77,6 +79,9 @@ impl GaussianBlur {
             Edges::Replicate => planes
                 .pad_with_same(D::Minus1, radius, radius)?
                 .pad_with_same(D::Minus2, radius, radius)?,
+            Edges::Zero => planes
+                .pad_with_zeros(D::Minus1, radius, radius)?
+                .pad_with_zeros(D::Minus2, radius, radius)?,
             Edges::Reflect => {
                 ensure(radius < h && radius < w, || {
                     format!("a {k}-tap reflected blur needs an image larger than {radius} pixels on each side, got {h}x{w}")

@@ -17,12 +17,15 @@
 //! are seeded, so batched and unbatched runs give the same maps.
 //!
 //! Modules:
-//! - `gradient`: the vanilla input gradient (Simonyan et al.) and input x gradient.
+//! - `gradient`: the vanilla input gradient (Simonyan et al.), input x gradient and guided
+//!   backpropagation.
 //! - `smoothgrad`: SmoothGrad, SmoothGrad-Squared and VarGrad; the paper's authors' preset.
 //! - `integrated_gradients`: Integrated Gradients, black or blurred baseline, Riemann or
 //!   Gauss-Legendre.
 //! - `cam`: class activation maps on a named layer: Grad-CAM, Grad-CAM++, LayerCAM,
 //!   Eigen-CAM, Score-CAM.
+//! - `extremal`: extremal perturbation (Fong et al.): smooth area-constrained masks optimised
+//!   on a blur pyramid, preserve, delete and dual games, batched over images and areas.
 //! - `occlusion`: sliding-window occlusion on the local attack's grid.
 //! - `rise`: RISE's random masks.
 //! - `surrogate`: LIME and KernelSHAP, linear surrogates on superpixels.
@@ -40,6 +43,7 @@
 mod blur;
 mod cam;
 mod error;
+mod extremal;
 mod gradient;
 mod grid;
 mod integrated_gradients;
@@ -56,6 +60,7 @@ mod target;
 pub use blur::{Edges, GaussianBlur};
 pub use cam::{Cam, CamRule};
 pub use error::{Error, Result};
+pub use extremal::{ExtremalPerturbation, ExtremalReward, ExtremalVariant};
 pub use gradient::{input_gradients, Gradient, GuidedBackprop, InputXGradient};
 pub use grid::WindowGrid;
 pub use integrated_gradients::{Baseline, BaselineKind, IntegratedGradients, Integration};

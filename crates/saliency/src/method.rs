@@ -3,8 +3,8 @@
 use crate::error::Result;
 use crate::postprocess::{PostProcess, Reduction};
 use crate::{
-    Cam, Gradient, GuidedBackprop, InputXGradient, IntegratedGradients, Occlusion, Rise,
-    SmoothGrad, Surrogate,
+    Cam, ExtremalPerturbation, Gradient, GuidedBackprop, InputXGradient, IntegratedGradients,
+    Occlusion, Rise, SmoothGrad, Surrogate,
 };
 use candle_core::Tensor;
 use vulnmap_models::Classifier;
@@ -25,6 +25,9 @@ pub enum Method {
     /// A class activation map (Grad-CAM, Grad-CAM++, LayerCAM, Eigen-CAM, Score-CAM): a layer's
     /// feature maps, weighted by the rule.
     Cam(Cam),
+    /// Extremal perturbation (Fong et al., 2019): smooth masks of given areas that keep (or
+    /// delete) the target's score on a blurred background; the masks summed over the areas.
+    ExtremalPerturbation(ExtremalPerturbation),
     /// Occlusion (Zeiler and Fergus, 2014): the target logit's drop when windows are covered.
     Occlusion(Occlusion),
     /// RISE (Petsiuk et al., 2018): the target probability through random smooth masks.
@@ -43,6 +46,7 @@ impl Method {
             Method::SmoothGrad(_) => "smoothgrad",
             Method::IntegratedGradients(_) => "integrated-gradients",
             Method::Cam(m) => m.rule.name(),
+            Method::ExtremalPerturbation(_) => "extremal-perturbation",
             Method::Occlusion(_) => "occlusion",
             Method::Rise(_) => "rise",
             Method::Surrogate(m) => m.name(),
@@ -58,6 +62,7 @@ impl Method {
             Method::SmoothGrad(m) => m.batch_size = batch_size,
             Method::IntegratedGradients(m) => m.batch_size = batch_size,
             Method::Cam(m) => m.batch_size = batch_size,
+            Method::ExtremalPerturbation(m) => m.batch_size = batch_size,
             Method::Occlusion(m) => m.batch_size = batch_size,
             Method::Rise(m) => m.batch_size = batch_size,
             Method::Surrogate(m) => m.batch_size = batch_size,
@@ -79,6 +84,7 @@ impl Method {
             Method::SmoothGrad(m) => m.attribute(model, pixels, targets),
             Method::IntegratedGradients(m) => m.attribute(model, pixels, targets),
             Method::Cam(m) => m.attribute(model, pixels, targets),
+            Method::ExtremalPerturbation(m) => m.attribute(model, pixels, targets),
             Method::Occlusion(m) => m.attribute(model, pixels, targets),
             Method::Rise(m) => m.attribute(model, pixels, targets),
             Method::Surrogate(m) => m.attribute(model, pixels, targets),
@@ -94,13 +100,15 @@ impl Method {
             | Method::GuidedBackprop(_)
             | Method::SmoothGrad(_)
             | Method::IntegratedGradients(_) => PostProcess::default(),
-            Method::Cam(_) | Method::Occlusion(_) | Method::Rise(_) | Method::Surrogate(_) => {
-                PostProcess {
-                    reduction: Reduction::Sum,
-                    positive_only: true,
-                    clip_percentile: None,
-                }
-            }
+            Method::Cam(_)
+            | Method::ExtremalPerturbation(_)
+            | Method::Occlusion(_)
+            | Method::Rise(_)
+            | Method::Surrogate(_) => PostProcess {
+                reduction: Reduction::Sum,
+                positive_only: true,
+                clip_percentile: None,
+            },
         }
     }
 

@@ -1,12 +1,13 @@
 //! The saliency-method steps (`gradient`, `input_x_gradient`, `guided_backprop`, `smoothgrad`,
-//! `integrated_gradients`, the class activation maps, `occlusion`, `rise`, `lime`, `kernel_shap`)
+//! `integrated_gradients`, the class activation maps, `occlusion`, `rise`,
+//! `extremal_perturbation`, `lime`, `kernel_shap`)
 //! as the saliency library's [`Method`]s.
 
 use crate::error::{Error, Result};
 use crate::schema::{CamStep, Step, SurrogateStep};
 use vulnmap_saliency::{
-    Cam, CamRule, Gradient, GuidedBackprop, InputXGradient, IntegratedGradients, Method, Occlusion,
-    Rise, SmoothGrad, Surrogate,
+    Cam, CamRule, ExtremalPerturbation, ExtremalVariant, Gradient, GuidedBackprop, InputXGradient,
+    IntegratedGradients, Method, Occlusion, Rise, SmoothGrad, Surrogate,
 };
 
 /// The saliency method `step` runs, drawing its noise from `seed` and evaluating the model on at
@@ -52,6 +53,27 @@ pub fn method(step: &Step, seed: u64, batch_size: usize) -> Result<Option<Method
             seed,
             batch_size: bs * 4,
         })),
+        Step::ExtremalPerturbation(s) => {
+            // Every area of an image (twice for the dual game) is a mask in the same pass.
+            let games = if s.variant == ExtremalVariant::Dual {
+                2
+            } else {
+                1
+            };
+            let per_image = s.areas.len().max(1) * games;
+            Some(Method::ExtremalPerturbation(ExtremalPerturbation {
+                areas: s.areas.clone(),
+                variant: s.variant,
+                reward: s.reward,
+                max_iters: s.max_iters,
+                step: s.step,
+                sigma: s.sigma,
+                max_blur: s.max_blur,
+                jitter: s.jitter,
+                batch_size: (bs / per_image).max(1),
+                ..ExtremalPerturbation::default()
+            }))
+        }
         Step::Lime(s) => Some(surrogate(Surrogate::lime(), s, seed, bs * 4)),
         Step::KernelShap(s) => Some(surrogate(Surrogate::kernel_shap(), s, seed, bs * 4)),
         _ => None,
