@@ -43,9 +43,8 @@ pub fn max_pixels() -> u64 {
 }
 
 /// Refuses dimensions over the budget or of an extreme shape, before decoding.
-fn check_dimensions(path: &Path, (w, h): (u32, u32)) -> Result<()> {
+fn check_dimensions(path: &Path, (w, h): (u32, u32), budget: u64) -> Result<()> {
     let (w, h) = (u64::from(w), u64::from(h));
-    let budget = max_pixels();
     if w == 0 || h == 0 {
         return Err(Error::image(
             path,
@@ -113,14 +112,15 @@ pub fn load_rgb(path: impl AsRef<Path>) -> Result<RgbImage> {
         ));
     }
     // A file larger than the largest image within the budget could hold is not read at all.
-    let most_bytes = max_pixels() * 8 + (16 << 20);
+    let budget = max_pixels();
+    let most_bytes = budget * 8 + (16 << 20);
     if meta.len() > most_bytes {
         return Err(Error::image(
             path,
             format!(
                 "{} bytes is more than an image of the pixel budget ({} pixels) can take",
                 meta.len(),
-                max_pixels()
+                budget
             ),
         ));
     }
@@ -152,7 +152,7 @@ pub fn load_rgb(path: impl AsRef<Path>) -> Result<RgbImage> {
     let mut decoder = reader
         .into_decoder()
         .map_err(|e| Error::image(path, format!("cannot decode: {e}")))?;
-    check_dimensions(path, decoder.dimensions())?;
+    check_dimensions(path, decoder.dimensions(), budget)?;
     let orientation = decoder
         .orientation()
         .map_err(|e| Error::image(path, format!("cannot read the orientation: {e}")))?;

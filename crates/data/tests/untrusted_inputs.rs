@@ -7,6 +7,7 @@ use std::io::Cursor;
 use std::path::Path;
 use vulnmap_data::image_io::{load_rgb, max_pixels};
 use vulnmap_data::{Dataset, ManifestOptions};
+use vulnmap_testkit::mutate::mutate;
 
 fn encoded(format: image::ImageFormat) -> Vec<u8> {
     let mut img = image::RgbImage::new(24, 16);
@@ -15,17 +16,6 @@ fn encoded(format: image::ImageFormat) -> Vec<u8> {
     }
     let mut bytes = Vec::new();
     img.write_to(&mut Cursor::new(&mut bytes), format).unwrap();
-    bytes
-}
-
-/// A file's bytes with some bytes overwritten and the end cut at `keep` (a fraction).
-fn mutate(mut bytes: Vec<u8>, edits: &[(usize, u8)], keep: f64) -> Vec<u8> {
-    for &(at, value) in edits {
-        let n = bytes.len();
-        bytes[at % n] = value;
-    }
-    let keep = ((bytes.len() as f64) * keep).ceil() as usize;
-    bytes.truncate(keep.max(1));
     bytes
 }
 

@@ -5,6 +5,7 @@ use candle_core::{DType, Device};
 use proptest::prelude::*;
 use std::path::{Path, PathBuf};
 use vulnmap_models::{zoo, Arch, Checkpoint};
+use vulnmap_testkit::mutate::mutate;
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -33,16 +34,6 @@ fn exercise(dir: &Path, name: &str, bytes: &[u8]) {
     if let Err(e) = zoo::from_checkpoint(Arch::TinyResNet, &checkpoint, DType::F32, &Device::Cpu) {
         names_file(&e);
     }
-}
-
-fn mutate(mut bytes: Vec<u8>, edits: &[(usize, u8)], keep: f64) -> Vec<u8> {
-    for &(at, value) in edits {
-        let n = bytes.len();
-        bytes[at % n] = value;
-    }
-    let keep = ((bytes.len() as f64) * keep).ceil() as usize;
-    bytes.truncate(keep.max(1));
-    bytes
 }
 
 proptest! {

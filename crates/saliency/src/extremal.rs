@@ -182,19 +182,14 @@ impl ExtremalPerturbation {
             })
             .collect();
         let reference = Tensor::from_vec(reference, (k, cells), device)?;
-        let target_index: Vec<u32> = targets
-            .iter()
-            .flat_map(|&t| std::iter::repeat_n(t as u32, areas))
-            .collect();
         let games = match self.variant {
             ExtremalVariant::Dual => 2,
             _ => 1,
         };
-        let target_index: Vec<u32> = target_index
-            .iter()
-            .copied()
-            .cycle()
-            .take(k * games)
+        // Mask j's target, once per game (the dual game's deleted images follow the kept ones).
+        let target_index: Vec<u32> = (0..games)
+            .flat_map(|_| targets.iter())
+            .flat_map(|&t| std::iter::repeat_n(t as u32, areas))
             .collect();
         let target_index = Tensor::from_vec(target_index, (k * games, 1), device)?;
         let mut weight = REGULARISER_WEIGHT;
@@ -434,16 +429,15 @@ impl MaskGenerator {
     }
 }
 
-/// The mask area along the last dimension, for tests: the fraction of pixels above one half.
-#[cfg(test)]
-fn area(mask: &Tensor) -> f32 {
-    let v = mask.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    v.iter().filter(|&&x| x > 0.5).count() as f32 / v.len() as f32
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The fraction of a mask's pixels above one half.
+    fn area(mask: &Tensor) -> f32 {
+        let v = mask.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        v.iter().filter(|&&x| x > 0.5).count() as f32 / v.len() as f32
+    }
 
     #[test]
     fn the_mask_generator_has_torchrays_shapes_and_keeps_constants() {

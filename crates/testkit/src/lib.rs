@@ -12,12 +12,14 @@
 //! - [`assets`]: shared assets for tests: skip with a reason when absent, fail when required.
 //! - [`gradcheck`]: analytic input gradients against central differences.
 //! - [`compare`]: tensors as vectors, largest differences, cosine, relative L2, closeness.
+//! - [`mutate`]: damaged copies of files, for the property tests of untrusted-input readers.
 //!
 //! Cargo features: none.
 
 pub mod assets;
 pub mod compare;
 pub mod gradcheck;
+pub mod mutate;
 
 pub use assets::{read_fixture, test_asset};
 pub use compare::{assert_close, max_abs, max_abs_diff, max_diff, to_vec};
