@@ -19,6 +19,7 @@ const LAYERS: &[(&str, &str, u32)] = &[
     ("crates/data", "vulnmap-data", 0),
     ("crates/ops", "vulnmap-ops", 1),
     ("crates/models", "vulnmap-models", 2),
+    ("crates/onnx", "vulnmap-onnx", 3),
     ("crates/train", "vulnmap-train", 3),
     ("crates/saliency", "vulnmap-saliency", 3),
     ("crates/attacks", "vulnmap-attacks", 4),
@@ -34,6 +35,7 @@ const LIBRARIES: &[&str] = &[
     "crates/data",
     "crates/ops",
     "crates/models",
+    "crates/onnx",
     "crates/train",
     "crates/saliency",
     "crates/attacks",
@@ -299,6 +301,8 @@ const FREE_TEXT_FIELDS: &[&str] = &[
     "layer",
     "of",
     "labels",
+    "onnx",
+    "classes",
 ];
 
 /// The `pub` fields of `source` whose type holds a `String`.

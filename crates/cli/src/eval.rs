@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use vulnmap_data::Split;
 use vulnmap_models::Score;
 use vulnmap_pipeline::schema::{
-    DataSpec, MapStep, Measure, MetricsStep, ModelSpec, Outputs, Pipeline, Step, StepKind,
+    DataSpec, MapStep, Measure, MetricsStep, Outputs, Pipeline, Step, StepKind,
 };
 use vulnmap_pipeline::{runner, RunOptions};
 
@@ -68,7 +68,6 @@ pub(crate) fn run(args: Args) -> Result<()> {
         metrics.measures = args.measures.clone();
     }
     steps.push(Step::Metrics(metrics));
-    let weights = args.model.weights.as_ref().map(|w| w.display().to_string());
     let pipeline = Pipeline {
         name: "eval".into(),
         description: format!(
@@ -82,11 +81,7 @@ pub(crate) fn run(args: Args) -> Result<()> {
         ),
         seed: 0,
         device: args.model.device,
-        model: Some(ModelSpec {
-            arch: args.model.model,
-            weights,
-            score: args.score,
-        }),
+        model: Some(args.model.spec(args.score)?),
         data: DataSpec {
             manifest: Some(manifest.display().to_string()),
             split: args.split,

@@ -9,6 +9,7 @@ mod eval;
 mod explain;
 mod finetune;
 mod flags;
+mod layers;
 mod model_args;
 mod output_names;
 mod run;
@@ -87,6 +88,8 @@ enum Command {
     Synth(synth::Args),
     /// Train or fine-tune a classifier on a dataset (manifest or folder per class).
     Finetune(finetune::Args),
+    /// List a model's feature maps (for --layer), with their shapes and Grad-CAM's default.
+    Layers(layers::Args),
 }
 
 fn init_logging(verbose: u8, quiet: bool) {
@@ -133,6 +136,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => run::demo(args),
         Command::Synth(args) => synth::run(args),
         Command::Finetune(args) => finetune::run(args),
+        Command::Layers(args) => layers::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -129,6 +129,23 @@ impl DepthwiseConv2d {
         })
     }
 
+    /// A depthwise convolution with a given, constant `weight` (`C x 1 x k x k`, square).
+    pub fn from_weight(weight: Tensor, stride: usize, padding: Padding) -> Result<Self> {
+        let (_, one, k, k2) = weight.dims4()?;
+        if one != 1 || k != k2 {
+            candle_core::bail!(
+                "depthwise weight must be C x 1 x k x k, got {:?}",
+                weight.dims()
+            );
+        }
+        Ok(Self {
+            weight,
+            kernel: k,
+            stride,
+            padding,
+        })
+    }
+
     /// Convolves each channel of `x` (`N x C x H x W`) with its own kernel.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (_, c, h, w) = x.dims4()?;

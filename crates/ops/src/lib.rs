@@ -24,7 +24,7 @@
 //! - [`batch_norm`]: BatchNorm with eval and train modes.
 //! - [`pool`]: max-pooling with a working backward pass; global average pooling.
 //! - [`resize`]: differentiable bilinear resizing, on every device.
-//! - `windows`: strided window views, the building block of pooling and depthwise convolution.
+//! - [`windows`]: padding and strided window views, the building block of pooling and depthwise convolution.
 //! - [`cpu_kernels`]: what the hand-written CPU kernels share (float types, contiguous views).
 //!
 //! Cargo features:
@@ -41,7 +41,7 @@ pub mod fused_conv;
 pub mod guided;
 pub mod pool;
 pub mod resize;
-mod windows;
+pub mod windows;
 
 pub use batch_norm::BatchNorm;
 pub use conv::{Conv2d, DepthwiseConv2d, Padding};

@@ -9,16 +9,20 @@ use candle_core::{Result, Tensor};
 
 /// Padding in pixels on each side of a feature map.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub(crate) struct Pad2d {
+pub struct Pad2d {
+    /// Rows added above.
     pub top: usize,
+    /// Rows added below.
     pub bottom: usize,
+    /// Columns added on the left.
     pub left: usize,
+    /// Columns added on the right.
     pub right: usize,
 }
 
 impl Pad2d {
     /// The same padding on every side, as PyTorch's `padding=p`.
-    pub(crate) fn uniform(p: usize) -> Self {
+    pub fn uniform(p: usize) -> Self {
         Self {
             top: p,
             bottom: p,
@@ -45,13 +49,13 @@ impl Pad2d {
     }
 
     /// Whether all four sides are equal, so a convolution's own padding argument can do it.
-    pub(crate) fn is_uniform(&self) -> bool {
+    pub fn is_uniform(&self) -> bool {
         self.top == self.bottom && self.top == self.left && self.top == self.right
     }
 }
 
 /// Pads the last two dimensions of `x` with `value` (zeros, or -inf for max-pooling).
-pub(crate) fn pad2d(x: &Tensor, pad: Pad2d, value: f64) -> Result<Tensor> {
+pub fn pad2d(x: &Tensor, pad: Pad2d, value: f64) -> Result<Tensor> {
     if value == 0.0 {
         return x
             .pad_with_zeros(2, pad.top, pad.bottom)?

@@ -176,6 +176,8 @@ fn absolute(base: &Path, p: &str) -> String {
 fn resolve(mut p: Pipeline, base: &Path) -> Pipeline {
     if let Some(m) = &mut p.model {
         m.weights = m.weights.as_deref().map(|w| absolute(base, w));
+        m.onnx = m.onnx.as_deref().map(|w| absolute(base, w));
+        m.classes = m.classes.as_deref().map(|w| absolute(base, w));
     }
     let d = &mut p.data;
     d.files = d.files.iter().map(|f| absolute(base, f)).collect();
@@ -278,6 +280,34 @@ impl Checker {
                     if !w.starts_with("hf://") {
                         self.file(w, "model.weights");
                     }
+                }
+                self.check(m.arch.is_some() != m.onnx.is_some(), "model", || {
+                    "name the model by exactly one of `arch` (with `weights`) and `onnx`".into()
+                });
+                if let Some(onnx) = &m.onnx {
+                    self.file(onnx, "model.onnx");
+                    self.check(m.weights.is_none(), "model.weights", || {
+                        "an ONNX file holds its weights; `weights` is for `arch`".into()
+                    });
+                } else {
+                    let onnx_only = [
+                        ("normalize", !m.normalize.is_none()),
+                        ("input_size", m.input_size.is_some()),
+                        ("classes", m.classes.is_some()),
+                    ];
+                    for (key, given) in onnx_only {
+                        self.check(!given, &format!("model.{key}"), || {
+                            format!(
+                                "`{key}` is for ONNX models (`onnx`); native models know theirs"
+                            )
+                        });
+                    }
+                }
+                if let Some(size) = m.input_size {
+                    self.within(size, &IMAGE_SIZE, "model.input_size");
+                }
+                if let Some(c) = &m.classes {
+                    self.file(c, "model.classes");
                 }
             }
             None => self.check(p.data.fundus_benchmark.is_some(), "model", || {

@@ -64,6 +64,10 @@ pub enum Error {
     /// Building, loading or training a model failed, or the device is unusable.
     #[error(transparent)]
     Model(#[from] vulnmap_models::Error),
+
+    /// Reading or running an ONNX classifier failed.
+    #[error(transparent)]
+    Onnx(#[from] vulnmap_onnx::Error),
     /// A saliency map or metric could not be computed.
     #[error(transparent)]
     Saliency(#[from] vulnmap_saliency::Error),

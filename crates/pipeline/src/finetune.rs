@@ -29,7 +29,9 @@ pub(crate) fn run(
     let spec = pipeline.model.as_ref().ok_or_else(|| {
         Error::Run("finetune needs a model (arch, and weights unless scratch)".into())
     })?;
-    let arch = spec.arch;
+    let arch = spec.arch.ok_or_else(|| {
+        Error::Run("finetune needs a native `arch`; an ONNX graph cannot be trained".into())
+    })?;
     let best = out.join("model").join("best.safetensors");
     if results.is_done(&dataset_key(id)) && best.is_file() {
         tracing::info!("reusing the fine-tuned model {}", best.display());

@@ -27,6 +27,8 @@
 //! - `yaml_budget`: bounds on a pipeline file's size and alias expansion, before parsing.
 //! - `locate`: positions of YAML values by path, for checks made after parsing.
 //! - `source`: the images (files, glob, manifest, folders, synthetic, benchmark) and masks.
+//! - [`model`]: the classifier a pipeline or command names: a native architecture or an ONNX
+//!   file.
 //! - [`steps`]: each step's settings converted into the libraries' (shared with the CLI).
 //! - [`runner`]: chunks, steps, `--resume`, `--shard`, and `merge`.
 //! - `finetune`: the fine-tuning step.
@@ -46,6 +48,7 @@ pub mod figures;
 mod finetune;
 pub mod limits;
 mod locate;
+pub mod model;
 mod plot;
 mod report;
 pub mod rows;

@@ -337,7 +337,7 @@ pub(crate) fn write(dir: &Path, pipeline: &Pipeline, rows: &[Row]) -> Result<Pat
         .map(|m| {
             format!(
                 "{} ({})",
-                m.arch,
+                m.name(),
                 m.weights
                     .as_deref()
                     .map(|w| Path::new(w)

@@ -15,7 +15,7 @@ use serde_json::json;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use vulnmap_models::{zoo, Arch, Classifier, DeviceName, Score, ScoredClassifier};
+use vulnmap_models::{Arch, Classifier, DeviceName, Score, ScoredClassifier};
 
 /// Every N-th chunk of images, starting at chunk I (`--shard I/N`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -266,13 +266,11 @@ fn model(
             .model
             .as_ref()
             .ok_or_else(|| Error::Run("the pipeline names no model".into()))?;
-        let arch = spec.arch;
-        let weights = match (&spec.weights, &source.benchmark) {
-            (Some(w), _) => Some(PathBuf::from(w)),
-            (None, Some(b)) if arch == Arch::TinyResNet => Some(b.checkpoint.clone()),
-            (None, _) => None,
+        let default_weights = match &source.benchmark {
+            Some(b) if spec.arch == Some(Arch::TinyResNet) => Some(b.checkpoint.as_path()),
+            _ => None,
         };
-        zoo::load(arch, weights.as_deref(), DType::F32, device)?
+        crate::model::load(spec, default_weights, device)?
     };
     Ok(Box::new(ScoredClassifier::new(base, score)))
 }

@@ -8,6 +8,7 @@ use vulnmap_attacks::saliency_attack::Control;
 use vulnmap_attacks::{AttackMode, GeneratorChoice, MaskNetworkKind, Sparsity};
 use vulnmap_data::Split;
 use vulnmap_models::{Arch, DeviceName, Score};
+use vulnmap_onnx::Normalize;
 use vulnmap_saliency::{Aggregate, BaselineKind, ExtremalReward, ExtremalVariant, Integration};
 
 /// A whole pipeline file.
@@ -52,14 +53,54 @@ fn default_batch_size() -> usize {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSpec {
-    /// `resnet18|34|50|101|152`, `efficientnet-lite0` or `tiny-resnet`.
-    pub arch: Arch,
+    /// `resnet18|34|50|101|152`, `efficientnet-lite0` or `tiny-resnet` (or `onnx` instead).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arch: Option<Arch>,
     /// A checkpoint path or `hf://owner/name[/file][@rev]`; absent: the hub default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weights: Option<String>,
+    /// A classifier exported to ONNX (pixels in [0, 1] in, logits out), instead of `arch`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub onnx: Option<String>,
+    /// For an ONNX graph exported without its normalisation: `imagenet`, `MEAN,STD` or
+    /// `M1,M2,M3,S1,S2,S3` (default `none`: the graph normalises).
+    #[serde(default, skip_serializing_if = "Normalize::is_none")]
+    pub normalize: Normalize,
+    /// The input size of an ONNX graph whose height and width are dynamic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_size: Option<usize>,
+    /// A file of class names, one per line (ONNX models; default the model's metadata).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classes: Option<String>,
     /// What maps and attacks explain: `logit`, `centred-logit`, `log-probability`.
     #[serde(default)]
     pub score: Score,
+}
+
+impl ModelSpec {
+    /// A native architecture with `weights` (none: the hub default).
+    pub fn native(arch: Arch, weights: Option<String>) -> Self {
+        Self {
+            arch: Some(arch),
+            weights,
+            onnx: None,
+            normalize: Normalize::None,
+            input_size: None,
+            classes: None,
+            score: Score::default(),
+        }
+    }
+
+    /// The model's name for reports: the architecture or the ONNX file's name.
+    pub fn name(&self) -> String {
+        match (&self.arch, &self.onnx) {
+            (Some(arch), _) => arch.to_string(),
+            (None, Some(path)) => std::path::Path::new(path)
+                .file_name()
+                .map_or(path.clone(), |n| n.to_string_lossy().into_owned()),
+            (None, None) => "no model".into(),
+        }
+    }
 }
 
 /// Where the images come from: exactly one of `files`, `glob`, `manifest`, `folders`,

@@ -1,0 +1,169 @@
+//! Element-wise operators with NumPy broadcasting: arithmetic, comparisons, activations.
+
+use super::{floats_of, Attrs, Context, Inputs};
+use candle_core::{bail, DType, Result, Shape, Tensor};
+use vulnmap_ops::guided::positive_gradient;
+
+/// Evaluates an element-wise operator.
+pub(super) fn eval(op: &str, inputs: &Inputs, attrs: Attrs, ctx: Context) -> Result<Tensor> {
+    let x = inputs.req(0)?;
+    match op {
+        "Add" => x.broadcast_add(inputs.req(1)?),
+        "Sub" => x.broadcast_sub(inputs.req(1)?),
+        "Mul" => x.broadcast_mul(inputs.req(1)?),
+        "Div" => x.broadcast_div(inputs.req(1)?),
+        "Pow" => pow(x, inputs.req(1)?),
+        "Mod" => modulo(x, inputs.req(1)?, attrs.int("fmod", 0) != 0),
+        "Equal" => x.broadcast_eq(inputs.req(1)?),
+        "Less" => x.broadcast_lt(inputs.req(1)?),
+        "Greater" => x.broadcast_gt(inputs.req(1)?),
+        "Not" => x.eq(&Tensor::zeros((), x.dtype(), x.device())?.broadcast_as(x.shape())?),
+        "Where" => where_cond(x, inputs.req(1)?, inputs.req(2)?),
+        "Max" | "Min" | "Sum" => variadic(op, &inputs.all()),
+        "Relu" => rectify(x.relu()?, ctx),
+        "LeakyRelu" => {
+            let alpha = attrs.float("alpha", 0.01) as f64;
+            x.maximum(&(x * alpha)?)
+        }
+        "Elu" => x.elu(attrs.float("alpha", 1.0) as f64),
+        "Sigmoid" => candle_nn::ops::sigmoid(x),
+        "HardSigmoid" => hard_sigmoid(x, attrs.float("alpha", 0.2), attrs.float("beta", 0.5)),
+        "HardSwish" => x.mul(&hard_sigmoid(x, 1.0 / 6.0, 0.5)?),
+        "Softplus" => (x.exp()? + 1.0)?.log(),
+        "Tanh" => x.tanh(),
+        "Exp" => x.exp(),
+        "Log" => x.log(),
+        "Neg" => x.neg(),
+        "Abs" => x.abs(),
+        "Sqrt" => x.sqrt(),
+        "Reciprocal" => x.recip(),
+        "Floor" => x.floor(),
+        "Ceil" => x.ceil(),
+        "Erf" => x.erf(),
+        "Sin" => x.sin(),
+        "Cos" => x.cos(),
+        "Gelu" => match attrs.string("approximate", "none").as_str() {
+            "none" => x.gelu_erf(),
+            "tanh" => x.gelu(),
+            other => bail!("approximate `{other}` is not one of none, tanh"),
+        },
+        "Clip" => clip(x, inputs, attrs, ctx),
+        other => bail!(
+            "operator `{other}` is not supported; supported: {}",
+            super::SUPPORTED.join(", ")
+        ),
+    }
+}
+
+/// A ReLU's output, with guided backpropagation's rule when asked for.
+pub(super) fn rectify(y: Tensor, ctx: Context) -> Result<Tensor> {
+    if ctx.guided {
+        positive_gradient(&y)
+    } else {
+        Ok(y)
+    }
+}
+
+/// `clamp(alpha * x + beta, 0, 1)`.
+fn hard_sigmoid(x: &Tensor, alpha: f32, beta: f32) -> Result<Tensor> {
+    x.affine(alpha as f64, beta as f64)?.clamp(0f32, 1f32)
+}
+
+/// `Clip`: bounds from inputs (opset 11 on) or attributes; a ReLU6 (`min = 0`) is rectified
+/// like a ReLU for guided backpropagation.
+fn clip(x: &Tensor, inputs: &Inputs, attrs: Attrs, ctx: Context) -> Result<Tensor> {
+    let bound = |i: usize, name: &str| -> Result<Option<f64>> {
+        if ctx.opset >= 11 {
+            match inputs.opt(i) {
+                Some(t) => Ok(floats_of(t)?.first().copied()),
+                None => Ok(None),
+            }
+        } else {
+            Ok(attrs.get(name).map(|a| a.f as f64))
+        }
+    };
+    let (lo, hi) = (bound(1, "min")?, bound(2, "max")?);
+    let mut y = x.clone();
+    if let Some(lo) = lo {
+        y = y.maximum(lo)?;
+    }
+    if let Some(hi) = hi {
+        y = y.minimum(hi)?;
+    }
+    if lo == Some(0.0) {
+        rectify(y, ctx)
+    } else {
+        Ok(y)
+    }
+}
+
+/// `x ^ y`; small integer and half exponents as products and square roots, which are exact and
+/// differentiable at negative bases.
+fn pow(x: &Tensor, y: &Tensor) -> Result<Tensor> {
+    if y.elem_count() == 1 {
+        let e = floats_of(y)?[0];
+        if x.dtype() == DType::I64 {
+            return x
+                .to_dtype(DType::F64)?
+                .powf(e)?
+                .round()?
+                .to_dtype(DType::I64);
+        }
+        return match e {
+            1.0 => Ok(x.clone()),
+            2.0 => x.sqr(),
+            3.0 => x.sqr()?.mul(x),
+            0.5 => x.sqrt(),
+            _ => x.powf(e),
+        };
+    }
+    x.log()?.broadcast_mul(&y.to_dtype(x.dtype())?)?.exp()
+}
+
+/// `Mod`: integer remainder with the divisor's sign (Python's `%`), or C's `fmod` for floats
+/// and when `fmod = 1`.
+fn modulo(x: &Tensor, y: &Tensor, fmod: bool) -> Result<Tensor> {
+    let shape = Shape::broadcast_shape_binary_op(x.shape(), y.shape(), "Mod")?;
+    let (a, b) = (x.broadcast_as(&shape)?, y.broadcast_as(&shape)?);
+    let (a, b) = (floats_of(&a)?, floats_of(&b)?);
+    let values: Vec<f64> = a
+        .iter()
+        .zip(&b)
+        .map(|(&a, &b)| {
+            let r = a % b;
+            if !fmod && r != 0.0 && (r < 0.0) != (b < 0.0) {
+                r + b
+            } else {
+                r
+            }
+        })
+        .collect();
+    Tensor::from_vec(values, shape, x.device())?.to_dtype(x.dtype())
+}
+
+/// `Where(condition, x, y)`, all three broadcast together.
+fn where_cond(cond: &Tensor, x: &Tensor, y: &Tensor) -> Result<Tensor> {
+    let shape = Shape::broadcast_shape_binary_op(cond.shape(), x.shape(), "Where")?;
+    let shape = Shape::broadcast_shape_binary_op(&shape, y.shape(), "Where")?;
+    cond.broadcast_as(&shape)?.contiguous()?.where_cond(
+        &x.broadcast_as(&shape)?.contiguous()?,
+        &y.broadcast_as(&shape)?.contiguous()?,
+    )
+}
+
+/// `Max`, `Min`, `Sum` of any number of inputs.
+fn variadic(op: &str, inputs: &[&Tensor]) -> Result<Tensor> {
+    let (first, rest) = match inputs.split_first() {
+        Some(split) => split,
+        None => bail!("{op} needs at least one input"),
+    };
+    let mut acc = (*first).clone();
+    for t in rest {
+        acc = match op {
+            "Max" => acc.broadcast_maximum(t)?,
+            "Min" => acc.broadcast_minimum(t)?,
+            _ => acc.broadcast_add(t)?,
+        };
+    }
+    Ok(acc)
+}

@@ -1,0 +1,807 @@
+//! Network layers: convolution, normalisation, pooling, matrix products, softmax, reductions,
+//! padding and resizing.
+//!
+//! Convolutions run on `vulnmap_ops` (the fused constant-weight kernel, the depthwise kernel,
+//! the GEMM backward); normalisations and softmax are written from candle primitives so that
+//! their backward passes exist.
+
+use super::elementwise::rectify;
+use super::{axis, floats_of, ints_of, Attrs, Context, Inputs};
+use candle_core::{bail, DType, Result, Tensor};
+use vulnmap_ops::windows::{pad2d, Pad2d};
+use vulnmap_ops::{conv2d_fused, depthwise_conv2d, DepthwiseConv2d, Epilogue, Padding};
+
+/// The two spatial sizes of a 4-D `N x C x H x W` tensor.
+fn spatial(x: &Tensor) -> Result<(usize, usize)> {
+    match x.dims() {
+        [_, _, h, w] => Ok((*h, *w)),
+        dims => bail!("expected a 4-D N x C x H x W tensor, got shape {dims:?}"),
+    }
+}
+
+/// A square kernel's size from `kernel_shape` (or the weight), refusing rectangular ones where
+/// the kernel behind the operator needs them square.
+fn square(kernel: (usize, usize), what: &str) -> Result<usize> {
+    if kernel.0 != kernel.1 {
+        bail!(
+            "{what} with a {}x{} kernel: only square kernels are supported",
+            kernel.0,
+            kernel.1
+        );
+    }
+    Ok(kernel.0)
+}
+
+/// One stride for both axes, from `strides`.
+fn stride(attrs: Attrs) -> Result<usize> {
+    match attrs.ints("strides") {
+        None => Ok(1),
+        Some([s, t]) if s == t && *s > 0 => Ok(*s as usize),
+        Some(s) => bail!("strides {s:?}: only equal positive strides are supported"),
+    }
+}
+
+/// Refuses dilation, which no supported kernel implements.
+fn no_dilation(attrs: Attrs) -> Result<()> {
+    match attrs.ints("dilations") {
+        Some(d) if d.iter().any(|&d| d != 1) => {
+            bail!("dilations {d:?}: dilated kernels are not supported")
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The padding `auto_pad` and `pads` ask for, for a `kernel` at `stride` over `input`.
+fn padding(
+    attrs: Attrs,
+    input: (usize, usize),
+    kernel: (usize, usize),
+    stride: usize,
+) -> Result<Pad2d> {
+    let same = |n: usize, k: usize, upper: bool| {
+        let total = ((n.div_ceil(stride) - 1) * stride + k).saturating_sub(n);
+        let small = total / 2;
+        if upper {
+            (small, total - small)
+        } else {
+            (total - small, small)
+        }
+    };
+    match attrs.string("auto_pad", "NOTSET").as_str() {
+        "NOTSET" => match attrs.ints("pads") {
+            None => Ok(Pad2d::default()),
+            Some(&[t, l, b, r]) if t >= 0 && l >= 0 && b >= 0 && r >= 0 => Ok(Pad2d {
+                top: t as usize,
+                left: l as usize,
+                bottom: b as usize,
+                right: r as usize,
+            }),
+            Some(p) => bail!("pads {p:?}: expected four non-negative values"),
+        },
+        "VALID" => Ok(Pad2d::default()),
+        mode @ ("SAME_UPPER" | "SAME_LOWER") => {
+            let upper = mode == "SAME_UPPER";
+            let (top, bottom) = same(input.0, kernel.0, upper);
+            let (left, right) = same(input.1, kernel.1, upper);
+            Ok(Pad2d {
+                top,
+                bottom,
+                left,
+                right,
+            })
+        }
+        other => bail!("auto_pad `{other}` is not one of NOTSET, VALID, SAME_UPPER, SAME_LOWER"),
+    }
+}
+
+/// A depthwise convolution of an already padded `x` with `w` (`C x 1 x k x k`): the CPU kernel,
+/// or the device-generic tap sum elsewhere.
+fn depthwise(x: &Tensor, w: &Tensor, stride: usize) -> Result<Tensor> {
+    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+        depthwise_conv2d(x, w, stride)
+    } else {
+        DepthwiseConv2d::from_weight(w.clone(), stride, Padding::Uniform(0))?.forward(x)
+    }
+}
+
+/// `Conv` (and the fused convolution): 2-D, any groups, followed by `+ residual` and a ReLU
+/// when fused.
+pub(super) fn conv(
+    inputs: &Inputs,
+    attrs: Attrs,
+    residual: Option<&Tensor>,
+    relu: bool,
+    ctx: Context,
+) -> Result<Tensor> {
+    let x = inputs.req(0)?;
+    let w = inputs.req(1)?;
+    let bias = inputs.opt(2);
+    let (h, wd) = spatial(x)?;
+    let (cout, cin_per_group, kh, kw) = w.dims4()?;
+    let cin = x.dim(1)?;
+    let groups = attrs.int("group", 1).max(1) as usize;
+    if cin != cin_per_group * groups || cout % groups != 0 {
+        bail!(
+            "weight {:?} with {groups} groups does not fit an input of {cin} channels",
+            w.dims()
+        );
+    }
+    no_dilation(attrs)?;
+    let stride = stride(attrs)?;
+    let pad = padding(attrs, (h, wd), (kh, kw), stride)?;
+    let out_h = (h + pad.top + pad.bottom)
+        .checked_sub(kh)
+        .map(|v| v / stride + 1);
+    let out_w = (wd + pad.left + pad.right)
+        .checked_sub(kw)
+        .map(|v| v / stride + 1);
+    let (Some(out_h), Some(out_w)) = (out_h, out_w) else {
+        bail!("a {kh}x{kw} kernel does not fit the padded {h}x{wd} input");
+    };
+    let out_dims = [x.dim(0)?, cout, out_h, out_w];
+    let fits = residual.is_none_or(|r| r.dims() == out_dims);
+    if groups == 1 && kh == kw && fits {
+        let epilogue = Epilogue {
+            bias,
+            residual,
+            relu,
+            relu_backward: if ctx.guided {
+                vulnmap_ops::guided::ReluBackward::Guided
+            } else {
+                vulnmap_ops::guided::ReluBackward::Exact
+            },
+        };
+        return if pad.is_uniform() {
+            conv2d_fused(x, w, epilogue, stride, pad.top)
+        } else {
+            conv2d_fused(&pad2d(x, pad, 0.0)?, w, epilogue, stride, 0)
+        };
+    }
+    let padded = pad2d(x, pad, 0.0)?;
+    let mut y = if groups == cin && cin_per_group == 1 && cout == cin && kh == kw {
+        depthwise(&padded, w, stride)?
+    } else if groups == 1 {
+        plain_conv(&padded, w, stride)?
+    } else {
+        let (xs, ws) = (cin / groups, cout / groups);
+        let parts = (0..groups)
+            .map(|g| {
+                plain_conv(
+                    &padded.narrow(1, g * xs, xs)?,
+                    &w.narrow(0, g * ws, ws)?,
+                    stride,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&parts, 1)?
+    };
+    if let Some(b) = bias {
+        y = y.broadcast_add(&b.reshape((1, cout, 1, 1))?)?;
+    }
+    if let Some(r) = residual {
+        y = y.broadcast_add(r)?;
+    }
+    if relu {
+        y = rectify(y.relu()?, ctx)?;
+    }
+    Ok(y)
+}
+
+/// An unpadded, ungrouped convolution: the fast-backward one for square kernels, candle's
+/// otherwise.
+fn plain_conv(x: &Tensor, w: &Tensor, stride: usize) -> Result<Tensor> {
+    if w.dim(2)? == w.dim(3)? {
+        conv2d_fused(x, w, Epilogue::default(), stride, 0)
+    } else {
+        x.conv2d(w, 0, stride, 1, 1)
+    }
+}
+
+/// The shape that broadcasts a per-channel vector over an `N x C x ...` tensor of `rank`.
+fn channel_shape(c: usize, rank: usize) -> Vec<usize> {
+    let mut shape = vec![1; rank.max(2)];
+    shape[1] = c;
+    shape
+}
+
+/// `BatchNormalization` in inference mode: `x * scale / sqrt(var + eps) + (B - mean * ...)`.
+pub(super) fn batch_norm(inputs: &Inputs, attrs: Attrs, outputs: usize) -> Result<Tensor> {
+    if attrs.int("training_mode", 0) != 0 || outputs > 1 {
+        bail!("training-mode BatchNormalization is not supported (export the model in eval mode)");
+    }
+    let x = inputs.req(0)?;
+    let (scale, shift) = batch_norm_affine(
+        inputs.req(1)?,
+        inputs.req(2)?,
+        inputs.req(3)?,
+        inputs.req(4)?,
+        attrs.float("epsilon", 1e-5) as f64,
+    )?;
+    let shape = channel_shape(x.dim(1)?, x.rank());
+    x.broadcast_mul(&scale.reshape(shape.clone())?)?
+        .broadcast_add(&shift.reshape(shape)?)
+}
+
+/// Inference BatchNorm as a per-channel `(scale, shift)`.
+pub(crate) fn batch_norm_affine(
+    gamma: &Tensor,
+    beta: &Tensor,
+    mean: &Tensor,
+    var: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor)> {
+    let scale = gamma.div(&(var + eps)?.sqrt()?)?;
+    let shift = beta.sub(&mean.mul(&scale)?)?;
+    Ok((scale, shift))
+}
+
+/// Normalises `x` (`outer x inner`) over its last dimension: `(x - mean) / sqrt(var + eps)`,
+/// with the biased variance, as every ONNX normalisation does.
+fn standardise(x: &Tensor, eps: f64) -> Result<(Tensor, Tensor, Tensor)> {
+    let mean = x.mean_keepdim(1)?;
+    let centred = x.broadcast_sub(&mean)?;
+    let inv_std = (centred.sqr()?.mean_keepdim(1)? + eps)?.sqrt()?.recip()?;
+    Ok((centred.broadcast_mul(&inv_std)?, mean, inv_std))
+}
+
+/// `InstanceNormalization`: each image's channel over its spatial positions.
+pub(super) fn instance_norm(inputs: &Inputs, attrs: Attrs) -> Result<Tensor> {
+    let x = inputs.req(0)?;
+    let (n, c) = (x.dim(0)?, x.dim(1)?);
+    let (y, _, _) = standardise(
+        &x.reshape((n * c, ()))?,
+        attrs.float("epsilon", 1e-5) as f64,
+    )?;
+    let shape = channel_shape(c, x.rank());
+    y.reshape(x.shape())?
+        .broadcast_mul(&inputs.req(1)?.reshape(shape.clone())?)?
+        .broadcast_add(&inputs.req(2)?.reshape(shape)?)
+}
+
+/// `GroupNormalization`: each image's channel groups; scale and bias per channel (opset 21) or
+/// per group (opset 18).
+pub(super) fn group_norm(inputs: &Inputs, attrs: Attrs) -> Result<Tensor> {
+    let x = inputs.req(0)?;
+    let (n, c) = (x.dim(0)?, x.dim(1)?);
+    let groups = attrs.int("num_groups", 0);
+    if groups <= 0 || c % groups as usize != 0 {
+        bail!("num_groups {groups} does not divide {c} channels");
+    }
+    let g = groups as usize;
+    let (y, _, _) = standardise(
+        &x.reshape((n * g, ()))?,
+        attrs.float("epsilon", 1e-5) as f64,
+    )?;
+    let per_channel = |t: &Tensor| -> Result<Tensor> {
+        let t = t.flatten_all()?;
+        let t = if t.elem_count() == g && g != c {
+            let idx: Vec<u32> = (0..c).map(|ch| (ch / (c / g)) as u32).collect();
+            t.index_select(&Tensor::from_vec(idx, c, t.device())?, 0)?
+        } else {
+            t
+        };
+        t.reshape(channel_shape(c, x.rank()))
+    };
+    y.reshape(x.shape())?
+        .broadcast_mul(&per_channel(inputs.req(1)?)?)?
+        .broadcast_add(&per_channel(inputs.req(2)?)?)
+}
+
+/// `LayerNormalization` over the dimensions from `axis` on; the optional mean and inverse
+/// standard deviation outputs too.
+pub(super) fn layer_norm(inputs: &Inputs, attrs: Attrs, outputs: usize) -> Result<Vec<Tensor>> {
+    let x = inputs.req(0)?;
+    let a = axis(attrs.int("axis", -1), x.rank())?;
+    let inner: usize = x.dims()[a..].iter().product();
+    let outer = x.elem_count() / inner.max(1);
+    let (y, mean, inv_std) = standardise(
+        &x.reshape((outer, inner))?,
+        attrs.float("epsilon", 1e-5) as f64,
+    )?;
+    let mut y = y.reshape(x.shape())?.broadcast_mul(inputs.req(1)?)?;
+    if let Some(b) = inputs.opt(2) {
+        y = y.broadcast_add(b)?;
+    }
+    let mut stats_shape = x.dims()[..a].to_vec();
+    stats_shape.extend(std::iter::repeat_n(1, x.rank() - a));
+    let mut out = vec![
+        y,
+        mean.reshape(stats_shape.clone())?,
+        inv_std.reshape(stats_shape)?,
+    ];
+    out.truncate(outputs.max(1));
+    Ok(out)
+}
+
+/// Extra bottom and right padding that `ceil_mode` needs: enough for one more window where one
+/// would start inside the input or its leading padding (PyTorch's rule).
+fn ceil_extra(size: usize, before: usize, after: usize, k: usize, stride: usize) -> usize {
+    let padded = size + before + after;
+    if padded < k {
+        return 0;
+    }
+    let mut out = (padded - k).div_ceil(stride) + 1;
+    if (out - 1) * stride >= size + before {
+        out -= 1;
+    }
+    ((out - 1) * stride + k).saturating_sub(padded)
+}
+
+/// The pooling geometry: square kernel, stride and the total padding (with `ceil_mode`'s extra).
+fn pool_geometry(x: &Tensor, attrs: Attrs) -> Result<(usize, usize, Pad2d, Pad2d)> {
+    let (h, w) = spatial(x)?;
+    let kernel = match attrs.ints("kernel_shape") {
+        Some(&[a, b]) if a > 0 && b > 0 => (a as usize, b as usize),
+        other => bail!("kernel_shape {other:?}: expected two positive sizes"),
+    };
+    let k = square(kernel, "pooling")?;
+    no_dilation(attrs)?;
+    let s = stride(attrs)?;
+    let pad = padding(attrs, (h, w), kernel, s)?;
+    let mut extra = Pad2d::default();
+    if attrs.int("ceil_mode", 0) != 0 {
+        extra.bottom = ceil_extra(h, pad.top, pad.bottom, k, s);
+        extra.right = ceil_extra(w, pad.left, pad.right, k, s);
+    }
+    Ok((k, s, pad, extra))
+}
+
+/// `MaxPool` (the values only): padding counts as -inf.
+pub(super) fn max_pool(inputs: &Inputs, attrs: Attrs, outputs: usize) -> Result<Tensor> {
+    if outputs > 1 {
+        bail!("MaxPool's indices output is not supported");
+    }
+    let x = inputs.req(0)?;
+    let (k, s, pad, extra) = pool_geometry(x, attrs)?;
+    if pad.is_uniform() && extra == Pad2d::default() && pad.top * 2 <= k {
+        return vulnmap_ops::pool::max_pool2d(x, k, s, pad.top);
+    }
+    let total = Pad2d {
+        top: pad.top,
+        left: pad.left,
+        bottom: pad.bottom + extra.bottom,
+        right: pad.right + extra.right,
+    };
+    vulnmap_ops::pool::max_pool2d(&pad2d(x, total, f64::NEG_INFINITY)?, k, s, 0)
+}
+
+/// `AveragePool`: window sums by a depthwise convolution of ones, divided by the window's
+/// count of pixels (padding counted when `count_include_pad`; `ceil_mode`'s extra never).
+pub(super) fn average_pool(inputs: &Inputs, attrs: Attrs) -> Result<Tensor> {
+    let x = inputs.req(0)?;
+    let (k, s, pad, extra) = pool_geometry(x, attrs)?;
+    let (n, c, h, w) = x.dims4()?;
+    let _ = n;
+    let pad_all = |t: &Tensor, pad_value: f64| -> Result<Tensor> {
+        pad2d(&pad2d(t, pad, pad_value)?, extra, 0.0)
+    };
+    let ones_c = Tensor::ones((c, 1, k, k), x.dtype(), x.device())?;
+    let sums = depthwise(&pad_all(x, 0.0)?, &ones_c, s)?;
+    let include = attrs.int("count_include_pad", 0) != 0;
+    let mask = Tensor::ones((1, 1, h, w), x.dtype(), x.device())?;
+    let counts = depthwise(
+        &pad_all(&mask, if include { 1.0 } else { 0.0 })?,
+        &Tensor::ones((1, 1, k, k), x.dtype(), x.device())?,
+        s,
+    )?;
+    sums.broadcast_div(&counts)
+}
+
+/// `Gemm`: `alpha * op(A) op(B) + beta * C`.
+pub(super) fn gemm(inputs: &Inputs, attrs: Attrs) -> Result<Tensor> {
+    let mut a = inputs.req(0)?.clone();
+    let mut b = inputs.req(1)?.clone();
+    if attrs.int("transA", 0) != 0 {
+        a = a.t()?;
+    }
+    if attrs.int("transB", 0) != 0 {
+        b = b.t()?;
+    }
+    let mut y = a.matmul(&b)?;
+    let alpha = attrs.float("alpha", 1.0) as f64;
+    if alpha != 1.0 {
+        y = (y * alpha)?;
+    }
+    if let Some(c) = inputs.opt(2) {
+        let beta = attrs.float("beta", 1.0) as f64;
+        let c = if beta != 1.0 { (c * beta)? } else { c.clone() };
+        y = y.broadcast_add(&c)?;
+    }
+    Ok(y)
+}
+
+/// `MatMul` with NumPy's rules: batch dimensions broadcast, 1-D operands promoted and removed.
+pub(super) fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (a1, b1) = (a.rank() == 1, b.rank() == 1);
+    let a = if a1 { a.unsqueeze(0)? } else { a.clone() };
+    let b = if b1 { b.unsqueeze(1)? } else { b.clone() };
+    let a = if a.is_contiguous() {
+        a
+    } else {
+        a.contiguous()?
+    };
+    let y = if a.rank() == 2 && b.rank() == 2 {
+        a.matmul(&b)?
+    } else {
+        let b = if b.is_contiguous() {
+            b
+        } else {
+            b.contiguous()?
+        };
+        a.broadcast_matmul(&b)?
+    };
+    let y = if b1 { y.squeeze(y.rank() - 1)? } else { y };
+    if a1 {
+        y.squeeze(y.rank().saturating_sub(2))
+    } else {
+        Ok(y)
+    }
+}
+
+/// `Einsum` of one or two operands with an explicit output (`bhid,bhjd->bhij`): labels only in
+/// one operand are summed out, shared ones kept (batch) or contracted by one batched product.
+pub(super) fn einsum(equation: &str, operands: &[&Tensor]) -> Result<Tensor> {
+    let equation: String = equation.chars().filter(|c| !c.is_whitespace()).collect();
+    let Some((lhs, out)) = equation.split_once("->") else {
+        bail!("einsum `{equation}` needs an explicit output (`->`)");
+    };
+    let terms: Vec<Vec<char>> = lhs.split(',').map(|t| t.chars().collect()).collect();
+    let out: Vec<char> = out.chars().collect();
+    let valid = |t: &[char]| {
+        t.iter().all(|c| c.is_ascii_alphabetic())
+            && t.iter().enumerate().all(|(i, c)| !t[..i].contains(c))
+    };
+    if terms.len() != operands.len() || !terms.iter().chain([&out]).all(|t| valid(t)) {
+        bail!("einsum `{equation}`: only one or two operands with distinct letters are supported");
+    }
+    for (t, x) in terms.iter().zip(operands) {
+        if t.len() != x.rank() {
+            bail!(
+                "einsum `{equation}`: `{}` for an operand of rank {}",
+                t.iter().collect::<String>(),
+                x.rank()
+            );
+        }
+    }
+    // Sum out each operand's labels that appear nowhere else.
+    let mut reduced: Vec<(Vec<char>, Tensor)> = Vec::new();
+    for (k, (t, x)) in terms.iter().zip(operands).enumerate() {
+        let elsewhere = |c: &char| {
+            out.contains(c)
+                || terms
+                    .iter()
+                    .enumerate()
+                    .any(|(j, u)| j != k && u.contains(c))
+        };
+        let mut labels = t.clone();
+        let mut x = (*x).clone();
+        for i in (0..labels.len()).rev() {
+            if !elsewhere(&labels[i]) {
+                x = x.sum(i)?;
+                labels.remove(i);
+            }
+        }
+        reduced.push((labels, x));
+    }
+    let size = |labels: &[char], x: &Tensor, c: char| {
+        labels.iter().position(|&l| l == c).map(|i| x.dims()[i])
+    };
+    let (labels, y) = match reduced.as_slice() {
+        [(la, a)] => (la.clone(), a.clone()),
+        [(la, a), (lb, b)] => {
+            let batch: Vec<char> = la
+                .iter()
+                .copied()
+                .filter(|c| lb.contains(c) && out.contains(c))
+                .collect();
+            let inner: Vec<char> = la
+                .iter()
+                .copied()
+                .filter(|c| lb.contains(c) && !out.contains(c))
+                .collect();
+            let a_only: Vec<char> = la.iter().copied().filter(|c| !lb.contains(c)).collect();
+            let b_only: Vec<char> = lb.iter().copied().filter(|c| !la.contains(c)).collect();
+            let prod = |labels: &[char], x: &Tensor, group: &[char]| -> usize {
+                group.iter().filter_map(|&c| size(labels, x, c)).product()
+            };
+            let (nb, m, k, n) = (
+                prod(la, a, &batch),
+                prod(la, a, &a_only),
+                prod(la, a, &inner),
+                prod(lb, b, &b_only),
+            );
+            for &c in &inner {
+                if size(la, a, c) != size(lb, b, c) {
+                    bail!("einsum `{equation}`: label `{c}` has two sizes");
+                }
+            }
+            let order = |labels: &[char], groups: &[&[char]]| -> Vec<usize> {
+                groups
+                    .iter()
+                    .flat_map(|g| g.iter())
+                    .filter_map(|c| labels.iter().position(|l| l == c))
+                    .collect()
+            };
+            let a2 = a
+                .permute(order(la, &[&batch, &a_only, &inner]))?
+                .contiguous()?
+                .reshape((nb, m, k))?;
+            let b2 = b
+                .permute(order(lb, &[&batch, &inner, &b_only]))?
+                .contiguous()?
+                .reshape((nb, k, n))?;
+            let mut dims: Vec<usize> = Vec::new();
+            for &c in batch.iter().chain(&a_only) {
+                dims.extend(size(la, a, c));
+            }
+            for &c in &b_only {
+                dims.extend(size(lb, b, c));
+            }
+            let labels: Vec<char> = batch
+                .iter()
+                .chain(&a_only)
+                .chain(&b_only)
+                .copied()
+                .collect();
+            (labels, a2.matmul(&b2)?.reshape(dims)?)
+        }
+        _ => bail!("einsum `{equation}`: only one or two operands are supported"),
+    };
+    if labels.len() != out.len() || !out.iter().all(|c| labels.contains(c)) {
+        bail!("einsum `{equation}`: the output's labels must be those that remain");
+    }
+    let perm: Vec<usize> = out
+        .iter()
+        .filter_map(|c| labels.iter().position(|l| l == c))
+        .collect();
+    y.permute(perm)
+}
+
+/// `Softmax` and `LogSoftmax` along `axis` (before opset 13: over everything from `axis` on).
+pub(super) fn softmax(x: &Tensor, attrs: Attrs, ctx: Context, log: bool) -> Result<Tensor> {
+    let (input, a) = if ctx.opset >= 13 {
+        (x.clone(), axis(attrs.int("axis", -1), x.rank())?)
+    } else {
+        let a = axis(attrs.int("axis", 1), x.rank())?;
+        let outer: usize = x.dims()[..a].iter().product();
+        (x.reshape((outer, ()))?, 1)
+    };
+    // Subtracting the (constant) maximum changes no gradient and keeps exp finite.
+    let max = input.max_keepdim(a)?.detach();
+    let shifted = input.broadcast_sub(&max)?;
+    let exp = shifted.exp()?;
+    let sum = exp.sum_keepdim(a)?;
+    let y = if log {
+        shifted.broadcast_sub(&sum.log()?)?
+    } else {
+        exp.broadcast_div(&sum)?
+    };
+    y.reshape(x.shape())
+}
+
+/// `ReduceMean`, `ReduceSum`, `ReduceMax`, `ReduceL2`: axes from the input (opset 13 for sums,
+/// 18 for the others) or the attribute; all axes when none are given.
+pub(super) fn reduce(op: &str, inputs: &Inputs, attrs: Attrs, ctx: Context) -> Result<Tensor> {
+    let x = inputs.req(0)?;
+    let since = if op == "ReduceSum" { 13 } else { 18 };
+    let axes = if ctx.opset >= since {
+        inputs.opt(1).map(ints_of).transpose()?
+    } else {
+        attrs.ints("axes").map(<[i64]>::to_vec)
+    };
+    let mut axes: Vec<usize> = match axes {
+        Some(a) if !a.is_empty() => a
+            .iter()
+            .map(|&v| axis(v, x.rank()))
+            .collect::<Result<_>>()?,
+        _ if attrs.int("noop_with_empty_axes", 0) != 0 => return Ok(x.clone()),
+        _ => (0..x.rank()).collect(),
+    };
+    axes.sort_unstable();
+    axes.dedup();
+    let mut y = if op == "ReduceL2" {
+        x.sqr()?
+    } else {
+        x.clone()
+    };
+    for &a in axes.iter().rev() {
+        y = match op {
+            "ReduceMean" => y.mean_keepdim(a)?,
+            "ReduceSum" | "ReduceL2" => y.sum_keepdim(a)?,
+            _ => y.max_keepdim(a)?,
+        };
+    }
+    if op == "ReduceL2" {
+        y = y.sqrt()?;
+    }
+    if attrs.int("keepdims", 1) == 0 {
+        for &a in axes.iter().rev() {
+            y = y.squeeze(a)?;
+        }
+    }
+    Ok(y)
+}
+
+/// `Pad`: constant, edge or reflect padding (negative pads crop).
+pub(super) fn pad(inputs: &Inputs, attrs: Attrs, ctx: Context) -> Result<Tensor> {
+    let x = inputs.req(0)?;
+    let (pads, value, axes) = if ctx.opset >= 11 {
+        let value = match inputs.opt(2) {
+            Some(v) if v.elem_count() > 0 => floats_of(v)?[0],
+            _ => 0.0,
+        };
+        let axes = inputs.opt(3).map(ints_of).transpose()?;
+        (ints_of(inputs.req(1)?)?, value, axes)
+    } else {
+        let pads = attrs.ints("pads").map(<[i64]>::to_vec).unwrap_or_default();
+        (pads, attrs.float("value", 0.0) as f64, None)
+    };
+    let axes: Vec<usize> = match axes {
+        Some(a) => a
+            .iter()
+            .map(|&v| axis(v, x.rank()))
+            .collect::<Result<_>>()?,
+        None => (0..x.rank()).collect(),
+    };
+    if pads.len() != 2 * axes.len() {
+        bail!("{} pads for {} axes", pads.len(), axes.len());
+    }
+    let mode = attrs.string("mode", "constant");
+    let mut y = x.clone();
+    for (i, &a) in axes.iter().enumerate() {
+        let (mut before, mut after) = (pads[i], pads[i + axes.len()]);
+        if before < 0 {
+            let d = y.dim(a)?;
+            y = y.narrow(a, (-before) as usize, d.saturating_sub((-before) as usize))?;
+            before = 0;
+        }
+        if after < 0 {
+            let d = y.dim(a)?;
+            y = y.narrow(a, 0, d.saturating_sub((-after) as usize))?;
+            after = 0;
+        }
+        let (b, e) = (before as usize, after as usize);
+        if b == 0 && e == 0 {
+            continue;
+        }
+        y = match mode.as_str() {
+            "constant" if value == 0.0 => y.pad_with_zeros(a, b, e)?,
+            "constant" => {
+                let side = |n: usize| -> Result<Tensor> {
+                    let mut dims = y.dims().to_vec();
+                    dims[a] = n;
+                    Tensor::ones(dims, y.dtype(), y.device())? * value
+                };
+                let (lo, hi) = (side(b)?, side(e)?);
+                Tensor::cat(&[&lo, &y, &hi], a)?
+            }
+            "edge" => y.pad_with_same(a, b, e)?,
+            "reflect" => {
+                let d = y.dim(a)? as i64;
+                if b as i64 >= d || e as i64 >= d {
+                    bail!("reflect padding of {b}/{e} on an axis of size {d}");
+                }
+                let idx: Vec<i64> = (-(b as i64)..d + e as i64)
+                    .map(|i| {
+                        let i = i.abs();
+                        if i >= d {
+                            2 * (d - 1) - i
+                        } else {
+                            i
+                        }
+                    })
+                    .collect();
+                let n = idx.len();
+                y.index_select(&Tensor::from_vec(idx, n, y.device())?, a)?
+            }
+            other => bail!("pad mode `{other}` is not one of constant, edge, reflect"),
+        };
+    }
+    Ok(y)
+}
+
+/// `Resize` of the two spatial axes: bilinear (half-pixel or align-corners) or nearest.
+pub(super) fn resize(inputs: &Inputs, attrs: Attrs, ctx: Context) -> Result<Tensor> {
+    let x = inputs.req(0)?;
+    let (h, w) = spatial(x)?;
+    let (scales_at, sizes_at) = if ctx.opset >= 11 {
+        (2, 3)
+    } else {
+        (1, usize::MAX)
+    };
+    let sizes = inputs.opt(sizes_at).filter(|t| t.elem_count() > 0);
+    let scales = inputs.opt(scales_at).filter(|t| t.elem_count() > 0);
+    let ((oh, ow), (sh, sw)) = match (sizes, scales) {
+        (Some(sizes), _) => {
+            let s = ints_of(sizes)?;
+            let (oh, ow) = match s.as_slice() {
+                [n, c, oh, ow] if *n == x.dim(0)? as i64 && *c == x.dim(1)? as i64 => (*oh, *ow),
+                [oh, ow] => (*oh, *ow),
+                other => bail!("sizes {other:?}: only the two spatial axes can be resized"),
+            };
+            if oh <= 0 || ow <= 0 {
+                bail!("sizes {s:?} must be positive");
+            }
+            let (oh, ow) = (oh as usize, ow as usize);
+            ((oh, ow), (oh as f64 / h as f64, ow as f64 / w as f64))
+        }
+        (None, Some(scales)) => {
+            let s = floats_of(scales)?;
+            let (sh, sw) = match s.as_slice() {
+                [1.0, 1.0, sh, sw] | [sh, sw] => (*sh, *sw),
+                other => bail!("scales {other:?}: only the two spatial axes can be resized"),
+            };
+            let out = |n: usize, s: f64| (n as f64 * s).floor() as usize;
+            if sh <= 0.0 || sw <= 0.0 || out(h, sh) * out(w, sw) > crate::tensor::MAX_ELEMENTS {
+                bail!("scales {s:?} are not a valid resize");
+            }
+            ((out(h, sh), out(w, sw)), (sh, sw))
+        }
+        (None, None) => bail!("Resize needs scales or sizes"),
+    };
+    if attrs.int("antialias", 0) != 0 {
+        bail!("antialiased Resize is not supported");
+    }
+    let default_ctm = if ctx.opset >= 11 {
+        "half_pixel"
+    } else {
+        "asymmetric"
+    };
+    let ctm = attrs.string("coordinate_transformation_mode", default_ctm);
+    match attrs.string("mode", "nearest").as_str() {
+        "linear" => match ctm.as_str() {
+            "half_pixel" | "pytorch_half_pixel" => {
+                vulnmap_ops::resize::bilinear(x, (oh, ow), false)
+            }
+            "align_corners" => vulnmap_ops::resize::bilinear(x, (oh, ow), true),
+            other => bail!(
+                "linear Resize with coordinate_transformation_mode `{other}`: supported are \
+                 half_pixel, pytorch_half_pixel, align_corners"
+            ),
+        },
+        "nearest" => {
+            let rounding = attrs.string("nearest_mode", "round_prefer_floor");
+            let rows = nearest_indices(h, oh, sh, &ctm, &rounding)?;
+            let cols = nearest_indices(w, ow, sw, &ctm, &rounding)?;
+            let device = x.device();
+            x.index_select(&Tensor::from_vec(rows, oh, device)?, 2)?
+                .index_select(&Tensor::from_vec(cols, ow, device)?, 3)
+        }
+        other => bail!("Resize mode `{other}`: supported are linear and nearest"),
+    }
+}
+
+/// The source index of each of `out` positions for nearest-neighbour resizing.
+fn nearest_indices(
+    input: usize,
+    out: usize,
+    scale: f64,
+    ctm: &str,
+    rounding: &str,
+) -> Result<Vec<i64>> {
+    (0..out)
+        .map(|i| {
+            let i = i as f64;
+            let x = match ctm {
+                "half_pixel" => (i + 0.5) / scale - 0.5,
+                "pytorch_half_pixel" if out > 1 => (i + 0.5) / scale - 0.5,
+                "pytorch_half_pixel" => 0.0,
+                // In f32 with the input-to-output ratio, as PyTorch and onnxruntime compute it, so
+                // that a source index on an integer boundary rounds the same way.
+                "asymmetric" => (i as f32 * (1.0 / scale) as f32) as f64,
+                "tf_half_pixel_for_nn" => (i + 0.5) / scale,
+                "align_corners" if out > 1 => i * (input as f64 - 1.0) / (out as f64 - 1.0),
+                "align_corners" => 0.0,
+                other => bail!("coordinate_transformation_mode `{other}` is not supported"),
+            };
+            let r = match rounding {
+                "floor" => x.floor(),
+                "ceil" => x.ceil(),
+                "round_prefer_ceil" => (x + 0.5).floor(),
+                "round_prefer_floor" => (x - 0.5).ceil(),
+                other => bail!("nearest_mode `{other}` is not supported"),
+            };
+            Ok(r.clamp(0.0, input as f64 - 1.0) as i64)
+        })
+        .collect()
+}
