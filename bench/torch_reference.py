@@ -3,13 +3,21 @@ shapes, written as a PyTorch user would (eager mode, torchvision's ResNet50, the
 generator as nn.Sequential, one generator per image or window in a Python loop as the authors'
 code). Prints JSON on stdout.
 
-usage: python torch_reference.py [--quick] [--device cpu|cuda]
+usage: python torch_reference.py [--quick] [--device cpu|cuda] [--onnx-dir DIR]
+
+With --onnx-dir, also exports each ONNX family (ResNet50 and the six torchvision families of
+../shared/fixtures/onnx, random weights, normalisation inside, dynamic batch) into DIR and times
+its forward + input gradient in eager PyTorch, each family in a fresh process (so that its peak
+resident memory is its own).
 """
 import argparse
 import json
 import math
+import os
 import resource
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -58,12 +66,85 @@ def build(layers, crop):
     return Cropped()
 
 
+# The ONNX rows: (name, builder, batch sizes). The small configurations are the shared fixtures'.
+def onnx_families():
+    from torchvision.models import resnet, densenet, efficientnet, convnext, vision_transformer
+    conf, last = efficientnet._efficientnet_conf("efficientnet_b0", width_mult=0.5, depth_mult=0.5)
+    cn = convnext.CNBlockConfig
+    return [
+        ("resnet50", lambda: torchvision.models.resnet50(), [8, 16]),
+        ("resnet_basic_1111", lambda: resnet.ResNet(resnet.BasicBlock, [1, 1, 1, 1]), [16]),
+        ("densenet_small_config", lambda: densenet.DenseNet(16, (2, 3, 4, 3), 32), [16]),
+        ("efficientnet_b0_half", lambda: efficientnet.EfficientNet(conf, 0.2, last_channel=last), [16]),
+        ("mobilenet_v3_small", lambda: torchvision.models.mobilenet_v3_small(), [16]),
+        ("convnext_small_config", lambda: convnext.ConvNeXt([cn(24, 48, 1), cn(48, 96, 1), cn(96, 192, 2), cn(192, None, 1)]), [16]),
+        ("vit_small_config", lambda: vision_transformer.VisionTransformer(224, 16, 4, 3, 192, 768), [16]),
+    ]
+
+
+def onnx_family(name, out_dir, dev, repeats, min_seconds):
+    """Exports family `name` to out_dir/onnx-NAME.onnx and times its forward + input gradient."""
+    builder, batches = {n: (b, bs) for n, b, bs in onnx_families()}[name]
+    torch.manual_seed(0)
+    net = builder().eval()
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+    class Normalised(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+            self.register_buffer("mean", mean)
+            self.register_buffer("std", std)
+
+        def forward(self, x):
+            return self.net((x - self.mean) / self.std)
+
+    model = Normalised().eval()
+    path = os.path.join(out_dir, f"onnx-{name}.onnx")
+    if not os.path.exists(path):
+        torch.onnx.export(model, torch.rand(1, 3, 224, 224), path, opset_version=17, input_names=["pixels"],
+                          output_names=["logits"], dynamic_axes={"pixels": {0: "batch"}, "logits": {0: "batch"}},
+                          dynamo=False)
+    model = model.to(dev)
+    for p_ in model.parameters():
+        p_.requires_grad_(False)
+    out = []
+    for n in batches:
+        x = torch.rand(n, 3, 224, 224, device=dev)
+
+        def grad():
+            xr = x.clone().requires_grad_(True)
+            model(xr)[:, 0].sum().backward()
+            return xr.grad
+        t = time.perf_counter()
+        grad()
+        reps = max(repeats, min(15, math.ceil(min_seconds / max(time.perf_counter() - t, 1e-6))))
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            grad()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        t = statistics.median(times)
+        out.append({"name": f"onnx-{name}/forward+input-gradient", "batch": n, "seconds": t, "seconds_per_image": t / n,
+                    "peak_bytes": peak, "note": "eager PyTorch, the module exported (peak: the process's resident set)"})
+    return out
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--onnx-dir")
+    p.add_argument("--onnx-family")
     a = p.parse_args()
     dev = torch.device(a.device)
+    if a.onnx_family:
+        print(json.dumps(onnx_family(a.onnx_family, a.onnx_dir, dev, 3, 1.0)))
+        return
     min_seconds = 0.0 if a.quick else 1.0
     if a.quick:
         size, batches, samples, attack_n, window, stride, local_iters, repeats = 64, [1, 2], 4, 2, 32, 32, 2, 1
@@ -169,6 +250,12 @@ def main():
                 opt.step()
     t, m = timed(local_map, min(repeats, 2))
     add("local-attack-map", 1, t, m, f"w = {window}, s = {stride} ({len(corners)} windows), {local_iters} updates per window, a loop over windows")
+    if a.onnx_dir and not a.quick:
+        os.makedirs(a.onnx_dir, exist_ok=True)
+        for name, _, _ in onnx_families():
+            child = subprocess.run([sys.executable, __file__, "--device", a.device, "--onnx-dir", a.onnx_dir,
+                                    "--onnx-family", name], capture_output=True, text=True, check=True)
+            out.extend(json.loads(child.stdout.strip().splitlines()[-1]))
     print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(dev), "measurements": out}, indent=1))
 
 

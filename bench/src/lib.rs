@@ -46,6 +46,9 @@ pub struct Settings {
     pub min_seconds: f64,
     /// Only the measurements whose name starts with this.
     pub only: Option<String>,
+    /// A folder of `onnx-FAMILY.onnx` files (the PyTorch side exports them): each one's
+    /// forward + input gradient through vulnmap-onnx.
+    pub onnx_dir: Option<std::path::PathBuf>,
 }
 
 impl Settings {
@@ -63,6 +66,7 @@ impl Settings {
             repeats: 3,
             min_seconds: 1.0,
             only: None,
+            onnx_dir: None,
         }
     }
 
@@ -80,6 +84,7 @@ impl Settings {
             repeats: 1,
             min_seconds: 0.0,
             only: None,
+            onnx_dir: None,
         }
     }
 }
@@ -271,6 +276,57 @@ pub fn run(
             ),
             &mut out,
         );
+    }
+    if let Some(dir) = &settings.onnx_dir {
+        for m in onnx_rows(dir, device, repeats, &wanted, &sync)? {
+            push(m, &mut out);
+        }
+    }
+    Ok(out)
+}
+
+/// Forward + input gradient of each `onnx-FAMILY.onnx` in `dir` (ResNet50 at N = 8 and 16, the
+/// others at 16), as `onnx-FAMILY/forward+input-gradient`.
+fn onnx_rows(
+    dir: &std::path::Path,
+    device: &Device,
+    repeats: (usize, f64),
+    wanted: &dyn Fn(&str) -> bool,
+    sync: &dyn Fn(&Tensor) -> Result<()>,
+) -> Result<Vec<Measurement>> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "onnx"))
+        .collect();
+    files.sort();
+    let mut out = Vec::new();
+    for file in files {
+        let stem = file.file_stem().map(|s| s.to_string_lossy().into_owned());
+        let Some(family) = stem.as_deref().and_then(|s| s.strip_prefix("onnx-")) else {
+            continue;
+        };
+        let name = format!("onnx-{family}/forward+input-gradient");
+        if !wanted(&name) {
+            continue;
+        }
+        let model = vulnmap_onnx::load(&file, device)?;
+        let batches: &[usize] = if family == "resnet50" {
+            &[8, 16]
+        } else {
+            &[16]
+        };
+        for &n in batches {
+            let x = Tensor::rand(0f32, 1f32, (n, 3, 224, 224), device)?;
+            let targets = vec![0usize; n];
+            let (t, peak) = time(repeats, || sync(&input_gradients(&model, &x, &targets, n)?))?;
+            out.push(measurement(
+                &name,
+                n,
+                t,
+                peak,
+                "gradient of one logit per image w.r.t. the pixels, through vulnmap-onnx",
+            ));
+        }
     }
     Ok(out)
 }

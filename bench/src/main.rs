@@ -1,4 +1,4 @@
-//! `vulnmap-bench [--quick] [--device D] [--json PATH]`: runs the measurements and prints a line
+//! `vulnmap-bench [--quick] [--only NAME] [--onnx-dir DIR] [--device D] [--json PATH]`: runs the measurements and prints a line
 //! per measurement on stderr and, with `--json`, writes them all (what `cargo xtask bench` reads).
 
 use anyhow::{bail, Context, Result};
@@ -16,7 +16,10 @@ fn main() -> Result<()> {
             "--device" => device = args.next().context("--device needs a value")?,
             "--json" => json = Some(args.next().context("--json needs a path")?),
             "--only" => settings.only = Some(args.next().context("--only needs a name")?),
-            other => bail!("unknown argument `{other}`; usage: vulnmap-bench [--quick] [--only NAME] [--device D] [--json PATH]"),
+            "--onnx-dir" => {
+                settings.onnx_dir = Some(args.next().context("--onnx-dir needs a folder")?.into())
+            }
+            other => bail!("unknown argument `{other}`; usage: vulnmap-bench [--quick] [--only NAME] [--onnx-dir DIR] [--device D] [--json PATH]"),
         }
     }
     let device = vulnmap_models::parse_device(&device)?;

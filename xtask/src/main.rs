@@ -6,9 +6,9 @@
 //! - `reproduce <name|all>`: runs `pipelines/<name>.yaml` with the release binary into
 //!   `runs/<name>` and prints where the report is.
 //! - `demo`: `vulnmap demo` with the release binary.
-//! - `bench [--quick] [--device D] [--no-torch] [--from DIR]`: vulnmap-bench in release mode,
-//!   and the same measurements in PyTorch (`bench/torch_reference.py`) when a Python with torch
-//!   is found; prints a Markdown table with the ratios and writes `target/bench/bench.json`.
+//! - `bench [--quick] [--only NAME] [--device D] [--no-torch] [--from DIR]`: vulnmap-bench in
+//!   release mode, and the same measurements in PyTorch (`bench/torch_reference.py`, which also
+//!   exports the ONNX rows' models) when a Python with torch is found; prints a Markdown table with the ratios and writes `target/bench/bench.json`.
 //!   `--from` tabulates `vulnmap.json` and `torch.json` measured elsewhere (the GPU machine).
 //! - `gpu-bundle [--cudnn]`: the CUDA binaries and test binaries, packed for the GPU machine
 //!   ([`gpu_bundle`]).
@@ -43,8 +43,9 @@ const USAGE: &str = "usage: cargo xtask <command>
 commands:
   reproduce <name|all> [--device D]
         run pipelines/<name>.yaml (or every one) into runs/<name>; prints the report's path
-  bench [--quick] [--device cpu|cuda] [--no-torch] [--from DIR]
-        ResNet50 forward, input gradient, SmoothGrad, attack iteration and local map against
+  bench [--quick] [--only NAME] [--device cpu|cuda] [--no-torch] [--from DIR]
+        ResNet50 forward, input gradient, SmoothGrad, attack iteration and local map, and the
+        forward + input gradient of ONNX exports (ResNet50, six torchvision families), against
         PyTorch (a Python with torch: $VULNMAP_TORCH_PYTHON, target/bench/venv, or python3;
         else a venv is made there with pip); table on stdout, JSON in target/bench/
         --from DIR: tabulate DIR/vulnmap.json and DIR/torch.json measured elsewhere
@@ -217,20 +218,8 @@ fn bench(args: &[String]) -> Result<()> {
     let device = value("--device")?.unwrap_or_else(|| "cpu".into());
     let dir = root().join("target/bench");
     std::fs::create_dir_all(&dir)?;
-    let ours_path = dir.join("vulnmap.json");
-    let mut bench_args = vec!["run", "--release", "-p", "vulnmap-bench"];
-    if device.starts_with("cuda") {
-        bench_args.extend(["--features", "cuda"]);
-    }
-    bench_args.push("--");
-    if quick {
-        bench_args.push("--quick");
-    }
-    let ours_file = ours_path.display().to_string();
-    bench_args.extend(["--device", device.as_str(), "--json", ours_file.as_str()]);
-    cargo(&bench_args)?;
-    let ours: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&ours_path)?)?;
-
+    // PyTorch first: it also exports the ONNX families that vulnmap's ONNX rows load.
+    let onnx_dir = dir.join("onnx");
     let torch = if no_torch {
         None
     } else if let Some(python) = torch_python() {
@@ -239,6 +228,8 @@ fn bench(args: &[String]) -> Result<()> {
             .args(["--device", &device]);
         if quick {
             cmd.arg("--quick");
+        } else {
+            cmd.arg("--onnx-dir").arg(&onnx_dir);
         }
         let out = cmd.output().context("running bench/torch_reference.py")?;
         if !out.status.success() {
@@ -252,6 +243,29 @@ fn bench(args: &[String]) -> Result<()> {
         eprintln!("PyTorch unavailable: printing vulnmap's numbers without ratios");
         None
     };
+
+    let ours_path = dir.join("vulnmap.json");
+    let mut bench_args = vec!["run", "--release", "-p", "vulnmap-bench"];
+    if device.starts_with("cuda") {
+        bench_args.extend(["--features", "cuda"]);
+    }
+    bench_args.push("--");
+    if quick {
+        bench_args.push("--quick");
+    }
+    let ours_file = ours_path.display().to_string();
+    let onnx_arg = onnx_dir.display().to_string();
+    if !quick && onnx_dir.is_dir() {
+        bench_args.extend(["--onnx-dir", onnx_arg.as_str()]);
+    }
+    let only = value("--only")?;
+    if let Some(only) = &only {
+        bench_args.extend(["--only", only.as_str()]);
+    }
+    bench_args.extend(["--device", device.as_str(), "--json", ours_file.as_str()]);
+    cargo(&bench_args)?;
+    let ours: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&ours_path)?)?;
+
     println!("CPU: {}\n", cpu_description());
     tabulate(&ours, torch.as_ref())
 }

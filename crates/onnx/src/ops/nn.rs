@@ -805,3 +805,90 @@ fn nearest_indices(
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::AttributeProto;
+    use candle_core::Device;
+
+    fn attr_int(name: &str, i: i64) -> AttributeProto {
+        AttributeProto {
+            name: name.into(),
+            r#type: crate::proto::attribute_type::INT,
+            i,
+            ..Default::default()
+        }
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    /// GroupNormalization with one group per channel is InstanceNormalization; with one group,
+    /// each image standardised over all its values.
+    #[test]
+    fn group_norm_matches_instance_norm_and_whole_image_statistics() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f64, 2.0, (2, 4, 3, 5), &dev).unwrap();
+        let scale = Tensor::randn(1f64, 0.5, 4, &dev).unwrap();
+        let bias = Tensor::randn(0f64, 0.5, 4, &dev).unwrap();
+        let inputs = [Some(&x), Some(&scale), Some(&bias)];
+        let per_channel = [attr_int("num_groups", 4)];
+        let g = group_norm(&Inputs(&inputs), Attrs(&per_channel)).unwrap();
+        let i = instance_norm(&Inputs(&inputs), Attrs(&[])).unwrap();
+        assert!(max_diff(&g, &i) < 1e-12);
+
+        let one = [attr_int("num_groups", 1)];
+        let g = group_norm(&Inputs(&inputs), Attrs(&one)).unwrap();
+        let flat = x.reshape((2, 60)).unwrap();
+        let mean = flat.mean_keepdim(1).unwrap();
+        let var = flat
+            .broadcast_sub(&mean)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .mean_keepdim(1)
+            .unwrap();
+        let want = flat
+            .broadcast_sub(&mean)
+            .unwrap()
+            .broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap())
+            .unwrap()
+            .reshape((2, 4, 3, 5))
+            .unwrap()
+            .broadcast_mul(&scale.reshape((1, 4, 1, 1)).unwrap())
+            .unwrap()
+            .broadcast_add(&bias.reshape((1, 4, 1, 1)).unwrap())
+            .unwrap();
+        assert!(max_diff(&g, &want) < 1e-10);
+    }
+
+    /// Einsum's attention product, a transpose and a sum, against the plain operations.
+    #[test]
+    fn einsum_equals_the_products_it_names() {
+        let dev = Device::Cpu;
+        let a = Tensor::randn(0f64, 1.0, (2, 3, 5, 4), &dev).unwrap();
+        let b = Tensor::randn(0f64, 1.0, (2, 3, 6, 4), &dev).unwrap();
+        let got = einsum("bhid,bhjd->bhij", &[&a, &b]).unwrap();
+        let want = a.matmul(&b.transpose(2, 3).unwrap()).unwrap();
+        assert!(max_diff(&got, &want) < 1e-12);
+        let m = Tensor::randn(0f64, 1.0, (3, 4, 5), &dev).unwrap();
+        let got = einsum("ijk->ki", &[&m]).unwrap();
+        let want = m.sum(1).unwrap().t().unwrap();
+        assert!(max_diff(&got, &want) < 1e-12);
+        assert!(
+            einsum("ii->i", &[&m.get(0).unwrap()]).is_err(),
+            "repeated labels are refused"
+        );
+    }
+}
