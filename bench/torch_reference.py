@@ -72,19 +72,27 @@ def onnx_families():
     conf, last = efficientnet._efficientnet_conf("efficientnet_b0", width_mult=0.5, depth_mult=0.5)
     cn = convnext.CNBlockConfig
     return [
-        ("resnet50", lambda: torchvision.models.resnet50(), [8, 16]),
-        ("resnet_basic_1111", lambda: resnet.ResNet(resnet.BasicBlock, [1, 1, 1, 1]), [16]),
-        ("densenet_small_config", lambda: densenet.DenseNet(16, (2, 3, 4, 3), 32), [16]),
-        ("efficientnet_b0_half", lambda: efficientnet.EfficientNet(conf, 0.2, last_channel=last), [16]),
-        ("mobilenet_v3_small", lambda: torchvision.models.mobilenet_v3_small(), [16]),
-        ("convnext_small_config", lambda: convnext.ConvNeXt([cn(24, 48, 1), cn(48, 96, 1), cn(96, 192, 2), cn(192, None, 1)]), [16]),
-        ("vit_small_config", lambda: vision_transformer.VisionTransformer(224, 16, 4, 3, 192, 768), [16]),
+        ("resnet50", lambda: torchvision.models.resnet50(), [1, 8, 16]),
+        ("resnet_basic_1111", lambda: resnet.ResNet(resnet.BasicBlock, [1, 1, 1, 1]), [1, 16]),
+        ("densenet_small_config", lambda: densenet.DenseNet(16, (2, 3, 4, 3), 32), [1, 16]),
+        ("efficientnet_b0_half", lambda: efficientnet.EfficientNet(conf, 0.2, last_channel=last), [1, 16]),
+        ("mobilenet_v3_small", lambda: torchvision.models.mobilenet_v3_small(), [1, 16]),
+        ("convnext_small_config", lambda: convnext.ConvNeXt([cn(24, 48, 1), cn(48, 96, 1), cn(96, 192, 2), cn(192, None, 1)]), [1, 16]),
+        ("vit_small_config", lambda: vision_transformer.VisionTransformer(224, 16, 4, 3, 192, 768), [1, 16]),
+        # EfficientNet-Lite0 (timm's, random weights), when timm is installed: also the
+        # PyTorch side of vulnmap's native Lite0 rows.
+        ("efficientnet_lite0", lambda: __import__("timm").create_model("efficientnet_lite0"), [1, 16]),
     ]
 
 
 def onnx_family(name, out_dir, dev, repeats, min_seconds):
-    """Exports family `name` to out_dir/onnx-NAME.onnx and times its forward + input gradient."""
+    """Exports family `name` to out_dir/onnx-NAME.onnx and times its forward, forward + input
+    gradient and SmoothGrad-25 (nothing when the family's library is not installed)."""
     builder, batches = {n: (b, bs) for n, b, bs in onnx_families()}[name]
+    try:
+        builder()
+    except ImportError:
+        return []
     torch.manual_seed(0)
     net = builder().eval()
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
@@ -110,27 +118,43 @@ def onnx_family(name, out_dir, dev, repeats, min_seconds):
     for p_ in model.parameters():
         p_.requires_grad_(False)
     out = []
+
+    def timed(f):
+        t = time.perf_counter()
+        f()
+        reps = max(repeats, min(15, math.ceil(min_seconds / max(time.perf_counter() - t, 1e-6))))
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            f()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
+
+    def add(row, n, t, note):
+        peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        for prefix in ["onnx"] + (["native"] if name == "efficientnet_lite0" else []):
+            out.append({"name": f"{prefix}-{name}/{row}", "batch": n, "seconds": t, "seconds_per_image": t / n,
+                        "peak_bytes": peak, "note": note + " (eager PyTorch; peak: the process's resident set)"})
+
     for n in batches:
         x = torch.rand(n, 3, 224, 224, device=dev)
+        with torch.no_grad():
+            add("forward", n, timed(lambda: model(x)), "logits of N images")
 
         def grad():
             xr = x.clone().requires_grad_(True)
             model(xr)[:, 0].sum().backward()
             return xr.grad
-        t = time.perf_counter()
-        grad()
-        reps = max(repeats, min(15, math.ceil(min_seconds / max(time.perf_counter() - t, 1e-6))))
-        times = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            grad()
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t)
-        peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        t = statistics.median(times)
-        out.append({"name": f"onnx-{name}/forward+input-gradient", "batch": n, "seconds": t, "seconds_per_image": t / n,
-                    "peak_bytes": peak, "note": "eager PyTorch, the module exported (peak: the process's resident set)"})
+        add("forward+input-gradient", n, timed(grad), "gradient of one logit per image w.r.t. the pixels")
+    x = torch.rand(1, 3, 224, 224, device=dev)
+
+    def smoothgrad():
+        noisy = (x + 0.15 * (x.max() - x.min()) * torch.randn(25, 3, 224, 224, device=dev)).requires_grad_(True)
+        model(noisy)[:, 0].sum().backward()
+        return noisy.grad.mean(0)
+    add("smoothgrad", 1, timed(smoothgrad), "25 noisy samples in one batch")
     return out
 
 
@@ -140,7 +164,9 @@ def main():
     p.add_argument("--device", default="cpu")
     p.add_argument("--onnx-dir")
     p.add_argument("--onnx-family")
+    p.add_argument("--only", default="")
     a = p.parse_args()
+    wanted = lambda name: name.startswith(a.only)
     dev = torch.device(a.device)
     if a.onnx_family:
         print(json.dumps(onnx_family(a.onnx_family, a.onnx_dir, dev, 3, 1.0)))
@@ -185,7 +211,7 @@ def main():
         out.append({"name": name, "batch": n, "seconds": seconds, "seconds_per_image": seconds / n,
                     "peak_bytes": peak, "note": note})
 
-    for n in batches:
+    for n in batches if wanted("forward") else []:
         x = torch.rand(n, 3, size, size, device=dev)
         with torch.no_grad():
             t, m = timed(lambda: classify(x))
@@ -205,8 +231,9 @@ def main():
         noisy = (x + sigma * torch.randn(samples, 3, size, size, device=dev)).requires_grad_(True)
         classify(noisy)[:, 0].sum().backward()
         return noisy.grad.mean(0)
-    t, m = timed(smoothgrad)
-    add("smoothgrad", 1, t, m, f"{samples} noisy samples in one batch")
+    t, m = timed(smoothgrad) if wanted("smoothgrad") else (None, None)
+    if t is not None:
+        add("smoothgrad", 1, t, m, f"{samples} noisy samples in one batch")
 
     def make(gen):
         g = gen().to(dev).train()
@@ -215,7 +242,8 @@ def main():
     xs = torch.rand(attack_n, 3, size, size, device=dev)
     with torch.no_grad():
         labels = classify(xs).argmax(1)
-    gens = [make(paper_generator if size == 224 else lambda: generic_generator(size)) for _ in range(attack_n)]
+    gens = [make(paper_generator if size == 224 else lambda: generic_generator(size))
+            for _ in range(attack_n if wanted("attack-iteration") else 0)]
 
     def attack_step():
         for i, (g, z, opt) in enumerate(gens):
@@ -223,8 +251,9 @@ def main():
             x_adv = (xs[i:i + 1] + 0.02 * g(z)).clamp(0, 1)
             (-F.cross_entropy(classify(x_adv), labels[i:i + 1])).backward()
             opt.step()
-    t, m = timed(attack_step)
-    add("attack-iteration", attack_n, t, m, "one generator update per image: generator, classifier, backward, Adam (a loop over images)")
+    t, m = timed(attack_step) if wanted("attack-iteration") else (None, None)
+    if t is not None:
+        add("attack-iteration", attack_n, t, m, "one generator update per image: generator, classifier, backward, Adam (a loop over images)")
 
     # vulnmap's window grid: every `stride` while the window fits, plus one flush with the far
     # edge when pixels there would be left uncovered (16 windows for 100/50 on 224, not 9).
@@ -248,11 +277,14 @@ def main():
                 opt.zero_grad()
                 (-F.cross_entropy(logits, label)).backward()
                 opt.step()
-    t, m = timed(local_map, min(repeats, 2))
-    add("local-attack-map", 1, t, m, f"w = {window}, s = {stride} ({len(corners)} windows), {local_iters} updates per window, a loop over windows")
+    t, m = timed(local_map, min(repeats, 2)) if wanted("local-attack-map") else (None, None)
+    if t is not None:
+        add("local-attack-map", 1, t, m, f"w = {window}, s = {stride} ({len(corners)} windows), {local_iters} updates per window, a loop over windows")
     if a.onnx_dir and not a.quick:
         os.makedirs(a.onnx_dir, exist_ok=True)
         for name, _, _ in onnx_families():
+            if not wanted(f"onnx-{name}"):
+                continue
             child = subprocess.run([sys.executable, __file__, "--device", a.device, "--onnx-dir", a.onnx_dir,
                                     "--onnx-family", name], capture_output=True, text=True, check=True)
             out.extend(json.loads(child.stdout.strip().splitlines()[-1]))

@@ -47,7 +47,8 @@ pub struct Settings {
     /// Only the measurements whose name starts with this.
     pub only: Option<String>,
     /// A folder of `onnx-FAMILY.onnx` files (the PyTorch side exports them): each one's
-    /// forward + input gradient through vulnmap-onnx.
+    /// forward, forward + input gradient and SmoothGrad through vulnmap-onnx, and the native
+    /// EfficientNet-Lite0's.
     pub onnx_dir: Option<std::path::PathBuf>,
 }
 
@@ -156,7 +157,12 @@ pub fn run(
     let s = settings.size;
     let mut out = Vec::new();
     let repeats = (settings.repeats, settings.min_seconds);
-    let wanted = |name: &str| settings.only.as_deref().is_none_or(|o| name.starts_with(o));
+    let wanted = |name: &str| {
+        settings
+            .only
+            .as_deref()
+            .is_none_or(|o| name.starts_with(o) || o.starts_with(name))
+    };
     let mut push = |m: Measurement, out: &mut Vec<Measurement>| {
         report(&m);
         out.push(m);
@@ -285,8 +291,9 @@ pub fn run(
     Ok(out)
 }
 
-/// Forward + input gradient of each `onnx-FAMILY.onnx` in `dir` (ResNet50 at N = 8 and 16, the
-/// others at 16), as `onnx-FAMILY/forward+input-gradient`.
+/// Forward, forward + input gradient (N = 1 and 16; ResNet50 also 8) and SmoothGrad-25 of each
+/// `onnx-FAMILY.onnx` in `dir` through vulnmap-onnx, as `onnx-FAMILY/ROW`; and the same of the
+/// native EfficientNet-Lite0, as `native-efficientnet_lite0/ROW`.
 fn onnx_rows(
     dir: &std::path::Path,
     device: &Device,
@@ -300,33 +307,64 @@ fn onnx_rows(
         .collect();
     files.sort();
     let mut out = Vec::new();
+    let mut family_rows =
+        |prefix: String, model: &dyn Classifier, batches: &[usize]| -> Result<()> {
+            for &n in batches {
+                let x = Tensor::rand(0f32, 1f32, (n, 3, 224, 224), device)?;
+                let name = format!("{prefix}/forward");
+                if wanted(&name) {
+                    let (t, peak) = time(repeats, || sync(&model.forward(&x)?))?;
+                    out.push(measurement(&name, n, t, peak, "logits of N images"));
+                }
+                let name = format!("{prefix}/forward+input-gradient");
+                if wanted(&name) {
+                    let targets = vec![0usize; n];
+                    let (t, peak) =
+                        time(repeats, || sync(&input_gradients(model, &x, &targets, n)?))?;
+                    let note = "gradient of one logit per image w.r.t. the pixels";
+                    out.push(measurement(&name, n, t, peak, note));
+                }
+            }
+            let name = format!("{prefix}/smoothgrad");
+            if wanted(&name) {
+                let x = Tensor::rand(0f32, 1f32, (1, 3, 224, 224), device)?;
+                let smoothgrad = Method::SmoothGrad(SmoothGrad {
+                    samples: 25,
+                    batch_size: 25,
+                    ..SmoothGrad::default()
+                });
+                let (t, peak) = time(repeats, || sync(&smoothgrad.attribute(model, &x, &[0])?))?;
+                out.push(measurement(
+                    &name,
+                    1,
+                    t,
+                    peak,
+                    "25 noisy samples in one batch",
+                ));
+            }
+            Ok(())
+        };
     for file in files {
         let stem = file.file_stem().map(|s| s.to_string_lossy().into_owned());
         let Some(family) = stem.as_deref().and_then(|s| s.strip_prefix("onnx-")) else {
             continue;
         };
-        let name = format!("onnx-{family}/forward+input-gradient");
-        if !wanted(&name) {
+        let prefix = format!("onnx-{family}");
+        if !wanted(&prefix) {
             continue;
         }
         let model = vulnmap_onnx::load(&file, device)?;
         let batches: &[usize] = if family == "resnet50" {
-            &[8, 16]
+            &[1, 8, 16]
         } else {
-            &[16]
+            &[1, 16]
         };
-        for &n in batches {
-            let x = Tensor::rand(0f32, 1f32, (n, 3, 224, 224), device)?;
-            let targets = vec![0usize; n];
-            let (t, peak) = time(repeats, || sync(&input_gradients(&model, &x, &targets, n)?))?;
-            out.push(measurement(
-                &name,
-                n,
-                t,
-                peak,
-                "gradient of one logit per image w.r.t. the pixels, through vulnmap-onnx",
-            ));
-        }
+        family_rows(prefix, &model, batches)?;
+    }
+    let prefix = "native-efficientnet_lite0".to_string();
+    if wanted(&prefix) {
+        let lite0 = model("efficientnet-lite0", device)?;
+        family_rows(prefix, lite0.as_ref(), &[1, 16])?;
     }
     Ok(out)
 }

@@ -220,6 +220,7 @@ fn bench(args: &[String]) -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     // PyTorch first: it also exports the ONNX families that vulnmap's ONNX rows load.
     let onnx_dir = dir.join("onnx");
+    let only = value("--only")?;
     let torch = if no_torch {
         None
     } else if let Some(python) = torch_python() {
@@ -230,6 +231,9 @@ fn bench(args: &[String]) -> Result<()> {
             cmd.arg("--quick");
         } else {
             cmd.arg("--onnx-dir").arg(&onnx_dir);
+        }
+        if let Some(only) = &only {
+            cmd.args(["--only", only]);
         }
         let out = cmd.output().context("running bench/torch_reference.py")?;
         if !out.status.success() {
@@ -258,7 +262,6 @@ fn bench(args: &[String]) -> Result<()> {
     if !quick && onnx_dir.is_dir() {
         bench_args.extend(["--onnx-dir", onnx_arg.as_str()]);
     }
-    let only = value("--only")?;
     if let Some(only) = &only {
         bench_args.extend(["--only", only.as_str()]);
     }
