@@ -201,7 +201,7 @@ pub fn load_with(
             )))
         }
     };
-    if height == 0 || width == 0 || height * width > vulnmap_data_pixels_limit() {
+    if height == 0 || width == 0 || (height * width) as u64 > vulnmap_data::image_io::max_pixels() {
         return Err(Error::InvalidArgument(format!(
             "input size {height}x{width} is not a valid image size"
         )));
@@ -276,11 +276,6 @@ pub fn load_with(
         inner: Arc::new(inner),
         guided: false,
     })
-}
-
-/// The most pixels an input may have (the data crate's image budget).
-fn vulnmap_data_pixels_limit() -> usize {
-    vulnmap_data::image_io::max_pixels() as usize
 }
 
 /// Class names from the metadata key `classes`: a JSON list of strings or one name per line.
@@ -666,20 +661,5 @@ impl Classifier for OnnxClassifier {
             inner: self.inner.clone(),
             guided: true,
         }))
-    }
-}
-
-impl OnnxClassifier {
-    /// Whether `forward_from` can start at `layer`: everything after it reads only it and
-    /// constants.
-    pub fn separates(&self, layer: &str) -> bool {
-        let spec = &self.inner.spec;
-        match self
-            .inner
-            .plan_for(&[1, spec.channels, spec.height, spec.width])
-        {
-            Ok(plan) => self.inner.cuts(&plan, layer),
-            Err(_) => false,
-        }
     }
 }
