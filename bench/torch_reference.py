@@ -7,10 +7,14 @@ usage: python torch_reference.py [--quick] [--device cpu|cuda] [--onnx-dir DIR]
 
 With --onnx-dir, also exports each ONNX family (ResNet50 and the six torchvision families of
 ../shared/fixtures/onnx, random weights, normalisation inside, dynamic batch) into DIR and times
-its forward + input gradient in eager PyTorch, each family in a fresh process (so that its peak
-resident memory is its own).
+its forward + input gradient in eager PyTorch, each family in a fresh process.
+
+Peak memory on the CPU is the resident memory a call adds at its highest: the kernel's high-water
+mark, reset before the timed runs (/proc/self/clear_refs), above the resident set before them,
+comparable with vulnmap's bytes live above what was live before the call.
 """
 import argparse
+import ctypes
 import json
 import math
 import os
@@ -24,6 +28,36 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+
+
+def _status_bytes(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"no {key} in /proc/self/status")
+
+
+def reset_peak():
+    """Returns freed heap memory to the system (so that reuse of memory cached by earlier calls
+    cannot hide a call's need) and resets the resident high-water mark; returns the resident set
+    now (None off Linux)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status_bytes("VmRSS")
+    except OSError:
+        return None
+
+
+def peak_since(base, dev):
+    """Most memory held during the calls since reset_peak() returned `base`."""
+    if dev.type == "cuda":
+        return torch.cuda.max_memory_allocated()
+    if base is None:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return max(0, _status_bytes("VmHWM") - base)
 
 
 def paper_generator():
@@ -124,19 +158,22 @@ def onnx_family(name, out_dir, dev, repeats, min_seconds):
         f()
         reps = max(repeats, min(15, math.ceil(min_seconds / max(time.perf_counter() - t, 1e-6))))
         times = []
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        base = reset_peak()
         for _ in range(reps):
             t = time.perf_counter()
             f()
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
-        return statistics.median(times)
+        return statistics.median(times), peak_since(base, dev)
 
-    def add(row, n, t, note):
-        peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    def add(row, n, timing, note):
+        t, peak = timing
         for prefix in ["onnx"] + (["native"] if name == "efficientnet_lite0" else []):
             out.append({"name": f"{prefix}-{name}/{row}", "batch": n, "seconds": t, "seconds_per_image": t / n,
-                        "peak_bytes": peak, "note": note + " (eager PyTorch; peak: the process's resident set)"})
+                        "peak_bytes": peak, "note": note + " (eager PyTorch)"})
 
     for n in batches:
         x = torch.rand(n, 3, 224, 224, device=dev)
@@ -197,13 +234,13 @@ def main():
         times = []
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
+        base = reset_peak()
         for _ in range(reps):
             t = time.perf_counter()
             f()
             sync()
             times.append(time.perf_counter() - t)
-        peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        return statistics.median(times), peak
+        return statistics.median(times), peak_since(base, dev)
 
     out = []
 

@@ -1,16 +1,20 @@
 //! vulnmap's speed measurements, the numbers in BENCHMARKS.md: ResNet50 at 224 in f32, forward
 //! and forward + input gradient at several batch sizes, SmoothGrad-25 per image, one attack
 //! iteration per image (generator + classifier + backward), a local-attack map per image, and
-//! the peak memory of each.
+//! the peak memory of each; with a folder of exported ONNX families, their rows and the native
+//! EfficientNet-Lite0's. Rows count their floating-point operations where the architecture's
+//! multiply-adds are known.
 //!
 //! Timings are medians of repeated runs after a warm-up. Peak memory is counted by the global
 //! allocator this crate installs (host memory; on CUDA it is the host side only).
 //!
-//! Modules: this one (the measurements), [`memory`] (the counting allocator).
+//! Modules: this one (the measurements), [`memory`] (the counting allocator), [`peak`] (the
+//! machine's measured FMA peak).
 //!
 //! Cargo features: `cuda`, `cudnn` (as vulnmap-models').
 
 pub mod memory;
+pub mod peak;
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
@@ -103,6 +107,9 @@ pub struct Measurement {
     pub seconds_per_image: f64,
     /// Most bytes allocated at once during a call, above what was allocated before it.
     pub peak_bytes: usize,
+    /// Floating-point operations of a call (2 per multiply-add of the convolutions and matrix
+    /// products; the input gradient's backward as many again as the forward), where counted.
+    pub flops: Option<f64>,
     /// What exactly was timed.
     pub note: String,
 }
@@ -168,6 +175,7 @@ pub fn run(
         out.push(m);
     };
     let images = |n: usize| Tensor::rand(0f32, 1f32, (n, 3, s, s), device);
+    let madds = multiply_adds_of(settings.onnx_dir.as_deref(), &settings.arch, device);
     let sync = |t: &Tensor| -> Result<()> {
         // Reading one value waits for the device to finish.
         t.flatten_all()?
@@ -181,7 +189,7 @@ pub fn run(
         let x = images(n)?;
         let (t, peak) = time(repeats, || sync(&model.forward(&x)?))?;
         push(
-            measurement("forward", n, t, peak, "logits of N images"),
+            measurement("forward", n, t, peak, "logits of N images").counting(madds, 1.0),
             &mut out,
         );
         let targets = vec![0usize; n];
@@ -193,7 +201,8 @@ pub fn run(
                 t,
                 peak,
                 "gradient of one logit per image w.r.t. the pixels",
-            ),
+            )
+            .counting(madds, 2.0),
             &mut out,
         );
     }
@@ -213,7 +222,8 @@ pub fn run(
                 t,
                 peak,
                 &format!("{} noisy samples in one batch", settings.smoothgrad_samples),
-            ),
+            )
+            .counting(madds, 2.0 * settings.smoothgrad_samples as f64),
             &mut out,
         );
     }
@@ -307,43 +317,42 @@ fn onnx_rows(
         .collect();
     files.sort();
     let mut out = Vec::new();
-    let mut family_rows =
-        |prefix: String, model: &dyn Classifier, batches: &[usize]| -> Result<()> {
-            for &n in batches {
-                let x = Tensor::rand(0f32, 1f32, (n, 3, 224, 224), device)?;
-                let name = format!("{prefix}/forward");
-                if wanted(&name) {
-                    let (t, peak) = time(repeats, || sync(&model.forward(&x)?))?;
-                    out.push(measurement(&name, n, t, peak, "logits of N images"));
-                }
-                let name = format!("{prefix}/forward+input-gradient");
-                if wanted(&name) {
-                    let targets = vec![0usize; n];
-                    let (t, peak) =
-                        time(repeats, || sync(&input_gradients(model, &x, &targets, n)?))?;
-                    let note = "gradient of one logit per image w.r.t. the pixels";
-                    out.push(measurement(&name, n, t, peak, note));
-                }
-            }
-            let name = format!("{prefix}/smoothgrad");
+    let mut family_rows = |prefix: String,
+                           model: &dyn Classifier,
+                           madds: Option<u64>,
+                           batches: &[usize]|
+     -> Result<()> {
+        for &n in batches {
+            let x = Tensor::rand(0f32, 1f32, (n, 3, 224, 224), device)?;
+            let name = format!("{prefix}/forward");
             if wanted(&name) {
-                let x = Tensor::rand(0f32, 1f32, (1, 3, 224, 224), device)?;
-                let smoothgrad = Method::SmoothGrad(SmoothGrad {
-                    samples: 25,
-                    batch_size: 25,
-                    ..SmoothGrad::default()
-                });
-                let (t, peak) = time(repeats, || sync(&smoothgrad.attribute(model, &x, &[0])?))?;
-                out.push(measurement(
-                    &name,
-                    1,
-                    t,
-                    peak,
-                    "25 noisy samples in one batch",
-                ));
+                let (t, peak) = time(repeats, || sync(&model.forward(&x)?))?;
+                out.push(measurement(&name, n, t, peak, "logits of N images").counting(madds, 1.0));
             }
-            Ok(())
-        };
+            let name = format!("{prefix}/forward+input-gradient");
+            if wanted(&name) {
+                let targets = vec![0usize; n];
+                let (t, peak) = time(repeats, || sync(&input_gradients(model, &x, &targets, n)?))?;
+                let note = "gradient of one logit per image w.r.t. the pixels";
+                out.push(measurement(&name, n, t, peak, note).counting(madds, 2.0));
+            }
+        }
+        let name = format!("{prefix}/smoothgrad");
+        if wanted(&name) {
+            let x = Tensor::rand(0f32, 1f32, (1, 3, 224, 224), device)?;
+            let smoothgrad = Method::SmoothGrad(SmoothGrad {
+                samples: 25,
+                batch_size: 25,
+                ..SmoothGrad::default()
+            });
+            let (t, peak) = time(repeats, || sync(&smoothgrad.attribute(model, &x, &[0])?))?;
+            out.push(
+                measurement(&name, 1, t, peak, "25 noisy samples in one batch")
+                    .counting(madds, 50.0),
+            );
+        }
+        Ok(())
+    };
     for file in files {
         let stem = file.file_stem().map(|s| s.to_string_lossy().into_owned());
         let Some(family) = stem.as_deref().and_then(|s| s.strip_prefix("onnx-")) else {
@@ -359,12 +368,13 @@ fn onnx_rows(
         } else {
             &[1, 16]
         };
-        family_rows(prefix, &model, batches)?;
+        family_rows(prefix, &model, Some(model.multiply_adds()), batches)?;
     }
     let prefix = "native-efficientnet_lite0".to_string();
     if wanted(&prefix) {
         let lite0 = model("efficientnet-lite0", device)?;
-        family_rows(prefix, lite0.as_ref(), &[1, 16])?;
+        let madds = multiply_adds_of(Some(dir), "efficientnet_lite0", device);
+        family_rows(prefix, lite0.as_ref(), madds, &[1, 16])?;
     }
     Ok(out)
 }
@@ -376,6 +386,27 @@ fn measurement(name: &str, batch: usize, seconds: f64, peak: usize, note: &str) 
         seconds,
         seconds_per_image: seconds / batch as f64,
         peak_bytes: peak,
+        flops: None,
         note: note.into(),
     }
+}
+
+impl Measurement {
+    /// This measurement with its operations counted: `passes` forward-pass equivalents (1 for
+    /// logits, 2 for logits and the input gradient) of `batch` images of a model with
+    /// `multiply_adds` per image.
+    fn counting(self, multiply_adds: Option<u64>, passes: f64) -> Self {
+        let flops = multiply_adds.map(|m| 2.0 * m as f64 * passes * self.batch as f64);
+        Self { flops, ..self }
+    }
+}
+
+/// Multiply-adds per image of the architecture `onnx-FAMILY.onnx` in `dir` holds (the bench's
+/// PyTorch side exports them), counted by vulnmap-onnx.
+fn multiply_adds_of(dir: Option<&std::path::Path>, family: &str, device: &Device) -> Option<u64> {
+    let path = dir?.join(format!("onnx-{family}.onnx"));
+    path.is_file()
+        .then(|| vulnmap_onnx::load(&path, device).ok())
+        .flatten()
+        .map(|m| m.multiply_adds())
 }

@@ -34,7 +34,10 @@ fn main() -> Result<()> {
         );
     })?;
     if let Some(path) = json {
+        let peak = vulnmap_bench::peak::fma_peak_gflops();
         let doc = serde_json::json!({
+            "fma_peak_gflops": peak.map(|(gflops, _)| gflops),
+            "fma_peak_simd": peak.map(|(_, level)| level),
             "settings": settings,
             "device": format!("{device:?}"),
             "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),

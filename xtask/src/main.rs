@@ -311,26 +311,45 @@ fn tabulate(ours: &serde_json::Value, torch: Option<&serde_json::Value>) -> Resu
             .cloned()
     };
     let mib = |m: &serde_json::Value| m["peak_bytes"].as_f64().unwrap_or(0.0) / (1u64 << 20) as f64;
-    println!("| measurement | N | vulnmap s | vulnmap s/image | vulnmap peak MiB | PyTorch s | PyTorch peak MiB | ratio |");
-    println!("|---|---|---|---|---|---|---|---|");
+    let machine_peak = ours["fma_peak_gflops"].as_f64();
+    if let Some(peak) = machine_peak {
+        println!(
+            "FMA peak (measured, all cores, {}): {peak:.0} GFLOP/s; GFLOP/s columns count 2 per \
+             multiply-add of the convolutions and matrix products, the input gradient's backward \
+             as much again as the forward\n",
+            ours["fma_peak_simd"].as_str().unwrap_or("?")
+        );
+    }
+    println!("| measurement | N | vulnmap s | vulnmap s/image | vulnmap peak MiB | PyTorch s | PyTorch peak MiB | ratio | GFLOP/s vulnmap / PyTorch (% of peak) |");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for m in ours["measurements"].as_array().into_iter().flatten() {
         let name = m["name"].as_str().unwrap_or("");
         let batch = m["batch"].as_u64().unwrap_or(1);
         let ours_s = m["seconds"].as_f64().unwrap_or(f64::NAN);
         let theirs = torch.and_then(|t| find(t, name, batch));
-        let (their_s, their_mib, ratio) = match &theirs {
-            Some(t) => {
-                let s = t["seconds"].as_f64().unwrap_or(f64::NAN);
-                (
-                    format!("{s:.4}"),
-                    format!("{:.0}", mib(t)),
-                    format!("{:.2}x", ours_s / s),
-                )
+        let their_s = theirs.as_ref().and_then(|t| t["seconds"].as_f64());
+        let (their_col, their_mib, ratio) = match (&theirs, their_s) {
+            (Some(t), Some(s)) => (
+                format!("{s:.4}"),
+                format!("{:.0}", mib(t)),
+                format!("{:.2}x", ours_s / s),
+            ),
+            _ => ("-".into(), "-".into(), "-".into()),
+        };
+        let gflops = match m["flops"].as_f64() {
+            Some(flops) => {
+                let rate = |s: f64| flops / s / 1e9;
+                let share = |s: f64| {
+                    machine_peak
+                        .map_or(String::new(), |p| format!(" ({:.0}%)", 100.0 * rate(s) / p))
+                };
+                let theirs = their_s.map_or("-".into(), |s| format!("{:.0}{}", rate(s), share(s)));
+                format!("{:.0}{} / {theirs}", rate(ours_s), share(ours_s))
             }
-            None => ("-".into(), "-".into(), "-".into()),
+            None => "-".into(),
         };
         println!(
-            "| {name} | {batch} | {ours_s:.4} | {:.4} | {:.0} | {their_s} | {their_mib} | {ratio} |",
+            "| {name} | {batch} | {ours_s:.4} | {:.4} | {:.0} | {their_col} | {their_mib} | {ratio} | {gflops} |",
             m["seconds_per_image"].as_f64().unwrap_or(f64::NAN),
             mib(m)
         );

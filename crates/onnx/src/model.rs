@@ -7,8 +7,8 @@
 //! that read the pixels.
 
 use crate::error::{Error, Result};
-use crate::graph::Graph;
-use crate::ops::{self, Attrs, Context};
+use crate::graph::{Graph, Node};
+use crate::ops::{self, Attrs, Context, FUSED_CONV};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::Path;
@@ -139,6 +139,7 @@ struct Inner {
     plans: Mutex<HashMap<Vec<usize>, Arc<Plan>>>,
     layers: Vec<Layer>,
     default_layer: Option<String>,
+    multiply_adds: u64,
 }
 
 /// What is fixed for one input shape.
@@ -239,6 +240,7 @@ pub fn load_with(
         plans: Mutex::new(HashMap::new()),
         layers: Vec::new(),
         default_layer: None,
+        multiply_adds: 0,
     };
     let probe = Tensor::zeros((1, channels, height, width), DType::F32, device)?;
     let (logits, plan) = inner.record(&probe)?;
@@ -264,6 +266,7 @@ pub fn load_with(
     }
     inner.classes = classes;
     inner.layers = inner.find_layers(&plan);
+    inner.multiply_adds = inner.count_multiply_adds(&plan);
     inner.default_layer = inner
         .layers
         .iter()
@@ -451,6 +454,43 @@ impl Inner {
         })
     }
 
+    /// The multiply-adds of the convolutions and matrix products that read the pixels, as
+    /// fvcore and thop count them (element-wise operations are left out).
+    fn count_multiply_adds(&self, plan: &Plan) -> u64 {
+        let g = &self.graph;
+        let shape = |v: Option<usize>| -> Option<Vec<usize>> {
+            let v = v?;
+            match &g.constants[v] {
+                Some(t) => Some(t.dims().to_vec()),
+                None => plan.shapes[v].clone(),
+            }
+        };
+        let count = |node: &Node| -> Option<u64> {
+            let out = shape(*node.outputs.first()?)?;
+            let outputs: usize = out.iter().product();
+            let per_output = match node.op_type.as_str() {
+                // Each output sums C_in / groups x kh x kw products: the weight's size / C_out.
+                "Conv" | FUSED_CONV => {
+                    let w = shape(*node.inputs.get(1)?)?;
+                    w.iter().skip(1).product::<usize>()
+                }
+                "MatMul" => *shape(*node.inputs.first()?)?.last()?,
+                "Gemm" => {
+                    let a = shape(*node.inputs.first()?)?;
+                    a.iter().product::<usize>() / out.first().copied()?.max(1)
+                }
+                _ => return None,
+            };
+            Some((outputs * per_output) as u64)
+        };
+        g.nodes
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| plan.dynamic[*i])
+            .filter_map(|(_, node)| count(node))
+            .sum()
+    }
+
     /// The 4-D values the nodes compute from the pixels, in order, with their shapes.
     fn find_layers(&self, plan: &Plan) -> Vec<Layer> {
         let g = &self.graph;
@@ -549,6 +589,12 @@ impl OnnxClassifier {
     /// for one image.
     pub fn feature_maps(&self) -> &[Layer] {
         &self.inner.layers
+    }
+
+    /// Multiply-adds of one image's forward pass at the load-time input size (convolutions and
+    /// matrix products; twice this is its floating-point operations).
+    pub fn multiply_adds(&self) -> u64 {
+        self.inner.multiply_adds
     }
 
     /// Logits from pixels, on the first run at a new input size also noting its plan.

@@ -206,3 +206,26 @@ fn lite0_exported_to_onnx_ranks_the_shared_photos_as_the_native_lite0() {
     }
     assert!(files.len() >= 10, "{} photos", files.len());
 }
+
+/// The multiply-add count (what the bench's GFLOP/s column divides by) against the published
+/// figures: torchvision's MobileNetV3-Small, 0.057 G at 224 (its weights' `_ops`, three
+/// digits), and EfficientNet-Lite0, 0.4 G (timm's model card, one digit).
+#[test]
+fn multiply_adds_match_the_published_counts() {
+    let device = Device::Cpu;
+    for (name, published, tolerance) in [
+        ("mobilenet_v3_small", 0.057e9, 0.01),
+        ("efficientnet_lite0_imagenet", 0.4e9, 0.05),
+    ] {
+        let Some(path) = test_asset(&format!("fixtures/onnx/{name}.onnx")) else {
+            return;
+        };
+        let counted = vulnmap_onnx::load(&path, &device).unwrap().multiply_adds() as f64;
+        let relative = (counted / published - 1.0).abs();
+        println!("{name}: {counted:.4e} multiply-adds, published {published:.3e}");
+        assert!(
+            relative <= tolerance,
+            "{name}: {counted} multiply-adds, published {published} (off by {relative:.3})"
+        );
+    }
+}
