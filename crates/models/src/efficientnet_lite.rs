@@ -3,6 +3,7 @@
 //! EfficientNet-PyTorch (`_conv_stem`, `_blocks.N._depthwise_conv`, `_fc`).
 
 use crate::classifier::{unknown_layer, Classes, Classifier, InputSpec};
+use crate::conv_bn::{ConvBn, DepthwiseBn, Then};
 use crate::resnet::linear_head;
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{Linear, Module, VarBuilder};
@@ -28,38 +29,18 @@ const STAGES: [(usize, usize, usize, usize, usize, usize); 7] = [
 const STEM_CHANNELS: usize = 32;
 const HEAD_CHANNELS: usize = 1280;
 
-/// ReLU6, with `rule`'s backward pass (guided backpropagation's for [`Classifier::guided`]).
-fn relu6(x: &Tensor, rule: ReluBackward) -> Result<Tensor> {
-    rule.apply(x.relu()?.minimum(6.0)?)
-}
-
 /// A 1x1 convolution and its BatchNorm (expand, project, head).
-#[derive(Debug, Clone)]
-struct PointwiseBn {
-    conv: Conv2d,
-    bn: BatchNorm,
-}
-
-impl PointwiseBn {
-    fn new(cin: usize, cout: usize, vb_conv: VarBuilder, vb_bn: VarBuilder) -> Result<Self> {
-        Ok(Self {
-            conv: Conv2d::new(cin, cout, 1, 1, Padding::Uniform(0), false, vb_conv)?,
-            bn: BatchNorm::new(cout, BN_EPS, vb_bn)?,
-        })
-    }
-
-    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.bn.forward_t(&self.conv.forward(x)?, train)
-    }
+fn pointwise_bn(cin: usize, cout: usize, vb_conv: VarBuilder, vb_bn: VarBuilder) -> Result<ConvBn> {
+    let conv = Conv2d::new(cin, cout, 1, 1, Padding::Uniform(0), false, vb_conv)?;
+    Ok(ConvBn::new(conv, BatchNorm::new(cout, BN_EPS, vb_bn)?))
 }
 
 /// Inverted residual: [1x1 expand, BN, ReLU6] -> depthwise kxk, BN, ReLU6 -> 1x1 project, BN.
 #[derive(Debug, Clone)]
 struct MbConv {
-    expand: Option<PointwiseBn>,
-    depthwise: DepthwiseConv2d,
-    bn1: BatchNorm,
-    project: PointwiseBn,
+    expand: Option<ConvBn>,
+    depthwise: DepthwiseBn,
+    project: ConvBn,
     /// Identity shortcut when the stride is 1 and channels are kept.
     skip: bool,
 }
@@ -75,7 +56,7 @@ impl MbConv {
     ) -> Result<Self> {
         let mid = cin * expand;
         let expand = if expand != 1 {
-            Some(PointwiseBn::new(
+            Some(pointwise_bn(
                 cin,
                 mid,
                 vb.pp("_expand_conv"),
@@ -84,36 +65,32 @@ impl MbConv {
         } else {
             None
         };
+        let depthwise = DepthwiseConv2d::new(
+            mid,
+            kernel,
+            stride,
+            Padding::TfSame,
+            vb.pp("_depthwise_conv"),
+        )?;
         Ok(Self {
             expand,
-            depthwise: DepthwiseConv2d::new(
-                mid,
-                kernel,
-                stride,
-                Padding::TfSame,
-                vb.pp("_depthwise_conv"),
-            )?,
-            bn1: BatchNorm::new(mid, BN_EPS, vb.pp("_bn1"))?,
-            project: PointwiseBn::new(mid, cout, vb.pp("_project_conv"), vb.pp("_bn2"))?,
+            depthwise: DepthwiseBn::new(depthwise, BatchNorm::new(mid, BN_EPS, vb.pp("_bn1"))?),
+            project: pointwise_bn(mid, cout, vb.pp("_project_conv"), vb.pp("_bn2"))?,
             skip: stride == 1 && cin == cout,
         })
     }
 
     fn forward_t(&self, x: &Tensor, train: bool, rule: ReluBackward) -> Result<Tensor> {
-        let mut y = match &self.expand {
-            Some(e) => relu6(&e.forward_t(x, train)?, rule)?,
+        let y = match &self.expand {
+            Some(e) => e.forward_then(x, train, Then::relu6(rule))?,
             None => x.clone(),
         };
-        y = relu6(
-            &self.bn1.forward_t(&self.depthwise.forward(&y)?, train)?,
-            rule,
-        )?;
-        y = self.project.forward_t(&y, train)?;
-        if self.skip {
-            y + x
-        } else {
-            Ok(y)
-        }
+        let y = self.depthwise.forward_then(&y, train, Then::relu6(rule))?;
+        let skip = Then {
+            residual: self.skip.then_some(x),
+            ..Then::default()
+        };
+        self.project.forward_then(&y, train, skip)
     }
 }
 
@@ -121,10 +98,9 @@ impl MbConv {
 /// `(x - 127/255) / (128/255)` inside the model.
 #[derive(Debug, Clone)]
 pub struct EfficientNetLite0 {
-    stem_conv: Conv2d,
-    stem_bn: BatchNorm,
+    stem: ConvBn,
     blocks: Vec<MbConv>,
-    head: PointwiseBn,
+    head: ConvBn,
     fc: Linear,
     spec: InputSpec,
     classes: Classes,
@@ -146,7 +122,10 @@ impl EfficientNetLite0 {
             false,
             vb.pp("_conv_stem"),
         )?;
-        let stem_bn = BatchNorm::new(STEM_CHANNELS, BN_EPS, vb.pp("_bn0"))?;
+        let stem = ConvBn::new(
+            stem_conv,
+            BatchNorm::new(STEM_CHANNELS, BN_EPS, vb.pp("_bn0"))?,
+        );
         let mut blocks = Vec::new();
         for &(repeats, kernel, stride, expand, cin, cout) in &STAGES {
             for r in 0..repeats {
@@ -156,12 +135,11 @@ impl EfficientNetLite0 {
             }
         }
         let last = STAGES[STAGES.len() - 1].5;
-        let head = PointwiseBn::new(last, HEAD_CHANNELS, vb.pp("_conv_head"), vb.pp("_bn1"))?;
+        let head = pointwise_bn(last, HEAD_CHANNELS, vb.pp("_conv_head"), vb.pp("_bn1"))?;
         let fc = linear_head(HEAD_CHANNELS, num_classes, vb.pp("_fc"))?;
         let classes = Classes::for_head(num_classes);
         Ok(Self {
-            stem_conv,
-            stem_bn,
+            stem,
             blocks,
             head,
             fc,
@@ -214,16 +192,13 @@ impl EfficientNetLite0 {
         for stage in from..to {
             x = if stage == 0 {
                 let x = self.spec.normalize(&x, self.dtype)?;
-                relu6(
-                    &self
-                        .stem_bn
-                        .forward_t(&self.stem_conv.forward(&x)?, train)?,
-                    self.relu_backward,
-                )?
+                let relu6 = Then::relu6(self.relu_backward);
+                self.stem.forward_then(&x, train, relu6)?
             } else if stage <= n {
                 self.blocks[stage - 1].forward_t(&x, train, self.relu_backward)?
             } else {
-                relu6(&self.head.forward_t(&x, train)?, self.relu_backward)?
+                let relu6 = Then::relu6(self.relu_backward);
+                self.head.forward_then(&x, train, relu6)?
             };
         }
         Ok(x)

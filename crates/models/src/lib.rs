@@ -15,6 +15,7 @@
 //!
 //! Modules:
 //! - [`classifier`]: the `Classifier` trait, input specs and class names.
+//! - `conv_bn`: a convolution and its BatchNorm, folded into one fused op in eval mode.
 //! - `resnet`: ResNet 18/34/50/101/152 and `tiny-resnet`, torchvision tensor names.
 //! - `efficientnet_lite`: EfficientNet-Lite0 (lukemelas tensor names, TF-"SAME" padding).
 //! - [`checkpoint`]: reading safetensors and `.pth`, strict fit checks, atomic saving.
@@ -31,6 +32,7 @@
 
 pub mod checkpoint;
 pub mod classifier;
+mod conv_bn;
 mod device;
 mod efficientnet_lite;
 mod error;

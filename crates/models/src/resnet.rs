@@ -6,12 +6,11 @@
 //! has a train mode, and the head can be replaced for fine-tuning.
 
 use crate::classifier::{unknown_layer, Classes, Classifier, InputSpec};
+use crate::conv_bn::{ConvBn, Then};
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{Init, Linear, Module, VarBuilder};
-use std::sync::{Arc, Mutex};
 use vulnmap_ops::batch_norm::BatchNorm;
 use vulnmap_ops::conv::{Conv2d, Padding};
-use vulnmap_ops::fused_conv::Epilogue;
 use vulnmap_ops::guided::ReluBackward;
 use vulnmap_ops::pool::{global_avg_pool, max_pool2d};
 
@@ -91,88 +90,25 @@ impl ResNetConfig {
     }
 }
 
-/// A convolution followed by BatchNorm, the unit every ResNet block is built from.
-///
-/// In eval mode with constant weights BatchNorm is an affine map per channel, folded into the
-/// kernel and a bias once and reused: one fused op and one activation instead of three.
-#[derive(Debug, Clone)]
-struct ConvBn {
-    conv: Conv2d,
-    bn: BatchNorm,
-    /// The folded kernel and bias; cleared by a train-mode pass (it moves the running stats).
-    folded: Arc<Mutex<Option<(Tensor, Tensor)>>>,
-}
-
-impl ConvBn {
-    fn new(
-        cin: usize,
-        cout: usize,
-        kernel: usize,
-        stride: usize,
-        vb_conv: VarBuilder,
-        vb_bn: VarBuilder,
-    ) -> Result<Self> {
-        let conv = Conv2d::new(
-            cin,
-            cout,
-            kernel,
-            stride,
-            Padding::Uniform(kernel / 2),
-            false,
-            vb_conv,
-        )?;
-        let bn = BatchNorm::new(cout, BN_EPS, vb_bn)?;
-        Ok(Self {
-            conv,
-            bn,
-            folded: Arc::new(Mutex::new(None)),
-        })
-    }
-
-    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.forward_then(x, train, None, None)
-    }
-
-    /// `conv`, `bn`, then `+ residual` and a ReLU (with its backward rule) where asked: one
-    /// fused op for folded weights.
-    fn forward_then(
-        &self,
-        x: &Tensor,
-        train: bool,
-        residual: Option<&Tensor>,
-        relu: Option<ReluBackward>,
-    ) -> Result<Tensor> {
-        let mut folded = self.folded.lock().unwrap_or_else(|e| e.into_inner());
-        if train || self.conv.weight().track_op() || self.bn.is_trainable() {
-            *folded = None;
-            drop(folded);
-            let mut y = self.bn.forward_t(&self.conv.forward(x)?, train)?;
-            if let Some(r) = residual {
-                y = (y + r)?;
-            }
-            return match relu {
-                Some(rule) => rule.apply(y.relu()?),
-                None => Ok(y),
-            };
-        }
-        if folded.is_none() {
-            let (scale, shift) = self.bn.eval_affine()?;
-            let w = self.conv.weight();
-            let cout = w.dim(0)?;
-            let kernel = w.broadcast_mul(&scale.reshape((cout, 1, 1, 1))?.to_dtype(w.dtype())?)?;
-            *folded = Some((kernel, shift.flatten_all()?));
-        }
-        let (kernel, bias) = folded.as_ref().expect("folded above");
-        let (kernel, bias) = (kernel.clone(), bias.clone());
-        drop(folded);
-        let epilogue = Epilogue {
-            bias: Some(&bias),
-            residual,
-            relu: relu.is_some(),
-            relu_backward: relu.unwrap_or_default(),
-        };
-        self.conv.forward_fused(x, &kernel, epilogue)
-    }
+/// A ResNet convolution (PyTorch padding `kernel / 2`, no bias) and its BatchNorm.
+fn conv_bn(
+    cin: usize,
+    cout: usize,
+    kernel: usize,
+    stride: usize,
+    vb_conv: VarBuilder,
+    vb_bn: VarBuilder,
+) -> Result<ConvBn> {
+    let conv = Conv2d::new(
+        cin,
+        cout,
+        kernel,
+        stride,
+        Padding::Uniform(kernel / 2),
+        false,
+        vb_conv,
+    )?;
+    Ok(ConvBn::new(conv, BatchNorm::new(cout, BN_EPS, vb_bn)?))
 }
 
 /// One residual block: a chain of conv-BN units with ReLUs between, plus the shortcut.
@@ -206,7 +142,7 @@ impl Block {
             .into_iter()
             .enumerate()
             .map(|(i, (ci, co, k, s))| {
-                ConvBn::new(
+                conv_bn(
                     ci,
                     co,
                     k,
@@ -218,7 +154,7 @@ impl Block {
             .collect::<Result<Vec<_>>>()?;
         let downsample = if stride != 1 || cin != cout {
             let vb = vb.pp("downsample");
-            Some(ConvBn::new(cin, cout, 1, stride, vb.pp("0"), vb.pp("1"))?)
+            Some(conv_bn(cin, cout, 1, stride, vb.pp("0"), vb.pp("1"))?)
         } else {
             None
         };
@@ -227,7 +163,7 @@ impl Block {
 
     fn forward_t(&self, x: &Tensor, train: bool, rule: ReluBackward) -> Result<Tensor> {
         let shortcut = match &self.downsample {
-            Some(ds) => ds.forward_t(x, train)?,
+            Some(ds) => ds.forward_then(x, train, Then::default())?,
             None => x.clone(),
         };
         let mut y = x.clone();
@@ -235,7 +171,12 @@ impl Block {
         for (i, unit) in self.units.iter().enumerate() {
             // ReLU after every unit; the last adds the shortcut first.
             let residual = (i == last).then_some(&shortcut);
-            y = unit.forward_then(&y, train, residual, Some(rule))?;
+            let then = Then {
+                residual,
+                relu: Some(rule),
+                max: None,
+            };
+            y = unit.forward_then(&y, train, then)?;
         }
         Ok(y)
     }
@@ -263,7 +204,7 @@ impl ResNet {
     /// `arch` is the name reported by [`Classifier::arch`].
     pub fn new(arch: &str, config: &ResNetConfig, vb: VarBuilder) -> Result<Self> {
         let width = config.width;
-        let stem = ConvBn::new(3, width, 7, 2, vb.pp("conv1"), vb.pp("bn1"))?;
+        let stem = conv_bn(3, width, 7, 2, vb.pp("conv1"), vb.pp("bn1"))?;
         let mut blocks = Vec::new();
         let mut cin = width;
         for (stage, &count) in config.layers.iter().enumerate() {
@@ -348,9 +289,11 @@ impl ResNet {
 
     fn stem_t(&self, pixels: &Tensor, train: bool) -> Result<Tensor> {
         let x = self.spec.normalize(pixels, self.dtype)?;
-        let x = self
-            .stem
-            .forward_then(&x, train, None, Some(self.relu_backward))?;
+        let relu = Then {
+            relu: Some(self.relu_backward),
+            ..Then::default()
+        };
+        let x = self.stem.forward_then(&x, train, relu)?;
         max_pool2d(&x, 3, 2, 1)
     }
 

@@ -86,7 +86,34 @@ pub(crate) fn fold_batch_norms(graph: &mut Graph) -> Result<()> {
     Ok(())
 }
 
-/// Fuses `Conv -> Add(other) -> Relu`, `Conv -> Add(other)` and `Conv -> Relu` into one node.
+/// The upper bound of a `Clip` node that is a clipped ReLU (`min` 0, `max` constant): ReLU6 is
+/// `Clip(0, 6)` in exported MobileNets and EfficientNet-Lites.
+fn clipped_relu_max(graph: &Graph, node: &Node) -> Option<f32> {
+    if node.op_type != "Clip" || node.output_count() != 1 {
+        return None;
+    }
+    let constant = |i: usize| -> Option<f32> {
+        let v = (*node.inputs.get(i)?)?;
+        graph.constants[v]
+            .as_ref()?
+            .to_dtype(candle_core::DType::F32)
+            .ok()?
+            .to_vec0()
+            .ok()
+    };
+    let attr =
+        |name: &str| -> Option<f32> { node.attrs.iter().find(|a| a.name == name).map(|a| a.f) };
+    // Opset 11 on: inputs; before it: attributes.
+    let (min, max) = if node.inputs.len() > 1 {
+        (constant(1)?, constant(2)?)
+    } else {
+        (attr("min")?, attr("max")?)
+    };
+    (min == 0.0 && max > 0.0).then_some(max)
+}
+
+/// Fuses `Conv -> Add(other) -> Relu`, `Conv -> Add(other)`, `Conv -> Relu` and
+/// `Conv -> Clip(0, max)` into one node.
 pub(crate) fn fuse_epilogues(graph: &mut Graph) {
     let mut i = 0;
     while i < graph.nodes.len() {
@@ -102,6 +129,7 @@ pub(crate) fn fuse_epilogues(graph: &mut Graph) {
         let mut absorbed: Vec<usize> = Vec::new();
         let mut residual = None;
         let mut relu = false;
+        let mut relu_max = None;
         let mut last_out = out;
         if let Some(j) = sole_reader(graph, &readers, out) {
             let next = &graph.nodes[j];
@@ -120,6 +148,10 @@ pub(crate) fn fuse_epilogues(graph: &mut Graph) {
                 }
             } else if next.op_type == "Relu" {
                 relu = true;
+                absorbed.push(j);
+            } else if let Some(max) = clipped_relu_max(graph, next) {
+                relu = true;
+                relu_max = Some(max);
                 absorbed.push(j);
             }
         }
@@ -145,6 +177,14 @@ pub(crate) fn fuse_epilogues(graph: &mut Graph) {
             i: relu as i64,
             ..Default::default()
         });
+        if let Some(max) = relu_max {
+            fused.attrs.push(AttributeProto {
+                name: "relu_max".into(),
+                r#type: attribute_type::FLOAT,
+                f: max,
+                ..Default::default()
+            });
+        }
         fused.outputs = graph.nodes[last].outputs.clone();
         // The fused node takes the place of the last node it absorbs, where the residual exists.
         graph.nodes[last] = fused;

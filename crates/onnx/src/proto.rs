@@ -101,6 +101,7 @@ pub struct AttributeProto {
 
 /// `AttributeProto.type` values this crate reads.
 pub mod attribute_type {
+    pub const FLOAT: i32 = 1;
     pub const INT: i32 = 2;
     pub const INTS: i32 = 7;
 }

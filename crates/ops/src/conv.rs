@@ -1,7 +1,7 @@
 //! Convolutions: dense `Conv2d` and per-channel `DepthwiseConv2d`, with PyTorch or TF-"SAME" padding.
 
-use crate::depthwise::depthwise_conv2d;
-use crate::fused_conv::{conv2d_fused, Epilogue};
+use crate::depthwise::depthwise_conv2d_fused;
+use crate::fused_conv::{conv2d_fused, epilogue_by_tensor_ops, Epilogue};
 use crate::windows::{pad2d, Pad2d, Windows};
 use candle_core::{DType, Result, Tensor};
 use candle_nn::{init, Init, VarBuilder};
@@ -148,24 +148,33 @@ impl DepthwiseConv2d {
 
     /// Convolves each channel of `x` (`N x C x H x W`) with its own kernel.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_fused(x, &self.weight, Epilogue::default())
+    }
+
+    /// The weights (to fold a following BatchNorm into them).
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// This layer's padding and stride with `weight` (e.g. this layer's with BatchNorm folded
+    /// in) and `epilogue`'s bias and (clipped) ReLU in the same pass on the CPU; no residual.
+    pub fn forward_fused(&self, x: &Tensor, weight: &Tensor, epilogue: Epilogue) -> Result<Tensor> {
         let (_, c, h, w) = x.dims4()?;
         let k = self.kernel;
         let pad = self.padding.resolve((h, w), k, self.stride);
         if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
-            return depthwise_conv2d(&pad2d(x, pad, 0.0)?, &self.weight, self.stride);
+            return depthwise_conv2d_fused(&pad2d(x, pad, 0.0)?, weight, epilogue, self.stride);
         }
-        self.forward_by_taps(x, pad, c)
+        epilogue_by_tensor_ops(self.forward_by_taps(x, weight, pad, c)?, epilogue)
     }
 
-    /// The device-generic path: a sum of shifted, strided views times per-channel weights.
-    fn forward_by_taps(&self, x: &Tensor, pad: Pad2d, c: usize) -> Result<Tensor> {
+    fn forward_by_taps(&self, x: &Tensor, weight: &Tensor, pad: Pad2d, c: usize) -> Result<Tensor> {
         let k = self.kernel;
         let windows = Windows::new(x, (k, k), self.stride, pad, 0.0)?;
         let mut out: Option<Tensor> = None;
         for dy in 0..k {
             for dx in 0..k {
-                let w_tap = self
-                    .weight
+                let w_tap = weight
                     .narrow(2, dy, 1)?
                     .narrow(3, dx, 1)?
                     .reshape((1, c, 1, 1))?;
@@ -229,12 +238,17 @@ mod tests {
                 DepthwiseConv2d::new(c, k, s, Padding::TfSame, builder(vec![("weight", weight)]))?;
             let x = Tensor::randn(0f64, 1.0, (2, c, 7, 8), &dev)?;
             let pad = Pad2d::tf_same((7, 8), k, s);
-            let d = (dw.forward(&x)? - dw.forward_by_taps(&x, pad, c)?)?
+            let d = (dw.forward(&x)? - dw.forward_by_taps(&x, &dw.weight, pad, c)?)?
                 .abs()?
                 .max_all()?
                 .to_scalar::<f64>()?;
             assert!(d < 1e-12, "paths differ by {d}");
-            finite_difference_check(&x, |x| dw.forward_by_taps(x, pad, c), 1e-6, 1e-6)?;
+            finite_difference_check(
+                &x,
+                |x| dw.forward_by_taps(x, &dw.weight, pad, c),
+                1e-6,
+                1e-6,
+            )?;
         }
         Ok(())
     }

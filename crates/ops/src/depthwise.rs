@@ -6,6 +6,7 @@
 //! are direct loops over each channel plane, and only the input and weights are kept.
 
 use crate::cpu_kernels::{slice, Float};
+use crate::fused_conv::{epilogue_by_tensor_ops, Epilogue, ReluMask};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -43,9 +44,46 @@ impl Geometry {
 /// `depthwise(x, weight, stride)` on a padded `x` (`N x C x H x W`, f32 or f64 on the CPU) with
 /// `weight` `C x 1 x k x k`; no padding is added.
 pub fn depthwise_conv2d(x: &Tensor, weight: &Tensor, stride: usize) -> Result<Tensor> {
+    depthwise_conv2d_fused(x, weight, Epilogue::default(), stride)
+}
+
+/// [`depthwise_conv2d`] followed by `epilogue`'s bias and (clipped) ReLU in the same pass, so that
+/// a depthwise convolution with BatchNorm folded in and its ReLU6 keep one activation, not four.
+/// A residual is not supported; a tracked bias takes plain tensor ops (its gradient is needed).
+pub fn depthwise_conv2d_fused(
+    x: &Tensor,
+    weight: &Tensor,
+    epilogue: Epilogue,
+    stride: usize,
+) -> Result<Tensor> {
+    if epilogue.residual.is_some() {
+        candle_core::bail!("{WHAT}: a residual epilogue is not supported");
+    }
     let k = weight.dim(2)?;
-    x.contiguous()?
-        .apply_op2(&weight.contiguous()?, Depthwise { k, stride })
+    let bias = match epilogue.bias {
+        Some(b) if b.track_op() => {
+            let plain = Epilogue {
+                bias: None,
+                relu: false,
+                ..epilogue
+            };
+            let y = depthwise_conv2d_fused(x, weight, plain, stride)?;
+            return epilogue_by_tensor_ops(y, epilogue);
+        }
+        Some(b) => Some(b.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?),
+        None => None,
+    };
+    let op = Depthwise {
+        k,
+        stride,
+        bias,
+        relu: epilogue.relu,
+        mask: ReluMask {
+            guided: epilogue.relu_backward == crate::guided::ReluBackward::Guided,
+            max: epilogue.relu_max,
+        },
+    };
+    x.contiguous()?.apply_op2(&weight.contiguous()?, op)
 }
 
 /// The op's name in errors.
@@ -54,9 +92,15 @@ const WHAT: &str = "depthwise convolution";
 struct Depthwise {
     k: usize,
     stride: usize,
+    /// Added to each output channel.
+    bias: Option<Vec<f64>>,
+    /// Whether a (clipped) ReLU follows; `mask` is its backward.
+    relu: bool,
+    mask: ReluMask,
 }
 
-fn forward<T: Float>(x: &[T], w: &[T], g: Geometry) -> Vec<T> {
+fn forward<T: Float>(x: &[T], w: &[T], g: Geometry, op: &Depthwise) -> Vec<T> {
+    let max = op.mask.max.map(T::of);
     let mut out = vec![T::default(); g.n * g.c * g.oh * g.ow];
     out.par_chunks_mut(g.oh * g.ow)
         .enumerate()
@@ -64,17 +108,30 @@ fn forward<T: Float>(x: &[T], w: &[T], g: Geometry) -> Vec<T> {
             let c = plane % g.c;
             let xin = &x[plane * g.h * g.w..][..g.h * g.w];
             let kern = &w[c * g.k * g.k..][..g.k * g.k];
+            if let Some(bias) = &op.bias {
+                o.fill(T::of(bias[c]));
+            }
             for i in 0..g.oh {
                 let row = &mut o[i * g.ow..(i + 1) * g.ow];
                 for dy in 0..g.k {
                     let line = &xin[(i * g.stride + dy) * g.w..][..g.w];
                     for dx in 0..g.k {
                         let wv = kern[dy * g.k + dx];
-                        for (j, r) in row.iter_mut().enumerate() {
-                            *r += wv * line[j * g.stride + dx];
+                        if g.stride == 1 {
+                            // Contiguous taps: this loop vectorises.
+                            for (r, &v) in row.iter_mut().zip(&line[dx..dx + g.ow]) {
+                                *r += wv * v;
+                            }
+                        } else {
+                            for (j, r) in row.iter_mut().enumerate() {
+                                *r += wv * line[j * g.stride + dx];
+                            }
                         }
                     }
                 }
+            }
+            if op.relu {
+                crate::fused_conv::relu_in_place(o, max);
             }
         });
     out
@@ -94,8 +151,14 @@ fn grad_input<T: Float>(grad: &[T], w: &[T], g: Geometry) -> Vec<T> {
                     let line = &mut gx[(i * g.stride + dy) * g.w..][..g.w];
                     for dx in 0..g.k {
                         let wv = kern[dy * g.k + dx];
-                        for (j, &gv) in grow.iter().enumerate() {
-                            line[j * g.stride + dx] += wv * gv;
+                        if g.stride == 1 {
+                            for (l, &gv) in line[dx..dx + g.ow].iter_mut().zip(grow) {
+                                *l += wv * gv;
+                            }
+                        } else {
+                            for (j, &gv) in grow.iter().enumerate() {
+                                line[j * g.stride + dx] += wv * gv;
+                            }
                         }
                     }
                 }
@@ -147,12 +210,12 @@ impl CustomOp2 for Depthwise {
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = Geometry::of(xl.dims(), self.k, self.stride)?;
-        fn typed<T: Float>(x: &[T], w: &[T], g: Geometry) -> CpuStorage {
-            T::storage(forward(x, w, g))
+        fn typed<T: Float>(x: &[T], w: &[T], g: Geometry, op: &Depthwise) -> CpuStorage {
+            T::storage(forward(x, w, g, op))
         }
         let out = match x.dtype() {
-            DType::F32 => typed::<f32>(slice(x, xl, WHAT)?, slice(w, wl, WHAT)?, g),
-            DType::F64 => typed::<f64>(slice(x, xl, WHAT)?, slice(w, wl, WHAT)?, g),
+            DType::F32 => typed::<f32>(slice(x, xl, WHAT)?, slice(w, wl, WHAT)?, g, self),
+            DType::F64 => typed::<f64>(slice(x, xl, WHAT)?, slice(w, wl, WHAT)?, g, self),
             other => candle_core::bail!("{WHAT}: f32 or f64, not {other:?}"),
         };
         Ok((out, Shape::from((g.n, g.c, g.oh, g.ow))))
@@ -162,10 +225,15 @@ impl CustomOp2 for Depthwise {
         &self,
         x: &Tensor,
         w: &Tensor,
-        _res: &Tensor,
+        output: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
+        let grad = if self.relu {
+            grad.apply_op2_no_bwd(&output.detach(), &self.mask)?
+        } else {
+            grad
+        };
         let gx = if x.track_op() {
             Some(grad.apply_op2_no_bwd(
                 &w.detach(),
@@ -275,6 +343,47 @@ mod tests {
                 1e-6,
                 1e-8,
             )?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn the_fused_epilogue_equals_plain_ops_with_the_same_input_gradient() -> Result<()> {
+        use crate::guided::ReluBackward;
+        let dev = Device::Cpu;
+        let mut rng = vulnmap_data::random::rng(8, "depthwise epilogue test");
+        let x = Var::from_tensor(&vulnmap_data::random::randn(&mut rng, (2, 4, 9, 10), &dev)?)?;
+        let w = vulnmap_data::random::randn(&mut rng, (4, 1, 3, 3), &dev)?;
+        let bias = vulnmap_data::random::randn(&mut rng, 4, &dev)?;
+        // A ReLU clipped at 0.5 (as ReLU6 at 6) clips a good part of these outputs.
+        for (relu, relu_max, relu_backward) in [
+            (false, None, ReluBackward::Exact),
+            (true, None, ReluBackward::Exact),
+            (true, Some(0.5), ReluBackward::Exact),
+            (true, Some(0.5), ReluBackward::Guided),
+        ] {
+            let epilogue = Epilogue {
+                bias: Some(&bias),
+                relu,
+                relu_max,
+                relu_backward,
+                ..Epilogue::default()
+            };
+            let fused = depthwise_conv2d_fused(x.as_tensor(), &w, epilogue, 2)?;
+            let plain = epilogue_by_tensor_ops(depthwise_conv2d(x.as_tensor(), &w, 2)?, epilogue)?;
+            let case = format!("relu={relu} max={relu_max:?} {relu_backward:?}");
+            let diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
+                (a - b)?.abs()?.max_all()?.to_scalar::<f32>()
+            };
+            assert!(diff(&fused, &plain)? < 1e-5, "value, {case}");
+            let probe = vulnmap_data::random::randn(&mut rng, fused.shape(), &dev)?;
+            let g1 = (&fused * &probe)?.sum_all()?.backward()?;
+            let g2 = (&plain * &probe)?.sum_all()?.backward()?;
+            let (g1, g2) = (g1.get(x.as_tensor()), g2.get(x.as_tensor()));
+            let (Some(g1), Some(g2)) = (g1, g2) else {
+                panic!("no input gradient, {case}");
+            };
+            assert!(diff(g1, g2)? < 1e-5, "input gradient, {case}");
         }
         Ok(())
     }

@@ -29,6 +29,8 @@ pub struct Epilogue<'a> {
     pub residual: Option<&'a Tensor>,
     /// Apply ReLU last (default `false`).
     pub relu: bool,
+    /// That ReLU's upper clip, `Some(6.0)` for ReLU6 (default none).
+    pub relu_max: Option<f64>,
     /// That ReLU's backward rule (default the exact gradient).
     pub relu_backward: crate::guided::ReluBackward,
 }
@@ -64,6 +66,7 @@ pub fn conv2d_fused(
         geometry,
         bias,
         relu: epilogue.relu,
+        relu_max: epilogue.relu_max,
         guided: epilogue.relu_backward == crate::guided::ReluBackward::Guided,
     };
     let (x, w) = (x.contiguous()?, w.contiguous()?);
@@ -81,7 +84,12 @@ fn unfused(
     stride: usize,
     padding: usize,
 ) -> Result<Tensor> {
-    let mut y = conv2d(x, w, stride, padding)?;
+    epilogue_by_tensor_ops(conv2d(x, w, stride, padding)?, epilogue)
+}
+
+/// `epilogue` applied to a convolution's output `y` with plain tensor ops (any device, tracked
+/// bias or residual).
+pub(crate) fn epilogue_by_tensor_ops(mut y: Tensor, epilogue: Epilogue) -> Result<Tensor> {
     if let Some(b) = epilogue.bias {
         y = y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?)?;
     }
@@ -89,7 +97,11 @@ fn unfused(
         y = (y + r)?;
     }
     if epilogue.relu {
-        y = epilogue.relu_backward.apply(y.relu()?)?;
+        y = y.relu()?;
+        if let Some(max) = epilogue.relu_max {
+            y = y.minimum(max)?;
+        }
+        y = epilogue.relu_backward.apply(y)?;
     }
     Ok(y)
 }
@@ -99,6 +111,7 @@ struct FusedConv {
     geometry: Geometry,
     bias: Option<Vec<f64>>,
     relu: bool,
+    relu_max: Option<f64>,
     /// Guided backpropagation: the ReLU passes only positive gradients back.
     guided: bool,
 }
@@ -176,7 +189,10 @@ impl FusedConv {
                 threads,
             );
             if self.relu {
-                for_each_plane(y, g.positions(), parallel, |_, plane| relu_in_place(plane));
+                let max = self.relu_max.map(T::of);
+                for_each_plane(y, g.positions(), parallel, |_, plane| {
+                    relu_in_place(plane, max)
+                });
             }
         };
         per_image(&mut out, image_out, one_image);
@@ -197,6 +213,7 @@ impl FusedConv {
                 &output.detach(),
                 &ReluMask {
                     guided: self.guided,
+                    max: self.relu_max,
                 },
             )?
         } else {
@@ -337,10 +354,11 @@ impl CustomOp2 for InputGradient {
     }
 }
 
-/// `grad * (output > 0)`: ReLU's backward from its output, in one pass; `guided` also drops
-/// negative gradients (guided backpropagation).
-struct ReluMask {
-    guided: bool,
+/// `grad * (0 < output < max)`: a (clipped) ReLU's backward from its output, in one pass;
+/// `guided` also drops negative gradients (guided backpropagation).
+pub(crate) struct ReluMask {
+    pub guided: bool,
+    pub max: Option<f64>,
 }
 
 impl CustomOp2 for ReluMask {
@@ -359,19 +377,22 @@ impl CustomOp2 for ReluMask {
             g: (&CpuStorage, &Layout),
             y: (&CpuStorage, &Layout),
             guided: bool,
+            max: Option<f64>,
         ) -> Result<CpuStorage> {
             let (g, y) = (
                 slice::<T>(g.0, g.1, "relu mask")?,
                 slice::<T>(y.0, y.1, "relu mask")?,
             );
             let zero = T::default();
+            let max = max.map(T::of);
             let mut out = vec![zero; g.len()];
             const CHUNK: usize = 1 << 14;
             out.par_chunks_mut(CHUNK)
                 .zip(g.par_chunks(CHUNK).zip(y.par_chunks(CHUNK)))
                 .for_each(|(o, (g, y))| {
                     for ((o, &g), &y) in o.iter_mut().zip(g).zip(y) {
-                        *o = if y > zero && (!guided || g > zero) {
+                        let inside = y > zero && max.is_none_or(|m| y < m);
+                        *o = if inside && (!guided || g > zero) {
                             g
                         } else {
                             zero
@@ -388,8 +409,8 @@ impl CustomOp2 for ReluMask {
             );
         }
         let out = match g.dtype() {
-            DType::F32 => mask::<f32>((g, gl), (y, yl), self.guided)?,
-            DType::F64 => mask::<f64>((g, gl), (y, yl), self.guided)?,
+            DType::F32 => mask::<f32>((g, gl), (y, yl), self.guided, self.max)?,
+            DType::F64 => mask::<f64>((g, gl), (y, yl), self.guided, self.max)?,
             other => candle_core::bail!("relu mask: f32 or f64, not {other:?}"),
         };
         Ok((out, gl.shape().clone()))
@@ -486,12 +507,18 @@ fn for_each_plane<T: Float>(
     }
 }
 
-fn relu_in_place<T: Float>(values: &mut [T]) {
+/// ReLU, clipped at `max` if given (ReLU6).
+pub(crate) fn relu_in_place<T: Float>(values: &mut [T], max: Option<T>) {
     let zero = T::default();
     for v in values {
         // NaN stays NaN, as in PyTorch: a diverging attack must show in its loss.
         if *v < zero {
             *v = zero;
+        }
+        if let Some(m) = max {
+            if *v > m {
+                *v = m;
+            }
         }
     }
 }
@@ -630,23 +657,27 @@ mod tests {
                 Var::from_tensor(&vulnmap_data::random::randn(&mut rng, out.shape(), &dev)?)?;
             // The guided rows check the kernel's guided mask against `guided::positive_gradient`
             // after candle's ReLU.
-            for (with_bias, with_residual, relu, relu_backward) in [
-                (true, false, false, ReluBackward::Exact),
-                (false, false, true, ReluBackward::Exact),
-                (true, true, true, ReluBackward::Exact),
-                (false, true, false, ReluBackward::Exact),
-                (true, false, true, ReluBackward::Guided),
-                (false, true, true, ReluBackward::Guided),
+            // ReLU clipped at 0.5 (as ReLU6 at 6) clips a third of these unit-variance outputs.
+            for (with_bias, with_residual, relu, relu_backward, relu_max) in [
+                (true, false, false, ReluBackward::Exact, None),
+                (false, false, true, ReluBackward::Exact, None),
+                (true, true, true, ReluBackward::Exact, None),
+                (false, true, false, ReluBackward::Exact, None),
+                (true, false, true, ReluBackward::Guided, None),
+                (false, true, true, ReluBackward::Guided, None),
+                (true, true, true, ReluBackward::Exact, Some(0.5)),
+                (true, false, true, ReluBackward::Guided, Some(0.5)),
             ] {
                 let epilogue = Epilogue {
                     bias: with_bias.then_some(&bias),
                     residual: with_residual.then_some(residual.as_tensor()),
                     relu,
+                    relu_max,
                     relu_backward,
                 };
                 let fused = conv2d_fused(x.as_tensor(), &weight, epilogue, s, p)?;
                 let plain = unfused(x.as_tensor(), &weight, epilogue, s, p)?;
-                let case = format!("k={k} s={s} p={p} {h}x{w} bias={with_bias} residual={with_residual} relu={relu} {relu_backward:?}");
+                let case = format!("k={k} s={s} p={p} {h}x{w} bias={with_bias} residual={with_residual} relu={relu} {relu_backward:?} max={relu_max:?}");
                 // Sums of up to 196 products of order 1 in another order: rounding only.
                 assert!(max_diff(&fused, &plain) < 1e-4, "value, {case}");
                 let probe = vulnmap_data::random::randn(&mut rng, fused.shape(), &dev)?;

@@ -45,5 +45,5 @@ pub mod windows;
 
 pub use batch_norm::BatchNorm;
 pub use conv::{Conv2d, DepthwiseConv2d, Padding};
-pub use depthwise::depthwise_conv2d;
+pub use depthwise::{depthwise_conv2d, depthwise_conv2d_fused};
 pub use fused_conv::{conv2d_fused, Epilogue};

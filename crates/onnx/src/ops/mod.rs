@@ -214,14 +214,14 @@ pub(crate) fn eval(
             }
             one(inputs.req(0)?.clone())
         }
-        "Conv" => one(nn::conv(&inputs, attrs, None, false, ctx)?),
-        FUSED_CONV => one(nn::conv(
-            &inputs,
-            attrs,
-            inputs.opt(3),
-            attrs.int("relu", 0) != 0,
-            ctx,
-        )?),
+        "Conv" => one(nn::conv(&inputs, attrs, None, None, ctx)?),
+        FUSED_CONV => {
+            let relu = (attrs.int("relu", 0) != 0).then(|| {
+                let max = attrs.float("relu_max", f32::INFINITY);
+                max.is_finite().then_some(max as f64)
+            });
+            one(nn::conv(&inputs, attrs, inputs.opt(3), relu, ctx)?)
+        }
         "BatchNormalization" => one(nn::batch_norm(&inputs, attrs, outputs)?),
         "InstanceNormalization" => one(nn::instance_norm(&inputs, attrs)?),
         "GroupNormalization" => one(nn::group_norm(&inputs, attrs)?),

@@ -9,7 +9,9 @@ use super::elementwise::rectify;
 use super::{axis, floats_of, ints_of, Attrs, Context, Inputs};
 use candle_core::{bail, DType, Result, Tensor};
 use vulnmap_ops::windows::{pad2d, Pad2d};
-use vulnmap_ops::{conv2d_fused, depthwise_conv2d, DepthwiseConv2d, Epilogue, Padding};
+use vulnmap_ops::{
+    conv2d_fused, depthwise_conv2d, depthwise_conv2d_fused, DepthwiseConv2d, Epilogue, Padding,
+};
 
 /// The two spatial sizes of a 4-D `N x C x H x W` tensor.
 fn spatial(x: &Tensor) -> Result<(usize, usize)> {
@@ -105,12 +107,12 @@ fn depthwise(x: &Tensor, w: &Tensor, stride: usize) -> Result<Tensor> {
 }
 
 /// `Conv` (and the fused convolution): 2-D, any groups, followed by `+ residual` and a ReLU
-/// when fused.
+/// (`Some(max)`: clipped at `max`) when fused.
 pub(super) fn conv(
     inputs: &Inputs,
     attrs: Attrs,
     residual: Option<&Tensor>,
-    relu: bool,
+    relu: Option<Option<f64>>,
     ctx: Context,
 ) -> Result<Tensor> {
     let x = inputs.req(0)?;
@@ -140,17 +142,23 @@ pub(super) fn conv(
     };
     let out_dims = [x.dim(0)?, cout, out_h, out_w];
     let fits = residual.is_none_or(|r| r.dims() == out_dims);
+    let epilogue = Epilogue {
+        bias,
+        residual,
+        relu: relu.is_some(),
+        relu_max: relu.flatten(),
+        relu_backward: if ctx.guided {
+            vulnmap_ops::guided::ReluBackward::Guided
+        } else {
+            vulnmap_ops::guided::ReluBackward::Exact
+        },
+    };
+    let depthwise_kernel = groups == cin && cin_per_group == 1 && cout == cin && kh == kw;
+    let cpu = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64);
+    if depthwise_kernel && cpu && residual.is_none() {
+        return depthwise_conv2d_fused(&pad2d(x, pad, 0.0)?, w, epilogue, stride);
+    }
     if groups == 1 && kh == kw && fits {
-        let epilogue = Epilogue {
-            bias,
-            residual,
-            relu,
-            relu_backward: if ctx.guided {
-                vulnmap_ops::guided::ReluBackward::Guided
-            } else {
-                vulnmap_ops::guided::ReluBackward::Exact
-            },
-        };
         return if pad.is_uniform() {
             conv2d_fused(x, w, epilogue, stride, pad.top)
         } else {
@@ -158,7 +166,7 @@ pub(super) fn conv(
         };
     }
     let padded = pad2d(x, pad, 0.0)?;
-    let mut y = if groups == cin && cin_per_group == 1 && cout == cin && kh == kw {
+    let mut y = if depthwise_kernel {
         depthwise(&padded, w, stride)?
     } else if groups == 1 {
         plain_conv(&padded, w, stride)?
@@ -181,8 +189,12 @@ pub(super) fn conv(
     if let Some(r) = residual {
         y = y.broadcast_add(r)?;
     }
-    if relu {
-        y = rectify(y.relu()?, ctx)?;
+    if let Some(max) = relu {
+        y = y.relu()?;
+        if let Some(max) = max {
+            y = y.minimum(max)?;
+        }
+        y = rectify(y, ctx)?;
     }
     Ok(y)
 }
