@@ -8,7 +8,7 @@
 
 use crate::error::Result;
 use crate::graph::{Graph, Node};
-use crate::ops::{batch_norm_affine, Attrs, FUSED_CONV};
+use crate::ops::{batch_norm_affine, Attrs, FUSED_CONV, FUSED_GELU, FUSED_SILU};
 use crate::proto::{attribute_type, AttributeProto};
 use candle_core::Tensor;
 
@@ -193,6 +193,167 @@ pub(crate) fn fuse_epilogues(graph: &mut Graph) {
         gone.sort_unstable();
         for k in gone.into_iter().rev() {
             graph.nodes.remove(k);
+        }
+    }
+}
+
+/// The value of a constant scalar (any shape of one element).
+fn scalar(graph: &Graph, value: Option<usize>) -> Option<f32> {
+    let t = graph.constants[value?].as_ref()?;
+    (t.elem_count() == 1)
+        .then(|| {
+            t.flatten_all()
+                .ok()?
+                .to_dtype(candle_core::DType::F32)
+                .ok()?
+                .to_vec1::<f32>()
+                .ok()
+        })
+        .flatten()?
+        .first()
+        .copied()
+}
+
+/// The input of a binary node other than `value`, if `value` is one of its two inputs.
+fn other_input(node: &Node, value: usize) -> Option<Option<usize>> {
+    match node.inputs.as_slice() {
+        [a, b] if *a == Some(value) => Some(*b),
+        [a, b] if *b == Some(value) => Some(*a),
+        _ => None,
+    }
+}
+
+/// The single output of `node`.
+fn only_output(node: &Node) -> Option<usize> {
+    match node.outputs.as_slice() {
+        [Some(v)] => Some(*v),
+        _ => None,
+    }
+}
+
+/// `Div(x, sqrt 2) -> Erf -> Add(1) -> Mul(x) -> Mul(0.5)` from node `i` (how
+/// `torch.onnx.export` writes `nn.GELU()` before opset 20): `x` and the nodes, last one last.
+fn match_gelu(graph: &Graph, readers: &[usize], i: usize) -> Option<(usize, Vec<usize>)> {
+    let close = |v: Option<f32>, want: f32| v.is_some_and(|v| (v - want).abs() < 1e-4);
+    let div = &graph.nodes[i];
+    if div.op_type != "Div"
+        || div.inputs.len() != 2
+        || !close(scalar(graph, div.inputs[1]), std::f32::consts::SQRT_2)
+    {
+        return None;
+    }
+    let x = div.inputs[0]?;
+    let erf = sole_reader(graph, readers, only_output(div)?)?;
+    (graph.nodes[erf].op_type == "Erf").then_some(())?;
+    let add = sole_reader(graph, readers, only_output(&graph.nodes[erf])?)?;
+    let erf_out = only_output(&graph.nodes[erf])?;
+    (graph.nodes[add].op_type == "Add"
+        && close(scalar(graph, other_input(&graph.nodes[add], erf_out)?), 1.0))
+    .then_some(())?;
+    let add_out = only_output(&graph.nodes[add])?;
+    let times_x = sole_reader(graph, readers, add_out)?;
+    (graph.nodes[times_x].op_type == "Mul"
+        && other_input(&graph.nodes[times_x], add_out)? == Some(x))
+    .then_some(())?;
+    let product = only_output(&graph.nodes[times_x])?;
+    let half = sole_reader(graph, readers, product)?;
+    (graph.nodes[half].op_type == "Mul"
+        && close(
+            scalar(graph, other_input(&graph.nodes[half], product)?),
+            0.5,
+        ))
+    .then_some(())?;
+    only_output(&graph.nodes[half])?;
+    Some((x, vec![i, erf, add, times_x, half]))
+}
+
+/// `Sigmoid(x) -> Mul(x)` from node `i`: `x` and the two nodes.
+fn match_silu(graph: &Graph, readers: &[usize], i: usize) -> Option<(usize, Vec<usize>)> {
+    let sigmoid = &graph.nodes[i];
+    if sigmoid.op_type != "Sigmoid" {
+        return None;
+    }
+    let x = (*sigmoid.inputs.first()?)?;
+    let s = only_output(sigmoid)?;
+    let mul = sole_reader(graph, readers, s)?;
+    (graph.nodes[mul].op_type == "Mul" && other_input(&graph.nodes[mul], s)? == Some(x))
+        .then_some(())?;
+    only_output(&graph.nodes[mul])?;
+    Some((x, vec![i, mul]))
+}
+
+/// Fuses the exported forms of GELU and SiLU into one node each, whose op computes the value in
+/// one pass and keeps only its input for the backward pass.
+pub(crate) fn fuse_activations(graph: &mut Graph) {
+    let mut i = 0;
+    while i < graph.nodes.len() {
+        let readers = graph.readers();
+        let found = match_gelu(graph, &readers, i)
+            .map(|m| (FUSED_GELU, m))
+            .or_else(|| match_silu(graph, &readers, i).map(|m| (FUSED_SILU, m)));
+        let Some((op_type, (x, mut nodes))) = found else {
+            i += 1;
+            continue;
+        };
+        let last = *nodes.last().unwrap_or(&i);
+        let fused = Node {
+            name: graph.nodes[last].name.clone(),
+            op_type: op_type.to_string(),
+            attrs: Vec::new(),
+            inputs: vec![Some(x)],
+            outputs: graph.nodes[last].outputs.clone(),
+        };
+        // The fused node takes the last node's place (its readers come after it).
+        graph.nodes[last] = fused;
+        nodes.pop();
+        nodes.sort_unstable();
+        for k in nodes.into_iter().rev() {
+            graph.nodes.remove(k);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::graph::Graph;
+    use candle_core::Device;
+    use vulnmap_testkit::test_asset;
+
+    /// The op types of a shared fixture's graph after folding and fusion.
+    fn fused_ops(name: &str) -> Option<Vec<String>> {
+        let path = test_asset(&format!("fixtures/onnx/{name}.onnx"))?;
+        let device = Device::Cpu;
+        let mut graph = Graph::read(&path, &device).unwrap();
+        crate::fold::fold_constants(&mut graph, &device).unwrap();
+        super::fold_batch_norms(&mut graph).unwrap();
+        super::fuse_epilogues(&mut graph);
+        super::fuse_activations(&mut graph);
+        Some(graph.nodes.iter().map(|n| n.op_type.clone()).collect())
+    }
+
+    #[test]
+    fn exported_gelu_silu_and_relu6_become_single_nodes() {
+        // ConvNeXt: GELU as Div, Erf, Add, Mul, Mul; EfficientNet-B0: SiLU as Sigmoid, Mul (its
+        // squeeze-excitation gates keep a Sigmoid of their own); Lite0: Conv -> Clip(0, 6).
+        let cases = [
+            ("convnext_small_config", super::FUSED_GELU, "Erf"),
+            ("efficientnet_lite0_imagenet", super::FUSED_CONV, "Clip"),
+        ];
+        for (name, fused, gone) in cases {
+            let Some(ops) = fused_ops(name) else { return };
+            assert!(
+                ops.iter().any(|o| o == fused),
+                "{name}: no {fused} in {ops:?}"
+            );
+            assert!(
+                !ops.iter().any(|o| o == gone),
+                "{name}: {gone} left in {ops:?}"
+            );
+        }
+        if let Some(ops) = fused_ops("efficientnet_b0_half") {
+            let silu = ops.iter().filter(|o| *o == super::FUSED_SILU).count();
+            let sigmoid = ops.iter().filter(|o| *o == "Sigmoid").count();
+            assert!(silu > sigmoid, "{silu} SiLU, {sigmoid} Sigmoid left");
         }
     }
 }

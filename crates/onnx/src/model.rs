@@ -173,6 +173,7 @@ pub fn load_with(
     crate::fold::fold_constants(&mut graph, device)?;
     crate::fuse::fold_batch_norms(&mut graph)?;
     crate::fuse::fuse_epilogues(&mut graph);
+    crate::fuse::fuse_activations(&mut graph);
     crate::fold::drop_unread(&mut graph);
     let not_classifier = |reason: String| Error::NotAClassifier {
         path: path.to_path_buf(),

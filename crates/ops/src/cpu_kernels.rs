@@ -22,8 +22,14 @@ pub trait Float:
     const ONE: Self;
     /// `x` rounded to this type.
     fn of(x: f64) -> Self;
+    /// This value as an f64 (exact).
+    fn widen(self) -> f64;
     /// The square root.
     fn sqrt(self) -> Self;
+    /// `e^self`.
+    fn exp(self) -> Self;
+    /// The error function.
+    fn erf(self) -> Self;
     /// The storage's elements, if it holds this type.
     fn elements(storage: &CpuStorage) -> Option<&[Self]>;
     /// A storage holding `values`.
@@ -35,8 +41,17 @@ impl Float for f32 {
     fn of(x: f64) -> Self {
         x as f32
     }
+    fn widen(self) -> f64 {
+        self as f64
+    }
     fn sqrt(self) -> Self {
         f32::sqrt(self)
+    }
+    fn exp(self) -> Self {
+        libm::expf(self)
+    }
+    fn erf(self) -> Self {
+        libm::erff(self)
     }
     fn elements(storage: &CpuStorage) -> Option<&[Self]> {
         match storage {
@@ -54,8 +69,17 @@ impl Float for f64 {
     fn of(x: f64) -> Self {
         x
     }
+    fn widen(self) -> f64 {
+        self
+    }
     fn sqrt(self) -> Self {
         f64::sqrt(self)
+    }
+    fn exp(self) -> Self {
+        libm::exp(self)
+    }
+    fn erf(self) -> Self {
+        libm::erf(self)
     }
     fn elements(storage: &CpuStorage) -> Option<&[Self]> {
         match storage {

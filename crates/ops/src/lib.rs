@@ -16,14 +16,17 @@
 //! ```
 //!
 //! Modules:
+//! - [`activation`]: GELU, SiLU, hard sigmoid and hard swish as single ops with their own backward.
 //! - [`conv`]: dense and depthwise convolution layers, PyTorch or TF-"SAME" padding.
 //! - [`fused_conv`]: constant-weight convolution with its bias, residual add and ReLU in one op.
 //! - [`conv_grad`]: convolution whose backward is GEMM + col2im, skipping unneeded gradients.
 //! - [`guided`]: guided backpropagation's rectifier backward (positive gradients only).
 //! - `depthwise`: CPU depthwise convolution kernels with their own backward pass.
 //! - [`batch_norm`]: BatchNorm with eval and train modes.
+//! - [`layer_norm`]: layer normalisation over the last axis, one op with its own backward.
 //! - [`pool`]: max-pooling with a working backward pass; global average pooling.
 //! - [`resize`]: differentiable bilinear resizing, on every device.
+//! - [`softmax`]: softmax over the last axis, one op whose backward reads only its output.
 //! - [`windows`]: padding and strided window views, the building block of pooling and depthwise convolution.
 //! - [`cpu_kernels`]: what the hand-written CPU kernels share (float types, contiguous views).
 //!
@@ -32,6 +35,7 @@
 //!   candle's own).
 //! - `cudnn`: cuDNN convolutions (implies `cuda`).
 
+pub mod activation;
 pub mod batch_norm;
 pub mod conv;
 pub mod conv_grad;
@@ -39,8 +43,10 @@ pub mod cpu_kernels;
 mod depthwise;
 pub mod fused_conv;
 pub mod guided;
+pub mod layer_norm;
 pub mod pool;
 pub mod resize;
+pub mod softmax;
 pub mod windows;
 
 pub use batch_norm::BatchNorm;

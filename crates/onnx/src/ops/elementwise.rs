@@ -2,6 +2,7 @@
 
 use super::{floats_of, Attrs, Context, Inputs};
 use candle_core::{bail, DType, Result, Shape, Tensor};
+use vulnmap_ops::activation::Activation;
 use vulnmap_ops::guided::positive_gradient;
 
 /// Evaluates an element-wise operator.
@@ -27,8 +28,12 @@ pub(super) fn eval(op: &str, inputs: &Inputs, attrs: Attrs, ctx: Context) -> Res
         }
         "Elu" => x.elu(attrs.float("alpha", 1.0) as f64),
         "Sigmoid" => candle_nn::ops::sigmoid(x),
-        "HardSigmoid" => hard_sigmoid(x, attrs.float("alpha", 0.2), attrs.float("beta", 0.5)),
-        "HardSwish" => x.mul(&hard_sigmoid(x, 1.0 / 6.0, 0.5)?),
+        "HardSigmoid" => Activation::HardSigmoid {
+            alpha: attrs.float("alpha", 0.2) as f64,
+            beta: attrs.float("beta", 0.5) as f64,
+        }
+        .apply(x),
+        "HardSwish" => Activation::HardSwish.apply(x),
         "Softplus" => (x.exp()? + 1.0)?.log(),
         "Tanh" => x.tanh(),
         "Exp" => x.exp(),
@@ -43,7 +48,7 @@ pub(super) fn eval(op: &str, inputs: &Inputs, attrs: Attrs, ctx: Context) -> Res
         "Sin" => x.sin(),
         "Cos" => x.cos(),
         "Gelu" => match attrs.string("approximate", "none").as_str() {
-            "none" => x.gelu_erf(),
+            "none" => Activation::Gelu.apply(x),
             "tanh" => x.gelu(),
             other => bail!("approximate `{other}` is not one of none, tanh"),
         },
@@ -62,11 +67,6 @@ pub(super) fn rectify(y: Tensor, ctx: Context) -> Result<Tensor> {
     } else {
         Ok(y)
     }
-}
-
-/// `clamp(alpha * x + beta, 0, 1)`.
-fn hard_sigmoid(x: &Tensor, alpha: f32, beta: f32) -> Result<Tensor> {
-    x.affine(alpha as f64, beta as f64)?.clamp(0f32, 1f32)
 }
 
 /// `Clip`: bounds from inputs (opset 11 on) or attributes; a ReLU6 (`min = 0`) is rectified

@@ -14,6 +14,7 @@ pub(crate) use nn::batch_norm_affine;
 
 use crate::proto::{attribute_type, AttributeProto};
 use candle_core::{bail, DType, Result, Tensor};
+use vulnmap_ops::activation::Activation;
 
 /// The operators of the default (`ai.onnx`) domain this crate runs.
 pub(crate) const SUPPORTED: &[&str] = &[
@@ -96,6 +97,12 @@ pub(crate) const SUPPORTED: &[&str] = &[
 /// The operator a convolution and the Add and Relu after it become when they are fused (see
 /// [`crate::fuse`]); not an ONNX operator.
 pub(crate) const FUSED_CONV: &str = "vulnmap.FusedConv";
+
+/// What the exported form of GELU (`x / sqrt 2 -> Erf -> + 1 -> x * -> * 0.5`) becomes when fused.
+pub(crate) const FUSED_GELU: &str = "vulnmap.Gelu";
+
+/// What `x * Sigmoid(x)` (SiLU, swish) becomes when fused.
+pub(crate) const FUSED_SILU: &str = "vulnmap.Silu";
 
 /// What an evaluation needs beyond the node: the opset (attribute meanings changed over
 /// versions) and whether rectifiers backpropagate guided gradients.
@@ -215,6 +222,8 @@ pub(crate) fn eval(
             one(inputs.req(0)?.clone())
         }
         "Conv" => one(nn::conv(&inputs, attrs, None, None, ctx)?),
+        FUSED_GELU => one(Activation::Gelu.apply(inputs.req(0)?)?),
+        FUSED_SILU => one(Activation::Silu.apply(inputs.req(0)?)?),
         FUSED_CONV => {
             let relu = (attrs.int("relu", 0) != 0).then(|| {
                 let max = attrs.float("relu_max", f32::INFINITY);

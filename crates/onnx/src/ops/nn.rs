@@ -306,10 +306,21 @@ pub(super) fn layer_norm(inputs: &Inputs, attrs: Attrs, outputs: usize) -> Resul
     let a = axis(attrs.int("axis", -1), x.rank())?;
     let inner: usize = x.dims()[a..].iter().product();
     let outer = x.elem_count() / inner.max(1);
-    let (y, mean, inv_std) = standardise(
-        &x.reshape((outer, inner))?,
-        attrs.float("epsilon", 1e-5) as f64,
-    )?;
+    let eps = attrs.float("epsilon", 1e-5) as f64;
+    let scale = inputs.req(1)?;
+    let (scale_all, bias_all) = (
+        scale.elem_count() == inner,
+        inputs.opt(2).is_none_or(|b| b.elem_count() == inner),
+    );
+    if outputs <= 1 && scale_all && bias_all {
+        // The usual case: one output, scale and shift over the whole normalised part.
+        let rows = x.reshape((outer, inner))?;
+        let bias = inputs.opt(2).map(|b| b.flatten_all()).transpose()?;
+        let y =
+            vulnmap_ops::layer_norm::layer_norm(&rows, &scale.flatten_all()?, bias.as_ref(), eps)?;
+        return Ok(vec![y.reshape(x.shape())?]);
+    }
+    let (y, mean, inv_std) = standardise(&x.reshape((outer, inner))?, eps)?;
     let mut y = y.reshape(x.shape())?.broadcast_mul(inputs.req(1)?)?;
     if let Some(b) = inputs.opt(2) {
         y = y.broadcast_add(b)?;
@@ -578,6 +589,9 @@ pub(super) fn softmax(x: &Tensor, attrs: Attrs, ctx: Context, log: bool) -> Resu
         let outer: usize = x.dims()[..a].iter().product();
         (x.reshape((outer, ()))?, 1)
     };
+    if !log && a + 1 == input.rank() {
+        return vulnmap_ops::softmax::softmax_last_dim(&input)?.reshape(x.shape());
+    }
     // Subtracting the (constant) maximum changes no gradient and keeps exp finite.
     let max = input.max_keepdim(a)?.detach();
     let shifted = input.broadcast_sub(&max)?;

@@ -1,0 +1,253 @@
+//! Element-wise activations as single ops with an analytic backward: GELU (erf form), SiLU,
+//! hard sigmoid and hard swish.
+//!
+//! Built from candle's tensor ops, GELU keeps five intermediate tensors for the backward pass and
+//! its gradient takes as many more passes, each allocating; here the forward is one parallel pass,
+//! the backward another, and only the input is kept. Other devices get the same value from
+//! tensor ops ([`Activation::by_tensor_ops`]).
+
+use crate::cpu_kernels::{slice, Float};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// An element-wise activation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Activation {
+    /// `x Φ(x) = x (1 + erf(x / √2)) / 2`, PyTorch's default GELU.
+    Gelu,
+    /// `x σ(x)` (swish).
+    Silu,
+    /// `clamp(alpha x + beta, 0, 1)`.
+    HardSigmoid {
+        /// Slope (ONNX's default 0.2; PyTorch's `hardsigmoid` 1/6).
+        alpha: f64,
+        /// Offset (0.5 in both).
+        beta: f64,
+    },
+    /// `x clamp(x / 6 + 1/2, 0, 1)`.
+    HardSwish,
+}
+
+impl Activation {
+    /// The activation of `x`: one op with its own backward on the CPU (f32, f64), tensor ops
+    /// elsewhere.
+    pub fn apply(self, x: &Tensor) -> Result<Tensor> {
+        if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+            x.contiguous()?.apply_op1(Forward(self))
+        } else {
+            self.by_tensor_ops(x)
+        }
+    }
+
+    /// The same value from candle's tensor ops, on any device.
+    pub fn by_tensor_ops(self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Activation::Gelu => x.gelu_erf(),
+            Activation::Silu => x.mul(&candle_nn::ops::sigmoid(x)?),
+            Activation::HardSigmoid { alpha, beta } => x.affine(alpha, beta)?.clamp(0f32, 1f32),
+            Activation::HardSwish => x.mul(&x.affine(1.0 / 6.0, 0.5)?.clamp(0f32, 1f32)?),
+        }
+    }
+
+    fn value<T: Float>(self, x: T) -> T {
+        let zero = T::default();
+        let half = T::of(0.5);
+        let hard = |x: T, alpha: T, beta: T| {
+            let y = alpha * x + beta;
+            if y < zero {
+                zero
+            } else if y > T::ONE {
+                T::ONE
+            } else {
+                y
+            }
+        };
+        match self {
+            Activation::Gelu => {
+                half * x * (T::ONE + (x * T::of(std::f64::consts::FRAC_1_SQRT_2)).erf())
+            }
+            Activation::Silu => x / (T::ONE + (zero - x).exp()),
+            Activation::HardSigmoid { alpha, beta } => hard(x, T::of(alpha), T::of(beta)),
+            Activation::HardSwish => x * hard(x, T::of(1.0 / 6.0), half),
+        }
+    }
+
+    /// The derivative at `x` (at the kinks of the hard ones: 0 outside the open interval, as
+    /// PyTorch's backward).
+    fn derivative<T: Float>(self, x: T) -> T {
+        let zero = T::default();
+        let half = T::of(0.5);
+        match self {
+            Activation::Gelu => {
+                let cdf = half * (T::ONE + (x * T::of(std::f64::consts::FRAC_1_SQRT_2)).erf());
+                let pdf =
+                    T::of(0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2)
+                        * (zero - half * x * x).exp();
+                cdf + x * pdf
+            }
+            Activation::Silu => {
+                let s = T::ONE / (T::ONE + (zero - x).exp());
+                s * (T::ONE + x * (T::ONE - s))
+            }
+            Activation::HardSigmoid { alpha, beta } => {
+                let y = T::of(alpha) * x + T::of(beta);
+                if y > zero && y < T::ONE {
+                    T::of(alpha)
+                } else {
+                    zero
+                }
+            }
+            Activation::HardSwish => {
+                // PyTorch: 0 below -3, 1 above 3, x / 3 + 1/2 between (inclusive of both ends).
+                if x < T::of(-3.0) {
+                    zero
+                } else if x > T::of(3.0) {
+                    T::ONE
+                } else {
+                    x / T::of(3.0) + half
+                }
+            }
+        }
+    }
+}
+
+/// Elements per parallel task.
+const CHUNK: usize = 1 << 14;
+
+/// `f(x)` for every element, in parallel.
+fn map<T: Float>(x: &[T], f: impl Fn(T) -> T + Sync) -> Vec<T> {
+    let mut out = vec![T::default(); x.len()];
+    out.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .for_each(|(o, x)| o.iter_mut().zip(x).for_each(|(o, &x)| *o = f(x)));
+    out
+}
+
+struct Forward(Activation);
+
+impl CustomOp1 for Forward {
+    fn name(&self) -> &'static str {
+        "vulnmap-activation"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let a = self.0;
+        let out = match x.dtype() {
+            DType::F32 => f32::storage(map(slice::<f32>(x, l, "activation")?, |v| a.value(v))),
+            DType::F64 => f64::storage(map(slice::<f64>(x, l, "activation")?, |v| a.value(v))),
+            other => candle_core::bail!("activation: f32 or f64, not {other:?}"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _output: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let grad = grad.contiguous()?;
+        Ok(Some(grad.apply_op2_no_bwd(&x.detach(), &Backward(self.0))?))
+    }
+}
+
+/// `(grad, x) -> grad * f'(x)`.
+struct Backward(Activation);
+
+impl CustomOp2 for Backward {
+    fn name(&self) -> &'static str {
+        "vulnmap-activation-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        g: &CpuStorage,
+        gl: &Layout,
+        x: &CpuStorage,
+        xl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn typed<T: Float>(a: Activation, g: &[T], x: &[T]) -> Vec<T> {
+            let mut out = vec![T::default(); g.len()];
+            out.par_chunks_mut(CHUNK)
+                .zip(g.par_chunks(CHUNK).zip(x.par_chunks(CHUNK)))
+                .for_each(|(o, (g, x))| {
+                    for ((o, &g), &x) in o.iter_mut().zip(g).zip(x) {
+                        *o = g * a.derivative(x);
+                    }
+                });
+            out
+        }
+        if gl.shape() != xl.shape() {
+            candle_core::bail!(
+                "activation: gradient {:?} for input {:?}",
+                gl.dims(),
+                xl.dims()
+            );
+        }
+        const WHAT: &str = "activation backward";
+        let out = match g.dtype() {
+            DType::F32 => f32::storage(typed(self.0, slice(g, gl, WHAT)?, slice(x, xl, WHAT)?)),
+            DType::F64 => f64::storage(typed(self.0, slice(g, gl, WHAT)?, slice(x, xl, WHAT)?)),
+            other => candle_core::bail!("activation: f32 or f64, not {other:?}"),
+        };
+        Ok((out, gl.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    const ALL: [Activation; 5] = [
+        Activation::Gelu,
+        Activation::Silu,
+        Activation::HardSigmoid {
+            alpha: 0.2,
+            beta: 0.5,
+        },
+        Activation::HardSigmoid {
+            alpha: 1.0 / 6.0,
+            beta: 0.5,
+        },
+        Activation::HardSwish,
+    ];
+
+    #[test]
+    fn each_activation_equals_its_tensor_ops_with_the_same_gradient() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut rng = vulnmap_data::random::rng(11, "activation test");
+        // Spread over the hard activations' kinks (-3, 3, -2.5, 2.5) and beyond.
+        let x = (vulnmap_data::random::randn(&mut rng, (3, 5, 17, 13), &dev)? * 4.0)?
+            .to_dtype(DType::F64)?;
+        let x = Var::from_tensor(&x)?;
+        let probe = vulnmap_data::random::randn(&mut rng, x.shape(), &dev)?.to_dtype(DType::F64)?;
+        for a in ALL {
+            let ours = a.apply(x.as_tensor())?;
+            let theirs = a.by_tensor_ops(x.as_tensor())?;
+            let diff = |p: &Tensor, q: &Tensor| -> Result<f64> {
+                (p - q)?.abs()?.max_all()?.to_scalar::<f64>()
+            };
+            assert!(diff(&ours, &theirs)? < 1e-12, "{a:?} value");
+            let g1 = (&ours * &probe)?.sum_all()?.backward()?;
+            let g2 = (&theirs * &probe)?.sum_all()?.backward()?;
+            let (Some(g1), Some(g2)) = (g1.get(x.as_tensor()), g2.get(x.as_tensor())) else {
+                panic!("{a:?}: no input gradient");
+            };
+            // candle's GELU backward rounds 1/sqrt(2 pi) to 0.398942 (ours is checked against
+            // finite differences below).
+            let tolerance = if a == Activation::Gelu { 1e-5 } else { 1e-10 };
+            let d = diff(g1, g2)?;
+            assert!(d < tolerance, "{a:?} gradient differs by {d}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn gelu_and_silu_gradients_match_finite_differences() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut rng = vulnmap_data::random::rng(12, "activation gradcheck");
+        let x = (vulnmap_data::random::randn(&mut rng, (2, 3, 4, 5), &dev)? * 3.0)?
+            .to_dtype(DType::F64)?;
+        for a in [Activation::Gelu, Activation::Silu] {
+            vulnmap_testkit::gradcheck::finite_difference_check(&x, |x| a.apply(x), 1e-6, 1e-7)?;
+        }
+        Ok(())
+    }
+}

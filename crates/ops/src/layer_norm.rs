@@ -1,0 +1,201 @@
+//! Layer normalisation over the last axis with constant scale and shift, as one op whose backward
+//! keeps only the input (the statistics are recomputed, one pass per row).
+//!
+//! From candle's tensor ops (candle-nn's `layer_norm` op has no backward) it keeps seven
+//! intermediate tensors and its gradient allocates as many again; ConvNeXt and ViT normalise
+//! every block.
+
+use crate::cpu_kernels::{slice, Float};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// `(x - mean) / sqrt(var + eps) * weight + bias` over the last axis of `x`, with `weight` and
+/// `bias` (that axis' length) constants; the population variance, as PyTorch's.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+    let inner = x.dim(candle_core::D::Minus1)?;
+    let tracked = weight.track_op() || bias.is_some_and(|b| b.track_op());
+    let cpu = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64);
+    if !cpu || tracked {
+        return by_tensor_ops(x, weight, bias, eps);
+    }
+    let values = |t: &Tensor| -> Result<Vec<f64>> {
+        let v = t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+        if v.len() != inner {
+            candle_core::bail!("layer norm: {} values for a last axis of {inner}", v.len());
+        }
+        Ok(v)
+    };
+    let op = LayerNorm {
+        inner,
+        weight: values(weight)?,
+        bias: bias.map(values).transpose()?,
+        eps,
+    };
+    x.contiguous()?.apply_op1(op)
+}
+
+/// The same value from candle's tensor ops, on any device and with trainable scale and shift.
+pub fn by_tensor_ops(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    eps: f64,
+) -> Result<Tensor> {
+    let last = candle_core::D::Minus1;
+    let centred = x.broadcast_sub(&x.mean_keepdim(last)?)?;
+    let inv_std = (centred.sqr()?.mean_keepdim(last)? + eps)?
+        .sqrt()?
+        .recip()?;
+    let y = centred.broadcast_mul(&inv_std)?.broadcast_mul(weight)?;
+    match bias {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}
+
+struct LayerNorm {
+    inner: usize,
+    weight: Vec<f64>,
+    bias: Option<Vec<f64>>,
+    eps: f64,
+}
+
+impl LayerNorm {
+    /// A row's mean and 1 / standard deviation.
+    fn stats<T: Float>(&self, row: &[T]) -> (f64, f64) {
+        let n = row.len() as f64;
+        let mean = row.iter().map(|v| v.widen()).sum::<f64>() / n;
+        let var = row.iter().map(|v| (v.widen() - mean).powi(2)).sum::<f64>() / n;
+        (mean, 1.0 / (var + self.eps).sqrt())
+    }
+
+    fn forward<T: Float>(&self, x: &[T]) -> Vec<T> {
+        let mut out = vec![T::default(); x.len()];
+        out.par_chunks_mut(self.inner)
+            .zip(x.par_chunks(self.inner))
+            .for_each(|(o, row)| {
+                let (mean, inv_std) = self.stats(row);
+                for (k, (o, v)) in o.iter_mut().zip(row).enumerate() {
+                    let shift = self.bias.as_ref().map_or(0.0, |b| b[k]);
+                    *o = T::of((v.widen() - mean) * inv_std * self.weight[k] + shift);
+                }
+            });
+        out
+    }
+
+    /// `dx = inv_std (g w - mean(g w) - x_hat mean(g w x_hat))` per row.
+    fn backward<T: Float>(&self, g: &[T], x: &[T]) -> Vec<T> {
+        let mut out = vec![T::default(); x.len()];
+        let n = self.inner as f64;
+        out.par_chunks_mut(self.inner)
+            .zip(g.par_chunks(self.inner).zip(x.par_chunks(self.inner)))
+            .for_each(|(o, (g, row))| {
+                let (mean, inv_std) = self.stats(row);
+                let (mut sum_g, mut sum_gx) = (0.0, 0.0);
+                for (k, (g, v)) in g.iter().zip(row).enumerate() {
+                    let gw = g.widen() * self.weight[k];
+                    sum_g += gw;
+                    sum_gx += gw * (v.widen() - mean) * inv_std;
+                }
+                let (mean_g, mean_gx) = (sum_g / n, sum_gx / n);
+                for (k, (o, (g, v))) in o.iter_mut().zip(g.iter().zip(row)).enumerate() {
+                    let x_hat = (v.widen() - mean) * inv_std;
+                    let gw = g.widen() * self.weight[k];
+                    *o = T::of(inv_std * (gw - mean_g - x_hat * mean_gx));
+                }
+            });
+        out
+    }
+}
+
+impl CustomOp1 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "vulnmap-layer-norm"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        const WHAT: &str = "layer norm";
+        let out = match x.dtype() {
+            DType::F32 => f32::storage(self.forward(slice::<f32>(x, l, WHAT)?)),
+            DType::F64 => f64::storage(self.forward(slice::<f64>(x, l, WHAT)?)),
+            other => candle_core::bail!("{WHAT}: f32 or f64, not {other:?}"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _output: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let grad = grad.contiguous()?;
+        Ok(Some(grad.apply_op2_no_bwd(&x.detach(), &Backward(self))?))
+    }
+}
+
+/// `(grad, x) -> d x`.
+struct Backward<'a>(&'a LayerNorm);
+
+impl CustomOp2 for Backward<'_> {
+    fn name(&self) -> &'static str {
+        "vulnmap-layer-norm-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        g: &CpuStorage,
+        gl: &Layout,
+        x: &CpuStorage,
+        xl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        const WHAT: &str = "layer norm backward";
+        if gl.shape() != xl.shape() {
+            candle_core::bail!("{WHAT}: gradient {:?} for input {:?}", gl.dims(), xl.dims());
+        }
+        let ln = self.0;
+        let out = match g.dtype() {
+            DType::F32 => f32::storage(ln.backward(slice(g, gl, WHAT)?, slice(x, xl, WHAT)?)),
+            DType::F64 => f64::storage(ln.backward(slice(g, gl, WHAT)?, slice(x, xl, WHAT)?)),
+            other => candle_core::bail!("{WHAT}: f32 or f64, not {other:?}"),
+        };
+        Ok((out, gl.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn equals_tensor_ops_with_the_same_gradient_and_finite_differences() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut rng = vulnmap_data::random::rng(13, "layer norm test");
+        let randn = |rng: &mut _, shape: &[usize]| -> Result<Tensor> {
+            vulnmap_data::random::randn(rng, shape, &dev)?.to_dtype(DType::F64)
+        };
+        let x = Var::from_tensor(&randn(&mut rng, &[2, 5, 7, 12])?.affine(3.0, 1.5)?)?;
+        let weight = randn(&mut rng, &[12])?;
+        let bias = randn(&mut rng, &[12])?;
+        let probe = randn(&mut rng, &[2, 5, 7, 12])?;
+        for bias in [None, Some(&bias)] {
+            let ours = layer_norm(x.as_tensor(), &weight, bias, 1e-5)?;
+            let theirs = by_tensor_ops(x.as_tensor(), &weight, bias, 1e-5)?;
+            let diff = |p: &Tensor, q: &Tensor| -> Result<f64> {
+                (p - q)?.abs()?.max_all()?.to_scalar::<f64>()
+            };
+            assert!(diff(&ours, &theirs)? < 1e-12, "value");
+            let g1 = (&ours * &probe)?.sum_all()?.backward()?;
+            let g2 = (&theirs * &probe)?.sum_all()?.backward()?;
+            let (Some(g1), Some(g2)) = (g1.get(x.as_tensor()), g2.get(x.as_tensor())) else {
+                panic!("no input gradient");
+            };
+            assert!(diff(g1, g2)? < 1e-10, "gradient");
+        }
+        let x = randn(&mut rng, &[3, 9])?;
+        vulnmap_testkit::gradcheck::finite_difference_check(
+            &x,
+            |x| layer_norm(x, &weight.narrow(0, 0, 9)?, None, 1e-5),
+            1e-6,
+            1e-7,
+        )?;
+        Ok(())
+    }
+}

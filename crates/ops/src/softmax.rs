@@ -1,0 +1,160 @@
+//! Softmax over the last axis as one op whose backward reads only its output
+//! (`dx = y (g - sum(g y))` per row), the attention weights of every vision transformer.
+//!
+//! candle-nn's `softmax_last_dim` has no backward, and from tensor ops a softmax keeps four
+//! intermediate tensors of the attention matrix's size.
+
+use crate::cpu_kernels::{slice, Float};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Softmax over the last axis of `x`: one op on the CPU (f32, f64), tensor ops elsewhere.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+        let inner = x.dim(candle_core::D::Minus1)?;
+        x.contiguous()?.apply_op1(Softmax { inner })
+    } else {
+        by_tensor_ops(x)
+    }
+}
+
+/// The same value from candle's tensor ops, on any device.
+pub fn by_tensor_ops(x: &Tensor) -> Result<Tensor> {
+    let last = candle_core::D::Minus1;
+    // Subtracting the (constant) maximum changes no gradient and keeps exp finite.
+    let exp = x.broadcast_sub(&x.max_keepdim(last)?.detach())?.exp()?;
+    exp.broadcast_div(&exp.sum_keepdim(last)?)
+}
+
+struct Softmax {
+    inner: usize,
+}
+
+impl Softmax {
+    fn forward<T: Float>(&self, x: &[T]) -> Vec<T> {
+        let mut out = vec![T::default(); x.len()];
+        out.par_chunks_mut(self.inner.max(1))
+            .zip(x.par_chunks(self.inner.max(1)))
+            .for_each(|(o, row)| {
+                let max = row
+                    .iter()
+                    .map(|v| v.widen())
+                    .fold(f64::NEG_INFINITY, f64::max);
+                let mut sum = 0.0;
+                for (o, v) in o.iter_mut().zip(row) {
+                    let e = (*v - T::of(max)).exp();
+                    sum += e.widen();
+                    *o = e;
+                }
+                let inv = T::of(1.0 / sum);
+                o.iter_mut().for_each(|o| *o = *o * inv);
+            });
+        out
+    }
+
+    fn backward<T: Float>(&self, g: &[T], y: &[T]) -> Vec<T> {
+        let mut out = vec![T::default(); y.len()];
+        out.par_chunks_mut(self.inner.max(1))
+            .zip(
+                g.par_chunks(self.inner.max(1))
+                    .zip(y.par_chunks(self.inner.max(1))),
+            )
+            .for_each(|(o, (g, y))| {
+                let dot: f64 = g.iter().zip(y).map(|(g, y)| g.widen() * y.widen()).sum();
+                let dot = T::of(dot);
+                for ((o, &g), &y) in o.iter_mut().zip(g).zip(y) {
+                    *o = y * (g - dot);
+                }
+            });
+        out
+    }
+}
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "vulnmap-softmax"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        const WHAT: &str = "softmax";
+        let out = match x.dtype() {
+            DType::F32 => f32::storage(self.forward(slice::<f32>(x, l, WHAT)?)),
+            DType::F64 => f64::storage(self.forward(slice::<f64>(x, l, WHAT)?)),
+            other => candle_core::bail!("{WHAT}: f32 or f64, not {other:?}"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, output: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let grad = grad.contiguous()?;
+        Ok(Some(
+            grad.apply_op2_no_bwd(&output.detach(), &Backward(self))?,
+        ))
+    }
+}
+
+/// `(grad, y) -> d x`.
+struct Backward<'a>(&'a Softmax);
+
+impl CustomOp2 for Backward<'_> {
+    fn name(&self) -> &'static str {
+        "vulnmap-softmax-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        g: &CpuStorage,
+        gl: &Layout,
+        y: &CpuStorage,
+        yl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        const WHAT: &str = "softmax backward";
+        if gl.shape() != yl.shape() {
+            candle_core::bail!(
+                "{WHAT}: gradient {:?} for output {:?}",
+                gl.dims(),
+                yl.dims()
+            );
+        }
+        let s = self.0;
+        let out = match g.dtype() {
+            DType::F32 => f32::storage(s.backward(slice(g, gl, WHAT)?, slice(y, yl, WHAT)?)),
+            DType::F64 => f64::storage(s.backward(slice(g, gl, WHAT)?, slice(y, yl, WHAT)?)),
+            other => candle_core::bail!("{WHAT}: f32 or f64, not {other:?}"),
+        };
+        Ok((out, gl.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn equals_tensor_ops_with_the_same_gradient_and_finite_differences() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut rng = vulnmap_data::random::rng(14, "softmax test");
+        let x = vulnmap_data::random::randn(&mut rng, (2, 3, 7, 11), &dev)?
+            .affine(4.0, 0.0)?
+            .to_dtype(DType::F64)?;
+        let x = Var::from_tensor(&x)?;
+        let probe = vulnmap_data::random::randn(&mut rng, x.shape(), &dev)?.to_dtype(DType::F64)?;
+        let ours = softmax_last_dim(x.as_tensor())?;
+        let theirs = by_tensor_ops(x.as_tensor())?;
+        let diff = |p: &Tensor, q: &Tensor| -> Result<f64> {
+            (p - q)?.abs()?.max_all()?.to_scalar::<f64>()
+        };
+        assert!(diff(&ours, &theirs)? < 1e-14, "value");
+        let g1 = (&ours * &probe)?.sum_all()?.backward()?;
+        let g2 = (&theirs * &probe)?.sum_all()?.backward()?;
+        let (Some(g1), Some(g2)) = (g1.get(x.as_tensor()), g2.get(x.as_tensor())) else {
+            panic!("no input gradient");
+        };
+        assert!(diff(g1, g2)? < 1e-12, "gradient");
+        let x = vulnmap_data::random::randn(&mut rng, (4, 6), &dev)?.to_dtype(DType::F64)?;
+        vulnmap_testkit::gradcheck::finite_difference_check(&x, softmax_last_dim, 1e-6, 1e-8)?;
+        Ok(())
+    }
+}
