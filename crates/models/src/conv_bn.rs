@@ -91,16 +91,50 @@ impl Folded {
     }
 }
 
-/// A convolution and its BatchNorm.
+/// A convolution layer a following BatchNorm can be folded into.
+pub(crate) trait FoldableConv {
+    fn weight(&self) -> &Tensor;
+    fn forward(&self, x: &Tensor) -> Result<Tensor>;
+    fn forward_fused(&self, x: &Tensor, weight: &Tensor, epilogue: Epilogue) -> Result<Tensor>;
+}
+
+impl FoldableConv for Conv2d {
+    fn weight(&self) -> &Tensor {
+        Conv2d::weight(self)
+    }
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Conv2d::forward(self, x)
+    }
+    fn forward_fused(&self, x: &Tensor, weight: &Tensor, epilogue: Epilogue) -> Result<Tensor> {
+        Conv2d::forward_fused(self, x, weight, epilogue)
+    }
+}
+
+impl FoldableConv for DepthwiseConv2d {
+    fn weight(&self) -> &Tensor {
+        DepthwiseConv2d::weight(self)
+    }
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        DepthwiseConv2d::forward(self, x)
+    }
+    fn forward_fused(&self, x: &Tensor, weight: &Tensor, epilogue: Epilogue) -> Result<Tensor> {
+        DepthwiseConv2d::forward_fused(self, x, weight, epilogue)
+    }
+}
+
+/// A convolution (dense by default) and its BatchNorm.
 #[derive(Debug, Clone)]
-pub(crate) struct ConvBn {
-    conv: Conv2d,
+pub(crate) struct ConvBn<C = Conv2d> {
+    conv: C,
     bn: BatchNorm,
     folded: Folded,
 }
 
-impl ConvBn {
-    pub(crate) fn new(conv: Conv2d, bn: BatchNorm) -> Self {
+/// A depthwise convolution and its BatchNorm (no residual).
+pub(crate) type DepthwiseBn = ConvBn<DepthwiseConv2d>;
+
+impl<C: FoldableConv> ConvBn<C> {
+    pub(crate) fn new(conv: C, bn: BatchNorm) -> Self {
         Self {
             conv,
             bn,
@@ -109,32 +143,6 @@ impl ConvBn {
     }
 
     /// `conv`, `bn`, then `then`.
-    pub(crate) fn forward_then(&self, x: &Tensor, train: bool, then: Then) -> Result<Tensor> {
-        match self.folded.get(self.conv.weight(), &self.bn, train)? {
-            Some((kernel, bias)) => self.conv.forward_fused(x, &kernel, then.epilogue(&bias)),
-            None => then.by_tensor_ops(self.bn.forward_t(&self.conv.forward(x)?, train)?),
-        }
-    }
-}
-
-/// A depthwise convolution and its BatchNorm.
-#[derive(Debug, Clone)]
-pub(crate) struct DepthwiseBn {
-    conv: DepthwiseConv2d,
-    bn: BatchNorm,
-    folded: Folded,
-}
-
-impl DepthwiseBn {
-    pub(crate) fn new(conv: DepthwiseConv2d, bn: BatchNorm) -> Self {
-        Self {
-            conv,
-            bn,
-            folded: Folded::default(),
-        }
-    }
-
-    /// `conv`, `bn`, then `then` (no residual).
     pub(crate) fn forward_then(&self, x: &Tensor, train: bool, then: Then) -> Result<Tensor> {
         match self.folded.get(self.conv.weight(), &self.bn, train)? {
             Some((kernel, bias)) => self.conv.forward_fused(x, &kernel, then.epilogue(&bias)),

@@ -6,9 +6,8 @@
 //! the backward another, and only the input is kept. Other devices get the same value from
 //! tensor ops ([`Activation::by_tensor_ops`]).
 
-use crate::cpu_kernels::{slice, Float};
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use crate::cpu_kernels::{Float, SameShape, SameShapeKernel};
+use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;
 
 /// An element-wise activation.
@@ -34,7 +33,7 @@ impl Activation {
     /// elsewhere.
     pub fn apply(self, x: &Tensor) -> Result<Tensor> {
         if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
-            x.contiguous()?.apply_op1(Forward(self))
+            x.contiguous()?.apply_op1(SameShape(self))
         } else {
             self.by_tensor_ops(x)
         }
@@ -115,78 +114,30 @@ impl Activation {
 /// Elements per parallel task.
 const CHUNK: usize = 1 << 14;
 
-/// `f(x)` for every element, in parallel.
-fn map<T: Float>(x: &[T], f: impl Fn(T) -> T + Sync) -> Vec<T> {
-    let mut out = vec![T::default(); x.len()];
-    out.par_chunks_mut(CHUNK)
-        .zip(x.par_chunks(CHUNK))
-        .for_each(|(o, x)| o.iter_mut().zip(x).for_each(|(o, &x)| *o = f(x)));
-    out
-}
+impl SameShapeKernel for Activation {
+    const NAME: &'static str = "vulnmap-activation";
+    const BACKWARD_READS_OUTPUT: bool = false;
 
-struct Forward(Activation);
-
-impl CustomOp1 for Forward {
-    fn name(&self) -> &'static str {
-        "vulnmap-activation"
+    fn forward<T: Float>(&self, x: &[T]) -> Vec<T> {
+        let a = *self;
+        let mut out = vec![T::default(); x.len()];
+        out.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK))
+            .for_each(|(o, x)| o.iter_mut().zip(x).for_each(|(o, &x)| *o = a.value(x)));
+        out
     }
 
-    fn cpu_fwd(&self, x: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let a = self.0;
-        let out = match x.dtype() {
-            DType::F32 => f32::storage(map(slice::<f32>(x, l, "activation")?, |v| a.value(v))),
-            DType::F64 => f64::storage(map(slice::<f64>(x, l, "activation")?, |v| a.value(v))),
-            other => candle_core::bail!("activation: f32 or f64, not {other:?}"),
-        };
-        Ok((out, l.shape().clone()))
-    }
-
-    fn bwd(&self, x: &Tensor, _output: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let grad = grad.contiguous()?;
-        Ok(Some(grad.apply_op2_no_bwd(&x.detach(), &Backward(self.0))?))
-    }
-}
-
-/// `(grad, x) -> grad * f'(x)`.
-struct Backward(Activation);
-
-impl CustomOp2 for Backward {
-    fn name(&self) -> &'static str {
-        "vulnmap-activation-backward"
-    }
-
-    fn cpu_fwd(
-        &self,
-        g: &CpuStorage,
-        gl: &Layout,
-        x: &CpuStorage,
-        xl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        fn typed<T: Float>(a: Activation, g: &[T], x: &[T]) -> Vec<T> {
-            let mut out = vec![T::default(); g.len()];
-            out.par_chunks_mut(CHUNK)
-                .zip(g.par_chunks(CHUNK).zip(x.par_chunks(CHUNK)))
-                .for_each(|(o, (g, x))| {
-                    for ((o, &g), &x) in o.iter_mut().zip(g).zip(x) {
-                        *o = g * a.derivative(x);
-                    }
-                });
-            out
-        }
-        if gl.shape() != xl.shape() {
-            candle_core::bail!(
-                "activation: gradient {:?} for input {:?}",
-                gl.dims(),
-                xl.dims()
-            );
-        }
-        const WHAT: &str = "activation backward";
-        let out = match g.dtype() {
-            DType::F32 => f32::storage(typed(self.0, slice(g, gl, WHAT)?, slice(x, xl, WHAT)?)),
-            DType::F64 => f64::storage(typed(self.0, slice(g, gl, WHAT)?, slice(x, xl, WHAT)?)),
-            other => candle_core::bail!("activation: f32 or f64, not {other:?}"),
-        };
-        Ok((out, gl.shape().clone()))
+    fn backward<T: Float>(&self, grad: &[T], x: &[T]) -> Vec<T> {
+        let a = *self;
+        let mut out = vec![T::default(); grad.len()];
+        out.par_chunks_mut(CHUNK)
+            .zip(grad.par_chunks(CHUNK).zip(x.par_chunks(CHUNK)))
+            .for_each(|(o, (g, x))| {
+                for ((o, &g), &x) in o.iter_mut().zip(g).zip(x) {
+                    *o = g * a.derivative(x);
+                }
+            });
+        out
     }
 }
 

@@ -116,3 +116,85 @@ fn contiguous<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> Result<&'a [
         None => candle_core::bail!("{what} needs contiguous tensors"),
     }
 }
+
+/// A CPU kernel of the same shape in and out (element-wise, or over rows of the last axis) whose
+/// backward reads the gradient and one saved tensor: its input or its output. [`SameShape`]
+/// makes it a candle op; nothing else is kept for the backward pass.
+pub(crate) trait SameShapeKernel: Send + Sync {
+    /// The op's name in candle's graph and in errors.
+    const NAME: &'static str;
+    /// Whether the backward reads the output (softmax) rather than the input.
+    const BACKWARD_READS_OUTPUT: bool;
+    /// The output for `x`.
+    fn forward<T: Float>(&self, x: &[T]) -> Vec<T>;
+    /// The input's gradient from the output's and the saved tensor.
+    fn backward<T: Float>(&self, grad: &[T], saved: &[T]) -> Vec<T>;
+}
+
+/// `kernel` as a candle op on a contiguous CPU tensor.
+pub(crate) struct SameShape<K>(pub K);
+
+impl<K: SameShapeKernel> candle_core::CustomOp1 for SameShape<K> {
+    fn name(&self) -> &'static str {
+        K::NAME
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, l: &Layout) -> Result<(CpuStorage, candle_core::Shape)> {
+        let out = match x.dtype() {
+            candle_core::DType::F32 => f32::storage(self.0.forward(slice::<f32>(x, l, K::NAME)?)),
+            candle_core::DType::F64 => f64::storage(self.0.forward(slice::<f64>(x, l, K::NAME)?)),
+            other => candle_core::bail!("{}: f32 or f64, not {other:?}", K::NAME),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &candle_core::Tensor,
+        output: &candle_core::Tensor,
+        grad: &candle_core::Tensor,
+    ) -> Result<Option<candle_core::Tensor>> {
+        let saved = if K::BACKWARD_READS_OUTPUT { output } else { x };
+        let grad = grad.contiguous()?;
+        Ok(Some(grad.apply_op2_no_bwd(
+            &saved.detach(),
+            &SameShapeBackward(&self.0),
+        )?))
+    }
+}
+
+/// `(grad, saved) -> the input's gradient`.
+struct SameShapeBackward<'a, K>(&'a K);
+
+impl<K: SameShapeKernel> candle_core::CustomOp2 for SameShapeBackward<'_, K> {
+    fn name(&self) -> &'static str {
+        K::NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        g: &CpuStorage,
+        gl: &Layout,
+        s: &CpuStorage,
+        sl: &Layout,
+    ) -> Result<(CpuStorage, candle_core::Shape)> {
+        let what = K::NAME;
+        if gl.shape() != sl.shape() {
+            candle_core::bail!(
+                "{what} backward: gradient {:?} for {:?}",
+                gl.dims(),
+                sl.dims()
+            );
+        }
+        let out = match g.dtype() {
+            candle_core::DType::F32 => {
+                f32::storage(self.0.backward(slice(g, gl, what)?, slice(s, sl, what)?))
+            }
+            candle_core::DType::F64 => {
+                f64::storage(self.0.backward(slice(g, gl, what)?, slice(s, sl, what)?))
+            }
+            other => candle_core::bail!("{what} backward: f32 or f64, not {other:?}"),
+        };
+        Ok((out, gl.shape().clone()))
+    }
+}

@@ -5,9 +5,8 @@
 //! intermediate tensors and its gradient allocates as many again; ConvNeXt and ViT normalise
 //! every block.
 
-use crate::cpu_kernels::{slice, Float};
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use crate::cpu_kernels::{Float, SameShape, SameShapeKernel};
+use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;
 
 /// `(x - mean) / sqrt(var + eps) * weight + bias` over the last axis of `x`, with `weight` and
@@ -32,7 +31,7 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) 
         bias: bias.map(values).transpose()?,
         eps,
     };
-    x.contiguous()?.apply_op1(op)
+    x.contiguous()?.apply_op1(SameShape(op))
 }
 
 /// The same value from candle's tensor ops, on any device and with trainable scale and shift.
@@ -69,6 +68,11 @@ impl LayerNorm {
         let var = row.iter().map(|v| (v.widen() - mean).powi(2)).sum::<f64>() / n;
         (mean, 1.0 / (var + self.eps).sqrt())
     }
+}
+
+impl SameShapeKernel for LayerNorm {
+    const NAME: &'static str = "vulnmap-layer-norm";
+    const BACKWARD_READS_OUTPUT: bool = false;
 
     fn forward<T: Float>(&self, x: &[T]) -> Vec<T> {
         let mut out = vec![T::default(); x.len()];
@@ -106,56 +110,6 @@ impl LayerNorm {
                 }
             });
         out
-    }
-}
-
-impl CustomOp1 for LayerNorm {
-    fn name(&self) -> &'static str {
-        "vulnmap-layer-norm"
-    }
-
-    fn cpu_fwd(&self, x: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        const WHAT: &str = "layer norm";
-        let out = match x.dtype() {
-            DType::F32 => f32::storage(self.forward(slice::<f32>(x, l, WHAT)?)),
-            DType::F64 => f64::storage(self.forward(slice::<f64>(x, l, WHAT)?)),
-            other => candle_core::bail!("{WHAT}: f32 or f64, not {other:?}"),
-        };
-        Ok((out, l.shape().clone()))
-    }
-
-    fn bwd(&self, x: &Tensor, _output: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let grad = grad.contiguous()?;
-        Ok(Some(grad.apply_op2_no_bwd(&x.detach(), &Backward(self))?))
-    }
-}
-
-/// `(grad, x) -> d x`.
-struct Backward<'a>(&'a LayerNorm);
-
-impl CustomOp2 for Backward<'_> {
-    fn name(&self) -> &'static str {
-        "vulnmap-layer-norm-backward"
-    }
-
-    fn cpu_fwd(
-        &self,
-        g: &CpuStorage,
-        gl: &Layout,
-        x: &CpuStorage,
-        xl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        const WHAT: &str = "layer norm backward";
-        if gl.shape() != xl.shape() {
-            candle_core::bail!("{WHAT}: gradient {:?} for input {:?}", gl.dims(), xl.dims());
-        }
-        let ln = self.0;
-        let out = match g.dtype() {
-            DType::F32 => f32::storage(ln.backward(slice(g, gl, WHAT)?, slice(x, xl, WHAT)?)),
-            DType::F64 => f64::storage(ln.backward(slice(g, gl, WHAT)?, slice(x, xl, WHAT)?)),
-            other => candle_core::bail!("{WHAT}: f32 or f64, not {other:?}"),
-        };
-        Ok((out, gl.shape().clone()))
     }
 }
 

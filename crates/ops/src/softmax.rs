@@ -4,16 +4,15 @@
 //! candle-nn's `softmax_last_dim` has no backward, and from tensor ops a softmax keeps four
 //! intermediate tensors of the attention matrix's size.
 
-use crate::cpu_kernels::{slice, Float};
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use crate::cpu_kernels::{Float, SameShape, SameShapeKernel};
+use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;
 
 /// Softmax over the last axis of `x`: one op on the CPU (f32, f64), tensor ops elsewhere.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
         let inner = x.dim(candle_core::D::Minus1)?;
-        x.contiguous()?.apply_op1(Softmax { inner })
+        x.contiguous()?.apply_op1(SameShape(Softmax { inner }))
     } else {
         by_tensor_ops(x)
     }
@@ -31,7 +30,10 @@ struct Softmax {
     inner: usize,
 }
 
-impl Softmax {
+impl SameShapeKernel for Softmax {
+    const NAME: &'static str = "vulnmap-softmax";
+    const BACKWARD_READS_OUTPUT: bool = true;
+
     fn forward<T: Float>(&self, x: &[T]) -> Vec<T> {
         let mut out = vec![T::default(); x.len()];
         out.par_chunks_mut(self.inner.max(1))
@@ -68,62 +70,6 @@ impl Softmax {
                 }
             });
         out
-    }
-}
-
-impl CustomOp1 for Softmax {
-    fn name(&self) -> &'static str {
-        "vulnmap-softmax"
-    }
-
-    fn cpu_fwd(&self, x: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        const WHAT: &str = "softmax";
-        let out = match x.dtype() {
-            DType::F32 => f32::storage(self.forward(slice::<f32>(x, l, WHAT)?)),
-            DType::F64 => f64::storage(self.forward(slice::<f64>(x, l, WHAT)?)),
-            other => candle_core::bail!("{WHAT}: f32 or f64, not {other:?}"),
-        };
-        Ok((out, l.shape().clone()))
-    }
-
-    fn bwd(&self, _x: &Tensor, output: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let grad = grad.contiguous()?;
-        Ok(Some(
-            grad.apply_op2_no_bwd(&output.detach(), &Backward(self))?,
-        ))
-    }
-}
-
-/// `(grad, y) -> d x`.
-struct Backward<'a>(&'a Softmax);
-
-impl CustomOp2 for Backward<'_> {
-    fn name(&self) -> &'static str {
-        "vulnmap-softmax-backward"
-    }
-
-    fn cpu_fwd(
-        &self,
-        g: &CpuStorage,
-        gl: &Layout,
-        y: &CpuStorage,
-        yl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        const WHAT: &str = "softmax backward";
-        if gl.shape() != yl.shape() {
-            candle_core::bail!(
-                "{WHAT}: gradient {:?} for output {:?}",
-                gl.dims(),
-                yl.dims()
-            );
-        }
-        let s = self.0;
-        let out = match g.dtype() {
-            DType::F32 => f32::storage(s.backward(slice(g, gl, WHAT)?, slice(y, yl, WHAT)?)),
-            DType::F64 => f64::storage(s.backward(slice(g, gl, WHAT)?, slice(y, yl, WHAT)?)),
-            other => candle_core::bail!("{WHAT}: f32 or f64, not {other:?}"),
-        };
-        Ok((out, gl.shape().clone()))
     }
 }
 
