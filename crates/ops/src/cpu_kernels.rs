@@ -198,3 +198,36 @@ impl<K: SameShapeKernel> candle_core::CustomOp2 for SameShapeBackward<'_, K> {
         Ok((out, gl.shape().clone()))
     }
 }
+
+/// `f()` compiled for AVX-512 or AVX2 + FMA when the CPU has them. The crate is compiled for the
+/// x86-64 baseline (SSE2) so that one binary runs everywhere; gemm dispatches by itself, and the
+/// hand-written loops get the same through this (`f` is inlined into the wider function).
+#[inline(always)]
+pub(crate) fn widest_simd<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F (and so AVX2 and FMA), checked just above.
+            return unsafe { x86::avx512(f) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU has AVX2 and FMA, checked just above.
+            return unsafe { x86::avx2(f) };
+        }
+    }
+    f()
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub(super) unsafe fn avx512<R>(f: impl FnOnce() -> R) -> R {
+        f()
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
+        f()
+    }
+}

@@ -5,7 +5,7 @@
 //! pass: gigabytes per layer for a batch of ImageNet images. Here the forward and both gradients
 //! are direct loops over each channel plane, and only the input and weights are kept.
 
-use crate::cpu_kernels::{slice, Float};
+use crate::cpu_kernels::{slice, widest_simd, Float};
 use crate::fused_conv::{epilogue_by_tensor_ops, Epilogue, ReluMask};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
@@ -105,34 +105,36 @@ fn forward<T: Float>(x: &[T], w: &[T], g: Geometry, op: &Depthwise) -> Vec<T> {
     out.par_chunks_mut(g.oh * g.ow)
         .enumerate()
         .for_each(|(plane, o)| {
-            let c = plane % g.c;
-            let xin = &x[plane * g.h * g.w..][..g.h * g.w];
-            let kern = &w[c * g.k * g.k..][..g.k * g.k];
-            if let Some(bias) = &op.bias {
-                o.fill(T::of(bias[c]));
-            }
-            for i in 0..g.oh {
-                let row = &mut o[i * g.ow..(i + 1) * g.ow];
-                for dy in 0..g.k {
-                    let line = &xin[(i * g.stride + dy) * g.w..][..g.w];
-                    for dx in 0..g.k {
-                        let wv = kern[dy * g.k + dx];
-                        if g.stride == 1 {
-                            // Contiguous taps: this loop vectorises.
-                            for (r, &v) in row.iter_mut().zip(&line[dx..dx + g.ow]) {
-                                *r += wv * v;
-                            }
-                        } else {
-                            for (j, r) in row.iter_mut().enumerate() {
-                                *r += wv * line[j * g.stride + dx];
+            widest_simd(|| {
+                let c = plane % g.c;
+                let xin = &x[plane * g.h * g.w..][..g.h * g.w];
+                let kern = &w[c * g.k * g.k..][..g.k * g.k];
+                if let Some(bias) = &op.bias {
+                    o.fill(T::of(bias[c]));
+                }
+                for i in 0..g.oh {
+                    let row = &mut o[i * g.ow..(i + 1) * g.ow];
+                    for dy in 0..g.k {
+                        let line = &xin[(i * g.stride + dy) * g.w..][..g.w];
+                        for dx in 0..g.k {
+                            let wv = kern[dy * g.k + dx];
+                            if g.stride == 1 {
+                                // Contiguous taps: this loop vectorises.
+                                for (r, &v) in row.iter_mut().zip(&line[dx..dx + g.ow]) {
+                                    *r += wv * v;
+                                }
+                            } else {
+                                for (j, r) in row.iter_mut().enumerate() {
+                                    *r += wv * line[j * g.stride + dx];
+                                }
                             }
                         }
                     }
                 }
-            }
-            if op.relu {
-                crate::fused_conv::relu_in_place(o, max);
-            }
+                if op.relu {
+                    crate::fused_conv::relu_in_place(o, max);
+                }
+            })
         });
     out
 }
@@ -142,27 +144,29 @@ fn grad_input<T: Float>(grad: &[T], w: &[T], g: Geometry) -> Vec<T> {
     out.par_chunks_mut(g.h * g.w)
         .enumerate()
         .for_each(|(plane, gx)| {
-            let c = plane % g.c;
-            let go = &grad[plane * g.oh * g.ow..][..g.oh * g.ow];
-            let kern = &w[c * g.k * g.k..][..g.k * g.k];
-            for i in 0..g.oh {
-                let grow = &go[i * g.ow..(i + 1) * g.ow];
-                for dy in 0..g.k {
-                    let line = &mut gx[(i * g.stride + dy) * g.w..][..g.w];
-                    for dx in 0..g.k {
-                        let wv = kern[dy * g.k + dx];
-                        if g.stride == 1 {
-                            for (l, &gv) in line[dx..dx + g.ow].iter_mut().zip(grow) {
-                                *l += wv * gv;
-                            }
-                        } else {
-                            for (j, &gv) in grow.iter().enumerate() {
-                                line[j * g.stride + dx] += wv * gv;
+            widest_simd(|| {
+                let c = plane % g.c;
+                let go = &grad[plane * g.oh * g.ow..][..g.oh * g.ow];
+                let kern = &w[c * g.k * g.k..][..g.k * g.k];
+                for i in 0..g.oh {
+                    let grow = &go[i * g.ow..(i + 1) * g.ow];
+                    for dy in 0..g.k {
+                        let line = &mut gx[(i * g.stride + dy) * g.w..][..g.w];
+                        for dx in 0..g.k {
+                            let wv = kern[dy * g.k + dx];
+                            if g.stride == 1 {
+                                for (l, &gv) in line[dx..dx + g.ow].iter_mut().zip(grow) {
+                                    *l += wv * gv;
+                                }
+                            } else {
+                                for (j, &gv) in grow.iter().enumerate() {
+                                    line[j * g.stride + dx] += wv * gv;
+                                }
                             }
                         }
                     }
                 }
-            }
+            })
         });
     out
 }

@@ -4,8 +4,12 @@
 //! `(i * stride + dy, j * stride + dx)`: one kernel offset of a pooling or depthwise convolution
 //! for every output position at once. Taps are views (no copies), and every operation on the way
 //! is differentiable on every device, so anything built from taps has a working backward pass.
+//! The padding itself is one parallel CPU copy with a cropping backward ([`pad2d`]).
 
-use candle_core::{Result, Tensor};
+use crate::cpu_kernels::{slice, Float};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
 
 /// Padding in pixels on each side of a feature map.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -55,7 +59,16 @@ impl Pad2d {
 }
 
 /// Pads the last two dimensions of `x` with `value` (zeros, or -inf for max-pooling).
+///
+/// On the CPU one parallel copy whose backward crops the gradient (candle's `pad_with_zeros` is
+/// two single-threaded concatenations, each kept for the backward pass); tensor ops elsewhere.
 pub fn pad2d(x: &Tensor, pad: Pad2d, value: f64) -> Result<Tensor> {
+    if pad == Pad2d::default() {
+        return Ok(x.clone());
+    }
+    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && x.rank() >= 2 {
+        return x.contiguous()?.apply_op1(Pad { pad, value });
+    }
     if value == 0.0 {
         return x
             .pad_with_zeros(2, pad.top, pad.bottom)?
@@ -83,6 +96,108 @@ fn pad_dim(x: &Tensor, dim: usize, before: usize, after: usize, value: f64) -> R
         parts.push(block(after)?);
     }
     Tensor::cat(&parts, dim)
+}
+
+/// `pad2d` on a contiguous CPU tensor.
+struct Pad {
+    pad: Pad2d,
+    value: f64,
+}
+
+impl Pad {
+    /// (planes, height, width) of `dims`.
+    fn planes(dims: &[usize]) -> (usize, usize, usize) {
+        let (h, w) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+        (dims.iter().product::<usize>() / (h * w).max(1), h, w)
+    }
+
+    fn forward<T: Float>(&self, x: &[T], dims: &[usize]) -> Vec<T> {
+        let (planes, h, w) = Self::planes(dims);
+        let p = self.pad;
+        let (oh, ow) = (h + p.top + p.bottom, w + p.left + p.right);
+        let mut out = vec![T::of(self.value); planes * oh * ow];
+        if h * w == 0 {
+            return out;
+        }
+        out.par_chunks_mut(oh * ow)
+            .zip(x.par_chunks(h * w))
+            .for_each(|(o, x)| {
+                for (i, row) in x.chunks(w).enumerate() {
+                    o[(i + p.top) * ow + p.left..][..w].copy_from_slice(row);
+                }
+            });
+        out
+    }
+
+    /// The gradient's inner `h x w` window of each plane.
+    fn crop<T: Float>(&self, grad: &[T], dims: &[usize]) -> Vec<T> {
+        let (planes, h, w) = Self::planes(dims);
+        let p = self.pad;
+        let ow = w + p.left + p.right;
+        let oh = h + p.top + p.bottom;
+        let mut out = vec![T::default(); planes * h * w];
+        if h * w == 0 {
+            return out;
+        }
+        out.par_chunks_mut(h * w)
+            .zip(grad.par_chunks(oh * ow))
+            .for_each(|(o, g)| {
+                for (i, row) in o.chunks_mut(w).enumerate() {
+                    row.copy_from_slice(&g[(i + p.top) * ow + p.left..][..w]);
+                }
+            });
+        out
+    }
+}
+
+impl CustomOp1 for Pad {
+    fn name(&self) -> &'static str {
+        "vulnmap-pad2d"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dims = l.dims();
+        let out = match x.dtype() {
+            DType::F32 => f32::storage(self.forward(slice::<f32>(x, l, "pad2d")?, dims)),
+            DType::F64 => f64::storage(self.forward(slice::<f64>(x, l, "pad2d")?, dims)),
+            other => candle_core::bail!("pad2d: f32 or f64, not {other:?}"),
+        };
+        let mut shape = dims.to_vec();
+        let r = shape.len();
+        shape[r - 2] += self.pad.top + self.pad.bottom;
+        shape[r - 1] += self.pad.left + self.pad.right;
+        Ok((out, Shape::from(shape)))
+    }
+
+    fn bwd(&self, x: &Tensor, _output: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let crop = Crop {
+            pad: self,
+            input: x.dims().to_vec(),
+        };
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&crop)?))
+    }
+}
+
+/// The backward of [`Pad`]: the gradient without its padding.
+struct Crop<'a> {
+    pad: &'a Pad,
+    input: Vec<usize>,
+}
+
+impl CustomOp1 for Crop<'_> {
+    fn name(&self) -> &'static str {
+        "vulnmap-pad2d-backward"
+    }
+
+    fn cpu_fwd(&self, g: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dims = &self.input;
+        let out = match g.dtype() {
+            DType::F32 => f32::storage(self.pad.crop(slice::<f32>(g, l, "pad2d backward")?, dims)),
+            DType::F64 => f64::storage(self.pad.crop(slice::<f64>(g, l, "pad2d backward")?, dims)),
+            other => candle_core::bail!("pad2d backward: f32 or f64, not {other:?}"),
+        };
+        Ok((out, Shape::from(dims.clone())))
+    }
 }
 
 /// The output size of a window of `kernel` with `stride` over `size` padded pixels.
@@ -227,5 +342,52 @@ fn fit_dim(x: &Tensor, dim: usize, size: usize) -> Result<Tensor> {
         x.narrow(dim, 0, size)
     } else {
         x.pad_with_zeros(dim, 0, size - have)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn the_cpu_padding_equals_concatenation_with_the_same_gradient() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut rng = vulnmap_data::random::rng(15, "pad2d test");
+        let x = Var::from_tensor(&vulnmap_data::random::randn(&mut rng, (2, 3, 5, 7), &dev)?)?;
+        let pads = [
+            Pad2d::uniform(1),
+            Pad2d {
+                top: 0,
+                bottom: 2,
+                left: 1,
+                right: 0,
+            },
+        ];
+        for pad in pads {
+            for value in [0.0, -1.5] {
+                let ours = pad2d(x.as_tensor(), pad, value)?;
+                let theirs = pad_dim(
+                    &pad_dim(x.as_tensor(), 2, pad.top, pad.bottom, value)?,
+                    3,
+                    pad.left,
+                    pad.right,
+                    value,
+                )?;
+                assert_eq!(ours.dims(), theirs.dims());
+                let diff = |p: &Tensor, q: &Tensor| -> Result<f32> {
+                    (p - q)?.abs()?.max_all()?.to_scalar::<f32>()
+                };
+                assert_eq!(diff(&ours, &theirs)?, 0.0, "{pad:?} {value}");
+                let probe = vulnmap_data::random::randn(&mut rng, ours.shape(), &dev)?;
+                let g1 = (&ours * &probe)?.sum_all()?.backward()?;
+                let g2 = (&theirs * &probe)?.sum_all()?.backward()?;
+                let (Some(g1), Some(g2)) = (g1.get(x.as_tensor()), g2.get(x.as_tensor())) else {
+                    panic!("no input gradient");
+                };
+                assert_eq!(diff(g1, g2)?, 0.0, "{pad:?} {value} gradient");
+            }
+        }
+        Ok(())
     }
 }
