@@ -6,7 +6,7 @@
 //! the backward another, and only the input is kept. Other devices get the same value from
 //! tensor ops ([`Activation::by_tensor_ops`]).
 
-use crate::cpu_kernels::{Float, SameShape, SameShapeKernel};
+use crate::cpu_kernels::{widest_simd, Float, SameShape, SameShapeKernel};
 use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;
 
@@ -49,6 +49,7 @@ impl Activation {
         }
     }
 
+    #[inline(always)]
     fn value<T: Float>(self, x: T) -> T {
         let zero = T::default();
         let half = T::of(0.5);
@@ -74,6 +75,7 @@ impl Activation {
 
     /// The derivative at `x` (at the kinks of the hard ones: 0 outside the open interval, as
     /// PyTorch's backward).
+    #[inline(always)]
     fn derivative<T: Float>(self, x: T) -> T {
         let zero = T::default();
         let half = T::of(0.5);
@@ -114,30 +116,51 @@ impl Activation {
 /// Elements per parallel task.
 const CHUNK: usize = 1 << 14;
 
+/// `f(x)` for every element, each chunk compiled for the widest SIMD level.
+fn map<T: Float>(x: &[T], f: impl Fn(T) -> T + Sync) -> Vec<T> {
+    let mut out = vec![T::default(); x.len()];
+    out.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .for_each(|(o, x)| widest_simd(|| o.iter_mut().zip(x).for_each(|(o, &x)| *o = f(x))));
+    out
+}
+
+/// `g * f(x)` for every element, as [`map`].
+fn scale<T: Float>(g: &[T], x: &[T], f: impl Fn(T) -> T + Sync) -> Vec<T> {
+    let mut out = vec![T::default(); g.len()];
+    out.par_chunks_mut(CHUNK)
+        .zip(g.par_chunks(CHUNK).zip(x.par_chunks(CHUNK)))
+        .for_each(|(o, (g, x))| {
+            widest_simd(|| {
+                for ((o, &g), &x) in o.iter_mut().zip(g).zip(x) {
+                    *o = g * f(x);
+                }
+            })
+        });
+    out
+}
+
 impl SameShapeKernel for Activation {
     const NAME: &'static str = "vulnmap-activation";
     const BACKWARD_READS_OUTPUT: bool = false;
 
+    // One loop per activation, so that the loop body is that activation's arithmetic alone.
     fn forward<T: Float>(&self, x: &[T]) -> Vec<T> {
-        let a = *self;
-        let mut out = vec![T::default(); x.len()];
-        out.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK))
-            .for_each(|(o, x)| o.iter_mut().zip(x).for_each(|(o, &x)| *o = a.value(x)));
-        out
+        match *self {
+            Activation::Gelu => map(x, |v| Activation::Gelu.value(v)),
+            Activation::Silu => map(x, |v| Activation::Silu.value(v)),
+            a @ Activation::HardSigmoid { .. } => map(x, move |v| a.value(v)),
+            Activation::HardSwish => map(x, |v| Activation::HardSwish.value(v)),
+        }
     }
 
     fn backward<T: Float>(&self, grad: &[T], x: &[T]) -> Vec<T> {
-        let a = *self;
-        let mut out = vec![T::default(); grad.len()];
-        out.par_chunks_mut(CHUNK)
-            .zip(grad.par_chunks(CHUNK).zip(x.par_chunks(CHUNK)))
-            .for_each(|(o, (g, x))| {
-                for ((o, &g), &x) in o.iter_mut().zip(g).zip(x) {
-                    *o = g * a.derivative(x);
-                }
-            });
-        out
+        match *self {
+            Activation::Gelu => scale(grad, x, |v| Activation::Gelu.derivative(v)),
+            Activation::Silu => scale(grad, x, |v| Activation::Silu.derivative(v)),
+            a @ Activation::HardSigmoid { .. } => scale(grad, x, move |v| a.derivative(v)),
+            Activation::HardSwish => scale(grad, x, |v| Activation::HardSwish.derivative(v)),
+        }
     }
 }
 

@@ -4,7 +4,7 @@
 //! candle-nn's `softmax_last_dim` has no backward, and from tensor ops a softmax keeps four
 //! intermediate tensors of the attention matrix's size.
 
-use crate::cpu_kernels::{Float, SameShape, SameShapeKernel};
+use crate::cpu_kernels::{widest_simd, Float, SameShape, SameShapeKernel};
 use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;
 
@@ -39,18 +39,20 @@ impl SameShapeKernel for Softmax {
         out.par_chunks_mut(self.inner.max(1))
             .zip(x.par_chunks(self.inner.max(1)))
             .for_each(|(o, row)| {
-                let max = row
-                    .iter()
-                    .map(|v| v.widen())
-                    .fold(f64::NEG_INFINITY, f64::max);
-                let mut sum = 0.0;
-                for (o, v) in o.iter_mut().zip(row) {
-                    let e = (*v - T::of(max)).exp();
-                    sum += e.widen();
-                    *o = e;
-                }
-                let inv = T::of(1.0 / sum);
-                o.iter_mut().for_each(|o| *o = *o * inv);
+                widest_simd(|| {
+                    let max = row
+                        .iter()
+                        .map(|v| v.widen())
+                        .fold(f64::NEG_INFINITY, f64::max);
+                    let mut sum = 0.0;
+                    for (o, v) in o.iter_mut().zip(row) {
+                        let e = (*v - T::of(max)).exp();
+                        sum += e.widen();
+                        *o = e;
+                    }
+                    let inv = T::of(1.0 / sum);
+                    o.iter_mut().for_each(|o| *o = *o * inv);
+                })
             });
         out
     }
