@@ -168,6 +168,7 @@ impl SameShapeKernel for Activation {
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
+    use vulnmap_testkit::max_diff;
 
     const ALL: [Activation; 5] = [
         Activation::Gelu,
@@ -195,10 +196,7 @@ mod tests {
         for a in ALL {
             let ours = a.apply(x.as_tensor())?;
             let theirs = a.by_tensor_ops(x.as_tensor())?;
-            let diff = |p: &Tensor, q: &Tensor| -> Result<f64> {
-                (p - q)?.abs()?.max_all()?.to_scalar::<f64>()
-            };
-            assert!(diff(&ours, &theirs)? < 1e-12, "{a:?} value");
+            assert!(max_diff(&ours, &theirs) < 1e-12, "{a:?} value");
             let g1 = (&ours * &probe)?.sum_all()?.backward()?;
             let g2 = (&theirs * &probe)?.sum_all()?.backward()?;
             let (Some(g1), Some(g2)) = (g1.get(x.as_tensor()), g2.get(x.as_tensor())) else {
@@ -207,7 +205,7 @@ mod tests {
             // candle's GELU backward rounds 1/sqrt(2 pi) to 0.398942 (ours is checked against
             // finite differences below).
             let tolerance = if a == Activation::Gelu { 1e-5 } else { 1e-10 };
-            let d = diff(g1, g2)?;
+            let d = max_diff(g1, g2);
             assert!(d < tolerance, "{a:?} gradient differs by {d}");
         }
         Ok(())

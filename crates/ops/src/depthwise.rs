@@ -317,6 +317,7 @@ mod tests {
     use super::*;
     use candle_core::{DType, Device, Var};
     use vulnmap_testkit::gradcheck::finite_difference_check;
+    use vulnmap_testkit::max_diff;
 
     #[test]
     fn matches_grouped_convolution_and_its_gradients() -> Result<()> {
@@ -376,10 +377,7 @@ mod tests {
             let fused = depthwise_conv2d_fused(x.as_tensor(), &w, epilogue, 2)?;
             let plain = epilogue_by_tensor_ops(depthwise_conv2d(x.as_tensor(), &w, 2)?, epilogue)?;
             let case = format!("relu={relu} max={relu_max:?} {relu_backward:?}");
-            let diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
-                (a - b)?.abs()?.max_all()?.to_scalar::<f32>()
-            };
-            assert!(diff(&fused, &plain)? < 1e-5, "value, {case}");
+            assert!(max_diff(&fused, &plain) < 1e-5, "value, {case}");
             let probe = vulnmap_data::random::randn(&mut rng, fused.shape(), &dev)?;
             let g1 = (&fused * &probe)?.sum_all()?.backward()?;
             let g2 = (&plain * &probe)?.sum_all()?.backward()?;
@@ -387,7 +385,7 @@ mod tests {
             let (Some(g1), Some(g2)) = (g1, g2) else {
                 panic!("no input gradient, {case}");
             };
-            assert!(diff(g1, g2)? < 1e-5, "input gradient, {case}");
+            assert!(max_diff(g1, g2) < 1e-5, "input gradient, {case}");
         }
         Ok(())
     }

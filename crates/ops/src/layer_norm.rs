@@ -117,6 +117,7 @@ impl SameShapeKernel for LayerNorm {
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
+    use vulnmap_testkit::max_diff;
 
     #[test]
     fn equals_tensor_ops_with_the_same_gradient_and_finite_differences() -> Result<()> {
@@ -132,16 +133,13 @@ mod tests {
         for bias in [None, Some(&bias)] {
             let ours = layer_norm(x.as_tensor(), &weight, bias, 1e-5)?;
             let theirs = by_tensor_ops(x.as_tensor(), &weight, bias, 1e-5)?;
-            let diff = |p: &Tensor, q: &Tensor| -> Result<f64> {
-                (p - q)?.abs()?.max_all()?.to_scalar::<f64>()
-            };
-            assert!(diff(&ours, &theirs)? < 1e-12, "value");
+            assert!(max_diff(&ours, &theirs) < 1e-12, "value");
             let g1 = (&ours * &probe)?.sum_all()?.backward()?;
             let g2 = (&theirs * &probe)?.sum_all()?.backward()?;
             let (Some(g1), Some(g2)) = (g1.get(x.as_tensor()), g2.get(x.as_tensor())) else {
                 panic!("no input gradient");
             };
-            assert!(diff(g1, g2)? < 1e-10, "gradient");
+            assert!(max_diff(g1, g2) < 1e-10, "gradient");
         }
         let x = randn(&mut rng, &[3, 9])?;
         vulnmap_testkit::gradcheck::finite_difference_check(

@@ -79,6 +79,7 @@ impl SameShapeKernel for Softmax {
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
+    use vulnmap_testkit::max_diff;
 
     #[test]
     fn equals_tensor_ops_with_the_same_gradient_and_finite_differences() -> Result<()> {
@@ -91,16 +92,13 @@ mod tests {
         let probe = vulnmap_data::random::randn(&mut rng, x.shape(), &dev)?.to_dtype(DType::F64)?;
         let ours = softmax_last_dim(x.as_tensor())?;
         let theirs = by_tensor_ops(x.as_tensor())?;
-        let diff = |p: &Tensor, q: &Tensor| -> Result<f64> {
-            (p - q)?.abs()?.max_all()?.to_scalar::<f64>()
-        };
-        assert!(diff(&ours, &theirs)? < 1e-14, "value");
+        assert!(max_diff(&ours, &theirs) < 1e-14, "value");
         let g1 = (&ours * &probe)?.sum_all()?.backward()?;
         let g2 = (&theirs * &probe)?.sum_all()?.backward()?;
         let (Some(g1), Some(g2)) = (g1.get(x.as_tensor()), g2.get(x.as_tensor())) else {
             panic!("no input gradient");
         };
-        assert!(diff(g1, g2)? < 1e-12, "gradient");
+        assert!(max_diff(g1, g2) < 1e-12, "gradient");
         let x = vulnmap_data::random::randn(&mut rng, (4, 6), &dev)?.to_dtype(DType::F64)?;
         vulnmap_testkit::gradcheck::finite_difference_check(&x, softmax_last_dim, 1e-6, 1e-8)?;
         Ok(())

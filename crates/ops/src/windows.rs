@@ -349,6 +349,7 @@ fn fit_dim(x: &Tensor, dim: usize, size: usize) -> Result<Tensor> {
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
+    use vulnmap_testkit::max_diff;
 
     #[test]
     fn the_cpu_padding_equals_concatenation_with_the_same_gradient() -> Result<()> {
@@ -375,17 +376,14 @@ mod tests {
                     value,
                 )?;
                 assert_eq!(ours.dims(), theirs.dims());
-                let diff = |p: &Tensor, q: &Tensor| -> Result<f32> {
-                    (p - q)?.abs()?.max_all()?.to_scalar::<f32>()
-                };
-                assert_eq!(diff(&ours, &theirs)?, 0.0, "{pad:?} {value}");
+                assert_eq!(max_diff(&ours, &theirs), 0.0, "{pad:?} {value}");
                 let probe = vulnmap_data::random::randn(&mut rng, ours.shape(), &dev)?;
                 let g1 = (&ours * &probe)?.sum_all()?.backward()?;
                 let g2 = (&theirs * &probe)?.sum_all()?.backward()?;
                 let (Some(g1), Some(g2)) = (g1.get(x.as_tensor()), g2.get(x.as_tensor())) else {
                     panic!("no input gradient");
                 };
-                assert_eq!(diff(g1, g2)?, 0.0, "{pad:?} {value} gradient");
+                assert_eq!(max_diff(g1, g2), 0.0, "{pad:?} {value} gradient");
             }
         }
         Ok(())
