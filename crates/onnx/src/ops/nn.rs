@@ -672,6 +672,16 @@ pub(super) fn pad(inputs: &Inputs, attrs: Attrs, ctx: Context) -> Result<Tensor>
     if pads.len() != 2 * axes.len() {
         bail!("{} pads for {} axes", pads.len(), axes.len());
     }
+    // The pads come from the file: refuse an output too large to allocate before making it.
+    let mut out_dims: Vec<i64> = x.dims().iter().map(|&d| d as i64).collect();
+    for (i, &a) in axes.iter().enumerate() {
+        let grown = out_dims[a]
+            .saturating_add(pads[i])
+            .saturating_add(pads[i + axes.len()]);
+        out_dims[a] = grown.max(0);
+    }
+    crate::tensor::checked_shape(&out_dims)
+        .map_err(|e| candle_core::Error::Msg(format!("padding to {e}")))?;
     let mode = attrs.string("mode", "constant");
     let mut y = x.clone();
     for (i, &a) in axes.iter().enumerate() {
@@ -916,5 +926,30 @@ mod tests {
             einsum("ii->i", &[&m.get(0).unwrap()]).is_err(),
             "repeated labels are refused"
         );
+    }
+
+    /// Pads read from a damaged file must not make a tensor too large to allocate (a fuzzed
+    /// model asked Pad for 26 GB and aborted the process).
+    #[test]
+    fn huge_pads_are_an_error_not_an_allocation() {
+        let dev = Device::Cpu;
+        let x = Tensor::zeros((1, 3, 4, 4), DType::F32, &dev).unwrap();
+        let pads = Tensor::new(&[0i64, 0, 0, 0, 0, 0, 1 << 40, 0], &dev).unwrap();
+        let inputs = [Some(&x), Some(&pads)];
+        let ctx = Context {
+            opset: 17,
+            guided: false,
+            device: &dev,
+        };
+        for mode in ["constant", "edge", "reflect"] {
+            let attr = AttributeProto {
+                name: "mode".into(),
+                r#type: 3, // STRING
+                s: mode.as_bytes().to_vec(),
+                ..Default::default()
+            };
+            let err = pad(&Inputs(&inputs), Attrs(&[attr]), ctx).unwrap_err();
+            assert!(err.to_string().contains("elements"), "{mode}: {err}");
+        }
     }
 }
