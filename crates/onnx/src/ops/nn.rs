@@ -72,12 +72,24 @@ fn padding(
     match attrs.string("auto_pad", "NOTSET").as_str() {
         "NOTSET" => match attrs.ints("pads") {
             None => Ok(Pad2d::default()),
-            Some(&[t, l, b, r]) if t >= 0 && l >= 0 && b >= 0 && r >= 0 => Ok(Pad2d {
-                top: t as usize,
-                left: l as usize,
-                bottom: b as usize,
-                right: r as usize,
-            }),
+            Some(&[t, l, b, r]) if t >= 0 && l >= 0 && b >= 0 && r >= 0 => {
+                // A pad wider than both the input and the kernel only adds windows that see
+                // nothing but padding; from a damaged file it would be an allocation of any size.
+                let most = |n: usize, k: usize| n.max(k) as i64;
+                let (mh, mw) = (most(input.0, kernel.0), most(input.1, kernel.1));
+                if t > mh || b > mh || l > mw || r > mw {
+                    bail!(
+                        "pads {:?} exceed the input {input:?} and the kernel {kernel:?}",
+                        [t, l, b, r]
+                    );
+                }
+                Ok(Pad2d {
+                    top: t as usize,
+                    left: l as usize,
+                    bottom: b as usize,
+                    right: r as usize,
+                })
+            }
             Some(p) => bail!("pads {p:?}: expected four non-negative values"),
         },
         "VALID" => Ok(Pad2d::default()),
