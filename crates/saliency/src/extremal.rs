@@ -17,8 +17,8 @@
 //!   parameters, clamped to [0, 1] after each; every other iteration the perturbed image is
 //!   flipped left-right (jitter).
 //!
-//! All areas of all images in a batch are optimised together; the map is the masks summed over
-//! the areas (TorchRay's benchmark sums areas 0.025, 0.05, 0.1 and 0.2).
+//! Each (image, area) pair is a mask; `batch_size` perturbed images' masks are optimised
+//! together. The map is the masks summed over the areas (TorchRay's benchmark sums areas 0.025, 0.05, 0.1 and 0.2).
 
 use crate::blur::{Edges, GaussianBlur};
 use crate::error::{ensure, Result};
@@ -73,7 +73,8 @@ pub struct ExtremalPerturbation {
     pub sigma: f64,
     /// Flip the perturbed image left-right every other step (default true).
     pub jitter: bool,
-    /// Images optimised together (each with all its areas; default 4).
+    /// Perturbed images per forward pass: masks optimised together, each (image, area) pair one
+    /// mask, two images per mask in the dual game (default 4; at least one mask per pass).
     pub batch_size: usize,
 }
 
@@ -121,17 +122,26 @@ impl ExtremalPerturbation {
     ) -> Result<Tensor> {
         check_inputs(model, pixels, targets, self.batch_size)?;
         self.check()?;
-        let n = pixels.dim(0)?;
-        let mut masks = Vec::with_capacity(n.div_ceil(self.batch_size));
-        for start in (0..n).step_by(self.batch_size) {
-            let len = self.batch_size.min(n - start);
-            masks.push(self.optimise(
-                model,
-                &pixels.narrow(0, start, len)?,
-                &targets[start..start + len],
-            )?);
+        let (n, _, h, w) = pixels.dims4()?;
+        let areas = self.areas.len();
+        // (image, area) pairs, image-major, in passes of at most `batch_size` perturbed images.
+        let pairs: Vec<(usize, usize)> = (0..n)
+            .flat_map(|i| (0..areas).map(move |a| (i, a)))
+            .collect();
+        let per_pass = (self.batch_size / self.games()).max(1);
+        let mut masks = Vec::with_capacity(pairs.len().div_ceil(per_pass));
+        for chunk in pairs.chunks(per_pass) {
+            masks.push(self.optimise(model, pixels, targets, chunk)?);
         }
-        Ok(Tensor::cat(&masks, 0)?)
+        Ok(Tensor::cat(&masks, 0)?.reshape((n, areas, h, w))?)
+    }
+
+    /// Perturbed images per mask: two in the dual game (kept and deleted), else one.
+    fn games(&self) -> usize {
+        match self.variant {
+            ExtremalVariant::Dual => 2,
+            _ => 1,
+        }
     }
 
     fn check(&self) -> Result<()> {
@@ -153,43 +163,44 @@ impl ExtremalPerturbation {
         })
     }
 
-    /// One batch: `images x areas` masks optimised together.
+    /// One pass: the masks of `pairs` (image index, area index) optimised together
+    /// (`pairs x H x W`).
     fn optimise(
         &self,
         model: &dyn Classifier,
         pixels: &Tensor,
         targets: &[usize],
+        pairs: &[(usize, usize)],
     ) -> Result<Tensor> {
-        let (n, c, h, w) = pixels.dims4()?;
+        let (_, c, h, w) = pixels.dims4()?;
         let device = pixels.device();
-        let areas = self.areas.len();
-        let k = n * areas;
-        // Image i's pyramid serves masks i*areas .. (i+1)*areas.
-        let pyramid = self.pyramid(model, &pixels.detach())?; // n x L x C x H x W
+        let k = pairs.len();
+        // The pyramids of the pass's images (a contiguous range, as pairs are image-major), one
+        // per mask.
+        let first = pairs[0].0;
+        let images = pairs[k - 1].0 + 1 - first;
+        let pyramid = self.pyramid(model, &pixels.narrow(0, first, images)?.detach())?;
+        let of_mask: Vec<u32> = pairs.iter().map(|&(i, _)| (i - first) as u32).collect();
         let pyramid = pyramid
-            .unsqueeze(1)?
-            .broadcast_as((n, areas, self.levels, c, h, w))?
+            .index_select(&Tensor::new(of_mask, device)?, 0)?
             .reshape((k, self.levels, c, h, w))?;
         let generator = MaskGenerator::new((h, w), self.step, self.sigma, device)?;
         let (ph, pw) = generator.shape_in;
         let params = Var::from_tensor(&Tensor::ones((k, 1, ph, pw), DType::F32, device)?)?;
         let cells = generator.shape_out.0 * generator.shape_out.1;
-        let reference: Vec<f32> = (0..n)
-            .flat_map(|_| self.areas.iter())
-            .flat_map(|&a| {
+        let reference: Vec<f32> = pairs
+            .iter()
+            .map(|&(_, a)| self.areas[a])
+            .flat_map(|a| {
                 let zeros = (cells as f64 * (1.0 - a)) as usize;
                 (0..cells).map(move |i| if i < zeros { 0.0 } else { 1.0 })
             })
             .collect();
         let reference = Tensor::from_vec(reference, (k, cells), device)?;
-        let games = match self.variant {
-            ExtremalVariant::Dual => 2,
-            _ => 1,
-        };
+        let games = self.games();
         // Mask j's target, once per game (the dual game's deleted images follow the kept ones).
         let target_index: Vec<u32> = (0..games)
-            .flat_map(|_| targets.iter())
-            .flat_map(|&t| std::iter::repeat_n(t as u32, areas))
+            .flat_map(|_| pairs.iter().map(|&(i, _)| targets[i] as u32))
             .collect();
         let target_index = Tensor::from_vec(target_index, (k * games, 1), device)?;
         let mut weight = REGULARISER_WEIGHT;
@@ -240,7 +251,7 @@ impl ExtremalPerturbation {
             weight *= REGULARISER_GROWTH;
         }
         let (cropped, _) = generator.generate(&params.as_tensor().detach())?;
-        Ok(cropped.reshape((n, areas, h, w))?)
+        Ok(cropped.reshape((k, h, w))?)
     }
 
     /// The reward's score of each perturbed image: the target's logit, or its margin over the

@@ -9,12 +9,13 @@ use common::device;
 use std::path::Path;
 use vulnmap_data::random;
 use vulnmap_models::{Classes, Classifier, InputSpec};
+use vulnmap_saliency::metrics::causal::CausalMetric;
 use vulnmap_saliency::metrics::infidelity::Infidelity;
 use vulnmap_saliency::metrics::robustness::Sensitivity;
 use vulnmap_saliency::{
-    input_gradients, Aggregate, Baseline, Cam, CamRule, Gradient, InputXGradient,
-    IntegratedGradients, Integration, Method, Occlusion, OcclusionBaseline, Rise, SmoothGrad,
-    Surrogate, WindowGrid,
+    input_gradients, Aggregate, Baseline, Cam, CamRule, ExtremalPerturbation, ExtremalVariant,
+    Gradient, InputXGradient, IntegratedGradients, Integration, Method, Occlusion,
+    OcclusionBaseline, Rise, SmoothGrad, Surrogate, WindowGrid,
 };
 use vulnmap_train::fundus_benchmark::{BenchmarkConfig, FundusBenchmark};
 
@@ -616,6 +617,11 @@ fn batched_and_unbatched_runs_give_the_same_maps() {
             ..Default::default()
         }),
         Method::Cam(Cam::default()),
+        Method::ExtremalPerturbation(ExtremalPerturbation {
+            areas: vec![0.05, 0.2],
+            max_iters: 4,
+            ..Default::default()
+        }),
         Method::Occlusion(Occlusion {
             window: 32,
             stride: 24,
@@ -710,4 +716,167 @@ fn bad_parameters_are_refused_with_the_reason() {
     assert!(e.contains("keep probability"), "{e}");
     let e = err(Gradient { batch_size: 0 }.attribute(m, &pixels, &t));
     assert!(e.contains("batch_size"), "{e}");
+}
+
+/// A classifier that remembers the largest batch any of its passes was given.
+struct LargestBatch<'a> {
+    inner: &'a Linear,
+    largest: std::sync::atomic::AtomicUsize,
+}
+
+impl LargestBatch<'_> {
+    fn saw(&self, t: &Tensor) {
+        self.largest
+            .fetch_max(t.dim(0).unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
+    }
+    fn take(&self) -> usize {
+        self.largest.swap(0, std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Classifier for LargestBatch<'_> {
+    fn arch(&self) -> &str {
+        "largest-batch"
+    }
+    fn input_spec(&self) -> &InputSpec {
+        self.inner.input_spec()
+    }
+    fn classes(&self) -> &Classes {
+        self.inner.classes()
+    }
+    fn device(&self) -> &Device {
+        self.inner.device()
+    }
+    fn dtype(&self) -> DType {
+        DType::F32
+    }
+    fn forward_t(&self, pixels: &Tensor, train: bool) -> CResult<Tensor> {
+        self.saw(pixels);
+        self.inner.forward_t(pixels, train)
+    }
+    fn layers(&self) -> Vec<String> {
+        self.inner.layers()
+    }
+    fn default_layer(&self) -> String {
+        self.inner.default_layer()
+    }
+    fn features(&self, pixels: &Tensor, layer: &str) -> CResult<Tensor> {
+        self.saw(pixels);
+        self.inner.features(pixels, layer)
+    }
+    fn forward_from(&self, features: &Tensor, layer: &str) -> CResult<Tensor> {
+        self.saw(features);
+        self.inner.forward_from(features, layer)
+    }
+}
+
+/// Memory is bounded by `batch_size`: no method and no deletion/insertion curve hands the model
+/// more images at once than it, however many images, samples, masks or steps there are.
+#[test]
+fn no_method_or_causal_curve_passes_more_than_batch_size_images() {
+    let (c, h, w) = (3, 12, 12);
+    let linear = Linear::new(4, (c, h, w));
+    let model = LargestBatch {
+        inner: &linear,
+        largest: Default::default(),
+    };
+    let pixels = uniform_pixels(3, (5, c, h, w));
+    let targets = [0, 1, 2, 3, 0];
+    let batch = 3;
+    let methods = [
+        Method::Gradient(Gradient::default()),
+        Method::InputXGradient(InputXGradient::default()),
+        Method::SmoothGrad(SmoothGrad {
+            samples: 7,
+            ..SmoothGrad::default()
+        }),
+        Method::IntegratedGradients(IntegratedGradients {
+            steps: 9,
+            ..Default::default()
+        }),
+        Method::ExtremalPerturbation(ExtremalPerturbation {
+            areas: vec![0.1, 0.3],
+            max_iters: 3,
+            ..Default::default()
+        }),
+        Method::ExtremalPerturbation(ExtremalPerturbation {
+            areas: vec![0.1, 0.3],
+            variant: ExtremalVariant::Dual,
+            max_iters: 3,
+            ..Default::default()
+        }),
+        Method::Cam(Cam::default()),
+        Method::Cam(Cam {
+            rule: CamRule::ScoreCam,
+            ..Cam::default()
+        }),
+        Method::Occlusion(Occlusion {
+            window: 4,
+            stride: 2,
+            ..Default::default()
+        }),
+        Method::Rise(Rise {
+            masks: 10,
+            cells: 3,
+            ..Default::default()
+        }),
+        Method::Surrogate(Surrogate {
+            cells: 3,
+            samples: 11,
+            ..Surrogate::lime()
+        }),
+    ];
+    for method in methods {
+        let name = method.name();
+        method
+            .with_batch_size(batch)
+            .explain(&model, &pixels, &targets)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let largest = model.take();
+        println!("{name}: largest pass {largest} images (batch_size {batch})");
+        assert!(largest >= 1, "{name} never called the model");
+        assert!(largest <= batch, "{name} passed {largest} images at once");
+    }
+    let map = uniform_pixels(4, (1, 1, h, w))
+        .squeeze(0)
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    let image = pixels.get(0).unwrap();
+    let small = CausalMetric {
+        pixels_per_step: 5,
+        batch_size: batch,
+        ..CausalMetric::default()
+    };
+    let whole = CausalMetric {
+        batch_size: 1000,
+        ..small
+    };
+    for (name, got, want) in [
+        (
+            "deletion",
+            small.deletion(&model, &image, &map, 1),
+            whole.deletion(&linear, &image, &map, 1),
+        ),
+        (
+            "insertion",
+            small.insertion(&model, &image, &map, 1),
+            whole.insertion(&linear, &image, &map, 1),
+        ),
+    ] {
+        let (got, want) = (got.unwrap(), want.unwrap());
+        let largest = model.take();
+        // 144 pixels, 5 per step: 30 step images, in passes of at most `batch`.
+        assert_eq!(got.scores.len(), 30);
+        assert!(
+            largest <= batch,
+            "{name} passed {largest} step images at once"
+        );
+        assert!(
+            (got.auc - want.auc).abs() < 1e-6,
+            "{name}: {} vs {}",
+            got.auc,
+            want.auc
+        );
+    }
 }

@@ -6,7 +6,7 @@
 use crate::error::{Error, Result};
 use crate::schema::{CamStep, Step, SurrogateStep};
 use vulnmap_saliency::{
-    Cam, CamRule, ExtremalPerturbation, ExtremalVariant, Gradient, GuidedBackprop, InputXGradient,
+    Cam, CamRule, ExtremalPerturbation, Gradient, GuidedBackprop, InputXGradient,
     IntegratedGradients, Method, Occlusion, Rise, SmoothGrad, Surrogate,
 };
 
@@ -53,27 +53,18 @@ pub fn method(step: &Step, seed: u64, batch_size: usize) -> Result<Option<Method
             seed,
             batch_size: bs * 4,
         })),
-        Step::ExtremalPerturbation(s) => {
-            // Every area of an image (twice for the dual game) is a mask in the same pass.
-            let games = if s.variant == ExtremalVariant::Dual {
-                2
-            } else {
-                1
-            };
-            let per_image = s.areas.len().max(1) * games;
-            Some(Method::ExtremalPerturbation(ExtremalPerturbation {
-                areas: s.areas.clone(),
-                variant: s.variant,
-                reward: s.reward,
-                max_iters: s.max_iters,
-                step: s.step,
-                sigma: s.sigma,
-                max_blur: s.max_blur,
-                jitter: s.jitter,
-                batch_size: (bs / per_image).max(1),
-                ..ExtremalPerturbation::default()
-            }))
-        }
+        Step::ExtremalPerturbation(s) => Some(Method::ExtremalPerturbation(ExtremalPerturbation {
+            areas: s.areas.clone(),
+            variant: s.variant,
+            reward: s.reward,
+            max_iters: s.max_iters,
+            step: s.step,
+            sigma: s.sigma,
+            max_blur: s.max_blur,
+            jitter: s.jitter,
+            batch_size: bs,
+            ..ExtremalPerturbation::default()
+        })),
         Step::Lime(s) => Some(surrogate(Surrogate::lime(), s, seed, bs * 4)),
         Step::KernelShap(s) => Some(surrogate(Surrogate::kernel_shap(), s, seed, bs * 4)),
         _ => None,
