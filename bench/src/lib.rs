@@ -267,6 +267,7 @@ pub fn run(
             window: settings.window,
             stride: settings.stride,
             goal: Goal::Untargeted,
+            ..LocalAttack::default()
         };
         let local_config = AttackConfig {
             batch_size: 16,

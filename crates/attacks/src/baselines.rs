@@ -179,6 +179,7 @@ pub fn pgd(
     let signs = Tensor::new(signs.as_slice(), &device)?;
     let index = Tensor::new(labels.as_slice(), &device)?.unsqueeze(1)?;
     let mut outcomes: Vec<Option<AttackOutcome>> = vec![None; n];
+    let mut probabilities: Vec<Vec<f64>> = vec![Vec::with_capacity(spec.steps + 1); n];
     for k in 0..=spec.steps {
         let x = Var::from_tensor(&(&x0 + &delta)?.clamp(0f32, 1f32)?)?;
         let logits = model.forward(x.as_tensor())?;
@@ -191,6 +192,7 @@ pub fn pgd(
             if outcomes[i].is_some() {
                 continue;
             }
+            probabilities[i].push((-losses[i] as f64).exp());
             let label = predicted[i] as usize;
             let met = match goals[i] {
                 Goal::Untargeted => label != clean[i],
@@ -214,6 +216,7 @@ pub fn pgd(
                     },
                     iterations: k,
                     confidence: conf[i] as f64,
+                    probabilities: std::mem::take(&mut probabilities[i]),
                     success: met,
                     failure: (!met).then(|| format!("no success within {} steps", spec.steps)),
                     noise: (&perturbed - x0.get(i)?)?,

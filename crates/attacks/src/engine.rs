@@ -129,6 +129,26 @@ pub enum Region {
         /// Side of the square window, in pixels; the window must fit inside the image.
         size: usize,
     },
+    /// Everywhere but a `size x size` window at `(top, left)`: the window is preserved (the
+    /// local attack's preserve game); the generator makes whole-image noise.
+    Outside {
+        /// Row of the window's top-left corner, in pixels.
+        top: usize,
+        /// Column of the window's top-left corner, in pixels.
+        left: usize,
+        /// Side of the square window, in pixels; the window must fit inside the image.
+        size: usize,
+    },
+}
+
+impl Region {
+    /// Generators of one bank must be alike: whole-image noise, or noise of one window size.
+    fn noise_side(&self) -> Option<usize> {
+        match *self {
+            Region::Window { size, .. } => Some(size),
+            Region::Whole | Region::Outside { .. } => None,
+        }
+    }
 }
 
 /// One attack to run.
@@ -324,7 +344,8 @@ pub fn run(
                 )
             })?;
         }
-        if let Region::Window { top, left, size } = job.region {
+        if let Region::Window { top, left, size } | Region::Outside { top, left, size } = job.region
+        {
             ensure(size > 0 && top + size <= h && left + size <= w, || {
                 format!(
                     "a {size}x{size} window at ({top}, {left}) does not fit in the {h}x{w} image"
@@ -340,15 +361,11 @@ pub fn run(
     let mut outcomes = Vec::with_capacity(jobs.len());
     let mut start = 0;
     while start < jobs.len() {
-        // A bank needs one kind of generator: runs of jobs with the same region shape.
-        let shape = |j: &Job| match j.region {
-            Region::Whole => 0,
-            Region::Window { size, .. } => size,
-        };
+        // A bank needs one kind of generator: runs of jobs with the same noise shape.
         let mut end = start + 1;
         while end < jobs.len()
             && end - start < config.batch_size
-            && shape(&jobs[end]) == shape(&jobs[start])
+            && jobs[end].region.noise_side() == jobs[start].region.noise_side()
         {
             end += 1;
         }
@@ -433,7 +450,7 @@ impl<'a> Bank<'a> {
                 height: size,
                 width: size,
             },
-            Region::Whole => match config.generator {
+            Region::Whole | Region::Outside { .. } => match config.generator {
                 GeneratorChoice::Paper => GeneratorKind::Paper,
                 GeneratorChoice::Auto if (h, w) == (224, 224) => GeneratorKind::Paper,
                 _ => GeneratorKind::Generic {
@@ -564,6 +581,12 @@ impl<'a> Bank<'a> {
                     Region::Window { top, left, size } => n
                         .pad_with_zeros(1, top, h - top - size)?
                         .pad_with_zeros(2, left, w - left - size)?,
+                    Region::Outside { top, left, size } => {
+                        let hole = Tensor::ones((1, size, size), n.dtype(), n.device())?
+                            .pad_with_zeros(1, top, h - top - size)?
+                            .pad_with_zeros(2, left, w - left - size)?;
+                        n.broadcast_mul(&hole.affine(-1.0, 1.0)?)?
+                    }
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -576,6 +599,7 @@ impl<'a> Bank<'a> {
         let cap = self.config.max_iters;
         let mut outcomes: Vec<Option<AttackOutcome>> = vec![None; b];
         let mut active = vec![true; b];
+        let mut probabilities: Vec<Vec<f64>> = vec![Vec::with_capacity(cap + 1); b];
         let bar = progress(self.config.progress, cap as u64, b);
         let mut saliency_mask: Option<Tensor> = None;
         for k in 0..=cap {
@@ -633,21 +657,31 @@ impl<'a> Bank<'a> {
                     }
                 })
                 .collect();
-            let mut loss = (ce * Tensor::new(signs.as_slice(), &device)?)?;
+            let mut loss = (&ce * Tensor::new(signs.as_slice(), &device)?)?;
             if let (Some((_, _, spec, reference)), Some(m)) = (&self.learner, &mask) {
                 loss = (loss + mask_terms(m, reference, spec)?)?;
             }
             // One read-back per iteration: label, its probability and the loss of every job.
             let predicted = logits.argmax(1)?.to_dtype(DType::F32)?;
             let confidence = log_probs.max(1)?.exp()?;
-            let summary =
-                Tensor::stack(&[&predicted, &confidence, &loss.to_dtype(DType::F32)?], 1)?
-                    .to_vec2::<f32>()?;
+            let attacked = ce.neg()?.exp()?;
+            let summary = Tensor::stack(
+                &[
+                    &predicted,
+                    &confidence,
+                    &loss.to_dtype(DType::F32)?,
+                    &attacked.to_dtype(DType::F32)?,
+                ],
+                1,
+            )?
+            .to_vec2::<f32>()?;
             for j in 0..b {
                 if !active[j] {
                     continue;
                 }
-                let [label, conf, value] = [summary[j][0], summary[j][1], summary[j][2]];
+                let [label, conf, value, p] =
+                    [summary[j][0], summary[j][1], summary[j][2], summary[j][3]];
+                probabilities[j].push(p as f64);
                 let label = label as usize;
                 let met = match self.jobs[j].goal {
                     Goal::Untargeted => label != self.clean_labels[j],
@@ -680,6 +714,7 @@ impl<'a> Bank<'a> {
                         },
                         iterations: k,
                         confidence: conf as f64,
+                        probabilities: std::mem::take(&mut probabilities[j]),
                         success: met,
                         failure,
                         noise: delta.detach(),

@@ -2,14 +2,47 @@
 //! stride `s`, a fresh generator per window from the same seed; how fast each window flips the
 //! label is a saliency map. A (w, s) sweep reports each map's contrast, the criterion by which
 //! the paper chose w = 100, s = 50.
+//!
+//! Beyond the paper (each result names its variant, [`LocalAttack::variant`]): a continuous
+//! window score from the attacked label's probability instead of whole updates
+//! ([`WindowScore::ProbabilityDrop`]), the preserve game (noise everywhere but the window:
+//! how well does the label survive?), and several generator seeds per window, averaged.
 
 use crate::engine::{run, AttackConfig, Goal, Job, Masking, Region};
-use crate::error::Result;
+use crate::error::{ensure, Result};
 use crate::outcome::AttackOutcome;
 use candle_core::{Device, Tensor};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use vulnmap_models::Classifier;
 use vulnmap_saliency::WindowGrid;
+
+/// What noise a window's attack adds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LocalGame {
+    /// Noise inside the window (the paper's): a window is salient when attacking it moves the
+    /// label.
+    #[default]
+    Delete,
+    /// Noise everywhere but the window: a window is salient when the label survives the attack
+    /// on the rest of the image.
+    Preserve,
+}
+
+/// How a window's attack becomes the window's score.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WindowScore {
+    /// The paper's: `(cap - iterations) / cap` for a success, 0 for a failure (whole updates,
+    /// so windows tie).
+    #[default]
+    Speed,
+    /// The attacked label's probability over the updates, continuous: deleting, how far its
+    /// mean falls below the clean image's (untargeted) or how high the target's mean rises
+    /// (targeted); preserving, how much of it survives (untargeted) or how little the target
+    /// gains (targeted). A stopped attack's last probability stands for its remaining updates.
+    ProbabilityDrop,
+}
 
 /// The local attack's windows.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -20,32 +53,93 @@ pub struct LocalAttack {
     pub stride: usize,
     /// What each window's attack wants (default untargeted).
     pub goal: Goal,
+    /// Noise in the window or around it (default the paper's: in it).
+    pub game: LocalGame,
+    /// How a window's attack is scored (default the paper's speed).
+    pub score: WindowScore,
+    /// Generator seeds per window, `config.seed`, `config.seed + 1` ...; the window's score is
+    /// their mean (default 1, the paper's).
+    pub seeds: usize,
 }
 
 impl Default for LocalAttack {
-    /// The paper's choice: w = 100, s = 50, untargeted.
+    /// The paper's choice: w = 100, s = 50, untargeted, noise in the window, speed, one seed.
     fn default() -> Self {
         Self {
             window: 100,
             stride: 50,
             goal: Goal::Untargeted,
+            game: LocalGame::Delete,
+            score: WindowScore::Speed,
+            seeds: 1,
         }
     }
+}
+
+impl LocalAttack {
+    /// Which variant made a map: `paper`, or the settings that differ from the paper's
+    /// (`preserve`, `probability_drop`, `seeds=3`), joined by `+`.
+    pub fn variant(&self) -> String {
+        let mut parts = Vec::new();
+        if self.game == LocalGame::Preserve {
+            parts.push("preserve".to_string());
+        }
+        if self.score == WindowScore::ProbabilityDrop {
+            parts.push("probability_drop".to_string());
+        }
+        if self.seeds != 1 {
+            parts.push(format!("seeds={}", self.seeds));
+        }
+        if parts.is_empty() {
+            "paper".into()
+        } else {
+            parts.join("+")
+        }
+    }
+
+    /// One window attack's score (higher: more salient).
+    fn window_score(&self, outcome: &AttackOutcome, cap: usize) -> f64 {
+        match (self.score, self.game) {
+            (WindowScore::Speed, LocalGame::Delete) => speed(outcome, cap),
+            (WindowScore::Speed, LocalGame::Preserve) => 1.0 - speed(outcome, cap),
+            (WindowScore::ProbabilityDrop, game) => {
+                let mean = held_mean(&outcome.probabilities, cap);
+                match (game, self.goal) {
+                    (LocalGame::Delete, Goal::Untargeted) => (-outcome.origin_loss).exp() - mean,
+                    (LocalGame::Delete, Goal::Targeted(_)) => mean,
+                    (LocalGame::Preserve, Goal::Untargeted) => mean,
+                    (LocalGame::Preserve, Goal::Targeted(_)) => 1.0 - mean,
+                }
+            }
+        }
+    }
+}
+
+/// The mean of `cap + 1` judged probabilities, the last one standing for any after the stop.
+fn held_mean(probabilities: &[f64], cap: usize) -> f64 {
+    let Some(&last) = probabilities.last() else {
+        return 0.0;
+    };
+    let judged = probabilities.len().min(cap + 1);
+    let held = (cap + 1 - judged) as f64 * last;
+    (probabilities[..judged].iter().sum::<f64>() + held) / (cap + 1) as f64
 }
 
 /// A local-attack map and what it was made of.
 #[derive(Debug, Clone)]
 pub struct LocalMap {
-    /// `H x W`: the mean attack speed of the windows covering each pixel, in [0, 1].
+    /// `H x W`: the mean score of the windows covering each pixel.
     pub map: Tensor,
     /// Top-left corners of the windows, row by row.
     pub windows: Vec<(usize, usize)>,
-    /// Each window's attack, in the order of `windows`.
+    /// Each window's attacks, in the order of `windows`, seed after seed: `windows x seeds`.
     pub outcomes: Vec<AttackOutcome>,
-    /// Per window: `(cap - iterations) / cap` if it succeeded, 0 if not.
-    pub speeds: Vec<f64>,
-    /// The standard deviation of the window speeds: how much the map tells windows apart.
+    /// Per window: its score, the mean over seeds ([`speed`] for the paper's variant).
+    pub scores: Vec<f64>,
+    /// The standard deviation of the window scores: how much the map tells windows apart.
     pub contrast: f64,
+    /// Which variant made the map ([`LocalAttack::variant`]).
+    pub variant: String,
 }
 
 /// One window's speed: `(cap - iterations) / cap` for a success, 0 for a failure.
@@ -59,7 +153,8 @@ pub fn speed(outcome: &AttackOutcome, cap: usize) -> f64 {
     }
 }
 
-/// The local-attack map of image `image` of `pixels`.
+/// The local-attack map of image `image` of `pixels`; every window and seed is one job, banked
+/// `config.batch_size` at a time.
 pub fn local_attack(
     model: &dyn Classifier,
     pixels: &Tensor,
@@ -67,31 +162,72 @@ pub fn local_attack(
     spec: &LocalAttack,
     config: &AttackConfig,
 ) -> Result<LocalMap> {
+    ensure(spec.seeds >= 1, || "seeds must be at least 1".into())?;
     let (h, w) = crate::engine::image_size(pixels)?;
     let grid = WindowGrid::new(spec.window, spec.stride);
     let windows = grid.positions((h, w))?;
     let jobs: Vec<Job> = windows
         .iter()
-        .map(|&(top, left)| Job {
-            image,
-            goal: spec.goal,
-            region: Region::Window {
-                top,
-                left,
-                size: spec.window,
-            },
-            alpha: config.alpha,
-            seed: config.seed,
+        .flat_map(|&(top, left)| {
+            (0..spec.seeds as u64).map(move |s| Job {
+                image,
+                goal: spec.goal,
+                region: match spec.game {
+                    LocalGame::Delete => Region::Window {
+                        top,
+                        left,
+                        size: spec.window,
+                    },
+                    LocalGame::Preserve => Region::Outside {
+                        top,
+                        left,
+                        size: spec.window,
+                    },
+                },
+                alpha: config.alpha,
+                seed: config.seed.wrapping_add(s),
+            })
         })
         .collect();
     let outcomes = run(model, pixels, &jobs, &Masking::None, config)?;
-    let speeds: Vec<f64> = outcomes
-        .iter()
-        .map(|o| speed(o, config.max_iters))
+    local_map(spec, (h, w), &grid, windows, outcomes, config.max_iters)
+}
+
+/// The map of attacks already run: `outcomes` are `windows x spec.seeds` in the order
+/// [`local_attack`] makes them, with `spec`'s window, game and seeds, `cap` their `max_iters`.
+/// Scoring the same attacks another way (another [`WindowScore`]) costs no model call.
+pub fn local_map(
+    spec: &LocalAttack,
+    (h, w): (usize, usize),
+    grid: &WindowGrid,
+    windows: Vec<(usize, usize)>,
+    outcomes: Vec<AttackOutcome>,
+    cap: usize,
+) -> Result<LocalMap> {
+    ensure(
+        spec.seeds >= 1 && outcomes.len() == windows.len() * spec.seeds,
+        || {
+            format!(
+                "{} attacks for {} windows x {} seeds",
+                outcomes.len(),
+                windows.len(),
+                spec.seeds
+            )
+        },
+    )?;
+    let scores: Vec<f64> = outcomes
+        .chunks(spec.seeds)
+        .map(|per_seed| {
+            per_seed
+                .iter()
+                .map(|o| spec.window_score(o, cap))
+                .sum::<f64>()
+                / spec.seeds as f64
+        })
         .collect();
     let coverage = grid.coverage((h, w))?;
     let mut total = vec![0f64; h * w];
-    for (&(top, left), &s) in windows.iter().zip(&speeds) {
+    for (&(top, left), &s) in windows.iter().zip(&scores) {
         for y in top..top + spec.window {
             for x in left..left + spec.window {
                 total[y * w + x] += s;
@@ -103,15 +239,16 @@ pub fn local_attack(
         .zip(&coverage)
         .map(|(t, &c)| (*t / c as f64) as f32)
         .collect();
-    let mean = speeds.iter().sum::<f64>() / speeds.len() as f64;
+    let mean = scores.iter().sum::<f64>() / scores.len() as f64;
     let contrast =
-        (speeds.iter().map(|s| (s - mean).powi(2)).sum::<f64>() / speeds.len() as f64).sqrt();
+        (scores.iter().map(|s| (s - mean).powi(2)).sum::<f64>() / scores.len() as f64).sqrt();
     Ok(LocalMap {
         map: Tensor::from_vec(map, (h, w), &Device::Cpu)?,
         windows,
         outcomes,
-        speeds,
+        scores,
         contrast,
+        variant: spec.variant(),
     })
 }
 
@@ -122,7 +259,7 @@ pub struct WindowSetting {
     pub window: usize,
     /// Pixels between neighbouring windows.
     pub stride: usize,
-    /// The map's contrast: the standard deviation of its window speeds.
+    /// The map's contrast: the standard deviation of its window scores.
     pub contrast: f64,
     /// How many windows the grid has.
     pub windows: usize,
@@ -149,6 +286,7 @@ pub fn window_sweep(
                     window,
                     stride,
                     goal,
+                    ..LocalAttack::default()
                 },
                 config,
             )?;

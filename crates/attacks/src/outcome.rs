@@ -24,6 +24,10 @@ pub struct AttackOutcome {
     pub iterations: usize,
     /// The perturbed image's probability of `label_to`.
     pub confidence: f64,
+    /// The probability of the label the attack is about (untargeted: the clean label; targeted:
+    /// the target) each time the perturbed image was judged, from the untrained noise (update 0)
+    /// to the stop.
+    pub probabilities: Vec<f64>,
     /// Whether the goal was met, with confidence above the threshold, within the cap.
     pub success: bool,
     /// Why an unsuccessful attack stopped.

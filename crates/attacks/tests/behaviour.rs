@@ -97,6 +97,7 @@ fn same_seed_same_result_and_batching_changes_nothing() {
         window: 64,
         stride: 64,
         goal: Goal::Untargeted,
+        ..LocalAttack::default()
     };
     let cfg = AttackConfig {
         alpha: 0.3,
@@ -125,7 +126,7 @@ fn same_seed_same_result_and_batching_changes_nothing() {
         },
     )
     .unwrap();
-    assert_eq!(a.speeds, b.speeds);
+    assert_eq!(a.scores, b.scores);
 }
 
 #[test]
@@ -173,6 +174,7 @@ fn bad_parameters_are_refused_with_the_reason() {
             window: 200,
             stride: 50,
             goal: Goal::Untargeted,
+            ..LocalAttack::default()
         },
         &AttackConfig::default(),
     )
@@ -442,6 +444,74 @@ fn pgd_and_fgsm_respect_their_budget_and_flip_labels() {
         assert!(
             diff.iter().zip(&m).all(|(d, &mv)| mv > 0.0 || *d == 0.0),
             "FGSM changed pixels outside its mask"
+        );
+    }
+}
+
+#[test]
+fn window_noise_stays_in_the_window_and_preserve_noise_spares_it() {
+    let data = common::lesions(1);
+    let (top, left, size) = (16, 48, 40);
+    let job = |region| Job {
+        image: 0,
+        goal: Goal::Untargeted,
+        region,
+        alpha: 0.3,
+        seed: 3,
+    };
+    let jobs = [
+        job(Region::Window { top, left, size }),
+        job(Region::Outside { top, left, size }),
+    ];
+    let cap = 3;
+    let config = AttackConfig {
+        max_iters: cap,
+        confidence: 0.999_999,
+        ..AttackConfig::default()
+    };
+    let outcomes = run(
+        data.model.as_ref(),
+        &data.pixels,
+        &jobs,
+        &Masking::None,
+        &config,
+    )
+    .unwrap();
+    let inside = |t: &Tensor| -> (f32, f32) {
+        let v = t.to_vec3::<f32>().unwrap();
+        let (mut ins, mut out) = (0f32, 0f32);
+        for c in &v {
+            for (y, row) in c.iter().enumerate() {
+                for (x, &n) in row.iter().enumerate() {
+                    let within = (top..top + size).contains(&y) && (left..left + size).contains(&x);
+                    if within {
+                        ins = ins.max(n.abs());
+                    } else {
+                        out = out.max(n.abs());
+                    }
+                }
+            }
+        }
+        (ins, out)
+    };
+    let (window_in, window_out) = inside(&outcomes[0].noise);
+    let (preserve_in, preserve_out) = inside(&outcomes[1].noise);
+    assert!(
+        window_in > 0.0 && window_out == 0.0,
+        "{window_in} {window_out}"
+    );
+    assert!(
+        preserve_in == 0.0 && preserve_out > 0.0,
+        "{preserve_in} {preserve_out}"
+    );
+    for o in &outcomes {
+        // One probability per judged image, the last the stop's: exp(-CE) of the clean label.
+        assert_eq!(o.probabilities.len(), o.iterations + 1);
+        let last = *o.probabilities.last().unwrap();
+        assert!(
+            (last - o.final_loss.exp()).abs() < 1e-5,
+            "{last} vs {}",
+            o.final_loss.exp()
         );
     }
 }

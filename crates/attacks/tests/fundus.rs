@@ -5,14 +5,14 @@
 mod common;
 
 use candle_core::Tensor;
-use vulnmap_attacks::local::{local_attack, LocalAttack};
+use vulnmap_attacks::local::{local_attack, local_map, LocalAttack, WindowScore};
 use vulnmap_attacks::mask_attack::mask_attack;
 use vulnmap_attacks::saliency_attack::{
     clean_masks, control_masks, fixed_mask_attack, saliency_attack, Control, SaliencyAttack,
 };
 use vulnmap_attacks::{AttackConfig, AttackOutcome, Goal, LearnedMask, MaskNetwork};
 use vulnmap_saliency::metrics::localisation::{auroc, PointingGame};
-use vulnmap_saliency::SmoothGrad;
+use vulnmap_saliency::{SmoothGrad, WindowGrid};
 
 #[test]
 fn local_attack_flips_fastest_on_the_lesions() {
@@ -23,6 +23,7 @@ fn local_attack_flips_fastest_on_the_lesions() {
         window: 32,
         stride: 32,
         goal: Goal::Untargeted,
+        ..LocalAttack::default()
     };
     let config = AttackConfig {
         alpha: 0.3,
@@ -32,14 +33,32 @@ fn local_attack_flips_fastest_on_the_lesions() {
         ..AttackConfig::default()
     };
     let (mut peaks, mut hits) = (0, 0);
+    let (mut speed_auroc, mut drop_auroc) = (0.0, 0.0);
     for (i, mask) in data.masks.iter().enumerate() {
         let local = local_attack(data.model.as_ref(), &data.pixels, i, &spec, &config).unwrap();
-        let best = local.speeds.iter().cloned().fold(0.0, f64::max);
+        // The same attacks scored by the attacked label's probability instead of whole updates.
+        let continuous = LocalAttack {
+            score: WindowScore::ProbabilityDrop,
+            ..spec
+        };
+        let drop = local_map(
+            &continuous,
+            (128, 128),
+            &WindowGrid::new(32, 32),
+            local.windows.clone(),
+            local.outcomes.clone(),
+            config.max_iters,
+        )
+        .unwrap();
+        assert_eq!(drop.variant, "probability_drop");
+        speed_auroc += auroc(&local.map, mask).unwrap() / 6.0;
+        drop_auroc += auroc(&drop.map, mask).unwrap() / 6.0;
+        let best = local.scores.iter().cloned().fold(0.0, f64::max);
         // The fastest windows: do they cover the lesion?
         let on_lesion = local
             .windows
             .iter()
-            .zip(&local.speeds)
+            .zip(&local.scores)
             .filter(|(_, &s)| s == best && s > 0.0)
             .any(|(&(t, l), _)| (t..t + 32).any(|y| (l..l + 32).any(|x| mask[y * 128 + x])));
         let pointed = PointingGame {
@@ -54,6 +73,13 @@ fn local_attack_flips_fastest_on_the_lesions() {
         assert_eq!(local.map.dims(), &[128, 128]);
     }
     println!("fastest window on a lesion for {peaks} of 6 images; pointing game {hits}/6");
+    println!(
+        "AUROC against the lesion masks: speed {speed_auroc:.3}, probability drop {drop_auroc:.3}"
+    );
+    assert!(
+        drop_auroc > speed_auroc,
+        "the continuous score ({drop_auroc:.3}) did not separate lesions better than the speed ({speed_auroc:.3})"
+    );
     assert!(
         peaks >= 4,
         "the local attack peaked on the lesion for only {peaks} of 6 images"

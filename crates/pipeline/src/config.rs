@@ -498,6 +498,7 @@ impl Checker {
                 self.attack(&s.attack(), at);
                 self.at_least_one(s.window, &f("window"));
                 self.at_least_one(s.stride, &f("stride"));
+                self.within(s.seeds, &ROUNDS, &f("seeds"));
             }
             Step::SaliencyAttack(s) => {
                 self.attack(&s.attack(), at);

@@ -321,16 +321,20 @@ pub struct Swept {
 /// `local_attack`: the windows' attacks and the map they make.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LocalAttacked {
+    /// Which variant made the map: `paper`, or what differs from it (`preserve`,
+    /// `probability_drop`, `seeds=N`, joined by `+`); absent in rows from before variants.
+    #[serde(default = "paper")]
+    pub variant: String,
     /// How many windows were attacked.
     pub windows: usize,
-    /// The standard deviation of the window speeds.
+    /// The standard deviation of the window scores.
     #[serde(deserialize_with = "nan_from_null")]
     pub contrast: f64,
     /// Each window's iterations, row by row.
     pub iterations: Vec<usize>,
     /// Windows whose attack met its goal.
     pub successes: usize,
-    /// Top-left corner of the fastest window.
+    /// Top-left corner of the highest-scoring window (the fastest, in the paper's variant).
     pub fastest_window: Option<(usize, usize)>,
     /// The map.
     #[serde(flatten)]
@@ -431,6 +435,10 @@ pub struct Finetuned {
     pub checkpoint: String,
     /// Every epoch's figures and the test scores.
     pub report: TrainReport,
+}
+
+fn paper() -> String {
+    "paper".into()
 }
 
 #[cfg(test)]

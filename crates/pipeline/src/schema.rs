@@ -4,6 +4,7 @@
 //! Steps are written as one-key maps, `- smoothgrad: {samples: 25}`; `{}` takes every default.
 
 use serde::{Deserialize, Serialize};
+use vulnmap_attacks::local::{LocalGame, WindowScore};
 use vulnmap_attacks::saliency_attack::Control;
 use vulnmap_attacks::{AttackMode, GeneratorChoice, MaskNetworkKind, Sparsity};
 use vulnmap_data::Split;
@@ -875,6 +876,15 @@ attack_step! {
         window: usize = 100,
         /// Step between windows, in pixels (default 50).
         stride: usize = 50,
+        /// `delete` (the paper's: noise in the window) or `preserve` (noise everywhere else).
+        #[serde(skip_serializing_if = "is_default")]
+        game: LocalGame = LocalGame::Delete,
+        /// `speed` (the paper's: updates to flip) or `probability_drop` (continuous).
+        #[serde(skip_serializing_if = "is_default")]
+        score: WindowScore = WindowScore::Speed,
+        /// Generator seeds per window, their scores averaged (default 1, the paper's).
+        #[serde(skip_serializing_if = "is_one")]
+        seeds: usize = 1,
     } alpha = 0.02
 }
 
@@ -1107,6 +1117,14 @@ pub struct FinetuneStep {
 
 fn is_zero(v: &f64) -> bool {
     *v == 0.0
+}
+
+fn is_one(v: &usize) -> bool {
+    *v == 1
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
 }
 
 impl Default for FinetuneStep {

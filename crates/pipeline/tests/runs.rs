@@ -90,6 +90,9 @@ fn every_image_gets_one_row_per_step() {
             );
         }
     }
+    for r in rows.iter().filter(|r| r["kind"] == "local_attack") {
+        assert_eq!(r["variant"], "paper", "{r:?}");
+    }
     // The resolved pipeline is saved and reads back as the same pipeline.
     let saved = std::fs::read_to_string(dir.path().join("pipeline.yaml")).unwrap();
     assert_eq!(config::from_yaml(&saved).unwrap(), pipeline());
@@ -371,4 +374,39 @@ steps:
         e.contains("line 17") && e.contains("more than the superpixels"),
         "{e}"
     );
+}
+
+#[test]
+fn local_attack_variants_are_keys_and_the_paper_keeps_its_resolved_file() {
+    let with = SMALL.replace(
+        "lr: 2.0e-3}",
+        "lr: 2.0e-3, score: probability_drop, game: preserve, seeds: 3}",
+    );
+    let p = config::parse(&with, Path::new("v.yaml"), Path::new(".")).unwrap();
+    let vulnmap_pipeline::schema::Step::LocalAttack(s) = &p.steps[2] else {
+        panic!("step 2 is the local attack")
+    };
+    assert_eq!(
+        s.score,
+        vulnmap_attacks::local::WindowScore::ProbabilityDrop
+    );
+    assert_eq!(s.game, vulnmap_attacks::local::LocalGame::Preserve);
+    assert_eq!(s.seeds, 3);
+    let yaml = config::to_yaml(&p).unwrap();
+    assert!(
+        yaml.contains("probability_drop") && yaml.contains("preserve"),
+        "{yaml}"
+    );
+    assert_eq!(config::from_yaml(&yaml).unwrap(), p);
+    // The paper's settings are left out of the resolved file, so runs from before still resume.
+    let plain = config::to_yaml(&pipeline()).unwrap();
+    assert!(
+        !plain.contains(" seeds:") && !plain.contains(" game:"),
+        "{plain}"
+    );
+    let zero = SMALL.replace("lr: 2.0e-3}", "lr: 2.0e-3, seeds: 0}");
+    let e = config::parse(&zero, Path::new("v.yaml"), Path::new("."))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("seeds"), "{e}");
 }

@@ -147,6 +147,9 @@ pub(crate) fn local(
         window: s.window,
         stride: s.stride,
         goal: s.attack().goal()?,
+        game: s.game,
+        score: s.score,
+        seeds: s.seeds,
     };
     let mut all = Vec::new();
     let mut locals = Vec::new();
@@ -161,12 +164,13 @@ pub(crate) fn local(
         .zip(cx.map_rows(chunk, id, &m)?)
         .map(|(local, map)| {
             let fastest_window = local
-                .speeds
+                .scores
                 .iter()
                 .enumerate()
                 .max_by(|a, b| a.1.total_cmp(b.1))
                 .map(|(k, _)| local.windows[k]);
             Found::LocalAttack(LocalAttacked {
+                variant: local.variant.clone(),
                 windows: local.windows.len(),
                 contrast: local.contrast,
                 iterations: local.outcomes.iter().map(|o| o.iterations).collect(),
