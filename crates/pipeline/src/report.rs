@@ -170,10 +170,18 @@ fn attack_summary(rows: &[Row]) -> Table {
     t
 }
 
-/// Mean scores of each scored map-making step with 95% bootstrap intervals over the images: the
-/// table to read (`mean [low, high]`) and the one to compute with (mean, low and high columns).
+/// Mean scores of each scored map-making step with 95% bootstrap intervals over the images, and
+/// its mean seconds per map: the table to read (`mean [low, high]`) and the one to compute with
+/// (mean, low and high columns).
 fn metrics(rows: &[Row]) -> Result<(Table, Table)> {
     let mut by_step: BTreeMap<String, BTreeMap<Measure, Vec<f64>>> = BTreeMap::new();
+    let mut seconds: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    for r in rows
+        .iter()
+        .filter(|r| !matches!(r.found, Found::Metrics(_)))
+    {
+        seconds.entry(&r.step).or_default().push(r.seconds);
+    }
     for r in rows {
         let Found::Metrics(scored) = &r.found else {
             continue;
@@ -194,6 +202,7 @@ fn metrics(rows: &[Row]) -> Result<(Table, Table)> {
         .collect();
     let mut header = vec!["method".to_string(), "images".to_string()];
     header.extend(used.iter().map(|m| format!("{} [95% CI]", m.title())));
+    header.push("seconds per map".into());
     let mut shown = Table::new(&header.iter().map(String::as_str).collect::<Vec<_>>());
     let mut header = vec!["method".to_string(), "images".to_string()];
     for m in &used {
@@ -204,9 +213,11 @@ fn metrics(rows: &[Row]) -> Result<(Table, Table)> {
             format!("{name}_ci_high"),
         ]);
     }
+    header.push("seconds_per_map".into());
     let mut numbers = Table::new(&header.iter().map(String::as_str).collect::<Vec<_>>());
     for (step, m) in by_step {
         let n = m.values().map(Vec::len).max().unwrap_or(0);
+        let per_map = seconds.get(step.as_str()).and_then(|v| mean(v));
         let mut cells = vec![step.clone(), n.to_string()];
         let mut columns = vec![step, n.to_string()];
         for k in &used {
@@ -222,6 +233,8 @@ fn metrics(rows: &[Row]) -> Result<(Table, Table)> {
                 }
             }
         }
+        cells.push(fmt(per_map, 3));
+        columns.push(fmt(per_map, 6));
         shown.rows.push(cells);
         numbers.rows.push(columns);
     }

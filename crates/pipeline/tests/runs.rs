@@ -127,6 +127,25 @@ fn the_report_holds_tables_figures_and_the_alpha_plot() {
         3,
         "header and the two map steps:\n{metrics}"
     );
+    // Each method's cost beside its scores: the mean of its rows' seconds per image.
+    let timed = rundir::read_rows(&dir.path().join("results.jsonl"), false).unwrap();
+    for line in metrics.lines().skip(1) {
+        let step = line.split(',').next().unwrap();
+        let per_map: f64 = line.rsplit(',').next().unwrap().parse().unwrap();
+        let rows: Vec<f64> = timed
+            .iter()
+            .filter(|r| r.step == step)
+            .map(|r| r.seconds)
+            .collect();
+        assert!(per_map > 0.0, "{line}");
+        let want = rows.iter().sum::<f64>() / rows.len() as f64;
+        assert!((per_map - want).abs() < 1e-5, "{line}: {want}");
+    }
+    assert!(metrics
+        .lines()
+        .next()
+        .unwrap()
+        .ends_with(",seconds_per_map"));
     let svg = std::fs::read_to_string(dir.path().join("alpha_sweep_alpha_sweep.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("alpha"));
 }
