@@ -162,35 +162,58 @@ pub fn local_attack(
     spec: &LocalAttack,
     config: &AttackConfig,
 ) -> Result<LocalMap> {
+    let mut maps = local_attacks(model, pixels, &[image], spec, config)?;
+    Ok(maps.remove(0))
+}
+
+/// The local-attack maps of images `images` of `pixels`, one per image: the windows and seeds
+/// of all of them are one list of jobs, banked `config.batch_size` at a time, so small images
+/// with few windows still fill a bank.
+pub fn local_attacks(
+    model: &dyn Classifier,
+    pixels: &Tensor,
+    images: &[usize],
+    spec: &LocalAttack,
+    config: &AttackConfig,
+) -> Result<Vec<LocalMap>> {
     ensure(spec.seeds >= 1, || "seeds must be at least 1".into())?;
     let (h, w) = crate::engine::image_size(pixels)?;
     let grid = WindowGrid::new(spec.window, spec.stride);
     let windows = grid.positions((h, w))?;
-    let jobs: Vec<Job> = windows
+    let jobs: Vec<Job> = images
         .iter()
-        .flat_map(|&(top, left)| {
-            (0..spec.seeds as u64).map(move |s| Job {
-                image,
-                goal: spec.goal,
-                region: match spec.game {
-                    LocalGame::Delete => Region::Window {
-                        top,
-                        left,
-                        size: spec.window,
+        .flat_map(|&image| {
+            windows.iter().flat_map(move |&(top, left)| {
+                (0..spec.seeds as u64).map(move |s| Job {
+                    image,
+                    goal: spec.goal,
+                    region: match spec.game {
+                        LocalGame::Delete => Region::Window {
+                            top,
+                            left,
+                            size: spec.window,
+                        },
+                        LocalGame::Preserve => Region::Outside {
+                            top,
+                            left,
+                            size: spec.window,
+                        },
                     },
-                    LocalGame::Preserve => Region::Outside {
-                        top,
-                        left,
-                        size: spec.window,
-                    },
-                },
-                alpha: config.alpha,
-                seed: config.seed.wrapping_add(s),
+                    alpha: config.alpha,
+                    seed: config.seed.wrapping_add(s),
+                })
             })
         })
         .collect();
-    let outcomes = run(model, pixels, &jobs, &Masking::None, config)?;
-    local_map(spec, (h, w), &grid, windows, outcomes, config.max_iters)
+    let mut outcomes = run(model, pixels, &jobs, &Masking::None, config)?.into_iter();
+    images
+        .iter()
+        .map(|_| {
+            let mine: Vec<AttackOutcome> =
+                outcomes.by_ref().take(windows.len() * spec.seeds).collect();
+            local_map(spec, (h, w), &grid, windows.clone(), mine, config.max_iters)
+        })
+        .collect()
 }
 
 /// The map of attacks already run: `outcomes` are `windows x spec.seeds` in the order

@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Result as CResult, Tensor};
 use common::device;
 use vulnmap_attacks::baselines::{pgd, Norm, Pgd};
 use vulnmap_attacks::engine::run;
-use vulnmap_attacks::local::{local_attack, LocalAttack};
+use vulnmap_attacks::local::{local_attack, local_attacks, LocalAttack};
 use vulnmap_attacks::random::random_attack;
 use vulnmap_attacks::rounds::{alpha_sweep, rounds};
 use vulnmap_attacks::{AttackConfig, Goal, Job, Masking, Region};
@@ -127,6 +127,22 @@ fn same_seed_same_result_and_batching_changes_nothing() {
     )
     .unwrap();
     assert_eq!(a.scores, b.scores);
+    // Two images' windows banked together give each image's own map.
+    let both = local_attacks(
+        data.model.as_ref(),
+        &data.pixels,
+        &[2, 0],
+        &spec,
+        &AttackConfig {
+            batch_size: 12,
+            ..cfg
+        },
+    )
+    .unwrap();
+    assert_eq!(both[1].scores, a.scores);
+    assert!(same(&both[1].map, &a.map));
+    let alone = local_attack(data.model.as_ref(), &data.pixels, 2, &spec, &cfg).unwrap();
+    assert_eq!(both[0].scores, alone.scores);
 }
 
 #[test]

@@ -165,6 +165,8 @@ fn every_shipped_pipeline_parses_and_validates() {
         "fig12_imagenet",
         "finetune_fundus",
         "benchmark_fundus",
+        "attack_maps_benchmark",
+        "attack_maps_imagenet",
         "demo",
     ] {
         assert!(

@@ -11,7 +11,7 @@ use crate::schema::{
     SaliencyAttackStep,
 };
 use candle_core::{DType, Device, Tensor};
-use vulnmap_attacks::local::{local_attack, LocalAttack};
+use vulnmap_attacks::local::{local_attacks, LocalAttack};
 use vulnmap_attacks::mask_attack::mask_attack;
 use vulnmap_attacks::random::random_attack;
 use vulnmap_attacks::rounds::{self, rounds};
@@ -151,13 +151,9 @@ pub(crate) fn local(
         score: s.score,
         seeds: s.seeds,
     };
-    let mut all = Vec::new();
-    let mut locals = Vec::new();
-    for i in 0..n {
-        let local = local_attack(model, &chunk.pixels, i, &spec, &config)?;
-        all.push(local.map.clone());
-        locals.push(local);
-    }
+    let images: Vec<usize> = (0..n).collect();
+    let locals = local_attacks(model, &chunk.pixels, &images, &spec, &config)?;
+    let all: Vec<Tensor> = locals.iter().map(|l| l.map.clone()).collect();
     let m = Tensor::stack(&all, 0)?;
     let rows = locals
         .into_iter()
