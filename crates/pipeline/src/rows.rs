@@ -321,9 +321,10 @@ pub struct Swept {
 /// `local_attack`: the windows' attacks and the map they make.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LocalAttacked {
-    /// Which variant made the map: `paper`, or what differs from it (`preserve`,
-    /// `probability_drop`, `seeds=N`, joined by `+`); absent in rows from before variants.
-    #[serde(default = "paper")]
+    /// Which variant made the map: what differs from the paper's settings (`preserve`,
+    /// `probability_drop`, `seeds=N`, joined by `+`), or `paper`, which is not written, so rows
+    /// from before variants read back to the same text.
+    #[serde(default = "paper", skip_serializing_if = "is_paper")]
     pub variant: String,
     /// How many windows were attacked.
     pub windows: usize,
@@ -441,6 +442,10 @@ fn paper() -> String {
     "paper".into()
 }
 
+fn is_paper(variant: &str) -> bool {
+    variant == "paper"
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -462,6 +467,25 @@ mod tests {
             assert_eq!(row.to_line().unwrap(), line);
             assert!(row.same_result(&row), "{line}");
         }
+    }
+
+    #[test]
+    fn a_variant_other_than_the_papers_is_written_and_read() {
+        let line = LINES[2].replace(
+            r#""target_name":"cat","#,
+            r#""target_name":"cat","variant":"probability_drop+seeds=3","#,
+        );
+        let row: ResultRow = serde_json::from_str(&line).unwrap();
+        let Found::LocalAttack(local) = &row.found else {
+            panic!("a local_attack row")
+        };
+        assert_eq!(local.variant, "probability_drop+seeds=3");
+        assert_eq!(row.to_line().unwrap(), line);
+        let old: ResultRow = serde_json::from_str(LINES[2]).unwrap();
+        let Found::LocalAttack(local) = &old.found else {
+            panic!("a local_attack row")
+        };
+        assert_eq!(local.variant, "paper");
     }
 
     #[test]
