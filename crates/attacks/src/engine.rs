@@ -18,7 +18,7 @@ use crate::outcome::AttackOutcome;
 use candle_core::{DType, Tensor, Var};
 use indicatif::{ProgressBar, ProgressStyle};
 use vulnmap_models::Classifier;
-use vulnmap_saliency::{Method, SmoothGrad};
+use vulnmap_saliency::{Method, SmoothGrad, WindowGrid};
 use vulnmap_train::optim::{Adam, AdamConfig};
 
 /// Which generator makes full-image noise.
@@ -419,6 +419,8 @@ struct Bank<'a> {
     clean_labels: Vec<usize>,
     origin_losses: Vec<f64>,
     fixed_mask: Option<Tensor>,
+    /// `B x 1 x H x W`, 0 in each preserved window and 1 elsewhere, when the bank has one.
+    outside_windows: Option<Tensor>,
     learner: Option<(Learner, Adam, LearnedMask, Tensor)>,
 }
 
@@ -506,6 +508,25 @@ impl<'a> Bank<'a> {
                 Goal::Targeted(t) => t as u32,
             })
             .collect();
+        let outside_windows = if jobs
+            .iter()
+            .any(|j| matches!(j.region, Region::Outside { .. }))
+        {
+            let keep: Vec<f32> = jobs
+                .iter()
+                .flat_map(|j| match j.region {
+                    Region::Outside { top, left, size } => WindowGrid::new(size, size)
+                        .mask((h, w), (top, left))
+                        .into_iter()
+                        .map(|inside| 1.0 - inside)
+                        .collect(),
+                    _ => vec![1.0; h * w],
+                })
+                .collect();
+            Some(Tensor::from_vec(keep, (jobs.len(), 1, h, w), &device)?)
+        } else {
+            None
+        };
         let fixed_mask = match fixed {
             Some(masks) => {
                 let masks = masks
@@ -559,6 +580,7 @@ impl<'a> Bank<'a> {
             clean_labels,
             origin_losses,
             fixed_mask,
+            outside_windows,
             learner,
         })
     }
@@ -567,7 +589,15 @@ impl<'a> Bank<'a> {
     fn placed_noise(&self) -> Result<Tensor> {
         let noise = self.generators.forward()?;
         let (_, _, h, w) = self.images.dims4()?;
-        if self.jobs.iter().all(|j| j.region == Region::Whole) {
+        // A bank's noise is all window-sized or all image-sized (`Region::noise_side`).
+        if let Some(keep) = &self.outside_windows {
+            return Ok(noise.broadcast_mul(keep)?);
+        }
+        if !self
+            .jobs
+            .iter()
+            .any(|j| matches!(j.region, Region::Window { .. }))
+        {
             return Ok(noise);
         }
         let placed = self
@@ -577,16 +607,10 @@ impl<'a> Bank<'a> {
             .map(|(b, job)| -> Result<Tensor> {
                 let n = noise.get(b)?;
                 Ok(match job.region {
-                    Region::Whole => n,
                     Region::Window { top, left, size } => n
                         .pad_with_zeros(1, top, h - top - size)?
                         .pad_with_zeros(2, left, w - left - size)?,
-                    Region::Outside { top, left, size } => {
-                        let hole = Tensor::ones((1, size, size), n.dtype(), n.device())?
-                            .pad_with_zeros(1, top, h - top - size)?
-                            .pad_with_zeros(2, left, w - left - size)?;
-                        n.broadcast_mul(&hole.affine(-1.0, 1.0)?)?
-                    }
+                    Region::Whole | Region::Outside { .. } => n,
                 })
             })
             .collect::<Result<Vec<_>>>()?;

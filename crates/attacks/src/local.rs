@@ -211,22 +211,23 @@ pub fn local_attacks(
         .map(|_| {
             let mine: Vec<AttackOutcome> =
                 outcomes.by_ref().take(windows.len() * spec.seeds).collect();
-            local_map(spec, (h, w), &grid, windows.clone(), mine, config.max_iters)
+            local_map(spec, (h, w), mine, config.max_iters)
         })
         .collect()
 }
 
-/// The map of attacks already run: `outcomes` are `windows x spec.seeds` in the order
-/// [`local_attack`] makes them, with `spec`'s window, game and seeds, `cap` their `max_iters`.
-/// Scoring the same attacks another way (another [`WindowScore`]) costs no model call.
+/// The map of attacks already run on an `h x w` image: `outcomes` are `windows x spec.seeds` in
+/// the order [`local_attack`] makes them, with `spec`'s window, stride, game and seeds, `cap`
+/// their `max_iters`. Scoring the same attacks another way (another [`WindowScore`]) costs no
+/// model call.
 pub fn local_map(
     spec: &LocalAttack,
     (h, w): (usize, usize),
-    grid: &WindowGrid,
-    windows: Vec<(usize, usize)>,
     outcomes: Vec<AttackOutcome>,
     cap: usize,
 ) -> Result<LocalMap> {
+    let grid = WindowGrid::new(spec.window, spec.stride);
+    let windows = grid.positions((h, w))?;
     ensure(
         spec.seeds >= 1 && outcomes.len() == windows.len() * spec.seeds,
         || {
