@@ -188,15 +188,7 @@ impl ExtremalPerturbation {
         let (ph, pw) = generator.shape_in;
         let params = Var::from_tensor(&Tensor::ones((k, 1, ph, pw), DType::F32, device)?)?;
         let cells = generator.shape_out.0 * generator.shape_out.1;
-        let reference: Vec<f32> = pairs
-            .iter()
-            .map(|&(_, a)| self.areas[a])
-            .flat_map(|a| {
-                let zeros = (cells as f64 * (1.0 - a)) as usize;
-                (0..cells).map(move |i| if i < zeros { 0.0 } else { 1.0 })
-            })
-            .collect();
-        let reference = Tensor::from_vec(reference, (k, cells), device)?;
+        let pair_areas: Vec<f64> = pairs.iter().map(|&(_, a)| self.areas[a]).collect();
         let games = self.games();
         // Mask j's target, once per game (the dual game's deleted images follow the kept ones).
         let target_index: Vec<u32> = (0..games)
@@ -230,10 +222,7 @@ impl ExtremalPerturbation {
                 ExtremalVariant::Delete => score.neg()?,
                 ExtremalVariant::Dual => (score.narrow(0, 0, k)? - score.narrow(0, k, k)?)?,
             };
-            let flat = full.reshape((k, cells))?;
-            let order = sorted_order(&flat)?;
-            let sorted = flat.gather(&order, 1)?;
-            let regul = ((sorted - &reference)?.sqr()?.mean(1)? * weight)?;
+            let regul = (area_gap(&full.reshape((k, cells))?, &pair_areas)? * weight)?;
             let energy = (reward - regul)?.sum_all()?;
             let grads = energy.neg()?.backward()?;
             let grad = grads
@@ -327,10 +316,36 @@ fn apply(pyramid: &Tensor, mask: &Tensor) -> Result<Tensor> {
     Ok((&y0 + (y1 - &y0)?.broadcast_mul(&frac)?)?)
 }
 
+/// Extremal perturbation's area constraint: for each row of `masks` (`K x cells`, values in
+/// [0, 1]), the mean squared difference between its values sorted and the mask of exactly its
+/// area (`areas[k]`: `1 - a` of the cells 0, the rest 1). Zero only for a binary mask of that
+/// area; differentiable through the sort's gather.
+pub fn area_gap(masks: &Tensor, areas: &[f64]) -> Result<Tensor> {
+    let (k, cells) = masks.dims2()?;
+    ensure(areas.len() == k, || {
+        format!("{} areas for {k} masks", areas.len())
+    })?;
+    let reference: Vec<f32> = areas
+        .iter()
+        .flat_map(|&a| {
+            let zeros = (cells as f64 * (1.0 - a)) as usize;
+            (0..cells).map(move |i| if i < zeros { 0.0 } else { 1.0 })
+        })
+        .collect();
+    let reference =
+        Tensor::from_vec(reference, (k, cells), masks.device())?.to_dtype(masks.dtype())?;
+    let sorted = masks.gather(&sorted_order(masks)?, 1)?;
+    Ok((sorted - reference)?.sqr()?.mean(1)?)
+}
+
 /// Each row's ascending order (computed on the host: a sort of a mask's cells).
 fn sorted_order(rows: &Tensor) -> Result<Tensor> {
     let (k, cells) = rows.dims2()?;
-    let values = rows.detach().to_device(&Device::Cpu)?.to_vec2::<f32>()?;
+    let values = rows
+        .detach()
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .to_vec2::<f32>()?;
     let mut order = Vec::with_capacity(k * cells);
     for row in &values {
         let mut idx: Vec<u32> = (0..cells as u32).collect();

@@ -60,7 +60,7 @@ mod target;
 pub use blur::{Edges, GaussianBlur};
 pub use cam::{Cam, CamRule};
 pub use error::{Error, Result};
-pub use extremal::{ExtremalPerturbation, ExtremalReward, ExtremalVariant};
+pub use extremal::{area_gap, ExtremalPerturbation, ExtremalReward, ExtremalVariant};
 pub use gradient::{input_gradients, Gradient, GuidedBackprop, InputXGradient};
 pub use grid::WindowGrid;
 pub use integrated_gradients::{Baseline, BaselineKind, IntegratedGradients, Integration};
