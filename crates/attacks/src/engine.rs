@@ -7,7 +7,8 @@
 //! goal (untargeted: the label changed, targeted: the label is the target, each with confidence
 //! above the threshold) stops and keeps its result, the others take an Adam step on their
 //! generator (lr 2e-4, betas 0.5/0.999) and go on, up to the cap. Jobs run in banks of at most
-//! `batch_size`; the classifier's weights are constants and get no gradients.
+//! `batch_size` images per classifier pass, and of no more generators than
+//! [`GENERATOR_BUDGET`] holds; the classifier's weights are constants and get no gradients.
 
 use crate::error::{ensure, Error, Result};
 use crate::nets::bank::Placement;
@@ -18,7 +19,7 @@ use crate::outcome::AttackOutcome;
 use candle_core::{DType, Tensor, Var};
 use indicatif::{ProgressBar, ProgressStyle};
 use vulnmap_models::Classifier;
-use vulnmap_saliency::{Method, SmoothGrad, WindowGrid};
+use vulnmap_saliency::{area_gap, GaussianBlur, Method, SmoothGrad, WindowGrid};
 use vulnmap_train::optim::{Adam, AdamConfig};
 
 /// Which generator makes full-image noise.
@@ -129,6 +130,17 @@ pub enum Region {
         /// Side of the square window, in pixels; the window must fit inside the image.
         size: usize,
     },
+    /// A `size x size` window at `(top, left)` blurred as occlusion's baseline (a Gaussian of
+    /// sigma [`OCCLUDED_SIGMA`]), the generator's window-sized noise added to it: occlusion
+    /// sharpened by an attack (the local attack's occlude game).
+    Occluded {
+        /// Row of the window's top-left corner, in pixels.
+        top: usize,
+        /// Column of the window's top-left corner, in pixels.
+        left: usize,
+        /// Side of the square window, in pixels; the window must fit inside the image.
+        size: usize,
+    },
     /// Everywhere but a `size x size` window at `(top, left)`: the window is preserved (the
     /// local attack's preserve game); the generator makes whole-image noise.
     Outside {
@@ -141,12 +153,25 @@ pub enum Region {
     },
 }
 
+/// Sigma, in pixels, of the blur inside an occluded window: occlusion's default blurred baseline.
+pub const OCCLUDED_SIGMA: f64 = 10.0;
+
 impl Region {
     /// Generators of one bank must be alike: whole-image noise, or noise of one window size.
     fn noise_side(&self) -> Option<usize> {
         match *self {
-            Region::Window { size, .. } => Some(size),
+            Region::Window { size, .. } | Region::Occluded { size, .. } => Some(size),
             Region::Whole | Region::Outside { .. } => None,
+        }
+    }
+
+    /// The window's corner and side, for the regions that have one.
+    fn window(&self) -> Option<(usize, usize, usize)> {
+        match *self {
+            Region::Window { top, left, size }
+            | Region::Occluded { top, left, size }
+            | Region::Outside { top, left, size } => Some((top, left, size)),
+            Region::Whole => None,
         }
     }
 }
@@ -210,6 +235,24 @@ impl MaskNetworkKind {
     }
 }
 
+/// What the learned mask does to the image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[serde(rename_all = "lowercase")]
+pub enum MaskGame {
+    /// The paper's Eq. 6: the generator's noise goes through the mask; the attack stops when the
+    /// label flips.
+    #[default]
+    Noise,
+    /// A preserve / delete pair on a blurred baseline (as extremal perturbation's dual game and
+    /// iGOS++): the masked region is replaced by the blurred image plus the generator's noise
+    /// (deleted), and everything but the masked region is (preserved, against the same noise).
+    /// The mask lowers the label's log-probability on the deleted image and keeps it on the
+    /// preserved one, at a given area; the generator attacks the deleted image. Runs every update
+    /// (a map, not a flip); untargeted only.
+    Dual,
+}
+
 /// The network that learns the mask.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MaskNetwork {
@@ -240,10 +283,42 @@ pub struct LearnedMask {
     pub lambda_tv: f64,
     /// beta (3).
     pub beta: f64,
-    /// gamma (1), weight of `MSE(M_c(I), m)` towards the clean image's SmoothGrad map.
+    /// gamma (1), weight of `MSE(M_c(I), m)` towards the clean image's SmoothGrad map (the
+    /// noise game only).
     pub gamma: f64,
-    /// The SmoothGrad map the mask is pulled towards.
+    /// The SmoothGrad map the mask is pulled towards (not computed when `gamma` is 0).
     pub reference: SmoothGrad,
+    /// What the mask does (default the paper's [`MaskGame::Noise`]).
+    pub game: MaskGame,
+    /// The dual game's mask area, a fraction of the image in (0, 1) (default 0.1); it replaces
+    /// the sparsity term there.
+    pub area: f64,
+    /// Weight of the dual game's area constraint (extremal perturbation's sorted-mask gap).
+    pub lambda_area: f64,
+    /// Sigma, in pixels, of the dual game's blurred baseline.
+    pub blur_sigma: f64,
+    /// The free mask's largest shift either way, as a fraction of a cell, drawn afresh at each
+    /// update so the mask cannot align with the model's grid (Fong and Vedaldi's jitter); 0:
+    /// none. The map is the unshifted mask.
+    pub jitter: f64,
+}
+
+impl LearnedMask {
+    /// Adam's learning rate for the dual game's free mask, whose logits start at 0 and must
+    /// reach either side within a few dozen updates.
+    pub const DUAL_LR: f64 = 0.05;
+
+    /// The dual game with a free `cells x cells` mask: area 0.1, a baseline blurred with
+    /// sigma 10, a jitter of half a cell.
+    pub fn dual(cells: usize) -> Self {
+        Self {
+            network: MaskNetwork::Free { cells },
+            lr: Self::DUAL_LR,
+            game: MaskGame::Dual,
+            jitter: 0.5,
+            ..Self::default()
+        }
+    }
 }
 
 impl Default for LearnedMask {
@@ -259,6 +334,11 @@ impl Default for LearnedMask {
             beta: 3.0,
             gamma: 1.0,
             reference: SmoothGrad::authors(),
+            game: MaskGame::Noise,
+            area: 0.1,
+            lambda_area: 100.0,
+            blur_sigma: 10.0,
+            jitter: 0.0,
         }
     }
 }
@@ -344,8 +424,7 @@ pub fn run(
                 )
             })?;
         }
-        if let Region::Window { top, left, size } | Region::Outside { top, left, size } = job.region
-        {
+        if let Some((top, left, size)) = job.region.window() {
             ensure(size > 0 && top + size <= h && left + size <= w, || {
                 format!(
                     "a {size}x{size} window at ({top}, {left}) does not fit in the {h}x{w} image"
@@ -353,18 +432,28 @@ pub fn run(
             })?;
         }
     }
+    if let Masking::Learned(spec) = masking {
+        check_learned(spec, jobs)?;
+    }
     if matches!(config.generator, GeneratorChoice::Paper) {
         ensure((h, w) == (224, 224), || {
             format!("the authors' generator makes 224x224 noise but the images are {h}x{w}; use the generic generator")
         })?;
     }
+    // The dual game passes two images per job.
+    let per_pass = match masking {
+        Masking::Learned(spec) if spec.game == MaskGame::Dual => (config.batch_size / 2).max(1),
+        _ => config.batch_size,
+    };
     let mut outcomes = Vec::with_capacity(jobs.len());
     let mut start = 0;
     while start < jobs.len() {
+        let kind = generator_kind(&jobs[start].region, config.generator, (h, w));
+        let per_bank = per_pass.min(jobs_within_budget(kind)?);
         // A bank needs one kind of generator: runs of jobs with the same noise shape.
         let mut end = start + 1;
         while end < jobs.len()
-            && end - start < config.batch_size
+            && end - start < per_bank
             && jobs[end].region.noise_side() == jobs[start].region.noise_side()
         {
             end += 1;
@@ -380,6 +469,72 @@ pub fn run(
     Ok(outcomes)
 }
 
+/// The generator a job's region needs: window-sized for window noise, else the chosen one for
+/// `h x w` images.
+fn generator_kind(
+    region: &Region,
+    choice: GeneratorChoice,
+    (h, w): (usize, usize),
+) -> GeneratorKind {
+    match *region {
+        Region::Window { size, .. } | Region::Occluded { size, .. } => GeneratorKind::Generic {
+            height: size,
+            width: size,
+        },
+        Region::Whole | Region::Outside { .. } => match choice {
+            GeneratorChoice::Paper => GeneratorKind::Paper,
+            GeneratorChoice::Auto if (h, w) == (224, 224) => GeneratorKind::Paper,
+            _ => GeneratorKind::Generic {
+                height: h,
+                width: w,
+            },
+        },
+    }
+}
+
+/// Bytes of generator state one bank may hold. Each job's generator keeps four copies of its
+/// weights in f32 (weights, gradients, Adam's two moments): the authors' 49 M-weight generator
+/// fits two jobs, so its banks stay near 3 GB whatever `batch_size` says; small generators are
+/// bounded by `batch_size` alone.
+pub const GENERATOR_BUDGET: usize = 2 << 30;
+
+/// How many jobs of `kind` fit in [`GENERATOR_BUDGET`] (at least one).
+fn jobs_within_budget(kind: GeneratorKind) -> Result<usize> {
+    let per_job = kind.weights()? * 4 * std::mem::size_of::<f32>();
+    Ok((GENERATOR_BUDGET / per_job.max(1)).max(1))
+}
+
+/// Checks a learned mask's settings against the jobs.
+fn check_learned(spec: &LearnedMask, jobs: &[Job]) -> Result<()> {
+    ensure(spec.lr > 0.0 && spec.beta > 0.0, || {
+        "the mask's learning rate and beta must be positive".into()
+    })?;
+    if spec.game == MaskGame::Dual {
+        ensure(spec.area > 0.0 && spec.area < 1.0, || {
+            format!(
+                "the dual game's mask area is a fraction in (0, 1), got {}",
+                spec.area
+            )
+        })?;
+        ensure(spec.blur_sigma > 0.0 && spec.blur_sigma.is_finite(), || {
+            format!(
+                "the dual game's blur sigma must be positive, got {}",
+                spec.blur_sigma
+            )
+        })?;
+        ensure(spec.jitter >= 0.0 && spec.jitter.is_finite(), || {
+            format!("jitter is a fraction of a cell, got {}", spec.jitter)
+        })?;
+        ensure(spec.lambda_area >= 0.0, || {
+            format!("lambda_area must not be negative, got {}", spec.lambda_area)
+        })?;
+        ensure(jobs.iter().all(|j| j.goal == Goal::Untargeted), || {
+            "the dual game maps the clean label: its goal is untargeted".into()
+        })?;
+    }
+    Ok(())
+}
+
 /// A learned mask network and its optimiser.
 enum Learner {
     UNet(UNet),
@@ -387,11 +542,20 @@ enum Learner {
 }
 
 impl Learner {
-    fn forward(&self, images: &Tensor) -> Result<Tensor> {
+    /// The masks; a free mask shifted by `shift` pixels (rows, columns).
+    fn forward(&self, images: &Tensor, shift: (isize, isize)) -> Result<Tensor> {
         Ok(match self {
             Learner::UNet(u) => u.forward(images)?,
-            Learner::Free(f) => f.forward()?,
+            Learner::Free(f) => f.forward(shift)?,
         })
+    }
+
+    /// How far a free mask may be shifted (0 for the U-Net).
+    fn margin(&self) -> usize {
+        match self {
+            Learner::UNet(_) => 0,
+            Learner::Free(f) => f.margin(),
+        }
     }
 
     fn vars(&self) -> Vec<Var> {
@@ -421,7 +585,39 @@ struct Bank<'a> {
     fixed_mask: Option<Tensor>,
     /// `B x 1 x H x W`, 0 in each preserved window and 1 elsewhere, when the bank has one.
     outside_windows: Option<Tensor>,
-    learner: Option<(Learner, Adam, LearnedMask, Tensor)>,
+    /// What the noise is added to, when not the clean images: occluded windows blurred.
+    substrate: Option<Tensor>,
+    learner: Option<MaskLearner>,
+}
+
+/// The mask attack's network, its optimiser, its settings, what it needs beside the images.
+struct MaskLearner {
+    network: Learner,
+    adam: Adam,
+    spec: LearnedMask,
+    /// The clean images' SmoothGrad maps (`B x 1 x H x W`), when `gamma` pulls towards them.
+    reference: Option<Tensor>,
+    /// The dual game's blurred images.
+    baseline: Option<Tensor>,
+    /// Draws the jitter's shifts.
+    rng: vulnmap_data::random::SeededRng,
+}
+
+impl MaskLearner {
+    /// The mask of update `k` of `cap`: jittered, except at the last update (the map).
+    fn mask(&mut self, images: &Tensor, k: usize, cap: usize) -> Result<Tensor> {
+        use rand::Rng;
+        let m = self.network.margin() as i64;
+        let shift = if m > 0 && k < cap {
+            (
+                self.rng.random_range(-m..=m) as isize,
+                self.rng.random_range(-m..=m) as isize,
+            )
+        } else {
+            (0, 0)
+        };
+        self.network.forward(images, shift)
+    }
 }
 
 impl<'a> Bank<'a> {
@@ -447,20 +643,7 @@ impl<'a> Bank<'a> {
             .to_dtype(DType::F32)?
             .detach();
         let (_, _, h, w) = images.dims4()?;
-        let kind = match jobs[0].region {
-            Region::Window { size, .. } => GeneratorKind::Generic {
-                height: size,
-                width: size,
-            },
-            Region::Whole | Region::Outside { .. } => match config.generator {
-                GeneratorChoice::Paper => GeneratorKind::Paper,
-                GeneratorChoice::Auto if (h, w) == (224, 224) => GeneratorKind::Paper,
-                _ => GeneratorKind::Generic {
-                    height: h,
-                    width: w,
-                },
-            },
-        };
+        let kind = generator_kind(&jobs[0].region, config.generator, (h, w));
         let seeds: Vec<u64> = jobs.iter().map(|j| j.seed).collect();
         let at = Placement::f32(&device);
         let generators = NoiseGenerators::new(kind, &seeds, &at)?;
@@ -476,8 +659,23 @@ impl<'a> Bank<'a> {
             (jobs.len(), 1, 1, 1),
             &device,
         )?;
-        // The clean images' labels and losses.
-        let clean_logits = model.forward(&images)?;
+        // The clean images' labels and losses, one pass per distinct image (a local attack's
+        // windows share theirs).
+        let mut distinct: Vec<u32> = jobs.iter().map(|j| j.image as u32).collect();
+        distinct.sort_unstable();
+        distinct.dedup();
+        let of_job: Vec<u32> = jobs
+            .iter()
+            .map(|j| distinct.partition_point(|&i| i < j.image as u32) as u32)
+            .collect();
+        let clean_logits = model
+            .forward(
+                &pixels
+                    .index_select(&Tensor::new(distinct.as_slice(), pixels.device())?, 0)?
+                    .to_device(&device)?
+                    .to_dtype(DType::F32)?,
+            )?
+            .index_select(&Tensor::new(of_job.as_slice(), &device)?, 0)?;
         let clean_log_probs = candle_nn::ops::log_softmax(&clean_logits, 1)?;
         let clean_labels: Vec<usize> = clean_logits
             .argmax(1)?
@@ -508,6 +706,26 @@ impl<'a> Bank<'a> {
                 Goal::Targeted(t) => t as u32,
             })
             .collect();
+        // Occluded windows: the images with each job's window blurred, where its noise goes.
+        let substrate = if jobs
+            .iter()
+            .any(|j| matches!(j.region, Region::Occluded { .. }))
+        {
+            let inside: Vec<f32> = jobs
+                .iter()
+                .flat_map(|j| match j.region {
+                    Region::Occluded { top, left, size } => {
+                        WindowGrid::new(size, size).mask((h, w), (top, left))
+                    }
+                    _ => vec![0.0; h * w],
+                })
+                .collect();
+            let inside = Tensor::from_vec(inside, (jobs.len(), 1, h, w), &device)?;
+            let blurred = GaussianBlur::full(OCCLUDED_SIGMA).apply(&images)?;
+            Some((&images + (blurred - &images)?.broadcast_mul(&inside)?)?.detach())
+        } else {
+            None
+        };
         let outside_windows = if jobs
             .iter()
             .any(|j| matches!(j.region, Region::Outside { .. }))
@@ -544,16 +762,29 @@ impl<'a> Bank<'a> {
         };
         let learner = match masking {
             Masking::Learned(spec) => {
-                let learner = match spec.network {
+                let network = match spec.network {
                     MaskNetwork::UNet { base } => {
                         Learner::UNet(UNet::new(images.dim(1)?, base, &seeds, &at)?)
                     }
                     MaskNetwork::Free { cells } => {
-                        Learner::Free(FreeMask::new(jobs.len(), (cells, cells), (h, w), 3.0, &at)?)
+                        // On everywhere for the noise game (the authors' start at ones); half on
+                        // for the dual game, where on and off are both a move.
+                        let start = match spec.game {
+                            MaskGame::Noise => 3.0,
+                            MaskGame::Dual => 0.0,
+                        };
+                        Learner::Free(FreeMask::new(
+                            jobs.len(),
+                            (cells, cells),
+                            (h, w),
+                            start,
+                            (spec.jitter * h.max(w) as f64 / cells as f64).round() as usize,
+                            &at,
+                        )?)
                     }
                 };
-                let mask_adam = Adam::new(
-                    learner.vars(),
+                let adam = Adam::new(
+                    network.vars(),
                     AdamConfig {
                         lr: spec.lr,
                         beta1: config.betas.0,
@@ -561,9 +792,29 @@ impl<'a> Bank<'a> {
                         ..AdamConfig::default()
                     },
                 )?;
-                let reference =
-                    saliency_masks(model, &images, &clean_labels, &spec.reference, 0.0)?;
-                Some((learner, mask_adam, *spec, reference))
+                let reference = if spec.game == MaskGame::Noise && spec.gamma > 0.0 {
+                    Some(saliency_masks(
+                        model,
+                        &images,
+                        &clean_labels,
+                        &spec.reference,
+                        0.0,
+                    )?)
+                } else {
+                    None
+                };
+                let baseline = match spec.game {
+                    MaskGame::Noise => None,
+                    MaskGame::Dual => Some(GaussianBlur::full(spec.blur_sigma).apply(&images)?),
+                };
+                Some(MaskLearner {
+                    network,
+                    adam,
+                    spec: *spec,
+                    reference,
+                    baseline,
+                    rng: vulnmap_data::random::rng(config.seed, "mask jitter"),
+                })
             }
             _ => None,
         };
@@ -581,6 +832,7 @@ impl<'a> Bank<'a> {
             origin_losses,
             fixed_mask,
             outside_windows,
+            substrate,
             learner,
         })
     }
@@ -593,11 +845,7 @@ impl<'a> Bank<'a> {
         if let Some(keep) = &self.outside_windows {
             return Ok(noise.broadcast_mul(keep)?);
         }
-        if !self
-            .jobs
-            .iter()
-            .any(|j| matches!(j.region, Region::Window { .. }))
-        {
+        if self.jobs[0].region.noise_side().is_none() {
             return Ok(noise);
         }
         let placed = self
@@ -607,7 +855,7 @@ impl<'a> Bank<'a> {
             .map(|(b, job)| -> Result<Tensor> {
                 let n = noise.get(b)?;
                 Ok(match job.region {
-                    Region::Window { top, left, size } => n
+                    Region::Window { top, left, size } | Region::Occluded { top, left, size } => n
                         .pad_with_zeros(1, top, h - top - size)?
                         .pad_with_zeros(2, left, w - left - size)?,
                     Region::Whole | Region::Outside { .. } => n,
@@ -659,15 +907,40 @@ impl<'a> Bank<'a> {
                     }
                     saliency_mask.clone()
                 }
-                Masking::Learned(_) => match &self.learner {
-                    Some((learner, _, _, _)) => Some(learner.forward(&self.images)?),
+                Masking::Learned(_) => match &mut self.learner {
+                    Some(learner) => Some(learner.mask(&self.images, k, cap)?),
                     None => None,
                 },
             };
-            let perturbed = perturb(&self.images, &noise, &self.alphas, mask.as_ref())?;
-            let logits = self.model.forward(&perturbed)?;
-            let log_probs = candle_nn::ops::log_softmax(&logits, 1)?;
+            let baseline = self.learner.as_ref().and_then(|l| l.baseline.as_ref());
+            let (perturbed, preserved) = match (baseline, &mask) {
+                (Some(baseline), Some(m)) => {
+                    let (deleted, preserved) =
+                        dual_images(&self.images, baseline, &noise, &self.alphas, m)?;
+                    (deleted, Some(preserved))
+                }
+                _ => (
+                    perturb(
+                        self.substrate.as_ref().unwrap_or(&self.images),
+                        &noise,
+                        &self.alphas,
+                        mask.as_ref(),
+                    )?,
+                    None,
+                ),
+            };
             let index = Tensor::new(self.loss_labels.as_slice(), &device)?.unsqueeze(1)?;
+            let (logits, preserved_ce) = match &preserved {
+                None => (self.model.forward(&perturbed)?, None),
+                Some(kept) => {
+                    // One pass for both images of each job.
+                    let both = self.model.forward(&Tensor::cat(&[&perturbed, kept], 0)?)?;
+                    let kept_log_probs = candle_nn::ops::log_softmax(&both.narrow(0, b, b)?, 1)?;
+                    let kept_ce = kept_log_probs.gather(&index, 1)?.squeeze(1)?.neg()?;
+                    (both.narrow(0, 0, b)?, Some(kept_ce))
+                }
+            };
+            let log_probs = candle_nn::ops::log_softmax(&logits, 1)?;
             let ce = log_probs.gather(&index, 1)?.squeeze(1)?.neg()?; // B
                                                                       // Untargeted jobs maximise the cross-entropy of their label, targeted ones minimise it.
             let signs: Vec<f32> = self
@@ -682,9 +955,15 @@ impl<'a> Bank<'a> {
                 })
                 .collect();
             let mut loss = (&ce * Tensor::new(signs.as_slice(), &device)?)?;
-            if let (Some((_, _, spec, reference)), Some(m)) = (&self.learner, &mask) {
-                loss = (loss + mask_terms(m, reference, spec)?)?;
+            if let Some(kept_ce) = preserved_ce {
+                // The dual game also keeps the label on the preserved image.
+                loss = (loss + kept_ce)?;
             }
+            if let (Some(learner), Some(m)) = (&self.learner, &mask) {
+                loss = (loss + mask_terms(m, learner.reference.as_ref(), &learner.spec)?)?;
+            }
+            // The dual game makes a map: it runs every update.
+            let stops_early = preserved.is_none();
             // One read-back per iteration: label, its probability and the loss of every job.
             let predicted = logits.argmax(1)?.to_dtype(DType::F32)?;
             let confidence = log_probs.max(1)?.exp()?;
@@ -718,11 +997,12 @@ impl<'a> Bank<'a> {
                 } else {
                     None
                 };
-                if met || failure.is_some() {
+                if (met && (stops_early || k == cap)) || failure.is_some() {
                     active[j] = false;
                     let alpha = self.jobs[j].alpha;
                     let m = mask.as_ref().map(|m| m.get(j)).transpose()?;
                     let delta = match &m {
+                        _ if !stops_early => (perturbed.get(j)? - self.images.get(j)?)?,
                         Some(m) => (noise.get(j)?.broadcast_mul(m)? * alpha)?,
                         None => (noise.get(j)? * alpha)?,
                     };
@@ -765,8 +1045,8 @@ impl<'a> Bank<'a> {
             )?;
             let grads = (loss * &on)?.sum_all()?.backward()?;
             self.adam.step_active(&grads, &on)?;
-            if let Some((_, mask_adam, _, _)) = &mut self.learner {
-                mask_adam.step_active(&grads, &on)?;
+            if let Some(learner) = &mut self.learner {
+                learner.adam.step_active(&grads, &on)?;
             }
         }
         bar.finish_and_clear();
@@ -792,6 +1072,26 @@ fn perturb(
     Ok((images + delta)?.clamp(0f32, 1f32)?)
 }
 
+/// The dual game's pair: the masked region replaced by the blurred image plus noise (deleted),
+/// and everything but the masked region replaced so (preserved). The preserved image's noise is a
+/// constant: the generator attacks only the deleted image.
+fn dual_images(
+    images: &Tensor,
+    baseline: &Tensor,
+    noise: &Tensor,
+    alphas: &Tensor,
+    mask: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let noisy = |n: &Tensor| -> Result<Tensor> {
+        Ok((baseline + n.broadcast_mul(alphas)?)?.clamp(0f32, 1f32)?)
+    };
+    let substrate = noisy(noise)?;
+    let deleted = (images + (substrate - images)?.broadcast_mul(mask)?)?;
+    let fixed = noisy(&noise.detach())?;
+    let preserved = (&fixed + (images - &fixed)?.broadcast_mul(mask)?)?;
+    Ok((deleted, preserved))
+}
+
 /// Normalised SmoothGrad maps of `images` for `labels` as `B x 1 x H x W` masks, values below
 /// `threshold` set to zero.
 pub(crate) fn saliency_masks(
@@ -812,18 +1112,28 @@ pub(crate) fn saliency_masks(
     }
 }
 
-/// The mask attack's extra loss per job: sparsity, total variation and closeness to SmoothGrad.
-fn mask_terms(mask: &Tensor, reference: &Tensor, spec: &LearnedMask) -> Result<Tensor> {
-    let sparsity = match spec.sparsity {
-        Sparsity::Area => mask.mean((1, 2, 3))?,
-        Sparsity::Literal => mask.affine(-1.0, 1.0)?.abs()?.mean((1, 2, 3))?,
+/// The mask attack's extra loss per job: sparsity (in the dual game, the gap to the mask of
+/// its area), total variation and closeness to SmoothGrad.
+fn mask_terms(mask: &Tensor, reference: Option<&Tensor>, spec: &LearnedMask) -> Result<Tensor> {
+    let b = mask.dim(0)?;
+    let sparsity = match (spec.game, spec.sparsity) {
+        (MaskGame::Dual, _) => {
+            (area_gap(&mask.flatten_from(1)?, &vec![spec.area; b])? * spec.lambda_area)?
+        }
+        (MaskGame::Noise, Sparsity::Area) => (mask.mean((1, 2, 3))? * spec.lambda_sparsity)?,
+        (MaskGame::Noise, Sparsity::Literal) => {
+            (mask.affine(-1.0, 1.0)?.abs()?.mean((1, 2, 3))? * spec.lambda_sparsity)?
+        }
     };
     let (_, _, h, w) = mask.dims4()?;
     let dy = (mask.narrow(2, 1, h - 1)? - mask.narrow(2, 0, h - 1)?)?.abs()?;
     let dx = (mask.narrow(3, 1, w - 1)? - mask.narrow(3, 0, w - 1)?)?.abs()?;
     let tv = (dy.powf(spec.beta)?.mean((1, 2, 3))? + dx.powf(spec.beta)?.mean((1, 2, 3))?)?;
-    let mse = (mask - reference)?.sqr()?.mean((1, 2, 3))?;
-    Ok(((sparsity * spec.lambda_sparsity)? + (tv * spec.lambda_tv)? + (mse * spec.gamma)?)?)
+    let terms = (sparsity + (tv * spec.lambda_tv)?)?;
+    Ok(match reference {
+        Some(r) => (terms + ((mask - r)?.sqr()?.mean((1, 2, 3))? * spec.gamma)?)?,
+        None => terms,
+    })
 }
 
 fn progress(show: bool, len: u64, jobs: usize) -> ProgressBar {
@@ -847,4 +1157,53 @@ pub(crate) fn image_size(pixels: &Tensor) -> Result<(usize, usize)> {
         format!("expected images of shape (N, C, H, W), got {dims:?}")
     })?;
     Ok((dims[2], dims[3]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn the_authors_generator_banks_two_jobs_and_window_generators_many() -> Result<()> {
+        // The authors' DCGAN: 48.7 M transposed-convolution weights and 8 K BatchNorm ones.
+        let paper = GeneratorKind::Paper.weights()?;
+        assert!((48_000_000..50_000_000).contains(&paper), "{paper}");
+        assert_eq!(jobs_within_budget(GeneratorKind::Paper)?, 2);
+        let window = GeneratorKind::Generic {
+            height: 32,
+            width: 32,
+        };
+        assert!(jobs_within_budget(window)? >= 100);
+        Ok(())
+    }
+
+    #[test]
+    fn the_dual_pair_swaps_image_and_noisy_baseline_and_only_deletion_trains_the_generator(
+    ) -> Result<()> {
+        let dev = Device::Cpu;
+        let images = Tensor::full(0.8f32, (1, 1, 2, 2), &dev)?;
+        let baseline = Tensor::full(0.2f32, (1, 1, 2, 2), &dev)?;
+        let noise = Var::from_tensor(&Tensor::new(&[[[[0.5f32, -0.5], [1.0, 0.0]]]], &dev)?)?;
+        let alphas = Tensor::full(0.2f32, (1, 1, 1, 1), &dev)?;
+        let mask = Tensor::new(&[[[[1f32, 0.0], [0.0, 0.5]]]], &dev)?;
+        let (deleted, preserved) =
+            dual_images(&images, &baseline, noise.as_tensor(), &alphas, &mask)?;
+        // Noisy baseline: 0.2 + 0.2 * noise = [[0.3, 0.1], [0.4, 0.2]].
+        let close = |t: &Tensor, want: [f32; 4]| -> Result<()> {
+            let got = t.flatten_all()?.to_vec1::<f32>()?;
+            for (g, w) in got.iter().zip(want) {
+                assert!((g - w).abs() < 1e-6, "{got:?} against {want:?}");
+            }
+            Ok(())
+        };
+        close(&deleted, [0.3, 0.8, 0.8, 0.5])?;
+        close(&preserved, [0.8, 0.1, 0.4, 0.5])?;
+        let grads = (deleted.sum_all()? + preserved.sum_all()?)?.backward()?;
+        // d(deleted)/d(noise) = alpha * mask; the preserved image adds nothing.
+        close(
+            grads.get(noise.as_tensor()).expect("a gradient"),
+            [0.2, 0.0, 0.0, 0.1],
+        )
+    }
 }

@@ -43,7 +43,7 @@ pub mod rounds;
 pub mod saliency_attack;
 
 pub use engine::{
-    AttackConfig, AttackMode, GeneratorChoice, Goal, Job, LearnedMask, MaskNetwork,
+    AttackConfig, AttackMode, GeneratorChoice, Goal, Job, LearnedMask, MaskGame, MaskNetwork,
     MaskNetworkKind, Masking, Region, Sparsity,
 };
 pub use error::{Error, Result};

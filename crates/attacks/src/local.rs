@@ -27,6 +27,10 @@ pub enum LocalGame {
     /// Noise everywhere but the window: a window is salient when the label survives the attack
     /// on the rest of the image.
     Preserve,
+    /// The window blurred as occlusion's baseline, noise added to it: a window is salient when
+    /// occluding it and attacking what is left there moves the label (occlusion, sharpened by
+    /// the attack).
+    Occlude,
 }
 
 /// How a window's attack becomes the window's score.
@@ -78,11 +82,13 @@ impl Default for LocalAttack {
 
 impl LocalAttack {
     /// Which variant made a map: `paper`, or the settings that differ from the paper's
-    /// (`preserve`, `probability_drop`, `seeds=3`), joined by `+`.
+    /// (`preserve` or `occlude`, `probability_drop`, `seeds=3`), joined by `+`.
     pub fn variant(&self) -> String {
         let mut parts = Vec::new();
-        if self.game == LocalGame::Preserve {
-            parts.push("preserve".to_string());
+        match self.game {
+            LocalGame::Delete => {}
+            LocalGame::Preserve => parts.push("preserve".to_string()),
+            LocalGame::Occlude => parts.push("occlude".to_string()),
         }
         if self.score == WindowScore::ProbabilityDrop {
             parts.push("probability_drop".to_string());
@@ -100,13 +106,15 @@ impl LocalAttack {
     /// One window attack's score (higher: more salient).
     fn window_score(&self, outcome: &AttackOutcome, cap: usize) -> f64 {
         match (self.score, self.game) {
-            (WindowScore::Speed, LocalGame::Delete) => speed(outcome, cap),
+            (WindowScore::Speed, LocalGame::Delete | LocalGame::Occlude) => speed(outcome, cap),
             (WindowScore::Speed, LocalGame::Preserve) => 1.0 - speed(outcome, cap),
             (WindowScore::ProbabilityDrop, game) => {
                 let mean = held_mean(&outcome.probabilities, cap);
                 match (game, self.goal) {
-                    (LocalGame::Delete, Goal::Untargeted) => (-outcome.origin_loss).exp() - mean,
-                    (LocalGame::Delete, Goal::Targeted(_)) => mean,
+                    (LocalGame::Delete | LocalGame::Occlude, Goal::Untargeted) => {
+                        (-outcome.origin_loss).exp() - mean
+                    }
+                    (LocalGame::Delete | LocalGame::Occlude, Goal::Targeted(_)) => mean,
                     (LocalGame::Preserve, Goal::Untargeted) => mean,
                     (LocalGame::Preserve, Goal::Targeted(_)) => 1.0 - mean,
                 }
@@ -189,6 +197,11 @@ pub fn local_attacks(
                     goal: spec.goal,
                     region: match spec.game {
                         LocalGame::Delete => Region::Window {
+                            top,
+                            left,
+                            size: spec.window,
+                        },
+                        LocalGame::Occlude => Region::Occluded {
                             top,
                             left,
                             size: spec.window,

@@ -7,11 +7,13 @@ use candle_core::{DType, Device, Result as CResult, Tensor};
 use common::device;
 use vulnmap_attacks::baselines::{pgd, Norm, Pgd};
 use vulnmap_attacks::engine::run;
+use vulnmap_attacks::engine::OCCLUDED_SIGMA;
 use vulnmap_attacks::local::{local_attack, local_attacks, LocalAttack};
 use vulnmap_attacks::random::random_attack;
 use vulnmap_attacks::rounds::{alpha_sweep, rounds};
 use vulnmap_attacks::{AttackConfig, Goal, Job, Masking, Region};
 use vulnmap_models::{Classes, Classifier, InputSpec};
+use vulnmap_saliency::GaussianBlur;
 
 fn same(a: &Tensor, b: &Tensor) -> bool {
     (a - b)
@@ -465,7 +467,7 @@ fn pgd_and_fgsm_respect_their_budget_and_flip_labels() {
 }
 
 #[test]
-fn window_noise_stays_in_the_window_and_preserve_noise_spares_it() {
+fn window_noise_stays_in_the_window_preserve_noise_spares_it_and_occlusion_blurs_it() {
     let data = common::lesions(1);
     let (top, left, size) = (16, 48, 40);
     let job = |region| Job {
@@ -478,6 +480,7 @@ fn window_noise_stays_in_the_window_and_preserve_noise_spares_it() {
     let jobs = [
         job(Region::Window { top, left, size }),
         job(Region::Outside { top, left, size }),
+        job(Region::Occluded { top, left, size }),
     ];
     let cap = 3;
     let config = AttackConfig {
@@ -520,6 +523,39 @@ fn window_noise_stays_in_the_window_and_preserve_noise_spares_it() {
         preserve_in == 0.0 && preserve_out > 0.0,
         "{preserve_in} {preserve_out}"
     );
+    // The occluded window: noise in the window only, added to the window blurred; the rest is
+    // the clean image.
+    let (occluded_in, occluded_out) = inside(&outcomes[2].noise);
+    assert!(occluded_in > 0.0 && occluded_out == 0.0);
+    let blurred = GaussianBlur::full(OCCLUDED_SIGMA)
+        .apply(&data.pixels)
+        .unwrap()
+        .get(0)
+        .unwrap();
+    let image = data.pixels.get(0).unwrap();
+    let perturbed = outcomes[2].perturbed.to_vec3::<f32>().unwrap();
+    let noise = outcomes[2].noise.to_vec3::<f32>().unwrap();
+    let (blurred, image) = (
+        blurred.to_vec3::<f32>().unwrap(),
+        image.to_vec3::<f32>().unwrap(),
+    );
+    let mut checked = 0;
+    for c in 0..perturbed.len() {
+        for y in 0..perturbed[c].len() {
+            for x in 0..perturbed[c][y].len() {
+                let p = perturbed[c][y][x];
+                let within = (top..top + size).contains(&y) && (left..left + size).contains(&x);
+                if !within {
+                    assert_eq!(p, image[c][y][x]);
+                } else if p > 0.0 && p < 1.0 {
+                    let want = blurred[c][y][x] + noise[c][y][x];
+                    assert!((p - want).abs() < 1e-5, "({c}, {y}, {x}): {p} vs {want}");
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert!(checked > size * size, "only {checked} unclamped pixels");
     for o in &outcomes {
         // One probability per judged image, the last the stop's: exp(-CE) of the clean label.
         assert_eq!(o.probabilities.len(), o.iterations + 1);

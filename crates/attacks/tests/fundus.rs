@@ -6,11 +6,13 @@ mod common;
 
 use candle_core::Tensor;
 use vulnmap_attacks::local::{local_attack, local_map, LocalAttack, WindowScore};
-use vulnmap_attacks::mask_attack::mask_attack;
+use vulnmap_attacks::mask_attack::{mask_attack, mask_attack_averaged};
 use vulnmap_attacks::saliency_attack::{
     clean_masks, control_masks, fixed_mask_attack, saliency_attack, Control, SaliencyAttack,
 };
-use vulnmap_attacks::{AttackConfig, AttackOutcome, Goal, LearnedMask, MaskNetwork};
+use vulnmap_attacks::{
+    AttackConfig, AttackOutcome, GeneratorChoice, Goal, LearnedMask, MaskNetwork,
+};
 use vulnmap_saliency::metrics::localisation::{auroc, PointingGame};
 use vulnmap_saliency::SmoothGrad;
 
@@ -204,4 +206,45 @@ fn the_mask_attack_learns_a_mask_that_finds_the_lesions() {
             "{network:?}: the learned mask does not rank lesions above the rest"
         );
     }
+}
+
+#[test]
+fn the_dual_mask_game_finds_the_lesions() {
+    let data = common::lesions(4);
+    let goals = vec![Goal::Untargeted; 4];
+    let config = AttackConfig {
+        alpha: 0.01,
+        max_iters: 30,
+        lr: 2e-3,
+        generator: GeneratorChoice::Generic,
+        ..AttackConfig::default()
+    };
+    let spec = LearnedMask::dual(16);
+    let outcomes = mask_attack_averaged(
+        data.model.as_ref(),
+        &data.pixels,
+        &goals,
+        &spec,
+        &[0.05, 0.1],
+        1,
+        &config,
+    )
+    .unwrap();
+    let mut area = 0.0;
+    let mut hits = 0;
+    for (o, lesion) in outcomes.iter().zip(&data.masks) {
+        let mask: &Tensor = o.mask.as_ref().expect("the learned mask");
+        assert_eq!(mask.dims(), &[128, 128]);
+        area += auroc(mask, lesion).unwrap();
+        let pointing = PointingGame {
+            tolerance: 15.0,
+            smooth: 0.0,
+        };
+        hits += pointing.hit(mask, lesion).unwrap() as usize;
+    }
+    println!(
+        "dual game, areas 0.05 and 0.1: mean AUROC against the lesions {:.3}, pointing game {hits}/4",
+        area / 4.0
+    );
+    assert!(area / 4.0 > 0.8, "the dual mask does not find the lesions");
 }

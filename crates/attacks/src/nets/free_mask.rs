@@ -13,15 +13,20 @@ use vulnmap_ops::resize::bilinear;
 pub(crate) struct FreeMask {
     pub logits: Var,
     size: (usize, usize),
+    /// Pixels the upsampled mask extends past each side of the image, so that it can be shifted
+    /// (jittered) by up to this much and still cover the image; 0: no jitter.
+    margin: usize,
 }
 
 impl FreeMask {
-    /// `entries` masks of `low` resolution, upsampled to `size`, starting at `init_logit`.
+    /// `entries` masks of `low` resolution, upsampled to `size` plus `margin` pixels on each side,
+    /// starting at `init_logit`.
     pub(crate) fn new(
         entries: usize,
         low: (usize, usize),
         size: (usize, usize),
         init_logit: f64,
+        margin: usize,
         at: &Placement,
     ) -> Result<Self> {
         if low.0 == 0 || low.1 == 0 {
@@ -30,12 +35,26 @@ impl FreeMask {
         Ok(Self {
             logits: bank::constant(entries, &[1, low.0, low.1], init_logit, at)?,
             size,
+            margin,
         })
     }
 
-    /// The masks `B x 1 x H x W` in (0, 1).
-    pub(crate) fn forward(&self) -> Result<Tensor> {
-        Self::upsample(self.logits.as_tensor(), self.size)
+    /// The masks `B x 1 x H x W` in (0, 1), shifted by `shift` pixels (rows, columns; each in
+    /// `-margin..=margin`).
+    pub(crate) fn forward(&self, shift: (isize, isize)) -> Result<Tensor> {
+        let (h, w) = self.size;
+        let m = self.margin;
+        let full = Self::upsample(self.logits.as_tensor(), (h + 2 * m, w + 2 * m))?;
+        if m == 0 {
+            return Ok(full);
+        }
+        let at = |s: isize| (m as isize + s.clamp(-(m as isize), m as isize)) as usize;
+        full.narrow(2, at(shift.0), h)?.narrow(3, at(shift.1), w)
+    }
+
+    /// The margin shifts may use.
+    pub(crate) fn margin(&self) -> usize {
+        self.margin
     }
 
     /// The mask of given logits (`B x 1 x h x w`), upsampled to `size`.
@@ -52,8 +71,8 @@ mod tests {
     #[test]
     fn starts_on_everywhere_and_gradients_match_finite_differences() -> Result<()> {
         let dev = vulnmap_testkit::device();
-        let mask = FreeMask::new(2, (7, 7), (28, 20), 3.0, &Placement::f32(&dev))?;
-        let m = mask.forward()?;
+        let mask = FreeMask::new(2, (7, 7), (28, 20), 3.0, 0, &Placement::f32(&dev))?;
+        let m = mask.forward((0, 0))?;
         assert_eq!(m.dims(), &[2, 1, 28, 20]);
         assert!((m.min_all()?.to_scalar::<f32>()? - 0.9526).abs() < 1e-3);
         let logits = Tensor::randn(0f64, 1.0, (2, 1, 4, 5), &dev)?.to_dtype(DType::F64)?;
@@ -63,6 +82,26 @@ mod tests {
             1e-6,
             1e-6,
         )?;
+        Ok(())
+    }
+
+    #[test]
+    fn a_shift_moves_the_mask_and_no_shift_is_the_centre() -> Result<()> {
+        let dev = vulnmap_testkit::device();
+        let mask = FreeMask::new(1, (3, 3), (12, 12), 0.0, 2, &Placement::f32(&dev))?;
+        let logits = Tensor::randn(0f32, 2.0, (1, 1, 3, 3), &dev)?;
+        mask.logits.set(&logits)?;
+        let full = FreeMask::upsample(&logits, (16, 16))?;
+        let centre = mask.forward((0, 0))?;
+        let diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
+            (a - b)?.abs()?.max_all()?.to_scalar::<f32>()
+        };
+        assert!(diff(&centre, &full.narrow(2, 2, 12)?.narrow(3, 2, 12)?)? < 1e-6);
+        let shifted = mask.forward((-1, 2))?;
+        assert!(diff(&shifted, &full.narrow(2, 1, 12)?.narrow(3, 4, 12)?)? < 1e-6);
+        // Shifts past the margin stop at it.
+        let far = mask.forward((9, -9))?;
+        assert!(diff(&far, &full.narrow(2, 4, 12)?.narrow(3, 0, 12)?)? < 1e-6);
         Ok(())
     }
 }

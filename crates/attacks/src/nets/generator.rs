@@ -73,6 +73,22 @@ impl GeneratorKind {
     }
 }
 
+impl GeneratorKind {
+    /// Trainable weights of one generator (transposed convolutions and BatchNorm scales and
+    /// shifts).
+    pub(crate) fn weights(self) -> Result<usize> {
+        let layers = self.layers()?;
+        let last = layers.len() - 1;
+        Ok(layers
+            .iter()
+            .enumerate()
+            .map(|(i, &(cin, cout, k, _, _))| {
+                cin * cout * k * k + if i < last { 2 * cout } else { 0 }
+            })
+            .sum())
+    }
+}
+
 /// `(in channels, out channels, kernel, stride, padding)` of a transposed convolution.
 type LayerSpec = (usize, usize, usize, usize, usize);
 
