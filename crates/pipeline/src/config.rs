@@ -8,6 +8,7 @@ use crate::locate::Locations;
 use crate::schema::*;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use vulnmap_attacks::{AttackMode, MaskGame, MaskNetworkKind};
 
 /// Reads, expands, parses and checks the pipeline at `path`.
 pub fn load(path: &Path) -> Result<Pipeline> {
@@ -525,6 +526,45 @@ impl Checker {
                     self.check(v >= 0.0 && v.is_finite(), &f(k), || {
                         format!("must be zero or more, got {v}")
                     });
+                }
+                self.within(s.seeds, &ROUNDS, &f("seeds"));
+                let dual = s.game == MaskGame::Dual;
+                for &a in &s.areas {
+                    self.check(a > 0.0 && a < 1.0, &f("areas"), || {
+                        format!("an area is a fraction of the image in (0, 1), got {a}")
+                    });
+                }
+                for (given, k) in [
+                    (!s.areas.is_empty(), "areas"),
+                    (s.lambda_area.is_some(), "lambda_area"),
+                    (s.blur_sigma.is_some(), "blur_sigma"),
+                ] {
+                    self.check(!given || dual, &f(k), || {
+                        "is a setting of the dual game; add `game: dual`".into()
+                    });
+                }
+                self.check(
+                    !dual || s.attack().mode == AttackMode::Untargeted,
+                    &f("mode"),
+                    || "the dual game maps the clean label: it is untargeted".into(),
+                );
+                if let Some(v) = s.lambda_area {
+                    self.check(v >= 0.0 && v.is_finite(), &f("lambda_area"), || {
+                        format!("must be zero or more, got {v}")
+                    });
+                }
+                if let Some(v) = s.blur_sigma {
+                    self.positive(v, &f("blur_sigma"));
+                }
+                if let Some(v) = s.jitter {
+                    self.check((0.0..=4.0).contains(&v), &f("jitter"), || {
+                        format!("is a fraction of a cell in [0, 4], got {v}")
+                    });
+                    self.check(
+                        v == 0.0 || s.network == MaskNetworkKind::Free,
+                        &f("jitter"),
+                        || "shifts the free mask; add `network: free`".into(),
+                    );
                 }
             }
             Step::Metrics(s) => {

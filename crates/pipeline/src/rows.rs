@@ -357,6 +357,11 @@ pub struct SaliencyAttacked {
 /// `mask_attack`: the attack with the learned mask, and the mask as the map.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MaskAttacked {
+    /// Which variant made the map: what differs from the paper's settings (`dual`,
+    /// `areas=...`, `seeds=N`, joined by `+`), or `paper`, which is not written, so rows from
+    /// before variants read back to the same text.
+    #[serde(default = "paper", skip_serializing_if = "is_paper")]
+    pub variant: String,
     /// The attack's outcome.
     pub outcome: Outcome,
     /// Its figures.

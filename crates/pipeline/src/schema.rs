@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 use vulnmap_attacks::local::{LocalGame, WindowScore};
 use vulnmap_attacks::saliency_attack::Control;
-use vulnmap_attacks::{AttackMode, GeneratorChoice, MaskNetworkKind, Sparsity};
+use vulnmap_attacks::{AttackMode, GeneratorChoice, MaskGame, MaskNetworkKind, Sparsity};
 use vulnmap_data::Split;
 use vulnmap_models::{Arch, DeviceName, Score};
 use vulnmap_onnx::Normalize;
@@ -876,7 +876,8 @@ attack_step! {
         window: usize = 100,
         /// Step between windows, in pixels (default 50).
         stride: usize = 50,
-        /// `delete` (the paper's: noise in the window) or `preserve` (noise everywhere else).
+        /// `delete` (the paper's: noise in the window), `preserve` (noise everywhere else) or
+        /// `occlude` (the window blurred as occlusion's baseline, noise added to it).
         #[serde(skip_serializing_if = "is_default")]
         game: LocalGame = LocalGame::Delete,
         /// `speed` (the paper's: updates to flip) or `probability_drop` (continuous).
@@ -930,6 +931,28 @@ attack_step! {
         gamma: f64 = 1.0,
         /// SmoothGrad samples of the map the mask is pulled towards.
         samples: usize = vulnmap_saliency::SmoothGrad::authors().samples,
+        /// `noise` (the paper's Eq. 6: noise through the mask until the label flips) or `dual`
+        /// (a preserve / delete pair on a blurred baseline at a given area, every update; the
+        /// sparsity and SmoothGrad terms do not apply).
+        #[serde(skip_serializing_if = "is_default")]
+        game: MaskGame = MaskGame::Noise,
+        /// The dual game's mask areas, fractions of the image, one attack each; the map is their
+        /// masks' mean (default: one area, 0.1).
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        areas: Vec<f64> = Vec::new(),
+        /// Weight of the dual game's area constraint (default 100).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        lambda_area: Option<f64> = None,
+        /// Sigma, in pixels, of the dual game's blurred baseline (default 10).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        blur_sigma: Option<f64> = None,
+        /// The free mask's random shift at each update, as a fraction of a cell (default: 0.5 in
+        /// the dual game, 0 in the noise game).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        jitter: Option<f64> = None,
+        /// Seeds per area, their masks averaged (default 1).
+        #[serde(skip_serializing_if = "is_one")]
+        seeds: usize = 1,
     } alpha = 0.05
 }
 

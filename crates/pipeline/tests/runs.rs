@@ -430,3 +430,67 @@ fn local_attack_variants_are_keys_and_the_paper_keeps_its_resolved_file() {
         .to_string();
     assert!(e.contains("seeds"), "{e}");
 }
+
+#[test]
+fn mask_attack_variants_are_keys_checked_against_their_game_and_name_their_rows() {
+    let dual = "name: dual
+seed: 0
+batch_size: 4
+data:
+  fundus_benchmark: {}
+  split: test
+  lesions_only: true
+  limit: 2
+steps:
+  - mask_attack: {network: free, cells: 8, max_iters: 3, game: dual, areas: [0.05, 0.1], blur_sigma: 5, jitter: 0.5, alpha: 0.01}
+  - metrics: {measures: [auroc]}
+";
+    let p = config::parse(dual, Path::new("d.yaml"), Path::new(".")).unwrap();
+    let yaml = config::to_yaml(&p).unwrap();
+    assert!(
+        yaml.contains("game: dual") && yaml.contains("blur_sigma"),
+        "{yaml}"
+    );
+    assert_eq!(config::from_yaml(&yaml).unwrap(), p);
+    // The paper's settings stay out of the resolved file.
+    let paper = dual.replace(
+        "game: dual, areas: [0.05, 0.1], blur_sigma: 5, jitter: 0.5, ",
+        "",
+    );
+    let plain =
+        config::to_yaml(&config::parse(&paper, Path::new("p.yaml"), Path::new(".")).unwrap())
+            .unwrap();
+    assert!(
+        !plain.contains("game:") && !plain.contains("areas:") && !plain.contains("seeds:"),
+        "{plain}"
+    );
+    // The dual game's keys without the dual game, an area out of range, a targeted dual game.
+    for (bad, key) in [
+        (
+            paper.replace("alpha: 0.01", "alpha: 0.01, areas: [0.1]"),
+            "areas",
+        ),
+        (dual.replace("[0.05, 0.1]", "[0.05, 1.5]"), "areas"),
+        (
+            dual.replace("alpha: 0.01", "alpha: 0.01, mode: targeted, target: 1"),
+            "mode",
+        ),
+        (dual.replace("network: free", "network: unet"), "jitter"),
+    ] {
+        let e = config::parse(&bad, Path::new("b.yaml"), Path::new("."))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(key), "{key}: {e}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    runner::run(&p, &options(dir.path(), None, false)).unwrap();
+    let found = rows(dir.path());
+    let masks: Vec<_> = found
+        .iter()
+        .filter(|r| r["step"] == "mask_attack")
+        .collect();
+    assert_eq!(masks.len(), 2);
+    for r in masks {
+        assert_eq!(r["variant"], "dual+areas=0.05,0.1", "{r:?}");
+    }
+}

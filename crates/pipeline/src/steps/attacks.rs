@@ -12,13 +12,13 @@ use crate::schema::{
 };
 use candle_core::{DType, Device, Tensor};
 use vulnmap_attacks::local::{local_attacks, LocalAttack};
-use vulnmap_attacks::mask_attack::mask_attack;
+use vulnmap_attacks::mask_attack::mask_attack_averaged;
 use vulnmap_attacks::random::random_attack;
 use vulnmap_attacks::rounds::{self, rounds};
 use vulnmap_attacks::saliency_attack::{
     clean_masks, control_masks, fixed_mask_attack, saliency_attack, SaliencyAttack,
 };
-use vulnmap_attacks::{AttackConfig, AttackOutcome, LearnedMask};
+use vulnmap_attacks::{AttackConfig, AttackOutcome, LearnedMask, MaskGame, MaskNetworkKind};
 use vulnmap_saliency::SmoothGrad;
 
 /// The attack configuration of `settings`, its generators drawn from `seed` and banked
@@ -53,11 +53,19 @@ pub fn saliency_spec(step: &SaliencyAttackStep, seed: u64, batch_size: usize) ->
     }
 }
 
-/// The learned mask of `step`; without a `mask_lr`, the network's own learning rate.
+/// The learned mask of `step`; without a `mask_lr`, the network's own learning rate (the dual
+/// game's, for a free mask in that game).
 pub fn mask_spec(step: &MaskAttackStep, seed: u64, batch_size: usize) -> LearnedMask {
+    let dual = step.game == MaskGame::Dual;
+    let defaults = LearnedMask::default();
+    let lr = match (step.mask_lr, step.network) {
+        (Some(lr), _) => lr,
+        (None, MaskNetworkKind::Free) if dual => LearnedMask::DUAL_LR,
+        (None, network) => network.default_lr(),
+    };
     LearnedMask {
         network: step.network.network(step.base, step.cells),
-        lr: step.mask_lr.unwrap_or(step.network.default_lr()),
+        lr,
         sparsity: step.sparsity,
         lambda_sparsity: step.lambda_sparsity,
         lambda_tv: step.lambda_tv,
@@ -69,6 +77,39 @@ pub fn mask_spec(step: &MaskAttackStep, seed: u64, batch_size: usize) -> Learned
             batch_size,
             ..SmoothGrad::authors()
         },
+        game: step.game,
+        area: defaults.area,
+        lambda_area: step.lambda_area.unwrap_or(defaults.lambda_area),
+        blur_sigma: step.blur_sigma.unwrap_or(defaults.blur_sigma),
+        jitter: step.jitter.unwrap_or(if dual {
+            LearnedMask::dual(1).jitter
+        } else {
+            0.0
+        }),
+    }
+}
+
+/// The mask attack's variant: what differs from the paper's settings (`dual`, `areas=...`,
+/// `seeds=N`, joined by `+`), or `paper`.
+pub fn mask_variant(step: &MaskAttackStep) -> String {
+    let mut parts = Vec::new();
+    if step.game == MaskGame::Dual {
+        parts.push("dual".to_string());
+    }
+    if !step.areas.is_empty() {
+        let areas: Vec<String> = step.areas.iter().map(|a| a.to_string()).collect();
+        parts.push(format!("areas={}", areas.join(",")));
+    }
+    if step.jitter.is_some_and(|j| j > 0.0) && step.game == MaskGame::Noise {
+        parts.push("jitter".to_string());
+    }
+    if step.seeds != 1 {
+        parts.push(format!("seeds={}", step.seeds));
+    }
+    if parts.is_empty() {
+        "paper".into()
+    } else {
+        parts.join("+")
     }
 }
 
@@ -229,11 +270,13 @@ pub(crate) fn mask(
     let n = chunk.items.len();
     let config = cx.attack_config(&s.attack())?;
     let spec = mask_spec(s, cx.seed, cx.batch_size);
-    let outcomes = mask_attack(
+    let outcomes = mask_attack_averaged(
         model,
         &chunk.pixels,
         &vec![s.attack().goal()?; n],
         &spec,
+        &s.areas,
+        s.seeds,
         &config,
     )?;
     let (_, _, h, w) = chunk.pixels.dims4()?;
@@ -263,6 +306,7 @@ pub(crate) fn mask(
         .zip(cx.map_rows(chunk, id, &m)?)
     {
         rows.push(Found::MaskAttack(MaskAttacked {
+            variant: mask_variant(s),
             outcome: cx.outcome(o),
             figures: cx.attack_figures(item, id, o)?,
             map,
