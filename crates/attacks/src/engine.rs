@@ -494,9 +494,9 @@ fn generator_kind(
 
 /// Bytes of generator state one bank may hold. Each job's generator keeps four copies of its
 /// weights in f32 (weights, gradients, Adam's two moments): the authors' 49 M-weight generator
-/// fits two jobs, so its banks stay near 3 GB whatever `batch_size` says; small generators are
-/// bounded by `batch_size` alone.
-pub const GENERATOR_BUDGET: usize = 2 << 30;
+/// (780 MB of such state, 1.4 GB at its peak with the update's temporaries) gets a bank of its
+/// own whatever `batch_size` says; small generators are bounded by `batch_size` alone.
+pub const GENERATOR_BUDGET: usize = 1 << 30;
 
 /// How many jobs of `kind` fit in [`GENERATOR_BUDGET`] (at least one).
 fn jobs_within_budget(kind: GeneratorKind) -> Result<usize> {
@@ -1165,16 +1165,16 @@ mod tests {
     use candle_core::Device;
 
     #[test]
-    fn the_authors_generator_banks_two_jobs_and_window_generators_many() -> Result<()> {
+    fn the_authors_generator_banks_alone_and_window_generators_many() -> Result<()> {
         // The authors' DCGAN: 48.7 M transposed-convolution weights and 8 K BatchNorm ones.
         let paper = GeneratorKind::Paper.weights()?;
         assert!((48_000_000..50_000_000).contains(&paper), "{paper}");
-        assert_eq!(jobs_within_budget(GeneratorKind::Paper)?, 2);
+        assert_eq!(jobs_within_budget(GeneratorKind::Paper)?, 1);
         let window = GeneratorKind::Generic {
             height: 32,
             width: 32,
         };
-        assert!(jobs_within_budget(window)? >= 100);
+        assert!(jobs_within_budget(window)? >= 60);
         Ok(())
     }
 
