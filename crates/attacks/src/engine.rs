@@ -509,6 +509,9 @@ fn check_learned(spec: &LearnedMask, jobs: &[Job]) -> Result<()> {
     ensure(spec.lr > 0.0 && spec.beta > 0.0, || {
         "the mask's learning rate and beta must be positive".into()
     })?;
+    ensure(spec.jitter >= 0.0 && spec.jitter.is_finite(), || {
+        format!("jitter is a fraction of a cell, got {}", spec.jitter)
+    })?;
     if spec.game == MaskGame::Dual {
         ensure(spec.area > 0.0 && spec.area < 1.0, || {
             format!(
@@ -521,9 +524,6 @@ fn check_learned(spec: &LearnedMask, jobs: &[Job]) -> Result<()> {
                 "the dual game's blur sigma must be positive, got {}",
                 spec.blur_sigma
             )
-        })?;
-        ensure(spec.jitter >= 0.0 && spec.jitter.is_finite(), || {
-            format!("jitter is a fraction of a cell, got {}", spec.jitter)
         })?;
         ensure(spec.lambda_area >= 0.0, || {
             format!("lambda_area must not be negative, got {}", spec.lambda_area)

@@ -9,9 +9,10 @@ use vulnmap_attacks::baselines::{pgd, Norm, Pgd};
 use vulnmap_attacks::engine::run;
 use vulnmap_attacks::engine::OCCLUDED_SIGMA;
 use vulnmap_attacks::local::{local_attack, local_attacks, LocalAttack};
+use vulnmap_attacks::mask_attack::mask_attack;
 use vulnmap_attacks::random::random_attack;
 use vulnmap_attacks::rounds::{alpha_sweep, rounds};
-use vulnmap_attacks::{AttackConfig, Goal, Job, Masking, Region};
+use vulnmap_attacks::{AttackConfig, Goal, Job, LearnedMask, Masking, Region};
 use vulnmap_models::{Classes, Classifier, InputSpec};
 use vulnmap_saliency::GaussianBlur;
 
@@ -231,6 +232,33 @@ fn bad_parameters_are_refused_with_the_reason() {
         },
     ));
     assert!(e.contains("224x224") && e.contains("128x128"), "{e}");
+    // The mask attack's dual game: an area outside (0, 1), a negative jitter, a targeted goal.
+    let dual = LearnedMask::dual(8);
+    for (spec, goal, reason) in [
+        (
+            LearnedMask { area: 1.5, ..dual },
+            Goal::Untargeted,
+            "area is a fraction in (0, 1), got 1.5",
+        ),
+        (
+            LearnedMask {
+                jitter: -1.0,
+                ..dual
+            },
+            Goal::Untargeted,
+            "jitter is a fraction of a cell, got -1",
+        ),
+        (dual, Goal::Targeted(1), "its goal is untargeted"),
+    ] {
+        let e = err(mask_attack(
+            m,
+            &data.pixels,
+            &[goal],
+            &spec,
+            &AttackConfig::default(),
+        ));
+        assert!(e.contains(reason), "{e}");
+    }
 }
 
 /// A classifier whose logits turn to NaN for images whose first pixel is exactly 0.123.
