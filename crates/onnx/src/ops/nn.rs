@@ -779,14 +779,33 @@ pub(super) fn resize(inputs: &Inputs, attrs: Attrs, ctx: Context) -> Result<Tens
                 [1.0, 1.0, sh, sw] | [sh, sw] => (*sh, *sw),
                 other => bail!("scales {other:?}: only the two spatial axes can be resized"),
             };
-            let out = |n: usize, s: f64| (n as f64 * s).floor() as usize;
-            if sh <= 0.0 || sw <= 0.0 || out(h, sh) * out(w, sw) > crate::tensor::MAX_ELEMENTS {
+            if !(sh > 0.0 && sw > 0.0 && sh.is_finite() && sw.is_finite()) {
                 bail!("scales {s:?} are not a valid resize");
             }
+            // Saturating: a huge scale makes a huge size, refused below.
+            let out = |n: usize, s: f64| (n as f64 * s).floor() as usize;
             ((out(h, sh), out(w, sw)), (sh, sw))
         }
         (None, None) => bail!("Resize needs scales or sizes"),
     };
+    // The sizes and scales come from the file: refuse an output, or an interpolation matrix,
+    // too large to allocate before making it.
+    let (n, c) = (x.dim(0)?, x.dim(1)?);
+    let elements = [n, c, oh, ow]
+        .iter()
+        .try_fold(1usize, |total, &d| total.checked_mul(d));
+    let too_large = |e: Option<usize>| e.is_none_or(|e| e > crate::tensor::MAX_ELEMENTS);
+    if oh == 0
+        || ow == 0
+        || too_large(elements)
+        || too_large(oh.checked_mul(h))
+        || too_large(ow.checked_mul(w))
+    {
+        bail!(
+            "resizing {h}x{w} to {oh}x{ow} is not a valid resize (at most {} elements)",
+            crate::tensor::MAX_ELEMENTS
+        );
+    }
     if attrs.int("antialias", 0) != 0 {
         bail!("antialiased Resize is not supported");
     }
@@ -963,5 +982,34 @@ mod tests {
             let err = pad(&Inputs(&inputs), Attrs(&[attr]), ctx).unwrap_err();
             assert!(err.to_string().contains("elements"), "{mode}: {err}");
         }
+    }
+
+    /// Resize's sizes and scales read from a damaged file must not make a tensor or an
+    /// interpolation matrix too large to allocate (a fuzzed model's scales made one side 0 and
+    /// the other 10^15 rows, and the process aborted asking for 21 PB).
+    #[test]
+    fn huge_resizes_are_an_error_not_an_allocation() {
+        let dev = Device::Cpu;
+        let x = Tensor::zeros((1, 3, 4, 4), DType::F32, &dev).unwrap();
+        let ctx = Context {
+            opset: 17,
+            guided: false,
+            device: &dev,
+        };
+        let empty = Tensor::zeros(0, DType::F32, &dev).unwrap();
+        let huge_scales = Tensor::new(&[1f32, 1.0, 1e15, 1e-3], &dev).unwrap();
+        let huge_sizes = Tensor::new(&[1i64, 3, 1 << 40, 1], &dev).unwrap();
+        let fine_sizes = Tensor::new(&[1i64, 3, 8, 2], &dev).unwrap();
+        for (scales, sizes) in [
+            (Some(&huge_scales), None),
+            (Some(&empty), Some(&huge_sizes)),
+        ] {
+            let inputs = [Some(&x), None, scales, sizes];
+            let err = resize(&Inputs(&inputs), Attrs(&[]), ctx).unwrap_err();
+            assert!(err.to_string().contains("not a valid resize"), "{err}");
+        }
+        let inputs = [Some(&x), None, Some(&empty), Some(&fine_sizes)];
+        let y = resize(&Inputs(&inputs), Attrs(&[]), ctx).unwrap();
+        assert_eq!(y.dims(), &[1, 3, 8, 2]);
     }
 }
