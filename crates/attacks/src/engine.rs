@@ -308,6 +308,9 @@ impl LearnedMask {
     /// reach either side within a few dozen updates.
     pub const DUAL_LR: f64 = 0.05;
 
+    /// The dual game's jitter: half a cell.
+    pub const DUAL_JITTER: f64 = 0.5;
+
     /// The dual game with a free `cells x cells` mask: area 0.1, a baseline blurred with
     /// sigma 10, a jitter of half a cell.
     pub fn dual(cells: usize) -> Self {
@@ -315,7 +318,7 @@ impl LearnedMask {
             network: MaskNetwork::Free { cells },
             lr: Self::DUAL_LR,
             game: MaskGame::Dual,
-            jitter: 0.5,
+            jitter: Self::DUAL_JITTER,
             ..Self::default()
         }
     }
@@ -504,6 +507,31 @@ fn jobs_within_budget(kind: GeneratorKind) -> Result<usize> {
     Ok((GENERATOR_BUDGET / per_job.max(1)).max(1))
 }
 
+/// `B x 1 x H x W`: 1 inside each job's window that `window` picks from its region, 0 elsewhere;
+/// `None` when it picks none.
+fn window_masks(
+    jobs: &[Job],
+    (h, w): (usize, usize),
+    device: &candle_core::Device,
+    window: impl Fn(&Region) -> Option<(usize, usize, usize)>,
+) -> Result<Option<Tensor>> {
+    if !jobs.iter().any(|j| window(&j.region).is_some()) {
+        return Ok(None);
+    }
+    let inside: Vec<f32> = jobs
+        .iter()
+        .flat_map(|j| match window(&j.region) {
+            Some((top, left, size)) => WindowGrid::new(size, size).mask((h, w), (top, left)),
+            None => vec![0.0; h * w],
+        })
+        .collect();
+    Ok(Some(Tensor::from_vec(
+        inside,
+        (jobs.len(), 1, h, w),
+        device,
+    )?))
+}
+
 /// Checks a learned mask's settings against the jobs.
 fn check_learned(spec: &LearnedMask, jobs: &[Job]) -> Result<()> {
     ensure(spec.lr > 0.0 && spec.beta > 0.0, || {
@@ -630,18 +658,21 @@ impl<'a> Bank<'a> {
         config: &'a AttackConfig,
     ) -> Result<Self> {
         let device = model.device().clone();
-        let index = Tensor::new(
-            jobs.iter()
-                .map(|j| j.image as u32)
-                .collect::<Vec<_>>()
-                .as_slice(),
-            pixels.device(),
-        )?;
-        let images = pixels
-            .index_select(&index, 0)?
+        // Each distinct image once (a local attack's windows share theirs), and each job's.
+        let mut distinct: Vec<u32> = jobs.iter().map(|j| j.image as u32).collect();
+        distinct.sort_unstable();
+        distinct.dedup();
+        let of_job: Vec<u32> = jobs
+            .iter()
+            .map(|j| distinct.partition_point(|&i| i < j.image as u32) as u32)
+            .collect();
+        let of_job = Tensor::new(of_job.as_slice(), &device)?;
+        let distinct_images = pixels
+            .index_select(&Tensor::new(distinct.as_slice(), pixels.device())?, 0)?
             .to_device(&device)?
             .to_dtype(DType::F32)?
             .detach();
+        let images = distinct_images.index_select(&of_job, 0)?;
         let (_, _, h, w) = images.dims4()?;
         let kind = generator_kind(&jobs[0].region, config.generator, (h, w));
         let seeds: Vec<u64> = jobs.iter().map(|j| j.seed).collect();
@@ -659,23 +690,8 @@ impl<'a> Bank<'a> {
             (jobs.len(), 1, 1, 1),
             &device,
         )?;
-        // The clean images' labels and losses, one pass per distinct image (a local attack's
-        // windows share theirs).
-        let mut distinct: Vec<u32> = jobs.iter().map(|j| j.image as u32).collect();
-        distinct.sort_unstable();
-        distinct.dedup();
-        let of_job: Vec<u32> = jobs
-            .iter()
-            .map(|j| distinct.partition_point(|&i| i < j.image as u32) as u32)
-            .collect();
-        let clean_logits = model
-            .forward(
-                &pixels
-                    .index_select(&Tensor::new(distinct.as_slice(), pixels.device())?, 0)?
-                    .to_device(&device)?
-                    .to_dtype(DType::F32)?,
-            )?
-            .index_select(&Tensor::new(of_job.as_slice(), &device)?, 0)?;
+        // The clean images' labels and losses, one pass per distinct image.
+        let clean_logits = model.forward(&distinct_images)?.index_select(&of_job, 0)?;
         let clean_log_probs = candle_nn::ops::log_softmax(&clean_logits, 1)?;
         let clean_labels: Vec<usize> = clean_logits
             .argmax(1)?
@@ -706,45 +722,26 @@ impl<'a> Bank<'a> {
                 Goal::Targeted(t) => t as u32,
             })
             .collect();
-        // Occluded windows: the images with each job's window blurred, where its noise goes.
-        let substrate = if jobs
-            .iter()
-            .any(|j| matches!(j.region, Region::Occluded { .. }))
-        {
-            let inside: Vec<f32> = jobs
-                .iter()
-                .flat_map(|j| match j.region {
-                    Region::Occluded { top, left, size } => {
-                        WindowGrid::new(size, size).mask((h, w), (top, left))
-                    }
-                    _ => vec![0.0; h * w],
-                })
-                .collect();
-            let inside = Tensor::from_vec(inside, (jobs.len(), 1, h, w), &device)?;
-            let blurred = GaussianBlur::full(OCCLUDED_SIGMA).apply(&images)?;
-            Some((&images + (blurred - &images)?.broadcast_mul(&inside)?)?.detach())
-        } else {
-            None
+        // Occluded windows: the images with each job's window blurred (each distinct image
+        // blurred once), where its noise goes.
+        let substrate = match window_masks(jobs, (h, w), &device, |r| match *r {
+            Region::Occluded { top, left, size } => Some((top, left, size)),
+            _ => None,
+        })? {
+            Some(inside) => {
+                let blurred = GaussianBlur::full(OCCLUDED_SIGMA)
+                    .apply(&distinct_images)?
+                    .index_select(&of_job, 0)?;
+                Some((&images + (blurred - &images)?.broadcast_mul(&inside)?)?.detach())
+            }
+            None => None,
         };
-        let outside_windows = if jobs
-            .iter()
-            .any(|j| matches!(j.region, Region::Outside { .. }))
-        {
-            let keep: Vec<f32> = jobs
-                .iter()
-                .flat_map(|j| match j.region {
-                    Region::Outside { top, left, size } => WindowGrid::new(size, size)
-                        .mask((h, w), (top, left))
-                        .into_iter()
-                        .map(|inside| 1.0 - inside)
-                        .collect(),
-                    _ => vec![1.0; h * w],
-                })
-                .collect();
-            Some(Tensor::from_vec(keep, (jobs.len(), 1, h, w), &device)?)
-        } else {
-            None
-        };
+        let outside_windows = window_masks(jobs, (h, w), &device, |r| match *r {
+            Region::Outside { top, left, size } => Some((top, left, size)),
+            _ => None,
+        })?
+        .map(|inside| inside.affine(-1.0, 1.0))
+        .transpose()?;
         let fixed_mask = match fixed {
             Some(masks) => {
                 let masks = masks

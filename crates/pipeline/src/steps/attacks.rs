@@ -81,11 +81,9 @@ pub fn mask_spec(step: &MaskAttackStep, seed: u64, batch_size: usize) -> Learned
         area: defaults.area,
         lambda_area: step.lambda_area.unwrap_or(defaults.lambda_area),
         blur_sigma: step.blur_sigma.unwrap_or(defaults.blur_sigma),
-        jitter: step.jitter.unwrap_or(if dual {
-            LearnedMask::dual(1).jitter
-        } else {
-            0.0
-        }),
+        jitter: step
+            .jitter
+            .unwrap_or(if dual { LearnedMask::DUAL_JITTER } else { 0.0 }),
     }
 }
 
