@@ -266,7 +266,6 @@ pub fn run(
         let spec = LocalAttack {
             window: settings.window,
             stride: settings.stride,
-            goal: Goal::Untargeted,
             ..LocalAttack::default()
         };
         let local_config = AttackConfig {
@@ -277,7 +276,7 @@ pub fn run(
             .positions((s, s))?
             .len();
         let (t, peak) = time((settings.repeats.min(2), 0.0), || {
-            local_attack(model, &x, 0, &spec, &local_config).map(|_| ())?;
+            local_attack(model, &x, 0, Goal::Untargeted, &spec, &local_config).map(|_| ())?;
             Ok(())
         })?;
         push(

@@ -106,39 +106,30 @@ pub fn pgd(
         .into_iter()
         .map(|c| c as usize)
         .collect();
+    for g in goals {
+        g.check(model)?;
+    }
     let labels: Vec<u32> = goals
         .iter()
         .zip(&clean)
-        .map(|(g, &c)| match g {
-            Goal::Untargeted => Ok(c as u32),
-            Goal::Targeted(t) => {
-                ensure(*t < model.num_classes(), || {
-                    format!(
-                        "target class {t} is out of range for {} classes",
-                        model.num_classes()
-                    )
-                })?;
-                Ok(*t as u32)
-            }
-        })
-        .collect::<Result<_>>()?;
-    let origin: Vec<f64> = {
-        let idx = Tensor::new(
-            clean
-                .iter()
-                .map(|&c| c as u32)
-                .collect::<Vec<_>>()
-                .as_slice(),
-            &device,
+        .map(|(g, &c)| g.class(c) as u32)
+        .collect();
+    // An attack away from a class starts from that class's loss, a targeted one from its
+    // clean label's (as the generator attacks).
+    let origin_labels: Vec<u32> = goals
+        .iter()
+        .zip(&clean)
+        .map(|(g, &c)| if g.moves_away() { g.class(c) } else { c } as u32)
+        .collect();
+    let origin: Vec<f64> = candle_nn::ops::log_softmax(&logits, 1)?
+        .gather(
+            &Tensor::new(origin_labels.as_slice(), &device)?.unsqueeze(1)?,
+            1,
         )?
-        .unsqueeze(1)?;
-        candle_nn::ops::log_softmax(&logits, 1)?
-            .gather(&idx, 1)?
-            .squeeze(1)?
-            .neg()?
-            .to_dtype(DType::F64)?
-            .to_vec1()?
-    };
+        .squeeze(1)?
+        .neg()?
+        .to_dtype(DType::F64)?
+        .to_vec1()?;
     let mask = match masks {
         Some(m) => {
             ensure(m.len() == n, || "one mask per image".into())?;
@@ -174,7 +165,7 @@ pub fn pgd(
     delta = confine(delta)?;
     let signs: Vec<f32> = goals
         .iter()
-        .map(|g| if *g == Goal::Untargeted { 1.0 } else { -1.0 })
+        .map(|g| if g.moves_away() { 1.0 } else { -1.0 })
         .collect();
     let signs = Tensor::new(signs.as_slice(), &device)?;
     let index = Tensor::new(labels.as_slice(), &device)?.unsqueeze(1)?;
@@ -194,26 +185,20 @@ pub fn pgd(
             }
             probabilities[i].push((-losses[i] as f64).exp());
             let label = predicted[i] as usize;
-            let met = match goals[i] {
-                Goal::Untargeted => label != clean[i],
-                Goal::Targeted(t) => label == t,
-            } && conf[i] as f64 > spec.confidence;
+            let met = goals[i].met_by(label, clean[i]) && conf[i] as f64 > spec.confidence;
             if met || k == spec.steps {
                 let perturbed = x.as_tensor().get(i)?.detach();
                 outcomes[i] = Some(AttackOutcome {
                     alpha: spec.epsilon,
                     origin_loss: origin[i],
-                    final_loss: if goals[i] == Goal::Untargeted {
+                    final_loss: if goals[i].moves_away() {
                         -(losses[i] as f64)
                     } else {
                         losses[i] as f64
                     },
                     label_from: clean[i],
                     label_to: label,
-                    target: match goals[i] {
-                        Goal::Targeted(t) => Some(t),
-                        Goal::Untargeted => None,
-                    },
+                    target: goals[i].target(),
                     iterations: k,
                     confidence: conf[i] as f64,
                     probabilities: std::mem::take(&mut probabilities[i]),

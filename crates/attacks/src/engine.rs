@@ -111,8 +111,62 @@ impl AttackMode {
 pub enum Goal {
     /// Any label but the clean image's: the loss is `-CE(original label)`.
     Untargeted,
+    /// Any label but this one: the loss is `-CE(class)`. An attack map that explains a class
+    /// other than the predicted one (the image's true label, as localisation benchmarks ask)
+    /// attacks that class; on a correctly classified image it is [`Goal::Untargeted`].
+    Away(usize),
     /// This label: the loss is `CE(target)`.
     Targeted(usize),
+}
+
+impl Goal {
+    /// The class the attack's loss is about, for an image whose clean label is `clean`.
+    pub fn class(self, clean: usize) -> usize {
+        match self {
+            Goal::Untargeted => clean,
+            Goal::Away(c) | Goal::Targeted(c) => c,
+        }
+    }
+
+    /// Whether the attack drives its class's probability down (untargeted or away) rather
+    /// than up (targeted).
+    pub fn moves_away(self) -> bool {
+        !matches!(self, Goal::Targeted(_))
+    }
+
+    /// Whether a perturbed image labelled `label` meets the goal (`clean`: the clean label).
+    pub fn met_by(self, label: usize, clean: usize) -> bool {
+        match self {
+            Goal::Targeted(t) => label == t,
+            _ => label != self.class(clean),
+        }
+    }
+
+    /// The class asked for, for a targeted goal.
+    pub fn target(self) -> Option<usize> {
+        match self {
+            Goal::Targeted(t) => Some(t),
+            _ => None,
+        }
+    }
+
+    /// Whether the class this goal names is one of `model`'s.
+    pub(crate) fn check(self, model: &dyn Classifier) -> Result<()> {
+        let named = match self {
+            Goal::Untargeted => return Ok(()),
+            Goal::Away(c) => ("class to attack", c),
+            Goal::Targeted(t) => ("target class", t),
+        };
+        ensure(named.1 < model.num_classes(), || {
+            format!(
+                "{} {} is out of range for {} with {} classes",
+                named.0,
+                named.1,
+                model.arch(),
+                model.num_classes()
+            )
+        })
+    }
 }
 
 /// Where the noise may go.
@@ -418,15 +472,7 @@ pub fn run(
                 job.alpha
             )
         })?;
-        if let Goal::Targeted(t) = job.goal {
-            ensure(t < model.num_classes(), || {
-                format!(
-                    "target class {t} is out of range for {} with {} classes",
-                    model.arch(),
-                    model.num_classes()
-                )
-            })?;
-        }
+        job.goal.check(model)?;
         if let Some((top, left, size)) = job.region.window() {
             ensure(size > 0 && top + size <= h && left + size <= w, || {
                 format!(
@@ -556,8 +602,8 @@ fn check_learned(spec: &LearnedMask, jobs: &[Job]) -> Result<()> {
         ensure(spec.lambda_area >= 0.0, || {
             format!("lambda_area must not be negative, got {}", spec.lambda_area)
         })?;
-        ensure(jobs.iter().all(|j| j.goal == Goal::Untargeted), || {
-            "the dual game maps the clean label: its goal is untargeted".into()
+        ensure(jobs.iter().all(|j| j.goal.moves_away()), || {
+            "the dual game maps a class it attacks: its goal is untargeted".into()
         })?;
     }
     Ok(())
@@ -699,29 +745,27 @@ impl<'a> Bank<'a> {
             .into_iter()
             .map(|c| c as usize)
             .collect();
-        let label_index = Tensor::new(
-            clean_labels
-                .iter()
-                .map(|&c| c as u32)
-                .collect::<Vec<_>>()
-                .as_slice(),
-            &device,
-        )?
-        .unsqueeze(1)?;
+        // The class each job's loss is about; its clean loss is the origin loss of an attack
+        // away from it (a targeted attack's is its clean label's).
+        let loss_labels: Vec<u32> = jobs
+            .iter()
+            .zip(&clean_labels)
+            .map(|(j, &c)| j.goal.class(c) as u32)
+            .collect();
+        let origin_labels: Vec<u32> = jobs
+            .iter()
+            .zip(&clean_labels)
+            .map(|(j, &c)| if j.goal.moves_away() { j.goal.class(c) } else { c } as u32)
+            .collect();
         let origin_losses: Vec<f64> = clean_log_probs
-            .gather(&label_index, 1)?
+            .gather(
+                &Tensor::new(origin_labels.as_slice(), &device)?.unsqueeze(1)?,
+                1,
+            )?
             .squeeze(1)?
             .neg()?
             .to_dtype(DType::F64)?
             .to_vec1()?;
-        let loss_labels = jobs
-            .iter()
-            .zip(&clean_labels)
-            .map(|(j, &c)| match j.goal {
-                Goal::Untargeted => c as u32,
-                Goal::Targeted(t) => t as u32,
-            })
-            .collect();
         // Occluded windows: the images with each job's window blurred (each distinct image
         // blurred once), where its noise goes.
         let substrate = match window_masks(jobs, (h, w), &device, |r| match *r {
@@ -939,17 +983,12 @@ impl<'a> Bank<'a> {
             };
             let log_probs = candle_nn::ops::log_softmax(&logits, 1)?;
             let ce = log_probs.gather(&index, 1)?.squeeze(1)?.neg()?; // B
-                                                                      // Untargeted jobs maximise the cross-entropy of their label, targeted ones minimise it.
+                                                                      // Jobs moving away from their class maximise its cross-entropy, targeted ones
+                                                                      // minimise it.
             let signs: Vec<f32> = self
                 .jobs
                 .iter()
-                .map(|j| {
-                    if j.goal == Goal::Untargeted {
-                        -1.0
-                    } else {
-                        1.0
-                    }
-                })
+                .map(|j| if j.goal.moves_away() { -1.0 } else { 1.0 })
                 .collect();
             let mut loss = (&ce * Tensor::new(signs.as_slice(), &device)?)?;
             if let Some(kept_ce) = preserved_ce {
@@ -983,10 +1022,8 @@ impl<'a> Bank<'a> {
                     [summary[j][0], summary[j][1], summary[j][2], summary[j][3]];
                 probabilities[j].push(p as f64);
                 let label = label as usize;
-                let met = match self.jobs[j].goal {
-                    Goal::Untargeted => label != self.clean_labels[j],
-                    Goal::Targeted(t) => label == t,
-                } && conf as f64 > self.config.confidence;
+                let met = self.jobs[j].goal.met_by(label, self.clean_labels[j])
+                    && conf as f64 > self.config.confidence;
                 let failure = if !value.is_finite() {
                     Some("the loss became NaN or infinite".to_string())
                 } else if !met && k == cap {
@@ -1009,10 +1046,7 @@ impl<'a> Bank<'a> {
                         final_loss: value as f64,
                         label_from: self.clean_labels[j],
                         label_to: label,
-                        target: match self.jobs[j].goal {
-                            Goal::Targeted(t) => Some(t),
-                            Goal::Untargeted => None,
-                        },
+                        target: self.jobs[j].goal.target(),
                         iterations: k,
                         confidence: conf as f64,
                         probabilities: std::mem::take(&mut probabilities[j]),

@@ -55,8 +55,6 @@ pub struct LocalAttack {
     pub window: usize,
     /// Pixels between neighbouring windows (default 50, the paper's s).
     pub stride: usize,
-    /// What each window's attack wants (default untargeted).
-    pub goal: Goal,
     /// Noise in the window or around it (default the paper's: in it).
     pub game: LocalGame,
     /// How a window's attack is scored (default the paper's speed).
@@ -67,12 +65,11 @@ pub struct LocalAttack {
 }
 
 impl Default for LocalAttack {
-    /// The paper's choice: w = 100, s = 50, untargeted, noise in the window, speed, one seed.
+    /// The paper's choice: w = 100, s = 50, noise in the window, speed, one seed.
     fn default() -> Self {
         Self {
             window: 100,
             stride: 50,
-            goal: Goal::Untargeted,
             game: LocalGame::Delete,
             score: WindowScore::Speed,
             seeds: 1,
@@ -110,13 +107,14 @@ impl LocalAttack {
             (WindowScore::Speed, LocalGame::Preserve) => 1.0 - speed(outcome, cap),
             (WindowScore::ProbabilityDrop, game) => {
                 let mean = held_mean(&outcome.probabilities, cap);
-                match (game, self.goal) {
-                    (LocalGame::Delete | LocalGame::Occlude, Goal::Untargeted) => {
+                let targeted = outcome.target.is_some();
+                match (game, targeted) {
+                    (LocalGame::Delete | LocalGame::Occlude, false) => {
                         (-outcome.origin_loss).exp() - mean
                     }
-                    (LocalGame::Delete | LocalGame::Occlude, Goal::Targeted(_)) => mean,
-                    (LocalGame::Preserve, Goal::Untargeted) => mean,
-                    (LocalGame::Preserve, Goal::Targeted(_)) => 1.0 - mean,
+                    (LocalGame::Delete | LocalGame::Occlude, true) => mean,
+                    (LocalGame::Preserve, false) => mean,
+                    (LocalGame::Preserve, true) => 1.0 - mean,
                 }
             }
         }
@@ -161,40 +159,46 @@ pub fn speed(outcome: &AttackOutcome, cap: usize) -> f64 {
     }
 }
 
-/// The local-attack map of image `image` of `pixels`; every window and seed is one job, banked
-/// `config.batch_size` at a time.
+/// The local-attack map of image `image` of `pixels`, each window's attack wanting `goal`;
+/// every window and seed is one job, banked `config.batch_size` at a time.
 pub fn local_attack(
     model: &dyn Classifier,
     pixels: &Tensor,
     image: usize,
+    goal: Goal,
     spec: &LocalAttack,
     config: &AttackConfig,
 ) -> Result<LocalMap> {
-    let mut maps = local_attacks(model, pixels, &[image], spec, config)?;
+    let mut maps = local_attacks(model, pixels, &[image], &[goal], spec, config)?;
     Ok(maps.remove(0))
 }
 
-/// The local-attack maps of images `images` of `pixels`, one per image: the windows and seeds
-/// of all of them are one list of jobs, banked `config.batch_size` at a time, so small images
-/// with few windows still fill a bank.
+/// The local-attack maps of images `images` of `pixels`, one per image, the windows of image
+/// `images[i]` wanting `goals[i]`: the windows and seeds of all of them are one list of jobs,
+/// banked `config.batch_size` at a time, so small images with few windows still fill a bank.
 pub fn local_attacks(
     model: &dyn Classifier,
     pixels: &Tensor,
     images: &[usize],
+    goals: &[Goal],
     spec: &LocalAttack,
     config: &AttackConfig,
 ) -> Result<Vec<LocalMap>> {
     ensure(spec.seeds >= 1, || "seeds must be at least 1".into())?;
+    ensure(goals.len() == images.len(), || {
+        format!("{} goals for {} images", goals.len(), images.len())
+    })?;
     let (h, w) = crate::engine::image_size(pixels)?;
     let grid = WindowGrid::new(spec.window, spec.stride);
     let windows = grid.positions((h, w))?;
     let jobs: Vec<Job> = images
         .iter()
-        .flat_map(|&image| {
+        .zip(goals)
+        .flat_map(|(&image, &goal)| {
             windows.iter().flat_map(move |&(top, left)| {
                 (0..spec.seeds as u64).map(move |s| Job {
                     image,
-                    goal: spec.goal,
+                    goal,
                     region: match spec.game {
                         LocalGame::Delete => Region::Window {
                             top,
@@ -319,10 +323,10 @@ pub fn window_sweep(
                 model,
                 pixels,
                 image,
+                goal,
                 &LocalAttack {
                     window,
                     stride,
-                    goal,
                     ..LocalAttack::default()
                 },
                 config,

@@ -8,10 +8,11 @@ use serde::Serialize;
 pub struct AttackOutcome {
     /// Noise strength in pixel units.
     pub alpha: f64,
-    /// Cross-entropy of the clean image against its own label (Table I's "origin loss").
+    /// Cross-entropy of the clean image against its own label (Table I's "origin loss"); for an
+    /// attack away from another class ([`crate::Goal::Away`]), against that class.
     pub origin_loss: f64,
-    /// The attack's loss when it stopped: `-CE(original label)` untargeted, `CE(target)`
-    /// targeted (plus the mask terms for the mask attack).
+    /// The attack's loss when it stopped: `-CE(original label)` untargeted (`-CE(class)` away
+    /// from a class), `CE(target)` targeted (plus the mask terms for the mask attack).
     pub final_loss: f64,
     /// The clean image's predicted class.
     pub label_from: usize,
@@ -24,9 +25,9 @@ pub struct AttackOutcome {
     pub iterations: usize,
     /// The perturbed image's probability of `label_to`.
     pub confidence: f64,
-    /// The probability of the label the attack is about (untargeted: the clean label; targeted:
-    /// the target) each time the perturbed image was judged, from the untrained noise (update 0)
-    /// to the stop.
+    /// The probability of the label the attack is about (untargeted: the clean label; away: its
+    /// class; targeted: the target) each time the perturbed image was judged, from the
+    /// untrained noise (update 0) to the stop.
     pub probabilities: Vec<f64>,
     /// Whether the goal was met, with confidence above the threshold, within the cap.
     pub success: bool,

@@ -99,7 +99,6 @@ fn same_seed_same_result_and_batching_changes_nothing() {
     let spec = LocalAttack {
         window: 64,
         stride: 64,
-        goal: Goal::Untargeted,
         ..LocalAttack::default()
     };
     let cfg = AttackConfig {
@@ -111,6 +110,7 @@ fn same_seed_same_result_and_batching_changes_nothing() {
         data.model.as_ref(),
         &data.pixels,
         0,
+        Goal::Untargeted,
         &spec,
         &AttackConfig {
             batch_size: 1,
@@ -122,6 +122,7 @@ fn same_seed_same_result_and_batching_changes_nothing() {
         data.model.as_ref(),
         &data.pixels,
         0,
+        Goal::Untargeted,
         &spec,
         &AttackConfig {
             batch_size: 4,
@@ -135,6 +136,7 @@ fn same_seed_same_result_and_batching_changes_nothing() {
         data.model.as_ref(),
         &data.pixels,
         &[2, 0],
+        &[Goal::Untargeted; 2],
         &spec,
         &AttackConfig {
             batch_size: 12,
@@ -144,7 +146,15 @@ fn same_seed_same_result_and_batching_changes_nothing() {
     .unwrap();
     assert_eq!(both[1].scores, a.scores);
     assert!(same(&both[1].map, &a.map));
-    let alone = local_attack(data.model.as_ref(), &data.pixels, 2, &spec, &cfg).unwrap();
+    let alone = local_attack(
+        data.model.as_ref(),
+        &data.pixels,
+        2,
+        Goal::Untargeted,
+        &spec,
+        &cfg,
+    )
+    .unwrap();
     assert_eq!(both[0].scores, alone.scores);
 }
 
@@ -189,10 +199,10 @@ fn bad_parameters_are_refused_with_the_reason() {
         m,
         &data.pixels,
         0,
+        Goal::Untargeted,
         &LocalAttack {
             window: 200,
             stride: 50,
-            goal: Goal::Untargeted,
             ..LocalAttack::default()
         },
         &AttackConfig::default(),
@@ -594,4 +604,59 @@ fn window_noise_stays_in_the_window_preserve_noise_spares_it_and_occlusion_blurs
             o.final_loss.exp()
         );
     }
+}
+
+#[test]
+fn an_attack_away_from_a_class_is_about_that_class() {
+    let data = common::lesions(2);
+    let model = data.model.as_ref();
+    let probs = candle_nn::ops::softmax_last_dim(&model.forward(&data.pixels).unwrap())
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    let predicted: Vec<usize> = probs
+        .iter()
+        .map(|p| if p[1] > p[0] { 1 } else { 0 })
+        .collect();
+    let config = AttackConfig {
+        alpha: 0.05,
+        max_iters: 4,
+        confidence: 0.5,
+        ..AttackConfig::default()
+    };
+    // Away from the predicted class is the untargeted attack, to the bit.
+    let untargeted = random_attack(model, &data.pixels, &[Goal::Untargeted; 2], &config).unwrap();
+    let away: Vec<Goal> = predicted.iter().map(|&c| Goal::Away(c)).collect();
+    let same_class = random_attack(model, &data.pixels, &away, &config).unwrap();
+    for (u, a) in untargeted.iter().zip(&same_class) {
+        assert_eq!(u.probabilities, a.probabilities);
+        assert_eq!(u.origin_loss, a.origin_loss);
+        assert!(same(&u.noise, &a.noise));
+    }
+    // Away from the other class: its clean loss, its probability on the perturbed image, and a
+    // goal the clean image already meets (a label other than that class, above the
+    // confidence) in 0 updates.
+    let other: Vec<Goal> = predicted.iter().map(|&c| Goal::Away(1 - c)).collect();
+    let outcomes = random_attack(model, &data.pixels, &other, &config).unwrap();
+    for (i, o) in outcomes.iter().enumerate() {
+        let p_other = probs[i][1 - predicted[i]] as f64;
+        assert!((o.origin_loss + p_other.ln()).abs() < 1e-4, "{o:?}");
+        let judged = candle_nn::ops::softmax_last_dim(
+            &model.forward(&o.perturbed.unsqueeze(0).unwrap()).unwrap(),
+        )
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap()[0][1 - predicted[i]] as f64;
+        let last = *o.probabilities.last().unwrap();
+        assert!((last - judged).abs() < 1e-4, "{last} vs {judged}");
+        assert_eq!(o.target, None);
+        if probs[i][predicted[i]] > 0.5 {
+            assert!(o.success && o.iterations == 0, "{o:?}");
+        }
+    }
+    // A class the model does not have is refused, naming it.
+    let e = random_attack(model, &data.pixels, &[Goal::Away(7); 2], &config)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("class to attack 7"), "{e}");
 }

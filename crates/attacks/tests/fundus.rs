@@ -24,7 +24,6 @@ fn local_attack_flips_fastest_on_the_lesions() {
     let spec = LocalAttack {
         window: 32,
         stride: 32,
-        goal: Goal::Untargeted,
         ..LocalAttack::default()
     };
     let config = AttackConfig {
@@ -37,7 +36,15 @@ fn local_attack_flips_fastest_on_the_lesions() {
     let (mut peaks, mut hits) = (0, 0);
     let (mut speed_auroc, mut drop_auroc) = (0.0, 0.0);
     for (i, mask) in data.masks.iter().enumerate() {
-        let local = local_attack(data.model.as_ref(), &data.pixels, i, &spec, &config).unwrap();
+        let local = local_attack(
+            data.model.as_ref(),
+            &data.pixels,
+            i,
+            Goal::Untargeted,
+            &spec,
+            &config,
+        )
+        .unwrap();
         // The same attacks scored by the attacked label's probability instead of whole updates.
         let continuous = LocalAttack {
             score: WindowScore::ProbabilityDrop,

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use vulnmap_data::Split;
 use vulnmap_models::Score;
 use vulnmap_pipeline::schema::{
-    DataSpec, MapStep, Measure, MetricsStep, Outputs, Pipeline, Step, StepKind,
+    DataSpec, Explained, MapStep, Measure, MetricsStep, Outputs, Pipeline, Step, StepKind,
 };
 use vulnmap_pipeline::{runner, RunOptions};
 
@@ -40,6 +40,10 @@ pub(crate) struct Args {
     /// What the maps explain.
     #[arg(long, value_enum, default_value_t)]
     score: Score,
+    /// Which class the maps explain: the model's prediction or each image's label (the
+    /// localisation benchmarks' protocol).
+    #[arg(long, value_enum, default_value_t)]
+    explain: Explained,
     /// The run directory (results.jsonl, figures, report.html).
     #[arg(long, default_value = "runs/eval")]
     out: PathBuf,
@@ -93,6 +97,7 @@ pub(crate) fn run(args: Args) -> Result<()> {
         outputs: Outputs::default(),
         batch_size: args.batch_size,
         chunk_size: None,
+        explain: args.explain,
     };
     // The same checks as a pipeline file's.
     let text = vulnmap_pipeline::config::to_yaml(&pipeline)?;

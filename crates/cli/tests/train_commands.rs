@@ -309,14 +309,15 @@ fn the_cli_and_a_pipeline_with_the_same_settings_give_the_same_results() {
     );
     assert_eq!(rows, rows_without_timing(&by_file));
 
-    // The same with other methods and measures named on both sides; the scores table gives
-    // each mean with its bootstrap interval.
+    // The same with other methods, measures and the explained class named on both sides; the
+    // scores table gives each mean with its bootstrap interval.
     let by_cli = dir.path().join("eval-measures");
     succeeded(
         vulnmap()
             .args(["eval", "--model", "tiny-resnet", "--device", "cpu"])
             .args(["--split", "all", "--methods", "layer-cam,kernel-shap"])
             .args(["--measures", "sparseness,complexity,pointing-game"])
+            .args(["--explain", "label"])
             .args(["--score", "centred-logit", "--limit", "3", "--weights"])
             .arg(&weights)
             .arg("--data")
@@ -329,7 +330,8 @@ fn the_cli_and_a_pipeline_with_the_same_settings_give_the_same_results() {
     std::fs::write(
         &pipeline,
         format!(
-            "name: same\ndevice: cpu\nmodel: {{arch: tiny-resnet, weights: {}, score: centred-logit}}\n\
+            "name: same\ndevice: cpu\nexplain: label\n\
+             model: {{arch: tiny-resnet, weights: {}, score: centred-logit}}\n\
              data: {{manifest: {}, split: all, limit: 3}}\n\
              steps:\n  - layer_cam: {{}}\n  - kernel_shap: {{}}\n\
              \x20 - metrics: {{measures: [sparseness, complexity, pointing_game]}}\n",

@@ -316,6 +316,16 @@ impl Checker {
             }),
         }
         self.data(&p.data);
+        let unlabelled = !p.data.files.is_empty() || p.data.glob.is_some();
+        self.check(
+            !(p.explain == Explained::Label && unlabelled),
+            "explain",
+            || {
+                "`label` explains each image's label, and `files` or `glob` give none; \
+                 use a manifest, folders, synthetic data or the fundus benchmark"
+                    .into()
+            },
+        );
         self.check(!p.steps.is_empty(), "steps", || "no steps to run".into());
         self.check(
             p.outputs.report_images >= 1,

@@ -237,7 +237,8 @@ pub struct MapFound {
 pub struct Outcome {
     /// Noise strength in pixel units.
     pub alpha: f64,
-    /// Cross-entropy of the clean image against its own label.
+    /// Cross-entropy of the clean image against its own label (against the explained label
+    /// when an attack map explains another class: `explain: label`).
     #[serde(deserialize_with = "nan_from_null")]
     pub origin_loss: f64,
     /// The attack's loss when it stopped.

@@ -276,6 +276,24 @@ fn model(
 }
 
 /// The row of `found` for `item` (none: a dataset-level step), its paths relative to `out`.
+/// Each item's label, which `explain: label` makes the class its maps explain.
+fn labels(items: &[Item], classes: usize) -> Result<Vec<usize>> {
+    items
+        .iter()
+        .map(|item| match item.label {
+            Some(label) if label < classes => Ok(label),
+            Some(label) => Err(Error::Run(format!(
+                "{}: label {label} is not one of the model's {classes} classes (explain: label)",
+                item.path.display()
+            ))),
+            None => Err(Error::Run(format!(
+                "{}: no label to explain (explain: label)",
+                item.path.display()
+            ))),
+        })
+        .collect()
+}
+
 fn row(item: Option<&Item>, step: &str, out: &Path, seconds: f64, found: Found) -> ResultRow {
     ResultRow {
         image: item.map(|i| i.index),
@@ -310,11 +328,14 @@ impl Runner<'_> {
         }
         let paths: Vec<&Path> = items.iter().map(|i| i.path.as_path()).collect();
         let pixels = self.preprocess.load_batch(&paths, self.model.device())?;
-        let targets = vulnmap_saliency::predicted_classes(
-            self.model.as_ref(),
-            &pixels,
-            self.pipeline.batch_size,
-        )?;
+        let targets = match self.pipeline.explain {
+            Explained::Predicted => vulnmap_saliency::predicted_classes(
+                self.model.as_ref(),
+                &pixels,
+                self.pipeline.batch_size,
+            )?,
+            Explained::Label => labels(items, self.model.num_classes())?,
+        };
         let chunk_data = Chunk {
             items,
             pixels,

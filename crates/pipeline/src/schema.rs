@@ -44,6 +44,31 @@ pub struct Pipeline {
     /// Images per unit of work: the granularity of `results.jsonl`, `--resume` and `--shard`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chunk_size: Option<usize>,
+    /// Which class every map, attack map and metric explains (default `predicted`).
+    #[serde(default, skip_serializing_if = "Explained::is_predicted")]
+    pub explain: Explained,
+}
+
+/// Which class a pipeline's maps explain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[serde(rename_all = "snake_case")]
+pub enum Explained {
+    /// The model's most probable class for each image.
+    #[default]
+    Predicted,
+    /// Each image's label, whatever the model predicts: the localisation benchmarks' protocol
+    /// (TorchRay's pointing game, Quantus's localisation metrics explain the true class), so that
+    /// a misclassified image's map still shows the labelled class's evidence. Needs labelled
+    /// data (a manifest, folders, synthetic data or the fundus benchmark).
+    Label,
+}
+
+impl Explained {
+    /// Whether this is the default, [`Explained::Predicted`].
+    pub fn is_predicted(&self) -> bool {
+        *self == Explained::Predicted
+    }
 }
 
 fn default_batch_size() -> usize {

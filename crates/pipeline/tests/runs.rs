@@ -494,3 +494,97 @@ steps:
         assert_eq!(r["variant"], "dual+areas=0.05,0.1", "{r:?}");
     }
 }
+
+#[test]
+fn explaining_the_label_maps_and_attacks_each_images_label() {
+    let steps = "steps:
+  - classify: {top: 2}
+  - gradient: {}
+  - mask_attack: {network: free, cells: 8, max_iters: 2, game: dual, alpha: 0.01}
+  - local_attack: {window: 64, stride: 64, alpha: 0.1, max_iters: 1, lr: 2.0e-3, score: probability_drop, game: occlude}
+";
+    let files = format!(
+        "name: l\nexplain: label\ndata: {{files: [{}]}}\n{steps}",
+        file!()
+    );
+    let e = config::parse(&files, Path::new("u.yaml"), Path::new("."))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("explain") && e.contains("files"), "{e}");
+
+    // Lesion images labelled healthy: the label is never what the model predicts for most.
+    let bench = vulnmap_train::FundusBenchmark::prepare(
+        &vulnmap_train::BenchmarkConfig::default(),
+        Path::new(env!("CARGO_TARGET_TMPDIR")),
+    )
+    .unwrap();
+    let images = bench.manifest.parent().unwrap();
+    let lesions: Vec<String> = std::fs::read_to_string(&bench.manifest)
+        .unwrap()
+        .lines()
+        .filter(|l| l.split(',').nth(1) == Some("lesion"))
+        .take(4)
+        .map(|l| {
+            images
+                .join(l.split(',').next().unwrap())
+                .display()
+                .to_string()
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("manifest.csv");
+    let rows_csv: Vec<String> = lesions.iter().map(|p| format!("{p},healthy")).collect();
+    std::fs::write(&manifest, format!("path,label\n{}\n", rows_csv.join("\n"))).unwrap();
+    let text = format!(
+        "name: l\nbatch_size: 8\nexplain: label\nmodel: {{arch: tiny-resnet, weights: {}}}\n\
+         data: {{manifest: {}, split: all, labels: [healthy, lesion], resize: 128}}\n{steps}",
+        bench.checkpoint.display(),
+        manifest.display()
+    );
+    let p = config::parse(&text, Path::new("l.yaml"), Path::new(".")).unwrap();
+    let yaml = config::to_yaml(&p).unwrap();
+    assert!(yaml.contains("explain: label"), "{yaml}");
+    // The default stays out of the resolved file.
+    let predicted = text.replace("explain: label\n", "");
+    let plain = config::parse(&predicted, Path::new("p.yaml"), Path::new(".")).unwrap();
+    assert!(!config::to_yaml(&plain).unwrap().contains("explain"));
+
+    let out = dir.path().join("run");
+    runner::run(&p, &options(&out, None, false)).unwrap();
+    let found = rows(&out);
+    let of = |image: u64, step: &str| {
+        found
+            .iter()
+            .find(|r| r["image"].as_u64() == Some(image) && r["step"] == step)
+            .unwrap_or_else(|| panic!("no {step} row for image {image}"))
+    };
+    let mut predicted_lesion = 0;
+    for image in 0..lesions.len() as u64 {
+        let classify = of(image, "classify");
+        assert_eq!(classify["label"].as_u64(), Some(0));
+        predicted_lesion += (classify["predicted"].as_u64() == Some(1)) as usize;
+        let p_healthy = classify["top"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["class"].as_u64() == Some(0))
+            .unwrap()["probability"]
+            .as_f64()
+            .unwrap();
+        for step in ["gradient", "mask_attack", "local_attack"] {
+            assert_eq!(of(image, step)["target"].as_u64(), Some(0), "{step}");
+        }
+        // The attack is about the label: its clean loss is the label's, whatever the model says.
+        let origin = of(image, "mask_attack")["outcome"]["origin_loss"]
+            .as_f64()
+            .unwrap();
+        assert!(
+            (origin + p_healthy.ln()).abs() < 1e-3,
+            "{origin} vs {p_healthy}"
+        );
+    }
+    assert!(
+        predicted_lesion > 0,
+        "the model calls no lesion image a lesion"
+    );
+}

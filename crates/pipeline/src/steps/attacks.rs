@@ -18,7 +18,7 @@ use vulnmap_attacks::rounds::{self, rounds};
 use vulnmap_attacks::saliency_attack::{
     clean_masks, control_masks, fixed_mask_attack, saliency_attack, SaliencyAttack,
 };
-use vulnmap_attacks::{AttackConfig, AttackOutcome, LearnedMask, MaskGame, MaskNetworkKind};
+use vulnmap_attacks::{AttackConfig, AttackOutcome, Goal, LearnedMask, MaskGame, MaskNetworkKind};
 use vulnmap_saliency::SmoothGrad;
 
 /// The attack configuration of `settings`, its generators drawn from `seed` and banked
@@ -111,6 +111,21 @@ pub fn mask_variant(step: &MaskAttackStep) -> String {
     }
 }
 
+/// Each image's goal in an attack whose map is one of the chunk's maps: untargeted, away from
+/// the class the chunk's maps explain (the prediction, or the label with `explain: label`);
+/// targeted, the step's target.
+fn map_goals(settings: &AttackSettings, chunk: &Chunk) -> Result<Vec<Goal>> {
+    let goal = settings.goal()?;
+    Ok(chunk
+        .targets
+        .iter()
+        .map(|&class| match goal {
+            Goal::Untargeted => Goal::Away(class),
+            other => other,
+        })
+        .collect())
+}
+
 /// Runs the random attack `s` on every image of `chunk` (with `rounds`, seed after seed).
 pub(crate) fn random(
     cx: &StepContext,
@@ -185,13 +200,13 @@ pub(crate) fn local(
     let spec = LocalAttack {
         window: s.window,
         stride: s.stride,
-        goal: s.attack().goal()?,
         game: s.game,
         score: s.score,
         seeds: s.seeds,
     };
     let images: Vec<usize> = (0..n).collect();
-    let locals = local_attacks(model, &chunk.pixels, &images, &spec, &config)?;
+    let goals = map_goals(&s.attack(), chunk)?;
+    let locals = local_attacks(model, &chunk.pixels, &images, &goals, &spec, &config)?;
     let all: Vec<Tensor> = locals.iter().map(|l| l.map.clone()).collect();
     let m = Tensor::stack(&all, 0)?;
     let rows = locals
@@ -265,13 +280,12 @@ pub(crate) fn mask(
     chunk: &Chunk,
 ) -> Result<(Vec<Found>, Tensor)> {
     let model = cx.model;
-    let n = chunk.items.len();
     let config = cx.attack_config(&s.attack())?;
     let spec = mask_spec(s, cx.seed, cx.batch_size);
     let outcomes = mask_attack_averaged(
         model,
         &chunk.pixels,
-        &vec![s.attack().goal()?; n],
+        &map_goals(&s.attack(), chunk)?,
         &spec,
         &s.areas,
         s.seeds,
