@@ -2,7 +2,7 @@
 //! generator attacks: FGSM (Goodfellow et al., 2015) and PGD (Madry et al., 2018), under an L-inf
 //! or L2 budget, untargeted or targeted, optionally confined by a mask (as ART's `mask`).
 
-use crate::engine::Goal;
+use crate::engine::{origin_losses, Goal};
 use crate::error::{ensure, Result};
 use crate::outcome::AttackOutcome;
 use candle_core::{DType, Tensor, Var};
@@ -114,22 +114,7 @@ pub fn pgd(
         .zip(&clean)
         .map(|(g, &c)| g.class(c) as u32)
         .collect();
-    // An attack away from a class starts from that class's loss, a targeted one from its
-    // clean label's (as the generator attacks).
-    let origin_labels: Vec<u32> = goals
-        .iter()
-        .zip(&clean)
-        .map(|(g, &c)| if g.moves_away() { g.class(c) } else { c } as u32)
-        .collect();
-    let origin: Vec<f64> = candle_nn::ops::log_softmax(&logits, 1)?
-        .gather(
-            &Tensor::new(origin_labels.as_slice(), &device)?.unsqueeze(1)?,
-            1,
-        )?
-        .squeeze(1)?
-        .neg()?
-        .to_dtype(DType::F64)?
-        .to_vec1()?;
+    let origin = origin_losses(&candle_nn::ops::log_softmax(&logits, 1)?, goals, &clean)?;
     let mask = match masks {
         Some(m) => {
             ensure(m.len() == n, || "one mask per image".into())?;

@@ -745,27 +745,14 @@ impl<'a> Bank<'a> {
             .into_iter()
             .map(|c| c as usize)
             .collect();
-        // The class each job's loss is about; its clean loss is the origin loss of an attack
-        // away from it (a targeted attack's is its clean label's).
+        // The class each job's loss is about.
         let loss_labels: Vec<u32> = jobs
             .iter()
             .zip(&clean_labels)
             .map(|(j, &c)| j.goal.class(c) as u32)
             .collect();
-        let origin_labels: Vec<u32> = jobs
-            .iter()
-            .zip(&clean_labels)
-            .map(|(j, &c)| if j.goal.moves_away() { j.goal.class(c) } else { c } as u32)
-            .collect();
-        let origin_losses: Vec<f64> = clean_log_probs
-            .gather(
-                &Tensor::new(origin_labels.as_slice(), &device)?.unsqueeze(1)?,
-                1,
-            )?
-            .squeeze(1)?
-            .neg()?
-            .to_dtype(DType::F64)?
-            .to_vec1()?;
+        let goals: Vec<Goal> = jobs.iter().map(|j| j.goal).collect();
+        let origin_losses = origin_losses(&clean_log_probs, &goals, &clean_labels)?;
         // Occluded windows: the images with each job's window blurred (each distinct image
         // blurred once), where its noise goes.
         let substrate = match window_masks(jobs, (h, w), &device, |r| match *r {
@@ -1101,6 +1088,27 @@ fn perturb(
         None => delta,
     };
     Ok((images + delta)?.clamp(0f32, 1f32)?)
+}
+
+/// Table I's origin loss of each goal: the clean image's cross-entropy (from its log-probabilities,
+/// `B x K`) against the class the attack moves away from, or a targeted attack's clean label.
+pub(crate) fn origin_losses(
+    clean_log_probs: &Tensor,
+    goals: &[Goal],
+    clean: &[usize],
+) -> Result<Vec<f64>> {
+    let classes: Vec<u32> = goals
+        .iter()
+        .zip(clean)
+        .map(|(g, &c)| if g.moves_away() { g.class(c) } else { c } as u32)
+        .collect();
+    let index = Tensor::new(classes.as_slice(), clean_log_probs.device())?.unsqueeze(1)?;
+    Ok(clean_log_probs
+        .gather(&index, 1)?
+        .squeeze(1)?
+        .neg()?
+        .to_dtype(DType::F64)?
+        .to_vec1()?)
 }
 
 /// The dual game's pair: the masked region replaced by the blurred image plus noise (deleted),
