@@ -11,7 +11,7 @@ use vulnmap_attacks::saliency_attack::{
 };
 use vulnmap_attacks::{
     mask_attack::mask_attack, random::random_attack, AttackConfig, AttackMode, GeneratorChoice,
-    MaskNetworkKind,
+    MaskGame, MaskNetworkKind,
 };
 use vulnmap_data::Preprocess;
 use vulnmap_models::Classifier;
@@ -80,6 +80,9 @@ enum MaskChoice {
     Unet,
     /// A free low-resolution mask learned directly (the authors' code).
     Free,
+    /// The dual game's free mask: the label kept where the mask is on and removed where it is
+    /// off, on a blurred baseline, under an area constraint (a map of every update, not a flip).
+    Dual,
 }
 
 pub(crate) fn run(args: Args) -> Result<()> {
@@ -87,7 +90,7 @@ pub(crate) fn run(args: Args) -> Result<()> {
     let mask_step = MaskAttackStep::default();
     let default_alpha = match args.mask {
         MaskChoice::None => RandomAttackStep::default().alpha,
-        MaskChoice::Unet | MaskChoice::Free => mask_step.alpha,
+        MaskChoice::Unet | MaskChoice::Free | MaskChoice::Dual => mask_step.alpha,
         _ => saliency_step.alpha,
     };
     let settings = AttackSettings {
@@ -101,6 +104,10 @@ pub(crate) fn run(args: Args) -> Result<()> {
     };
     // The pipeline's checks, before the model is loaded.
     vulnmap_pipeline::config::check_attack(&settings, "vulnmap attack")?;
+    anyhow::ensure!(
+        !(args.mask == MaskChoice::Dual && args.mode == AttackMode::Targeted),
+        "--mask dual maps the label the model gives: it is untargeted (drop --mode targeted)"
+    );
     let goal = settings.goal()?;
     let model = args.model.load()?;
     if let Some(t) = args.target {
@@ -143,9 +150,10 @@ pub(crate) fn run(args: Args) -> Result<()> {
                 &config,
             )?)
         };
-        let learned = |network: MaskNetworkKind| -> Result<_> {
+        let learned = |network: MaskNetworkKind, game: MaskGame| -> Result<_> {
             let step = MaskAttackStep {
                 network,
+                game,
                 ..mask_step.clone()
             };
             let spec = attacks::mask_spec(&step, args.seed, config.batch_size);
@@ -164,8 +172,9 @@ pub(crate) fn run(args: Args) -> Result<()> {
             }
             MaskChoice::Permuted => control(Control::Permuted)?,
             MaskChoice::Bernoulli => control(Control::Bernoulli)?,
-            MaskChoice::Unet => learned(MaskNetworkKind::Unet)?,
-            MaskChoice::Free => learned(MaskNetworkKind::Free)?,
+            MaskChoice::Unet => learned(MaskNetworkKind::Unet, MaskGame::Noise)?,
+            MaskChoice::Free => learned(MaskNetworkKind::Free, MaskGame::Noise)?,
+            MaskChoice::Dual => learned(MaskNetworkKind::Free, MaskGame::Dual)?,
         };
         for (i, (path, o)) in chunk.iter().zip(&outcomes).enumerate() {
             let stem = &names[c * batch + i];

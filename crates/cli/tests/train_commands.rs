@@ -397,4 +397,55 @@ fn the_cli_and_a_pipeline_with_the_same_settings_give_the_same_results() {
         assert!(!by_cli[key].is_null(), "{key} missing from {by_cli}");
         assert_eq!(by_cli[key], row["outcome"][key], "{key}");
     }
+
+    // `--mask dual` and a pipeline's dual mask attack: the same outcome and a mask PNG.
+    let out = succeeded(
+        vulnmap()
+            .args([
+                "attack",
+                "--json",
+                "--model",
+                "tiny-resnet",
+                "--device",
+                "cpu",
+            ])
+            .args(["--mask", "dual", "--max-iters", "3", "--weights"])
+            .arg(&weights)
+            .arg("--out")
+            .arg(dir.path().join("dual"))
+            .arg(&image)
+            .output()
+            .unwrap(),
+    );
+    let by_cli: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(dir.path().join("dual/P0001_OD_CFP_mask.png").is_file());
+    std::fs::write(
+        &pipeline,
+        format!(
+            "name: dual\ndevice: cpu\nmodel: {{arch: tiny-resnet, weights: {}}}\n\
+             data: {{files: [{}]}}\nsteps:\n  - mask_attack: {{network: free, game: dual, max_iters: 3}}\n",
+            weights.display(),
+            image.display()
+        ),
+    )
+    .unwrap();
+    let by_file = dir.path().join("dual-run");
+    run(&pipeline, &by_file);
+    let row = &rows_without_timing(&by_file)[0];
+    assert_eq!(row["variant"], "dual");
+    for key in ["label_from", "iterations", "origin_loss", "final_loss"] {
+        assert!(!by_cli[key].is_null(), "{key} missing from {by_cli}");
+        assert_eq!(by_cli[key], row["outcome"][key], "{key}");
+    }
+    let refused = vulnmap()
+        .args([
+            "attack", "--mask", "dual", "--mode", "targeted", "--target", "1",
+        ])
+        .args(["--model", "tiny-resnet", "--weights"])
+        .arg(&weights)
+        .arg(&image)
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--mask dual"));
 }
