@@ -969,9 +969,9 @@ impl<'a> Bank<'a> {
                 }
             };
             let log_probs = candle_nn::ops::log_softmax(&logits, 1)?;
-            let ce = log_probs.gather(&index, 1)?.squeeze(1)?.neg()?; // B
-                                                                      // Jobs moving away from their class maximise its cross-entropy, targeted ones
-                                                                      // minimise it.
+            // Each job's cross-entropy (`B`): jobs moving away from their class maximise it,
+            // targeted ones minimise it.
+            let ce = log_probs.gather(&index, 1)?.squeeze(1)?.neg()?;
             let signs: Vec<f32> = self
                 .jobs
                 .iter()
