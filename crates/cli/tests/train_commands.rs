@@ -352,91 +352,74 @@ fn the_cli_and_a_pipeline_with_the_same_settings_give_the_same_results() {
         "{table}"
     );
 
-    // `vulnmap attack` and a pipeline's `random_attack` step: the same Table I row.
+    // `vulnmap attack FLAGS` and a pipeline with `step` on the same image: the outcome's `keys`
+    // agree; the pipeline's row is returned.
     let image = data.join("images/P0001_OD_CFP.png");
-    let out = succeeded(
-        vulnmap()
-            .args([
-                "attack",
-                "--json",
-                "--model",
-                "tiny-resnet",
-                "--device",
-                "cpu",
-            ])
-            .args(["--max-iters", "3", "--weights"])
-            .arg(&weights)
-            .arg("--out")
-            .arg(dir.path().join("attacks"))
-            .arg(&image)
-            .output()
-            .unwrap(),
+    let cli_and_step = |name: &str, flags: &[&str], step: &str, keys: &[&str]| {
+        let out = succeeded(
+            vulnmap()
+                .args([
+                    "attack",
+                    "--json",
+                    "--model",
+                    "tiny-resnet",
+                    "--device",
+                    "cpu",
+                ])
+                .args(flags)
+                .arg("--weights")
+                .arg(&weights)
+                .arg("--out")
+                .arg(dir.path().join(name))
+                .arg(&image)
+                .output()
+                .unwrap(),
+        );
+        let by_cli: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        std::fs::write(
+            &pipeline,
+            format!(
+                "name: {name}\ndevice: cpu\nmodel: {{arch: tiny-resnet, weights: {}}}\n\
+                 data: {{files: [{}]}}\nsteps:\n  - {step}\n",
+                weights.display(),
+                image.display()
+            ),
+        )
+        .unwrap();
+        let by_file = dir.path().join(format!("{name}-run"));
+        run(&pipeline, &by_file);
+        let row = rows_without_timing(&by_file).remove(0);
+        for &key in keys {
+            assert!(!by_cli[key].is_null(), "{key} missing from {by_cli}");
+            assert_eq!(by_cli[key], row["outcome"][key], "{key}");
+        }
+        row
+    };
+
+    // `vulnmap attack` and a pipeline's `random_attack` step: the same Table I row.
+    cli_and_step(
+        "attack",
+        &["--max-iters", "3"],
+        "random_attack: {max_iters: 3}",
+        &[
+            "label_from",
+            "label_to",
+            "iterations",
+            "success",
+            "origin_loss",
+            "final_loss",
+        ],
     );
-    let by_cli: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    std::fs::write(
-        &pipeline,
-        format!(
-            "name: attack\ndevice: cpu\nmodel: {{arch: tiny-resnet, weights: {}}}\n\
-             data: {{files: [{}]}}\nsteps:\n  - random_attack: {{max_iters: 3}}\n",
-            weights.display(),
-            image.display()
-        ),
-    )
-    .unwrap();
-    let by_file = dir.path().join("attack-run");
-    run(&pipeline, &by_file);
-    let row = &rows_without_timing(&by_file)[0];
-    for key in [
-        "label_from",
-        "label_to",
-        "iterations",
-        "success",
-        "origin_loss",
-        "final_loss",
-    ] {
-        assert!(!by_cli[key].is_null(), "{key} missing from {by_cli}");
-        assert_eq!(by_cli[key], row["outcome"][key], "{key}");
-    }
 
     // `--mask dual` and a pipeline's dual mask attack: the same outcome and a mask PNG.
-    let out = succeeded(
-        vulnmap()
-            .args([
-                "attack",
-                "--json",
-                "--model",
-                "tiny-resnet",
-                "--device",
-                "cpu",
-            ])
-            .args(["--mask", "dual", "--max-iters", "3", "--weights"])
-            .arg(&weights)
-            .arg("--out")
-            .arg(dir.path().join("dual"))
-            .arg(&image)
-            .output()
-            .unwrap(),
+    let row = cli_and_step(
+        "dual",
+        &["--mask", "dual", "--max-iters", "3"],
+        "mask_attack: {network: free, game: dual, max_iters: 3}",
+        &["label_from", "iterations", "origin_loss", "final_loss"],
     );
-    let by_cli: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert!(dir.path().join("dual/P0001_OD_CFP_mask.png").is_file());
-    std::fs::write(
-        &pipeline,
-        format!(
-            "name: dual\ndevice: cpu\nmodel: {{arch: tiny-resnet, weights: {}}}\n\
-             data: {{files: [{}]}}\nsteps:\n  - mask_attack: {{network: free, game: dual, max_iters: 3}}\n",
-            weights.display(),
-            image.display()
-        ),
-    )
-    .unwrap();
-    let by_file = dir.path().join("dual-run");
-    run(&pipeline, &by_file);
-    let row = &rows_without_timing(&by_file)[0];
     assert_eq!(row["variant"], "dual");
-    for key in ["label_from", "iterations", "origin_loss", "final_loss"] {
-        assert!(!by_cli[key].is_null(), "{key} missing from {by_cli}");
-        assert_eq!(by_cli[key], row["outcome"][key], "{key}");
-    }
+    assert!(dir.path().join("dual/P0001_OD_CFP_mask.png").is_file());
     let refused = vulnmap()
         .args([
             "attack", "--mask", "dual", "--mode", "targeted", "--target", "1",
