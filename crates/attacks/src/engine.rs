@@ -152,16 +152,14 @@ impl Goal {
 
     /// Whether the class this goal names is one of `model`'s.
     pub(crate) fn check(self, model: &dyn Classifier) -> Result<()> {
-        let named = match self {
+        let (what, class) = match self {
             Goal::Untargeted => return Ok(()),
             Goal::Away(c) => ("class to attack", c),
             Goal::Targeted(t) => ("target class", t),
         };
-        ensure(named.1 < model.num_classes(), || {
+        ensure(class < model.num_classes(), || {
             format!(
-                "{} {} is out of range for {} with {} classes",
-                named.0,
-                named.1,
+                "{what} {class} is out of range for {} with {} classes",
                 model.arch(),
                 model.num_classes()
             )
