@@ -27,7 +27,8 @@
 //! - [`saliency_attack`]: the SmoothGrad-masked attack and its random-mask controls (Figs. 9-10).
 //! - [`mask_attack`]: the U-Net / free-mask attack of Eq. 6 (Fig. 11).
 //! - [`baselines`]: FGSM and PGD, L-inf and L2.
-//! - `outcome`: what an attack reports (a Table I row, the noise, the perturbed image).
+//! - `outcome`: what an attack reports (a Table I row, the noise, the perturbed image) and how
+//!   a map names its variant.
 //!
 //! Cargo features: none (CUDA comes through `vulnmap-models`).
 
@@ -47,4 +48,4 @@ pub use engine::{
     MaskNetworkKind, Masking, Region, Sparsity,
 };
 pub use error::{Error, Result};
-pub use outcome::AttackOutcome;
+pub use outcome::{variant_name, AttackOutcome};

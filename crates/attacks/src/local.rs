@@ -93,11 +93,7 @@ impl LocalAttack {
         if self.seeds != 1 {
             parts.push(format!("seeds={}", self.seeds));
         }
-        if parts.is_empty() {
-            "paper".into()
-        } else {
-            parts.join("+")
-        }
+        crate::variant_name(&parts)
     }
 
     /// One window attack's score (higher: more salient).

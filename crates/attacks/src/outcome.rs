@@ -1,4 +1,5 @@
 //! What an attack reports: a row of the paper's Table I, plus the noise and the perturbed image.
+//! The variant naming of attack maps lives here too, so every map and row spells it alike.
 
 use candle_core::Tensor;
 use serde::Serialize;
@@ -59,5 +60,15 @@ impl AttackOutcome {
             if self.success { "" } else { " (failed)" },
             self.confidence
         )
+    }
+}
+
+/// A map's variant as its row names it: `paper` when no setting differs from the paper's, else
+/// the settings that differ (`parts`), joined by `+`.
+pub fn variant_name(parts: &[String]) -> String {
+    if parts.is_empty() {
+        "paper".into()
+    } else {
+        parts.join("+")
     }
 }

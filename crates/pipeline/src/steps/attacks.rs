@@ -104,11 +104,7 @@ pub fn mask_variant(step: &MaskAttackStep) -> String {
     if step.seeds != 1 {
         parts.push(format!("seeds={}", step.seeds));
     }
-    if parts.is_empty() {
-        "paper".into()
-    } else {
-        parts.join("+")
-    }
+    vulnmap_attacks::variant_name(&parts)
 }
 
 /// Each image's goal in an attack whose map is one of the chunk's maps: untargeted, away from
