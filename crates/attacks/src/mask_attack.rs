@@ -48,7 +48,7 @@ pub fn mask_attack_averaged(
         for s in 0..seeds as u64 {
             let spec = LearnedMask { area, ..*spec };
             let config = AttackConfig {
-                seed: config.seed + s,
+                seed: config.seed.wrapping_add(s),
                 ..*config
             };
             let outcomes = mask_attack(model, pixels, goals, &spec, &config)?;

@@ -82,7 +82,7 @@ pub fn rounds(
             goal,
             region: Region::Whole,
             alpha: config.alpha,
-            seed: config.seed + r,
+            seed: config.seed.wrapping_add(r),
         })
         .collect();
     let outcomes = run(model, pixels, &jobs, &Masking::None, config)?;
@@ -121,7 +121,7 @@ pub fn alpha_sweep(
                 goal,
                 region: Region::Whole,
                 alpha,
-                seed: config.seed + r,
+                seed: config.seed.wrapping_add(r),
             })
         })
         .collect();

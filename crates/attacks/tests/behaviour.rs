@@ -9,7 +9,7 @@ use vulnmap_attacks::baselines::{pgd, Norm, Pgd};
 use vulnmap_attacks::engine::run;
 use vulnmap_attacks::engine::OCCLUDED_SIGMA;
 use vulnmap_attacks::local::{local_attack, local_attacks, LocalAttack};
-use vulnmap_attacks::mask_attack::mask_attack;
+use vulnmap_attacks::mask_attack::{mask_attack, mask_attack_averaged};
 use vulnmap_attacks::random::random_attack;
 use vulnmap_attacks::rounds::{alpha_sweep, rounds};
 use vulnmap_attacks::{AttackConfig, Goal, Job, LearnedMask, Masking, Region};
@@ -659,4 +659,37 @@ fn an_attack_away_from_a_class_is_about_that_class() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("class to attack 7"), "{e}");
+}
+
+#[test]
+fn seeds_past_the_largest_wrap_around_instead_of_overflowing() {
+    let data = common::lesions(1);
+    let model = data.model.as_ref();
+    let config = AttackConfig {
+        alpha: 0.05,
+        max_iters: 1,
+        seed: u64::MAX,
+        ..AttackConfig::default()
+    };
+    let (outcomes, _) = rounds(model, &data.pixels, 0, Goal::Untargeted, 2, &config).unwrap();
+    // The second round's seed is 0: the same attack as a first round seeded 0.
+    let zero = random_attack(
+        model,
+        &data.pixels,
+        &[Goal::Untargeted],
+        &AttackConfig { seed: 0, ..config },
+    )
+    .unwrap();
+    assert!(same(&outcomes[1].noise, &zero[0].noise));
+    let averaged = mask_attack_averaged(
+        model,
+        &data.pixels,
+        &[Goal::Untargeted],
+        &LearnedMask::dual(4),
+        &[],
+        2,
+        &config,
+    )
+    .unwrap();
+    assert!(averaged[0].mask.is_some());
 }
