@@ -23,6 +23,7 @@
 //! - [`guided`]: guided backpropagation's rectifier backward (positive gradients only).
 //! - `depthwise`: CPU depthwise convolution kernels with their own backward pass.
 //! - [`batch_norm`]: BatchNorm with eval and train modes.
+//! - [`linear`]: `x W` by a constant weight, whose backward computes the input's gradient only.
 //! - [`layer_norm`]: layer normalisation over the last axis, one op with its own backward.
 //! - [`pool`]: max-pooling with a working backward pass; global average pooling.
 //! - [`resize`]: differentiable bilinear resizing, on every device.
@@ -44,6 +45,7 @@ mod depthwise;
 pub mod fused_conv;
 pub mod guided;
 pub mod layer_norm;
+pub mod linear;
 pub mod pool;
 pub mod resize;
 pub mod softmax;

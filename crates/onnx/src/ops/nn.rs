@@ -432,7 +432,8 @@ pub(super) fn gemm(inputs: &Inputs, attrs: Attrs) -> Result<Tensor> {
     if attrs.int("transB", 0) != 0 {
         b = b.t()?;
     }
-    let mut y = a.matmul(&b)?;
+    // A constant B (a layer's weight) needs no gradient: see `vulnmap_ops::linear`.
+    let mut y = vulnmap_ops::linear::matmul_by_constant(&a, &b)?;
     let alpha = attrs.float("alpha", 1.0) as f64;
     if alpha != 1.0 {
         y = (y * alpha)?;
@@ -455,8 +456,9 @@ pub(super) fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     } else {
         a.contiguous()?
     };
-    let y = if a.rank() == 2 && b.rank() == 2 {
-        a.matmul(&b)?
+    let y = if b.rank() == 2 {
+        // Rank-2 B, a linear layer's weight when it is constant: see `vulnmap_ops::linear`.
+        vulnmap_ops::linear::matmul_by_constant(&a, &b)?
     } else {
         let b = if b.is_contiguous() {
             b

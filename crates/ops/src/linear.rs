@@ -1,0 +1,191 @@
+//! `x W` with a constant `W` (a pretrained layer's weight) as one op whose backward computes the
+//! input's gradient only.
+//!
+//! candle's matmul backward computes the right operand's gradient too, wanted or not: one GEMM
+//! as large as the forward's for every linear layer of a ViT or ConvNeXt, whose weights are
+//! constants when a pretrained classifier is explained or attacked.
+
+use crate::cpu_kernels::Float;
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use gemm::Parallelism;
+
+/// `x W` for `x` of shape `(..., K)` and `W` of shape `K x M`, batch dimensions of `x` kept.
+///
+/// One op on the CPU when `W` needs no gradient (a constant, or anything untracked); candle's
+/// `broadcast_matmul` otherwise (a trained `W`, other devices), which gives the same value.
+pub fn matmul_by_constant(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let cpu = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64);
+    if !cpu || w.track_op() || w.rank() != 2 || x.rank() < 2 || x.dtype() != w.dtype() {
+        return x.broadcast_matmul(w);
+    }
+    let k = x.dim(candle_core::D::Minus1)?;
+    if w.dim(0)? != k {
+        candle_core::bail!(
+            "matmul: {:?} times {:?}: inner dimensions differ",
+            x.dims(),
+            w.dims()
+        );
+    }
+    let row_major = w.is_contiguous();
+    let column_major = w.t()?.is_contiguous();
+    let w = if row_major || column_major {
+        w.clone()
+    } else {
+        w.contiguous()?
+    };
+    x.contiguous()?.apply_op2(&w, ByConstant)
+}
+
+/// The op: forward `x W` by one GEMM over all of `x`'s rows, backward `G W^T`.
+struct ByConstant;
+
+impl ByConstant {
+    fn run<T: Float>(
+        (x, xl): (&CpuStorage, &Layout),
+        (w, wl): (&CpuStorage, &Layout),
+    ) -> Result<(CpuStorage, Shape)> {
+        let what = "matmul by a constant";
+        let x = crate::cpu_kernels::slice::<T>(x, xl, what)?;
+        let (k, n) = wl.shape().dims2()?;
+        let w = T::elements(w)
+            .ok_or_else(|| candle_core::Error::Msg(format!("{what}: dtypes differ")))?;
+        // Row-major `W` has strides (n, 1), a transposed view (1, k); the public function
+        // made it one or the other.
+        let [rs, cs] = wl.stride() else {
+            candle_core::bail!("{what}: a 2-D weight, got strides {:?}", wl.stride());
+        };
+        let start = wl.start_offset();
+        let extent = (k - 1) * rs + (n - 1) * cs + 1;
+        let w = &w[start..start + extent];
+        let m = x.len() / k.max(1);
+        let mut out = vec![T::default(); m * n];
+        let threads = rayon::current_num_threads();
+        let parallelism = if threads > 1 {
+            Parallelism::Rayon(threads)
+        } else {
+            Parallelism::None
+        };
+        // SAFETY: `x` is m x k row-major (strides k, 1) and exactly that long; `w` is k x n
+        // with strides (rs, cs) inside the slice taken above; `out` is m x n row-major, owned.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                out.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                x.as_ptr(),
+                1,
+                k as isize,
+                w.as_ptr(),
+                *cs as isize,
+                *rs as isize,
+                T::ONE,
+                T::ONE,
+                false,
+                false,
+                false,
+                parallelism,
+            )
+        }
+        let mut dims = xl.dims().to_vec();
+        *dims.last_mut().expect("rank >= 2") = n;
+        Ok((T::storage(out), Shape::from(dims)))
+    }
+}
+
+impl CustomOp2 for ByConstant {
+    fn name(&self) -> &'static str {
+        "vulnmap-matmul-by-constant"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        w: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        match x.dtype() {
+            DType::F32 => Self::run::<f32>((x, xl), (w, wl)),
+            DType::F64 => Self::run::<f64>((x, xl), (w, wl)),
+            other => candle_core::bail!("matmul by a constant: f32 or f64, not {other:?}"),
+        }
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (k, n) = w.dims2()?;
+        let rows = grad.elem_count() / n.max(1);
+        let dx = grad.reshape((rows, n))?.matmul(&w.t()?)?;
+        debug_assert_eq!(dx.dim(1)?, k);
+        Ok((Some(dx.reshape(x.shape())?), None))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// Value and input gradient against candle's own matmul, for a row-major and a transposed
+    /// weight, a batched `x`, f32 and f64.
+    #[test]
+    fn matches_candles_matmul_and_its_input_gradient() -> Result<()> {
+        let device = Device::Cpu;
+        for dtype in [DType::F32, DType::F64] {
+            let x =
+                Var::from_tensor(&Tensor::randn(0f32, 1., (2, 5, 7), &device)?.to_dtype(dtype)?)?;
+            let w_rows = Tensor::randn(0f32, 1., (7, 3), &device)?.to_dtype(dtype)?;
+            let w_cols = Tensor::randn(0f32, 1., (3, 7), &device)?
+                .to_dtype(dtype)?
+                .t()?;
+            let probe = Tensor::randn(0f32, 1., (2, 5, 3), &device)?.to_dtype(dtype)?;
+            for w in [&w_rows, &w_cols] {
+                let ours = matmul_by_constant(x.as_tensor(), w)?;
+                let theirs = x.as_tensor().broadcast_matmul(w)?;
+                let close = |a: &Tensor, b: &Tensor| -> Result<f64> {
+                    (a - b)?
+                        .abs()?
+                        .flatten_all()?
+                        .max(0)?
+                        .to_dtype(DType::F64)?
+                        .to_scalar::<f64>()
+                };
+                assert!(close(&ours, &theirs)? < 1e-5);
+                let g_ours = (ours * &probe)?.sum_all()?.backward()?;
+                let g_theirs = (theirs * &probe)?.sum_all()?.backward()?;
+                let (a, b) = (
+                    g_ours.get(x.as_tensor()).expect("a gradient"),
+                    g_theirs.get(x.as_tensor()).expect("a gradient"),
+                );
+                assert!(close(a, b)? < 1e-5);
+            }
+        }
+        Ok(())
+    }
+
+    /// A tracked weight keeps candle's matmul, so its gradient still arrives.
+    #[test]
+    fn a_tracked_weight_still_gets_its_gradient() -> Result<()> {
+        let device = Device::Cpu;
+        let x = Tensor::randn(0f32, 1., (4, 3), &device)?;
+        let w = Var::from_tensor(&Tensor::randn(0f32, 1., (3, 2), &device)?)?;
+        let grads = matmul_by_constant(&x, w.as_tensor())?
+            .sum_all()?
+            .backward()?;
+        let g = grads.get(w.as_tensor()).expect("the weight's gradient");
+        let want = x.sum_keepdim(0)?.t()?.broadcast_as((3, 2))?;
+        let diff = (g - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "{diff}");
+        Ok(())
+    }
+}
