@@ -1,14 +1,16 @@
 //! Fusion at load time, so that exported graphs take the fast constant-weight path the native
 //! models take: a BatchNormalization after a convolution is folded into its weights, and a
 //! convolution's following residual Add and Relu become one [`FUSED_CONV`] node (one op, one
-//! activation, the backward of `vulnmap_ops::fused_conv`).
+//! activation, the backward of `vulnmap_ops::fused_conv`). A `MatMul` by a constant weight and
+//! the `Add` of a constant bias after it become one [`FUSED_LINEAR`] node (the bias is added
+//! inside the GEMM; neither gets a gradient).
 //!
 //! Only values read by exactly one node disappear, so every other tensor a user can name (as a
 //! Grad-CAM layer) stays.
 
 use crate::error::Result;
 use crate::graph::{Graph, Node};
-use crate::ops::{batch_norm_affine, Attrs, FUSED_CONV, FUSED_GELU, FUSED_SILU};
+use crate::ops::{batch_norm_affine, Attrs, FUSED_CONV, FUSED_GELU, FUSED_LINEAR, FUSED_SILU};
 use crate::proto::{attribute_type, AttributeProto};
 use candle_core::Tensor;
 
@@ -313,6 +315,53 @@ pub(crate) fn fuse_activations(graph: &mut Graph) {
     }
 }
 
+/// Fuses `MatMul(x, W) -> Add(bias)` (`W` a 2-D constant, `bias` a 1-D constant of `W`'s column
+/// count; how `torch.onnx.export` writes `nn.Linear` on more than two dimensions) into one node.
+pub(crate) fn fuse_linear_biases(graph: &mut Graph) {
+    let mut i = 0;
+    while i < graph.nodes.len() {
+        let readers = graph.readers();
+        let Some((add, x, w, bias)) = match_linear(graph, &readers, i) else {
+            i += 1;
+            continue;
+        };
+        let fused = Node {
+            name: graph.nodes[add].name.clone(),
+            op_type: FUSED_LINEAR.to_string(),
+            attrs: Vec::new(),
+            inputs: vec![x, Some(w), Some(bias)],
+            outputs: graph.nodes[add].outputs.clone(),
+        };
+        // The fused node takes the Add's place (its readers come after it).
+        graph.nodes[add] = fused;
+        graph.nodes.remove(i);
+    }
+}
+
+/// Node `i` as `MatMul(x, W)` read only by `Add(bias)`: the Add's index, `x`, `W` and `bias`.
+fn match_linear(
+    graph: &Graph,
+    readers: &[usize],
+    i: usize,
+) -> Option<(usize, Option<usize>, usize, usize)> {
+    let matmul = &graph.nodes[i];
+    let [x, Some(w)] = matmul.inputs.as_slice() else {
+        return None;
+    };
+    let weight = graph.constants[*w].as_ref()?;
+    if matmul.op_type != "MatMul" || weight.rank() != 2 {
+        return None;
+    }
+    let out = only_output(matmul)?;
+    let add = sole_reader(graph, readers, out)?;
+    if graph.nodes[add].op_type != "Add" || only_output(&graph.nodes[add]).is_none() {
+        return None;
+    }
+    let bias = other_input(&graph.nodes[add], out)??;
+    let b = graph.constants[bias].as_ref()?;
+    (b.rank() == 1 && b.elem_count() == weight.dim(1).ok()?).then_some((add, *x, *w, bias))
+}
+
 #[cfg(test)]
 mod tests {
     use crate::graph::Graph;
@@ -328,6 +377,7 @@ mod tests {
         super::fold_batch_norms(&mut graph).unwrap();
         super::fuse_epilogues(&mut graph);
         super::fuse_activations(&mut graph);
+        super::fuse_linear_biases(&mut graph);
         Some(graph.nodes.iter().map(|n| n.op_type.clone()).collect())
     }
 
@@ -354,6 +404,22 @@ mod tests {
             let silu = ops.iter().filter(|o| *o == super::FUSED_SILU).count();
             let sigmoid = ops.iter().filter(|o| *o == "Sigmoid").count();
             assert!(silu > sigmoid, "{silu} SiLU, {sigmoid} Sigmoid left");
+        }
+    }
+
+    #[test]
+    fn linear_layers_with_a_bias_become_single_nodes() {
+        // Counted in the exported graphs with the onnx package: MatMuls by an initializer whose
+        // only reader is an Add of another initializer (ViT: the in-projection and the MLP's two
+        // layers of 4 encoder layers; its attention's 8 MatMuls multiply activations).
+        for (name, linear, matmul) in [
+            ("vit_small_config", 12, 8),
+            ("convnext_small_config", 10, 0),
+        ] {
+            let Some(ops) = fused_ops(name) else { return };
+            let count = |op: &str| ops.iter().filter(|o| *o == op).count();
+            assert_eq!(count(super::FUSED_LINEAR), linear, "{name}: {ops:?}");
+            assert_eq!(count("MatMul"), matmul, "{name}: {ops:?}");
         }
     }
 }

@@ -10,14 +10,25 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 
-/// `x W` for `x` of shape `(..., K)` and `W` of shape `K x M`, batch dimensions of `x` kept.
+/// `x W + bias` for `x` of shape `(..., K)`, `W` of shape `K x M` and an optional `bias` of `M`
+/// values, batch dimensions of `x` kept.
 ///
-/// One op on the CPU when `W` needs no gradient (a constant, or anything untracked); candle's
-/// `broadcast_matmul` otherwise (a trained `W`, other devices), which gives the same value.
-pub fn matmul_by_constant(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+/// One op on the CPU when `W` and `bias` need no gradient (constants, or anything untracked):
+/// the bias is where the GEMM accumulates, so it costs no pass of its own either way. candle's
+/// `broadcast_matmul` and `broadcast_add` otherwise (trained weights, other devices), which give
+/// the same value.
+pub fn matmul_by_constant(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let cpu = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64);
-    if !cpu || w.track_op() || w.rank() != 2 || x.rank() < 2 || x.dtype() != w.dtype() {
-        return x.broadcast_matmul(w);
+    let plain_bias = bias.is_some_and(|b| {
+        b.track_op() || b.elem_count() != w.dims().get(1).copied().unwrap_or(0) || b.rank() > 1
+    });
+    if !cpu || plain_bias || w.track_op() || w.rank() != 2 || x.rank() < 2 || x.dtype() != w.dtype()
+    {
+        let y = x.broadcast_matmul(w)?;
+        return match bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        };
     }
     let k = x.dim(candle_core::D::Minus1)?;
     if w.dim(0)? != k {
@@ -34,14 +45,21 @@ pub fn matmul_by_constant(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     } else {
         w.contiguous()?
     };
-    x.contiguous()?.apply_op2(&w, ByConstant)
+    let bias = match bias {
+        Some(b) => Some(b.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?),
+        None => None,
+    };
+    x.contiguous()?.apply_op2(&w, ByConstant { bias })
 }
 
-/// The op: forward `x W` by one GEMM over all of `x`'s rows, backward `G W^T`.
-struct ByConstant;
+/// The op: forward `x W + bias` by one GEMM over all of `x`'s rows, backward `G W^T`.
+struct ByConstant {
+    bias: Option<Vec<f64>>,
+}
 
 impl ByConstant {
     fn run<T: Float>(
+        &self,
         (x, xl): (&CpuStorage, &Layout),
         (w, wl): (&CpuStorage, &Layout),
     ) -> Result<(CpuStorage, Shape)> {
@@ -60,6 +78,11 @@ impl ByConstant {
         let w = &w[start..start + extent];
         let m = x.len() / k.max(1);
         let mut out = vec![T::default(); m * n];
+        if let Some(bias) = &self.bias {
+            let bias: Vec<T> = bias.iter().map(|&b| T::of(b)).collect();
+            out.chunks_mut(n.max(1))
+                .for_each(|row| row.copy_from_slice(&bias));
+        }
         let threads = rayon::current_num_threads();
         let parallelism = if threads > 1 {
             Parallelism::Rayon(threads)
@@ -76,7 +99,7 @@ impl ByConstant {
                 out.as_mut_ptr(),
                 1,
                 n as isize,
-                false,
+                self.bias.is_some(),
                 x.as_ptr(),
                 1,
                 k as isize,
@@ -110,8 +133,8 @@ impl CustomOp2 for ByConstant {
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         match x.dtype() {
-            DType::F32 => Self::run::<f32>((x, xl), (w, wl)),
-            DType::F64 => Self::run::<f64>((x, xl), (w, wl)),
+            DType::F32 => self.run::<f32>((x, xl), (w, wl)),
+            DType::F64 => self.run::<f64>((x, xl), (w, wl)),
             other => candle_core::bail!("matmul by a constant: f32 or f64, not {other:?}"),
         }
     }
@@ -137,7 +160,7 @@ mod tests {
     use candle_core::{Device, Var};
 
     /// Value and input gradient against candle's own matmul, for a row-major and a transposed
-    /// weight, a batched `x`, f32 and f64.
+    /// weight, with and without a bias, a batched `x`, f32 and f64.
     #[test]
     fn matches_candles_matmul_and_its_input_gradient() -> Result<()> {
         let device = Device::Cpu;
@@ -149,9 +172,13 @@ mod tests {
                 .to_dtype(dtype)?
                 .t()?;
             let probe = Tensor::randn(0f32, 1., (2, 5, 3), &device)?.to_dtype(dtype)?;
-            for w in [&w_rows, &w_cols] {
-                let ours = matmul_by_constant(x.as_tensor(), w)?;
-                let theirs = x.as_tensor().broadcast_matmul(w)?;
+            let bias = Tensor::randn(0f32, 1., 3, &device)?.to_dtype(dtype)?;
+            for (w, b) in [(&w_rows, None), (&w_cols, None), (&w_rows, Some(&bias))] {
+                let ours = matmul_by_constant(x.as_tensor(), w, b)?;
+                let mut theirs = x.as_tensor().broadcast_matmul(w)?;
+                if let Some(b) = b {
+                    theirs = theirs.broadcast_add(b)?;
+                }
                 let close = |a: &Tensor, b: &Tensor| -> Result<f64> {
                     (a - b)?
                         .abs()?
@@ -179,7 +206,7 @@ mod tests {
         let device = Device::Cpu;
         let x = Tensor::randn(0f32, 1., (4, 3), &device)?;
         let w = Var::from_tensor(&Tensor::randn(0f32, 1., (3, 2), &device)?)?;
-        let grads = matmul_by_constant(&x, w.as_tensor())?
+        let grads = matmul_by_constant(&x, w.as_tensor(), None)?
             .sum_all()?
             .backward()?;
         let g = grads.get(w.as_tensor()).expect("the weight's gradient");

@@ -104,6 +104,10 @@ pub(crate) const FUSED_GELU: &str = "vulnmap.Gelu";
 /// What `x * Sigmoid(x)` (SiLU, swish) becomes when fused.
 pub(crate) const FUSED_SILU: &str = "vulnmap.Silu";
 
+/// What `MatMul(x, W)` and the `Add` of a constant bias after it become when fused: inputs
+/// `x, W, bias`.
+pub(crate) const FUSED_LINEAR: &str = "vulnmap.Linear";
+
 /// What an evaluation needs beyond the node: the opset (attribute meanings changed over
 /// versions) and whether rectifiers backpropagate guided gradients.
 #[derive(Debug, Clone, Copy)]
@@ -224,6 +228,7 @@ pub(crate) fn eval(
         "Conv" => one(nn::conv(&inputs, attrs, None, None, ctx)?),
         FUSED_GELU => one(Activation::Gelu.apply(inputs.req(0)?)?),
         FUSED_SILU => one(Activation::Silu.apply(inputs.req(0)?)?),
+        FUSED_LINEAR => one(nn::linear(inputs.req(0)?, inputs.req(1)?, inputs.req(2)?)?),
         FUSED_CONV => {
             let relu = (attrs.int("relu", 0) != 0).then(|| {
                 let max = attrs.float("relu_max", f32::INFINITY);

@@ -432,18 +432,34 @@ pub(super) fn gemm(inputs: &Inputs, attrs: Attrs) -> Result<Tensor> {
     if attrs.int("transB", 0) != 0 {
         b = b.t()?;
     }
-    // A constant B (a layer's weight) needs no gradient: see `vulnmap_ops::linear`.
-    let mut y = vulnmap_ops::linear::matmul_by_constant(&a, &b)?;
     let alpha = attrs.float("alpha", 1.0) as f64;
+    let beta = attrs.float("beta", 1.0) as f64;
+    let c = inputs.opt(2);
+    // A layer's bias (C of N values, beta 1) goes into the product: see `vulnmap_ops::linear`.
+    let n = b.dim(1)?;
+    let bias = c.filter(|c| {
+        alpha == 1.0 && beta == 1.0 && c.elem_count() == n && (c.rank() <= 1 || c.dims() == [1, n])
+    });
+    if let Some(bias) = bias {
+        return vulnmap_ops::linear::matmul_by_constant(&a, &b, Some(&bias.flatten_all()?));
+    }
+    let mut y = vulnmap_ops::linear::matmul_by_constant(&a, &b, None)?;
     if alpha != 1.0 {
         y = (y * alpha)?;
     }
-    if let Some(c) = inputs.opt(2) {
-        let beta = attrs.float("beta", 1.0) as f64;
+    if let Some(c) = c {
         let c = if beta != 1.0 { (c * beta)? } else { c.clone() };
         y = y.broadcast_add(&c)?;
     }
     Ok(y)
+}
+
+/// `MatMul(x, W)` then `Add(bias)` fused at load time ([`super::FUSED_LINEAR`]).
+pub(super) fn linear(x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    if x.rank() < 2 || w.rank() != 2 {
+        return matmul(x, w)?.broadcast_add(bias);
+    }
+    vulnmap_ops::linear::matmul_by_constant(x, w, Some(bias))
 }
 
 /// `MatMul` with NumPy's rules: batch dimensions broadcast, 1-D operands promoted and removed.
@@ -458,7 +474,7 @@ pub(super) fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     };
     let y = if b.rank() == 2 {
         // Rank-2 B, a linear layer's weight when it is constant: see `vulnmap_ops::linear`.
-        vulnmap_ops::linear::matmul_by_constant(&a, &b)?
+        vulnmap_ops::linear::matmul_by_constant(&a, &b, None)?
     } else {
         let b = if b.is_contiguous() {
             b
