@@ -10,7 +10,9 @@
 
 use crate::error::Result;
 use crate::graph::{Graph, Node};
-use crate::ops::{batch_norm_affine, Attrs, FUSED_CONV, FUSED_GELU, FUSED_LINEAR, FUSED_SILU};
+use crate::ops::{
+    batch_norm_affine, Attrs, FUSED_BN_RELU, FUSED_CONV, FUSED_GELU, FUSED_LINEAR, FUSED_SILU,
+};
 use crate::proto::{attribute_type, AttributeProto};
 use candle_core::Tensor;
 
@@ -362,6 +364,32 @@ fn match_linear(
     (b.rank() == 1 && b.elem_count() == weight.dim(1).ok()?).then_some((add, *x, *w, bias))
 }
 
+/// Fuses a `BatchNormalization` (what is left after [`fold_batch_norms`]: one that follows no
+/// convolution, as DenseNet's before each) with the `Relu` that is its only reader.
+pub(crate) fn fuse_batch_norm_relus(graph: &mut Graph) {
+    let mut i = 0;
+    while i < graph.nodes.len() {
+        let readers = graph.readers();
+        let node = &graph.nodes[i];
+        let relu = match only_output(node) {
+            Some(out) if node.op_type == "BatchNormalization" => {
+                sole_reader(graph, &readers, out).filter(|&j| graph.nodes[j].op_type == "Relu")
+            }
+            _ => None,
+        };
+        let Some(relu) = relu else {
+            i += 1;
+            continue;
+        };
+        let mut fused = graph.nodes[i].clone();
+        fused.op_type = FUSED_BN_RELU.to_string();
+        fused.outputs = graph.nodes[relu].outputs.clone();
+        // The fused node takes the Relu's place (its readers come after it).
+        graph.nodes[relu] = fused;
+        graph.nodes.remove(i);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use crate::graph::Graph;
@@ -378,6 +406,7 @@ mod tests {
         super::fuse_epilogues(&mut graph);
         super::fuse_activations(&mut graph);
         super::fuse_linear_biases(&mut graph);
+        super::fuse_batch_norm_relus(&mut graph);
         Some(graph.nodes.iter().map(|n| n.op_type.clone()).collect())
     }
 
@@ -421,5 +450,18 @@ mod tests {
             assert_eq!(count(super::FUSED_LINEAR), linear, "{name}: {ops:?}");
             assert_eq!(count("MatMul"), matmul, "{name}: {ops:?}");
         }
+    }
+
+    #[test]
+    fn densenets_batch_norms_and_relus_become_single_nodes() {
+        // DenseNet's BatchNorm -> ReLU -> Conv: counted in the exported graph with the onnx
+        // package, 16 BatchNormalizations, each read by one Relu only (the exporter already
+        // folded the stem's into its convolution).
+        let Some(ops) = fused_ops("densenet_small_config") else {
+            return;
+        };
+        let count = |op: &str| ops.iter().filter(|o| *o == op).count();
+        assert_eq!(count(super::FUSED_BN_RELU), 16, "{ops:?}");
+        assert_eq!(count("BatchNormalization"), 0, "{ops:?}");
     }
 }

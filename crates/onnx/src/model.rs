@@ -175,6 +175,7 @@ pub fn load_with(
     crate::fuse::fuse_epilogues(&mut graph);
     crate::fuse::fuse_activations(&mut graph);
     crate::fuse::fuse_linear_biases(&mut graph);
+    crate::fuse::fuse_batch_norm_relus(&mut graph);
     crate::fold::drop_unread(&mut graph);
     let not_classifier = |reason: String| Error::NotAClassifier {
         path: path.to_path_buf(),

@@ -23,6 +23,8 @@
 //! - [`guided`]: guided backpropagation's rectifier backward (positive gradients only).
 //! - `depthwise`: CPU depthwise convolution kernels with their own backward pass.
 //! - [`batch_norm`]: BatchNorm with eval and train modes.
+//! - [`channel_affine`]: a constant scale and shift per channel, then ReLU, as one op (an unfoldable
+//!   inference BatchNorm).
 //! - [`linear`]: `x W` by a constant weight, whose backward computes the input's gradient only.
 //! - [`layer_norm`]: layer normalisation over the last axis, one op with its own backward.
 //! - [`pool`]: max-pooling with a working backward pass; global average pooling.
@@ -38,6 +40,7 @@
 
 pub mod activation;
 pub mod batch_norm;
+pub mod channel_affine;
 pub mod conv;
 pub mod conv_grad;
 pub mod cpu_kernels;

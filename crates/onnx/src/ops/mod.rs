@@ -104,6 +104,9 @@ pub(crate) const FUSED_GELU: &str = "vulnmap.Gelu";
 /// What `x * Sigmoid(x)` (SiLU, swish) becomes when fused.
 pub(crate) const FUSED_SILU: &str = "vulnmap.Silu";
 
+/// What a `BatchNormalization` and the `Relu` after it become when fused (the BatchNorm's inputs).
+pub(crate) const FUSED_BN_RELU: &str = "vulnmap.BatchNormRelu";
+
 /// What `MatMul(x, W)` and the `Add` of a constant bias after it become when fused: inputs
 /// `x, W, bias`.
 pub(crate) const FUSED_LINEAR: &str = "vulnmap.Linear";
@@ -236,7 +239,11 @@ pub(crate) fn eval(
             });
             one(nn::conv(&inputs, attrs, inputs.opt(3), relu, ctx)?)
         }
-        "BatchNormalization" => one(nn::batch_norm(&inputs, attrs, outputs)?),
+        "BatchNormalization" => one(nn::batch_norm(&inputs, attrs, outputs, false)?),
+        FUSED_BN_RELU => one(elementwise::rectify(
+            nn::batch_norm(&inputs, attrs, outputs, true)?,
+            ctx,
+        )?),
         "InstanceNormalization" => one(nn::instance_norm(&inputs, attrs)?),
         "GroupNormalization" => one(nn::group_norm(&inputs, attrs)?),
         "LayerNormalization" => nn::layer_norm(&inputs, attrs, outputs),

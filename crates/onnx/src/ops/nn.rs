@@ -228,8 +228,14 @@ fn channel_shape(c: usize, rank: usize) -> Vec<usize> {
     shape
 }
 
-/// `BatchNormalization` in inference mode: `x * scale / sqrt(var + eps) + (B - mean * ...)`.
-pub(super) fn batch_norm(inputs: &Inputs, attrs: Attrs, outputs: usize) -> Result<Tensor> {
+/// `BatchNormalization` in inference mode: `x * scale / sqrt(var + eps) + (B - mean * ...)`,
+/// then ReLU if `relu` (a following Relu fused at load time, [`super::FUSED_BN_RELU`]).
+pub(super) fn batch_norm(
+    inputs: &Inputs,
+    attrs: Attrs,
+    outputs: usize,
+    relu: bool,
+) -> Result<Tensor> {
     if attrs.int("training_mode", 0) != 0 || outputs > 1 {
         bail!("training-mode BatchNormalization is not supported (export the model in eval mode)");
     }
@@ -241,9 +247,25 @@ pub(super) fn batch_norm(inputs: &Inputs, attrs: Attrs, outputs: usize) -> Resul
         inputs.req(4)?,
         attrs.float("epsilon", 1e-5) as f64,
     )?;
+    if !scale.track_op() && !shift.track_op() && x.rank() >= 2 {
+        // Constant statistics (every exported model): one op, see `vulnmap_ops::channel_affine`.
+        let values = |t: &Tensor| t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>();
+        return vulnmap_ops::channel_affine::channel_affine(
+            x,
+            &values(&scale)?,
+            &values(&shift)?,
+            relu,
+        );
+    }
     let shape = channel_shape(x.dim(1)?, x.rank());
-    x.broadcast_mul(&scale.reshape(shape.clone())?)?
-        .broadcast_add(&shift.reshape(shape)?)
+    let y = x
+        .broadcast_mul(&scale.reshape(shape.clone())?)?
+        .broadcast_add(&shift.reshape(shape)?)?;
+    if relu {
+        y.relu()
+    } else {
+        Ok(y)
+    }
 }
 
 /// Inference BatchNorm as a per-channel `(scale, shift)`.
