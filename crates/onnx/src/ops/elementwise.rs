@@ -8,6 +8,9 @@ use vulnmap_ops::guided::positive_gradient;
 /// Evaluates an element-wise operator.
 pub(super) fn eval(op: &str, inputs: &Inputs, attrs: Attrs, ctx: Context) -> Result<Tensor> {
     let x = inputs.req(0)?;
+    if let Some(y) = by_channel_constant(op, x, inputs.opt(1))? {
+        return Ok(y);
+    }
     match op {
         "Add" => x.broadcast_add(inputs.req(1)?),
         "Sub" => x.broadcast_sub(inputs.req(1)?),
@@ -67,6 +70,60 @@ pub(super) fn rectify(y: Tensor, ctx: Context) -> Result<Tensor> {
     } else {
         Ok(y)
     }
+}
+
+/// `Add`, `Sub`, `Mul` or `Div` of a tensor and a constant that is one value, or one per channel
+/// (axis 1), as one [`vulnmap_ops::channel_affine`] op: candle's broadcast ops would also compute
+/// the constant's gradient, at the tensor's size (an input's normalisation, a layer scale, a
+/// transformer's attention scale). `None` when the operands are anything else.
+fn by_channel_constant(op: &str, a: &Tensor, b: Option<&Tensor>) -> Result<Option<Tensor>> {
+    let Some(b) = b else { return Ok(None) };
+    if !matches!(op, "Add" | "Sub" | "Mul" | "Div") {
+        return Ok(None);
+    }
+    // Which operand is the tensor and which the constant.
+    let (x, c, x_first) = match (a.track_op(), b.track_op()) {
+        (true, false) => (a, b, true),
+        (false, true) => (b, a, false),
+        _ => return Ok(None),
+    };
+    let float = matches!(x.dtype(), DType::F32 | DType::F64) && c.dtype() == x.dtype();
+    if !float || !x.device().is_cpu() || x.rank() < 2 || c.rank() > x.rank() {
+        return Ok(None);
+    }
+    let channels = x.dim(1)?;
+    // The constant's dimensions, right-aligned to x's: all 1 but perhaps axis 1.
+    let offset = x.rank() - c.rank();
+    let per_channel = c
+        .dims()
+        .iter()
+        .enumerate()
+        .all(|(i, &d)| d == 1 || (i + offset == 1 && d == channels));
+    if !per_channel {
+        return Ok(None);
+    }
+    let values = c.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+    let value = |k: usize| {
+        if values.len() == 1 {
+            values[0]
+        } else {
+            values[k]
+        }
+    };
+    let (mut scale, mut shift) = (vec![1.0; channels], vec![0.0; channels]);
+    for k in 0..channels {
+        let v = value(k);
+        match (op, x_first) {
+            ("Add", _) => shift[k] = v,
+            ("Sub", true) => shift[k] = -v,
+            ("Sub", false) => (scale[k], shift[k]) = (-1.0, v),
+            ("Mul", _) => scale[k] = v,
+            ("Div", true) => scale[k] = 1.0 / v,
+            // `c / x` is not affine in x.
+            _ => return Ok(None),
+        }
+    }
+    vulnmap_ops::channel_affine::channel_affine(x, &scale, &shift, false).map(Some)
 }
 
 /// `Clip`: bounds from inputs (opset 11 on) or attributes; a ReLU6 (`min = 0`) is rectified
@@ -166,4 +223,63 @@ fn variadic(op: &str, inputs: &[&Tensor]) -> Result<Tensor> {
         };
     }
     Ok(acc)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// Every arithmetic operator with a constant of one value or one per channel, on either side,
+    /// against candle's broadcast ops: the same value and the same input gradient.
+    #[test]
+    fn a_per_channel_constant_gives_what_broadcasting_gives() -> Result<()> {
+        let device = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1., (2, 3, 4, 5), &device)?)?;
+        let probe = Tensor::randn(0f32, 1., (2, 3, 4, 5), &device)?;
+        let constants = [
+            Tensor::new(&[0.5f32, -2.0, 1.5], &device)?.reshape((3, 1, 1))?,
+            Tensor::new(&[0.5f32, -2.0, 1.5], &device)?.reshape((1, 3, 1, 1))?,
+            Tensor::new(&[-0.75f32], &device)?,
+            Tensor::new(1.25f32, &device)?,
+        ];
+        let close = |a: &Tensor, b: &Tensor| -> Result<f32> {
+            (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+        };
+        for c in &constants {
+            for op in ["Add", "Sub", "Mul", "Div"] {
+                for x_first in [true, false] {
+                    let (a, b) = if x_first {
+                        (x.as_tensor(), c)
+                    } else {
+                        (c, x.as_tensor())
+                    };
+                    let Some(ours) = by_channel_constant(op, a, Some(b))? else {
+                        assert!(op == "Div" && !x_first, "{op} of {:?}", c.dims());
+                        continue;
+                    };
+                    let theirs = match op {
+                        "Add" => a.broadcast_add(b)?,
+                        "Sub" => a.broadcast_sub(b)?,
+                        "Mul" => a.broadcast_mul(b)?,
+                        _ => a.broadcast_div(b)?,
+                    };
+                    let what = format!("{op}, x first {x_first}, constant {:?}", c.dims());
+                    assert_eq!(ours.dims(), theirs.dims(), "{what}");
+                    assert!(close(&ours, &theirs)? < 1e-6, "{what}");
+                    let g_ours = (ours * &probe)?.sum_all()?.backward()?;
+                    let g_theirs = (theirs * &probe)?.sum_all()?.backward()?;
+                    let (g1, g2) = (
+                        g_ours.get(x.as_tensor()).expect("a gradient"),
+                        g_theirs.get(x.as_tensor()).expect("a gradient"),
+                    );
+                    assert!(close(g1, g2)? < 1e-6, "{what}");
+                }
+            }
+        }
+        // A constant along another axis is broadcasting's business.
+        let rows = Tensor::new(&[1f32, 2., 3., 4., 5.], &device)?;
+        assert!(by_channel_constant("Mul", x.as_tensor(), Some(&rows))?.is_none());
+        Ok(())
+    }
 }
