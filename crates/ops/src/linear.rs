@@ -22,7 +22,14 @@ pub fn matmul_by_constant(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Resu
     let plain_bias = bias.is_some_and(|b| {
         b.track_op() || b.elem_count() != w.dims().get(1).copied().unwrap_or(0) || b.rank() > 1
     });
-    if !cpu || plain_bias || w.track_op() || w.rank() != 2 || x.rank() < 2 || x.dtype() != w.dtype()
+    let empty = x.elem_count() == 0 || w.elem_count() == 0;
+    if !cpu
+        || plain_bias
+        || empty
+        || w.track_op()
+        || w.rank() != 2
+        || x.rank() < 2
+        || x.dtype() != w.dtype()
     {
         let y = x.broadcast_matmul(w)?;
         return match bias {
@@ -197,6 +204,27 @@ mod tests {
                 assert!(close(a, b)? < 1e-5);
             }
         }
+        Ok(())
+    }
+
+    /// Empty operands (an untrusted model's zero-width layer) give candle's empty or zero
+    /// product, not an out-of-bounds slice.
+    #[test]
+    fn empty_operands_are_candles_business() -> Result<()> {
+        let device = Device::Cpu;
+        let y = matmul_by_constant(
+            &Tensor::zeros((2, 0), DType::F32, &device)?,
+            &Tensor::zeros((0, 3), DType::F32, &device)?,
+            None,
+        )?;
+        assert_eq!(y.dims(), &[2, 3]);
+        assert_eq!(y.abs()?.sum_all()?.to_scalar::<f32>()?, 0.0);
+        let y = matmul_by_constant(
+            &Tensor::ones((2, 3), DType::F32, &device)?,
+            &Tensor::zeros((3, 0), DType::F32, &device)?,
+            None,
+        )?;
+        assert_eq!(y.dims(), &[2, 0]);
         Ok(())
     }
 
