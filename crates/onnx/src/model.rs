@@ -8,7 +8,7 @@
 
 use crate::error::{Error, Result};
 use crate::graph::{Graph, Node};
-use crate::ops::{self, Attrs, Context, FUSED_CONV};
+use crate::ops::{self, Attrs, Context, FUSED_CONV, FUSED_LINEAR};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::Path;
@@ -477,7 +477,7 @@ impl Inner {
                     let w = shape(*node.inputs.get(1)?)?;
                     w.iter().skip(1).product::<usize>()
                 }
-                "MatMul" => *shape(*node.inputs.first()?)?.last()?,
+                "MatMul" | FUSED_LINEAR => *shape(*node.inputs.first()?)?.last()?,
                 "Gemm" => {
                     let a = shape(*node.inputs.first()?)?;
                     a.iter().product::<usize>() / out.first().copied()?.max(1)

@@ -213,9 +213,17 @@ fn lite0_exported_to_onnx_ranks_the_shared_photos_as_the_native_lite0() {
 #[test]
 fn multiply_adds_match_the_published_counts() {
     let device = Device::Cpu;
+    // The ViT's is counted from its architecture: a 16 x 16 patch embedding of 14 x 14 patches
+    // to width 192, then 4 layers over 197 tokens of the in-projection (192 -> 576), the two
+    // attention products (197 x 197 x 192 each), the out-projection and the MLP (192 -> 768 ->
+    // 192), and the 1000-class head.
+    let vit = 14 * 14 * 192 * 768
+        + 4 * (197 * 192 * 576 + 2 * 197 * 197 * 192 + 197 * 192 * 192 + 2 * 197 * 192 * 768)
+        + 192 * 1000;
     for (name, published, tolerance) in [
         ("mobilenet_v3_small", 0.057e9, 0.01),
         ("efficientnet_lite0_imagenet", 0.4e9, 0.05),
+        ("vit_small_config", vit as f64, 0.0),
     ] {
         let Some(path) = test_asset(&format!("fixtures/onnx/{name}.onnx")) else {
             return;

@@ -118,7 +118,8 @@ fn by_channel_constant(op: &str, a: &Tensor, b: Option<&Tensor>) -> Result<Optio
             ("Sub", true) => shift[k] = -v,
             ("Sub", false) => (scale[k], shift[k]) = (-1.0, v),
             ("Mul", _) => scale[k] = v,
-            ("Div", true) => scale[k] = 1.0 / v,
+            // x * (1/c): within an ulp of x / c, where 1/c is finite in the tensor's type.
+            ("Div", true) if ((1.0 / v) as f32).is_finite() => scale[k] = 1.0 / v,
             // `c / x` is not affine in x.
             _ => return Ok(None),
         }
@@ -277,6 +278,9 @@ mod tests {
                 }
             }
         }
+        // Dividing by a constant whose reciprocal overflows f32 is left to broadcasting too.
+        let tiny = Tensor::new(1e-39f32, &device)?;
+        assert!(by_channel_constant("Div", x.as_tensor(), Some(&tiny))?.is_none());
         // A constant along another axis is broadcasting's business.
         let rows = Tensor::new(&[1f32, 2., 3., 4., 5.], &device)?;
         assert!(by_channel_constant("Mul", x.as_tensor(), Some(&rows))?.is_none());

@@ -247,7 +247,7 @@ pub(super) fn batch_norm(
         inputs.req(4)?,
         attrs.float("epsilon", 1e-5) as f64,
     )?;
-    if !scale.track_op() && !shift.track_op() && x.rank() >= 2 {
+    if x.device().is_cpu() && !scale.track_op() && !shift.track_op() && x.rank() >= 2 {
         // Constant statistics (every exported model): one op, see `vulnmap_ops::channel_affine`.
         let values = |t: &Tensor| t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>();
         return vulnmap_ops::channel_affine::channel_affine(
