@@ -126,6 +126,7 @@ impl SameShapeKernel for ChannelAffine {
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
+    use vulnmap_testkit::max_diff;
 
     /// Value and input gradient against the same from candle's tensor ops, with and without
     /// ReLU, on 4-D and 2-D inputs, f32 and f64.
@@ -142,22 +143,14 @@ mod tests {
                 for relu in [false, true] {
                     let ours = channel_affine(x.as_tensor(), &scale, &shift, relu)?;
                     let theirs = by_tensor_ops(x.as_tensor(), &scale, &shift, relu)?;
-                    let close = |a: &Tensor, b: &Tensor| -> Result<f64> {
-                        (a - b)?
-                            .abs()?
-                            .flatten_all()?
-                            .max(0)?
-                            .to_dtype(DType::F64)?
-                            .to_scalar::<f64>()
-                    };
-                    assert!(close(&ours, &theirs)? < 1e-6);
+                    assert!(max_diff(&ours, &theirs) < 1e-6);
                     let g_ours = (ours * &probe)?.sum_all()?.backward()?;
                     let g_theirs = (theirs * &probe)?.sum_all()?.backward()?;
                     let (a, b) = (
                         g_ours.get(x.as_tensor()).expect("a gradient"),
                         g_theirs.get(x.as_tensor()).expect("a gradient"),
                     );
-                    assert!(close(a, b)? < 1e-6, "relu {relu}");
+                    assert!(max_diff(a, b) < 1e-6, "relu {relu}");
                 }
             }
         }

@@ -165,6 +165,7 @@ impl CustomOp2 for ByConstant {
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
+    use vulnmap_testkit::max_diff;
 
     /// Value and input gradient against candle's own matmul, for a row-major and a transposed
     /// weight, with and without a bias, a batched `x`, f32 and f64.
@@ -186,22 +187,14 @@ mod tests {
                 if let Some(b) = b {
                     theirs = theirs.broadcast_add(b)?;
                 }
-                let close = |a: &Tensor, b: &Tensor| -> Result<f64> {
-                    (a - b)?
-                        .abs()?
-                        .flatten_all()?
-                        .max(0)?
-                        .to_dtype(DType::F64)?
-                        .to_scalar::<f64>()
-                };
-                assert!(close(&ours, &theirs)? < 1e-5);
+                assert!(max_diff(&ours, &theirs) < 1e-5);
                 let g_ours = (ours * &probe)?.sum_all()?.backward()?;
                 let g_theirs = (theirs * &probe)?.sum_all()?.backward()?;
                 let (a, b) = (
                     g_ours.get(x.as_tensor()).expect("a gradient"),
                     g_theirs.get(x.as_tensor()).expect("a gradient"),
                 );
-                assert!(close(a, b)? < 1e-5);
+                assert!(max_diff(a, b) < 1e-5);
             }
         }
         Ok(())

@@ -230,6 +230,7 @@ fn variadic(op: &str, inputs: &[&Tensor]) -> Result<Tensor> {
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
+    use vulnmap_testkit::max_diff;
 
     /// Every arithmetic operator with a constant of one value or one per channel, on either side,
     /// against candle's broadcast ops: the same value and the same input gradient.
@@ -244,9 +245,6 @@ mod tests {
             Tensor::new(&[-0.75f32], &device)?,
             Tensor::new(1.25f32, &device)?,
         ];
-        let close = |a: &Tensor, b: &Tensor| -> Result<f32> {
-            (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
-        };
         for c in &constants {
             for op in ["Add", "Sub", "Mul", "Div"] {
                 for x_first in [true, false] {
@@ -267,14 +265,14 @@ mod tests {
                     };
                     let what = format!("{op}, x first {x_first}, constant {:?}", c.dims());
                     assert_eq!(ours.dims(), theirs.dims(), "{what}");
-                    assert!(close(&ours, &theirs)? < 1e-6, "{what}");
+                    assert!(max_diff(&ours, &theirs) < 1e-6, "{what}");
                     let g_ours = (ours * &probe)?.sum_all()?.backward()?;
                     let g_theirs = (theirs * &probe)?.sum_all()?.backward()?;
                     let (g1, g2) = (
                         g_ours.get(x.as_tensor()).expect("a gradient"),
                         g_theirs.get(x.as_tensor()).expect("a gradient"),
                     );
-                    assert!(close(g1, g2)? < 1e-6, "{what}");
+                    assert!(max_diff(g1, g2) < 1e-6, "{what}");
                 }
             }
         }
