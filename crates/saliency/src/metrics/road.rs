@@ -14,6 +14,7 @@
 
 use crate::error::{ensure, Result};
 use candle_core::{DType, Tensor};
+use rayon::prelude::*;
 use vulnmap_data::random;
 use vulnmap_models::Classifier;
 
@@ -90,41 +91,43 @@ pub fn linear_imputation(
     for (k, &p) in unknown.iter().enumerate() {
         var[p] = k;
     }
-    // For each unknown: its diagonal (the weights of the neighbours inside the image) and its
-    // neighbours as (pixel, weight).
+    // The system once for all channels, in rows: for each unknown its diagonal (the weights of
+    // its neighbours inside the image), its removed neighbours as (unknown, weight) and its kept
+    // ones as (pixel, weight), the latter two flat with row offsets.
     let mut diagonal = vec![0.0; unknown.len()];
-    let mut links: Vec<Vec<(usize, f64)>> = vec![Vec::new(); unknown.len()];
+    let (mut coupled, mut coupled_rows) = (Vec::new(), vec![0]);
+    let (mut kept, mut kept_rows) = (Vec::new(), vec![0]);
     for (k, &p) in unknown.iter().enumerate() {
         let (y, x) = ((p / w) as isize, (p % w) as isize);
         for (dy, dx, wt) in NEIGHBOURS {
             let (ny, nx) = (y + dy, x + dx);
             if ny >= 0 && nx >= 0 && (ny as usize) < h && (nx as usize) < w {
+                let q = ny as usize * w + nx as usize;
                 diagonal[k] += wt;
-                links[k].push((ny as usize * w + nx as usize, wt));
+                if removed[q] {
+                    coupled.push((var[q], wt));
+                } else {
+                    kept.push((q, wt));
+                }
             }
         }
+        coupled_rows.push(coupled.len());
+        kept_rows.push(kept.len());
     }
-    let apply = |v: &[f64]| -> Vec<f64> {
-        (0..unknown.len())
-            .map(|k| {
-                diagonal[k] * v[k]
-                    - links[k]
-                        .iter()
-                        .filter(|(q, _)| removed[*q])
-                        .map(|(q, wt)| wt * v[var[*q]])
-                        .sum::<f64>()
-            })
-            .collect()
+    let apply = |v: &[f64], out: &mut [f64]| {
+        for (k, o) in out.iter_mut().enumerate() {
+            let links = &coupled[coupled_rows[k]..coupled_rows[k + 1]];
+            *o = diagonal[k] * v[k] - links.iter().map(|&(j, wt)| wt * v[j]).sum::<f64>();
+        }
     };
     let mut out = values.to_vec();
     for ch in 0..c {
         let plane = &values[ch * h * w..(ch + 1) * h * w];
         let b: Vec<f64> = (0..unknown.len())
             .map(|k| {
-                links[k]
+                kept[kept_rows[k]..kept_rows[k + 1]]
                     .iter()
-                    .filter(|(q, _)| !removed[*q])
-                    .map(|(q, wt)| wt * plane[*q])
+                    .map(|&(q, wt)| wt * plane[q])
                     .sum()
             })
             .collect();
@@ -136,19 +139,21 @@ pub fn linear_imputation(
     Ok(out)
 }
 
-/// Solves `A x = b` for the symmetric positive definite `A` given as its product.
-fn conjugate_gradients(apply: &dyn Fn(&[f64]) -> Vec<f64>, b: &[f64]) -> Result<Vec<f64>> {
+/// Solves `A x = b` for the symmetric positive definite `A` given as its product (written into
+/// the second argument).
+fn conjugate_gradients(apply: &dyn Fn(&[f64], &mut [f64]), b: &[f64]) -> Result<Vec<f64>> {
     let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
     let mut x = vec![0.0; b.len()];
     let mut r = b.to_vec();
     let mut p = r.clone();
+    let mut ap = vec![0.0; b.len()];
     let mut rr = dot(&r, &r);
     let target = 1e-20 * dot(b, b).max(1e-300);
     for _ in 0..10 * b.len().max(10) {
         if rr <= target {
             return Ok(x);
         }
-        let ap = apply(&p);
+        apply(&p, &mut ap);
         let alpha = rr / dot(&p, &ap);
         for i in 0..x.len() {
             x[i] += alpha * p[i];
@@ -213,26 +218,31 @@ impl Road {
             .flatten_all()?
             .to_dtype(DType::F64)?
             .to_vec1::<f64>()?;
-        let mut images = Vec::with_capacity(self.fractions.len());
-        for (k, &fraction) in self.fractions.iter().enumerate() {
-            let count = (fraction * (h * w) as f64).round() as usize;
-            let mut removed = vec![false; h * w];
-            for &p in &ranking[..count] {
-                removed[p] = true;
-            }
-            let mut filled = linear_imputation(&pixels, (c, h, w), &removed)?;
-            let mut rng = random::rng(self.seed, &format!("road {k}"));
-            let noise = random::normal_vec(&mut rng, c * h * w, 0.0, self.noise);
-            for ch in 0..c {
-                for p in 0..h * w {
-                    if removed[p] {
-                        filled[ch * h * w + p] += noise[ch * h * w + p] as f64;
+        // The fractions' imputations are independent: solved in parallel.
+        let images = self
+            .fractions
+            .par_iter()
+            .enumerate()
+            .map(|(k, &fraction)| {
+                let count = (fraction * (h * w) as f64).round() as usize;
+                let mut removed = vec![false; h * w];
+                for &p in &ranking[..count] {
+                    removed[p] = true;
+                }
+                let mut filled = linear_imputation(&pixels, (c, h, w), &removed)?;
+                let mut rng = random::rng(self.seed, &format!("road {k}"));
+                let noise = random::normal_vec(&mut rng, c * h * w, 0.0, self.noise);
+                for ch in 0..c {
+                    for p in 0..h * w {
+                        if removed[p] {
+                            filled[ch * h * w + p] += noise[ch * h * w + p] as f64;
+                        }
                     }
                 }
-            }
-            let filled: Vec<f32> = filled.into_iter().map(|v| v as f32).collect();
-            images.push(Tensor::from_vec(filled, (c, h, w), image.device())?);
-        }
+                let filled: Vec<f32> = filled.into_iter().map(|v| v as f32).collect();
+                Ok(Tensor::from_vec(filled, (c, h, w), image.device())?)
+            })
+            .collect::<Result<Vec<_>>>()?;
         let batch = Tensor::stack(&images, 0)?.to_dtype(image.dtype())?;
         let probs = candle_nn::ops::softmax(&model.forward(&batch)?, 1)?.to_dtype(DType::F64)?;
         let scores = probs
