@@ -1,5 +1,6 @@
 //! BatchNorm with PyTorch's two modes: running statistics (eval) and batch statistics (train).
 
+use crate::per_channel::{channel_add, channel_mul, channel_sub, channel_sum};
 use candle_core::{Result, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
 
@@ -51,9 +52,10 @@ impl BatchNorm {
                 x.dims()
             );
         }
-        let mean = x.mean_keepdim((0, 2, 3))?;
-        let centred = x.broadcast_sub(&mean)?;
-        let var = centred.sqr()?.mean_keepdim((0, 2, 3))?;
+        // candle's `mean_keepdim` and broadcast ops, by the same arithmetic (see `per_channel`).
+        let mean = (channel_sum(x)? * (1.0 / count))?;
+        let centred = channel_sub(x, &mean)?;
+        let var = (channel_sum(&centred.sqr()?)? * (1.0 / count))?;
         let m = self.momentum;
         let new_mean = ((self.running_mean.as_tensor().detach() * (1.0 - m))?
             + (mean.detach().reshape(c)? * m)?)?;
@@ -63,10 +65,9 @@ impl BatchNorm {
         self.running_var.set(&new_var)?;
         let inv_std = (var + self.eps)?.sqrt()?.recip()?;
         let shape = (1, c, 1, 1);
-        centred
-            .broadcast_mul(&inv_std)?
-            .broadcast_mul(&self.weight.reshape(shape)?)?
-            .broadcast_add(&self.bias.reshape(shape)?)
+        let y = channel_mul(&centred, &inv_std)?;
+        let y = channel_mul(&y, &self.weight.reshape(shape)?)?;
+        channel_add(&y, &self.bias.reshape(shape)?)
     }
 
     /// Eval mode as one affine map `y = x * scale + shift`, both `1 x C x 1 x 1`.

@@ -23,6 +23,7 @@
 //! - [`guided`]: guided backpropagation's rectifier backward (positive gradients only).
 //! - `depthwise`: CPU depthwise convolution kernels with their own backward pass.
 //! - [`batch_norm`]: BatchNorm with eval and train modes.
+//! - [`per_channel`]: train-mode BatchNorm's per-channel sums and arithmetic, fast and exact.
 //! - [`channel_affine`]: a constant scale and shift per channel, then ReLU, as one op (an unfoldable
 //!   inference BatchNorm).
 //! - [`linear`]: `x W` by a constant weight, whose backward computes the input's gradient only.
@@ -49,6 +50,7 @@ pub mod fused_conv;
 pub mod guided;
 pub mod layer_norm;
 pub mod linear;
+pub mod per_channel;
 pub mod pool;
 pub mod resize;
 pub mod softmax;
