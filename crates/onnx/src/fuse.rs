@@ -3,7 +3,8 @@
 //! convolution's following residual Add and Relu become one [`FUSED_CONV`] node (one op, one
 //! activation, the backward of `vulnmap_ops::fused_conv`). A `MatMul` by a constant weight and
 //! the `Add` of a constant bias after it become one [`FUSED_LINEAR`] node (the bias is added
-//! inside the GEMM; neither gets a gradient).
+//! inside the GEMM; neither gets a gradient). Attention's `MatMul -> Softmax -> MatMul` becomes
+//! one [`FUSED_ATTENTION`] node, which keeps neither the scores nor the weights.
 //!
 //! Only values read by exactly one node disappear, so every other tensor a user can name (as a
 //! Grad-CAM layer) stays.
@@ -11,7 +12,8 @@
 use crate::error::Result;
 use crate::graph::{Graph, Node};
 use crate::ops::{
-    batch_norm_affine, Attrs, FUSED_BN_RELU, FUSED_CONV, FUSED_GELU, FUSED_LINEAR, FUSED_SILU,
+    batch_norm_affine, Attrs, FUSED_ATTENTION, FUSED_BN_RELU, FUSED_CONV, FUSED_GELU, FUSED_LINEAR,
+    FUSED_SILU,
 };
 use crate::proto::{attribute_type, AttributeProto};
 use candle_core::Tensor;
@@ -390,6 +392,63 @@ pub(crate) fn fuse_batch_norm_relus(graph: &mut Graph) {
     }
 }
 
+/// Fuses `MatMul(a, b) -> Softmax(last axis) -> MatMul(weights, v)` (how `torch.onnx.export`
+/// writes attention, `a` and `b` the scaled queries and transposed keys) into one node, whose op
+/// keeps neither the scores nor the weights for the backward pass.
+pub(crate) fn fuse_attention(graph: &mut Graph) {
+    let mut i = 0;
+    while i < graph.nodes.len() {
+        let readers = graph.readers();
+        let Some((softmax, product, inputs)) = match_attention(graph, &readers, i) else {
+            i += 1;
+            continue;
+        };
+        let fused = Node {
+            name: graph.nodes[product].name.clone(),
+            op_type: FUSED_ATTENTION.to_string(),
+            attrs: Vec::new(),
+            inputs,
+            outputs: graph.nodes[product].outputs.clone(),
+        };
+        // The fused node takes the second product's place (its readers come after it).
+        graph.nodes[product] = fused;
+        graph.nodes.remove(softmax);
+        graph.nodes.remove(i);
+    }
+}
+
+/// Node `i` as the first product of an attention: the Softmax's and the second product's
+/// indices, and the inputs `a, b, v`.
+fn match_attention(
+    graph: &Graph,
+    readers: &[usize],
+    i: usize,
+) -> Option<(usize, usize, Vec<Option<usize>>)> {
+    let scores = &graph.nodes[i];
+    let [Some(a), Some(b)] = scores.inputs.as_slice() else {
+        return None;
+    };
+    let variable = |v: usize| graph.constants[v].is_none();
+    (scores.op_type == "MatMul" && variable(*a) && variable(*b)).then_some(())?;
+    let s = only_output(scores)?;
+    let softmax = sole_reader(graph, readers, s)?;
+    let node = &graph.nodes[softmax];
+    let default_axis = if graph.opset >= 13 { -1 } else { 1 };
+    (node.op_type == "Softmax"
+        && Attrs(&node.attrs).int("axis", default_axis) == -1
+        && node.inputs.first() == Some(&Some(s)))
+    .then_some(())?;
+    let p = only_output(node)?;
+    let product = sole_reader(graph, readers, p)?;
+    let node = &graph.nodes[product];
+    let [Some(first), Some(v)] = node.inputs.as_slice() else {
+        return None;
+    };
+    (node.op_type == "MatMul" && *first == p && variable(*v)).then_some(())?;
+    only_output(node)?;
+    Some((softmax, product, vec![Some(*a), Some(*b), Some(*v)]))
+}
+
 #[cfg(test)]
 mod tests {
     use crate::graph::Graph;
@@ -407,6 +466,7 @@ mod tests {
         super::fuse_activations(&mut graph);
         super::fuse_linear_biases(&mut graph);
         super::fuse_batch_norm_relus(&mut graph);
+        super::fuse_attention(&mut graph);
         Some(graph.nodes.iter().map(|n| n.op_type.clone()).collect())
     }
 
@@ -440,9 +500,10 @@ mod tests {
     fn linear_layers_with_a_bias_become_single_nodes() {
         // Counted in the exported graphs with the onnx package: MatMuls by an initializer whose
         // only reader is an Add of another initializer (ViT: the in-projection and the MLP's two
-        // layers of 4 encoder layers; its attention's 8 MatMuls multiply activations).
+        // layers of 4 encoder layers; its attention's 8 MatMuls multiply activations, and are
+        // fused with their Softmax).
         for (name, linear, matmul) in [
-            ("vit_small_config", 12, 8),
+            ("vit_small_config", 12, 0),
             ("convnext_small_config", 10, 0),
         ] {
             let Some(ops) = fused_ops(name) else { return };
@@ -450,6 +511,17 @@ mod tests {
             assert_eq!(count(super::FUSED_LINEAR), linear, "{name}: {ops:?}");
             assert_eq!(count("MatMul"), matmul, "{name}: {ops:?}");
         }
+    }
+
+    #[test]
+    fn attention_becomes_one_node_per_encoder_layer() {
+        // ViT: 4 encoder layers, each MatMul(q, kᵀ) -> Softmax -> MatMul(weights, v).
+        let Some(ops) = fused_ops("vit_small_config") else {
+            return;
+        };
+        let count = |op: &str| ops.iter().filter(|o| *o == op).count();
+        assert_eq!(count(super::FUSED_ATTENTION), 4, "{ops:?}");
+        assert_eq!(count("Softmax"), 0, "{ops:?}");
     }
 
     #[test]

@@ -8,7 +8,7 @@
 
 use crate::error::{Error, Result};
 use crate::graph::{Graph, Node};
-use crate::ops::{self, Attrs, Context, FUSED_CONV, FUSED_LINEAR};
+use crate::ops::{self, Attrs, Context, FUSED_ATTENTION, FUSED_CONV, FUSED_LINEAR};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::Path;
@@ -176,6 +176,7 @@ pub fn load_with(
     crate::fuse::fuse_activations(&mut graph);
     crate::fuse::fuse_linear_biases(&mut graph);
     crate::fuse::fuse_batch_norm_relus(&mut graph);
+    crate::fuse::fuse_attention(&mut graph);
     crate::fold::drop_unread(&mut graph);
     let not_classifier = |reason: String| Error::NotAClassifier {
         path: path.to_path_buf(),
@@ -478,6 +479,14 @@ impl Inner {
                     w.iter().skip(1).product::<usize>()
                 }
                 "MatMul" | FUSED_LINEAR => *shape(*node.inputs.first()?)?.last()?,
+                // Scores `a b` (d per score) and weights times `v` (M per output).
+                FUSED_ATTENTION => {
+                    let a = shape(*node.inputs.first()?)?;
+                    let b = shape(*node.inputs.get(1)?)?;
+                    let (d, m) = (a[a.len().checked_sub(1)?], *b.last()?);
+                    let scores: usize = a.iter().product::<usize>() / d.max(1) * m;
+                    return Some((scores * d + outputs * m) as u64);
+                }
                 "Gemm" => {
                     let a = shape(*node.inputs.first()?)?;
                     a.iter().product::<usize>() / out.first().copied()?.max(1)

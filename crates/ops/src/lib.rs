@@ -17,6 +17,7 @@
 //!
 //! Modules:
 //! - [`activation`]: GELU, SiLU, hard sigmoid and hard swish as single ops with their own backward.
+//! - [`attention`]: `softmax(a b) v` as one op whose backward recomputes the weights.
 //! - [`conv`]: dense and depthwise convolution layers, PyTorch or TF-"SAME" padding.
 //! - [`fused_conv`]: constant-weight convolution with its bias, residual add and ReLU in one op.
 //! - [`conv_grad`]: convolution whose backward is GEMM + col2im, skipping unneeded gradients.
@@ -40,6 +41,7 @@
 //! - `cudnn`: cuDNN convolutions (implies `cuda`).
 
 pub mod activation;
+pub mod attention;
 pub mod batch_norm;
 pub mod channel_affine;
 pub mod conv;

@@ -18,6 +18,19 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// The gradient of softmax's input from its output `y` and the output's gradient `grad` (both
+/// contiguous, on the CPU), outside any graph.
+pub(crate) fn softmax_last_dim_backward(grad: &Tensor, y: &Tensor) -> Result<Tensor> {
+    let op = SameShape(Softmax {
+        inner: y.dim(candle_core::D::Minus1)?,
+    });
+    // The op's backward reads its output only: `y` stands for the input too.
+    match candle_core::CustomOp1::bwd(&op, y, y, grad)? {
+        Some(g) => Ok(g),
+        None => candle_core::bail!("softmax has an input gradient"),
+    }
+}
+
 /// The same value from candle's tensor ops, on any device.
 pub fn by_tensor_ops(x: &Tensor) -> Result<Tensor> {
     let last = candle_core::D::Minus1;

@@ -111,6 +111,10 @@ pub(crate) const FUSED_BN_RELU: &str = "vulnmap.BatchNormRelu";
 /// `x, W, bias`.
 pub(crate) const FUSED_LINEAR: &str = "vulnmap.Linear";
 
+/// What `MatMul(a, b) -> Softmax -> MatMul(weights, v)` (attention) becomes when fused: inputs
+/// `a, b, v`.
+pub(crate) const FUSED_ATTENTION: &str = "vulnmap.Attention";
+
 /// What an evaluation needs beyond the node: the opset (attribute meanings changed over
 /// versions) and whether rectifiers backpropagate guided gradients.
 #[derive(Debug, Clone, Copy)]
@@ -232,6 +236,11 @@ pub(crate) fn eval(
         FUSED_GELU => one(Activation::Gelu.apply(inputs.req(0)?)?),
         FUSED_SILU => one(Activation::Silu.apply(inputs.req(0)?)?),
         FUSED_LINEAR => one(nn::linear(inputs.req(0)?, inputs.req(1)?, inputs.req(2)?)?),
+        FUSED_ATTENTION => one(nn::attention(
+            inputs.req(0)?,
+            inputs.req(1)?,
+            inputs.req(2)?,
+        )?),
         FUSED_CONV => {
             let relu = (attrs.int("relu", 0) != 0).then(|| {
                 let max = attrs.float("relu_max", f32::INFINITY);

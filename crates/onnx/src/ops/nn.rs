@@ -484,6 +484,16 @@ pub(super) fn linear(x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Tensor> {
     vulnmap_ops::linear::matmul_by_constant(x, w, Some(bias))
 }
 
+/// `MatMul(Softmax(MatMul(a, b)), v)`, the softmax over the last axis (attention, fused at load
+/// time): one op for batches of matrices (see `vulnmap_ops::attention`), `MatMul`'s rules for
+/// vectors.
+pub(super) fn attention(a: &Tensor, b: &Tensor, v: &Tensor) -> Result<Tensor> {
+    if a.rank() >= 2 && b.rank() == a.rank() && v.rank() == a.rank() {
+        return vulnmap_ops::attention::attention(a, b, v);
+    }
+    matmul(&vulnmap_ops::softmax::softmax_last_dim(&matmul(a, b)?)?, v)
+}
+
 /// `MatMul` with NumPy's rules: batch dimensions broadcast, 1-D operands promoted and removed.
 pub(super) fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let (a1, b1) = (a.rank() == 1, b.rank() == 1);

@@ -1,0 +1,189 @@
+//! Attention's core, `softmax(a b) v` over the last two axes, as one op whose backward pass
+//! recomputes the attention weights from `a` and `b` instead of keeping them.
+//!
+//! Built from two products and a softmax, candle's graph keeps the scores and the weights (two
+//! `L x M` matrices per head and image, a vision transformer's largest tensors) until the backward
+//! pass ends. Here only the inputs are kept, for one more product `a b` in the backward pass.
+
+use crate::softmax::{softmax_last_dim, softmax_last_dim_backward};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
+
+/// `softmax(a b) v`: `a` is `... x L x d`, `b` `... x d x M`, `v` `... x M x e`, with the same
+/// leading dimensions (an attention's queries, transposed keys and values, the scale already in
+/// `a` or `b`). One op on the CPU (f32, f64); tensor ops elsewhere, or when the leading
+/// dimensions differ (broadcast).
+pub fn attention(a: &Tensor, b: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let batch = |t: &Tensor| t.dims()[..t.rank().saturating_sub(2)].to_vec();
+    let fused = a.device().is_cpu()
+        && matches!(a.dtype(), DType::F32 | DType::F64)
+        && b.dtype() == a.dtype()
+        && v.dtype() == a.dtype()
+        && a.rank() >= 2
+        && b.rank() == a.rank()
+        && v.rank() == a.rank()
+        && batch(b) == batch(a)
+        && batch(v) == batch(a);
+    if !fused {
+        return by_tensor_ops(a, b, v);
+    }
+    let (l, d) = a.dims2_last()?;
+    let (d2, m) = b.dims2_last()?;
+    let (m2, _) = v.dims2_last()?;
+    if d2 != d || m2 != m {
+        candle_core::bail!(
+            "attention: a {:?}, b {:?} and v {:?} do not chain (L x d, d x M, M x e; L = {l})",
+            a.dims(),
+            b.dims(),
+            v.dims()
+        );
+    }
+    a.contiguous()?
+        .apply_op3(&b.contiguous()?, &v.contiguous()?, Attention)
+}
+
+/// The same value from candle's tensor ops (and the softmax op), on any device.
+pub fn by_tensor_ops(a: &Tensor, b: &Tensor, v: &Tensor) -> Result<Tensor> {
+    softmax_last_dim(&a.broadcast_matmul(b)?)?.broadcast_matmul(v)
+}
+
+/// The last two dimensions.
+trait LastTwo {
+    fn dims2_last(&self) -> Result<(usize, usize)>;
+}
+
+impl LastTwo for Tensor {
+    fn dims2_last(&self) -> Result<(usize, usize)> {
+        match self.dims() {
+            [.., r, c] => Ok((*r, *c)),
+            dims => candle_core::bail!("attention: a matrix or a batch of them, got {dims:?}"),
+        }
+    }
+}
+
+/// The attention weights `softmax(a b)`, outside any graph.
+fn weights(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    softmax_last_dim(&a.detach().matmul(&b.detach())?)
+}
+
+/// A storage's contiguous elements as a tensor of their own (kernels here run on tensors).
+fn tensor(s: &CpuStorage, l: &Layout) -> Result<Tensor> {
+    let (start, end) = match l.contiguous_offsets() {
+        Some(offsets) => offsets,
+        None => candle_core::bail!("attention needs contiguous tensors"),
+    };
+    match s {
+        CpuStorage::F32(v) => Tensor::from_slice(&v[start..end], l.shape(), &Device::Cpu),
+        CpuStorage::F64(v) => Tensor::from_slice(&v[start..end], l.shape(), &Device::Cpu),
+        other => candle_core::bail!("attention: f32 or f64, not {:?}", other.dtype()),
+    }
+}
+
+struct Attention;
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "vulnmap-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        a: &CpuStorage,
+        al: &Layout,
+        b: &CpuStorage,
+        bl: &Layout,
+        v: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = weights(&tensor(a, al)?, &tensor(b, bl)?)?.matmul(&tensor(v, vl)?)?;
+        let shape = out.shape().clone();
+        let out = out.flatten_all()?;
+        let storage = match out.dtype() {
+            DType::F32 => CpuStorage::F32(out.to_vec1()?),
+            _ => CpuStorage::F64(out.to_vec1()?),
+        };
+        Ok((storage, shape))
+    }
+
+    /// With `p = softmax(a b)`: `dv = pᵀ g`, `dp = g vᵀ`, `ds` = softmax's backward of `dp`,
+    /// `da = ds bᵀ`, `db = aᵀ ds`.
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        v: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (a, b, v) = (a.detach(), b.detach(), v.detach());
+        let grad = grad.detach().contiguous()?;
+        let p = weights(&a, &b)?;
+        let grad_v = p.t()?.matmul(&grad)?;
+        let grad_p = grad.matmul(&v.t()?)?;
+        drop(grad);
+        let grad_s = softmax_last_dim_backward(&grad_p, &p)?;
+        drop((p, grad_p));
+        let grad_a = grad_s.matmul(&b.t()?)?;
+        let grad_b = a.t()?.matmul(&grad_s)?;
+        Ok((Some(grad_a), Some(grad_b), Some(grad_v)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+    use vulnmap_testkit::max_diff;
+
+    #[test]
+    fn equals_its_tensor_ops_with_the_same_gradients() -> Result<()> {
+        let dev = Device::Cpu;
+        let (n, h, l, d, e) = (2, 3, 7, 5, 4);
+        let a = Var::from_tensor(&Tensor::randn(0f64, 1.0, (n, h, l, d), &dev)?)?;
+        let b = Var::from_tensor(&Tensor::randn(0f64, 1.0, (n, h, d, l), &dev)?)?;
+        let v = Var::from_tensor(&Tensor::randn(0f64, 1.0, (n, h, l, e), &dev)?)?;
+        let upstream = Tensor::randn(0f64, 1.0, (n, h, l, e), &dev)?;
+        let run = |f: fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>| -> Result<Vec<Tensor>> {
+            let y = f(a.as_tensor(), b.as_tensor(), v.as_tensor())?;
+            let grads = (&y * &upstream)?.sum_all()?.backward()?;
+            let mut out = vec![y];
+            for x in [&a, &b, &v] {
+                out.push(grads.get(x.as_tensor()).unwrap().clone());
+            }
+            Ok(out)
+        };
+        let fused = run(attention)?;
+        let plain = run(by_tensor_ops)?;
+        for (what, (x, y)) in ["value", "da", "db", "dv"]
+            .iter()
+            .zip(fused.iter().zip(&plain))
+        {
+            let diff = max_diff(x, y);
+            assert!(diff < 1e-12, "{what}: {diff}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn its_gradients_match_finite_differences() -> Result<()> {
+        let dev = Device::Cpu;
+        let a = Tensor::randn(0f64, 1.0, (2, 4, 3), &dev)?;
+        let b = Tensor::randn(0f64, 1.0, (2, 3, 5), &dev)?;
+        let v = Tensor::randn(0f64, 1.0, (2, 5, 2), &dev)?;
+        use vulnmap_testkit::gradcheck::finite_difference_check as check;
+        check(&a, |a| attention(a, &b, &v), 1e-6, 1e-7)?;
+        check(&b, |b| attention(&a, b, &v), 1e-6, 1e-7)?;
+        check(&v, |v| attention(&a, &b, v), 1e-6, 1e-7)?;
+        Ok(())
+    }
+
+    #[test]
+    fn operands_that_do_not_chain_are_an_error() {
+        let dev = Device::Cpu;
+        let a = Tensor::zeros((2, 4, 3), DType::F32, &dev).unwrap();
+        let b = Tensor::zeros((2, 2, 5), DType::F32, &dev).unwrap();
+        let v = Tensor::zeros((2, 5, 2), DType::F32, &dev).unwrap();
+        let err = attention(&a, &b, &v).unwrap_err().to_string();
+        assert!(err.contains("do not chain"), "{err}");
+    }
+}
