@@ -121,7 +121,12 @@ fn map<T: Float>(x: &[T], f: impl Fn(T) -> T + Sync) -> Vec<T> {
     let mut out = vec![T::default(); x.len()];
     out.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
-        .for_each(|(o, x)| widest_simd(|| o.iter_mut().zip(x).for_each(|(o, &x)| *o = f(x))));
+        .for_each(|(o, x)| {
+            widest_simd(
+                #[inline(always)]
+                || o.iter_mut().zip(x).for_each(|(o, &x)| *o = f(x)),
+            )
+        });
     out
 }
 
@@ -131,11 +136,14 @@ fn scale<T: Float>(g: &[T], x: &[T], f: impl Fn(T) -> T + Sync) -> Vec<T> {
     out.par_chunks_mut(CHUNK)
         .zip(g.par_chunks(CHUNK).zip(x.par_chunks(CHUNK)))
         .for_each(|(o, (g, x))| {
-            widest_simd(|| {
-                for ((o, &g), &x) in o.iter_mut().zip(g).zip(x) {
-                    *o = g * f(x);
-                }
-            })
+            widest_simd(
+                #[inline(always)]
+                || {
+                    for ((o, &g), &x) in o.iter_mut().zip(g).zip(x) {
+                        *o = g * f(x);
+                    }
+                },
+            )
         });
     out
 }

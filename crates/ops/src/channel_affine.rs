@@ -77,18 +77,21 @@ impl SameShapeKernel for ChannelAffine {
                     T::of(self.scale[i % channels]),
                     T::of(self.shift[i % channels]),
                 );
-                widest_simd(|| {
-                    if self.relu {
-                        for (o, &v) in o.iter_mut().zip(x) {
-                            let y = v * s + b;
-                            *o = if y > T::default() { y } else { T::default() };
+                widest_simd(
+                    #[inline(always)]
+                    || {
+                        if self.relu {
+                            for (o, &v) in o.iter_mut().zip(x) {
+                                let y = v * s + b;
+                                *o = if y > T::default() { y } else { T::default() };
+                            }
+                        } else {
+                            for (o, &v) in o.iter_mut().zip(x) {
+                                *o = v * s + b;
+                            }
                         }
-                    } else {
-                        for (o, &v) in o.iter_mut().zip(x) {
-                            *o = v * s + b;
-                        }
-                    }
-                })
+                    },
+                )
             });
         out
     }
@@ -102,21 +105,24 @@ impl SameShapeKernel for ChannelAffine {
             .enumerate()
             .for_each(|(i, ((o, g), y))| {
                 let s = T::of(self.scale[i % channels]);
-                widest_simd(|| {
-                    if self.relu {
-                        for ((o, &g), &y) in o.iter_mut().zip(g).zip(y) {
-                            *o = if y > T::default() {
-                                g * s
-                            } else {
-                                T::default()
-                            };
+                widest_simd(
+                    #[inline(always)]
+                    || {
+                        if self.relu {
+                            for ((o, &g), &y) in o.iter_mut().zip(g).zip(y) {
+                                *o = if y > T::default() {
+                                    g * s
+                                } else {
+                                    T::default()
+                                };
+                            }
+                        } else {
+                            for (o, &g) in o.iter_mut().zip(g) {
+                                *o = g * s;
+                            }
                         }
-                    } else {
-                        for (o, &g) in o.iter_mut().zip(g) {
-                            *o = g * s;
-                        }
-                    }
-                })
+                    },
+                )
             });
         out
     }

@@ -246,7 +246,9 @@ impl<K: SameShapeKernel> candle_core::CustomOp2 for SameShapeBackward<'_, K> {
 
 /// `f()` compiled for AVX-512 or AVX2 + FMA when the CPU has them. The crate is compiled for the
 /// x86-64 baseline (SSE2) so that one binary runs everywhere; gemm dispatches by itself, and the
-/// hand-written loops get the same through this (`f` is inlined into the wider function).
+/// hand-written loops get the same through this. `f` must be a closure marked
+/// `#[inline(always)]`: only inlined into the wider function is it compiled for its features, and
+/// LLVM left large loop nests out of line (compiled for SSE2) without the mark.
 #[inline(always)]
 pub(crate) fn widest_simd<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]

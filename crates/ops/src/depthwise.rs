@@ -99,74 +99,158 @@ struct Depthwise {
     mask: ReluMask,
 }
 
+/// `plane` (`h x w`) split into the `s x s` phase planes of stride `s`, each `ceil(h / s) x
+/// ceil(w / s)`: phase `(py, px)` holds rows `py, py + s, ...` and columns `px, px + s, ...`. In
+/// it, every tap of a strided convolution reads (or writes) contiguous elements.
+fn phases<T: Float>(plane: &[T], h: usize, w: usize, s: usize) -> Vec<T> {
+    let (ph, pw) = (h.div_ceil(s), w.div_ceil(s));
+    let mut out = vec![T::default(); s * s * ph * pw];
+    for py in 0..s {
+        for px in 0..s {
+            let phase = &mut out[(py * s + px) * ph * pw..][..ph * pw];
+            for (q, y) in (py..h).step_by(s).enumerate() {
+                let row = plane[y * w..][..w].iter().skip(px).step_by(s);
+                for (o, &v) in phase[q * pw..][..pw].iter_mut().zip(row) {
+                    *o = v;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The inverse of [`phases`]: `split`'s phase planes interleaved back into `plane`.
+fn interleave<T: Float>(split: &[T], plane: &mut [T], h: usize, w: usize, s: usize) {
+    let (ph, pw) = (h.div_ceil(s), w.div_ceil(s));
+    for py in 0..s {
+        for px in 0..s {
+            let phase = &split[(py * s + px) * ph * pw..][..ph * pw];
+            for (q, y) in (py..h).step_by(s).enumerate() {
+                let row = plane[y * w..][..w].iter_mut().skip(px).step_by(s);
+                for (o, &v) in row.zip(&phase[q * pw..][..pw]) {
+                    *o = v;
+                }
+            }
+        }
+    }
+}
+
+/// An output plane laid out with the (phase) input's row width `ceil(w / stride)` instead of
+/// `ow`: then tap `(dy, dx)` of every output is one contiguous run of the input, starting at
+/// [`Wide::tap`], and each tap is one long vectorised loop over the plane, not `oh` short ones.
+/// The columns past `ow` are computed and dropped (forward) or zero (backward).
+#[derive(Debug, Clone, Copy)]
+struct Wide {
+    /// The row width.
+    pw: usize,
+    /// One phase plane's elements.
+    phase: usize,
+    /// Elements from the first output to the last: `(oh - 1) * pw + ow`.
+    span: usize,
+}
+
+impl Wide {
+    fn of(g: Geometry) -> Self {
+        let pw = g.w.div_ceil(g.stride);
+        Self {
+            pw,
+            phase: g.h.div_ceil(g.stride) * pw,
+            span: g.oh.saturating_sub(1) * pw + g.ow,
+        }
+    }
+
+    /// Where tap `(dy, dx)` of the first output reads in the phase planes.
+    fn tap(self, g: Geometry, dy: usize, dx: usize) -> usize {
+        let s = g.stride;
+        ((dy % s) * s + dx % s) * self.phase + (dy / s) * self.pw + dx / s
+    }
+}
+
 fn forward<T: Float>(x: &[T], w: &[T], g: Geometry, op: &Depthwise) -> Vec<T> {
     let max = op.mask.max.map(T::of);
+    let wide = Wide::of(g);
     let mut out = vec![T::default(); g.n * g.c * g.oh * g.ow];
     out.par_chunks_mut(g.oh * g.ow)
         .enumerate()
         .for_each(|(plane, o)| {
-            widest_simd(|| {
-                let c = plane % g.c;
-                let xin = &x[plane * g.h * g.w..][..g.h * g.w];
-                let kern = &w[c * g.k * g.k..][..g.k * g.k];
-                if let Some(bias) = &op.bias {
-                    o.fill(T::of(bias[c]));
-                }
-                for i in 0..g.oh {
-                    let row = &mut o[i * g.ow..(i + 1) * g.ow];
+            widest_simd(
+                #[inline(always)]
+                || {
+                    if g.oh * g.ow == 0 {
+                        return;
+                    }
+                    let c = plane % g.c;
+                    let xin = &x[plane * g.h * g.w..][..g.h * g.w];
+                    let split;
+                    let src = if g.stride == 1 {
+                        xin
+                    } else {
+                        split = phases(xin, g.h, g.w, g.stride);
+                        &split
+                    };
+                    let kern = &w[c * g.k * g.k..][..g.k * g.k];
+                    let bias = op.bias.as_ref().map_or(T::default(), |b| T::of(b[c]));
+                    let mut acc = vec![bias; wide.span];
                     for dy in 0..g.k {
-                        let line = &xin[(i * g.stride + dy) * g.w..][..g.w];
                         for dx in 0..g.k {
                             let wv = kern[dy * g.k + dx];
-                            if g.stride == 1 {
-                                // Contiguous taps: this loop vectorises.
-                                for (r, &v) in row.iter_mut().zip(&line[dx..dx + g.ow]) {
-                                    *r += wv * v;
-                                }
-                            } else {
-                                for (j, r) in row.iter_mut().enumerate() {
-                                    *r += wv * line[j * g.stride + dx];
-                                }
+                            let line = &src[wide.tap(g, dy, dx)..][..wide.span];
+                            for (a, &v) in acc.iter_mut().zip(line) {
+                                *a += wv * v;
                             }
                         }
                     }
-                }
-                if op.relu {
-                    crate::fused_conv::relu_in_place(o, max);
-                }
-            })
+                    for (row, wide_row) in o.chunks_mut(g.ow).zip(acc.chunks(wide.pw)) {
+                        row.copy_from_slice(&wide_row[..g.ow]);
+                    }
+                    if op.relu {
+                        crate::fused_conv::relu_in_place(o, max);
+                    }
+                },
+            )
         });
     out
 }
 
 fn grad_input<T: Float>(grad: &[T], w: &[T], g: Geometry) -> Vec<T> {
+    let wide = Wide::of(g);
     let mut out = vec![T::default(); g.n * g.c * g.h * g.w];
     out.par_chunks_mut(g.h * g.w)
         .enumerate()
         .for_each(|(plane, gx)| {
-            widest_simd(|| {
-                let c = plane % g.c;
-                let go = &grad[plane * g.oh * g.ow..][..g.oh * g.ow];
-                let kern = &w[c * g.k * g.k..][..g.k * g.k];
-                for i in 0..g.oh {
-                    let grow = &go[i * g.ow..(i + 1) * g.ow];
-                    for dy in 0..g.k {
-                        let line = &mut gx[(i * g.stride + dy) * g.w..][..g.w];
+            widest_simd(
+                #[inline(always)]
+                || {
+                    if g.oh * g.ow == 0 {
+                        return;
+                    }
+                    let c = plane % g.c;
+                    let go = &grad[plane * g.oh * g.ow..][..g.oh * g.ow];
+                    let kern = &w[c * g.k * g.k..][..g.k * g.k];
+                    let mut wide_grad = vec![T::default(); wide.span];
+                    for (wide_row, row) in wide_grad.chunks_mut(wide.pw).zip(go.chunks(g.ow)) {
+                        wide_row[..g.ow].copy_from_slice(row);
+                    }
+                    // Strided: accumulated in phase planes, then interleaved into the plane.
+                    let mut split = (g.stride > 1)
+                        .then(|| vec![T::default(); g.stride * g.stride * wide.phase]);
+                    let dst = split.as_deref_mut().unwrap_or(&mut *gx);
+                    // Each input's gradient sums its outputs' in the order of their rows, as a
+                    // loop over output rows would: the later the tap row, the earlier the output.
+                    for dy in (0..g.k).rev() {
                         for dx in 0..g.k {
                             let wv = kern[dy * g.k + dx];
-                            if g.stride == 1 {
-                                for (l, &gv) in line[dx..dx + g.ow].iter_mut().zip(grow) {
-                                    *l += wv * gv;
-                                }
-                            } else {
-                                for (j, &gv) in grow.iter().enumerate() {
-                                    line[j * g.stride + dx] += wv * gv;
-                                }
+                            let line = &mut dst[wide.tap(g, dy, dx)..][..wide.span];
+                            for (l, &gv) in line.iter_mut().zip(&wide_grad) {
+                                *l += wv * gv;
                             }
                         }
                     }
-                }
-            })
+                    if let Some(split) = split {
+                        interleave(&split, gx, g.h, g.w, g.stride);
+                    }
+                },
+            )
         });
     out
 }
@@ -350,6 +434,69 @@ mod tests {
             )?;
         }
         Ok(())
+    }
+
+    /// The kernels sum in the order of a direct loop over output rows, taps and columns, so their
+    /// results do not depend on how the planes are laid out: equal to the bit.
+    #[test]
+    fn sums_in_the_order_of_a_direct_loop_to_the_bit() {
+        let mut rng = vulnmap_data::random::rng(3, "depthwise order test");
+        for &(k, s, h, w) in &[(3, 1, 9, 10), (3, 2, 11, 12), (5, 2, 12, 11), (5, 1, 7, 7)] {
+            let g = Geometry::of(&[2, 3, h, w], k, s).unwrap();
+            let mut draw = |len: usize| -> Vec<f32> {
+                vulnmap_data::random::normal_vec(&mut rng, len, 0.0, 1.0)
+            };
+            let (x, wt) = (draw(2 * 3 * h * w), draw(3 * k * k));
+            let grad = draw(2 * 3 * g.oh * g.ow);
+            let op = Depthwise {
+                k,
+                stride: s,
+                bias: Some(vec![0.25, -0.5, 1.0]),
+                relu: false,
+                mask: ReluMask {
+                    guided: false,
+                    max: None,
+                },
+            };
+            let (mut y, mut gx) = (vec![0f32; grad.len()], vec![0f32; x.len()]);
+            for plane in 0..2 * 3 {
+                let c = plane % 3;
+                let xin = &x[plane * h * w..][..h * w];
+                let kern = &wt[c * k * k..][..k * k];
+                let go = &grad[plane * g.oh * g.ow..][..g.oh * g.ow];
+                let gxp = &mut gx[plane * h * w..][..h * w];
+                for i in 0..g.oh {
+                    for j in 0..g.ow {
+                        let mut acc = [0.25f32, -0.5, 1.0][c];
+                        for dy in 0..k {
+                            for dx in 0..k {
+                                acc += kern[dy * k + dx] * xin[(i * s + dy) * w + j * s + dx];
+                            }
+                        }
+                        y[(plane * g.oh + i) * g.ow + j] = acc;
+                    }
+                    for dy in 0..k {
+                        for dx in 0..k {
+                            for j in 0..g.ow {
+                                gxp[(i * s + dy) * w + j * s + dx] +=
+                                    kern[dy * k + dx] * go[i * g.ow + j];
+                            }
+                        }
+                    }
+                }
+            }
+            let bits = |v: &[f32]| v.iter().map(|a| a.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                bits(&forward(&x, &wt, g, &op)),
+                bits(&y),
+                "forward, k {k} s {s}"
+            );
+            assert_eq!(
+                bits(&grad_input(&grad, &wt, g)),
+                bits(&gx),
+                "grad, k {k} s {s}"
+            );
+        }
     }
 
     #[test]

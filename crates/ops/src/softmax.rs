@@ -52,20 +52,23 @@ impl SameShapeKernel for Softmax {
         out.par_chunks_mut(self.inner.max(1))
             .zip(x.par_chunks(self.inner.max(1)))
             .for_each(|(o, row)| {
-                widest_simd(|| {
-                    let max = row
-                        .iter()
-                        .map(|v| v.widen())
-                        .fold(f64::NEG_INFINITY, f64::max);
-                    let mut sum = 0.0;
-                    for (o, v) in o.iter_mut().zip(row) {
-                        let e = (*v - T::of(max)).exp();
-                        sum += e.widen();
-                        *o = e;
-                    }
-                    let inv = T::of(1.0 / sum);
-                    o.iter_mut().for_each(|o| *o = *o * inv);
-                })
+                widest_simd(
+                    #[inline(always)]
+                    || {
+                        let max = row
+                            .iter()
+                            .map(|v| v.widen())
+                            .fold(f64::NEG_INFINITY, f64::max);
+                        let mut sum = 0.0;
+                        for (o, v) in o.iter_mut().zip(row) {
+                            let e = (*v - T::of(max)).exp();
+                            sum += e.widen();
+                            *o = e;
+                        }
+                        let inv = T::of(1.0 / sum);
+                        o.iter_mut().for_each(|o| *o = *o * inv);
+                    },
+                )
             });
         out
     }
