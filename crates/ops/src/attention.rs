@@ -5,9 +5,10 @@
 //! `L x M` matrices per head and image, a vision transformer's largest tensors) until the backward
 //! pass ends. Here only the inputs are kept, for one more product `a b` in the backward pass.
 
+use crate::cpu_kernels::slice;
 use crate::softmax::{softmax_last_dim, softmax_last_dim_backward};
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, D};
 
 /// `softmax(a b) v`: `a` is `... x L x d`, `b` `... x d x M`, `v` `... x M x e`, with the same
 /// leading dimensions (an attention's queries, transposed keys and values, the scale already in
@@ -27,9 +28,11 @@ pub fn attention(a: &Tensor, b: &Tensor, v: &Tensor) -> Result<Tensor> {
     if !fused {
         return by_tensor_ops(a, b, v);
     }
-    let (l, d) = a.dims2_last()?;
-    let (d2, m) = b.dims2_last()?;
-    let (m2, _) = v.dims2_last()?;
+    let last_two =
+        |t: &Tensor| -> Result<(usize, usize)> { Ok((t.dim(D::Minus2)?, t.dim(D::Minus1)?)) };
+    let (l, d) = last_two(a)?;
+    let (d2, m) = last_two(b)?;
+    let (m2, _) = last_two(v)?;
     if d2 != d || m2 != m {
         candle_core::bail!(
             "attention: a {:?}, b {:?} and v {:?} do not chain (L x d, d x M, M x e; L = {l})",
@@ -47,20 +50,6 @@ pub fn by_tensor_ops(a: &Tensor, b: &Tensor, v: &Tensor) -> Result<Tensor> {
     softmax_last_dim(&a.broadcast_matmul(b)?)?.broadcast_matmul(v)
 }
 
-/// The last two dimensions.
-trait LastTwo {
-    fn dims2_last(&self) -> Result<(usize, usize)>;
-}
-
-impl LastTwo for Tensor {
-    fn dims2_last(&self) -> Result<(usize, usize)> {
-        match self.dims() {
-            [.., r, c] => Ok((*r, *c)),
-            dims => candle_core::bail!("attention: a matrix or a batch of them, got {dims:?}"),
-        }
-    }
-}
-
 /// The attention weights `softmax(a b)`, outside any graph.
 fn weights(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     softmax_last_dim(&a.detach().matmul(&b.detach())?)
@@ -68,14 +57,11 @@ fn weights(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 /// A storage's contiguous elements as a tensor of their own (kernels here run on tensors).
 fn tensor(s: &CpuStorage, l: &Layout) -> Result<Tensor> {
-    let (start, end) = match l.contiguous_offsets() {
-        Some(offsets) => offsets,
-        None => candle_core::bail!("attention needs contiguous tensors"),
-    };
-    match s {
-        CpuStorage::F32(v) => Tensor::from_slice(&v[start..end], l.shape(), &Device::Cpu),
-        CpuStorage::F64(v) => Tensor::from_slice(&v[start..end], l.shape(), &Device::Cpu),
-        other => candle_core::bail!("attention: f32 or f64, not {:?}", other.dtype()),
+    let what = "attention";
+    match s.dtype() {
+        DType::F32 => Tensor::from_slice(slice::<f32>(s, l, what)?, l.shape(), &Device::Cpu),
+        DType::F64 => Tensor::from_slice(slice::<f64>(s, l, what)?, l.shape(), &Device::Cpu),
+        other => candle_core::bail!("{what}: f32 or f64, not {other:?}"),
     }
 }
 
