@@ -3,7 +3,8 @@
 //! convolution's following residual Add and Relu become one [`FUSED_CONV`] node (one op, one
 //! activation, the backward of `vulnmap_ops::fused_conv`). A `MatMul` by a constant weight and
 //! the `Add` of a constant bias after it become one [`FUSED_LINEAR`] node (the bias is added
-//! inside the GEMM; neither gets a gradient). Attention's `MatMul -> Softmax -> MatMul` becomes
+//! inside the GEMM; neither gets a gradient), and two of them with an activation between become one
+//! [`FUSED_FEED_FORWARD`] node, which keeps only the pre-activation. Attention's `MatMul -> Softmax -> MatMul` becomes
 //! one [`FUSED_ATTENTION`] node, which keeps neither the scores nor the weights.
 //!
 //! Only values read by exactly one node disappear, so every other tensor a user can name (as a
@@ -12,8 +13,8 @@
 use crate::error::Result;
 use crate::graph::{Graph, Node};
 use crate::ops::{
-    batch_norm_affine, Attrs, FUSED_ATTENTION, FUSED_BN_RELU, FUSED_CONV, FUSED_GELU, FUSED_LINEAR,
-    FUSED_SILU,
+    batch_norm_affine, Attrs, FUSED_ATTENTION, FUSED_BN_RELU, FUSED_CONV, FUSED_FEED_FORWARD,
+    FUSED_GELU, FUSED_LINEAR, FUSED_SILU,
 };
 use crate::proto::{attribute_type, AttributeProto};
 use candle_core::Tensor;
@@ -449,6 +450,67 @@ fn match_attention(
     Some((softmax, product, vec![Some(*a), Some(*b), Some(*v)]))
 }
 
+/// Fuses `Linear -> activation -> Linear` (two [`FUSED_LINEAR`] nodes, a transformer's or
+/// ConvNeXt's feed-forward block) into one node; run after [`fuse_linear_biases`].
+pub(crate) fn fuse_feed_forward(graph: &mut Graph) {
+    let mut i = 0;
+    while i < graph.nodes.len() {
+        let readers = graph.readers();
+        let Some((activation, name, second)) = match_feed_forward(graph, &readers, i) else {
+            i += 1;
+            continue;
+        };
+        let (first, last) = (&graph.nodes[i], &graph.nodes[second]);
+        let mut inputs = first.inputs.clone();
+        inputs.extend_from_slice(&last.inputs[1..]);
+        let fused = Node {
+            name: last.name.clone(),
+            op_type: FUSED_FEED_FORWARD.to_string(),
+            attrs: vec![AttributeProto {
+                name: "activation".into(),
+                r#type: attribute_type::STRING,
+                s: name.as_bytes().to_vec(),
+                ..Default::default()
+            }],
+            inputs,
+            outputs: last.outputs.clone(),
+        };
+        // The fused node takes the second layer's place (its readers come after it).
+        graph.nodes[second] = fused;
+        graph.nodes.remove(activation);
+        graph.nodes.remove(i);
+    }
+}
+
+/// Node `i` as the first linear layer of a feed-forward block: the activation's index and name
+/// (as [`FUSED_FEED_FORWARD`]'s attribute says it) and the second layer's index.
+fn match_feed_forward(
+    graph: &Graph,
+    readers: &[usize],
+    i: usize,
+) -> Option<(usize, &'static str, usize)> {
+    let first = &graph.nodes[i];
+    (first.op_type == FUSED_LINEAR && first.inputs.len() == 3).then_some(())?;
+    let hidden = only_output(first)?;
+    let activation = sole_reader(graph, readers, hidden)?;
+    let node = &graph.nodes[activation];
+    (node.inputs.first() == Some(&Some(hidden))).then_some(())?;
+    let name = match node.op_type.as_str() {
+        FUSED_GELU => "gelu",
+        "Gelu" if Attrs(&node.attrs).string("approximate", "none") == "none" => "gelu",
+        FUSED_SILU => "silu",
+        "HardSwish" => "hardswish",
+        _ => return None,
+    };
+    let activated = only_output(node)?;
+    let second = sole_reader(graph, readers, activated)?;
+    let node = &graph.nodes[second];
+    (node.op_type == FUSED_LINEAR && node.inputs.len() == 3 && node.inputs[0] == Some(activated))
+        .then_some(())?;
+    only_output(node)?;
+    Some((activation, name, second))
+}
+
 #[cfg(test)]
 mod tests {
     use crate::graph::Graph;
@@ -466,16 +528,18 @@ mod tests {
         super::fuse_activations(&mut graph);
         super::fuse_linear_biases(&mut graph);
         super::fuse_batch_norm_relus(&mut graph);
+        super::fuse_feed_forward(&mut graph);
         super::fuse_attention(&mut graph);
         Some(graph.nodes.iter().map(|n| n.op_type.clone()).collect())
     }
 
     #[test]
     fn exported_gelu_silu_and_relu6_become_single_nodes() {
-        // ConvNeXt: GELU as Div, Erf, Add, Mul, Mul; EfficientNet-B0: SiLU as Sigmoid, Mul (its
+        // ConvNeXt: GELU as Div, Erf, Add, Mul, Mul (fused, then part of each block's MLP);
+        // EfficientNet-B0: SiLU as Sigmoid, Mul (its
         // squeeze-excitation gates keep a Sigmoid of their own); Lite0: Conv -> Clip(0, 6).
         let cases = [
-            ("convnext_small_config", super::FUSED_GELU, "Erf"),
+            ("convnext_small_config", super::FUSED_FEED_FORWARD, "Erf"),
             ("efficientnet_lite0_imagenet", super::FUSED_CONV, "Clip"),
         ];
         for (name, fused, gone) in cases {
@@ -497,19 +561,23 @@ mod tests {
     }
 
     #[test]
-    fn linear_layers_with_a_bias_become_single_nodes() {
+    fn linear_layers_with_a_bias_and_feed_forward_blocks_become_single_nodes() {
         // Counted in the exported graphs with the onnx package: MatMuls by an initializer whose
         // only reader is an Add of another initializer (ViT: the in-projection and the MLP's two
         // layers of 4 encoder layers; its attention's 8 MatMuls multiply activations, and are
-        // fused with their Softmax).
-        for (name, linear, matmul) in [
-            ("vit_small_config", 12, 0),
-            ("convnext_small_config", 10, 0),
-        ] {
+        // fused with their Softmax). Each MLP (ViT's 4, ConvNeXt's 5 blocks) is one node.
+        for (name, linear, feed_forward) in
+            [("vit_small_config", 4, 4), ("convnext_small_config", 0, 5)]
+        {
             let Some(ops) = fused_ops(name) else { return };
             let count = |op: &str| ops.iter().filter(|o| *o == op).count();
             assert_eq!(count(super::FUSED_LINEAR), linear, "{name}: {ops:?}");
-            assert_eq!(count("MatMul"), matmul, "{name}: {ops:?}");
+            assert_eq!(
+                count(super::FUSED_FEED_FORWARD),
+                feed_forward,
+                "{name}: {ops:?}"
+            );
+            assert_eq!(count("MatMul"), 0, "{name}: {ops:?}");
         }
     }
 

@@ -130,22 +130,35 @@ fn map<T: Float>(x: &[T], f: impl Fn(T) -> T + Sync) -> Vec<T> {
     out
 }
 
-/// `g * f(x)` for every element, as [`map`].
-fn scale<T: Float>(g: &[T], x: &[T], f: impl Fn(T) -> T + Sync) -> Vec<T> {
-    let mut out = vec![T::default(); g.len()];
-    out.par_chunks_mut(CHUNK)
-        .zip(g.par_chunks(CHUNK).zip(x.par_chunks(CHUNK)))
-        .for_each(|(o, (g, x))| {
+/// `g *= f(x)` for every element, as [`map`].
+fn scale_in_place<T: Float>(g: &mut [T], x: &[T], f: impl Fn(T) -> T + Sync) {
+    g.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .for_each(|(g, x)| {
             widest_simd(
                 #[inline(always)]
                 || {
-                    for ((o, &g), &x) in o.iter_mut().zip(g).zip(x) {
-                        *o = g * f(x);
+                    for (g, &x) in g.iter_mut().zip(x) {
+                        *g = *g * f(x);
                     }
                 },
             )
         });
-    out
+}
+
+impl Activation {
+    /// The input's gradient from the output's, `grad * f'(x)`, written over `grad`.
+    pub(crate) fn backward_in_place<T: Float>(self, grad: &mut [T], x: &[T]) {
+        // One loop per activation, so that the loop body is that activation's arithmetic alone.
+        match self {
+            Activation::Gelu => scale_in_place(grad, x, |v| Activation::Gelu.derivative(v)),
+            Activation::Silu => scale_in_place(grad, x, |v| Activation::Silu.derivative(v)),
+            a @ Activation::HardSigmoid { .. } => scale_in_place(grad, x, move |v| a.derivative(v)),
+            Activation::HardSwish => {
+                scale_in_place(grad, x, |v| Activation::HardSwish.derivative(v))
+            }
+        }
+    }
 }
 
 impl SameShapeKernel for Activation {
@@ -163,12 +176,9 @@ impl SameShapeKernel for Activation {
     }
 
     fn backward<T: Float>(&self, grad: &[T], x: &[T]) -> Vec<T> {
-        match *self {
-            Activation::Gelu => scale(grad, x, |v| Activation::Gelu.derivative(v)),
-            Activation::Silu => scale(grad, x, |v| Activation::Silu.derivative(v)),
-            a @ Activation::HardSigmoid { .. } => scale(grad, x, move |v| a.derivative(v)),
-            Activation::HardSwish => scale(grad, x, |v| Activation::HardSwish.derivative(v)),
-        }
+        let mut out = grad.to_vec();
+        self.backward_in_place(&mut out, x);
+        out
     }
 }
 

@@ -27,6 +27,8 @@
 //! - [`per_channel`]: train-mode BatchNorm's per-channel sums and arithmetic, fast and exact.
 //! - [`channel_affine`]: a constant scale and shift per channel, then ReLU, as one op (an unfoldable
 //!   inference BatchNorm).
+//! - [`feed_forward`]: a feed-forward block (linear, activation, linear) with constant weights as
+//!   one op that keeps only the pre-activation.
 //! - [`linear`]: `x W` by a constant weight, whose backward computes the input's gradient only.
 //! - [`layer_norm`]: layer normalisation over the last axis, one op with its own backward.
 //! - [`pool`]: max-pooling with a working backward pass; global average pooling.
@@ -48,6 +50,7 @@ pub mod conv;
 pub mod conv_grad;
 pub mod cpu_kernels;
 mod depthwise;
+pub mod feed_forward;
 pub mod fused_conv;
 pub mod guided;
 pub mod layer_norm;

@@ -72,23 +72,78 @@ impl ByConstant {
     ) -> Result<(CpuStorage, Shape)> {
         let what = "matmul by a constant";
         let x = crate::cpu_kernels::slice::<T>(x, xl, what)?;
-        let (k, n) = wl.shape().dims2()?;
-        let w = T::elements(w)
+        let w = Matrix::of(w, wl, what)?;
+        let bias: Option<Vec<T>> = self
+            .bias
+            .as_ref()
+            .map(|b| b.iter().map(|&b| T::of(b)).collect());
+        let out = w.times(x, bias.as_deref());
+        let mut dims = xl.dims().to_vec();
+        *dims.last_mut().expect("rank >= 2") = w.cols;
+        Ok((T::storage(out), Shape::from(dims)))
+    }
+}
+
+/// A constant `rows x cols` matrix in a storage, row-major or a transposed view of one.
+pub(crate) struct Matrix<'a, T> {
+    data: &'a [T],
+    pub(crate) rows: usize,
+    pub(crate) cols: usize,
+    row_stride: isize,
+    col_stride: isize,
+}
+
+impl<'a, T: Float> Matrix<'a, T> {
+    /// The 2-D tensor `(storage, layout)`, whose strides are `(cols, 1)` or `(1, rows)`
+    /// ([`matmul_by_constant`] makes them so).
+    pub(crate) fn of(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<Self> {
+        let (rows, cols) = layout.shape().dims2()?;
+        let data = T::elements(storage)
             .ok_or_else(|| candle_core::Error::Msg(format!("{what}: dtypes differ")))?;
-        // Row-major `W` has strides (n, 1), a transposed view (1, k); the public function
-        // made it one or the other.
-        let [rs, cs] = wl.stride() else {
-            candle_core::bail!("{what}: a 2-D weight, got strides {:?}", wl.stride());
+        let [rs, cs] = layout.stride() else {
+            candle_core::bail!("{what}: a 2-D weight, got strides {:?}", layout.stride());
         };
-        let start = wl.start_offset();
-        let extent = (k - 1) * rs + (n - 1) * cs + 1;
-        let w = &w[start..start + extent];
+        let start = layout.start_offset();
+        let extent = if rows == 0 || cols == 0 {
+            0
+        } else {
+            (rows - 1) * rs + (cols - 1) * cs + 1
+        };
+        let data = data.get(start..start + extent).ok_or_else(|| {
+            candle_core::Error::Msg(format!("{what}: the weight's layout exceeds its storage"))
+        })?;
+        Ok(Self {
+            data,
+            rows,
+            cols,
+            row_stride: *rs as isize,
+            col_stride: *cs as isize,
+        })
+    }
+
+    /// The transpose, a view of the same elements.
+    pub(crate) fn t(&self) -> Self {
+        Self {
+            data: self.data,
+            rows: self.cols,
+            cols: self.rows,
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+        }
+    }
+
+    /// `x M (+ bias)` for `x` row-major with `rows` columns: one GEMM over all of `x`'s rows,
+    /// the bias where it accumulates.
+    pub(crate) fn times(&self, x: &[T], bias: Option<&[T]>) -> Vec<T> {
+        let (k, n) = (self.rows, self.cols);
         let m = x.len() / k.max(1);
         let mut out = vec![T::default(); m * n];
-        if let Some(bias) = &self.bias {
-            let bias: Vec<T> = bias.iter().map(|&b| T::of(b)).collect();
+        if let Some(bias) = bias {
             out.chunks_mut(n.max(1))
-                .for_each(|row| row.copy_from_slice(&bias));
+                .for_each(|row| row.copy_from_slice(bias));
+        }
+        if m == 0 || n == 0 || k == 0 {
+            return out;
         }
         let threads = rayon::current_num_threads();
         let parallelism = if threads > 1 {
@@ -96,8 +151,8 @@ impl ByConstant {
         } else {
             Parallelism::None
         };
-        // SAFETY: `x` is m x k row-major (strides k, 1) and exactly that long; `w` is k x n
-        // with strides (rs, cs) inside the slice taken above; `out` is m x n row-major, owned.
+        // SAFETY: `x` is m x k row-major (strides k, 1) and at least that long; the matrix is
+        // k x n with its strides inside `data` (checked by `of`); `out` is m x n row-major, owned.
         unsafe {
             gemm::gemm(
                 m,
@@ -106,13 +161,13 @@ impl ByConstant {
                 out.as_mut_ptr(),
                 1,
                 n as isize,
-                self.bias.is_some(),
+                bias.is_some(),
                 x.as_ptr(),
                 1,
                 k as isize,
-                w.as_ptr(),
-                *cs as isize,
-                *rs as isize,
+                self.data.as_ptr(),
+                self.col_stride,
+                self.row_stride,
                 T::ONE,
                 T::ONE,
                 false,
@@ -121,9 +176,7 @@ impl ByConstant {
                 parallelism,
             )
         }
-        let mut dims = xl.dims().to_vec();
-        *dims.last_mut().expect("rank >= 2") = n;
-        Ok((T::storage(out), Shape::from(dims)))
+        out
     }
 }
 

@@ -111,6 +111,10 @@ pub(crate) const FUSED_BN_RELU: &str = "vulnmap.BatchNormRelu";
 /// `x, W, bias`.
 pub(crate) const FUSED_LINEAR: &str = "vulnmap.Linear";
 
+/// What a feed-forward block, [`FUSED_LINEAR`] -> GELU, SiLU or HardSwish -> [`FUSED_LINEAR`],
+/// becomes when fused: inputs `x, W1, b1, W2, b2`, attribute `activation`.
+pub(crate) const FUSED_FEED_FORWARD: &str = "vulnmap.FeedForward";
+
 /// What `MatMul(a, b) -> Softmax -> MatMul(weights, v)` (attention) becomes when fused: inputs
 /// `a, b, v`.
 pub(crate) const FUSED_ATTENTION: &str = "vulnmap.Attention";
@@ -236,6 +240,7 @@ pub(crate) fn eval(
         FUSED_GELU => one(Activation::Gelu.apply(inputs.req(0)?)?),
         FUSED_SILU => one(Activation::Silu.apply(inputs.req(0)?)?),
         FUSED_LINEAR => one(nn::linear(inputs.req(0)?, inputs.req(1)?, inputs.req(2)?)?),
+        FUSED_FEED_FORWARD => one(nn::feed_forward(&inputs, attrs)?),
         FUSED_ATTENTION => one(nn::attention(
             inputs.req(0)?,
             inputs.req(1)?,

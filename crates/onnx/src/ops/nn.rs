@@ -8,6 +8,7 @@
 use super::elementwise::rectify;
 use super::{axis, floats_of, ints_of, Attrs, Context, Inputs};
 use candle_core::{bail, DType, Result, Tensor};
+use vulnmap_ops::activation::Activation;
 use vulnmap_ops::windows::{pad2d, Pad2d};
 use vulnmap_ops::{
     conv2d_fused, depthwise_conv2d, depthwise_conv2d_fused, DepthwiseConv2d, Epilogue, Padding,
@@ -482,6 +483,32 @@ pub(super) fn linear(x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Tensor> {
         return matmul(x, w)?.broadcast_add(bias);
     }
     vulnmap_ops::linear::matmul_by_constant(x, w, Some(bias))
+}
+
+/// `Linear -> activation -> Linear` fused at load time ([`super::FUSED_FEED_FORWARD`]): inputs
+/// `x, W1, b1, W2, b2`, the activation named by the `activation` attribute.
+pub(super) fn feed_forward(inputs: &Inputs, attrs: Attrs) -> Result<Tensor> {
+    let activation = match attrs.string("activation", "").as_str() {
+        "gelu" => Activation::Gelu,
+        "silu" => Activation::Silu,
+        "hardswish" => Activation::HardSwish,
+        other => bail!("activation `{other}` is not one of gelu, silu, hardswish"),
+    };
+    let x = inputs.req(0)?;
+    let (w1, b1, w2, b2) = (
+        inputs.req(1)?,
+        inputs.req(2)?,
+        inputs.req(3)?,
+        inputs.req(4)?,
+    );
+    if x.rank() < 2 || w1.rank() != 2 || w2.rank() != 2 {
+        return linear(&activation.apply(&linear(x, w1, b1)?)?, w2, b2);
+    }
+    let layer = |weight, bias| vulnmap_ops::feed_forward::Linear {
+        weight,
+        bias: Some(bias),
+    };
+    vulnmap_ops::feed_forward::feed_forward(x, layer(w1, b1), activation, layer(w2, b2))
 }
 
 /// `MatMul(Softmax(MatMul(a, b)), v)`, the softmax over the last axis (attention, fused at load
