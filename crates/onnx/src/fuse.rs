@@ -4,7 +4,9 @@
 //! activation, the backward of `vulnmap_ops::fused_conv`). A `MatMul` by a constant weight and
 //! the `Add` of a constant bias after it become one [`FUSED_LINEAR`] node (the bias is added
 //! inside the GEMM; neither gets a gradient), and two of them with an activation between become one
-//! [`FUSED_FEED_FORWARD`] node, which keeps only the pre-activation. Attention's `MatMul -> Softmax -> MatMul` becomes
+//! [`FUSED_FEED_FORWARD`] node, which keeps only the pre-activation; ConvNeXt's transposes,
+//! LayerNorm, feed-forward block and layer scale become one [`FUSED_NORMALIZED_FEED_FORWARD`]
+//! node on the channels-first layout. Attention's `MatMul -> Softmax -> MatMul` becomes
 //! one [`FUSED_ATTENTION`] node, which keeps neither the scores nor the weights.
 //!
 //! Only values read by exactly one node disappear, so every other tensor a user can name (as a
@@ -14,7 +16,7 @@ use crate::error::Result;
 use crate::graph::{Graph, Node};
 use crate::ops::{
     batch_norm_affine, Attrs, FUSED_ATTENTION, FUSED_BN_RELU, FUSED_CONV, FUSED_FEED_FORWARD,
-    FUSED_GELU, FUSED_LINEAR, FUSED_SILU,
+    FUSED_GELU, FUSED_LINEAR, FUSED_NORMALIZED_FEED_FORWARD, FUSED_SILU,
 };
 use crate::proto::{attribute_type, AttributeProto};
 use candle_core::Tensor;
@@ -511,6 +513,96 @@ fn match_feed_forward(
     Some((activation, name, second))
 }
 
+/// Fuses ConvNeXt's `Transpose(0, 2, 3, 1) -> LayerNormalization(-1) -> feed-forward ->
+/// Transpose(0, 3, 1, 2)`, and the `Mul` by a constant per-channel scale after it if there is
+/// one, into one node; run after [`fuse_feed_forward`].
+pub(crate) fn fuse_normalized_feed_forward(graph: &mut Graph) {
+    let mut i = 0;
+    while i < graph.nodes.len() {
+        let readers = graph.readers();
+        let Some((absorbed, inputs)) = match_normalized_feed_forward(graph, &readers, i) else {
+            i += 1;
+            continue;
+        };
+        let (norm, ff) = (&graph.nodes[absorbed[0]], &graph.nodes[absorbed[1]]);
+        let epsilon = Attrs(&norm.attrs).float("epsilon", 1e-5);
+        let mut attrs = ff.attrs.clone();
+        attrs.push(AttributeProto {
+            name: "epsilon".into(),
+            r#type: attribute_type::FLOAT,
+            f: epsilon,
+            ..Default::default()
+        });
+        let last = *absorbed.last().expect("at least the closing transpose");
+        let fused = Node {
+            name: graph.nodes[last].name.clone(),
+            op_type: FUSED_NORMALIZED_FEED_FORWARD.to_string(),
+            attrs,
+            inputs,
+            outputs: graph.nodes[last].outputs.clone(),
+        };
+        // The fused node takes the last absorbed node's place (its readers come after it).
+        graph.nodes[last] = fused;
+        let mut gone: Vec<usize> = absorbed[..absorbed.len() - 1].to_vec();
+        gone.push(i);
+        gone.sort_unstable();
+        for k in gone.into_iter().rev() {
+            graph.nodes.remove(k);
+        }
+    }
+}
+
+/// Node `i` as the opening transpose of ConvNeXt's block: the absorbed nodes after it (the
+/// LayerNormalization, the feed-forward node, the closing transpose, the scale's Mul if any) and
+/// the fused node's inputs.
+fn match_normalized_feed_forward(
+    graph: &Graph,
+    readers: &[usize],
+    i: usize,
+) -> Option<(Vec<usize>, Vec<Option<usize>>)> {
+    let transpose = |node: &Node, perm: &[i64]| {
+        node.op_type == "Transpose" && Attrs(&node.attrs).ints("perm") == Some(perm)
+    };
+    let open = &graph.nodes[i];
+    transpose(open, &[0, 2, 3, 1]).then_some(())?;
+    let x = (*open.inputs.first()?)?;
+    let constant = |v: &Option<usize>| v.is_none_or(|v| graph.constants[v].is_some());
+    let after = |value: usize, op: &str| -> Option<usize> {
+        let j = sole_reader(graph, readers, value)?;
+        let node = &graph.nodes[j];
+        (node.op_type == op && node.inputs.first() == Some(&Some(value))).then_some(j)
+    };
+    let norm = after(only_output(open)?, "LayerNormalization")?;
+    let node = &graph.nodes[norm];
+    let [_, Some(weight), rest @ ..] = node.inputs.as_slice() else {
+        return None;
+    };
+    let bias = rest.first().copied().flatten();
+    (Attrs(&node.attrs).int("axis", -1) == -1 && constant(&Some(*weight)) && constant(&bias))
+        .then_some(())?;
+    let ff = after(only_output(node)?, FUSED_FEED_FORWARD)?;
+    let layers = &graph.nodes[ff].inputs;
+    let close = sole_reader(graph, readers, only_output(&graph.nodes[ff])?)?;
+    transpose(&graph.nodes[close], &[0, 3, 1, 2]).then_some(())?;
+    let mut absorbed = vec![norm, ff, close];
+    let mut inputs = vec![Some(x), Some(*weight), bias];
+    inputs.extend_from_slice(&layers[1..]);
+    let closed = only_output(&graph.nodes[close])?;
+    let width = graph.constants[(*layers.get(3)?)?].as_ref()?.dim(1).ok()?;
+    let scale = sole_reader(graph, readers, closed).and_then(|j| {
+        let node = &graph.nodes[j];
+        let s = other_input(node, closed)??;
+        let t = graph.constants[s].as_ref()?;
+        let per_channel = matches!(t.dims(), [m, 1, 1] | [1, m, 1, 1] if *m == width);
+        (node.op_type == "Mul" && per_channel && only_output(node).is_some()).then_some((j, s))
+    });
+    if let Some((j, s)) = scale {
+        absorbed.push(j);
+        inputs.push(Some(s));
+    }
+    Some((absorbed, inputs))
+}
+
 #[cfg(test)]
 mod tests {
     use crate::graph::Graph;
@@ -529,17 +621,22 @@ mod tests {
         super::fuse_linear_biases(&mut graph);
         super::fuse_batch_norm_relus(&mut graph);
         super::fuse_feed_forward(&mut graph);
+        super::fuse_normalized_feed_forward(&mut graph);
         super::fuse_attention(&mut graph);
         Some(graph.nodes.iter().map(|n| n.op_type.clone()).collect())
     }
 
     #[test]
     fn exported_gelu_silu_and_relu6_become_single_nodes() {
-        // ConvNeXt: GELU as Div, Erf, Add, Mul, Mul (fused, then part of each block's MLP);
+        // ConvNeXt: GELU as Div, Erf, Add, Mul, Mul (fused, then part of each block);
         // EfficientNet-B0: SiLU as Sigmoid, Mul (its
         // squeeze-excitation gates keep a Sigmoid of their own); Lite0: Conv -> Clip(0, 6).
         let cases = [
-            ("convnext_small_config", super::FUSED_FEED_FORWARD, "Erf"),
+            (
+                "convnext_small_config",
+                super::FUSED_NORMALIZED_FEED_FORWARD,
+                "Erf",
+            ),
             ("efficientnet_lite0_imagenet", super::FUSED_CONV, "Clip"),
         ];
         for (name, fused, gone) in cases {
@@ -565,20 +662,30 @@ mod tests {
         // Counted in the exported graphs with the onnx package: MatMuls by an initializer whose
         // only reader is an Add of another initializer (ViT: the in-projection and the MLP's two
         // layers of 4 encoder layers; its attention's 8 MatMuls multiply activations, and are
-        // fused with their Softmax). Each MLP (ViT's 4, ConvNeXt's 5 blocks) is one node.
-        for (name, linear, feed_forward) in
-            [("vit_small_config", 4, 4), ("convnext_small_config", 0, 5)]
-        {
-            let Some(ops) = fused_ops(name) else { return };
-            let count = |op: &str| ops.iter().filter(|o| *o == op).count();
-            assert_eq!(count(super::FUSED_LINEAR), linear, "{name}: {ops:?}");
-            assert_eq!(
-                count(super::FUSED_FEED_FORWARD),
-                feed_forward,
-                "{name}: {ops:?}"
-            );
-            assert_eq!(count("MatMul"), 0, "{name}: {ops:?}");
-        }
+        // fused with their Softmax). Each MLP (ViT's 4) is one node.
+        let Some(ops) = fused_ops("vit_small_config") else {
+            return;
+        };
+        let count = |op: &str| ops.iter().filter(|o| *o == op).count();
+        assert_eq!(count(super::FUSED_LINEAR), 4, "{ops:?}");
+        assert_eq!(count(super::FUSED_FEED_FORWARD), 4, "{ops:?}");
+        assert_eq!(count("MatMul"), 0, "{ops:?}");
+    }
+
+    #[test]
+    fn convnexts_blocks_become_one_node_each_with_their_transposes_and_scale() {
+        // 5 blocks, each Transpose -> LayerNorm -> Linear -> GELU -> Linear -> Transpose -> Mul;
+        // the other LayerNorms (Transpose -> LayerNorm -> Transpose: the stem's, the three
+        // downsampling layers', the classifier's) stay.
+        let Some(ops) = fused_ops("convnext_small_config") else {
+            return;
+        };
+        let count = |op: &str| ops.iter().filter(|o| *o == op).count();
+        assert_eq!(count(super::FUSED_NORMALIZED_FEED_FORWARD), 5, "{ops:?}");
+        assert_eq!(count(super::FUSED_FEED_FORWARD), 0, "{ops:?}");
+        assert_eq!(count("LayerNormalization"), 5, "{ops:?}");
+        assert_eq!(count("Transpose"), 10, "{ops:?}");
+        assert_eq!(count("Mul"), 0, "{ops:?}");
     }
 
     #[test]

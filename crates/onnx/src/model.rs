@@ -10,6 +10,7 @@ use crate::error::{Error, Result};
 use crate::graph::{Graph, Node};
 use crate::ops::{
     self, Attrs, Context, FUSED_ATTENTION, FUSED_CONV, FUSED_FEED_FORWARD, FUSED_LINEAR,
+    FUSED_NORMALIZED_FEED_FORWARD,
 };
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
@@ -179,6 +180,7 @@ pub fn load_with(
     crate::fuse::fuse_linear_biases(&mut graph);
     crate::fuse::fuse_batch_norm_relus(&mut graph);
     crate::fuse::fuse_feed_forward(&mut graph);
+    crate::fuse::fuse_normalized_feed_forward(&mut graph);
     crate::fuse::fuse_attention(&mut graph);
     crate::fold::drop_unread(&mut graph);
     let not_classifier = |reason: String| Error::NotAClassifier {
@@ -482,10 +484,15 @@ impl Inner {
                     w.iter().skip(1).product::<usize>()
                 }
                 "MatMul" | FUSED_LINEAR => *shape(*node.inputs.first()?)?.last()?,
-                // Two products per row: K x H, then H x M multiply-adds.
-                FUSED_FEED_FORWARD => {
-                    let w1 = shape(*node.inputs.get(1)?)?;
-                    let w2 = shape(*node.inputs.get(3)?)?;
+                // Two products per row (pixel): K x H, then H x M multiply-adds.
+                FUSED_FEED_FORWARD | FUSED_NORMALIZED_FEED_FORWARD => {
+                    let first = if node.op_type == FUSED_FEED_FORWARD {
+                        1
+                    } else {
+                        3
+                    };
+                    let w1 = shape(*node.inputs.get(first)?)?;
+                    let w2 = shape(*node.inputs.get(first + 2)?)?;
                     let (k, h, m) = (*w1.first()?, *w1.get(1)?, *w2.get(1)?);
                     return Some((outputs / m.max(1) * (k * h + h * m)) as u64);
                 }

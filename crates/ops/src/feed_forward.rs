@@ -71,6 +71,7 @@ pub fn feed_forward(
         second_bias: values(second.bias)?,
         activation,
         pre_activation: Mutex::new(None),
+        keep: x.track_op(),
     };
     x.contiguous()?
         .apply_op3(&as_matrix(w1)?, &as_matrix(w2)?, op)
@@ -83,6 +84,8 @@ struct FeedForward {
     second_bias: Option<Vec<f64>>,
     activation: Activation,
     pre_activation: Mutex<Option<CpuStorage>>,
+    /// Whether a backward pass can follow (the input is tracked): else nothing is kept.
+    keep: bool,
 }
 
 const WHAT: &str = "feed-forward block";
@@ -99,14 +102,18 @@ impl FeedForward {
         let bias = |b: &Option<Vec<f64>>| -> Option<Vec<T>> {
             b.as_ref().map(|b| b.iter().map(|&v| T::of(v)).collect())
         };
-        let pre = w1.times(x, bias(&self.first_bias).as_deref());
+        let pre = w1.times(x, bias(&self.first_bias).as_deref())?;
         let hidden = self.activation.forward(&pre);
-        let out = w2.times(&hidden, bias(&self.second_bias).as_deref());
-        *self
-            .pre_activation
-            .lock()
-            .map_err(|_| candle_core::Error::Msg(format!("{WHAT}: a poisoned lock")))? =
-            Some(T::storage(pre));
+        // Kept for a backward pass, or freed now.
+        let pre = self.keep.then_some(pre);
+        let out = w2.times(&hidden, bias(&self.second_bias).as_deref())?;
+        if let Some(pre) = pre {
+            *self
+                .pre_activation
+                .lock()
+                .map_err(|_| candle_core::Error::Msg(format!("{WHAT}: a poisoned lock")))? =
+                Some(T::storage(pre));
+        }
         let mut dims = xl.dims().to_vec();
         *dims.last_mut().expect("rank >= 2") = w2.cols;
         Ok((T::storage(out), Shape::from(dims)))
@@ -177,7 +184,7 @@ impl InputGradient<'_> {
         let (w1, w2) = (Matrix::of(w1, w1l, WHAT)?, Matrix::of(w2, w2l, WHAT)?);
         let pre = T::elements(self.pre_activation)
             .ok_or_else(|| candle_core::Error::Msg(format!("{WHAT}: dtypes differ")))?;
-        let mut hidden = w2.t().times(g, None);
+        let mut hidden = w2.t().times(g, None)?;
         if hidden.len() != pre.len() {
             candle_core::bail!(
                 "{WHAT} backward: a gradient of {:?} for an input of {:?}",
@@ -186,7 +193,7 @@ impl InputGradient<'_> {
             );
         }
         self.activation.backward_in_place(&mut hidden, pre);
-        Ok((T::storage(w1.t().times(&hidden, None)), self.input.clone()))
+        Ok((T::storage(w1.t().times(&hidden, None)?), self.input.clone()))
     }
 }
 

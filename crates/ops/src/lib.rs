@@ -29,6 +29,8 @@
 //!   inference BatchNorm).
 //! - [`feed_forward`]: a feed-forward block (linear, activation, linear) with constant weights as
 //!   one op that keeps only the pre-activation.
+//! - [`channel_feed_forward`]: ConvNeXt's block after its depthwise convolution (LayerNorm over
+//!   the channels, feed-forward, per-channel scale) on `N x C x H x W` as one op.
 //! - [`linear`]: `x W` by a constant weight, whose backward computes the input's gradient only.
 //! - [`layer_norm`]: layer normalisation over the last axis, one op with its own backward.
 //! - [`pool`]: max-pooling with a working backward pass; global average pooling.
@@ -46,6 +48,7 @@ pub mod activation;
 pub mod attention;
 pub mod batch_norm;
 pub mod channel_affine;
+pub mod channel_feed_forward;
 pub mod conv;
 pub mod conv_grad;
 pub mod cpu_kernels;

@@ -77,48 +77,68 @@ impl ByConstant {
             .bias
             .as_ref()
             .map(|b| b.iter().map(|&b| T::of(b)).collect());
-        let out = w.times(x, bias.as_deref());
+        let out = w.times(x, bias.as_deref())?;
         let mut dims = xl.dims().to_vec();
         *dims.last_mut().expect("rank >= 2") = w.cols;
         Ok((T::storage(out), Shape::from(dims)))
     }
 }
 
-/// A constant `rows x cols` matrix in a storage, row-major or a transposed view of one.
+/// A `rows x cols` matrix: a slice and its row and column strides (row-major, a transposed view,
+/// or one image of an `N x C x H x W` tensor read as `HW x C`).
 pub(crate) struct Matrix<'a, T> {
     data: &'a [T],
     pub(crate) rows: usize,
     pub(crate) cols: usize,
-    row_stride: isize,
-    col_stride: isize,
+    row_stride: usize,
+    col_stride: usize,
+}
+
+/// The elements a `rows x cols` matrix with these strides spans.
+fn extent(rows: usize, cols: usize, row_stride: usize, col_stride: usize) -> usize {
+    if rows == 0 || cols == 0 {
+        0
+    } else {
+        (rows - 1) * row_stride + (cols - 1) * col_stride + 1
+    }
 }
 
 impl<'a, T: Float> Matrix<'a, T> {
+    /// The matrix in `data`, or an error if its strides reach past the slice's end.
+    pub(crate) fn new(
+        data: &'a [T],
+        (rows, cols): (usize, usize),
+        (row_stride, col_stride): (usize, usize),
+    ) -> Result<Self> {
+        let data = data
+            .get(..extent(rows, cols, row_stride, col_stride))
+            .ok_or_else(|| {
+                candle_core::Error::Msg(format!(
+                    "a {rows} x {cols} matrix with strides ({row_stride}, {col_stride}) in {} \
+                     elements",
+                    data.len()
+                ))
+            })?;
+        Ok(Self {
+            data,
+            rows,
+            cols,
+            row_stride,
+            col_stride,
+        })
+    }
+
     /// The 2-D tensor `(storage, layout)`, whose strides are `(cols, 1)` or `(1, rows)`
     /// ([`matmul_by_constant`] makes them so).
     pub(crate) fn of(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<Self> {
-        let (rows, cols) = layout.shape().dims2()?;
+        let dims = layout.shape().dims2()?;
         let data = T::elements(storage)
             .ok_or_else(|| candle_core::Error::Msg(format!("{what}: dtypes differ")))?;
         let [rs, cs] = layout.stride() else {
             candle_core::bail!("{what}: a 2-D weight, got strides {:?}", layout.stride());
         };
-        let start = layout.start_offset();
-        let extent = if rows == 0 || cols == 0 {
-            0
-        } else {
-            (rows - 1) * rs + (cols - 1) * cs + 1
-        };
-        let data = data.get(start..start + extent).ok_or_else(|| {
-            candle_core::Error::Msg(format!("{what}: the weight's layout exceeds its storage"))
-        })?;
-        Ok(Self {
-            data,
-            rows,
-            cols,
-            row_stride: *rs as isize,
-            col_stride: *cs as isize,
-        })
+        let data = data.get(layout.start_offset()..).unwrap_or_default();
+        Self::new(data, dims, (*rs, *cs))
     }
 
     /// The transpose, a view of the same elements.
@@ -132,18 +152,28 @@ impl<'a, T: Float> Matrix<'a, T> {
         }
     }
 
-    /// `x M (+ bias)` for `x` row-major with `rows` columns: one GEMM over all of `x`'s rows,
-    /// the bias where it accumulates.
-    pub(crate) fn times(&self, x: &[T], bias: Option<&[T]>) -> Vec<T> {
-        let (k, n) = (self.rows, self.cols);
-        let m = x.len() / k.max(1);
-        let mut out = vec![T::default(); m * n];
-        if let Some(bias) = bias {
-            out.chunks_mut(n.max(1))
-                .for_each(|row| row.copy_from_slice(bias));
+    /// `out = self rhs`, or `out += self rhs` when `accumulate`, for `out` a `self.rows x
+    /// rhs.cols` matrix with strides `out_strides` in `out` (an error if it does not fit, or the
+    /// inner dimensions differ). One GEMM, on all threads.
+    pub(crate) fn product_into(
+        &self,
+        rhs: &Matrix<T>,
+        out: &mut [T],
+        (out_row_stride, out_col_stride): (usize, usize),
+        accumulate: bool,
+    ) -> Result<()> {
+        let (m, k, n) = (self.rows, self.cols, rhs.cols);
+        if rhs.rows != k {
+            candle_core::bail!(
+                "a {m} x {k} matrix times a {} x {n} one: inner dimensions differ",
+                rhs.rows
+            );
+        }
+        if out.len() < extent(m, n, out_row_stride, out_col_stride) {
+            candle_core::bail!("a {m} x {n} product does not fit {} elements", out.len());
         }
         if m == 0 || n == 0 || k == 0 {
-            return out;
+            return Ok(());
         }
         let threads = rayon::current_num_threads();
         let parallelism = if threads > 1 {
@@ -151,23 +181,23 @@ impl<'a, T: Float> Matrix<'a, T> {
         } else {
             Parallelism::None
         };
-        // SAFETY: `x` is m x k row-major (strides k, 1) and at least that long; the matrix is
-        // k x n with its strides inside `data` (checked by `of`); `out` is m x n row-major, owned.
+        // SAFETY: both operands lie inside their slices with their strides (checked by `new`),
+        // and so does `out` (checked above), which is borrowed mutably, so nothing aliases it.
         unsafe {
             gemm::gemm(
                 m,
                 n,
                 k,
                 out.as_mut_ptr(),
-                1,
-                n as isize,
-                bias.is_some(),
-                x.as_ptr(),
-                1,
-                k as isize,
+                out_col_stride as isize,
+                out_row_stride as isize,
+                accumulate,
                 self.data.as_ptr(),
-                self.col_stride,
-                self.row_stride,
+                self.col_stride as isize,
+                self.row_stride as isize,
+                rhs.data.as_ptr(),
+                rhs.col_stride as isize,
+                rhs.row_stride as isize,
                 T::ONE,
                 T::ONE,
                 false,
@@ -176,7 +206,21 @@ impl<'a, T: Float> Matrix<'a, T> {
                 parallelism,
             )
         }
-        out
+        Ok(())
+    }
+
+    /// `x M (+ bias)` for `x` row-major with `rows` columns: one GEMM over all of `x`'s rows,
+    /// the bias where it accumulates.
+    pub(crate) fn times(&self, x: &[T], bias: Option<&[T]>) -> Result<Vec<T>> {
+        let (k, n) = (self.rows, self.cols);
+        let m = x.len() / k.max(1);
+        let mut out = vec![T::default(); m * n];
+        if let Some(bias) = bias {
+            out.chunks_mut(n.max(1))
+                .for_each(|row| row.copy_from_slice(bias));
+        }
+        Matrix::new(x, (m, k), (k, 1))?.product_into(self, &mut out, (n, 1), bias.is_some())?;
+        Ok(out)
     }
 }
 

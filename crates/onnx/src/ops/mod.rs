@@ -115,6 +115,11 @@ pub(crate) const FUSED_LINEAR: &str = "vulnmap.Linear";
 /// becomes when fused: inputs `x, W1, b1, W2, b2`, attribute `activation`.
 pub(crate) const FUSED_FEED_FORWARD: &str = "vulnmap.FeedForward";
 
+/// What ConvNeXt's `Transpose(0, 2, 3, 1) -> LayerNormalization -> FUSED_FEED_FORWARD ->
+/// Transpose(0, 3, 1, 2) [-> Mul(scale)]` becomes when fused: inputs `x, norm scale, norm bias,
+/// W1, b1, W2, b2, scale` (the biases and the scale optional), attributes `activation`, `epsilon`.
+pub(crate) const FUSED_NORMALIZED_FEED_FORWARD: &str = "vulnmap.NormalizedFeedForward";
+
 /// What `MatMul(a, b) -> Softmax -> MatMul(weights, v)` (attention) becomes when fused: inputs
 /// `a, b, v`.
 pub(crate) const FUSED_ATTENTION: &str = "vulnmap.Attention";
@@ -241,6 +246,7 @@ pub(crate) fn eval(
         FUSED_SILU => one(Activation::Silu.apply(inputs.req(0)?)?),
         FUSED_LINEAR => one(nn::linear(inputs.req(0)?, inputs.req(1)?, inputs.req(2)?)?),
         FUSED_FEED_FORWARD => one(nn::feed_forward(&inputs, attrs)?),
+        FUSED_NORMALIZED_FEED_FORWARD => one(nn::normalized_feed_forward(&inputs, attrs)?),
         FUSED_ATTENTION => one(nn::attention(
             inputs.req(0)?,
             inputs.req(1)?,

@@ -488,12 +488,7 @@ pub(super) fn linear(x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Tensor> {
 /// `Linear -> activation -> Linear` fused at load time ([`super::FUSED_FEED_FORWARD`]): inputs
 /// `x, W1, b1, W2, b2`, the activation named by the `activation` attribute.
 pub(super) fn feed_forward(inputs: &Inputs, attrs: Attrs) -> Result<Tensor> {
-    let activation = match attrs.string("activation", "").as_str() {
-        "gelu" => Activation::Gelu,
-        "silu" => Activation::Silu,
-        "hardswish" => Activation::HardSwish,
-        other => bail!("activation `{other}` is not one of gelu, silu, hardswish"),
-    };
+    let activation = feed_forward_activation(attrs)?;
     let x = inputs.req(0)?;
     let (w1, b1, w2, b2) = (
         inputs.req(1)?,
@@ -509,6 +504,44 @@ pub(super) fn feed_forward(inputs: &Inputs, attrs: Attrs) -> Result<Tensor> {
         bias: Some(bias),
     };
     vulnmap_ops::feed_forward::feed_forward(x, layer(w1, b1), activation, layer(w2, b2))
+}
+
+/// The activation a fused feed-forward node names.
+fn feed_forward_activation(attrs: Attrs) -> Result<Activation> {
+    Ok(match attrs.string("activation", "").as_str() {
+        "gelu" => Activation::Gelu,
+        "silu" => Activation::Silu,
+        "hardswish" => Activation::HardSwish,
+        other => bail!("activation `{other}` is not one of gelu, silu, hardswish"),
+    })
+}
+
+/// ConvNeXt's LayerNorm over the channels, feed-forward block and layer scale, fused at load
+/// time ([`super::FUSED_NORMALIZED_FEED_FORWARD`]) from the exported transposes around them.
+pub(super) fn normalized_feed_forward(inputs: &Inputs, attrs: Attrs) -> Result<Tensor> {
+    use vulnmap_ops::channel_feed_forward::{normalized_feed_forward, ChannelNorm};
+    use vulnmap_ops::feed_forward::Linear;
+    let flat = |i: usize| inputs.opt(i).map(|t| t.flatten_all()).transpose();
+    let (norm_weight, norm_bias, scale) = (inputs.req(1)?.flatten_all()?, flat(2)?, flat(7)?);
+    let norm = ChannelNorm {
+        weight: &norm_weight,
+        bias: norm_bias.as_ref(),
+        eps: attrs.float("epsilon", 1e-5) as f64,
+    };
+    let layer = |w: usize| -> Result<Linear> {
+        Ok(Linear {
+            weight: inputs.req(w)?,
+            bias: inputs.opt(w + 1),
+        })
+    };
+    normalized_feed_forward(
+        inputs.req(0)?,
+        norm,
+        layer(3)?,
+        feed_forward_activation(attrs)?,
+        layer(5)?,
+        scale.as_ref(),
+    )
 }
 
 /// `MatMul(Softmax(MatMul(a, b)), v)`, the softmax over the last axis (attention, fused at load
