@@ -6,7 +6,8 @@
 //! inside the GEMM; neither gets a gradient), and two of them with an activation between become one
 //! [`FUSED_FEED_FORWARD`] node, which keeps only the pre-activation; ConvNeXt's transposes,
 //! LayerNorm, feed-forward block and layer scale become one [`FUSED_NORMALIZED_FEED_FORWARD`]
-//! node on the channels-first layout. Attention's `MatMul -> Softmax -> MatMul` becomes
+//! node on the channels-first layout, and the transposes around any other LayerNorm over the
+//! channels disappear into one [`FUSED_CHANNEL_LAYER_NORM`] node. Attention's `MatMul -> Softmax -> MatMul` becomes
 //! one [`FUSED_ATTENTION`] node, which keeps neither the scores nor the weights.
 //!
 //! Only values read by exactly one node disappear, so every other tensor a user can name (as a
@@ -15,8 +16,8 @@
 use crate::error::Result;
 use crate::graph::{Graph, Node};
 use crate::ops::{
-    batch_norm_affine, Attrs, FUSED_ATTENTION, FUSED_BN_RELU, FUSED_CONV, FUSED_FEED_FORWARD,
-    FUSED_GELU, FUSED_LINEAR, FUSED_NORMALIZED_FEED_FORWARD, FUSED_SILU,
+    batch_norm_affine, Attrs, FUSED_ATTENTION, FUSED_BN_RELU, FUSED_CHANNEL_LAYER_NORM, FUSED_CONV,
+    FUSED_FEED_FORWARD, FUSED_GELU, FUSED_LINEAR, FUSED_NORMALIZED_FEED_FORWARD, FUSED_SILU,
 };
 use crate::proto::{attribute_type, AttributeProto};
 use candle_core::Tensor;
@@ -513,6 +514,56 @@ fn match_feed_forward(
     Some((activation, name, second))
 }
 
+/// Whether `node` is a `Transpose` by `perm`.
+fn transpose(node: &Node, perm: &[i64]) -> bool {
+    node.op_type == "Transpose" && Attrs(&node.attrs).ints("perm") == Some(perm)
+}
+
+/// Node `i` as `Transpose(0, 2, 3, 1)` read only by a `LayerNormalization` over the last axis
+/// with constant scale (and shift): the LayerNormalization's index.
+fn channels_last_layer_norm(graph: &Graph, readers: &[usize], i: usize) -> Option<usize> {
+    let open = &graph.nodes[i];
+    (transpose(open, &[0, 2, 3, 1]) && matches!(open.inputs.first(), Some(Some(_))))
+        .then_some(())?;
+    let norm = sole_reader(graph, readers, only_output(open)?)?;
+    let node = &graph.nodes[norm];
+    let constant = |v: Option<usize>| v.is_none_or(|v| graph.constants[v].is_some());
+    (node.op_type == "LayerNormalization"
+        && node.inputs.first() == Some(&open.outputs[0])
+        && node
+            .inputs
+            .get(1)
+            .is_some_and(|w| w.is_some() && constant(*w))
+        && constant(node.inputs.get(2).copied().flatten())
+        && Attrs(&node.attrs).int("axis", -1) == -1)
+        .then_some(norm)
+}
+
+/// Fuses `Transpose(0, 2, 3, 1) -> LayerNormalization(-1) -> Transpose(0, 3, 1, 2)` into one
+/// node; run after [`fuse_normalized_feed_forward`], which takes ConvNeXt's blocks' LayerNorms.
+pub(crate) fn fuse_channel_layer_norms(graph: &mut Graph) {
+    let mut i = 0;
+    while i < graph.nodes.len() {
+        let readers = graph.readers();
+        let found = channels_last_layer_norm(graph, &readers, i).and_then(|norm| {
+            let close = sole_reader(graph, &readers, only_output(&graph.nodes[norm])?)?;
+            transpose(&graph.nodes[close], &[0, 3, 1, 2]).then_some((norm, close))
+        });
+        let Some((norm, close)) = found else {
+            i += 1;
+            continue;
+        };
+        let mut fused = graph.nodes[norm].clone();
+        fused.op_type = FUSED_CHANNEL_LAYER_NORM.to_string();
+        fused.inputs[0] = graph.nodes[i].inputs[0];
+        fused.outputs = graph.nodes[close].outputs.clone();
+        // The fused node takes the closing transpose's place (its readers come after it).
+        graph.nodes[close] = fused;
+        graph.nodes.remove(norm);
+        graph.nodes.remove(i);
+    }
+}
+
 /// Fuses ConvNeXt's `Transpose(0, 2, 3, 1) -> LayerNormalization(-1) -> feed-forward ->
 /// Transpose(0, 3, 1, 2)`, and the `Mul` by a constant per-channel scale after it if there is
 /// one, into one node; run after [`fuse_feed_forward`].
@@ -560,32 +611,22 @@ fn match_normalized_feed_forward(
     readers: &[usize],
     i: usize,
 ) -> Option<(Vec<usize>, Vec<Option<usize>>)> {
-    let transpose = |node: &Node, perm: &[i64]| {
-        node.op_type == "Transpose" && Attrs(&node.attrs).ints("perm") == Some(perm)
-    };
     let open = &graph.nodes[i];
-    transpose(open, &[0, 2, 3, 1]).then_some(())?;
     let x = (*open.inputs.first()?)?;
-    let constant = |v: &Option<usize>| v.is_none_or(|v| graph.constants[v].is_some());
-    let after = |value: usize, op: &str| -> Option<usize> {
-        let j = sole_reader(graph, readers, value)?;
-        let node = &graph.nodes[j];
-        (node.op_type == op && node.inputs.first() == Some(&Some(value))).then_some(j)
-    };
-    let norm = after(only_output(open)?, "LayerNormalization")?;
+    let norm = channels_last_layer_norm(graph, readers, i)?;
     let node = &graph.nodes[norm];
-    let [_, Some(weight), rest @ ..] = node.inputs.as_slice() else {
-        return None;
-    };
-    let bias = rest.first().copied().flatten();
-    (Attrs(&node.attrs).int("axis", -1) == -1 && constant(&Some(*weight)) && constant(&bias))
-        .then_some(())?;
-    let ff = after(only_output(node)?, FUSED_FEED_FORWARD)?;
+    let weight = node.inputs[1];
+    let bias = node.inputs.get(2).copied().flatten();
+    let normalised = only_output(node)?;
+    let ff = sole_reader(graph, readers, normalised)?;
+    (graph.nodes[ff].op_type == FUSED_FEED_FORWARD
+        && graph.nodes[ff].inputs.first() == Some(&Some(normalised)))
+    .then_some(())?;
     let layers = &graph.nodes[ff].inputs;
     let close = sole_reader(graph, readers, only_output(&graph.nodes[ff])?)?;
     transpose(&graph.nodes[close], &[0, 3, 1, 2]).then_some(())?;
     let mut absorbed = vec![norm, ff, close];
-    let mut inputs = vec![Some(x), Some(*weight), bias];
+    let mut inputs = vec![Some(x), weight, bias];
     inputs.extend_from_slice(&layers[1..]);
     let closed = only_output(&graph.nodes[close])?;
     let width = graph.constants[(*layers.get(3)?)?].as_ref()?.dim(1).ok()?;
@@ -622,6 +663,7 @@ mod tests {
         super::fuse_batch_norm_relus(&mut graph);
         super::fuse_feed_forward(&mut graph);
         super::fuse_normalized_feed_forward(&mut graph);
+        super::fuse_channel_layer_norms(&mut graph);
         super::fuse_attention(&mut graph);
         Some(graph.nodes.iter().map(|n| n.op_type.clone()).collect())
     }
@@ -676,15 +718,16 @@ mod tests {
     fn convnexts_blocks_become_one_node_each_with_their_transposes_and_scale() {
         // 5 blocks, each Transpose -> LayerNorm -> Linear -> GELU -> Linear -> Transpose -> Mul;
         // the other LayerNorms (Transpose -> LayerNorm -> Transpose: the stem's, the three
-        // downsampling layers', the classifier's) stay.
+        // downsampling layers', the classifier's) become one node each.
         let Some(ops) = fused_ops("convnext_small_config") else {
             return;
         };
         let count = |op: &str| ops.iter().filter(|o| *o == op).count();
         assert_eq!(count(super::FUSED_NORMALIZED_FEED_FORWARD), 5, "{ops:?}");
         assert_eq!(count(super::FUSED_FEED_FORWARD), 0, "{ops:?}");
-        assert_eq!(count("LayerNormalization"), 5, "{ops:?}");
-        assert_eq!(count("Transpose"), 10, "{ops:?}");
+        assert_eq!(count(super::FUSED_CHANNEL_LAYER_NORM), 5, "{ops:?}");
+        assert_eq!(count("LayerNormalization"), 0, "{ops:?}");
+        assert_eq!(count("Transpose"), 0, "{ops:?}");
         assert_eq!(count("Mul"), 0, "{ops:?}");
     }
 

@@ -8,7 +8,7 @@
 //! the backward pass keeps only the pre-activation and each pixel's mean and 1 / deviation.
 
 use crate::activation::Activation;
-use crate::cpu_kernels::{slice, widest_simd, Float, SameShapeKernel};
+use crate::cpu_kernels::{slice, Float, SameShapeKernel};
 use crate::feed_forward::{feed_forward, Linear};
 use crate::linear::Matrix;
 use candle_core::backend::BackendStorage;
@@ -91,12 +91,7 @@ pub fn normalized_feed_forward(
         })
         .transpose()?;
     let op = NormalizedFeedForward {
-        norm_weight: values(norm.weight)?,
-        norm_bias: match norm.bias {
-            Some(b) => values(b)?,
-            None => vec![0.0; c],
-        },
-        eps: norm.eps,
+        norm: crate::layer_norm::ChannelNormKernel::of(norm.weight, norm.bias, norm.eps, c)?,
         first_weight: first.weight.contiguous()?,
         first_bias: first.bias.map(values).transpose()?,
         activation,
@@ -111,9 +106,7 @@ pub fn normalized_feed_forward(
 /// The op on `x`; its weights are constants it holds, and it keeps what its backward pass
 /// needs from its forward pass (freed with the graph that holds the op).
 struct NormalizedFeedForward {
-    norm_weight: Vec<f64>,
-    norm_bias: Vec<f64>,
-    eps: f64,
+    norm: crate::layer_norm::ChannelNormKernel,
     first_weight: Tensor,
     first_bias: Option<Vec<f64>>,
     activation: Activation,
@@ -157,40 +150,6 @@ fn with_weights<T: Float, R>(
 }
 
 impl NormalizedFeedForward {
-    /// Image `a` (`C x P`) normalised over its channels with the layer's scale and shift, and
-    /// each pixel's mean and 1 / deviation.
-    fn normalise<T: Float>(&self, a: &[T], p: usize, y: &mut [T], mean: &mut [T], inv: &mut [T]) {
-        let c = self.norm_weight.len();
-        widest_simd(
-            #[inline(always)]
-            || {
-                let n = T::of(c as f64);
-                mean.fill(T::default());
-                for row in a.chunks_exact(p) {
-                    mean.iter_mut().zip(row).for_each(|(m, &v)| *m += v);
-                }
-                mean.iter_mut().for_each(|m| *m = *m / n);
-                inv.fill(T::default());
-                for row in a.chunks_exact(p) {
-                    for ((s, &v), &m) in inv.iter_mut().zip(row).zip(mean.iter()) {
-                        *s += (v - m) * (v - m);
-                    }
-                }
-                let eps = T::of(self.eps);
-                inv.iter_mut()
-                    .for_each(|s| *s = T::ONE / (*s / n + eps).sqrt());
-                for (k, (out, row)) in y.chunks_exact_mut(p).zip(a.chunks_exact(p)).enumerate() {
-                    let (w, b) = (T::of(self.norm_weight[k]), T::of(self.norm_bias[k]));
-                    for (((o, &v), &m), &s) in
-                        out.iter_mut().zip(row).zip(mean.iter()).zip(inv.iter())
-                    {
-                        *o = (v - m) * s * w + b;
-                    }
-                }
-            },
-        )
-    }
-
     fn run<T: Float>(
         &self,
         x: &[T],
@@ -218,7 +177,9 @@ impl NormalizedFeedForward {
         y.par_chunks_mut(c * p)
             .zip(mean.par_chunks_mut(p).zip(inv_std.par_chunks_mut(p)))
             .enumerate()
-            .for_each(|(i, (y, (mean, inv)))| self.normalise(image(x, i, c * p), p, y, mean, inv));
+            .for_each(|(i, (y, (mean, inv)))| {
+                self.norm.normalise(image(x, i, c * p), p, y, mean, inv)
+            });
         let bias_rows = |out: &mut [T], bias: &Option<Vec<f64>>, width: usize| {
             if let Some(b) = bias {
                 let b: Vec<T> = b.iter().map(|&v| T::of(v)).collect();
@@ -332,49 +293,9 @@ impl NormalizedFeedForward {
             .enumerate()
             .for_each(|(i, grad)| {
                 let (mean, inv) = (image(mean, i, p), image(inv_std, i, p));
-                self.normalise_backward(grad, image(x, i, c * p), p, mean, inv);
+                self.norm.backward(grad, image(x, i, c * p), p, mean, inv);
             });
         Ok(grad)
-    }
-
-    /// `dx = inv_std (g w - mean_C(g w) - x_hat mean_C(g w x_hat))` at every pixel, over `g`.
-    fn normalise_backward<T: Float>(&self, g: &mut [T], a: &[T], p: usize, mean: &[T], inv: &[T]) {
-        let c = self.norm_weight.len();
-        widest_simd(
-            #[inline(always)]
-            || {
-                let n = T::of(c as f64);
-                let mut sum_g = vec![T::default(); p];
-                let mut sum_gx = vec![T::default(); p];
-                for (k, (g, row)) in g.chunks_exact_mut(p).zip(a.chunks_exact(p)).enumerate() {
-                    let w = T::of(self.norm_weight[k]);
-                    for ((((g, &v), &m), &s), (sg, sgx)) in g
-                        .iter_mut()
-                        .zip(row)
-                        .zip(mean)
-                        .zip(inv)
-                        .zip(sum_g.iter_mut().zip(sum_gx.iter_mut()))
-                    {
-                        *g = *g * w;
-                        *sg += *g;
-                        *sgx += *g * (v - m) * s;
-                    }
-                }
-                for (g, row) in g.chunks_exact_mut(p).zip(a.chunks_exact(p)) {
-                    for (((((g, &v), &m), &s), &sg), &sgx) in g
-                        .iter_mut()
-                        .zip(row)
-                        .zip(mean)
-                        .zip(inv)
-                        .zip(&sum_g)
-                        .zip(&sum_gx)
-                    {
-                        let x_hat = (v - m) * s;
-                        *g = s * (*g - sg / n - x_hat * (sgx / n));
-                    }
-                }
-            },
-        )
     }
 }
 

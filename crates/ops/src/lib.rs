@@ -32,7 +32,8 @@
 //! - [`channel_feed_forward`]: ConvNeXt's block after its depthwise convolution (LayerNorm over
 //!   the channels, feed-forward, per-channel scale) on `N x C x H x W` as one op.
 //! - [`linear`]: `x W` by a constant weight, whose backward computes the input's gradient only.
-//! - [`layer_norm`]: layer normalisation over the last axis, one op with its own backward.
+//! - [`layer_norm`]: layer normalisation over the last axis or the channels, one op with its own
+//!   backward.
 //! - [`pool`]: max-pooling with a working backward pass; global average pooling.
 //! - [`resize`]: differentiable bilinear resizing, on every device.
 //! - [`softmax`]: softmax over the last axis, one op whose backward reads only its output.

@@ -120,6 +120,11 @@ pub(crate) const FUSED_FEED_FORWARD: &str = "vulnmap.FeedForward";
 /// W1, b1, W2, b2, scale` (the biases and the scale optional), attributes `activation`, `epsilon`.
 pub(crate) const FUSED_NORMALIZED_FEED_FORWARD: &str = "vulnmap.NormalizedFeedForward";
 
+/// What `Transpose(0, 2, 3, 1) -> LayerNormalization(-1) -> Transpose(0, 3, 1, 2)` (a LayerNorm
+/// over the channels, ConvNeXt's `LayerNorm2d`) becomes when fused: the LayerNormalization's
+/// inputs and `epsilon`.
+pub(crate) const FUSED_CHANNEL_LAYER_NORM: &str = "vulnmap.ChannelLayerNorm";
+
 /// What `MatMul(a, b) -> Softmax -> MatMul(weights, v)` (attention) becomes when fused: inputs
 /// `a, b, v`.
 pub(crate) const FUSED_ATTENTION: &str = "vulnmap.Attention";
@@ -267,6 +272,12 @@ pub(crate) fn eval(
         "InstanceNormalization" => one(nn::instance_norm(&inputs, attrs)?),
         "GroupNormalization" => one(nn::group_norm(&inputs, attrs)?),
         "LayerNormalization" => nn::layer_norm(&inputs, attrs, outputs),
+        FUSED_CHANNEL_LAYER_NORM => one(vulnmap_ops::layer_norm::layer_norm_channels(
+            inputs.req(0)?,
+            &inputs.req(1)?.flatten_all()?,
+            inputs.opt(2).map(|b| b.flatten_all()).transpose()?.as_ref(),
+            attrs.float("epsilon", 1e-5) as f64,
+        )?),
         "MaxPool" => one(nn::max_pool(&inputs, attrs, outputs)?),
         "AveragePool" => one(nn::average_pool(&inputs, attrs)?),
         "GlobalAveragePool" => one(inputs.req(0)?.mean_keepdim(2)?.mean_keepdim(3)?),
