@@ -31,6 +31,8 @@
 //!   one op that keeps only the pre-activation.
 //! - [`channel_feed_forward`]: ConvNeXt's block after its depthwise convolution (LayerNorm over
 //!   the channels, feed-forward, per-channel scale) on `N x C x H x W` as one op.
+//! - [`channel_gate`]: a feature map times one gate per image and channel (squeeze-and-excitation)
+//!   as one op with both gradients.
 //! - [`linear`]: `x W` by a constant weight, whose backward computes the input's gradient only.
 //! - [`layer_norm`]: layer normalisation over the last axis or the channels, one op with its own
 //!   backward.
@@ -50,6 +52,7 @@ pub mod attention;
 pub mod batch_norm;
 pub mod channel_affine;
 pub mod channel_feed_forward;
+pub mod channel_gate;
 pub mod conv;
 pub mod conv_grad;
 pub mod cpu_kernels;

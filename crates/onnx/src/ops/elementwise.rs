@@ -14,7 +14,7 @@ pub(super) fn eval(op: &str, inputs: &Inputs, attrs: Attrs, ctx: Context) -> Res
     match op {
         "Add" => x.broadcast_add(inputs.req(1)?),
         "Sub" => x.broadcast_sub(inputs.req(1)?),
-        "Mul" => x.broadcast_mul(inputs.req(1)?),
+        "Mul" => multiply(x, inputs.req(1)?),
         "Div" => x.broadcast_div(inputs.req(1)?),
         "Pow" => pow(x, inputs.req(1)?),
         "Mod" => modulo(x, inputs.req(1)?, attrs.int("fmod", 0) != 0),
@@ -60,6 +60,22 @@ pub(super) fn eval(op: &str, inputs: &Inputs, attrs: Attrs, ctx: Context) -> Res
             "operator `{other}` is not supported; supported: {}",
             super::SUPPORTED.join(", ")
         ),
+    }
+}
+
+/// `Mul`: a feature map times one value per image and channel (a squeeze-and-excitation gate,
+/// either way round) as one [`vulnmap_ops::channel_gate`] op, any other product broadcast.
+fn multiply(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let gates = |x: &Tensor, g: &Tensor| match (x.dims(), g.dims()) {
+        ([n, c, _, _], [gn, gc, 1, 1]) => n == gn && c == gc,
+        _ => false,
+    };
+    if gates(a, b) {
+        vulnmap_ops::channel_gate::channel_gate(a, b)
+    } else if gates(b, a) {
+        vulnmap_ops::channel_gate::channel_gate(b, a)
+    } else {
+        a.broadcast_mul(b)
     }
 }
 

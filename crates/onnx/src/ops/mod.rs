@@ -280,7 +280,9 @@ pub(crate) fn eval(
         )?),
         "MaxPool" => one(nn::max_pool(&inputs, attrs, outputs)?),
         "AveragePool" => one(nn::average_pool(&inputs, attrs)?),
-        "GlobalAveragePool" => one(inputs.req(0)?.mean_keepdim(2)?.mean_keepdim(3)?),
+        // Both axes in one reduction: candle sums trailing contiguous axes as rows, fast; one
+        // axis at a time took its strided path, an index computation per element.
+        "GlobalAveragePool" => one(inputs.req(0)?.mean_keepdim((2, 3))?),
         "GlobalMaxPool" => one(inputs.req(0)?.max_keepdim(2)?.max_keepdim(3)?),
         "Gemm" => one(nn::gemm(&inputs, attrs)?),
         "MatMul" => one(nn::matmul(inputs.req(0)?, inputs.req(1)?)?),

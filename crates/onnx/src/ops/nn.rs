@@ -752,13 +752,17 @@ pub(super) fn reduce(op: &str, inputs: &Inputs, attrs: Attrs, ctx: Context) -> R
     } else {
         x.clone()
     };
-    for &a in axes.iter().rev() {
-        y = match op {
-            "ReduceMean" => y.mean_keepdim(a)?,
-            "ReduceSum" | "ReduceL2" => y.sum_keepdim(a)?,
-            _ => y.max_keepdim(a)?,
-        };
-    }
+    // Sums and means over all axes at once (candle's fast path when they are the trailing ones).
+    y = match op {
+        "ReduceMean" => y.mean_keepdim(axes.clone())?,
+        "ReduceSum" | "ReduceL2" => y.sum_keepdim(axes.clone())?,
+        _ => {
+            for &a in axes.iter().rev() {
+                y = y.max_keepdim(a)?;
+            }
+            y
+        }
+    };
     if op == "ReduceL2" {
         y = y.sqrt()?;
     }
