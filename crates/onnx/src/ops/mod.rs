@@ -283,7 +283,11 @@ pub(crate) fn eval(
         // Both axes in one reduction: candle sums trailing contiguous axes as rows, fast; one
         // axis at a time took its strided path, an index computation per element.
         "GlobalAveragePool" => one(inputs.req(0)?.mean_keepdim((2, 3))?),
-        "GlobalMaxPool" => one(inputs.req(0)?.max_keepdim(2)?.max_keepdim(3)?),
+        "GlobalMaxPool" => {
+            let x = inputs.req(0)?;
+            let (n, c, _, _) = x.dims4()?;
+            one(x.flatten_from(2)?.max_keepdim(2)?.reshape((n, c, 1, 1))?)
+        }
         "Gemm" => one(nn::gemm(&inputs, attrs)?),
         "MatMul" => one(nn::matmul(inputs.req(0)?, inputs.req(1)?)?),
         "Einsum" => one(nn::einsum(&attrs.string("equation", ""), &inputs.all())?),

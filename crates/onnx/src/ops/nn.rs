@@ -1126,4 +1126,42 @@ mod tests {
         let y = resize(&Inputs(&inputs), Attrs(&[]), ctx).unwrap();
         assert_eq!(y.dims(), &[1, 3, 8, 2]);
     }
+
+    /// The global pools and reductions over several axes at once equal those axes reduced one at
+    /// a time.
+    #[test]
+    fn global_pools_and_reductions_equal_one_axis_at_a_time() {
+        let dev = Device::Cpu;
+        let ctx = Context {
+            opset: 18,
+            guided: false,
+            device: &dev,
+        };
+        let x = Tensor::randn(0f64, 1.0, (2, 3, 5, 7), &dev).unwrap();
+        let eval = |op: &str, inputs: &[Option<&Tensor>], attrs: &[AttributeProto]| {
+            super::super::eval(op, Attrs(attrs), inputs, 1, ctx)
+                .unwrap()
+                .remove(0)
+        };
+        let axes = Tensor::new(&[2i64, 3], &dev).unwrap();
+        let mean = x.mean_keepdim(3).unwrap().mean_keepdim(2).unwrap();
+        let sum = x.sum_keepdim(3).unwrap().sum_keepdim(2).unwrap();
+        let max = x.max_keepdim(3).unwrap().max_keepdim(2).unwrap();
+        let cases = [
+            (eval("GlobalAveragePool", &[Some(&x)], &[]), &mean),
+            (eval("GlobalMaxPool", &[Some(&x)], &[]), &max),
+            (eval("ReduceMean", &[Some(&x), Some(&axes)], &[]), &mean),
+            (eval("ReduceSum", &[Some(&x), Some(&axes)], &[]), &sum),
+        ];
+        for (got, want) in cases {
+            assert_eq!(got.dims(), want.dims());
+            assert!(max_diff(&got, want) < 1e-12);
+        }
+        let kept = eval(
+            "ReduceMean",
+            &[Some(&x), Some(&axes)],
+            &[attr_int("keepdims", 0)],
+        );
+        assert_eq!(kept.dims(), &[2, 3]);
+    }
 }
