@@ -27,7 +27,9 @@
 //! - `graph`: the file as numbered values and nodes; unknown operators refused by name.
 //! - `ops`: the operators (`ops/elementwise`, `ops/shape`, `ops/nn`), differentiable.
 //! - `fold`: constant folding at load time.
-//! - `fuse`: BatchNorm folded into convolutions; convolution, residual Add and Relu fused.
+//! - `fuse`: BatchNorm folded into convolutions; convolution, residual Add and Relu fused; the
+//!   exported forms of GELU, SiLU, linear layers, feed-forward blocks, ConvNeXt's blocks, channel
+//!   LayerNorms and attention as one op each.
 //! - `model`: [`OnnxClassifier`], its per-input-size plans and the `Classifier` contract.
 //! - `error`: [`Error`].
 //!
