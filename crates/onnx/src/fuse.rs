@@ -3,12 +3,13 @@
 //! convolution's following residual Add and Relu become one [`FUSED_CONV`] node (one op, one
 //! activation, the backward of `vulnmap_ops::fused_conv`). A `MatMul` by a constant weight and
 //! the `Add` of a constant bias after it become one [`FUSED_LINEAR`] node (the bias is added
-//! inside the GEMM; neither gets a gradient), and two of them with an activation between become one
-//! [`FUSED_FEED_FORWARD`] node, which keeps only the pre-activation; ConvNeXt's transposes,
+//! inside the GEMM; neither gets a gradient), and two of them with an activation between become
+//! one [`FUSED_FEED_FORWARD`] node, which keeps only the pre-activation. ConvNeXt's transposes,
 //! LayerNorm, feed-forward block and layer scale become one [`FUSED_NORMALIZED_FEED_FORWARD`]
 //! node on the channels-first layout, and the transposes around any other LayerNorm over the
-//! channels disappear into one [`FUSED_CHANNEL_LAYER_NORM`] node. Attention's `MatMul -> Softmax -> MatMul` becomes
-//! one [`FUSED_ATTENTION`] node, which keeps neither the scores nor the weights.
+//! channels disappear into one [`FUSED_CHANNEL_LAYER_NORM`] node. Attention's `MatMul -> Softmax
+//! -> MatMul` becomes one [`FUSED_ATTENTION`] node, which keeps neither the scores nor the
+//! weights.
 //!
 //! Only values read by exactly one node disappear, so every other tensor a user can name (as a
 //! Grad-CAM layer) stays.
