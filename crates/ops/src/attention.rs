@@ -5,10 +5,11 @@
 //! `L x M` matrices per head and image, a vision transformer's largest tensors) until the backward
 //! pass ends. Here only the inputs are kept, for one more product `a b` in the backward pass.
 
-use crate::cpu_kernels::slice;
-use crate::softmax::{softmax_last_dim, softmax_last_dim_backward};
+use crate::cpu_kernels::{slice, Float};
+use crate::linear::Matrix;
+use crate::softmax::{softmax_last_dim, softmax_last_dim_backward, softmax_rows};
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 
 /// `softmax(a b) v`: `a` is `... x L x d`, `b` `... x d x M`, `v` `... x M x e`, with the same
 /// leading dimensions (an attention's queries, transposed keys and values, the scale already in
@@ -55,14 +56,36 @@ fn weights(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     softmax_last_dim(&a.detach().matmul(&b.detach())?)
 }
 
-/// A storage's contiguous elements as a tensor of their own (kernels here run on tensors).
-fn tensor(s: &CpuStorage, l: &Layout) -> Result<Tensor> {
-    let what = "attention";
-    match s.dtype() {
-        DType::F32 => Tensor::from_slice(slice::<f32>(s, l, what)?, l.shape(), &Device::Cpu),
-        DType::F64 => Tensor::from_slice(slice::<f64>(s, l, what)?, l.shape(), &Device::Cpu),
-        other => candle_core::bail!("{what}: f32 or f64, not {other:?}"),
+/// `softmax(a b) v` for each of the batch's matrices (`a` is `batch x L x d`, `b` `batch x d x
+/// M`, `v` `batch x M x e`, row-major): two GEMMs and a softmax per matrix, on the storages
+/// themselves, the scores of one matrix at a time.
+fn forward<T: Float>(
+    (a, b, v): (&[T], &[T], &[T]),
+    (l, d, m, e): (usize, usize, usize, usize),
+) -> Result<Vec<T>> {
+    let batch = a.len().checked_div(l * d).unwrap_or(0);
+    let mut out = vec![T::default(); batch * l * e];
+    if out.is_empty() {
+        return Ok(out);
     }
+    let mut scores = vec![T::default(); l * m];
+    for (i, out) in out.chunks_mut(l * e).enumerate() {
+        let a = Matrix::new(&a[i * l * d..], (l, d), (d, 1))?;
+        a.product_into(
+            &Matrix::new(&b[i * d * m..], (d, m), (m, 1))?,
+            &mut scores,
+            (m, 1),
+            false,
+        )?;
+        let weights = softmax_rows(&scores, m);
+        Matrix::new(&weights, (l, m), (m, 1))?.product_into(
+            &Matrix::new(&v[i * m * e..], (m, e), (e, 1))?,
+            out,
+            (e, 1),
+            false,
+        )?;
+    }
+    Ok(out)
 }
 
 struct Attention;
@@ -81,14 +104,37 @@ impl CustomOp3 for Attention {
         v: &CpuStorage,
         vl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let out = weights(&tensor(a, al)?, &tensor(b, bl)?)?.matmul(&tensor(v, vl)?)?;
-        let shape = out.shape().clone();
-        let out = out.flatten_all()?;
-        let storage = match out.dtype() {
-            DType::F32 => CpuStorage::F32(out.to_vec1()?),
-            _ => CpuStorage::F64(out.to_vec1()?),
+        let what = "attention";
+        let (l, d) = (
+            al.dims()[al.dims().len() - 2],
+            al.dims()[al.dims().len() - 1],
+        );
+        let (m, e) = (
+            bl.dims()[bl.dims().len() - 1],
+            vl.dims()[vl.dims().len() - 1],
+        );
+        let out = match a.dtype() {
+            DType::F32 => CpuStorage::F32(forward(
+                (
+                    slice(a, al, what)?,
+                    slice(b, bl, what)?,
+                    slice(v, vl, what)?,
+                ),
+                (l, d, m, e),
+            )?),
+            DType::F64 => CpuStorage::F64(forward(
+                (
+                    slice(a, al, what)?,
+                    slice(b, bl, what)?,
+                    slice(v, vl, what)?,
+                ),
+                (l, d, m, e),
+            )?),
+            other => candle_core::bail!("{what}: f32 or f64, not {other:?}"),
         };
-        Ok((storage, shape))
+        let mut dims = al.dims().to_vec();
+        *dims.last_mut().expect("rank >= 2") = e;
+        Ok((out, Shape::from(dims)))
     }
 
     /// With `p = softmax(a b)`: `dv = pᵀ g`, `dp = g vᵀ`, `ds` = softmax's backward of `dp`,
@@ -118,7 +164,7 @@ impl CustomOp3 for Attention {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Var;
+    use candle_core::{Device, Var};
     use vulnmap_testkit::max_diff;
 
     #[test]

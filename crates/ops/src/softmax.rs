@@ -39,6 +39,11 @@ pub fn by_tensor_ops(x: &Tensor) -> Result<Tensor> {
     exp.broadcast_div(&exp.sum_keepdim(last)?)
 }
 
+/// The softmax of each row of `inner` values of `x`, outside any graph.
+pub(crate) fn softmax_rows<T: Float>(x: &[T], inner: usize) -> Vec<T> {
+    Softmax { inner }.forward(x)
+}
+
 struct Softmax {
     inner: usize,
 }
