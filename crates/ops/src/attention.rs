@@ -105,14 +105,8 @@ impl CustomOp3 for Attention {
         vl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let what = "attention";
-        let (l, d) = (
-            al.dims()[al.dims().len() - 2],
-            al.dims()[al.dims().len() - 1],
-        );
-        let (m, e) = (
-            bl.dims()[bl.dims().len() - 1],
-            vl.dims()[vl.dims().len() - 1],
-        );
+        let (l, d) = (al.shape().dim(D::Minus2)?, al.shape().dim(D::Minus1)?);
+        let (m, e) = (bl.shape().dim(D::Minus1)?, vl.shape().dim(D::Minus1)?);
         let out = match a.dtype() {
             DType::F32 => CpuStorage::F32(forward(
                 (

@@ -8,7 +8,7 @@
 //! the backward pass keeps only the pre-activation and each pixel's mean and 1 / deviation.
 
 use crate::activation::Activation;
-use crate::cpu_kernels::{slice, Float, SameShapeKernel};
+use crate::cpu_kernels::{constant_values, slice, Float, SameShapeKernel};
 use crate::feed_forward::{feed_forward, Linear};
 use crate::linear::Matrix;
 use candle_core::backend::BackendStorage;
@@ -71,10 +71,8 @@ pub fn normalized_feed_forward(
             None => Ok(y),
         };
     }
-    let values = |t: &Tensor| -> Result<Vec<f64>> {
-        t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()
-    };
-    let scale_values = scale.map(values).transpose()?;
+    let hidden = first.weight.dim(1)?;
+    let scale_values = scale.map(|s| constant_values(s, m, WHAT)).transpose()?;
     // The scale folded into the second layer: `(h W2 + b2) s = h (W2 s) + b2 s`.
     let second_weight = match scale {
         Some(s) => second.weight.broadcast_mul(&s.reshape((1, m))?)?,
@@ -83,7 +81,7 @@ pub fn normalized_feed_forward(
     let second_bias = second
         .bias
         .map(|b| -> Result<Vec<f64>> {
-            let mut b = values(b)?;
+            let mut b = constant_values(b, m, WHAT)?;
             if let Some(s) = &scale_values {
                 b.iter_mut().zip(s).for_each(|(b, s)| *b *= s);
             }
@@ -93,7 +91,10 @@ pub fn normalized_feed_forward(
     let op = NormalizedFeedForward {
         norm: crate::layer_norm::ChannelNormKernel::of(norm.weight, norm.bias, norm.eps, c)?,
         first_weight: first.weight.contiguous()?,
-        first_bias: first.bias.map(values).transpose()?,
+        first_bias: first
+            .bias
+            .map(|b| constant_values(b, hidden, WHAT))
+            .transpose()?,
         activation,
         second_weight,
         second_bias,

@@ -2,7 +2,7 @@
 //! views of candle's storages, so each kernel is written once, generic over the float type.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, Layout, Result};
+use candle_core::{CpuStorage, DType, Layout, Result, Tensor};
 
 /// A float type the CPU kernels handle (f32 and f64).
 pub trait Float:
@@ -151,6 +151,19 @@ pub fn slice<'a, T: Float>(
             storage.dtype()
         ),
     }
+}
+
+/// A constant parameter's values in f64, as the kernels hold biases, scales and shifts, or an
+/// error naming the op (`what`) when it does not hold `len` of them.
+pub(crate) fn constant_values(t: &Tensor, len: usize, what: &str) -> Result<Vec<f64>> {
+    let values = t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+    if values.len() != len {
+        candle_core::bail!(
+            "{what}: a parameter of {} values, expected {len}",
+            values.len()
+        );
+    }
+    Ok(values)
 }
 
 /// The elements of a contiguous tensor's storage, or an error naming the op (`what`) that

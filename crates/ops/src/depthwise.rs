@@ -5,7 +5,7 @@
 //! pass: gigabytes per layer for a batch of ImageNet images. Here the forward and both gradients
 //! are direct loops over each channel plane, and only the input and weights are kept.
 
-use crate::cpu_kernels::{slice, widest_simd, Float};
+use crate::cpu_kernels::{constant_values, slice, widest_simd, Float};
 use crate::fused_conv::{epilogue_by_tensor_ops, Epilogue, ReluMask};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
@@ -70,7 +70,7 @@ pub fn depthwise_conv2d_fused(
             let y = depthwise_conv2d_fused(x, weight, plain, stride)?;
             return epilogue_by_tensor_ops(y, epilogue);
         }
-        Some(b) => Some(b.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?),
+        Some(b) => Some(constant_values(b, weight.dim(0)?, WHAT)?),
         None => None,
     };
     let op = Depthwise {

@@ -8,7 +8,7 @@
 //! layers whose weights need no gradient.
 
 use crate::activation::Activation;
-use crate::cpu_kernels::{slice, Float, SameShapeKernel};
+use crate::cpu_kernels::{constant_values, slice, Float, SameShapeKernel};
 use crate::linear::{matmul_by_constant, Matrix};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
@@ -62,13 +62,12 @@ pub fn feed_forward(
             w.contiguous()
         }
     };
-    let values = |b: Option<&Tensor>| -> Result<Option<Vec<f64>>> {
-        b.map(|b| b.to_dtype(DType::F64)?.to_vec1::<f64>())
-            .transpose()
+    let values = |b: Option<&Tensor>, w: &Tensor| -> Result<Option<Vec<f64>>> {
+        b.map(|b| constant_values(b, w.dim(1)?, WHAT)).transpose()
     };
     let op = FeedForward {
-        first_bias: values(first.bias)?,
-        second_bias: values(second.bias)?,
+        first_bias: values(first.bias, w1)?,
+        second_bias: values(second.bias, w2)?,
         activation,
         pre_activation: Mutex::new(None),
         keep: x.track_op(),

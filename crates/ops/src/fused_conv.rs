@@ -12,7 +12,7 @@
 //! tensor ops.
 
 use crate::conv_grad::{conv2d, Geometry};
-use crate::cpu_kernels::{slice, Float};
+use crate::cpu_kernels::{constant_values, slice, Float};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
@@ -59,7 +59,7 @@ pub fn conv2d_fused(
         padding,
     )?;
     let bias = match epilogue.bias {
-        Some(b) => Some(b.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?),
+        Some(b) => Some(constant_values(b, w.dim(0)?, "convolution's bias")?),
         None => None,
     };
     let node = FusedConv {

@@ -6,7 +6,7 @@
 //! intermediate tensors and its gradient allocates as many again; ConvNeXt and ViT normalise
 //! every block.
 
-use crate::cpu_kernels::{widest_simd, Float, SameShape, SameShapeKernel};
+use crate::cpu_kernels::{constant_values, widest_simd, Float, SameShape, SameShapeKernel};
 use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;
 
@@ -19,13 +19,7 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) 
     if !cpu || tracked {
         return by_tensor_ops(x, weight, bias, eps);
     }
-    let values = |t: &Tensor| -> Result<Vec<f64>> {
-        let v = t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
-        if v.len() != inner {
-            candle_core::bail!("layer norm: {} values for a last axis of {inner}", v.len());
-        }
-        Ok(v)
-    };
+    let values = |t: &Tensor| constant_values(t, inner, "layer norm over the last axis");
     let op = LayerNorm {
         inner,
         weight: values(weight)?,
@@ -147,13 +141,7 @@ pub(crate) struct ChannelNormKernel {
 impl ChannelNormKernel {
     /// The parameters of a LayerNorm over `c` channels, or an error if they have other sizes.
     pub(crate) fn of(weight: &Tensor, bias: Option<&Tensor>, eps: f64, c: usize) -> Result<Self> {
-        let values = |t: &Tensor| -> Result<Vec<f64>> {
-            let v = t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
-            if v.len() != c {
-                candle_core::bail!("layer norm: {} values for {c} channels", v.len());
-            }
-            Ok(v)
-        };
+        let values = |t: &Tensor| constant_values(t, c, "layer norm over the channels");
         Ok(Self {
             weight: values(weight)?,
             bias: match bias {

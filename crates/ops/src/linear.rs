@@ -5,7 +5,7 @@
 //! as large as the forward's for every linear layer of a ViT or ConvNeXt, whose weights are
 //! constants when a pretrained classifier is explained or attacked.
 
-use crate::cpu_kernels::Float;
+use crate::cpu_kernels::{constant_values, Float};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
@@ -53,7 +53,7 @@ pub fn matmul_by_constant(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Resu
         w.contiguous()?
     };
     let bias = match bias {
-        Some(b) => Some(b.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?),
+        Some(b) => Some(constant_values(b, w.dim(1)?, "linear layer's bias")?),
         None => None,
     };
     x.contiguous()?.apply_op2(&w, ByConstant { bias })
