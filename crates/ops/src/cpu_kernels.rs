@@ -36,14 +36,19 @@ pub trait Float:
     fn storage(values: Vec<Self>) -> CpuStorage;
 }
 
+// The small methods are `#[inline(always)]`: other crates' loops call them per element (Adam's
+// update in vulnmap-train), and as calls they kept those loops scalar.
 impl Float for f32 {
     const ONE: Self = 1.0;
+    #[inline(always)]
     fn of(x: f64) -> Self {
         x as f32
     }
+    #[inline(always)]
     fn widen(self) -> f64 {
         self as f64
     }
+    #[inline(always)]
     fn sqrt(self) -> Self {
         f32::sqrt(self)
     }
@@ -68,18 +73,23 @@ impl Float for f32 {
 
 impl Float for f64 {
     const ONE: Self = 1.0;
+    #[inline(always)]
     fn of(x: f64) -> Self {
         x
     }
+    #[inline(always)]
     fn widen(self) -> f64 {
         self
     }
+    #[inline(always)]
     fn sqrt(self) -> Self {
         f64::sqrt(self)
     }
+    #[inline]
     fn exp(self) -> Self {
         libm::exp(self)
     }
+    #[inline]
     fn erf(self) -> Self {
         libm::erf(self)
     }
