@@ -180,7 +180,7 @@ pub fn load_with(
     crate::fuse::fuse_linear_biases(&mut graph);
     crate::fuse::fuse_batch_norm_relus(&mut graph);
     crate::fuse::fuse_feed_forward(&mut graph);
-    crate::fuse::fuse_normalized_feed_forward(&mut graph);
+    crate::fuse::fuse_normalized_feed_forward(&mut graph)?;
     crate::fuse::fuse_channel_layer_norms(&mut graph);
     crate::fuse::fuse_attention(&mut graph);
     crate::fold::drop_unread(&mut graph);
