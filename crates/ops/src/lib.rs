@@ -40,7 +40,8 @@
 //! - [`resize`]: differentiable bilinear resizing, on every device.
 //! - [`softmax`]: softmax over the last axis, one op whose backward reads only its output.
 //! - [`windows`]: padding and strided window views, the building block of pooling and depthwise convolution.
-//! - [`cpu_kernels`]: what the hand-written CPU kernels share (float types, contiguous views).
+//! - [`cpu_kernels`]: what the hand-written CPU kernels share (float types, contiguous views,
+//!   constant parameters' values).
 //!
 //! Cargo features:
 //! - `cuda`: candle's CUDA backend (the hand-written kernels are CPU kernels; on CUDA the ops use
