@@ -9,7 +9,8 @@
 //! node on the channels-first layout, and the transposes around any other LayerNorm over the
 //! channels disappear into one [`FUSED_CHANNEL_LAYER_NORM`] node. Attention's `MatMul -> Softmax
 //! -> MatMul` becomes one [`FUSED_ATTENTION`] node, which keeps neither the scores nor the
-//! weights.
+//! weights, and torchvision's whole self-attention block around it one [`FUSED_SELF_ATTENTION`]
+//! node, which keeps only the projected queries, keys and values.
 //!
 //! Only values read by exactly one node disappear, so every other tensor a user can name (as a
 //! Grad-CAM layer) stays.
@@ -18,7 +19,8 @@ use crate::error::Result;
 use crate::graph::{Graph, Node};
 use crate::ops::{
     batch_norm_affine, Attrs, FUSED_ATTENTION, FUSED_BN_RELU, FUSED_CHANNEL_LAYER_NORM, FUSED_CONV,
-    FUSED_FEED_FORWARD, FUSED_GELU, FUSED_LINEAR, FUSED_NORMALIZED_FEED_FORWARD, FUSED_SILU,
+    FUSED_FEED_FORWARD, FUSED_GELU, FUSED_LINEAR, FUSED_NORMALIZED_FEED_FORWARD,
+    FUSED_SELF_ATTENTION, FUSED_SILU,
 };
 use crate::proto::{attribute_type, AttributeProto};
 use candle_core::Tensor;
@@ -454,6 +456,233 @@ fn match_attention(
     Some((softmax, product, vec![Some(*a), Some(*b), Some(*v)]))
 }
 
+/// Fuses torchvision's exported self-attention (`nn.MultiheadAttention` with the same input as
+/// query, key and value) into one node: run after [`fuse_linear_biases`] and [`fuse_attention`].
+pub(crate) fn fuse_self_attention(graph: &mut Graph) {
+    let mut i = 0;
+    while i < graph.nodes.len() {
+        let Some((absorbed, inputs, scale)) = match_self_attention(graph, i) else {
+            i += 1;
+            continue;
+        };
+        let before = graph.nodes.clone();
+        let last = *absorbed.iter().max().expect("the closing transpose");
+        let mut vanished: Vec<usize> = absorbed
+            .iter()
+            .filter(|&&k| k != last)
+            .flat_map(|&k| graph.nodes[k].outputs.iter().flatten().copied())
+            .collect();
+        let attrs = scale
+            .map(|scale| AttributeProto {
+                name: "scale".into(),
+                r#type: attribute_type::FLOAT,
+                f: scale,
+                ..Default::default()
+            })
+            .into_iter()
+            .collect();
+        let fused = Node {
+            name: graph.nodes[last].name.clone(),
+            op_type: FUSED_SELF_ATTENTION.to_string(),
+            attrs,
+            inputs,
+            outputs: graph.nodes[last].outputs.clone(),
+        };
+        // The fused node takes the last absorbed node's place (its readers come after it).
+        graph.nodes[last] = fused;
+        let mut gone: Vec<usize> = absorbed.into_iter().filter(|&k| k != last).collect();
+        gone.sort_unstable();
+        for k in gone.into_iter().rev() {
+            graph.nodes.remove(k);
+        }
+        // The shape arithmetic that read the block's intermediates (their reshape targets) goes
+        // with them; if anything else needed it, the block stays as it was.
+        let mut k = 0;
+        while k < graph.nodes.len() {
+            let node = &graph.nodes[k];
+            if node.inputs.iter().flatten().any(|v| vanished.contains(v)) {
+                vanished.extend(node.outputs.iter().flatten().copied());
+                graph.nodes.remove(k);
+            } else {
+                k += 1;
+            }
+        }
+        let kept = graph
+            .nodes
+            .iter()
+            .any(|n| n.op_type == FUSED_SELF_ATTENTION && n.outputs == before[last].outputs);
+        if !kept || vanished.contains(&graph.output) {
+            graph.nodes = before;
+            i += 1;
+        }
+    }
+}
+
+/// How many nodes read each value, not counting `Shape` nodes (which read no elements), and
+/// the graph's output as one more.
+fn data_readers(graph: &Graph) -> Vec<usize> {
+    let mut count = vec![0; graph.names.len()];
+    for node in graph.nodes.iter().filter(|n| n.op_type != "Shape") {
+        for v in node.inputs.iter().flatten() {
+            count[*v] += 1;
+        }
+    }
+    count[graph.output] += 1;
+    count
+}
+
+/// Whether `value` is computed from constants and the shape of `shaped` only.
+fn from_shape_of(graph: &Graph, value: usize, shaped: usize) -> bool {
+    if graph.constants[value].is_some() {
+        return true;
+    }
+    let Some(node) = graph
+        .nodes
+        .iter()
+        .find(|n| n.outputs.contains(&Some(value)))
+    else {
+        return false;
+    };
+    if node.op_type == "Shape" {
+        return node.inputs.first() == Some(&Some(shaped));
+    }
+    node.inputs
+        .iter()
+        .flatten()
+        .all(|&v| from_shape_of(graph, v, shaped))
+}
+
+/// The sole reader of node `i`'s only output, if it is an `op_type` node reading it first.
+/// `Shape` nodes reading it are not counted (`readers` from [`data_readers`]).
+fn follow(graph: &Graph, readers: &[usize], i: usize, op_type: &str) -> Option<usize> {
+    let out = only_output(&graph.nodes[i])?;
+    (readers[out] == 1).then_some(())?;
+    let j = graph
+        .nodes
+        .iter()
+        .position(|n| n.op_type != "Shape" && n.inputs.contains(&Some(out)))?;
+    let node = &graph.nodes[j];
+    (node.op_type == op_type && node.inputs.first() == Some(&Some(out))).then_some(j)
+}
+
+/// The nodes a self-attention block absorbs, the fused node's inputs, and its constant scale.
+type SelfAttentionMatch = (Vec<usize>, Vec<Option<usize>>, Option<f32>);
+
+/// Node `i` as the `Transpose(1, 0, 2)` that opens torchvision's self-attention (tokens first):
+/// the block's nodes after it, the fused node's inputs (the transpose's input first) and the
+/// scale if the export's was a constant. Each intermediate value must have no reader outside the
+/// block but `Shape` nodes. The transpose stays: the reshape targets read its shape.
+fn match_self_attention(graph: &Graph, i: usize) -> Option<SelfAttentionMatch> {
+    let readers = &data_readers(graph);
+    let open = &graph.nodes[i];
+    transpose(open, &[1, 0, 2]).then_some(())?;
+    let x = (*open.inputs.first()?)?;
+    // The in-projection, then `Reshape -> Unsqueeze(0) -> Transpose -> Squeeze(3)` splitting it
+    // into queries, keys and values on a new first axis.
+    let projection = follow(graph, readers, i, FUSED_LINEAR)?;
+    let [_, Some(w_in), b_in] = graph.nodes[projection].inputs.as_slice() else {
+        return None;
+    };
+    let reshape = follow(graph, readers, projection, "Reshape")?;
+    let unsqueeze = follow(graph, readers, reshape, "Unsqueeze")?;
+    let split = follow(graph, readers, unsqueeze, "Transpose")?;
+    transpose(&graph.nodes[split], &[3, 1, 2, 0, 4]).then_some(())?;
+    let squeeze = follow(graph, readers, split, "Squeeze")?;
+    let parts = only_output(&graph.nodes[squeeze])?;
+    (readers[parts] == 3).then_some(())?;
+    let mut gathers = [None; 3];
+    for (j, node) in graph.nodes.iter().enumerate() {
+        if node.inputs.first() != Some(&Some(parts)) {
+            continue;
+        }
+        let index = scalar(graph, node.inputs.get(1).copied().flatten())?;
+        let slot = gathers
+            .get_mut(index as usize)
+            .filter(|_| index.fract() == 0.0)?;
+        (node.op_type == "Gather" && Attrs(&node.attrs).int("axis", 0) == 0 && slot.is_none())
+            .then_some(())?;
+        *slot = Some(j);
+    }
+    let [Some(gq), Some(gk), Some(gv)] = gathers else {
+        return None;
+    };
+    // Each of them `Reshape(L, N H, d) -> Transpose(1, 0, 2) -> Reshape(N, H, L, d)`.
+    let heads = |g: usize| -> Option<[usize; 3]> {
+        let first = follow(graph, readers, g, "Reshape")?;
+        let swap = follow(graph, readers, first, "Transpose")?;
+        transpose(&graph.nodes[swap], &[1, 0, 2]).then_some(())?;
+        Some([first, swap, follow(graph, readers, swap, "Reshape")?])
+    };
+    let (q, k, v) = (heads(gq)?, heads(gk)?, heads(gv)?);
+    // The queries and the transposed keys scaled, then the fused attention.
+    let q_scale = follow(graph, readers, q[2], "Mul")?;
+    let k_swap = follow(graph, readers, k[2], "Transpose")?;
+    transpose(&graph.nodes[k_swap], &[0, 1, 3, 2]).then_some(())?;
+    let k_scale = follow(graph, readers, k_swap, "Mul")?;
+    let factor =
+        |m: usize, from: usize| other_input(&graph.nodes[m], only_output(&graph.nodes[from])?)?;
+    let (q_factor, k_factor) = (factor(q_scale, q[2])?, factor(k_scale, k_swap)?);
+    // Constant factors (an explicit scale), or the exporter's default, 1 / √d, computed from the
+    // queries' shape.
+    let scale = match (scalar(graph, Some(q_factor)), scalar(graph, Some(k_factor))) {
+        (Some(a), Some(b)) => Some(a * b),
+        _ => {
+            let queries = only_output(&graph.nodes[q[2]])?;
+            (from_shape_of(graph, q_factor, queries) && from_shape_of(graph, k_factor, queries))
+                .then_some(None)?
+        }
+    };
+    let attention = follow(graph, readers, q_scale, FUSED_ATTENTION)?;
+    let operands = [q_scale, k_scale, v[2]].map(|n| only_output(&graph.nodes[n]).map(Some));
+    (graph.nodes[attention]
+        .inputs
+        .iter()
+        .copied()
+        .map(Some)
+        .collect::<Vec<_>>()
+        == operands)
+        .then_some(())?;
+    // `Transpose(2, 0, 1, 3) -> Reshape(L N, E) -> Gemm(W_out transposed) -> Reshape(L, N, E) ->
+    // Transpose(1, 0, 2)` back to batch first.
+    let merge = follow(graph, readers, attention, "Transpose")?;
+    transpose(&graph.nodes[merge], &[2, 0, 1, 3]).then_some(())?;
+    let rows = follow(graph, readers, merge, "Reshape")?;
+    let gemm = follow(graph, readers, rows, "Gemm")?;
+    let node = &graph.nodes[gemm];
+    let attrs = Attrs(&node.attrs);
+    let plain = attrs.int("transA", 0) == 0
+        && attrs.int("transB", 0) == 1
+        && attrs.float("alpha", 1.0) == 1.0
+        && attrs.float("beta", 1.0) == 1.0;
+    let w_out = (*node.inputs.get(1)?)?;
+    let b_out = node.inputs.get(2).copied().flatten();
+    let constant_of_rank = |v: usize, rank: usize| {
+        graph.constants[v]
+            .as_ref()
+            .is_some_and(|t| t.rank() == rank)
+    };
+    (plain && constant_of_rank(w_out, 2) && b_out.is_none_or(|b| constant_of_rank(b, 1)))
+        .then_some(())?;
+    let unrows = follow(graph, readers, gemm, "Reshape")?;
+    let close = follow(graph, readers, unrows, "Transpose")?;
+    transpose(&graph.nodes[close], &[1, 0, 2]).then_some(())?;
+    let q_target = graph.nodes[q[0]].inputs.get(1).copied().flatten()?;
+    let mut absorbed = vec![
+        projection, reshape, unsqueeze, split, squeeze, gq, gk, gv, q_scale, k_swap, k_scale,
+        attention, merge, rows, gemm, unrows, close,
+    ];
+    absorbed.extend(q.into_iter().chain(k).chain(v));
+    let inputs = vec![
+        Some(x),
+        Some(*w_in),
+        *b_in,
+        Some(w_out),
+        b_out,
+        Some(q_target),
+    ];
+    Some((absorbed, inputs, scale))
+}
+
 /// Fuses `Linear -> activation -> Linear` (two [`FUSED_LINEAR`] nodes, a transformer's or
 /// ConvNeXt's feed-forward block) into one node; run after [`fuse_linear_biases`].
 pub(crate) fn fuse_feed_forward(graph: &mut Graph) {
@@ -709,6 +938,7 @@ mod tests {
         super::fuse_normalized_feed_forward(&mut graph).unwrap();
         super::fuse_channel_layer_norms(&mut graph);
         super::fuse_attention(&mut graph);
+        super::fuse_self_attention(&mut graph);
         Some(graph)
     }
 
@@ -748,12 +978,13 @@ mod tests {
         // Counted in the exported graphs with the onnx package: MatMuls by an initializer whose
         // only reader is an Add of another initializer (ViT: the in-projection and the MLP's two
         // layers of 4 encoder layers; its attention's 8 MatMuls multiply activations, and are
-        // fused with their Softmax). Each MLP (ViT's 4) is one node.
+        // fused with their Softmax). Each MLP (ViT's 4) is one node, each in-projection part of
+        // its self-attention node.
         let Some(ops) = fused_ops("vit_small_config") else {
             return;
         };
         let count = |op: &str| ops.iter().filter(|o| *o == op).count();
-        assert_eq!(count(super::FUSED_LINEAR), 4, "{ops:?}");
+        assert_eq!(count(super::FUSED_LINEAR), 0, "{ops:?}");
         assert_eq!(count(super::FUSED_FEED_FORWARD), 4, "{ops:?}");
         assert_eq!(count("MatMul"), 0, "{ops:?}");
     }
@@ -809,8 +1040,29 @@ mod tests {
             return;
         };
         let count = |op: &str| ops.iter().filter(|o| *o == op).count();
-        assert_eq!(count(super::FUSED_ATTENTION), 4, "{ops:?}");
+        assert_eq!(
+            count(super::FUSED_ATTENTION) + count(super::FUSED_SELF_ATTENTION),
+            4,
+            "{ops:?}"
+        );
         assert_eq!(count("Softmax"), 0, "{ops:?}");
+    }
+
+    #[test]
+    fn torchvisions_self_attention_becomes_one_node_per_encoder_layer() {
+        // ViT: 4 encoder layers, each Transpose -> in-projection -> Reshape, Unsqueeze, Transpose,
+        // Squeeze -> 3 Gathers -> 3 x (Reshape, Transpose, Reshape) -> scaled attention ->
+        // Transpose -> Reshape -> Gemm -> Reshape -> Transpose. What is left of them: the opening
+        // Transpose (the reshape targets read its shape) and the shape arithmetic; of the other
+        // data ops, the patch embedding's Transpose and the head's Gemm.
+        let Some(ops) = fused_ops("vit_small_config") else {
+            return;
+        };
+        let count = |op: &str| ops.iter().filter(|o| *o == op).count();
+        assert_eq!(count(super::FUSED_SELF_ATTENTION), 4, "{ops:?}");
+        assert_eq!(count(super::FUSED_ATTENTION), 0, "{ops:?}");
+        assert_eq!(count("Transpose"), 5, "{ops:?}");
+        assert_eq!(count("Gemm"), 1, "{ops:?}");
     }
 
     #[test]

@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::graph::{Graph, Node};
 use crate::ops::{
     self, Attrs, Context, FUSED_ATTENTION, FUSED_CONV, FUSED_FEED_FORWARD, FUSED_LINEAR,
-    FUSED_NORMALIZED_FEED_FORWARD,
+    FUSED_NORMALIZED_FEED_FORWARD, FUSED_SELF_ATTENTION,
 };
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
@@ -183,6 +183,7 @@ pub fn load_with(
     crate::fuse::fuse_normalized_feed_forward(&mut graph)?;
     crate::fuse::fuse_channel_layer_norms(&mut graph);
     crate::fuse::fuse_attention(&mut graph);
+    crate::fuse::fuse_self_attention(&mut graph);
     crate::fold::drop_unread(&mut graph);
     let not_classifier = |reason: String| Error::NotAClassifier {
         path: path.to_path_buf(),
@@ -504,6 +505,12 @@ impl Inner {
                     let (d, m) = (a[a.len().checked_sub(1)?], *b.last()?);
                     let scores: usize = a.iter().product::<usize>() / d.max(1) * m;
                     return Some((scores * d + outputs * m) as u64);
+                }
+                // Per token: the in-projection (E x 3E), the scores and the weighted values (L d
+                // per head each, E per token over the heads), the out-projection (E x E).
+                FUSED_SELF_ATTENTION => {
+                    let (l, e) = (*out.get(out.len().checked_sub(2)?)?, *out.last()?);
+                    return Some((outputs / e.max(1) * (3 * e * e + 2 * l * e + e * e)) as u64);
                 }
                 "Gemm" => {
                     let a = shape(*node.inputs.first()?)?;

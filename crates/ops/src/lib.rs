@@ -38,6 +38,7 @@
 //!   backward.
 //! - [`pool`]: max-pooling with a working backward pass; global average pooling.
 //! - [`resize`]: differentiable bilinear resizing, on every device.
+//! - [`self_attention`]: a multi-head self-attention block as one op that keeps only `q, k, v`.
 //! - [`softmax`]: softmax over the last axis, one op whose backward reads only its output.
 //! - [`windows`]: padding and strided window views, the building block of pooling and depthwise convolution.
 //! - [`cpu_kernels`]: what the hand-written CPU kernels share (float types, contiguous views,
@@ -66,6 +67,7 @@ pub mod linear;
 pub mod per_channel;
 pub mod pool;
 pub mod resize;
+pub mod self_attention;
 pub mod softmax;
 pub mod windows;
 

@@ -544,6 +544,39 @@ pub(super) fn normalized_feed_forward(inputs: &Inputs, attrs: Attrs) -> Result<T
     )
 }
 
+/// torchvision's self-attention block fused at load time ([`super::FUSED_SELF_ATTENTION`]): the
+/// heads' width `d` is the last value of the queries' reshape target, the scale the `scale`
+/// attribute or `1 / √d`.
+pub(super) fn self_attention(inputs: &Inputs, attrs: Attrs) -> Result<Tensor> {
+    let x = inputs.req(0)?;
+    let width = x.dim(candle_core::D::Minus1)?;
+    let target = ints_of(inputs.req(5)?)?;
+    let d = match target.last() {
+        Some(&d) if d > 0 && width % d as usize == 0 => d as usize,
+        _ => bail!(
+            "the queries' reshape target {target:?} does not split {width} channels into heads"
+        ),
+    };
+    let scale = match attrs.0.iter().any(|a| a.name == "scale") {
+        true => attrs.float("scale", 1.0) as f64,
+        false => 1.0 / (d as f64).sqrt(),
+    };
+    let output_weight = inputs.req(3)?.t()?;
+    vulnmap_ops::self_attention::self_attention(
+        x,
+        vulnmap_ops::feed_forward::Linear {
+            weight: inputs.req(1)?,
+            bias: inputs.opt(2),
+        },
+        vulnmap_ops::feed_forward::Linear {
+            weight: &output_weight,
+            bias: inputs.opt(4),
+        },
+        width / d,
+        scale,
+    )
+}
+
 /// `MatMul(Softmax(MatMul(a, b)), v)`, the softmax over the last axis (attention, fused at load
 /// time): one op for batches of matrices (see `vulnmap_ops::attention`), `MatMul`'s rules for
 /// vectors.
