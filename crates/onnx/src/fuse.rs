@@ -592,7 +592,8 @@ fn match_self_attention(graph: &Graph, i: usize) -> Option<SelfAttentionMatch> {
     (readers[parts] == 3).then_some(())?;
     let mut gathers = [None; 3];
     for (j, node) in graph.nodes.iter().enumerate() {
-        if node.inputs.first() != Some(&Some(parts)) {
+        // `Shape` readers are allowed (not counted in `readers`); they go with the block.
+        if node.op_type == "Shape" || node.inputs.first() != Some(&Some(parts)) {
             continue;
         }
         let index = scalar(graph, node.inputs.get(1).copied().flatten())?;
