@@ -10,6 +10,7 @@ use crate::linear::Matrix;
 use crate::softmax::{softmax_last_dim, softmax_last_dim_backward, softmax_rows};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
+use rayon::prelude::*;
 
 /// `softmax(a b) v`: `a` is `... x L x d`, `b` `... x d x M`, `v` `... x M x e`, with the same
 /// leading dimensions (an attention's queries, transposed keys and values, the scale already in
@@ -58,7 +59,8 @@ fn weights(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 /// `softmax(a b) v` for each of the batch's matrices (`a` is `batch x L x d`, `b` `batch x d x
 /// M`, `v` `batch x M x e`, row-major): two GEMMs and a softmax per matrix, on the storages
-/// themselves, the scores of one matrix at a time.
+/// themselves, the matrices side by side on the threads, each thread's scores one matrix at a
+/// time.
 fn forward<T: Float>(
     (a, b, v): (&[T], &[T], &[T]),
     (l, d, m, e): (usize, usize, usize, usize),
@@ -68,23 +70,25 @@ fn forward<T: Float>(
     if out.is_empty() {
         return Ok(out);
     }
-    let mut scores = vec![T::default(); l * m];
-    for (i, out) in out.chunks_mut(l * e).enumerate() {
-        let a = Matrix::new(&a[i * l * d..], (l, d), (d, 1))?;
-        a.product_into(
-            &Matrix::new(&b[i * d * m..], (d, m), (m, 1))?,
-            &mut scores,
-            (m, 1),
-            false,
-        )?;
-        let weights = softmax_rows(&scores, m);
-        Matrix::new(&weights, (l, m), (m, 1))?.product_into(
-            &Matrix::new(&v[i * m * e..], (m, e), (e, 1))?,
-            out,
-            (e, 1),
-            false,
-        )?;
-    }
+    out.par_chunks_mut(l * e).enumerate().try_for_each_init(
+        || vec![T::default(); l * m],
+        |scores, (i, out)| {
+            let a = Matrix::new(&a[i * l * d..], (l, d), (d, 1))?;
+            a.product_into_on_this_thread(
+                &Matrix::new(&b[i * d * m..], (d, m), (m, 1))?,
+                scores,
+                (m, 1),
+                false,
+            )?;
+            let weights = softmax_rows(scores, m);
+            Matrix::new(&weights, (l, m), (m, 1))?.product_into_on_this_thread(
+                &Matrix::new(&v[i * m * e..], (m, e), (e, 1))?,
+                out,
+                (e, 1),
+                false,
+            )
+        },
+    )?;
     Ok(out)
 }
 

@@ -159,8 +159,37 @@ impl<'a, T: Float> Matrix<'a, T> {
         &self,
         rhs: &Matrix<T>,
         out: &mut [T],
+        out_strides: (usize, usize),
+        accumulate: bool,
+    ) -> Result<()> {
+        let threads = rayon::current_num_threads();
+        let parallelism = if threads > 1 {
+            Parallelism::Rayon(threads)
+        } else {
+            Parallelism::None
+        };
+        self.gemm_into(rhs, out, out_strides, accumulate, parallelism)
+    }
+
+    /// [`Self::product_into`] on the calling thread only: for many small products run side by
+    /// side, where splitting each one across the threads costs more than it saves.
+    pub(crate) fn product_into_on_this_thread(
+        &self,
+        rhs: &Matrix<T>,
+        out: &mut [T],
+        out_strides: (usize, usize),
+        accumulate: bool,
+    ) -> Result<()> {
+        self.gemm_into(rhs, out, out_strides, accumulate, Parallelism::None)
+    }
+
+    fn gemm_into(
+        &self,
+        rhs: &Matrix<T>,
+        out: &mut [T],
         (out_row_stride, out_col_stride): (usize, usize),
         accumulate: bool,
+        parallelism: Parallelism,
     ) -> Result<()> {
         let (m, k, n) = (self.rows, self.cols, rhs.cols);
         if rhs.rows != k {
@@ -175,12 +204,6 @@ impl<'a, T: Float> Matrix<'a, T> {
         if m == 0 || n == 0 || k == 0 {
             return Ok(());
         }
-        let threads = rayon::current_num_threads();
-        let parallelism = if threads > 1 {
-            Parallelism::Rayon(threads)
-        } else {
-            Parallelism::None
-        };
         // SAFETY: both operands lie inside their slices with their strides (checked by `new`),
         // and so does `out` (checked above), which is borrowed mutably, so nothing aliases it.
         unsafe {

@@ -9,9 +9,10 @@
 use crate::cpu_kernels::{constant_values, slice, Float};
 use crate::feed_forward::Linear;
 use crate::linear::{matmul_by_constant, Matrix};
-use crate::softmax::{softmax_last_dim, softmax_last_dim_backward, softmax_rows};
+use crate::softmax::{softmax_rows, softmax_rows_backward};
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
 use std::sync::Mutex;
 
 /// Self-attention of `x` (`N x L x E`, `L` tokens of width `E`) with `heads` heads of `d = E /
@@ -104,7 +105,7 @@ struct SelfAttention {
     scale: f64,
     input_bias: Option<Vec<f64>>,
     output_bias: Option<Vec<f64>>,
-    saved: Mutex<Option<Tensor>>,
+    saved: Mutex<Option<CpuStorage>>,
     /// Whether a backward pass can follow (the input is tracked): else nothing is kept.
     keep: bool,
 }
@@ -131,31 +132,44 @@ impl SelfAttention {
         for token in qkv.chunks_mut(3 * e) {
             token[..e].iter_mut().for_each(|q| *q = *q * scale);
         }
+        // Each (image, head) pair's context (`L x d`) side by side on the threads, then into
+        // the heads' columns of the `N L x E` context.
+        let heads = self.heads;
+        let mut per_head = vec![T::default(); n * l * e];
+        per_head
+            .par_chunks_mut(l * d)
+            .enumerate()
+            .try_for_each_init(
+                || vec![T::default(); l * l],
+                |scores, (j, out)| {
+                    let (tokens, h) = (&qkv[j / heads * l * 3 * e..], j % heads);
+                    let head =
+                        |part: usize| Matrix::new(&tokens[part * e + h * d..], (l, d), (3 * e, 1));
+                    head(0)?.product_into_on_this_thread(&head(1)?.t(), scores, (l, 1), false)?;
+                    let weights = softmax_rows(scores, l);
+                    Matrix::new(&weights, (l, l), (l, 1))?.product_into_on_this_thread(
+                        &head(2)?,
+                        out,
+                        (d, 1),
+                        false,
+                    )
+                },
+            )?;
         let mut context = vec![T::default(); n * l * e];
-        let mut scores = vec![T::default(); l * l];
-        for i in 0..n {
-            let tokens = &qkv[i * l * 3 * e..];
-            for h in 0..self.heads {
-                let head =
-                    |part: usize| Matrix::new(&tokens[part * e + h * d..], (l, d), (3 * e, 1));
-                head(0)?.product_into(&head(1)?.t(), &mut scores, (l, 1), false)?;
-                let weights = softmax_rows(&scores, l);
-                Matrix::new(&weights, (l, l), (l, 1))?.product_into(
-                    &head(2)?,
-                    &mut context[i * l * e + h * d..],
-                    (e, 1),
-                    false,
-                )?;
-            }
-        }
+        context
+            .par_chunks_mut(l * e)
+            .zip(per_head.par_chunks(heads * l * d))
+            .for_each(|(context, per_head)| {
+                for (h, head) in per_head.chunks(l * d).enumerate() {
+                    for (row, values) in context.chunks_mut(e).zip(head.chunks(d)) {
+                        row[h * d..(h + 1) * d].copy_from_slice(values);
+                    }
+                }
+            });
+        drop(per_head);
         let out = w_out.times(&context, bias(&self.output_bias).as_deref())?;
         if self.keep {
-            let shape = (n, l, 3 * e);
-            let qkv = match T::storage(qkv) {
-                CpuStorage::F32(v) => Tensor::from_vec(v, shape, &Device::Cpu)?,
-                CpuStorage::F64(v) => Tensor::from_vec(v, shape, &Device::Cpu)?,
-                other => candle_core::bail!("{WHAT}: f32 or f64, not {:?}", other.dtype()),
-            };
+            let qkv = T::storage(qkv);
             *self
                 .saved
                 .lock()
@@ -192,7 +206,7 @@ impl CustomOp3 for SelfAttention {
     /// scale, for the unscaled queries), `dk = dsᵀ q`; the input's gradient is `d(qkv) W_inᵀ`.
     fn bwd(
         &self,
-        _x: &Tensor,
+        x: &Tensor,
         w_in: &Tensor,
         w_out: &Tensor,
         _out: &Tensor,
@@ -205,46 +219,130 @@ impl CustomOp3 for SelfAttention {
         let Some(qkv) = saved.as_ref() else {
             candle_core::bail!("{WHAT}: backward before forward");
         };
-        let (n, l, e3) = qkv.dims3()?;
-        let (e, h) = (e3 / 3, self.heads);
-        let d = e / h;
-        let (w_in, w_out) = (w_in.detach(), w_out.detach());
-        // `N x H x L x d` each.
-        let heads = qkv.reshape((n, l, 3, h, d))?;
-        let part = |i: usize| {
-            heads
-                .narrow(2, i, 1)?
-                .squeeze(2)?
-                .transpose(1, 2)?
-                .contiguous()
+        let backward = InputGradient {
+            heads: self.heads,
+            scale: self.scale,
+            qkv,
+            input: x.shape().clone(),
         };
-        let (q, k, v) = (part(0)?, part(1)?, part(2)?);
-        let grad_context = matmul_by_constant(&grad.detach().contiguous()?, &w_out.t()?, None)?
-            .reshape((n, l, h, d))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let p = softmax_last_dim(&q.matmul(&k.t()?)?)?;
-        let grad_v = p.t()?.matmul(&grad_context)?;
-        let grad_p = grad_context.matmul(&v.t()?)?;
-        drop(grad_context);
-        let grad_s = softmax_last_dim_backward(&grad_p, &p)?;
-        drop((p, grad_p));
-        let grad_q = (grad_s.matmul(&k)? * self.scale)?;
-        let grad_k = grad_s.t()?.matmul(&q)?;
-        drop(grad_s);
-        // Back to `N x L x 3 x H x d`, as the input projection wrote them.
-        let grad_qkv = Tensor::stack(&[grad_q, grad_k, grad_v], 2)?
-            .permute((0, 3, 2, 1, 4))?
-            .reshape((n, l, e3))?;
-        let dx = matmul_by_constant(&grad_qkv, &w_in.t()?, None)?;
+        let dx = grad
+            .contiguous()?
+            .apply_op3_no_bwd(&w_in.detach(), &w_out.detach(), &backward)?;
         Ok((Some(dx), None, None))
+    }
+}
+
+/// `(grad, W_in, W_out) -> dx` from the saved `q, k, v`: each (image, head) pair's gradients side
+/// by side on the threads, as the forward pass.
+struct InputGradient<'a> {
+    heads: usize,
+    scale: f64,
+    qkv: &'a CpuStorage,
+    input: Shape,
+}
+
+impl InputGradient<'_> {
+    fn run<T: Float>(
+        &self,
+        (g, gl): (&CpuStorage, &Layout),
+        (w_in, w_in_l): (&CpuStorage, &Layout),
+        (w_out, w_out_l): (&CpuStorage, &Layout),
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, l, e) = self.input.dims3()?;
+        let g = slice::<T>(g, gl, WHAT)?;
+        let (w_in, w_out) = (
+            Matrix::of(w_in, w_in_l, WHAT)?,
+            Matrix::of(w_out, w_out_l, WHAT)?,
+        );
+        let qkv = T::elements(self.qkv)
+            .ok_or_else(|| candle_core::Error::Msg(format!("{WHAT}: dtypes differ")))?;
+        if g.len() != n * l * e || qkv.len() != n * l * 3 * e {
+            candle_core::bail!(
+                "{WHAT} backward: a gradient of {:?} for an input of {:?}",
+                gl.dims(),
+                self.input.dims()
+            );
+        }
+        let grad_context = w_out.t().times(g, None)?;
+        let (heads, d) = (self.heads, e / self.heads);
+        let scale = T::of(self.scale);
+        // Per pair: `dq`, `dk`, `dv`, each `L x d`.
+        let mut per_head = vec![T::default(); n * heads * 3 * l * d];
+        per_head
+            .par_chunks_mut(3 * l * d)
+            .enumerate()
+            .try_for_each(|(j, out)| -> Result<()> {
+                let (i, h) = (j / heads, j % heads);
+                let tokens = &qkv[i * l * 3 * e..];
+                let head =
+                    |part: usize| Matrix::new(&tokens[part * e + h * d..], (l, d), (3 * e, 1));
+                let g = Matrix::new(&grad_context[i * l * e + h * d..], (l, d), (e, 1))?;
+                let mut scores = vec![T::default(); l * l];
+                head(0)?.product_into_on_this_thread(&head(1)?.t(), &mut scores, (l, 1), false)?;
+                let p = softmax_rows(&scores, l);
+                let (dq, rest) = out.split_at_mut(l * d);
+                let (dk, dv) = rest.split_at_mut(l * d);
+                let weights = Matrix::new(&p, (l, l), (l, 1))?;
+                weights
+                    .t()
+                    .product_into_on_this_thread(&g, dv, (d, 1), false)?;
+                g.product_into_on_this_thread(&head(2)?.t(), &mut scores, (l, 1), false)?;
+                let ds = softmax_rows_backward(&scores, &p, l);
+                let ds = Matrix::new(&ds, (l, l), (l, 1))?;
+                ds.product_into_on_this_thread(&head(1)?, dq, (d, 1), false)?;
+                dq.iter_mut().for_each(|v| *v = *v * scale);
+                ds.t()
+                    .product_into_on_this_thread(&head(0)?, dk, (d, 1), false)
+            })?;
+        // Back to `N L x 3E`, as the input projection wrote them.
+        let mut grad_qkv = vec![T::default(); n * l * 3 * e];
+        grad_qkv
+            .par_chunks_mut(l * 3 * e)
+            .zip(per_head.par_chunks(heads * 3 * l * d))
+            .for_each(|(rows, per_head)| {
+                for (h, parts) in per_head.chunks(3 * l * d).enumerate() {
+                    for (part, block) in parts.chunks(l * d).enumerate() {
+                        let at = part * e + h * d;
+                        for (row, values) in rows.chunks_mut(3 * e).zip(block.chunks(d)) {
+                            row[at..at + d].copy_from_slice(values);
+                        }
+                    }
+                }
+            });
+        drop(per_head);
+        Ok((
+            T::storage(w_in.t().times(&grad_qkv, None)?),
+            self.input.clone(),
+        ))
+    }
+}
+
+impl CustomOp3 for InputGradient<'_> {
+    fn name(&self) -> &'static str {
+        "vulnmap-self-attention-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        g: &CpuStorage,
+        gl: &Layout,
+        w_in: &CpuStorage,
+        w_in_l: &Layout,
+        w_out: &CpuStorage,
+        w_out_l: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        match g.dtype() {
+            DType::F32 => self.run::<f32>((g, gl), (w_in, w_in_l), (w_out, w_out_l)),
+            DType::F64 => self.run::<f64>((g, gl), (w_in, w_in_l), (w_out, w_out_l)),
+            other => candle_core::bail!("{WHAT} backward: f32 or f64, not {other:?}"),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Var;
+    use candle_core::{Device, Var};
     use vulnmap_testkit::max_diff;
 
     fn randn(shape: &[usize]) -> Result<Tensor> {

@@ -44,6 +44,12 @@ pub(crate) fn softmax_rows<T: Float>(x: &[T], inner: usize) -> Vec<T> {
     Softmax { inner }.forward(x)
 }
 
+/// The gradient of each row's softmax input from its output `y` and the output's gradient `g`,
+/// outside any graph.
+pub(crate) fn softmax_rows_backward<T: Float>(g: &[T], y: &[T], inner: usize) -> Vec<T> {
+    Softmax { inner }.backward(g, y)
+}
+
 struct Softmax {
     inner: usize,
 }
