@@ -9,8 +9,9 @@
 //! node on the channels-first layout, and the transposes around any other LayerNorm over the
 //! channels disappear into one [`FUSED_CHANNEL_LAYER_NORM`] node. Attention's `MatMul -> Softmax
 //! -> MatMul` becomes one [`FUSED_ATTENTION`] node, which keeps neither the scores nor the
-//! weights, and torchvision's whole self-attention block around it one [`FUSED_SELF_ATTENTION`]
-//! node, which keeps only the projected queries, keys and values.
+//! weights, and the whole self-attention block around it (torchvision's `nn.MultiheadAttention`,
+//! timm's `Attention`) one [`FUSED_SELF_ATTENTION`] node, which keeps only the projected queries,
+//! keys and values.
 //!
 //! Only values read by exactly one node disappear, so every other tensor a user can name (as a
 //! Grad-CAM layer) stays.
@@ -456,12 +457,20 @@ fn match_attention(
     Some((softmax, product, vec![Some(*a), Some(*b), Some(*v)]))
 }
 
-/// Fuses torchvision's exported self-attention (`nn.MultiheadAttention` with the same input as
-/// query, key and value) into one node: run after [`fuse_linear_biases`] and [`fuse_attention`].
+/// Fuses an exported self-attention block (torchvision's `nn.MultiheadAttention` with the same
+/// input as query, key and value, or timm's `Attention`) into one node: run after
+/// [`fuse_linear_biases`] and [`fuse_attention`].
 pub(crate) fn fuse_self_attention(graph: &mut Graph) {
     let mut i = 0;
     while i < graph.nodes.len() {
-        let Some((absorbed, inputs, scale)) = match_self_attention(graph, i) else {
+        let Some(SelfAttentionMatch {
+            absorbed,
+            inputs,
+            scale,
+            output_transposed,
+        }) = match_torchvision_self_attention(graph, i)
+            .or_else(|| match_timm_self_attention(graph, i))
+        else {
             i += 1;
             continue;
         };
@@ -472,15 +481,18 @@ pub(crate) fn fuse_self_attention(graph: &mut Graph) {
             .filter(|&&k| k != last)
             .flat_map(|&k| graph.nodes[k].outputs.iter().flatten().copied())
             .collect();
-        let attrs = scale
-            .map(|scale| AttributeProto {
-                name: "scale".into(),
-                r#type: attribute_type::FLOAT,
-                f: scale,
-                ..Default::default()
-            })
-            .into_iter()
-            .collect();
+        let mut attrs = vec![AttributeProto {
+            name: "transB".into(),
+            r#type: attribute_type::INT,
+            i: i64::from(output_transposed),
+            ..Default::default()
+        }];
+        attrs.extend(scale.map(|scale| AttributeProto {
+            name: "scale".into(),
+            r#type: attribute_type::FLOAT,
+            f: scale,
+            ..Default::default()
+        }));
         let fused = Node {
             name: graph.nodes[last].name.clone(),
             op_type: FUSED_SELF_ATTENTION.to_string(),
@@ -565,14 +577,24 @@ fn follow(graph: &Graph, readers: &[usize], i: usize, op_type: &str) -> Option<u
     (node.op_type == op_type && node.inputs.first() == Some(&Some(out))).then_some(j)
 }
 
-/// The nodes a self-attention block absorbs, the fused node's inputs, and its constant scale.
-type SelfAttentionMatch = (Vec<usize>, Vec<Option<usize>>, Option<f32>);
+/// A self-attention block found in a graph.
+struct SelfAttentionMatch {
+    /// The nodes it absorbs, the last one last in the graph's order.
+    absorbed: Vec<usize>,
+    /// The fused node's inputs: the tokens, the in-projection's weight (`x W`) and bias, the
+    /// out-projection's weight and bias, the queries' reshape target (its last value: `d`).
+    inputs: Vec<Option<usize>>,
+    /// The scores' scale if the export's was a constant (else `1 / √d`).
+    scale: Option<f32>,
+    /// Whether the out-projection's weight is stored `out x in` (`Gemm`'s `transB`).
+    output_transposed: bool,
+}
 
 /// Node `i` as the `Transpose(1, 0, 2)` that opens torchvision's self-attention (tokens first):
-/// the block's nodes after it, the fused node's inputs (the transpose's input first) and the
-/// scale if the export's was a constant. Each intermediate value must have no reader outside the
-/// block but `Shape` nodes. The transpose stays: the reshape targets read its shape.
-fn match_self_attention(graph: &Graph, i: usize) -> Option<SelfAttentionMatch> {
+/// the block's nodes after it and the fused node's inputs (the transpose's input first). Each
+/// intermediate value must have no reader outside the block but `Shape` nodes. The transpose
+/// stays: the reshape targets read its shape.
+fn match_torchvision_self_attention(graph: &Graph, i: usize) -> Option<SelfAttentionMatch> {
     let readers = &data_readers(graph);
     let open = &graph.nodes[i];
     transpose(open, &[1, 0, 2]).then_some(())?;
@@ -615,34 +637,8 @@ fn match_self_attention(graph: &Graph, i: usize) -> Option<SelfAttentionMatch> {
         Some([first, swap, follow(graph, readers, swap, "Reshape")?])
     };
     let (q, k, v) = (heads(gq)?, heads(gk)?, heads(gv)?);
-    // The queries and the transposed keys scaled, then the fused attention.
-    let q_scale = follow(graph, readers, q[2], "Mul")?;
-    let k_swap = follow(graph, readers, k[2], "Transpose")?;
-    transpose(&graph.nodes[k_swap], &[0, 1, 3, 2]).then_some(())?;
-    let k_scale = follow(graph, readers, k_swap, "Mul")?;
-    let factor =
-        |m: usize, from: usize| other_input(&graph.nodes[m], only_output(&graph.nodes[from])?)?;
-    let (q_factor, k_factor) = (factor(q_scale, q[2])?, factor(k_scale, k_swap)?);
-    // Constant factors (an explicit scale), or the exporter's default, 1 / √d, computed from the
-    // queries' shape.
-    let scale = match (scalar(graph, Some(q_factor)), scalar(graph, Some(k_factor))) {
-        (Some(a), Some(b)) => Some(a * b),
-        _ => {
-            let queries = only_output(&graph.nodes[q[2]])?;
-            (from_shape_of(graph, q_factor, queries) && from_shape_of(graph, k_factor, queries))
-                .then_some(None)?
-        }
-    };
-    let attention = follow(graph, readers, q_scale, FUSED_ATTENTION)?;
-    let operands = [q_scale, k_scale, v[2]].map(|n| only_output(&graph.nodes[n]).map(Some));
-    (graph.nodes[attention]
-        .inputs
-        .iter()
-        .copied()
-        .map(Some)
-        .collect::<Vec<_>>()
-        == operands)
-        .then_some(())?;
+    let (scaled, scale) = match_scaled_attention(graph, readers, [q[2], k[2], v[2]])?;
+    let attention = scaled[3];
     // `Transpose(2, 0, 1, 3) -> Reshape(L N, E) -> Gemm(W_out transposed) -> Reshape(L, N, E) ->
     // Transpose(1, 0, 2)` back to batch first.
     let merge = follow(graph, readers, attention, "Transpose")?;
@@ -669,19 +665,130 @@ fn match_self_attention(graph: &Graph, i: usize) -> Option<SelfAttentionMatch> {
     transpose(&graph.nodes[close], &[1, 0, 2]).then_some(())?;
     let q_target = graph.nodes[q[0]].inputs.get(1).copied().flatten()?;
     let mut absorbed = vec![
-        projection, reshape, unsqueeze, split, squeeze, gq, gk, gv, q_scale, k_swap, k_scale,
-        attention, merge, rows, gemm, unrows, close,
+        projection, reshape, unsqueeze, split, squeeze, gq, gk, gv, merge, rows, gemm, unrows,
+        close,
     ];
-    absorbed.extend(q.into_iter().chain(k).chain(v));
-    let inputs = vec![
-        Some(x),
-        Some(*w_in),
-        *b_in,
-        Some(w_out),
-        b_out,
-        Some(q_target),
-    ];
-    Some((absorbed, inputs, scale))
+    absorbed.extend(q.into_iter().chain(k).chain(v).chain(scaled));
+    Some(SelfAttentionMatch {
+        absorbed,
+        inputs: vec![
+            Some(x),
+            Some(*w_in),
+            *b_in,
+            Some(w_out),
+            b_out,
+            Some(q_target),
+        ],
+        scale,
+        output_transposed: true,
+    })
+}
+
+/// Node `i` as the in-projection of timm's `Attention` (tokens batch first): `Reshape(N, L, 3,
+/// H, d) -> Transpose(2, 0, 3, 1, 4) -> Split -> Squeeze(0)` into queries, keys and values, the
+/// scaled attention, `Transpose(0, 2, 1, 3) -> Reshape(N, L, E)` and the out-projection. Each
+/// intermediate value must have no reader outside the block but `Shape` nodes.
+fn match_timm_self_attention(graph: &Graph, i: usize) -> Option<SelfAttentionMatch> {
+    let readers = &data_readers(graph);
+    let projection = &graph.nodes[i];
+    let [Some(x), Some(w_in), b_in] = projection.inputs.as_slice() else {
+        return None;
+    };
+    (projection.op_type == FUSED_LINEAR).then_some(())?;
+    let reshape = follow(graph, readers, i, "Reshape")?;
+    let q_target = graph.nodes[reshape].inputs.get(1).copied().flatten()?;
+    let heads = follow(graph, readers, reshape, "Transpose")?;
+    transpose(&graph.nodes[heads], &[2, 0, 3, 1, 4]).then_some(())?;
+    let split = follow(graph, readers, heads, "Split")?;
+    let node = &graph.nodes[split];
+    let sizes = node.inputs.get(1).copied().flatten();
+    let ones = sizes.is_none_or(|v| constant_ints(graph, v).is_some_and(|s| s == [1, 1, 1]))
+        && Attrs(&node.attrs)
+            .ints("split")
+            .is_none_or(|s| s == [1, 1, 1]);
+    (Attrs(&node.attrs).int("axis", 0) == 0 && node.outputs.len() == 3 && ones).then_some(())?;
+    let mut parts = [0; 3];
+    for (part, out) in parts.iter_mut().zip(&node.outputs) {
+        let out = (*out)?;
+        (readers[out] == 1).then_some(())?;
+        let j = graph
+            .nodes
+            .iter()
+            .position(|n| n.op_type != "Shape" && n.inputs.contains(&Some(out)))?;
+        let squeeze = &graph.nodes[j];
+        let axes = match squeeze.inputs.get(1).copied().flatten() {
+            Some(v) => constant_ints(graph, v)?,
+            None => Attrs(&squeeze.attrs).ints("axes")?.to_vec(),
+        };
+        (squeeze.op_type == "Squeeze" && squeeze.inputs.first() == Some(&Some(out)) && axes == [0])
+            .then_some(())?;
+        *part = j;
+    }
+    let (scaled, scale) = match_scaled_attention(graph, readers, parts)?;
+    let merge = follow(graph, readers, scaled[3], "Transpose")?;
+    transpose(&graph.nodes[merge], &[0, 2, 1, 3]).then_some(())?;
+    let rows = follow(graph, readers, merge, "Reshape")?;
+    let output = follow(graph, readers, rows, FUSED_LINEAR)?;
+    let [_, Some(w_out), b_out] = graph.nodes[output].inputs.as_slice() else {
+        return None;
+    };
+    let mut absorbed = vec![i, reshape, heads, split, merge, rows, output];
+    absorbed.extend(parts.into_iter().chain(scaled));
+    Some(SelfAttentionMatch {
+        absorbed,
+        inputs: vec![
+            Some(*x),
+            Some(*w_in),
+            *b_in,
+            Some(*w_out),
+            *b_out,
+            Some(q_target),
+        ],
+        scale,
+        output_transposed: false,
+    })
+}
+
+/// From the nodes computing the queries, keys and values (`N x H x L x d` each): the queries
+/// and the transposed keys scaled, then the fused attention of them. Returns those four nodes
+/// (the attention last) and the scale if it was constant; else the factors must be the
+/// exporter's default, `1 / √d` split between the two, computed from the queries' shape.
+fn match_scaled_attention(
+    graph: &Graph,
+    readers: &[usize],
+    [q, k, v]: [usize; 3],
+) -> Option<([usize; 4], Option<f32>)> {
+    let q_scale = follow(graph, readers, q, "Mul")?;
+    let k_swap = follow(graph, readers, k, "Transpose")?;
+    transpose(&graph.nodes[k_swap], &[0, 1, 3, 2]).then_some(())?;
+    let k_scale = follow(graph, readers, k_swap, "Mul")?;
+    let factor =
+        |m: usize, from: usize| other_input(&graph.nodes[m], only_output(&graph.nodes[from])?)?;
+    let (q_factor, k_factor) = (factor(q_scale, q)?, factor(k_scale, k_swap)?);
+    let scale = match (scalar(graph, Some(q_factor)), scalar(graph, Some(k_factor))) {
+        (Some(a), Some(b)) => Some(a * b),
+        _ => {
+            let queries = only_output(&graph.nodes[q])?;
+            (from_shape_of(graph, q_factor, queries) && from_shape_of(graph, k_factor, queries))
+                .then_some(None)?
+        }
+    };
+    let attention = follow(graph, readers, q_scale, FUSED_ATTENTION)?;
+    let operands = [q_scale, k_scale, v].map(|n| only_output(&graph.nodes[n]).map(Some));
+    (graph.nodes[attention]
+        .inputs
+        .iter()
+        .copied()
+        .map(Some)
+        .collect::<Vec<_>>()
+        == operands)
+        .then_some(())?;
+    Some(([q_scale, k_swap, k_scale, attention], scale))
+}
+
+/// The values of a constant integer tensor.
+fn constant_ints(graph: &Graph, value: usize) -> Option<Vec<i64>> {
+    crate::ops::ints_of(graph.constants[value].as_ref()?).ok()
 }
 
 /// Fuses `Linear -> activation -> Linear` (two [`FUSED_LINEAR`] nodes, a transformer's or
@@ -926,9 +1033,15 @@ mod tests {
 
     /// A shared fixture's graph after folding and fusion.
     fn fused_graph(name: &str) -> Option<Graph> {
-        let path = test_asset(&format!("fixtures/onnx/{name}.onnx"))?;
+        Some(fused_graph_at(&test_asset(&format!(
+            "fixtures/onnx/{name}.onnx"
+        ))?))
+    }
+
+    /// The graph at `path` after folding and fusion.
+    fn fused_graph_at(path: &std::path::Path) -> Graph {
         let device = Device::Cpu;
-        let mut graph = Graph::read(&path, &device).unwrap();
+        let mut graph = Graph::read(path, &device).unwrap();
         crate::fold::fold_constants(&mut graph, &device).unwrap();
         super::fold_batch_norms(&mut graph).unwrap();
         super::fuse_epilogues(&mut graph);
@@ -940,7 +1053,7 @@ mod tests {
         super::fuse_channel_layer_norms(&mut graph);
         super::fuse_attention(&mut graph);
         super::fuse_self_attention(&mut graph);
-        Some(graph)
+        graph
     }
 
     #[test]
@@ -1064,6 +1177,23 @@ mod tests {
         assert_eq!(count(super::FUSED_ATTENTION), 0, "{ops:?}");
         assert_eq!(count("Transpose"), 5, "{ops:?}");
         assert_eq!(count("Gemm"), 1, "{ops:?}");
+    }
+
+    #[test]
+    fn timms_self_attention_becomes_one_node_per_block() {
+        // timm's VisionTransformer (this crate's fixture), 2 blocks, each qkv Linear -> Reshape ->
+        // Transpose -> Split -> 3 Squeezes -> scaled attention -> Transpose -> Reshape -> proj
+        // Linear. What is left of the data ops' transposes: the patch embedding's.
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/data/timm_vit_small_config.onnx");
+        let graph = fused_graph_at(&path);
+        let ops: Vec<&str> = graph.nodes.iter().map(|n| n.op_type.as_str()).collect();
+        let count = |op: &str| ops.iter().filter(|o| **o == op).count();
+        assert_eq!(count(super::FUSED_SELF_ATTENTION), 2, "{ops:?}");
+        for gone in [super::FUSED_ATTENTION, "Split", "Squeeze", "Softmax"] {
+            assert_eq!(count(gone), 0, "{gone} in {ops:?}");
+        }
+        assert_eq!(count("Transpose"), 1, "{ops:?}");
     }
 
     #[test]

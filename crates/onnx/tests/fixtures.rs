@@ -1,6 +1,6 @@
 //! ONNX classifiers exported by PyTorch against PyTorch's own logits and input gradients: the
 //! shared fixtures (`fixtures/onnx`: six torchvision families and the real EfficientNet-Lite0),
-//! this crate's own (`tests/data`: a ViT with a trained-size head and an operator zoo exported at
+//! this crate's own (`tests/data`: torchvision's and timm's ViTs and an operator zoo exported at
 //! opsets 13, 17 and 20), and any folder of `NAME.onnx` + `NAME_reference.safetensors` pairs
 //! named by `VULNMAP_ONNX_FIXTURES` (how other exported models are tried).
 
@@ -25,6 +25,7 @@ const SHARED: &[&str] = &[
 /// This crate's fixtures; their references hold no pixels (they are the shared fixtures').
 const OWN: &[&str] = &[
     "vit_tiny",
+    "timm_vit_small_config",
     "opzoo_opset13",
     "opzoo_opset17",
     "opzoo_opset20",

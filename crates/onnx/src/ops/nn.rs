@@ -544,9 +544,9 @@ pub(super) fn normalized_feed_forward(inputs: &Inputs, attrs: Attrs) -> Result<T
     )
 }
 
-/// torchvision's self-attention block fused at load time ([`super::FUSED_SELF_ATTENTION`]): the
-/// heads' width `d` is the last value of the queries' reshape target, the scale the `scale`
-/// attribute or `1 / √d`.
+/// A self-attention block fused at load time ([`super::FUSED_SELF_ATTENTION`]): the heads' width
+/// `d` is the last value of the queries' reshape target, the scale the `scale` attribute or `1 /
+/// √d`; `transB` says the out-projection's weight is stored `out x in`, as `Gemm`'s.
 pub(super) fn self_attention(inputs: &Inputs, attrs: Attrs) -> Result<Tensor> {
     let x = inputs.req(0)?;
     let width = x.dim(candle_core::D::Minus1)?;
@@ -561,7 +561,10 @@ pub(super) fn self_attention(inputs: &Inputs, attrs: Attrs) -> Result<Tensor> {
         true => attrs.float("scale", 1.0) as f64,
         false => 1.0 / (d as f64).sqrt(),
     };
-    let output_weight = inputs.req(3)?.t()?;
+    let output_weight = match attrs.int("transB", 0) {
+        0 => inputs.req(3)?.clone(),
+        _ => inputs.req(3)?.t()?,
+    };
     vulnmap_ops::self_attention::self_attention(
         x,
         vulnmap_ops::feed_forward::Linear {

@@ -84,6 +84,7 @@ def models():
     yield "resnext_small", lambda: tv.resnet.ResNet(tv.resnet.Bottleneck, [1, 1, 1, 1], groups=8, width_per_group=4, num_classes=10), 224, 17
     yield "maxvit_small_config", lambda: tv.maxvit.MaxVit(input_size=(224, 224), stem_channels=16, partition_size=7, block_channels=[16, 32, 64, 128], block_layers=[1, 1, 1, 1], head_dim=16, stochastic_depth_prob=0.0, num_classes=10), 224, 17
     import timm
+    yield "timm_vit_small_config", lambda: timm.models.vision_transformer.VisionTransformer(img_size=224, patch_size=16, embed_dim=96, depth=2, num_heads=3, num_classes=10), 224, 17
     for name in ["test_vit", "test_efficientnet", "test_convnext", "test_byobnet", "mobilevit_xxs", "edgenext_xx_small", "efficientformerv2_s0", "levit_128s", "coat_lite_tiny", "poolformerv2_s12"]:
         def make(name=name):
             return timm.create_model(name, pretrained=False, num_classes=10)
