@@ -113,6 +113,10 @@ def onnx_families():
         ("mobilenet_v3_small", lambda: torchvision.models.mobilenet_v3_small(), [1, 16]),
         ("convnext_small_config", lambda: convnext.ConvNeXt([cn(24, 48, 1), cn(48, 96, 1), cn(96, 192, 2), cn(192, None, 1)]), [1, 16]),
         ("vit_small_config", lambda: vision_transformer.VisionTransformer(224, 16, 4, 3, 192, 768), [1, 16]),
+        # The same ViT as timm writes it (its Attention module, exported differently), when timm
+        # is installed.
+        ("timm_vit_small_config", lambda: __import__("timm").models.vision_transformer.VisionTransformer(
+            img_size=224, patch_size=16, embed_dim=192, depth=4, num_heads=3, mlp_ratio=4.0), [1, 16]),
         # EfficientNet-Lite0 (timm's, random weights), when timm is installed: also the
         # PyTorch side of vulnmap's native Lite0 rows.
         ("efficientnet_lite0", lambda: __import__("timm").create_model("efficientnet_lite0"), [1, 16]),

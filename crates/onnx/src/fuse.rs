@@ -13,18 +13,21 @@
 //! timm's `Attention`) one [`FUSED_SELF_ATTENTION`] node, which keeps only the projected queries,
 //! keys and values.
 //!
+//! A chain of `Add`, `Sub`, `Mul` and `Div` with constants (an input's normalisation) becomes one
+//! [`FUSED_AFFINE`] node.
+//!
 //! Only values read by exactly one node disappear, so every other tensor a user can name (as a
 //! Grad-CAM layer) stays.
 
 use crate::error::Result;
 use crate::graph::{Graph, Node};
 use crate::ops::{
-    batch_norm_affine, Attrs, FUSED_ATTENTION, FUSED_BN_RELU, FUSED_CHANNEL_LAYER_NORM, FUSED_CONV,
-    FUSED_FEED_FORWARD, FUSED_GELU, FUSED_LINEAR, FUSED_NORMALIZED_FEED_FORWARD,
-    FUSED_SELF_ATTENTION, FUSED_SILU,
+    batch_norm_affine, Attrs, FUSED_AFFINE, FUSED_ATTENTION, FUSED_BN_RELU,
+    FUSED_CHANNEL_LAYER_NORM, FUSED_CONV, FUSED_FEED_FORWARD, FUSED_GELU, FUSED_LINEAR,
+    FUSED_NORMALIZED_FEED_FORWARD, FUSED_SELF_ATTENTION, FUSED_SILU,
 };
 use crate::proto::{attribute_type, AttributeProto};
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 /// The single node reading `value`, if exactly one does and it is not the graph's output.
 fn sole_reader(graph: &Graph, readers: &[usize], value: usize) -> Option<usize> {
@@ -877,6 +880,96 @@ fn channels_last_layer_norm(graph: &Graph, readers: &[usize], i: usize) -> Optio
         .then_some(norm)
 }
 
+/// `node` as `x * scale + shift` when it adds, subtracts, multiplies or divides (by) a constant
+/// and a computed value `x`: `(x, scale, shift)`, the constants as stored (broadcast shapes).
+fn affine_of_constant(graph: &Graph, node: &Node) -> Option<(usize, Tensor, Tensor)> {
+    let [Some(a), Some(b)] = node.inputs.as_slice() else {
+        return None;
+    };
+    let constant = |v: usize| graph.constants[v].as_ref();
+    let (x, c, x_first) = match (constant(*a), constant(*b)) {
+        (None, Some(c)) => (*a, c, true),
+        (Some(c), None) => (*b, c, false),
+        _ => return None,
+    };
+    let float = matches!(c.dtype(), DType::F32 | DType::F64);
+    float.then_some(())?;
+    let (ones, zeros) = (c.ones_like().ok()?, c.zeros_like().ok()?);
+    let (scale, shift) = match (node.op_type.as_str(), x_first) {
+        ("Add", _) => (ones, c.clone()),
+        ("Sub", true) => (ones, c.neg().ok()?),
+        ("Sub", false) => (ones.neg().ok()?, c.clone()),
+        ("Mul", _) => (c.clone(), zeros),
+        // `c / x` is not affine in x.
+        ("Div", true) => (c.recip().ok()?, zeros),
+        _ => return None,
+    };
+    Some((x, scale, shift))
+}
+
+/// Fuses chains of `Add`, `Sub`, `Mul` and `Div` with a constant (an input's `(x - mean) / std`)
+/// into one [`FUSED_AFFINE`] node `x * scale + shift`, the constants combined at load time: each
+/// step's output would be a copy of the input kept until the backward pass ends.
+pub(crate) fn fuse_affine_chains(graph: &mut Graph) -> Result<()> {
+    let mut i = 0;
+    while i < graph.nodes.len() {
+        let readers = graph.readers();
+        let first = &graph.nodes[i];
+        let found = matches!(
+            first.op_type.as_str(),
+            "Add" | "Sub" | "Mul" | "Div" | FUSED_AFFINE
+        )
+        .then_some(())
+        .and_then(|_| {
+            let next = sole_reader(graph, &readers, only_output(first)?)?;
+            let (_, scale, shift) = affine_of_constant(graph, &graph.nodes[next])?;
+            let (x, first_scale, first_shift) = match first.op_type.as_str() {
+                FUSED_AFFINE => {
+                    let [Some(x), Some(a), Some(b)] = first.inputs.as_slice() else {
+                        return None;
+                    };
+                    let constant = |v: usize| graph.constants[v].clone();
+                    (*x, constant(*a)?, constant(*b)?)
+                }
+                _ => affine_of_constant(graph, first)?,
+            };
+            Some((next, x, first_scale, first_shift, scale, shift))
+        });
+        let Some((next, x, a1, b1, a2, b2)) = found else {
+            i += 1;
+            continue;
+        };
+        // (x a1 + b1) a2 + b2 = x (a1 a2) + (b1 a2 + b2), in the constants' broadcast shapes.
+        let combined = || -> candle_core::Result<(Tensor, Tensor)> {
+            let a2 = a2.to_dtype(a1.dtype())?;
+            let b2 = b2.to_dtype(a1.dtype())?;
+            Ok((
+                a1.broadcast_mul(&a2)?,
+                b1.broadcast_mul(&a2)?.broadcast_add(&b2)?,
+            ))
+        };
+        let Ok((scale, shift)) = combined() else {
+            i += 1;
+            continue;
+        };
+        let name = graph.nodes[next].name.clone();
+        let scale = graph.add_constant(format!("{name}.affine_scale"), scale);
+        let shift = graph.add_constant(format!("{name}.affine_shift"), shift);
+        let fused = Node {
+            name,
+            op_type: FUSED_AFFINE.to_string(),
+            attrs: Vec::new(),
+            inputs: vec![Some(x), Some(scale), Some(shift)],
+            outputs: graph.nodes[next].outputs.clone(),
+        };
+        // The fused node takes the second node's place (its readers come after it); a longer
+        // chain is fused again from there.
+        graph.nodes[next] = fused;
+        graph.nodes.remove(i);
+    }
+    Ok(())
+}
+
 /// Fuses `Transpose(0, 2, 3, 1) -> LayerNormalization(-1) -> Transpose(0, 3, 1, 2)` into one
 /// node; run after [`fuse_normalized_feed_forward`], which takes ConvNeXt's blocks' LayerNorms.
 pub(crate) fn fuse_channel_layer_norms(graph: &mut Graph) {
@@ -1021,8 +1114,9 @@ fn match_normalized_feed_forward(
 
 #[cfg(test)]
 mod tests {
-    use crate::graph::Graph;
-    use candle_core::Device;
+    use crate::graph::{Graph, Node};
+    use crate::ops::{Attrs, FUSED_AFFINE};
+    use candle_core::{Device, Tensor};
     use vulnmap_testkit::test_asset;
 
     /// The op types of a shared fixture's graph after folding and fusion.
@@ -1053,6 +1147,7 @@ mod tests {
         super::fuse_channel_layer_norms(&mut graph);
         super::fuse_attention(&mut graph);
         super::fuse_self_attention(&mut graph);
+        super::fuse_affine_chains(&mut graph).unwrap();
         graph
     }
 
@@ -1194,6 +1289,83 @@ mod tests {
             assert_eq!(count(gone), 0, "{gone} in {ops:?}");
         }
         assert_eq!(count("Transpose"), 1, "{ops:?}");
+    }
+
+    #[test]
+    fn arithmetic_with_constants_becomes_one_affine_node() -> candle_core::Result<()> {
+        // y = (c - x) / 4 * 2 + 1, c per channel: Sub(c, x) -> Div(4) -> Mul(2) -> Add(1),
+        // the constant first or second as exporters write them.
+        let device = Device::Cpu;
+        let c = Tensor::new(&[0.5f32, -1.0, 2.0], &device)?.reshape((1, 3, 1, 1))?;
+        let scalar = |v: f32| Tensor::new(&[v], &device);
+        let node = |op: &str, inputs: [usize; 2], output: usize| Node {
+            name: format!("{op}{output}"),
+            op_type: op.to_string(),
+            attrs: Vec::new(),
+            inputs: inputs.map(Some).to_vec(),
+            outputs: vec![Some(output)],
+        };
+        let mut graph = Graph {
+            path: "chain.onnx".into(),
+            opset: 17,
+            names: (0..9).map(|v| format!("v{v}")).collect(),
+            constants: vec![
+                None,
+                Some(c.clone()),
+                None,
+                Some(scalar(4.0)?),
+                None,
+                Some(scalar(2.0)?),
+                None,
+                Some(scalar(1.0)?),
+                None,
+            ],
+            nodes: vec![
+                node("Sub", [1, 0], 2),
+                node("Div", [2, 3], 4),
+                node("Mul", [5, 4], 6),
+                node("Add", [6, 7], 8),
+            ],
+            input: 0,
+            input_dims: vec![None, Some(3), Some(4), Some(4)],
+            output: 8,
+            metadata: Vec::new(),
+        };
+        super::fuse_affine_chains(&mut graph).unwrap();
+        let [fused] = graph.nodes.as_slice() else {
+            panic!("one node, not {:?}", graph.nodes);
+        };
+        assert_eq!(fused.op_type, FUSED_AFFINE);
+        assert_eq!(fused.outputs, vec![Some(8)]);
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 4, 4), &device)?;
+        let inputs: Vec<Option<&Tensor>> = fused
+            .inputs
+            .iter()
+            .map(|v| match v {
+                Some(0) => Some(&x),
+                v => graph.constants[v.unwrap()].as_ref(),
+            })
+            .collect();
+        let context = crate::ops::Context {
+            opset: 17,
+            guided: false,
+            device: &device,
+        };
+        let got = crate::ops::eval(FUSED_AFFINE, Attrs(&[]), &inputs, 1, context).unwrap();
+        let want = (((c.broadcast_sub(&x)? / 4.0)? * 2.0)? + 1.0)?;
+        assert!(vulnmap_testkit::max_diff(&got[0], &want) < 1e-6);
+        Ok(())
+    }
+
+    #[test]
+    fn an_inputs_normalisation_becomes_one_affine_node() {
+        // The fixtures' `(x - mean) / std` (Sub, Div), exported inside the model.
+        let Some(ops) = fused_ops("resnet_basic_1111") else {
+            return;
+        };
+        let count = |op: &str| ops.iter().filter(|o| *o == op).count();
+        assert_eq!(count(FUSED_AFFINE), 1, "{ops:?}");
+        assert_eq!(count("Sub") + count("Div"), 0, "{ops:?}");
     }
 
     #[test]

@@ -29,7 +29,8 @@
 //! - `fold`: constant folding at load time.
 //! - `fuse`: BatchNorm folded into convolutions; convolution, residual Add and Relu fused; the
 //!   exported forms of GELU, SiLU, linear layers, feed-forward blocks, ConvNeXt's blocks, channel
-//!   LayerNorms, attention and torchvision's and timm's self-attention blocks as one op each.
+//!   LayerNorms, attention, torchvision's and timm's self-attention blocks and chains of
+//!   arithmetic with constants (an input's normalisation) as one op each.
 //! - `model`: [`OnnxClassifier`], its per-input-size plans and the `Classifier` contract.
 //! - `error`: [`Error`].
 //!

@@ -6,7 +6,7 @@
 //! pass ends. Here only the inputs are kept, for one more product `a b` in the backward pass.
 
 use crate::cpu_kernels::{slice, Float};
-use crate::linear::Matrix;
+use crate::linear::{GemmThreads, Matrix};
 use crate::softmax::{softmax_last_dim, softmax_last_dim_backward, softmax_rows};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
@@ -74,18 +74,20 @@ fn forward<T: Float>(
         || vec![T::default(); l * m],
         |scores, (i, out)| {
             let a = Matrix::new(&a[i * l * d..], (l, d), (d, 1))?;
-            a.product_into_on_this_thread(
+            a.product_into_on(
                 &Matrix::new(&b[i * d * m..], (d, m), (m, 1))?,
                 scores,
                 (m, 1),
                 false,
+                GemmThreads::This,
             )?;
             let weights = softmax_rows(scores, m);
-            Matrix::new(&weights, (l, m), (m, 1))?.product_into_on_this_thread(
+            Matrix::new(&weights, (l, m), (m, 1))?.product_into_on(
                 &Matrix::new(&v[i * m * e..], (m, e), (e, 1))?,
                 out,
                 (e, 1),
                 false,
+                GemmThreads::This,
             )
         },
     )?;

@@ -94,6 +94,16 @@ pub(crate) struct Matrix<'a, T> {
     col_stride: usize,
 }
 
+/// Where one GEMM runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum GemmThreads {
+    /// Split across all threads.
+    All,
+    /// On the calling thread: for many small products run side by side, where splitting each
+    /// across the threads costs more than it saves.
+    This,
+}
+
 /// The elements a `rows x cols` matrix with these strides spans.
 fn extent(rows: usize, cols: usize, row_stride: usize, col_stride: usize) -> usize {
     if rows == 0 || cols == 0 {
@@ -162,25 +172,24 @@ impl<'a, T: Float> Matrix<'a, T> {
         out_strides: (usize, usize),
         accumulate: bool,
     ) -> Result<()> {
-        let threads = rayon::current_num_threads();
-        let parallelism = if threads > 1 {
-            Parallelism::Rayon(threads)
-        } else {
-            Parallelism::None
-        };
-        self.gemm_into(rhs, out, out_strides, accumulate, parallelism)
+        self.product_into_on(rhs, out, out_strides, accumulate, GemmThreads::All)
     }
 
-    /// [`Self::product_into`] on the calling thread only: for many small products run side by
-    /// side, where splitting each one across the threads costs more than it saves.
-    pub(crate) fn product_into_on_this_thread(
+    /// [`Self::product_into`] on the threads `threads` says.
+    pub(crate) fn product_into_on(
         &self,
         rhs: &Matrix<T>,
         out: &mut [T],
         out_strides: (usize, usize),
         accumulate: bool,
+        threads: GemmThreads,
     ) -> Result<()> {
-        self.gemm_into(rhs, out, out_strides, accumulate, Parallelism::None)
+        let all = rayon::current_num_threads();
+        let parallelism = match threads {
+            GemmThreads::All if all > 1 => Parallelism::Rayon(all),
+            _ => Parallelism::None,
+        };
+        self.gemm_into(rhs, out, out_strides, accumulate, parallelism)
     }
 
     fn gemm_into(

@@ -8,7 +8,7 @@
 
 use crate::cpu_kernels::{constant_values, slice, Float};
 use crate::feed_forward::Linear;
-use crate::linear::{matmul_by_constant, Matrix};
+use crate::linear::{matmul_by_constant, GemmThreads, Matrix};
 use crate::softmax::{softmax_rows, softmax_rows_backward};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
@@ -98,6 +98,40 @@ pub fn by_tensor_ops(
 
 const WHAT: &str = "self-attention";
 
+/// With at least an image per thread the images run side by side, each one's small GEMMs on its
+/// own thread; else one image after another, each GEMM on all threads.
+fn gemm_threads(images: usize) -> GemmThreads {
+    if images >= rayon::current_num_threads() {
+        GemmThreads::This
+    } else {
+        GemmThreads::All
+    }
+}
+
+/// `job(image, its rows of out, scratch of scratch_len)` for each image's `rows` elements of
+/// `out`: side by side on the threads when the GEMMs run on one each, else in order.
+fn for_each_image<T: Float>(
+    out: &mut [T],
+    rows: usize,
+    scratch_len: usize,
+    threads: GemmThreads,
+    job: impl Fn(usize, &mut [T], &mut [T]) -> Result<()> + Sync + Send,
+) -> Result<()> {
+    let rows = rows.max(1);
+    match threads {
+        GemmThreads::This => out.par_chunks_mut(rows).enumerate().try_for_each_init(
+            || vec![T::default(); scratch_len],
+            |scratch, (i, out)| job(i, out, scratch),
+        ),
+        GemmThreads::All => {
+            let mut scratch = vec![T::default(); scratch_len];
+            out.chunks_mut(rows)
+                .enumerate()
+                .try_for_each(|(i, out)| job(i, out, &mut scratch))
+        }
+    }
+}
+
 /// The op on `(x, W_in, W_out)`; it keeps the projected `q, k, v` (`N L x 3E`, the queries
 /// already scaled) for its backward pass, freed with the graph that holds the op.
 struct SelfAttention {
@@ -132,41 +166,26 @@ impl SelfAttention {
         for token in qkv.chunks_mut(3 * e) {
             token[..e].iter_mut().for_each(|q| *q = *q * scale);
         }
-        // Each (image, head) pair's context (`L x d`) side by side on the threads, then into
-        // the heads' columns of the `N L x E` context.
-        let heads = self.heads;
-        let mut per_head = vec![T::default(); n * l * e];
-        per_head
-            .par_chunks_mut(l * d)
-            .enumerate()
-            .try_for_each_init(
-                || vec![T::default(); l * l],
-                |scores, (j, out)| {
-                    let (tokens, h) = (&qkv[j / heads * l * 3 * e..], j % heads);
-                    let head =
-                        |part: usize| Matrix::new(&tokens[part * e + h * d..], (l, d), (3 * e, 1));
-                    head(0)?.product_into_on_this_thread(&head(1)?.t(), scores, (l, 1), false)?;
-                    let weights = softmax_rows(scores, l);
-                    Matrix::new(&weights, (l, l), (l, 1))?.product_into_on_this_thread(
-                        &head(2)?,
-                        out,
-                        (d, 1),
-                        false,
-                    )
-                },
-            )?;
+        // Each image's heads write their columns of the `N L x E` context.
+        let (heads, threads) = (self.heads, gemm_threads(n));
         let mut context = vec![T::default(); n * l * e];
-        context
-            .par_chunks_mut(l * e)
-            .zip(per_head.par_chunks(heads * l * d))
-            .for_each(|(context, per_head)| {
-                for (h, head) in per_head.chunks(l * d).enumerate() {
-                    for (row, values) in context.chunks_mut(e).zip(head.chunks(d)) {
-                        row[h * d..(h + 1) * d].copy_from_slice(values);
-                    }
-                }
-            });
-        drop(per_head);
+        for_each_image(&mut context, l * e, l * l, threads, |i, context, scores| {
+            let tokens = &qkv[i * l * 3 * e..];
+            for h in 0..heads {
+                let head =
+                    |part: usize| Matrix::new(&tokens[part * e + h * d..], (l, d), (3 * e, 1));
+                head(0)?.product_into_on(&head(1)?.t(), scores, (l, 1), false, threads)?;
+                let weights = softmax_rows(scores, l);
+                Matrix::new(&weights, (l, l), (l, 1))?.product_into_on(
+                    &head(2)?,
+                    &mut context[h * d..],
+                    (e, 1),
+                    false,
+                    threads,
+                )?;
+            }
+            Ok(())
+        })?;
         let out = w_out.times(&context, bias(&self.output_bias).as_deref())?;
         if self.keep {
             let qkv = T::storage(qkv);
@@ -266,50 +285,57 @@ impl InputGradient<'_> {
         let grad_context = w_out.t().times(g, None)?;
         let (heads, d) = (self.heads, e / self.heads);
         let scale = T::of(self.scale);
-        // Per pair: `dq`, `dk`, `dv`, each `L x d`.
-        let mut per_head = vec![T::default(); n * heads * 3 * l * d];
-        per_head
-            .par_chunks_mut(3 * l * d)
-            .enumerate()
-            .try_for_each(|(j, out)| -> Result<()> {
-                let (i, h) = (j / heads, j % heads);
-                let tokens = &qkv[i * l * 3 * e..];
-                let head =
-                    |part: usize| Matrix::new(&tokens[part * e + h * d..], (l, d), (3 * e, 1));
-                let g = Matrix::new(&grad_context[i * l * e + h * d..], (l, d), (e, 1))?;
-                let mut scores = vec![T::default(); l * l];
-                head(0)?.product_into_on_this_thread(&head(1)?.t(), &mut scores, (l, 1), false)?;
-                let p = softmax_rows(&scores, l);
-                let (dq, rest) = out.split_at_mut(l * d);
-                let (dk, dv) = rest.split_at_mut(l * d);
-                let weights = Matrix::new(&p, (l, l), (l, 1))?;
-                weights
-                    .t()
-                    .product_into_on_this_thread(&g, dv, (d, 1), false)?;
-                g.product_into_on_this_thread(&head(2)?.t(), &mut scores, (l, 1), false)?;
-                let ds = softmax_rows_backward(&scores, &p, l);
-                let ds = Matrix::new(&ds, (l, l), (l, 1))?;
-                ds.product_into_on_this_thread(&head(1)?, dq, (d, 1), false)?;
-                dq.iter_mut().for_each(|v| *v = *v * scale);
-                ds.t()
-                    .product_into_on_this_thread(&head(0)?, dk, (d, 1), false)
-            })?;
-        // Back to `N L x 3E`, as the input projection wrote them.
+        // Each image's heads write their `dq`, `dk`, `dv` columns of `N L x 3E`, as the input
+        // projection wrote `q, k, v`.
+        let threads = gemm_threads(n);
         let mut grad_qkv = vec![T::default(); n * l * 3 * e];
-        grad_qkv
-            .par_chunks_mut(l * 3 * e)
-            .zip(per_head.par_chunks(heads * 3 * l * d))
-            .for_each(|(rows, per_head)| {
-                for (h, parts) in per_head.chunks(3 * l * d).enumerate() {
-                    for (part, block) in parts.chunks(l * d).enumerate() {
-                        let at = part * e + h * d;
-                        for (row, values) in rows.chunks_mut(3 * e).zip(block.chunks(d)) {
-                            row[at..at + d].copy_from_slice(values);
-                        }
+        for_each_image(
+            &mut grad_qkv,
+            l * 3 * e,
+            l * l,
+            threads,
+            |i, out, scores| {
+                let tokens = &qkv[i * l * 3 * e..];
+                for h in 0..heads {
+                    let head =
+                        |part: usize| Matrix::new(&tokens[part * e + h * d..], (l, d), (3 * e, 1));
+                    let g = Matrix::new(&grad_context[i * l * e + h * d..], (l, d), (e, 1))?;
+                    let column = |part: usize| part * e + h * d;
+                    head(0)?.product_into_on(&head(1)?.t(), scores, (l, 1), false, threads)?;
+                    let p = softmax_rows(scores, l);
+                    Matrix::new(&p, (l, l), (l, 1))?.t().product_into_on(
+                        &g,
+                        &mut out[column(2)..],
+                        (3 * e, 1),
+                        false,
+                        threads,
+                    )?;
+                    g.product_into_on(&head(2)?.t(), scores, (l, 1), false, threads)?;
+                    let ds = softmax_rows_backward(scores, &p, l);
+                    let ds = Matrix::new(&ds, (l, l), (l, 1))?;
+                    ds.t().product_into_on(
+                        &head(0)?,
+                        &mut out[column(1)..],
+                        (3 * e, 1),
+                        false,
+                        threads,
+                    )?;
+                    ds.product_into_on(
+                        &head(1)?,
+                        &mut out[column(0)..],
+                        (3 * e, 1),
+                        false,
+                        threads,
+                    )?;
+                    for row in out.chunks_mut(3 * e) {
+                        row[column(0)..column(0) + d]
+                            .iter_mut()
+                            .for_each(|v| *v = *v * scale);
                     }
                 }
-            });
-        drop(per_head);
+                Ok(())
+            },
+        )?;
         Ok((
             T::storage(w_in.t().times(&grad_qkv, None)?),
             self.input.clone(),
@@ -351,8 +377,10 @@ mod tests {
 
     #[test]
     fn equals_its_tensor_ops_with_the_same_input_gradient() -> Result<()> {
-        for (heads, biases) in [(1, true), (3, true), (3, false)] {
-            let (n, l, e) = (2, 5, 6);
+        // One image takes the path where each GEMM runs on all threads, two (on two threads) the
+        // one where the images run side by side.
+        for (n, heads, biases) in [(2, 1, true), (2, 3, true), (2, 3, false), (1, 3, true)] {
+            let (l, e) = (5, 6);
             let x = Var::from_tensor(&randn(&[n, l, e])?)?;
             let (w_in, b_in) = ((randn(&[e, 3 * e])? * 0.5)?, randn(&[3 * e])?);
             let (w_out, b_out) = (randn(&[e, e])?, randn(&[e])?);

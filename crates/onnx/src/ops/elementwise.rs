@@ -103,6 +103,30 @@ fn by_channel_constant(op: &str, a: &Tensor, b: Option<&Tensor>) -> Result<Optio
         (false, true) => (b, a, false),
         _ => return Ok(None),
     };
+    let Some(values) = per_channel_values(x, c)? else {
+        return Ok(None);
+    };
+    let channels = values.len();
+    let (mut scale, mut shift) = (vec![1.0; channels], vec![0.0; channels]);
+    for (k, &v) in values.iter().enumerate() {
+        match (op, x_first) {
+            ("Add", _) => shift[k] = v,
+            ("Sub", true) => shift[k] = -v,
+            ("Sub", false) => (scale[k], shift[k]) = (-1.0, v),
+            ("Mul", _) => scale[k] = v,
+            // x * (1/c): within an ulp of x / c, where 1/c is finite in the tensor's type.
+            ("Div", true) if ((1.0 / v) as f32).is_finite() => scale[k] = 1.0 / v,
+            // `c / x` is not affine in x.
+            _ => return Ok(None),
+        }
+    }
+    vulnmap_ops::channel_affine::channel_affine(x, &scale, &shift, false).map(Some)
+}
+
+/// The constant `c` as one value per channel of `x` (axis 1), if `c` broadcasts to `x` that way
+/// (one value, or one per channel), `x` is a float tensor on the CPU and `c` of its type: where
+/// [`vulnmap_ops::channel_affine`] applies.
+fn per_channel_values(x: &Tensor, c: &Tensor) -> Result<Option<Vec<f64>>> {
     let float = matches!(x.dtype(), DType::F32 | DType::F64) && c.dtype() == x.dtype();
     if !float || !x.device().is_cpu() || x.rank() < 2 || c.rank() > x.rank() {
         return Ok(None);
@@ -119,28 +143,21 @@ fn by_channel_constant(op: &str, a: &Tensor, b: Option<&Tensor>) -> Result<Optio
         return Ok(None);
     }
     let values = c.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
-    let value = |k: usize| {
-        if values.len() == 1 {
-            values[0]
-        } else {
-            values[k]
-        }
-    };
-    let (mut scale, mut shift) = (vec![1.0; channels], vec![0.0; channels]);
-    for k in 0..channels {
-        let v = value(k);
-        match (op, x_first) {
-            ("Add", _) => shift[k] = v,
-            ("Sub", true) => shift[k] = -v,
-            ("Sub", false) => (scale[k], shift[k]) = (-1.0, v),
-            ("Mul", _) => scale[k] = v,
-            // x * (1/c): within an ulp of x / c, where 1/c is finite in the tensor's type.
-            ("Div", true) if ((1.0 / v) as f32).is_finite() => scale[k] = 1.0 / v,
-            // `c / x` is not affine in x.
-            _ => return Ok(None),
-        }
+    Ok(Some(match values.as_slice() {
+        [one] => vec![*one; channels],
+        _ => values,
+    }))
+}
+
+/// `x * scale + shift` for constants `scale` and `shift` (a fused chain of arithmetic with
+/// constants): one [`vulnmap_ops::channel_affine`] op when both are per channel, else candle's
+/// broadcast ops.
+pub(super) fn affine(x: &Tensor, scale: &Tensor, shift: &Tensor) -> Result<Tensor> {
+    if let (Some(a), Some(b)) = (per_channel_values(x, scale)?, per_channel_values(x, shift)?) {
+        return vulnmap_ops::channel_affine::channel_affine(x, &a, &b, false);
     }
-    vulnmap_ops::channel_affine::channel_affine(x, &scale, &shift, false).map(Some)
+    x.broadcast_mul(&scale.to_dtype(x.dtype())?)?
+        .broadcast_add(&shift.to_dtype(x.dtype())?)
 }
 
 /// `Clip`: bounds from inputs (opset 11 on) or attributes; a ReLU6 (`min = 0`) is rectified

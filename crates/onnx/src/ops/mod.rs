@@ -129,13 +129,19 @@ pub(crate) const FUSED_CHANNEL_LAYER_NORM: &str = "vulnmap.ChannelLayerNorm";
 /// `a, b, v`.
 pub(crate) const FUSED_ATTENTION: &str = "vulnmap.Attention";
 
-/// What torchvision's exported `nn.MultiheadAttention` self-attention (from the `Transpose` of
-/// its input through the in-projection, the heads' reshapes, transposes and gathers, the scaled
-/// attention and the out-projection `Gemm` to the closing `Transpose`) becomes when fused: inputs
-/// `x, W_in, b_in, W_out, b_out` (`W_out` as the `Gemm` holds it, `E x E` transposed) and the
-/// queries' reshape target `[L, N H, d]` (computed from the input's size, once per plan);
-/// attribute `scale` when the export's was a constant, else `1 / √d`.
+/// What an exported self-attention block (torchvision's `nn.MultiheadAttention` from the
+/// in-projection through the heads' reshapes, transposes and gathers, the scaled attention and
+/// the out-projection `Gemm` to the closing `Transpose`; timm's `Attention` from its qkv layer to
+/// its out-projection) becomes when fused: inputs `x, W_in, b_in, W_out, b_out` and the queries'
+/// reshape target, whose last value is `d` (computed from the input's size, once per plan);
+/// attribute `transB` when `W_out` is stored `out x in` (torchvision's `Gemm`), `scale` when the
+/// export's was a constant, else `1 / √d`.
 pub(crate) const FUSED_SELF_ATTENTION: &str = "vulnmap.SelfAttention";
+
+/// What a chain of `Add`, `Sub`, `Mul` and `Div` with constants (an input's normalisation)
+/// becomes when fused: `x * scale + shift`, inputs `x, scale, shift` (constants of broadcast
+/// shapes).
+pub(crate) const FUSED_AFFINE: &str = "vulnmap.Affine";
 
 /// What an evaluation needs beyond the node: the opset (attribute meanings changed over
 /// versions) and whether rectifiers backpropagate guided gradients.
@@ -266,6 +272,11 @@ pub(crate) fn eval(
             inputs.req(2)?,
         )?),
         FUSED_SELF_ATTENTION => one(nn::self_attention(&inputs, attrs)?),
+        FUSED_AFFINE => one(elementwise::affine(
+            inputs.req(0)?,
+            inputs.req(1)?,
+            inputs.req(2)?,
+        )?),
         FUSED_CONV => {
             let relu = (attrs.int("relu", 0) != 0).then(|| {
                 let max = attrs.float("relu_max", f32::INFINITY);
