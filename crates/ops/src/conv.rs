@@ -163,7 +163,7 @@ impl DepthwiseConv2d {
         let k = self.kernel;
         let pad = self.padding.resolve((h, w), k, self.stride);
         if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
-            return depthwise_conv2d_fused(&pad2d(x, pad, 0.0)?, weight, epilogue, self.stride);
+            return depthwise_conv2d_fused(x, weight, epilogue, self.stride, pad);
         }
         epilogue_by_tensor_ops(self.forward_by_taps(x, weight, pad, c)?, epilogue)
     }

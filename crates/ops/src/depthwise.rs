@@ -7,15 +7,20 @@
 
 use crate::cpu_kernels::{constant_values, slice, widest_simd, Float};
 use crate::fused_conv::{epilogue_by_tensor_ops, Epilogue, ReluMask};
+use crate::windows::Pad2d;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-/// Geometry of a depthwise convolution on an already padded input.
+/// Geometry of a depthwise convolution: `h x w` is the padded plane the kernels loop over, `ih x
+/// iw` the input's plane, placed at `(pad.top, pad.left)` in it.
 #[derive(Debug, Clone, Copy)]
 struct Geometry {
     n: usize,
     c: usize,
+    ih: usize,
+    iw: usize,
+    pad: Pad2d,
     h: usize,
     w: usize,
     k: usize,
@@ -25,12 +30,18 @@ struct Geometry {
 }
 
 impl Geometry {
-    fn of(x: &[usize], k: usize, stride: usize) -> Result<Self> {
-        let (n, c, h, w) = (x[0], x[1], x[2], x[3]);
+    fn of(x: &[usize], k: usize, stride: usize, pad: Pad2d) -> Result<Self> {
+        let [n, c, ih, iw] = *x else {
+            candle_core::bail!("{WHAT}: an N x C x H x W input, got {x:?}");
+        };
+        let (h, w) = (ih + pad.top + pad.bottom, iw + pad.left + pad.right);
         let out = |s: usize| crate::windows::output_size(s, k, stride);
         Ok(Self {
             n,
             c,
+            ih,
+            iw,
+            pad,
             h,
             w,
             k,
@@ -39,22 +50,52 @@ impl Geometry {
             ow: out(w)?,
         })
     }
+
+    /// Whether the input plane is the padded plane.
+    fn unpadded(&self) -> bool {
+        self.pad == Pad2d::default()
+    }
+
+    /// The input plane `plane` (`ih x iw`) with its zero border (`h x w`).
+    fn padded<T: Float>(&self, plane: &[T]) -> Vec<T> {
+        let mut out = vec![T::default(); self.h * self.w];
+        for (row, values) in out[self.pad.top * self.w..]
+            .chunks_mut(self.w)
+            .zip(plane.chunks(self.iw.max(1)))
+        {
+            row[self.pad.left..self.pad.left + self.iw].copy_from_slice(values);
+        }
+        out
+    }
+
+    /// The input plane's part of `padded` (`h x w`), into `plane` (`ih x iw`).
+    fn crop<T: Float>(&self, padded: &[T], plane: &mut [T]) {
+        for (values, row) in plane
+            .chunks_mut(self.iw.max(1))
+            .zip(padded[self.pad.top * self.w..].chunks(self.w))
+        {
+            values.copy_from_slice(&row[self.pad.left..self.pad.left + self.iw]);
+        }
+    }
 }
 
 /// `depthwise(x, weight, stride)` on a padded `x` (`N x C x H x W`, f32 or f64 on the CPU) with
 /// `weight` `C x 1 x k x k`; no padding is added.
 pub fn depthwise_conv2d(x: &Tensor, weight: &Tensor, stride: usize) -> Result<Tensor> {
-    depthwise_conv2d_fused(x, weight, Epilogue::default(), stride)
+    depthwise_conv2d_fused(x, weight, Epilogue::default(), stride, Pad2d::default())
 }
 
-/// [`depthwise_conv2d`] followed by `epilogue`'s bias and (clipped) ReLU in the same pass, so that
-/// a depthwise convolution with BatchNorm folded in and its ReLU6 keep one activation, not four.
-/// A residual is not supported; a tracked bias takes plain tensor ops (its gradient is needed).
+/// [`depthwise_conv2d`] of `x` with a zero border `pad`, followed by `epilogue`'s bias and
+/// (clipped) ReLU in the same pass, so that a depthwise convolution with BatchNorm folded in and
+/// its ReLU6 keep one activation, not four. The border is added plane by plane inside the op, so
+/// no padded copy of `x` is kept for the backward pass. A residual is not supported; a tracked bias
+/// takes plain tensor ops (its gradient is needed).
 pub fn depthwise_conv2d_fused(
     x: &Tensor,
     weight: &Tensor,
     epilogue: Epilogue,
     stride: usize,
+    pad: Pad2d,
 ) -> Result<Tensor> {
     if epilogue.residual.is_some() {
         candle_core::bail!("{WHAT}: a residual epilogue is not supported");
@@ -67,7 +108,7 @@ pub fn depthwise_conv2d_fused(
                 relu: false,
                 ..epilogue
             };
-            let y = depthwise_conv2d_fused(x, weight, plain, stride)?;
+            let y = depthwise_conv2d_fused(x, weight, plain, stride, pad)?;
             return epilogue_by_tensor_ops(y, epilogue);
         }
         Some(b) => Some(constant_values(b, weight.dim(0)?, WHAT)?),
@@ -76,6 +117,7 @@ pub fn depthwise_conv2d_fused(
     let op = Depthwise {
         k,
         stride,
+        pad,
         bias,
         relu: epilogue.relu,
         mask: ReluMask {
@@ -92,6 +134,8 @@ const WHAT: &str = "depthwise convolution";
 struct Depthwise {
     k: usize,
     stride: usize,
+    /// The zero border added to each input plane.
+    pad: Pad2d,
     /// Added to each output channel.
     bias: Option<Vec<f64>>,
     /// Whether a (clipped) ReLU follows; `mask` is its backward.
@@ -180,7 +224,14 @@ fn forward<T: Float>(x: &[T], w: &[T], g: Geometry, op: &Depthwise) -> Vec<T> {
                         return;
                     }
                     let c = plane % g.c;
-                    let xin = &x[plane * g.h * g.w..][..g.h * g.w];
+                    let xin = &x[plane * g.ih * g.iw..][..g.ih * g.iw];
+                    let padded;
+                    let xin = if g.unpadded() {
+                        xin
+                    } else {
+                        padded = g.padded(xin);
+                        &padded
+                    };
                     let split;
                     let src = if g.stride == 1 {
                         xin
@@ -214,10 +265,10 @@ fn forward<T: Float>(x: &[T], w: &[T], g: Geometry, op: &Depthwise) -> Vec<T> {
 
 fn grad_input<T: Float>(grad: &[T], w: &[T], g: Geometry) -> Vec<T> {
     let wide = Wide::of(g);
-    let mut out = vec![T::default(); g.n * g.c * g.h * g.w];
-    out.par_chunks_mut(g.h * g.w)
+    let mut out = vec![T::default(); g.n * g.c * g.ih * g.iw];
+    out.par_chunks_mut((g.ih * g.iw).max(1))
         .enumerate()
-        .for_each(|(plane, gx)| {
+        .for_each(|(plane, input_gx)| {
             widest_simd(
                 #[inline(always)]
                 || {
@@ -231,6 +282,9 @@ fn grad_input<T: Float>(grad: &[T], w: &[T], g: Geometry) -> Vec<T> {
                     for (wide_row, row) in wide_grad.chunks_mut(wide.pw).zip(go.chunks(g.ow)) {
                         wide_row[..g.ow].copy_from_slice(row);
                     }
+                    // The padded plane's gradient, cropped to the input's at the end.
+                    let mut padded = (!g.unpadded()).then(|| vec![T::default(); g.h * g.w]);
+                    let gx = padded.as_deref_mut().unwrap_or(&mut *input_gx);
                     // Strided: accumulated in phase planes, then interleaved into the plane.
                     let mut split = (g.stride > 1)
                         .then(|| vec![T::default(); g.stride * g.stride * wide.phase]);
@@ -249,6 +303,9 @@ fn grad_input<T: Float>(grad: &[T], w: &[T], g: Geometry) -> Vec<T> {
                     if let Some(split) = split {
                         interleave(&split, gx, g.h, g.w, g.stride);
                     }
+                    if let Some(padded) = padded {
+                        g.crop(&padded, input_gx);
+                    }
                 },
             )
         });
@@ -263,7 +320,14 @@ fn grad_weight<T: Float>(x: &[T], grad: &[T], g: Geometry) -> Vec<T> {
             let mut acc = vec![T::default(); g.k * g.k];
             for b in 0..g.n {
                 let plane = b * g.c + c;
-                let xin = &x[plane * g.h * g.w..][..g.h * g.w];
+                let xin = &x[plane * g.ih * g.iw..][..g.ih * g.iw];
+                let padded;
+                let xin = if g.unpadded() {
+                    xin
+                } else {
+                    padded = g.padded(xin);
+                    &padded
+                };
                 let go = &grad[plane * g.oh * g.ow..][..g.oh * g.ow];
                 for i in 0..g.oh {
                     let grow = &go[i * g.ow..(i + 1) * g.ow];
@@ -297,7 +361,7 @@ impl CustomOp2 for Depthwise {
         w: &CpuStorage,
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let g = Geometry::of(xl.dims(), self.k, self.stride)?;
+        let g = Geometry::of(xl.dims(), self.k, self.stride, self.pad)?;
         fn typed<T: Float>(x: &[T], w: &[T], g: Geometry, op: &Depthwise) -> CpuStorage {
             T::storage(forward(x, w, g, op))
         }
@@ -376,7 +440,7 @@ impl CustomOp2 for Backward<'_> {
         b: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let g = Geometry::of(&self.input, self.op.k, self.op.stride)?;
+        let g = Geometry::of(&self.input, self.op.k, self.op.stride, self.op.pad)?;
         fn typed<T: Float>(part: Part, a: &[T], b: &[T], g: Geometry) -> CpuStorage {
             T::storage(match part {
                 Part::Input => grad_input(a, b, g),
@@ -389,7 +453,7 @@ impl CustomOp2 for Backward<'_> {
             other => candle_core::bail!("{WHAT}: f32 or f64, not {other:?}"),
         };
         let shape = match self.part {
-            Part::Input => Shape::from((g.n, g.c, g.h, g.w)),
+            Part::Input => Shape::from((g.n, g.c, g.ih, g.iw)),
             Part::Weight => Shape::from((g.c, 1, g.k, g.k)),
         };
         Ok((out, shape))
@@ -438,11 +502,65 @@ mod tests {
 
     /// The kernels sum in the order of a direct loop over output rows, taps and columns, so their
     /// results do not depend on how the planes are laid out: equal to the bit.
+    /// The border added inside the op equals the convolution of a padded copy, in value and both
+    /// gradients: uneven borders (TensorFlow's "SAME") and even ones, strides 1 and 2.
+    #[test]
+    fn its_own_border_equals_a_padded_copy_with_the_same_gradients() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut rng = vulnmap_data::random::rng(11, "depthwise border test");
+        let uneven = |top, bottom, left, right| Pad2d {
+            top,
+            bottom,
+            left,
+            right,
+        };
+        for &(k, s, pad) in &[
+            (3, 1, Pad2d::uniform(1)),
+            (3, 2, uneven(0, 1, 0, 1)),
+            (5, 2, uneven(1, 2, 2, 1)),
+            (5, 1, Pad2d::uniform(2)),
+        ] {
+            let mut randn = |shape: &[usize]| -> Result<Tensor> {
+                vulnmap_data::random::randn(&mut rng, shape, &dev)?.to_dtype(DType::F64)
+            };
+            let (x, w) = (
+                Var::from_tensor(&randn(&[2, 3, 11, 12])?)?,
+                Var::from_tensor(&randn(&[3, 1, k, k])?)?,
+            );
+            let run = |own: bool| -> Result<[Tensor; 3]> {
+                let y = if own {
+                    depthwise_conv2d_fused(
+                        x.as_tensor(),
+                        w.as_tensor(),
+                        Epilogue::default(),
+                        s,
+                        pad,
+                    )?
+                } else {
+                    let padded = crate::windows::pad2d(x.as_tensor(), pad, 0.0)?;
+                    depthwise_conv2d(&padded, w.as_tensor(), s)?
+                };
+                let upstream = (y.ones_like()? * 0.5)?.add(&y.sin()?.detach())?;
+                let grads = (&y * &upstream)?.sum_all()?.backward()?;
+                let grad = |v: &Var| grads.get(v.as_tensor()).cloned().expect("a gradient");
+                Ok([y.clone(), grad(&x), grad(&w)])
+            };
+            let (ours, theirs) = (run(true)?, run(false)?);
+            for (what, (a, b)) in ["value", "input gradient", "weight gradient"]
+                .iter()
+                .zip(ours.iter().zip(&theirs))
+            {
+                assert!(max_diff(a, b) < 1e-12, "k {k} s {s} {pad:?}: {what}");
+            }
+        }
+        Ok(())
+    }
+
     #[test]
     fn sums_in_the_order_of_a_direct_loop_to_the_bit() {
         let mut rng = vulnmap_data::random::rng(3, "depthwise order test");
         for &(k, s, h, w) in &[(3, 1, 9, 10), (3, 2, 11, 12), (5, 2, 12, 11), (5, 1, 7, 7)] {
-            let g = Geometry::of(&[2, 3, h, w], k, s).unwrap();
+            let g = Geometry::of(&[2, 3, h, w], k, s, Pad2d::default()).unwrap();
             let mut draw = |len: usize| -> Vec<f32> {
                 vulnmap_data::random::normal_vec(&mut rng, len, 0.0, 1.0)
             };
@@ -451,6 +569,7 @@ mod tests {
             let op = Depthwise {
                 k,
                 stride: s,
+                pad: Pad2d::default(),
                 bias: Some(vec![0.25, -0.5, 1.0]),
                 relu: false,
                 mask: ReluMask {
@@ -521,7 +640,7 @@ mod tests {
                 relu_backward,
                 ..Epilogue::default()
             };
-            let fused = depthwise_conv2d_fused(x.as_tensor(), &w, epilogue, 2)?;
+            let fused = depthwise_conv2d_fused(x.as_tensor(), &w, epilogue, 2, Pad2d::default())?;
             let plain = epilogue_by_tensor_ops(depthwise_conv2d(x.as_tensor(), &w, 2)?, epilogue)?;
             let case = format!("relu={relu} max={relu_max:?} {relu_backward:?}");
             assert!(max_diff(&fused, &plain) < 1e-5, "value, {case}");

@@ -169,7 +169,7 @@ pub(super) fn conv(
     let depthwise_kernel = groups == cin && cin_per_group == 1 && cout == cin && kh == kw;
     let cpu = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64);
     if depthwise_kernel && cpu && residual.is_none() {
-        return depthwise_conv2d_fused(&pad2d(x, pad, 0.0)?, w, epilogue, stride);
+        return depthwise_conv2d_fused(x, w, epilogue, stride, pad);
     }
     if groups == 1 && kh == kw && fits {
         return if pad.is_uniform() {
