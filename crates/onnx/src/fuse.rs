@@ -14,7 +14,7 @@
 //! keys and values.
 //!
 //! A chain of `Add`, `Sub`, `Mul` and `Div` with constants (an input's normalisation) becomes one
-//! [`FUSED_AFFINE`] node.
+//! [`FUSED_AFFINE`] node, and a zero `Pad` before a convolution that convolution's border.
 //!
 //! Only values read by exactly one node disappear, so every other tensor a user can name (as a
 //! Grad-CAM layer) stays.
@@ -211,6 +211,49 @@ pub(crate) fn fuse_epilogues(graph: &mut Graph) {
         for k in gone.into_iter().rev() {
             graph.nodes.remove(k);
         }
+    }
+}
+
+/// Fuses a zero `Pad` (opset 11 on: its amounts an input, often computed from the input's
+/// shape, as TensorFlow's "SAME" padding is exported) into the convolution reading it, as that
+/// convolution's input 4: the padded copy is then not kept for the backward pass (the depthwise
+/// kernel adds the border plane by plane). Run after [`fuse_epilogues`].
+pub(crate) fn fuse_pads_into_convs(graph: &mut Graph) {
+    let mut i = 0;
+    while i < graph.nodes.len() {
+        let readers = graph.readers();
+        let node = &graph.nodes[i];
+        let zero = |v: Option<&Option<usize>>| {
+            v.copied()
+                .flatten()
+                .is_none_or(|v| scalar(graph, Some(v)) == Some(0.0))
+        };
+        let found = (node.op_type == "Pad"
+            && graph.opset >= 11
+            && Attrs(&node.attrs).string("mode", "constant") == "constant"
+            && node.inputs.len() <= 3
+            && zero(node.inputs.get(2)))
+        .then_some(())
+        .and_then(|_| {
+            let [Some(x), Some(pads), ..] = node.inputs.as_slice() else {
+                return None;
+            };
+            let conv = sole_reader(graph, &readers, only_output(node)?)?;
+            let reader = &graph.nodes[conv];
+            let is_conv = matches!(reader.op_type.as_str(), "Conv" | FUSED_CONV);
+            (is_conv && reader.inputs.first() == Some(&node.outputs[0]) && reader.inputs.len() <= 4)
+                .then_some((conv, *x, *pads))
+        });
+        let Some((conv, x, pads)) = found else {
+            i += 1;
+            continue;
+        };
+        let fused = &mut graph.nodes[conv];
+        fused.op_type = FUSED_CONV.to_string();
+        fused.inputs[0] = Some(x);
+        fused.inputs.resize(4, None);
+        fused.inputs.push(Some(pads));
+        graph.nodes.remove(i);
     }
 }
 
@@ -1139,6 +1182,7 @@ mod tests {
         crate::fold::fold_constants(&mut graph, &device).unwrap();
         super::fold_batch_norms(&mut graph).unwrap();
         super::fuse_epilogues(&mut graph);
+        super::fuse_pads_into_convs(&mut graph);
         super::fuse_activations(&mut graph);
         super::fuse_linear_biases(&mut graph);
         super::fuse_batch_norm_relus(&mut graph);
@@ -1355,6 +1399,25 @@ mod tests {
         let want = (((c.broadcast_sub(&x)? / 4.0)? * 2.0)? + 1.0)?;
         assert!(vulnmap_testkit::max_diff(&got[0], &want) < 1e-6);
         Ok(())
+    }
+
+    #[test]
+    fn explicit_zero_pads_join_the_convolutions_reading_them() {
+        // The Lite0 fixture's TensorFlow "SAME" padding: a Pad before the stem and before each of
+        // the 16 depthwise convolutions, its amounts computed from the input's shape.
+        let Some(graph) = fused_graph("efficientnet_lite0_imagenet") else {
+            return;
+        };
+        let ops: Vec<&str> = graph.nodes.iter().map(|n| n.op_type.as_str()).collect();
+        assert_eq!(ops.iter().filter(|o| **o == "Pad").count(), 0, "{ops:?}");
+        let bordered = graph
+            .nodes
+            .iter()
+            .filter(|n| {
+                n.op_type == super::FUSED_CONV && n.inputs.get(4).is_some_and(|v| v.is_some())
+            })
+            .count();
+        assert_eq!(bordered, 17);
     }
 
     #[test]

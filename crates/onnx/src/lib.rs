@@ -30,7 +30,8 @@
 //! - `fuse`: BatchNorm folded into convolutions; convolution, residual Add and Relu fused; the
 //!   exported forms of GELU, SiLU, linear layers, feed-forward blocks, ConvNeXt's blocks, channel
 //!   LayerNorms, attention, torchvision's and timm's self-attention blocks and chains of
-//!   arithmetic with constants (an input's normalisation) as one op each.
+//!   arithmetic with constants (an input's normalisation) as one op each; a zero `Pad` joins
+//!   the convolution reading it.
 //! - `model`: [`OnnxClassifier`], its per-input-size plans and the `Classifier` contract.
 //! - `error`: [`Error`].
 //!

@@ -176,6 +176,7 @@ pub fn load_with(
     crate::fold::fold_constants(&mut graph, device)?;
     crate::fuse::fold_batch_norms(&mut graph)?;
     crate::fuse::fuse_epilogues(&mut graph);
+    crate::fuse::fuse_pads_into_convs(&mut graph);
     crate::fuse::fuse_activations(&mut graph);
     crate::fuse::fuse_linear_biases(&mut graph);
     crate::fuse::fuse_batch_norm_relus(&mut graph);

@@ -119,8 +119,32 @@ fn depthwise(x: &Tensor, w: &Tensor, stride: usize) -> Result<Tensor> {
     }
 }
 
+/// The spatial border of a 4-D `Pad`'s `pads` (`N C H W` begins, then ends): `None` unless the
+/// batch and channels are not padded and every side is at most a kernel wide (as a convolution's
+/// own padding is; a wider one, from a damaged file, is left to `Pad`'s own checks).
+fn spatial_border(pads: &[i64], (kh, kw): (usize, usize)) -> Option<Pad2d> {
+    let &[n0, c0, t, l, n1, c1, b, r] = pads else {
+        return None;
+    };
+    let fits = |v: i64, k: usize| (0..=k as i64).contains(&v);
+    (n0 == 0
+        && c0 == 0
+        && n1 == 0
+        && c1 == 0
+        && fits(t, kh)
+        && fits(b, kh)
+        && fits(l, kw)
+        && fits(r, kw))
+    .then_some(Pad2d {
+        top: t as usize,
+        bottom: b as usize,
+        left: l as usize,
+        right: r as usize,
+    })
+}
+
 /// `Conv` (and the fused convolution): 2-D, any groups, followed by `+ residual` and a ReLU
-/// (`Some(max)`: clipped at `max`) when fused.
+/// (`Some(max)`: clipped at `max`) when fused; input 4, when fused, is a zero `Pad`'s `pads`.
 pub(super) fn conv(
     inputs: &Inputs,
     attrs: Attrs,
@@ -128,11 +152,27 @@ pub(super) fn conv(
     relu: Option<Option<f64>>,
     ctx: Context,
 ) -> Result<Tensor> {
-    let x = inputs.req(0)?;
     let w = inputs.req(1)?;
     let bias = inputs.opt(2);
-    let (h, wd) = spatial(x)?;
     let (cout, cin_per_group, kh, kw) = w.dims4()?;
+    // A zero `Pad` before the convolution, fused at load time: its border joins the convolution's
+    // own where it is a plain spatial one, or it is applied as the `Pad` node would.
+    let fused_border = match inputs.opt(4) {
+        Some(pads) => Some((pads, spatial_border(&ints_of(pads)?, (kh, kw)))),
+        None => None,
+    };
+    let padded;
+    let (x, extra) = match fused_border {
+        Some((_, Some(border))) if attrs.string("auto_pad", "NOTSET") == "NOTSET" => {
+            (inputs.req(0)?, border)
+        }
+        Some((pads, _)) => {
+            padded = pad(&Inputs(&[inputs.opt(0), Some(pads)]), Attrs(&[]), ctx)?;
+            (&padded, Pad2d::default())
+        }
+        None => (inputs.req(0)?, Pad2d::default()),
+    };
+    let (h, wd) = spatial(x)?;
     let cin = x.dim(1)?;
     let groups = attrs.int("group", 1).max(1) as usize;
     if cin != cin_per_group * groups || cout % groups != 0 {
@@ -143,7 +183,13 @@ pub(super) fn conv(
     }
     no_dilation(attrs)?;
     let stride = stride(attrs)?;
-    let pad = padding(attrs, (h, wd), (kh, kw), stride)?;
+    let own = padding(attrs, (h, wd), (kh, kw), stride)?;
+    let pad = Pad2d {
+        top: own.top + extra.top,
+        bottom: own.bottom + extra.bottom,
+        left: own.left + extra.left,
+        right: own.right + extra.right,
+    };
     let out_h = (h + pad.top + pad.bottom)
         .checked_sub(kh)
         .map(|v| v / stride + 1);
@@ -1111,6 +1157,25 @@ mod tests {
 
     /// Pads read from a damaged file must not make a tensor too large to allocate (a fuzzed
     /// model asked Pad for 26 GB and aborted the process).
+    #[test]
+    fn only_a_plain_spatial_border_joins_a_convolutions_own() {
+        let border = |pads: &[i64]| spatial_border(pads, (3, 3));
+        assert_eq!(
+            border(&[0, 0, 0, 1, 0, 0, 1, 2]),
+            Some(Pad2d {
+                top: 0,
+                left: 1,
+                bottom: 1,
+                right: 2
+            })
+        );
+        // Batch or channel padding, cropping, a border wider than the kernel, not 4-D.
+        assert_eq!(border(&[0, 1, 0, 0, 0, 0, 0, 0]), None);
+        assert_eq!(border(&[0, 0, -1, 0, 0, 0, 0, 0]), None);
+        assert_eq!(border(&[0, 0, 4, 0, 0, 0, 0, 0]), None);
+        assert_eq!(border(&[0, 0, 1, 1, 0, 0]), None);
+    }
+
     #[test]
     fn huge_pads_are_an_error_not_an_allocation() {
         let dev = Device::Cpu;
