@@ -947,7 +947,12 @@ fn affine_of_constant(graph: &Graph, node: &Node) -> Option<(usize, Tensor, Tens
         ("Div", true) => (c.recip().ok()?, zeros),
         _ => return None,
     };
-    Some((x, scale, shift))
+    // A division by zero stays a division (`x * inf` would turn a zero shift into NaN).
+    let finite = scale
+        .to_dtype(DType::F64)
+        .and_then(|t| t.flatten_all()?.to_vec1::<f64>())
+        .is_ok_and(|v| v.iter().all(|v| v.is_finite()));
+    finite.then_some((x, scale, shift))
 }
 
 /// Fuses chains of `Add`, `Sub`, `Mul` and `Div` with a constant (an input's `(x - mean) / std`)
@@ -1418,6 +1423,41 @@ mod tests {
             })
             .count();
         assert_eq!(bordered, 17);
+    }
+
+    #[test]
+    fn a_division_by_zero_is_not_fused() -> candle_core::Result<()> {
+        // (x - 1) / 0 fused would be x * inf - inf: NaN wherever the division gives +inf (x >
+        // 1); it stays two nodes.
+        let device = Device::Cpu;
+        let node = |op: &str, inputs: [usize; 2], output: usize| Node {
+            name: format!("{op}{output}"),
+            op_type: op.to_string(),
+            attrs: Vec::new(),
+            inputs: inputs.map(Some).to_vec(),
+            outputs: vec![Some(output)],
+        };
+        let mut graph = Graph {
+            path: "zero.onnx".into(),
+            opset: 17,
+            names: (0..5).map(|v| format!("v{v}")).collect(),
+            constants: vec![
+                None,
+                Some(Tensor::new(&[1f32], &device)?),
+                None,
+                Some(Tensor::new(&[0f32], &device)?),
+                None,
+            ],
+            nodes: vec![node("Sub", [0, 1], 2), node("Div", [2, 3], 4)],
+            input: 0,
+            input_dims: vec![None, Some(3), Some(4), Some(4)],
+            output: 4,
+            metadata: Vec::new(),
+        };
+        super::fuse_affine_chains(&mut graph).unwrap();
+        let ops: Vec<&str> = graph.nodes.iter().map(|n| n.op_type.as_str()).collect();
+        assert_eq!(ops, ["Sub", "Div"]);
+        Ok(())
     }
 
     #[test]
