@@ -56,6 +56,16 @@ impl Geometry {
         self.pad == Pad2d::default()
     }
 
+    /// Input plane `index` of `x` as the kernels read it: with its zero border when it has one.
+    fn plane<'a, T: Float>(&self, x: &'a [T], index: usize) -> std::borrow::Cow<'a, [T]> {
+        let plane = &x[index * self.ih * self.iw..][..self.ih * self.iw];
+        if self.unpadded() {
+            std::borrow::Cow::Borrowed(plane)
+        } else {
+            std::borrow::Cow::Owned(self.padded(plane))
+        }
+    }
+
     /// The input plane `plane` (`ih x iw`) with its zero border (`h x w`).
     fn padded<T: Float>(&self, plane: &[T]) -> Vec<T> {
         let mut out = vec![T::default(); self.h * self.w];
@@ -224,14 +234,8 @@ fn forward<T: Float>(x: &[T], w: &[T], g: Geometry, op: &Depthwise) -> Vec<T> {
                         return;
                     }
                     let c = plane % g.c;
-                    let xin = &x[plane * g.ih * g.iw..][..g.ih * g.iw];
-                    let padded;
-                    let xin = if g.unpadded() {
-                        xin
-                    } else {
-                        padded = g.padded(xin);
-                        &padded
-                    };
+                    let xin = g.plane(x, plane);
+                    let xin = &*xin;
                     let split;
                     let src = if g.stride == 1 {
                         xin
@@ -320,14 +324,7 @@ fn grad_weight<T: Float>(x: &[T], grad: &[T], g: Geometry) -> Vec<T> {
             let mut acc = vec![T::default(); g.k * g.k];
             for b in 0..g.n {
                 let plane = b * g.c + c;
-                let xin = &x[plane * g.ih * g.iw..][..g.ih * g.iw];
-                let padded;
-                let xin = if g.unpadded() {
-                    xin
-                } else {
-                    padded = g.padded(xin);
-                    &padded
-                };
+                let xin = g.plane(x, plane);
                 let go = &grad[plane * g.oh * g.ow..][..g.oh * g.ow];
                 for i in 0..g.oh {
                     let grow = &go[i * g.ow..(i + 1) * g.ow];
