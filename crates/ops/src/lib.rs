@@ -36,7 +36,8 @@
 //! - [`linear`]: `x W` by a constant weight, whose backward computes the input's gradient only.
 //! - [`layer_norm`]: layer normalisation over the last axis or the channels, one op with its own
 //!   backward.
-//! - [`pool`]: max-pooling with a working backward pass; global average pooling.
+//! - [`pool`]: max-pooling with a working backward pass (on the CPU without a padded copy);
+//!   global average pooling.
 //! - [`resize`]: differentiable bilinear resizing, on every device.
 //! - [`self_attention`]: a multi-head self-attention block as one op that keeps only `q, k, v`.
 //! - [`softmax`]: softmax over the last axis, one op whose backward reads only its output.

@@ -1,13 +1,17 @@
 //! Max-pooling whose backward pass works for any kernel and stride.
 //!
 //! candle's own `max_pool2d` backward refuses kernel != stride (candle issues 1593 and 1851), which
-//! is exactly ResNet's 3x3 stride-2 stem pool. Here the forward runs candle's kernel on the
-//! device and the backward routes each output's gradient to the first maximum of its window in
-//! row-major order, as PyTorch does, using only tensor operations (so it runs on every device).
+//! is exactly ResNet's 3x3 stride-2 stem pool. The backward routes each output's gradient to the
+//! first maximum of its window in row-major order, as PyTorch does. On the CPU both directions are
+//! direct loops over each plane that skip the border, so no padded copy of the input is kept for
+//! the backward pass; elsewhere the forward runs candle's kernel on a padded copy and the backward
+//! uses only tensor operations (so it runs on every device).
 
+use crate::cpu_kernels::{slice, Float};
 use crate::windows::{pad2d, untap, Pad2d, Windows};
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
 
 /// `max_pool2d(x, kernel, stride, padding)` as PyTorch's `nn.MaxPool2d`: padding counts as -inf.
 pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> Result<Tensor> {
@@ -16,16 +20,176 @@ pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> R
             "max-pool padding {padding} must be at most half the kernel {kernel} (as in PyTorch)"
         );
     }
-    let x = pad2d(x, Pad2d::uniform(padding), f64::NEG_INFINITY)?;
+    max_pool2d_padded(x, kernel, stride, Pad2d::uniform(padding))
+}
+
+/// [`max_pool2d`] with any border `pad` (uneven ones: ONNX's explicit pads and `ceil_mode`),
+/// counted as -inf.
+pub fn max_pool2d_padded(x: &Tensor, kernel: usize, stride: usize, pad: Pad2d) -> Result<Tensor> {
+    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+        let op = CpuMaxPool {
+            window: Window::of(x.dims(), kernel, stride, pad)?,
+        };
+        return x.contiguous()?.apply_op1(op);
+    }
+    let x = pad2d(x, pad, f64::NEG_INFINITY)?;
     x.apply_op1(MaxPool { kernel, stride })
 }
+
+/// A max-pool's planes and windows: `h x w` input planes with the border `pad` around them.
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    planes: usize,
+    h: usize,
+    w: usize,
+    kernel: usize,
+    stride: usize,
+    pad: Pad2d,
+    oh: usize,
+    ow: usize,
+}
+
+impl Window {
+    fn of(x: &[usize], kernel: usize, stride: usize, pad: Pad2d) -> Result<Self> {
+        let [n, c, h, w] = *x else {
+            candle_core::bail!("max-pool: an N x C x H x W input, got {x:?}");
+        };
+        let out = |size| crate::windows::output_size(size, kernel, stride);
+        Ok(Self {
+            planes: n * c,
+            h,
+            w,
+            kernel,
+            stride,
+            pad,
+            oh: out(h + pad.top + pad.bottom)?,
+            ow: out(w + pad.left + pad.right)?,
+        })
+    }
+
+    /// The first maximum (row-major) of output `(i, j)`'s window in `plane`: its index and value;
+    /// `None` if the window holds only border.
+    fn first_max<T: Float>(&self, plane: &[T], i: usize, j: usize) -> Option<(usize, T)> {
+        let span = |at: usize, before: usize, size: usize| {
+            let start = (at * self.stride).saturating_sub(before);
+            let end = (at * self.stride + self.kernel)
+                .saturating_sub(before)
+                .min(size);
+            start..end
+        };
+        let mut best: Option<(usize, T)> = None;
+        for y in span(i, self.pad.top, self.h) {
+            for x in span(j, self.pad.left, self.w) {
+                let v = plane[y * self.w + x];
+                if best.is_none_or(|(_, b)| v > b) {
+                    best = Some((y * self.w + x, v));
+                }
+            }
+        }
+        best
+    }
+
+    fn forward<T: Float>(&self, x: &[T]) -> Vec<T> {
+        let mut out = vec![T::default(); self.planes * self.oh * self.ow];
+        out.par_chunks_mut((self.oh * self.ow).max(1))
+            .zip(x.par_chunks((self.h * self.w).max(1)))
+            .for_each(|(out, plane)| {
+                for (k, o) in out.iter_mut().enumerate() {
+                    let best = self.first_max(plane, k / self.ow, k % self.ow);
+                    *o = best.map_or(T::of(f64::NEG_INFINITY), |(_, v)| v);
+                }
+            });
+        out
+    }
+
+    /// Each output's gradient added to its window's first maximum. The windows run in reverse
+    /// row-major order: an input pixel then sums the windows it tops in the order the tensor-op
+    /// path (`untap`, kernel offsets in row-major order) sums them, so both paths agree to the
+    /// bit and a model trained on either is the same model.
+    fn grad_input<T: Float>(&self, x: &[T], grad: &[T]) -> Vec<T> {
+        let mut out = vec![T::default(); self.planes * self.h * self.w];
+        out.par_chunks_mut((self.h * self.w).max(1))
+            .zip(x.par_chunks((self.h * self.w).max(1)))
+            .zip(grad.par_chunks((self.oh * self.ow).max(1)))
+            .for_each(|((gx, plane), g)| {
+                for (k, &gv) in g.iter().enumerate().rev() {
+                    if let Some((at, _)) = self.first_max(plane, k / self.ow, k % self.ow) {
+                        gx[at] += gv;
+                    }
+                }
+            });
+        out
+    }
+}
+
+/// The CPU max-pool on the unpadded input, its border skipped.
+struct CpuMaxPool {
+    window: Window,
+}
+
+impl CustomOp1 for CpuMaxPool {
+    fn name(&self) -> &'static str {
+        "vulnmap-max-pool2d"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let w = self.window;
+        let out = match storage.dtype() {
+            DType::F32 => CpuStorage::F32(w.forward(slice::<f32>(storage, layout, WHAT)?)),
+            DType::F64 => CpuStorage::F64(w.forward(slice::<f64>(storage, layout, WHAT)?)),
+            other => candle_core::bail!("{WHAT}: f32 or f64, not {other:?}"),
+        };
+        let (n, c, _, _) = layout.shape().dims4()?;
+        Ok((out, Shape::from((n, c, w.oh, w.ow))))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let grad = grad_res.contiguous()?.apply_op2_no_bwd(
+            &arg.detach(),
+            &CpuMaxPoolBackward {
+                window: self.window,
+            },
+        )?;
+        Ok(Some(grad))
+    }
+}
+
+/// `(grad, input) -> d input`: each output's gradient to its window's first maximum.
+struct CpuMaxPoolBackward {
+    window: Window,
+}
+
+impl CustomOp2 for CpuMaxPoolBackward {
+    fn name(&self) -> &'static str {
+        "vulnmap-max-pool2d-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        g: &CpuStorage,
+        gl: &Layout,
+        x: &CpuStorage,
+        xl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let w = self.window;
+        let out = match g.dtype() {
+            DType::F32 => CpuStorage::F32(w.grad_input(slice(x, xl, WHAT)?, slice(g, gl, WHAT)?)),
+            DType::F64 => CpuStorage::F64(w.grad_input(slice(x, xl, WHAT)?, slice(g, gl, WHAT)?)),
+            other => candle_core::bail!("{WHAT}: f32 or f64, not {other:?}"),
+        };
+        Ok((out, xl.shape().clone()))
+    }
+}
+
+/// The op's name in errors.
+const WHAT: &str = "max-pool";
 
 /// The global average over height and width: `N x C x H x W` to `N x C`.
 pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
     x.mean((2, 3))
 }
 
-/// Unpadded max-pool as a custom op, so that its backward is ours.
+/// Unpadded max-pool as a custom op on any device, so that its backward is ours.
 struct MaxPool {
     kernel: usize,
     stride: usize,
@@ -154,6 +318,56 @@ mod tests {
         ] {
             let x = Tensor::randn(0f64, 1.0, (2, 3, h, w), &dev)?;
             finite_difference_check(&x, |x| max_pool2d(x, k, s, p), 1e-6, 1e-6)?;
+        }
+        Ok(())
+    }
+
+    /// The CPU loops against candle's kernel on a padded copy and the tensor-op backward (the
+    /// path of other devices), with uneven borders as ONNX's `ceil_mode` makes them.
+    #[test]
+    fn the_cpu_loops_equal_the_padded_copys_path_in_value_and_gradient() -> Result<()> {
+        let dev = candle_core::Device::Cpu;
+        let uneven = |top, bottom, left, right| Pad2d {
+            top,
+            bottom,
+            left,
+            right,
+        };
+        for &(h, w, k, s, pad) in &[
+            (9, 9, 3, 2, Pad2d::uniform(1)),
+            (8, 7, 3, 2, uneven(1, 2, 0, 1)),
+            (7, 8, 2, 2, uneven(0, 1, 0, 1)),
+            (6, 6, 3, 1, uneven(1, 0, 1, 0)),
+            (9, 8, 5, 1, Pad2d::uniform(2)),
+        ] {
+            // Rounded inputs tie often; with stride 1 a peak is the maximum of up to k * k
+            // windows, whose upstream gradients differ, so the order of their sum shows.
+            let x = Tensor::randn(0f64, 1.0, (2, 3, h, w), &dev)?;
+            let x = candle_core::Var::from_tensor(&((x * 2.0)?.round()? * 0.5)?)?;
+            let ours = max_pool2d_padded(x.as_tensor(), k, s, pad)?;
+            let theirs = pad2d(x.as_tensor(), pad, f64::NEG_INFINITY)?.apply_op1(MaxPool {
+                kernel: k,
+                stride: s,
+            })?;
+            assert_eq!(
+                ours.flatten_all()?.to_vec1::<f64>()?,
+                theirs.flatten_all()?.to_vec1::<f64>()?,
+                "{h}x{w} k {k} s {s} {pad:?}: value"
+            );
+            let upstream = Tensor::randn(0f64, 1.0, ours.shape(), &dev)?;
+            let grad = |y: &Tensor| -> Result<Vec<f64>> {
+                let grads = (y * &upstream)?.sum_all()?.backward()?;
+                grads
+                    .get(x.as_tensor())
+                    .expect("a gradient")
+                    .flatten_all()?
+                    .to_vec1::<f64>()
+            };
+            assert_eq!(
+                grad(&ours)?,
+                grad(&theirs)?,
+                "{h}x{w} k {k} s {s} {pad:?}: gradient"
+            );
         }
         Ok(())
     }

@@ -466,7 +466,7 @@ pub(super) fn max_pool(inputs: &Inputs, attrs: Attrs, outputs: usize) -> Result<
         bottom: pad.bottom + extra.bottom,
         right: pad.right + extra.right,
     };
-    vulnmap_ops::pool::max_pool2d(&pad2d(x, total, f64::NEG_INFINITY)?, k, s, 0)
+    vulnmap_ops::pool::max_pool2d_padded(x, k, s, total)
 }
 
 /// `AveragePool`: window sums by a depthwise convolution of ones, divided by the window's
