@@ -26,7 +26,7 @@ pub fn input_gradients(
             .collect();
         grads.push(batch_gradient(
             model,
-            &pixels.narrow(0, start, len)?,
+            pixels.narrow(0, start, len)?,
             &chunk_targets,
         )?);
     }
@@ -37,10 +37,12 @@ pub fn input_gradients(
 /// interact in eval mode, so each image gets its own gradient).
 pub(crate) fn batch_gradient(
     model: &dyn Classifier,
-    pixels: &Tensor,
+    pixels: Tensor,
     targets: &[u32],
 ) -> Result<Tensor> {
     let x = Var::from_tensor(&pixels.detach())?;
+    // The variable is a copy: a batch built for this pass is freed here, not held beside it.
+    drop(pixels);
     let logits = model.forward(x.as_tensor())?;
     let index = Tensor::from_slice(targets, (targets.len(), 1), logits.device())?;
     let selected = logits.gather(&index, 1)?;

@@ -152,11 +152,9 @@ impl IntegratedGradients {
                     .iter()
                     .map(|&(alpha, _)| &x0 + (&delta * alpha)?)
                     .collect::<candle_core::Result<Vec<_>>>()?;
-                let grads = batch_gradient(
-                    model,
-                    &Tensor::stack(&points, 0)?,
-                    &vec![target as u32; chunk.len()],
-                )?;
+                let batch = Tensor::stack(&points, 0)?;
+                drop(points);
+                let grads = batch_gradient(model, batch, &vec![target as u32; chunk.len()])?;
                 let weights: Vec<f32> = chunk.iter().map(|&(_, w)| w as f32).collect();
                 let weights = Tensor::from_vec(weights, (chunk.len(), 1, 1, 1), pixels.device())?
                     .to_dtype(grads.dtype())?;

@@ -113,8 +113,9 @@ impl SmoothGrad {
                 noisy.push((pixels.get(i)? + (noise * sigmas[i] as f64)?)?);
             }
             let batch = Tensor::stack(&noisy, 0)?;
+            drop(noisy);
             let batch_targets: Vec<u32> = chunk.iter().map(|&(i, _)| targets[i] as u32).collect();
-            let grads = batch_gradient(model, &batch, &batch_targets)?;
+            let grads = batch_gradient(model, batch, &batch_targets)?;
             // Add each image's run of rows to its sums.
             let mut row = 0;
             while row < chunk.len() {
