@@ -77,16 +77,26 @@ impl Window {
                 .min(size);
             start..end
         };
-        let mut best: Option<(usize, T)> = None;
-        for y in span(i, self.pad.top, self.h) {
-            for x in span(j, self.pad.left, self.w) {
-                let v = plane[y * self.w + x];
-                if best.is_none_or(|(_, b)| v > b) {
-                    best = Some((y * self.w + x, v));
+        let (rows, cols) = (
+            span(i, self.pad.top, self.h),
+            span(j, self.pad.left, self.w),
+        );
+        if rows.is_empty() || cols.is_empty() {
+            return None;
+        }
+        let mut best = (
+            rows.start * self.w + cols.start,
+            plane[rows.start * self.w + cols.start],
+        );
+        for y in rows {
+            let row = &plane[y * self.w + cols.start..y * self.w + cols.end];
+            for (dx, &v) in row.iter().enumerate() {
+                if v > best.1 {
+                    best = (y * self.w + cols.start + dx, v);
                 }
             }
         }
-        best
+        Some(best)
     }
 
     fn forward<T: Float>(&self, x: &[T]) -> Vec<T> {
