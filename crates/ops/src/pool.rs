@@ -100,7 +100,8 @@ impl Window {
     }
 
     fn forward<T: Float>(&self, x: &[T]) -> Vec<T> {
-        let mut out = vec![T::default(); self.planes * self.oh * self.ow];
+        // -inf where a window holds only border, including every window of an empty plane.
+        let mut out = vec![T::of(f64::NEG_INFINITY); self.planes * self.oh * self.ow];
         out.par_chunks_mut((self.oh * self.ow).max(1))
             .zip(x.par_chunks((self.h * self.w).max(1)))
             .for_each(|(out, plane)| {
@@ -114,8 +115,8 @@ impl Window {
 
     /// Each output's gradient added to its window's first maximum. The windows run in reverse
     /// row-major order: an input pixel then sums the windows it tops in the order the tensor-op
-    /// path (`untap`, kernel offsets in row-major order) sums them, so both paths agree to the
-    /// bit and a model trained on either is the same model.
+    /// path (`untap`, kernel offsets in row-major order) sums them, so for finite inputs and
+    /// gradients both paths agree to the bit and a model trained on either is the same model.
     fn grad_input<T: Float>(&self, x: &[T], grad: &[T]) -> Vec<T> {
         let mut out = vec![T::default(); self.planes * self.h * self.w];
         out.par_chunks_mut((self.h * self.w).max(1))
@@ -349,10 +350,16 @@ mod tests {
             (7, 8, 2, 2, uneven(0, 1, 0, 1)),
             (6, 6, 3, 1, uneven(1, 0, 1, 0)),
             (9, 8, 5, 1, Pad2d::uniform(2)),
+            (7, 9, 1, 2, Pad2d::default()),
+            (8, 8, 2, 3, uneven(1, 0, 0, 1)),
         ] {
             // Rounded inputs tie often; with stride 1 a peak is the maximum of up to k * k
             // windows, whose upstream gradients differ, so the order of their sum shows.
-            let x = Tensor::randn(0f64, 1.0, (2, 3, h, w), &dev)?;
+            let mut rng = vulnmap_data::random::rng(h as u64 * 31 + k as u64, "max-pool order");
+            let draw = |rng: &mut vulnmap_data::random::SeededRng, shape: &[usize]| {
+                vulnmap_data::random::randn(rng, shape, &dev)?.to_dtype(DType::F64)
+            };
+            let x = draw(&mut rng, &[2, 3, h, w])?;
             let x = candle_core::Var::from_tensor(&((x * 2.0)?.round()? * 0.5)?)?;
             let ours = max_pool2d_padded(x.as_tensor(), k, s, pad)?;
             let theirs = pad2d(x.as_tensor(), pad, f64::NEG_INFINITY)?.apply_op1(MaxPool {
@@ -364,7 +371,8 @@ mod tests {
                 theirs.flatten_all()?.to_vec1::<f64>()?,
                 "{h}x{w} k {k} s {s} {pad:?}: value"
             );
-            let upstream = Tensor::randn(0f64, 1.0, ours.shape(), &dev)?;
+            // Full f64 mantissas: sums of a few f32 draws would be exact in any order.
+            let upstream = (draw(&mut rng, ours.dims())? * std::f64::consts::PI)?.exp()?;
             let grad = |y: &Tensor| -> Result<Vec<f64>> {
                 let grads = (y * &upstream)?.sum_all()?.backward()?;
                 grads
