@@ -66,17 +66,13 @@ impl SameShapeKernel for Softmax {
                 widest_simd(
                     #[inline(always)]
                     || {
-                        let max = row
-                            .iter()
-                            .map(|v| v.widen())
-                            .fold(f64::NEG_INFINITY, f64::max);
-                        let mut sum = 0.0;
-                        for (o, v) in o.iter_mut().zip(row) {
-                            let e = (*v - T::of(max)).exp();
-                            sum += e.widen();
-                            *o = e;
+                        // Three passes without a loop-carried sum in the exponentials' pass,
+                        // so that it vectorises.
+                        let max = max_of(row);
+                        for (o, &v) in o.iter_mut().zip(row) {
+                            *o = (v - max).exp();
                         }
-                        let inv = T::of(1.0 / sum);
+                        let inv = T::of(1.0 / dot_widened(o, None));
                         o.iter_mut().for_each(|o| *o = *o * inv);
                     },
                 )
@@ -92,13 +88,69 @@ impl SameShapeKernel for Softmax {
                     .zip(y.par_chunks(self.inner.max(1))),
             )
             .for_each(|(o, (g, y))| {
-                let dot: f64 = g.iter().zip(y).map(|(g, y)| g.widen() * y.widen()).sum();
-                let dot = T::of(dot);
-                for ((o, &g), &y) in o.iter_mut().zip(g).zip(y) {
-                    *o = y * (g - dot);
-                }
+                widest_simd(
+                    #[inline(always)]
+                    || {
+                        let dot = T::of(dot_widened(g, Some(y)));
+                        for ((o, &g), &y) in o.iter_mut().zip(g).zip(y) {
+                            *o = y * (g - dot);
+                        }
+                    },
+                )
             });
         out
+    }
+}
+
+/// Lanes of the row reductions: independent accumulators, so the loops vectorise (a single
+/// float accumulator is a chain the compiler may not reorder).
+const LANES: usize = 8;
+
+/// The largest value of `row` (NaNs skipped), negative infinity for an empty row.
+#[inline(always)]
+fn max_of<T: Float>(row: &[T]) -> T {
+    let mut lanes = [T::of(f64::NEG_INFINITY); LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for (m, &v) in lanes.iter_mut().zip(chunk) {
+            if v > *m {
+                *m = v;
+            }
+        }
+    }
+    let mut max = T::of(f64::NEG_INFINITY);
+    for &v in lanes.iter().chain(chunks.remainder()) {
+        if v > max {
+            max = v;
+        }
+    }
+    max
+}
+
+/// `sum(a b)` (or `sum(a)` without `b`) in f64, in `LANES` interleaved partial sums.
+#[inline(always)]
+fn dot_widened<T: Float>(a: &[T], b: Option<&[T]>) -> f64 {
+    let mut lanes = [0.0; LANES];
+    let mut chunks = a.chunks_exact(LANES);
+    match b {
+        Some(b) => {
+            let mut b_chunks = b.chunks_exact(LANES);
+            for (chunk, b_chunk) in (&mut chunks).zip(&mut b_chunks) {
+                for ((s, &a), &b) in lanes.iter_mut().zip(chunk).zip(b_chunk) {
+                    *s += a.widen() * b.widen();
+                }
+            }
+            let rest = chunks.remainder().iter().zip(b_chunks.remainder());
+            lanes.iter().sum::<f64>() + rest.map(|(a, b)| a.widen() * b.widen()).sum::<f64>()
+        }
+        None => {
+            for chunk in &mut chunks {
+                for (s, &a) in lanes.iter_mut().zip(chunk) {
+                    *s += a.widen();
+                }
+            }
+            lanes.iter().sum::<f64>() + chunks.remainder().iter().map(|a| a.widen()).sum::<f64>()
+        }
     }
 }
 
