@@ -17,6 +17,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
+use std::sync::Mutex;
 
 /// What follows the convolution, in this order: `+ bias` (per output channel), `+ residual`
 /// (same shape as the output), ReLU.
@@ -170,7 +171,11 @@ impl FusedConv {
                     None => plane.fill(b),
                 }
             };
-            for_each_plane(y, g.positions(), parallel, start);
+            // Without either, the GEMM writes the zeroed output directly.
+            let accumulate = self.bias.is_some() || residual.is_some();
+            if accumulate {
+                for_each_plane(y, g.positions(), parallel, start);
+            }
             let image = &x[i * image_in..][..image_in];
             let rhs = if g.is_pointwise() {
                 image
@@ -182,7 +187,7 @@ impl FusedConv {
             // y (Cout x P) += W (Cout x K) rhs (K x P), all row-major.
             gemm_into(
                 y,
-                true,
+                accumulate,
                 (cout, g.positions()),
                 (w, g.column() as isize, 1),
                 rhs,
@@ -474,11 +479,16 @@ fn per_image<T: Float>(
 ) {
     let threads = rayon::current_num_threads();
     if out.len() / len.max(1) >= threads && threads > 1 {
-        out.par_chunks_mut(len)
-            .enumerate()
-            .for_each_init(Vec::new, |cols, (i, image)| {
-                one_image(i, image, cols, Parallelism::None)
-            });
+        // A scratch buffer per worker thread, reused across its images, so that the columns are
+        // allocated and zeroed once per thread, not once per rayon job. `one_image` starts no
+        // rayon work of its own here, so a thread never steals a job that waits on its own slot.
+        let scratch: Vec<Mutex<Vec<T>>> = (0..threads).map(|_| Mutex::default()).collect();
+        out.par_chunks_mut(len).enumerate().for_each(|(i, image)| {
+            let slot = rayon::current_thread_index().unwrap_or(0) % threads;
+            // A panic in another image leaves its columns poisoned but still plain floats.
+            let mut cols = scratch[slot].lock().unwrap_or_else(|e| e.into_inner());
+            one_image(i, image, &mut cols, Parallelism::None)
+        });
     } else {
         let mut cols = Vec::new();
         for (i, image) in out.chunks_mut(len).enumerate() {
