@@ -12,7 +12,7 @@
 //! tensor ops.
 
 use crate::conv_grad::{conv2d, Geometry};
-use crate::cpu_kernels::{constant_values, slice, Float};
+use crate::cpu_kernels::{constant_values, slice, widest_simd, Float};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
@@ -391,19 +391,13 @@ impl CustomOp2 for ReluMask {
             let zero = T::default();
             let max = max.map(T::of);
             let mut out = vec![zero; g.len()];
-            const CHUNK: usize = 1 << 14;
-            out.par_chunks_mut(CHUNK)
-                .zip(g.par_chunks(CHUNK).zip(y.par_chunks(CHUNK)))
-                .for_each(|(o, (g, y))| {
-                    for ((o, &g), &y) in o.iter_mut().zip(g).zip(y) {
-                        let inside = y > zero && max.is_none_or(|m| y < m);
-                        *o = if inside && (!guided || g > zero) {
-                            g
-                        } else {
-                            zero
-                        };
-                    }
-                });
+            // One loop per case, each a branch-free select that vectorises.
+            match (guided, max) {
+                (false, None) => select(&mut out, g, y, |_, y| y > zero),
+                (true, None) => select(&mut out, g, y, |g, y| y > zero && g > zero),
+                (false, Some(m)) => select(&mut out, g, y, |_, y| y > zero && y < m),
+                (true, Some(m)) => select(&mut out, g, y, |g, y| y > zero && y < m && g > zero),
+            }
             Ok(T::storage(out))
         }
         if gl.shape() != yl.shape() {
@@ -420,6 +414,23 @@ impl CustomOp2 for ReluMask {
         };
         Ok((out, gl.shape().clone()))
     }
+}
+
+/// `out = keep(g, y) ? g : 0` elementwise, on every thread.
+fn select<T: Float>(out: &mut [T], g: &[T], y: &[T], keep: impl Fn(T, T) -> bool + Sync) {
+    const CHUNK: usize = 1 << 14;
+    out.par_chunks_mut(CHUNK)
+        .zip(g.par_chunks(CHUNK).zip(y.par_chunks(CHUNK)))
+        .for_each(|(o, (g, y))| {
+            widest_simd(
+                #[inline(always)]
+                || {
+                    for ((o, &g), &y) in o.iter_mut().zip(g).zip(y) {
+                        *o = if keep(g, y) { g } else { T::default() };
+                    }
+                },
+            )
+        });
 }
 
 /// `dst (m x n) = lhs (m x k) rhs (k x n)`, or `+=` with `accumulate`; `dst` and `rhs`
