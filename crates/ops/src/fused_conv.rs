@@ -196,7 +196,10 @@ impl FusedConv {
             if self.relu {
                 let max = self.relu_max.map(T::of);
                 for_each_plane(y, g.positions(), parallel, |_, plane| {
-                    relu_in_place(plane, max)
+                    widest_simd(
+                        #[inline(always)]
+                        || relu_in_place(plane, max),
+                    )
                 });
             }
         };
@@ -528,19 +531,20 @@ fn for_each_plane<T: Float>(
     }
 }
 
-/// ReLU, clipped at `max` if given (ReLU6).
+/// ReLU, clipped at `max` if given (ReLU6), as branch-free selects that vectorise.
+#[inline(always)]
 pub(crate) fn relu_in_place<T: Float>(values: &mut [T], max: Option<T>) {
     let zero = T::default();
-    for v in values {
-        // NaN stays NaN, as in PyTorch: a diverging attack must show in its loss.
-        if *v < zero {
-            *v = zero;
-        }
-        if let Some(m) = max {
-            if *v > m {
-                *v = m;
-            }
-        }
+    // NaN stays NaN (both comparisons are false), as in PyTorch: a diverging attack must show
+    // in its loss.
+    match max {
+        None => values
+            .iter_mut()
+            .for_each(|v| *v = if *v < zero { zero } else { *v }),
+        Some(m) => values.iter_mut().for_each(|v| {
+            let r = if *v < zero { zero } else { *v };
+            *v = if r > m { m } else { r };
+        }),
     }
 }
 
