@@ -11,7 +11,8 @@
 //! -> MatMul` becomes one [`FUSED_ATTENTION`] node, which keeps neither the scores nor the
 //! weights, and the whole self-attention block around it (torchvision's `nn.MultiheadAttention`,
 //! timm's `Attention`) one [`FUSED_SELF_ATTENTION`] node, which keeps only the projected queries,
-//! keys and values.
+//! keys and values. A pre-norm transformer sublayer's LayerNorm before and residual Add after
+//! either of those joins its node ([`PRE_NORM_EPSILON`]).
 //!
 //! A chain of `Add`, `Sub`, `Mul` and `Div` with constants (an input's normalisation) becomes one
 //! [`FUSED_AFFINE`] node, and a zero `Pad` before a convolution that convolution's border.
@@ -24,7 +25,7 @@ use crate::graph::{Graph, Node};
 use crate::ops::{
     batch_norm_affine, Attrs, FUSED_AFFINE, FUSED_ATTENTION, FUSED_BN_RELU,
     FUSED_CHANNEL_LAYER_NORM, FUSED_CONV, FUSED_FEED_FORWARD, FUSED_GELU, FUSED_LINEAR,
-    FUSED_NORMALIZED_FEED_FORWARD, FUSED_SELF_ATTENTION, FUSED_SILU,
+    FUSED_NORMALIZED_FEED_FORWARD, FUSED_SELF_ATTENTION, FUSED_SILU, PRE_NORM_EPSILON,
 };
 use crate::proto::{attribute_type, AttributeProto};
 use candle_core::{DType, Tensor};
@@ -574,6 +575,96 @@ pub(crate) fn fuse_self_attention(graph: &mut Graph) {
             i += 1;
         }
     }
+}
+
+/// Fuses a pre-norm transformer sublayer, `LayerNormalization(-1) -> FUSED_FEED_FORWARD or
+/// FUSED_SELF_ATTENTION -> Add(the norm's input)`, into the sublayer's node ([`PRE_NORM_EPSILON`]),
+/// whose op then keeps neither the normalised tokens nor its own output for the backward pass;
+/// run after [`fuse_self_attention`]. `Shape` nodes reading the normalised tokens read the norm's
+/// input instead (the same shape).
+pub(crate) fn fuse_pre_norm_residuals(graph: &mut Graph) {
+    let mut i = 0;
+    while i < graph.nodes.len() {
+        let Some((norm, add)) = match_pre_norm_residual(graph, i) else {
+            i += 1;
+            continue;
+        };
+        let normalised = graph.nodes[i].inputs[0];
+        let (x, weight, bias, epsilon) = {
+            let node = &graph.nodes[norm];
+            (
+                node.inputs[0],
+                node.inputs[1],
+                node.inputs.get(2).copied().flatten(),
+                Attrs(&node.attrs).float("epsilon", 1e-5),
+            )
+        };
+        let mut fused = graph.nodes[i].clone();
+        fused.inputs[0] = x;
+        fused.inputs.extend([weight, bias]);
+        fused.attrs.push(AttributeProto {
+            name: PRE_NORM_EPSILON.into(),
+            r#type: attribute_type::FLOAT,
+            f: epsilon,
+            ..Default::default()
+        });
+        fused.outputs = graph.nodes[add].outputs.clone();
+        for node in graph.nodes.iter_mut().filter(|n| n.op_type == "Shape") {
+            if node.inputs.first() == Some(&normalised) {
+                node.inputs[0] = x;
+            }
+        }
+        // The fused node takes the Add's place (its readers come after it); the norm comes
+        // before the sublayer.
+        graph.nodes[add] = fused;
+        graph.nodes.remove(i);
+        graph.nodes.remove(norm);
+        i -= 1;
+    }
+}
+
+/// Node `i` as a feed-forward or self-attention node with no normalisation fused in yet, reading
+/// a `LayerNormalization` over the last axis (constant scale and shift of the sublayer's width,
+/// one output read by node `i` and `Shape` nodes only) and read only by an `Add` of the norm's
+/// input: the norm's and the Add's indices.
+fn match_pre_norm_residual(graph: &Graph, i: usize) -> Option<(usize, usize)> {
+    let node = &graph.nodes[i];
+    let own_inputs = match node.op_type.as_str() {
+        FUSED_FEED_FORWARD => 5,
+        FUSED_SELF_ATTENTION => 6,
+        _ => return None,
+    };
+    let fused_before = node.attrs.iter().any(|a| a.name == PRE_NORM_EPSILON);
+    (node.inputs.len() == own_inputs && !fused_before).then_some(())?;
+    let normalised = (*node.inputs.first()?)?;
+    let norm = graph
+        .nodes
+        .iter()
+        .position(|n| n.outputs.contains(&Some(normalised)))?;
+    let norm_node = &graph.nodes[norm];
+    let constant = |v: Option<usize>| v.and_then(|v| graph.constants[v].as_ref());
+    let width = constant(node.inputs[1])?.dims().first().copied()?;
+    let of_width = |v: Option<usize>| constant(v).is_some_and(|t| t.elem_count() == width);
+    let bias = norm_node.inputs.get(2).copied().flatten();
+    (norm_node.op_type == "LayerNormalization"
+        && only_output(norm_node) == Some(normalised)
+        && Attrs(&norm_node.attrs).int("axis", -1) == -1
+        && of_width(norm_node.inputs.get(1).copied().flatten())
+        && (bias.is_none() || of_width(bias)))
+    .then_some(())?;
+    let x = (*norm_node.inputs.first()?)?;
+    (data_readers(graph)[normalised] == 1).then_some(())?;
+    if node.op_type == FUSED_FEED_FORWARD {
+        let out_width = constant(node.inputs[3])?.dims().get(1).copied();
+        (out_width == Some(width)).then_some(())?;
+    }
+    let out = only_output(node)?;
+    let add = sole_reader(graph, &graph.readers(), out)?;
+    let add_node = &graph.nodes[add];
+    (add_node.op_type == "Add"
+        && other_input(add_node, out) == Some(Some(x))
+        && only_output(add_node).is_some())
+    .then_some((norm, add))
 }
 
 /// How many nodes read each value, not counting `Shape` nodes (which read no elements), and
@@ -1163,7 +1254,7 @@ fn match_normalized_feed_forward(
 #[cfg(test)]
 mod tests {
     use crate::graph::{Graph, Node};
-    use crate::ops::{Attrs, FUSED_AFFINE};
+    use crate::ops::{Attrs, FUSED_AFFINE, PRE_NORM_EPSILON};
     use candle_core::{Device, Tensor};
     use vulnmap_testkit::test_asset;
 
@@ -1196,6 +1287,7 @@ mod tests {
         super::fuse_channel_layer_norms(&mut graph);
         super::fuse_attention(&mut graph);
         super::fuse_self_attention(&mut graph);
+        super::fuse_pre_norm_residuals(&mut graph);
         super::fuse_affine_chains(&mut graph).unwrap();
         graph
     }
@@ -1338,6 +1430,40 @@ mod tests {
             assert_eq!(count(gone), 0, "{gone} in {ops:?}");
         }
         assert_eq!(count("Transpose"), 1, "{ops:?}");
+    }
+
+    #[test]
+    fn pre_norm_sublayers_take_in_their_layer_norm_and_residual_add() {
+        // timm's blocks (this crate's fixture, 2 blocks): x + attn(norm1(x)), then
+        // x + mlp(norm2(x)); left over: the final norm. torchvision's (4 encoder layers): its
+        // feed-forward sublayers only, as its attention opens with a transpose of the normalised
+        // tokens; left over: each layer's first norm and the final one.
+        let timm = fused_graph_at(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/data/timm_vit_small_config.onnx"),
+        );
+        let torchvision = fused_graph("vit_small_config");
+        for (graph, attention, feed_forward, norms) in
+            [(Some(timm), 2, 2, 1), (torchvision, 0, 4, 5)]
+        {
+            let Some(graph) = graph else {
+                continue;
+            };
+            let ops: Vec<&str> = graph.nodes.iter().map(|n| n.op_type.as_str()).collect();
+            let fused = |op: &str| {
+                let with_norm = |n: &&Node| n.attrs.iter().any(|a| a.name == PRE_NORM_EPSILON);
+                graph
+                    .nodes
+                    .iter()
+                    .filter(|n| n.op_type == op)
+                    .filter(with_norm)
+                    .count()
+            };
+            assert_eq!(fused(super::FUSED_SELF_ATTENTION), attention, "{ops:?}");
+            assert_eq!(fused(super::FUSED_FEED_FORWARD), feed_forward, "{ops:?}");
+            let count = |op: &str| ops.iter().filter(|o| **o == op).count();
+            assert_eq!(count("LayerNormalization"), norms, "{ops:?}");
+        }
     }
 
     #[test]

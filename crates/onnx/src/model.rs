@@ -185,6 +185,7 @@ pub fn load_with(
     crate::fuse::fuse_channel_layer_norms(&mut graph);
     crate::fuse::fuse_attention(&mut graph);
     crate::fuse::fuse_self_attention(&mut graph);
+    crate::fuse::fuse_pre_norm_residuals(&mut graph);
     crate::fuse::fuse_affine_chains(&mut graph)?;
     crate::fold::drop_unread(&mut graph);
     let not_classifier = |reason: String| Error::NotAClassifier {

@@ -223,12 +223,19 @@ impl<K: SameShapeKernel> candle_core::CustomOp1 for SameShape<K> {
         grad: &candle_core::Tensor,
     ) -> Result<Option<candle_core::Tensor>> {
         let saved = if K::BACKWARD_READS_OUTPUT { output } else { x };
-        let grad = grad.contiguous()?;
-        Ok(Some(grad.apply_op2_no_bwd(
-            &saved.detach(),
-            &SameShapeBackward(&self.0),
-        )?))
+        Ok(Some(same_shape_backward(&self.0, grad, saved)?))
     }
+}
+
+/// `kernel`'s backward on tensors: the input's gradient from the output's (`grad`) and the saved
+/// tensor, outside candle's graph.
+pub(crate) fn same_shape_backward<K: SameShapeKernel>(
+    kernel: &K,
+    grad: &candle_core::Tensor,
+    saved: &candle_core::Tensor,
+) -> Result<candle_core::Tensor> {
+    grad.contiguous()?
+        .apply_op2_no_bwd(&saved.detach(), &SameShapeBackward(kernel))
 }
 
 /// `(grad, saved) -> the input's gradient`.

@@ -5,11 +5,13 @@
 //! times the block's width, the largest tensors of such a network) and accumulates a gradient
 //! for each through a zeroed tensor and an add. Here the activation lives only inside the
 //! forward pass and the backward pass keeps only the pre-activation, as PyTorch does for
-//! layers whose weights need no gradient.
+//! layers whose weights need no gradient. [`pre_norm_feed_forward`] is a pre-norm transformer
+//! block's sublayer around it (see [`crate::pre_norm`]).
 
 use crate::activation::Activation;
 use crate::cpu_kernels::{constant_values, slice, Float, SameShapeKernel};
 use crate::linear::{matmul_by_constant, Matrix};
+use crate::pre_norm::{PreNorm, Residual};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use std::sync::Mutex;
@@ -34,13 +36,44 @@ pub fn feed_forward(
     activation: Activation,
     second: Linear,
 ) -> Result<Tensor> {
+    if !has_kernel(x, first, second)? {
+        let hidden = activation.apply(&matmul_by_constant(x, first.weight, first.bias)?)?;
+        return matmul_by_constant(&hidden, second.weight, second.bias);
+    }
+    op(x, first, activation, second, None)
+}
+
+/// `x + feed_forward(norm(x))`, a pre-norm transformer block's feed-forward sublayer (see
+/// [`crate::pre_norm`]): one op where [`feed_forward`] is one and the normalisation has a kernel,
+/// else the three steps.
+pub fn pre_norm_feed_forward(
+    x: &Tensor,
+    norm: PreNorm,
+    first: Linear,
+    activation: Activation,
+    second: Linear,
+) -> Result<Tensor> {
+    let width = x.dim(candle_core::D::Minus1)?;
+    let residual = match has_kernel(x, first, second)? && second.weight.dim(1)? == width {
+        true => norm.residual(x)?,
+        false => None,
+    };
+    match residual {
+        Some(residual) => op(x, first, activation, second, Some(residual)),
+        None => x + feed_forward(&norm.apply(x)?, first, activation, second)?,
+    }
+}
+
+/// Whether the op runs for `x` with these layers: constant weights and biases that fit, an f32 or
+/// f64 CPU tensor.
+fn has_kernel(x: &Tensor, first: Linear, second: Linear) -> Result<bool> {
     let (w1, w2) = (first.weight, second.weight);
     let constant_bias = |b: Option<&Tensor>, w: &Tensor| {
         b.is_none_or(|b| {
             !b.track_op() && b.rank() == 1 && Some(b.elem_count()) == w.dims().get(1).copied()
         })
     };
-    let fast = x.device().is_cpu()
+    Ok(x.device().is_cpu()
         && matches!(x.dtype(), DType::F32 | DType::F64)
         && x.rank() >= 2
         && x.elem_count() > 0
@@ -50,11 +83,17 @@ pub fn feed_forward(
         && constant_bias(first.bias, w1)
         && constant_bias(second.bias, w2)
         && w1.dim(0)? == x.dim(candle_core::D::Minus1)?
-        && w1.dim(1)? == w2.dim(0)?;
-    if !fast {
-        let hidden = activation.apply(&matmul_by_constant(x, w1, first.bias)?)?;
-        return matmul_by_constant(&hidden, w2, second.bias);
-    }
+        && w1.dim(1)? == w2.dim(0)?)
+}
+
+/// The op, after [`has_kernel`] said yes.
+fn op(
+    x: &Tensor,
+    first: Linear,
+    activation: Activation,
+    second: Linear,
+    residual: Option<Residual>,
+) -> Result<Tensor> {
     let as_matrix = |w: &Tensor| -> Result<Tensor> {
         if w.is_contiguous() || w.t()?.is_contiguous() {
             Ok(w.clone())
@@ -66,14 +105,15 @@ pub fn feed_forward(
         b.map(|b| constant_values(b, w.dim(1)?, WHAT)).transpose()
     };
     let op = FeedForward {
-        first_bias: values(first.bias, w1)?,
-        second_bias: values(second.bias, w2)?,
+        first_bias: values(first.bias, first.weight)?,
+        second_bias: values(second.bias, second.weight)?,
         activation,
+        residual,
         pre_activation: Mutex::new(None),
         keep: x.track_op(),
     };
     x.contiguous()?
-        .apply_op3(&as_matrix(w1)?, &as_matrix(w2)?, op)
+        .apply_op3(&as_matrix(first.weight)?, &as_matrix(second.weight)?, op)
 }
 
 /// The op on `(x, W1, W2)`; it keeps the pre-activation `x W1 + b1` of its forward pass for its
@@ -82,6 +122,8 @@ struct FeedForward {
     first_bias: Option<Vec<f64>>,
     second_bias: Option<Vec<f64>>,
     activation: Activation,
+    /// The pre-norm sublayer's normalisation and residual add around the block, if fused.
+    residual: Option<Residual>,
     pre_activation: Mutex<Option<CpuStorage>>,
     /// Whether a backward pass can follow (the input is tracked): else nothing is kept.
     keep: bool,
@@ -101,11 +143,17 @@ impl FeedForward {
         let bias = |b: &Option<Vec<f64>>| -> Option<Vec<T>> {
             b.as_ref().map(|b| b.iter().map(|&v| T::of(v)).collect())
         };
-        let pre = w1.times(x, bias(&self.first_bias).as_deref())?;
+        let pre = match &self.residual {
+            Some(residual) => w1.times(&residual.normalise(x), bias(&self.first_bias).as_deref()),
+            None => w1.times(x, bias(&self.first_bias).as_deref()),
+        }?;
         let hidden = self.activation.forward(&pre);
         // Kept for a backward pass, or freed now.
         let pre = self.keep.then_some(pre);
-        let out = w2.times(&hidden, bias(&self.second_bias).as_deref())?;
+        let mut out = w2.times(&hidden, bias(&self.second_bias).as_deref())?;
+        if self.residual.is_some() {
+            Residual::add_input(&mut out, x);
+        }
         if let Some(pre) = pre {
             *self
                 .pre_activation
@@ -161,6 +209,10 @@ impl CustomOp3 for FeedForward {
             input: x.shape().clone(),
         };
         let dx = grad.contiguous()?.apply_op3_no_bwd(w1, w2, &backward)?;
+        let dx = match &self.residual {
+            Some(residual) => residual.input_gradient(x, grad, &dx)?,
+            None => dx,
+        };
         Ok((Some(dx), None, None))
     }
 }

@@ -13,20 +13,10 @@ use rayon::prelude::*;
 /// `(x - mean) / sqrt(var + eps) * weight + bias` over the last axis of `x`, with `weight` and
 /// `bias` (that axis' length) constants; the population variance, as PyTorch's.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {
-    let inner = x.dim(candle_core::D::Minus1)?;
-    let tracked = weight.track_op() || bias.is_some_and(|b| b.track_op());
-    let cpu = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64);
-    if !cpu || tracked {
-        return by_tensor_ops(x, weight, bias, eps);
+    match LayerNorm::constant(x, weight, bias, eps)? {
+        Some(op) => x.contiguous()?.apply_op1(SameShape(op)),
+        None => by_tensor_ops(x, weight, bias, eps),
     }
-    let values = |t: &Tensor| constant_values(t, inner, "layer norm over the last axis");
-    let op = LayerNorm {
-        inner,
-        weight: values(weight)?,
-        bias: bias.map(values).transpose()?,
-        eps,
-    };
-    x.contiguous()?.apply_op1(SameShape(op))
 }
 
 /// The same value from candle's tensor ops, on any device and with trainable scale and shift.
@@ -48,7 +38,8 @@ pub fn by_tensor_ops(
     }
 }
 
-struct LayerNorm {
+/// The CPU kernel over rows of `inner` values.
+pub(crate) struct LayerNorm {
     inner: usize,
     weight: Vec<f64>,
     bias: Option<Vec<f64>>,
@@ -56,6 +47,29 @@ struct LayerNorm {
 }
 
 impl LayerNorm {
+    /// The kernel for `x`'s last axis when `x` is an f32 or f64 CPU tensor and `weight` and
+    /// `bias` are constants (no gradient); `None` when candle's ops must run instead.
+    pub(crate) fn constant(
+        x: &Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        eps: f64,
+    ) -> Result<Option<Self>> {
+        let inner = x.dim(candle_core::D::Minus1)?;
+        let tracked = weight.track_op() || bias.is_some_and(|b| b.track_op());
+        let cpu = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64);
+        if !cpu || tracked {
+            return Ok(None);
+        }
+        let values = |t: &Tensor| constant_values(t, inner, "layer norm over the last axis");
+        Ok(Some(LayerNorm {
+            inner,
+            weight: values(weight)?,
+            bias: bias.map(values).transpose()?,
+            eps,
+        }))
+    }
+
     /// A row's mean and 1 / standard deviation.
     fn stats<T: Float>(&self, row: &[T]) -> (f64, f64) {
         let n = row.len() as f64;

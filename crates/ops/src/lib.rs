@@ -38,6 +38,9 @@
 //!   backward.
 //! - [`pool`]: max-pooling with a working backward pass (on the CPU without a padded copy);
 //!   global average pooling.
+//! - [`pre_norm`]: a pre-norm transformer sublayer's LayerNorm and residual add, done inside the
+//!   feed-forward or self-attention op ([`feed_forward::pre_norm_feed_forward`],
+//!   [`self_attention::pre_norm_self_attention`]).
 //! - [`resize`]: differentiable bilinear resizing, on every device.
 //! - [`self_attention`]: a multi-head self-attention block as one op that keeps only `q, k, v`.
 //! - [`softmax`]: softmax over the last axis, one op whose backward reads only its output.
@@ -67,6 +70,7 @@ pub mod layer_norm;
 pub mod linear;
 pub mod per_channel;
 pub mod pool;
+pub mod pre_norm;
 pub mod resize;
 pub mod self_attention;
 pub mod softmax;

@@ -5,10 +5,13 @@
 //! Exported to ONNX the block is a dozen reshapes, transposes and gathers around the two
 //! products, each a copy of the tokens that candle's graph keeps until the backward pass ends, each
 //! with a zeroed gradient of its own. Here the heads are strided views of one `N L x 3E` matrix.
+//! [`pre_norm_self_attention`] is a pre-norm transformer block's sublayer around it (see
+//! [`crate::pre_norm`]).
 
 use crate::cpu_kernels::{constant_values, slice, Float};
 use crate::feed_forward::Linear;
 use crate::linear::{matmul_by_constant, GemmThreads, Matrix};
+use crate::pre_norm::{PreNorm, Residual};
 use crate::softmax::{softmax_rows, softmax_rows_backward};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
@@ -29,6 +32,36 @@ pub fn self_attention(
     heads: usize,
     scale: f64,
 ) -> Result<Tensor> {
+    if !has_kernel(x, input, output, heads)? {
+        return by_tensor_ops(x, input, output, heads, scale);
+    }
+    op(x, input, output, heads, scale, None)
+}
+
+/// `x + self_attention(norm(x))`, a pre-norm transformer block's attention sublayer (see
+/// [`crate::pre_norm`]): one op where [`self_attention`] is one and the normalisation has a
+/// kernel, else the three steps.
+pub fn pre_norm_self_attention(
+    x: &Tensor,
+    norm: PreNorm,
+    input: Linear,
+    output: Linear,
+    heads: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    let residual = match has_kernel(x, input, output, heads)? {
+        true => norm.residual(x)?,
+        false => None,
+    };
+    match residual {
+        Some(residual) => op(x, input, output, heads, scale, Some(residual)),
+        None => x + self_attention(&norm.apply(x)?, input, output, heads, scale)?,
+    }
+}
+
+/// Whether the op runs for `x` (`N x L x E`) with these projections: constants that fit, an f32
+/// or f64 CPU tensor; an error when `E` does not split into `heads`.
+fn has_kernel(x: &Tensor, input: Linear, output: Linear, heads: usize) -> Result<bool> {
     let (_, _, e) = x.dims3()?;
     if heads == 0 || !e.is_multiple_of(heads) {
         candle_core::bail!("self-attention: {e} channels do not split into {heads} heads");
@@ -39,16 +72,25 @@ pub fn self_attention(
     let constant_bias = |b: Option<&Tensor>, len: usize| {
         b.is_none_or(|b| !b.track_op() && b.elem_count() == len && b.dtype() == x.dtype())
     };
-    let fast = x.device().is_cpu()
+    Ok(x.device().is_cpu()
         && matches!(x.dtype(), DType::F32 | DType::F64)
         && x.elem_count() > 0
         && constant(input.weight, e, 3 * e)
         && constant(output.weight, e, e)
         && constant_bias(input.bias, 3 * e)
-        && constant_bias(output.bias, e);
-    if !fast {
-        return by_tensor_ops(x, input, output, heads, scale);
-    }
+        && constant_bias(output.bias, e))
+}
+
+/// The op, after [`has_kernel`] said yes.
+fn op(
+    x: &Tensor,
+    input: Linear,
+    output: Linear,
+    heads: usize,
+    scale: f64,
+    residual: Option<Residual>,
+) -> Result<Tensor> {
+    let (_, _, e) = x.dims3()?;
     let as_matrix = |w: &Tensor| -> Result<Tensor> {
         if w.is_contiguous() || w.t()?.is_contiguous() {
             Ok(w.clone())
@@ -67,6 +109,7 @@ pub fn self_attention(
             .bias
             .map(|b| constant_values(b, e, WHAT))
             .transpose()?,
+        residual,
         saved: Mutex::new(None),
         keep: x.track_op(),
     };
@@ -139,6 +182,8 @@ struct SelfAttention {
     scale: f64,
     input_bias: Option<Vec<f64>>,
     output_bias: Option<Vec<f64>>,
+    /// The pre-norm sublayer's normalisation and residual add around the block, if fused.
+    residual: Option<Residual>,
     saved: Mutex<Option<CpuStorage>>,
     /// Whether a backward pass can follow (the input is tracked): else nothing is kept.
     keep: bool,
@@ -161,7 +206,10 @@ impl SelfAttention {
             b.as_ref().map(|b| b.iter().map(|&v| T::of(v)).collect())
         };
         let d = e / self.heads;
-        let mut qkv = w_in.times(x, bias(&self.input_bias).as_deref())?;
+        let mut qkv = match &self.residual {
+            Some(residual) => w_in.times(&residual.normalise(x), bias(&self.input_bias).as_deref()),
+            None => w_in.times(x, bias(&self.input_bias).as_deref()),
+        }?;
         let scale = T::of(self.scale);
         for token in qkv.chunks_mut(3 * e) {
             token[..e].iter_mut().for_each(|q| *q = *q * scale);
@@ -186,7 +234,10 @@ impl SelfAttention {
             }
             Ok(())
         })?;
-        let out = w_out.times(&context, bias(&self.output_bias).as_deref())?;
+        let mut out = w_out.times(&context, bias(&self.output_bias).as_deref())?;
+        if self.residual.is_some() {
+            Residual::add_input(&mut out, x);
+        }
         if self.keep {
             let qkv = T::storage(qkv);
             *self
@@ -247,6 +298,10 @@ impl CustomOp3 for SelfAttention {
         let dx = grad
             .contiguous()?
             .apply_op3_no_bwd(&w_in.detach(), &w_out.detach(), &backward)?;
+        let dx = match &self.residual {
+            Some(residual) => residual.input_gradient(x, grad, &dx)?,
+            None => dx,
+        };
         Ok((Some(dx), None, None))
     }
 }

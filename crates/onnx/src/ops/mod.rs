@@ -138,6 +138,13 @@ pub(crate) const FUSED_ATTENTION: &str = "vulnmap.Attention";
 /// export's was a constant, else `1 / √d`.
 pub(crate) const FUSED_SELF_ATTENTION: &str = "vulnmap.SelfAttention";
 
+/// The attribute of a [`FUSED_FEED_FORWARD`] or [`FUSED_SELF_ATTENTION`] node into which a
+/// pre-norm transformer sublayer's `LayerNormalization` before it and residual `Add` after it
+/// were fused: the norm's epsilon. Its scale and shift follow the node's own inputs (at 5 and 6
+/// for the feed-forward block, 6 and 7 for the self-attention), and the node computes
+/// `x + f(LayerNorm(x))`.
+pub(crate) const PRE_NORM_EPSILON: &str = "pre_norm_epsilon";
+
 /// What a chain of `Add`, `Sub`, `Mul` and `Div` with constants (an input's normalisation)
 /// becomes when fused: `x * scale + shift`, inputs `x, scale, shift` (constants of broadcast
 /// shapes).

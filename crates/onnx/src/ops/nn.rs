@@ -532,7 +532,8 @@ pub(super) fn linear(x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Tensor> {
 }
 
 /// `Linear -> activation -> Linear` fused at load time ([`super::FUSED_FEED_FORWARD`]): inputs
-/// `x, W1, b1, W2, b2`, the activation named by the `activation` attribute.
+/// `x, W1, b1, W2, b2`, the activation named by the `activation` attribute; with a pre-norm
+/// sublayer's normalisation fused in, `x + ` the block of `x` normalised.
 pub(super) fn feed_forward(inputs: &Inputs, attrs: Attrs) -> Result<Tensor> {
     let activation = feed_forward_activation(attrs)?;
     let x = inputs.req(0)?;
@@ -542,14 +543,60 @@ pub(super) fn feed_forward(inputs: &Inputs, attrs: Attrs) -> Result<Tensor> {
         inputs.req(3)?,
         inputs.req(4)?,
     );
+    let pre_norm = PreNormInputs::of(inputs, attrs, 5)?;
     if x.rank() < 2 || w1.rank() != 2 || w2.rank() != 2 {
-        return linear(&activation.apply(&linear(x, w1, b1)?)?, w2, b2);
+        let block = |x: &Tensor| linear(&activation.apply(&linear(x, w1, b1)?)?, w2, b2);
+        return match &pre_norm {
+            Some(norm) => x + block(&norm.as_pre_norm().apply(x)?)?,
+            None => block(x),
+        };
     }
     let layer = |weight, bias| vulnmap_ops::feed_forward::Linear {
         weight,
         bias: Some(bias),
     };
-    vulnmap_ops::feed_forward::feed_forward(x, layer(w1, b1), activation, layer(w2, b2))
+    let (first, second) = (layer(w1, b1), layer(w2, b2));
+    match &pre_norm {
+        Some(norm) => vulnmap_ops::feed_forward::pre_norm_feed_forward(
+            x,
+            norm.as_pre_norm(),
+            first,
+            activation,
+            second,
+        ),
+        None => vulnmap_ops::feed_forward::feed_forward(x, first, activation, second),
+    }
+}
+
+/// A pre-norm sublayer's LayerNorm fused into a feed-forward or self-attention node
+/// ([`super::PRE_NORM_EPSILON`]): its scale and shift, flattened.
+struct PreNormInputs {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    eps: f64,
+}
+
+impl PreNormInputs {
+    /// The normalisation whose scale and shift are inputs `first` and `first + 1`, if the node
+    /// has one.
+    fn of(inputs: &Inputs, attrs: Attrs, first: usize) -> Result<Option<Self>> {
+        if !attrs.0.iter().any(|a| a.name == super::PRE_NORM_EPSILON) {
+            return Ok(None);
+        }
+        Ok(Some(PreNormInputs {
+            weight: inputs.req(first)?.flatten_all()?,
+            bias: inputs.opt(first + 1).map(|b| b.flatten_all()).transpose()?,
+            eps: attrs.float(super::PRE_NORM_EPSILON, 1e-5) as f64,
+        }))
+    }
+
+    fn as_pre_norm(&self) -> vulnmap_ops::pre_norm::PreNorm<'_> {
+        vulnmap_ops::pre_norm::PreNorm {
+            weight: &self.weight,
+            bias: self.bias.as_ref(),
+            eps: self.eps,
+        }
+    }
 }
 
 /// The activation a fused feed-forward node names.
@@ -611,19 +658,26 @@ pub(super) fn self_attention(inputs: &Inputs, attrs: Attrs) -> Result<Tensor> {
         0 => inputs.req(3)?.clone(),
         _ => inputs.req(3)?.t()?,
     };
-    vulnmap_ops::self_attention::self_attention(
-        x,
-        vulnmap_ops::feed_forward::Linear {
-            weight: inputs.req(1)?,
-            bias: inputs.opt(2),
-        },
-        vulnmap_ops::feed_forward::Linear {
-            weight: &output_weight,
-            bias: inputs.opt(4),
-        },
-        width / d,
-        scale,
-    )
+    let input = vulnmap_ops::feed_forward::Linear {
+        weight: inputs.req(1)?,
+        bias: inputs.opt(2),
+    };
+    let output = vulnmap_ops::feed_forward::Linear {
+        weight: &output_weight,
+        bias: inputs.opt(4),
+    };
+    let heads = width / d;
+    match PreNormInputs::of(inputs, attrs, 6)? {
+        Some(norm) => vulnmap_ops::self_attention::pre_norm_self_attention(
+            x,
+            norm.as_pre_norm(),
+            input,
+            output,
+            heads,
+            scale,
+        ),
+        None => vulnmap_ops::self_attention::self_attention(x, input, output, heads, scale),
+    }
 }
 
 /// `MatMul(Softmax(MatMul(a, b)), v)`, the softmax over the last axis (attention, fused at load
