@@ -206,7 +206,11 @@ def main():
     p.add_argument("--onnx-dir")
     p.add_argument("--onnx-family")
     p.add_argument("--only", default="")
+    p.add_argument("--list-onnx-families", action="store_true")
     a = p.parse_args()
+    if a.list_onnx_families:
+        print(json.dumps([name for name, _, _ in onnx_families()]))
+        return
     wanted = lambda name: name.startswith(a.only)
     dev = torch.device(a.device)
     if a.onnx_family:

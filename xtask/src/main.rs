@@ -218,59 +218,104 @@ fn bench(args: &[String]) -> Result<()> {
     let device = value("--device")?.unwrap_or_else(|| "cpu".into());
     let dir = root().join("target/bench");
     std::fs::create_dir_all(&dir)?;
-    // PyTorch first: it also exports the ONNX families that vulnmap's ONNX rows load.
     let onnx_dir = dir.join("onnx");
     let only = value("--only")?;
-    let torch = if no_torch {
-        None
-    } else if let Some(python) = torch_python() {
-        let mut cmd = Command::new(&python);
-        cmd.arg(root().join("bench/torch_reference.py"))
-            .args(["--device", &device]);
-        if quick {
-            cmd.arg("--quick");
-        } else {
-            cmd.arg("--onnx-dir").arg(&onnx_dir);
-        }
-        if let Some(only) = &only {
-            cmd.args(["--only", only]);
-        }
-        let out = cmd.output().context("running bench/torch_reference.py")?;
+    let python = if no_torch { None } else { torch_python() };
+    if python.is_none() && !no_torch {
+        eprintln!("PyTorch unavailable: printing vulnmap's numbers without ratios");
+    }
+    let torch = |extra: &[&str]| -> Result<serde_json::Value> {
+        let python = python.as_ref().context("no PyTorch")?;
+        let out = Command::new(python)
+            .arg(root().join("bench/torch_reference.py"))
+            .args(["--device", &device])
+            .args(extra)
+            .output()
+            .context("running bench/torch_reference.py")?;
         if !out.status.success() {
             bail!(
                 "torch_reference.py failed:\n{}",
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        Some(serde_json::from_slice::<serde_json::Value>(&out.stdout)?)
-    } else {
-        eprintln!("PyTorch unavailable: printing vulnmap's numbers without ratios");
-        None
+        Ok(serde_json::from_slice(&out.stdout)?)
     };
-
     let ours_path = dir.join("vulnmap.json");
-    let mut bench_args = vec!["run", "--release", "-p", "vulnmap-bench"];
-    if device.starts_with("cuda") {
-        bench_args.extend(["--features", "cuda"]);
-    }
-    bench_args.push("--");
-    if quick {
-        bench_args.push("--quick");
-    }
-    let ours_file = ours_path.display().to_string();
+    let vulnmap = |extra: &[&str]| -> Result<serde_json::Value> {
+        let mut args = vec!["run", "--release", "-p", "vulnmap-bench"];
+        if device.starts_with("cuda") {
+            args.extend(["--features", "cuda"]);
+        }
+        args.push("--");
+        if quick {
+            args.push("--quick");
+        }
+        args.extend(extra);
+        let ours_file = ours_path.display().to_string();
+        args.extend(["--device", device.as_str(), "--json", ours_file.as_str()]);
+        cargo(&args)?;
+        Ok(serde_json::from_str(&std::fs::read_to_string(&ours_path)?)?)
+    };
+    let only_args: Vec<&str> = only.iter().flat_map(|o| ["--only", o.as_str()]).collect();
     let onnx_arg = onnx_dir.display().to_string();
-    if !quick && onnx_dir.is_dir() {
-        bench_args.extend(["--onnx-dir", onnx_arg.as_str()]);
-    }
-    if let Some(only) = &only {
-        bench_args.extend(["--only", only.as_str()]);
-    }
-    bench_args.extend(["--device", device.as_str(), "--json", ours_file.as_str()]);
-    cargo(&bench_args)?;
-    let ours: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&ours_path)?)?;
-
+    let (ours, torch) = if quick || python.is_none() {
+        // vulnmap's rows alone (the ONNX ones when an earlier run exported the families), or
+        // PyTorch's quick rows then vulnmap's.
+        let torch = python
+            .is_some()
+            .then(|| torch(&[&["--quick"], only_args.as_slice()].concat()))
+            .transpose()?;
+        let mut args = only_args.clone();
+        if !quick && onnx_dir.is_dir() {
+            args.extend(["--onnx-dir", onnx_arg.as_str()]);
+        }
+        (vulnmap(&args)?, torch)
+    } else {
+        // Each group of rows runs on both sides back to back, PyTorch's first (it exports the
+        // ONNX family that vulnmap's rows load): the VM's speed drifts by tens of percent within
+        // minutes, and both sides of a ratio then share the drift.
+        let mut torch_doc = torch(&only_args)?;
+        let mut ours = vulnmap(&only_args)?;
+        let wanted = |name: &str| {
+            only.as_deref()
+                .is_none_or(|o| name.starts_with(o) || o.starts_with(name))
+        };
+        let families = torch(&["--list-onnx-families"])?;
+        for family in families.as_array().into_iter().flatten() {
+            let family = family.as_str().context("a family name")?;
+            // PyTorch's Lite0 is also the reference of vulnmap's native Lite0 rows.
+            let mut groups = vec![format!("onnx-{family}")];
+            if family == "efficientnet_lite0" {
+                groups.push(format!("native-{family}"));
+            }
+            groups.retain(|g| wanted(g));
+            if groups.is_empty() {
+                continue;
+            }
+            let theirs = torch(&["--onnx-dir", &onnx_arg, "--onnx-family", family])?;
+            append_measurements(&mut torch_doc, &theirs);
+            for group in &groups {
+                // The narrower of the group and `--only` (which may name one row).
+                let rows_wanted = match &only {
+                    Some(o) if o.starts_with(group.as_str()) => o.as_str(),
+                    _ => group.as_str(),
+                };
+                let rows = vulnmap(&["--onnx-dir", &onnx_arg, "--only", rows_wanted])?;
+                append_measurements(&mut ours, &rows["measurements"]);
+            }
+        }
+        (ours, Some(torch_doc))
+    };
+    std::fs::write(&ours_path, serde_json::to_string_pretty(&ours)?)?;
     println!("CPU: {}\n", cpu_description());
     tabulate(&ours, torch.as_ref())
+}
+
+/// Appends the rows `more` (a list of measurements) to `doc`'s measurements.
+fn append_measurements(doc: &mut serde_json::Value, more: &serde_json::Value) {
+    if let Some(list) = doc["measurements"].as_array_mut() {
+        list.extend(more.as_array().into_iter().flatten().cloned());
+    }
 }
 
 /// This machine's CPU model, the widest SIMD level PyTorch and gemm can use on it, and its cores:
