@@ -64,9 +64,7 @@ impl Activation {
             }
         };
         match self {
-            Activation::Gelu => {
-                half * x * (T::ONE + (x * T::of(std::f64::consts::FRAC_1_SQRT_2)).erf())
-            }
+            Activation::Gelu => x * x.normal_cdf_and_density().0,
             Activation::Silu => x / (T::ONE + (zero - x).exp()),
             Activation::HardSigmoid { alpha, beta } => hard(x, T::of(alpha), T::of(beta)),
             Activation::HardSwish => x * hard(x, T::of(1.0 / 6.0), half),
@@ -81,11 +79,8 @@ impl Activation {
         let half = T::of(0.5);
         match self {
             Activation::Gelu => {
-                let cdf = half * (T::ONE + (x * T::of(std::f64::consts::FRAC_1_SQRT_2)).erf());
-                let pdf =
-                    T::of(0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2)
-                        * (zero - half * x * x).exp();
-                cdf + x * pdf
+                let (cdf, density) = x.normal_cdf_and_density();
+                cdf + x * density
             }
             Activation::Silu => {
                 let s = T::ONE / (T::ONE + (zero - x).exp());
@@ -116,18 +111,27 @@ impl Activation {
 /// Elements per parallel task.
 const CHUNK: usize = 1 << 14;
 
-/// `f(x)` for every element, each chunk compiled for the widest SIMD level.
-fn map<T: Float>(x: &[T], f: impl Fn(T) -> T + Sync) -> Vec<T> {
-    let mut out = vec![T::default(); x.len()];
-    out.par_chunks_mut(CHUNK)
+/// Appends `f(x)` for every element of `x` to `out`, each chunk compiled for the widest SIMD
+/// level. The new elements are written once, not zeroed first: for a cheap `f` the zeroing is a
+/// third of the pass.
+fn map_onto<T: Float>(x: &[T], out: &mut Vec<T>, f: impl Fn(T) -> T + Sync) {
+    let start = out.len();
+    out.reserve(x.len());
+    out.spare_capacity_mut()[..x.len()]
+        .par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
         .for_each(|(o, x)| {
             widest_simd(
                 #[inline(always)]
-                || o.iter_mut().zip(x).for_each(|(o, &x)| *o = f(x)),
+                || {
+                    for (o, &x) in o.iter_mut().zip(x) {
+                        o.write(f(x));
+                    }
+                },
             )
         });
-    out
+    // SAFETY: the loop above wrote the `x.len()` elements after the first `start`.
+    unsafe { out.set_len(start + x.len()) };
 }
 
 /// `g *= f(x)` for every element, as [`map`].
@@ -147,6 +151,17 @@ fn scale_in_place<T: Float>(g: &mut [T], x: &[T], f: impl Fn(T) -> T + Sync) {
 }
 
 impl Activation {
+    /// Appends the activation of each element of `x` to `out` (a buffer reused across calls).
+    pub(crate) fn forward_onto<T: Float>(self, x: &[T], out: &mut Vec<T>) {
+        // One loop per activation, so that the loop body is that activation's arithmetic alone.
+        match self {
+            Activation::Gelu => map_onto(x, out, |v| Activation::Gelu.value(v)),
+            Activation::Silu => map_onto(x, out, |v| Activation::Silu.value(v)),
+            a @ Activation::HardSigmoid { .. } => map_onto(x, out, move |v| a.value(v)),
+            Activation::HardSwish => map_onto(x, out, |v| Activation::HardSwish.value(v)),
+        }
+    }
+
     /// The input's gradient from the output's, `grad * f'(x)`, written over `grad`.
     pub(crate) fn backward_in_place<T: Float>(self, grad: &mut [T], x: &[T]) {
         // One loop per activation, so that the loop body is that activation's arithmetic alone.
@@ -165,14 +180,10 @@ impl SameShapeKernel for Activation {
     const NAME: &'static str = "vulnmap-activation";
     const BACKWARD_READS_OUTPUT: bool = false;
 
-    // One loop per activation, so that the loop body is that activation's arithmetic alone.
     fn forward<T: Float>(&self, x: &[T]) -> Vec<T> {
-        match *self {
-            Activation::Gelu => map(x, |v| Activation::Gelu.value(v)),
-            Activation::Silu => map(x, |v| Activation::Silu.value(v)),
-            a @ Activation::HardSigmoid { .. } => map(x, move |v| a.value(v)),
-            Activation::HardSwish => map(x, |v| Activation::HardSwish.value(v)),
-        }
+        let mut out = Vec::new();
+        self.forward_onto(x, &mut out);
+        out
     }
 
     fn backward<T: Float>(&self, grad: &[T], x: &[T]) -> Vec<T> {

@@ -8,7 +8,7 @@
 //! the backward pass keeps only the pre-activation and each pixel's mean and 1 / deviation.
 
 use crate::activation::Activation;
-use crate::cpu_kernels::{constant_values, slice, Float, SameShapeKernel};
+use crate::cpu_kernels::{constant_values, slice, Float};
 use crate::feed_forward::{feed_forward, Linear};
 use crate::linear::Matrix;
 use candle_core::backend::BackendStorage;
@@ -200,9 +200,6 @@ impl NormalizedFeedForward {
             )?;
         }
         drop(y);
-        let activated = self.activation.forward(&pre);
-        // Kept for a backward pass, or freed now.
-        let pre = self.keep.then_some(pre);
         // Written channels first: output (pixel, channel) of image i at `channel * P + pixel`.
         let mut out = vec![T::default(); n * m * p];
         if let Some(b) = &self.second_bias {
@@ -210,14 +207,21 @@ impl NormalizedFeedForward {
                 plane.fill(T::of(b[k % m]));
             }
         }
+        // One image's activations at a time, in one buffer: still in cache for the product.
+        let mut activated = Vec::with_capacity(p * hidden);
         for (i, out) in out.chunks_mut(m * p).enumerate() {
-            Matrix::new(image(&activated, i, p * hidden), (p, hidden), (hidden, 1))?.product_into(
+            activated.clear();
+            self.activation
+                .forward_onto(image(&pre, i, p * hidden), &mut activated);
+            Matrix::new(&activated, (p, hidden), (hidden, 1))?.product_into(
                 w2,
                 out,
                 (1, p),
                 self.second_bias.is_some(),
             )?;
         }
+        // Kept for a backward pass, or freed now.
+        let pre = self.keep.then_some(pre);
         if let Some(pre) = pre {
             *self
                 .saved

@@ -28,8 +28,9 @@ pub trait Float:
     fn sqrt(self) -> Self;
     /// `e^self`.
     fn exp(self) -> Self;
-    /// The error function, to within 6e-7 absolute (GELU adds it to 1).
-    fn erf(self) -> Self;
+    /// The standard normal distribution's CDF Φ and density φ at `self` (GELU's value and
+    /// derivative), Φ to within 3e-7 absolute.
+    fn normal_cdf_and_density(self) -> (Self, Self);
     /// The storage's elements, if it holds this type.
     fn elements(storage: &CpuStorage) -> Option<&[Self]>;
     /// A storage holding `values`.
@@ -57,8 +58,8 @@ impl Float for f32 {
         exp_f32(self)
     }
     #[inline(always)]
-    fn erf(self) -> Self {
-        erf_f32(self)
+    fn normal_cdf_and_density(self) -> (Self, Self) {
+        normal_cdf_and_density_f32(self)
     }
     fn elements(storage: &CpuStorage) -> Option<&[Self]> {
         match storage {
@@ -90,8 +91,11 @@ impl Float for f64 {
         libm::exp(self)
     }
     #[inline]
-    fn erf(self) -> Self {
-        libm::erf(self)
+    fn normal_cdf_and_density(self) -> (Self, Self) {
+        use std::f64::consts::{FRAC_1_SQRT_2, FRAC_2_SQRT_PI};
+        let cdf = 0.5 * (1.0 + libm::erf(self * FRAC_1_SQRT_2));
+        let density = 0.5 * FRAC_2_SQRT_PI * FRAC_1_SQRT_2 * libm::exp(-0.5 * self * self);
+        (cdf, density)
     }
     fn elements(storage: &CpuStorage) -> Option<&[Self]> {
         match storage {
@@ -122,8 +126,12 @@ pub fn exp_f32(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 0.5;
     let e_r = p * r * r + r + 1.0;
-    // 2^n from its exponent bits; n is in [-126, 127] after the clamp.
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // 2^n from its exponent bits; n is in [-126, 127] after the clamp. Adding 2^23 puts the
+    // integer n + 127 in the low mantissa bits, and the shift moves it into the exponent: unlike
+    // `n as i32` (saturating, so one scalar conversion per lane), this vectorises.
+    const INTEGER_BITS: f32 = 8_388_608.0;
+    let biased = (n + (127.0 + INTEGER_BITS)).to_bits();
+    let scale = f32::from_bits(biased << 23);
     e_r * scale
 }
 
@@ -133,6 +141,13 @@ pub fn exp_f32(x: f32) -> f32 {
 /// large only where erf is near 0, which GELU's `1 + erf` does not see.
 #[inline(always)]
 pub fn erf_f32(x: f32) -> f32 {
+    let a = x.abs();
+    (1.0 - erfc_from_exp(a, exp_f32(-a * a))).copysign(x)
+}
+
+/// `1 - erf(a)` for `a >= 0`, given `e^(-a^2)`: 7.1.26's `t P(t) e^(-a^2)`.
+#[inline(always)]
+fn erfc_from_exp(a: f32, exp_minus_square: f32) -> f32 {
     const P: f32 = 0.327_591_1;
     const A: [f32; 5] = [
         0.254_829_6,
@@ -141,10 +156,20 @@ pub fn erf_f32(x: f32) -> f32 {
         -1.453_152,
         1.061_405_4,
     ];
-    let a = x.abs();
     let t = 1.0 / (1.0 + P * a);
-    let poly = t * (A[0] + t * (A[1] + t * (A[2] + t * (A[3] + t * A[4]))));
-    (1.0 - poly * exp_f32(-a * a)).copysign(x)
+    t * (A[0] + t * (A[1] + t * (A[2] + t * (A[3] + t * A[4])))) * exp_minus_square
+}
+
+/// The standard normal CDF `Φ(x) = (1 + erf(x / √2)) / 2` and density
+/// `φ(x) = e^(-x^2 / 2) / √(2π)`, as [`erf_f32`] but with one exponential for both: erf's
+/// `e^(-a^2)` at `a = |x| / √2` is the density's `e^(-x^2 / 2)`.
+#[inline(always)]
+pub fn normal_cdf_and_density_f32(x: f32) -> (f32, f32) {
+    const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
+    let gaussian = exp_f32(-0.5 * x * x);
+    let erf =
+        (1.0 - erfc_from_exp(x.abs() * std::f32::consts::FRAC_1_SQRT_2, gaussian)).copysign(x);
+    (0.5 * (1.0 + erf), FRAC_1_SQRT_2PI * gaussian)
 }
 
 /// The `T` elements of a contiguous tensor, or an error naming the op (`what`) that needed them
@@ -333,5 +358,24 @@ mod tests {
         }
         assert!(worst < 6e-7, "absolute error {worst}");
         assert_eq!(super::erf_f32(-20.0), -1.0);
+    }
+
+    #[test]
+    fn the_normal_cdf_and_density_are_within_3e_7_of_libms() {
+        let (mut worst_cdf, mut worst_density) = (0f64, 0f64);
+        for i in -100_000..=100_000 {
+            let x = i as f32 * 1e-4;
+            let (cdf, density) = super::normal_cdf_and_density_f32(x);
+            let x = x as f64;
+            let exact_cdf = 0.5 * (1.0 + libm::erf(x / std::f64::consts::SQRT_2));
+            let exact_density = (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt();
+            worst_cdf = worst_cdf.max((cdf as f64 - exact_cdf).abs());
+            worst_density = worst_density.max((density as f64 - exact_density).abs());
+        }
+        assert!(worst_cdf < 3e-7, "cdf absolute error {worst_cdf}");
+        assert!(
+            worst_density < 1e-7,
+            "density absolute error {worst_density}"
+        );
     }
 }
