@@ -17,6 +17,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 use std::sync::Mutex;
 
 /// What follows the convolution, in this order: `+ bias` (per output channel), `+ residual`
@@ -207,36 +208,48 @@ impl FusedConv {
         Ok(T::storage(out))
     }
 
-    /// The gradient at the pre-activation (ReLU's mask applied) and at the input.
-    fn gradients(
+    /// The ReLU's backward, if one follows.
+    fn mask(&self) -> Option<ReluMask> {
+        self.relu.then_some(ReluMask {
+            guided: self.guided,
+            max: self.relu_max,
+        })
+    }
+
+    /// The gradient at the input, if it is tracked, from the output's gradient (`output` given:
+    /// the ReLU's mask is applied image by image inside the op) or the pre-activation's.
+    fn input_gradient(
         &self,
         x: &Tensor,
         w: &Tensor,
-        output: &Tensor,
         grad: &Tensor,
-    ) -> Result<(Tensor, Option<Tensor>)> {
-        let grad = grad.detach().contiguous()?;
-        let grad = if self.relu {
-            grad.apply_op2_no_bwd(
-                &output.detach(),
-                &ReluMask {
-                    guided: self.guided,
-                    max: self.relu_max,
-                },
-            )?
-        } else {
-            grad
-        };
+        output: Option<&Tensor>,
+    ) -> Result<Option<Tensor>> {
         if !x.track_op() {
-            return Ok((grad, None));
+            return Ok(None);
         }
-        let grad_x = grad.apply_op2_no_bwd(
-            &w.detach(),
-            &InputGradient {
-                geometry: self.geometry,
-            },
-        )?;
-        Ok((grad, Some(grad_x)))
+        let grad = grad.detach().contiguous()?;
+        let mask = output.and(self.mask());
+        let op = InputGradient {
+            geometry: self.geometry,
+            mask,
+        };
+        match output {
+            Some(output) if op.mask.is_some() => {
+                grad.apply_op3_no_bwd(&w.detach(), &output.detach(), &op)
+            }
+            _ => grad.apply_op2_no_bwd(&w.detach(), &op),
+        }
+        .map(Some)
+    }
+
+    /// The gradient at the pre-activation (the ReLU's mask applied): the residual's.
+    fn pre_activation_gradient(&self, output: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        let grad = grad.detach().contiguous()?;
+        match self.mask() {
+            Some(mask) => grad.apply_op2_no_bwd(&output.detach(), &mask),
+            None => Ok(grad),
+        }
     }
 }
 
@@ -262,8 +275,7 @@ impl CustomOp2 for FusedConv {
         output: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (_, grad_x) = self.gradients(x, w, output, grad)?;
-        Ok((grad_x, None))
+        Ok((self.input_gradient(x, w, grad, Some(output))?, None))
     }
 }
 
@@ -292,15 +304,29 @@ impl CustomOp3 for FusedConv {
         output: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (grad, grad_x) = self.gradients(x, w, output, grad)?;
-        let grad_residual = residual.track_op().then_some(grad);
-        Ok((grad_x, None, grad_residual))
+        if residual.track_op() {
+            let pre_activation = self.pre_activation_gradient(output, grad)?;
+            let grad_x = self.input_gradient(x, w, &pre_activation, None)?;
+            Ok((grad_x, None, Some(pre_activation)))
+        } else {
+            Ok((self.input_gradient(x, w, grad, Some(output))?, None, None))
+        }
     }
 }
 
 /// `col2im(W^T G)` per image: the input gradient of the convolution, from the output's `G`.
 struct InputGradient {
     geometry: Geometry,
+    /// The ReLU's backward, applied to each image's `G` on the way in (the op's third input is
+    /// the layer's output): the masked gradient, as big as that output, is never written whole.
+    mask: Option<ReluMask>,
+}
+
+/// An image's scratch space: the convolution's columns and its masked output gradient.
+#[derive(Default)]
+struct Scratch<T> {
+    cols: Vec<T>,
+    masked: Vec<T>,
 }
 
 impl InputGradient {
@@ -308,6 +334,7 @@ impl InputGradient {
         &self,
         grad: (&CpuStorage, &Layout),
         w: (&CpuStorage, &Layout),
+        output: Option<(&CpuStorage, &Layout)>,
         n: usize,
         cout: usize,
     ) -> Result<CpuStorage> {
@@ -316,11 +343,27 @@ impl InputGradient {
             slice::<T>(grad.0, grad.1, WHAT)?,
             slice::<T>(w.0, w.1, WHAT)?,
         );
+        let output = output.map(|(o, ol)| slice::<T>(o, ol, WHAT)).transpose()?;
+        if output.is_some_and(|o| o.len() != grad.len()) {
+            candle_core::bail!("{WHAT}: an output of another size than its gradient");
+        }
         let g = &self.geometry;
         let (image_in, image_out) = (g.channels * g.height * g.width, cout * g.positions());
         let mut out = vec![T::default(); n * image_in];
-        let one_image = |i: usize, dx: &mut [T], cols: &mut Vec<T>, threads: Parallelism| {
-            let gi = &grad[i * image_out..][..image_out];
+        let one_image = |i: usize, dx: &mut [T], scratch: &mut Scratch<T>, threads| {
+            let mut gi = &grad[i * image_out..][..image_out];
+            if let (Some(mask), Some(y)) = (&self.mask, output) {
+                let parallel = matches!(threads, Parallelism::Rayon(_));
+                scratch.masked.clear();
+                mask.append(
+                    gi,
+                    &y[i * image_out..][..image_out],
+                    &mut scratch.masked,
+                    parallel,
+                );
+                gi = &scratch.masked;
+            }
+            let cols = &mut scratch.cols;
             // W^T is W read column-major: (K x Cout) with row stride 1, column stride K.
             let wt = (w, 1, g.column() as isize);
             if g.is_pointwise() {
@@ -354,8 +397,35 @@ impl CustomOp2 for InputGradient {
         let shape = Shape::from((n, g.channels, g.height, g.width));
         let (grad, w) = ((grad, gl), (w, wl));
         let out = match grad.0.dtype() {
-            DType::F32 => self.run::<f32>(grad, w, n, cout)?,
-            DType::F64 => self.run::<f64>(grad, w, n, cout)?,
+            DType::F32 => self.run::<f32>(grad, w, None, n, cout)?,
+            DType::F64 => self.run::<f64>(grad, w, None, n, cout)?,
+            other => candle_core::bail!("fused convolution gradient: f32 or f64, not {other:?}"),
+        };
+        Ok((out, shape))
+    }
+}
+
+impl CustomOp3 for InputGradient {
+    fn name(&self) -> &'static str {
+        "vulnmap-fused-conv2d-masked-input-gradient"
+    }
+
+    fn cpu_fwd(
+        &self,
+        grad: &CpuStorage,
+        gl: &Layout,
+        w: &CpuStorage,
+        wl: &Layout,
+        output: &CpuStorage,
+        ol: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = &self.geometry;
+        let (n, cout) = (gl.dims()[0], wl.dims()[0]);
+        let shape = Shape::from((n, g.channels, g.height, g.width));
+        let (grad, w, output) = ((grad, gl), (w, wl), Some((output, ol)));
+        let out = match grad.0.dtype() {
+            DType::F32 => self.run::<f32>(grad, w, output, n, cout)?,
+            DType::F64 => self.run::<f64>(grad, w, output, n, cout)?,
             other => candle_core::bail!("fused convolution gradient: f32 or f64, not {other:?}"),
         };
         Ok((out, shape))
@@ -384,23 +454,14 @@ impl CustomOp2 for ReluMask {
         fn mask<T: Float>(
             g: (&CpuStorage, &Layout),
             y: (&CpuStorage, &Layout),
-            guided: bool,
-            max: Option<f64>,
+            mask: &ReluMask,
         ) -> Result<CpuStorage> {
             let (g, y) = (
                 slice::<T>(g.0, g.1, "relu mask")?,
                 slice::<T>(y.0, y.1, "relu mask")?,
             );
-            let zero = T::default();
-            let max = max.map(T::of);
-            let mut out = vec![zero; g.len()];
-            // One loop per case, each a branch-free select that vectorises.
-            match (guided, max) {
-                (false, None) => select(&mut out, g, y, |_, y| y > zero),
-                (true, None) => select(&mut out, g, y, |g, y| y > zero && g > zero),
-                (false, Some(m)) => select(&mut out, g, y, |_, y| y > zero && y < m),
-                (true, Some(m)) => select(&mut out, g, y, |g, y| y > zero && y < m && g > zero),
-            }
+            let mut out = Vec::new();
+            mask.append(g, y, &mut out, true);
             Ok(T::storage(out))
         }
         if gl.shape() != yl.shape() {
@@ -411,29 +472,70 @@ impl CustomOp2 for ReluMask {
             );
         }
         let out = match g.dtype() {
-            DType::F32 => mask::<f32>((g, gl), (y, yl), self.guided, self.max)?,
-            DType::F64 => mask::<f64>((g, gl), (y, yl), self.guided, self.max)?,
+            DType::F32 => mask::<f32>((g, gl), (y, yl), self)?,
+            DType::F64 => mask::<f64>((g, gl), (y, yl), self)?,
             other => candle_core::bail!("relu mask: f32 or f64, not {other:?}"),
         };
         Ok((out, gl.shape().clone()))
     }
 }
 
-/// `out = keep(g, y) ? g : 0` elementwise, on every thread.
-fn select<T: Float>(out: &mut [T], g: &[T], y: &[T], keep: impl Fn(T, T) -> bool + Sync) {
+impl ReluMask {
+    /// Appends `g` masked by the ReLU's backward at its output `y` to `out`, on every thread or
+    /// this one.
+    pub(crate) fn append<T: Float>(&self, g: &[T], y: &[T], out: &mut Vec<T>, parallel: bool) {
+        let zero = T::default();
+        let max = self.max.map(T::of);
+        // One loop per case, each a branch-free select that vectorises.
+        match (self.guided, max) {
+            (false, None) => select_onto(out, g, y, parallel, |_, y| y > zero),
+            (true, None) => select_onto(out, g, y, parallel, |g, y| (y > zero) & (g > zero)),
+            (false, Some(m)) => select_onto(out, g, y, parallel, |_, y| (y > zero) & (y < m)),
+            (true, Some(m)) => select_onto(out, g, y, parallel, |g, y| {
+                (y > zero) & (y < m) & (g > zero)
+            }),
+        }
+    }
+}
+
+/// A chunk of the gradient and the output it is masked by.
+type Pair<'a, T> = (&'a [T], &'a [T]);
+
+/// Appends `keep(g, y) ? g : 0` for each element to `out`, on every thread or this one; the
+/// new elements are written once, not zeroed first.
+fn select_onto<T: Float>(
+    out: &mut Vec<T>,
+    g: &[T],
+    y: &[T],
+    parallel: bool,
+    keep: impl Fn(T, T) -> bool + Sync,
+) {
     const CHUNK: usize = 1 << 14;
-    out.par_chunks_mut(CHUNK)
-        .zip(g.par_chunks(CHUNK).zip(y.par_chunks(CHUNK)))
-        .for_each(|(o, (g, y))| {
-            widest_simd(
-                #[inline(always)]
-                || {
-                    for ((o, &g), &y) in o.iter_mut().zip(g).zip(y) {
-                        *o = if keep(g, y) { g } else { T::default() };
-                    }
-                },
-            )
-        });
+    let len = g.len().min(y.len());
+    let start = out.len();
+    out.reserve(len);
+    let chunk = |(o, (g, y)): (&mut [MaybeUninit<T>], Pair<T>)| {
+        widest_simd(
+            #[inline(always)]
+            || {
+                for ((o, &g), &y) in o.iter_mut().zip(g).zip(y) {
+                    o.write(if keep(g, y) { g } else { T::default() });
+                }
+            },
+        )
+    };
+    let new = &mut out.spare_capacity_mut()[..len];
+    if parallel {
+        new.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK).zip(y.par_chunks(CHUNK)))
+            .for_each(chunk);
+    } else {
+        new.chunks_mut(CHUNK)
+            .zip(g.chunks(CHUNK).zip(y.chunks(CHUNK)))
+            .for_each(chunk);
+    }
+    // SAFETY: the loops above wrote the `len` elements after the first `start`.
+    unsafe { out.set_len(start + len) };
 }
 
 /// `dst (m x n) = lhs (m x k) rhs (k x n)`, or `+=` with `accumulate`; `dst` and `rhs`
@@ -486,17 +588,17 @@ fn gemm_into<T: Float>(
 /// `one_image(i, output_i, scratch, threads)` for each `len`-long image of `out`: an image per
 /// thread when there are enough of them, otherwise one at a time with its GEMM split across the
 /// threads. Either way an image gets the same bits (see [`gemm_into`]).
-fn per_image<T: Float>(
+fn per_image<T: Float, S: Default + Send>(
     out: &mut [T],
     len: usize,
-    one_image: impl Fn(usize, &mut [T], &mut Vec<T>, Parallelism) + Sync,
+    one_image: impl Fn(usize, &mut [T], &mut S, Parallelism) + Sync,
 ) {
     let threads = rayon::current_num_threads();
     if out.len() / len.max(1) >= threads && threads > 1 {
         // A scratch buffer per worker thread, reused across its images, so that the columns are
         // allocated and zeroed once per thread, not once per rayon job. `one_image` starts no
         // rayon work of its own here, so a thread never steals a job that waits on its own slot.
-        let scratch: Vec<Mutex<Vec<T>>> = (0..threads).map(|_| Mutex::default()).collect();
+        let scratch: Vec<Mutex<S>> = (0..threads).map(|_| Mutex::default()).collect();
         out.par_chunks_mut(len).enumerate().for_each(|(i, image)| {
             let slot = rayon::current_thread_index().unwrap_or(0) % threads;
             // A panic in another image leaves its columns poisoned but still plain floats.
@@ -504,7 +606,7 @@ fn per_image<T: Float>(
             one_image(i, image, &mut cols, Parallelism::None)
         });
     } else {
-        let mut cols = Vec::new();
+        let mut cols = S::default();
         for (i, image) in out.chunks_mut(len).enumerate() {
             one_image(i, image, &mut cols, Parallelism::Rayon(threads));
         }
