@@ -378,6 +378,24 @@ impl InputGradient {
         per_image(&mut out, image_in, one_image);
         Ok(T::storage(out))
     }
+
+    /// [`InputGradient::run`] for the gradient's dtype, and the input's shape.
+    fn typed(
+        &self,
+        grad: (&CpuStorage, &Layout),
+        w: (&CpuStorage, &Layout),
+        output: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = &self.geometry;
+        let (n, cout) = (grad.1.dims()[0], w.1.dims()[0]);
+        let shape = Shape::from((n, g.channels, g.height, g.width));
+        let out = match grad.0.dtype() {
+            DType::F32 => self.run::<f32>(grad, w, output, n, cout)?,
+            DType::F64 => self.run::<f64>(grad, w, output, n, cout)?,
+            other => candle_core::bail!("fused convolution gradient: f32 or f64, not {other:?}"),
+        };
+        Ok((out, shape))
+    }
 }
 
 impl CustomOp2 for InputGradient {
@@ -392,16 +410,7 @@ impl CustomOp2 for InputGradient {
         w: &CpuStorage,
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let g = &self.geometry;
-        let (n, cout) = (gl.dims()[0], wl.dims()[0]);
-        let shape = Shape::from((n, g.channels, g.height, g.width));
-        let (grad, w) = ((grad, gl), (w, wl));
-        let out = match grad.0.dtype() {
-            DType::F32 => self.run::<f32>(grad, w, None, n, cout)?,
-            DType::F64 => self.run::<f64>(grad, w, None, n, cout)?,
-            other => candle_core::bail!("fused convolution gradient: f32 or f64, not {other:?}"),
-        };
-        Ok((out, shape))
+        self.typed((grad, gl), (w, wl), None)
     }
 }
 
@@ -419,16 +428,7 @@ impl CustomOp3 for InputGradient {
         output: &CpuStorage,
         ol: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let g = &self.geometry;
-        let (n, cout) = (gl.dims()[0], wl.dims()[0]);
-        let shape = Shape::from((n, g.channels, g.height, g.width));
-        let (grad, w, output) = ((grad, gl), (w, wl), Some((output, ol)));
-        let out = match grad.0.dtype() {
-            DType::F32 => self.run::<f32>(grad, w, output, n, cout)?,
-            DType::F64 => self.run::<f64>(grad, w, output, n, cout)?,
-            other => candle_core::bail!("fused convolution gradient: f32 or f64, not {other:?}"),
-        };
-        Ok((out, shape))
+        self.typed((grad, gl), (w, wl), Some((output, ol)))
     }
 }
 
