@@ -134,7 +134,7 @@ fn map_onto<T: Float>(x: &[T], out: &mut Vec<T>, f: impl Fn(T) -> T + Sync) {
     unsafe { out.set_len(start + x.len()) };
 }
 
-/// `g *= f(x)` for every element, as [`map`].
+/// `g *= f(x)` for every element, as [`map_onto`].
 fn scale_in_place<T: Float>(g: &mut [T], x: &[T], f: impl Fn(T) -> T + Sync) {
     g.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))

@@ -5,8 +5,9 @@
 //! op and one activation instead of five, and its backward pass is one masking pass plus
 //! `col2im(W^T G)`. On the CPU each image is done whole while it is in cache: its columns laid out
 //! `(C k k) x P` (a row per kernel tap, as Caffe's im2col, so a row is a copy of image rows), one
-//! GEMM that adds onto the bias and residual already in the NCHW output, then the ReLU. Batches
-//! run an image per thread; a single image splits its GEMM across threads instead.
+//! GEMM that adds onto the bias and residual already in the NCHW output, then the ReLU; columns
+//! over a few MB are built a band of output rows at a time. Batches run an image per thread; a
+//! single image splits its GEMM across threads instead.
 //!
 //! Other devices, and tracked weights, get the same value from [`crate::conv_grad`] plus plain
 //! tensor ops.
@@ -178,22 +179,22 @@ impl FusedConv {
                 for_each_plane(y, g.positions(), parallel, start);
             }
             let image = &x[i * image_in..][..image_in];
-            let rhs = if g.is_pointwise() {
-                image
-            } else {
-                cols.resize(g.column() * g.positions(), T::default());
-                im2rows(image, g, cols, parallel);
-                cols.as_slice()
-            };
+            let p = g.positions();
             // y (Cout x P) += W (Cout x K) rhs (K x P), all row-major.
-            gemm_into(
-                y,
-                accumulate,
-                (cout, g.positions()),
-                (w, g.column() as isize, 1),
-                rhs,
-                threads,
-            );
+            if g.is_pointwise() {
+                let w = (w, g.column() as isize, 1);
+                gemm_into((y, p), accumulate, (cout, p), w, (image, p), threads);
+            } else {
+                // A band of output rows at a time: its columns, then its block of `y`.
+                for rows in column_bands::<T>(g) {
+                    let width = rows.len() * g.out_w;
+                    cols.resize(g.column() * width, T::default());
+                    im2rows(image, g, rows.clone(), cols, parallel);
+                    let y = &mut y[rows.start * g.out_w..];
+                    let w = (w, g.column() as isize, 1);
+                    gemm_into((y, p), accumulate, (cout, width), w, (cols, width), threads);
+                }
+            }
             if self.relu {
                 let max = self.relu_max.map(T::of);
                 for_each_plane(y, g.positions(), parallel, |_, plane| {
@@ -366,13 +367,20 @@ impl InputGradient {
             let cols = &mut scratch.cols;
             // W^T is W read column-major: (K x Cout) with row stride 1, column stride K.
             let wt = (w, 1, g.column() as isize);
+            let p = g.positions();
             if g.is_pointwise() {
-                gemm_into(dx, true, (g.channels, g.positions()), wt, gi, threads);
+                gemm_into((dx, p), true, (g.channels, p), wt, (gi, p), threads);
             } else {
-                // Every entry is overwritten: no need to clear what an earlier image left.
-                cols.resize(g.column() * g.positions(), T::default());
-                gemm_into(cols, false, (g.column(), g.positions()), wt, gi, threads);
-                rows2im(cols, g, dx, matches!(threads, Parallelism::Rayon(_)));
+                // A band of output rows at a time: its columns, then added into `dx`.
+                for rows in column_bands::<T>(g) {
+                    let width = rows.len() * g.out_w;
+                    // Every entry is overwritten: no need to clear what was there.
+                    cols.resize(g.column() * width, T::default());
+                    let gi = (&gi[rows.start * g.out_w..], p);
+                    gemm_into((cols, width), false, (g.column(), width), wt, gi, threads);
+                    let parallel = matches!(threads, Parallelism::Rayon(_));
+                    rows2im(cols, g, rows, dx, parallel);
+                }
             }
         };
         per_image(&mut out, image_in, one_image);
@@ -539,27 +547,32 @@ fn select_onto<T: Float>(
 }
 
 /// `dst (m x n) = lhs (m x k) rhs (k x n)`, or `+=` with `accumulate`; `dst` and `rhs`
-/// row-major, `lhs` row-major (strides `(k, 1)`) or column-major (`(1, m)`).
+/// row-major with the given row strides (the first `n` columns of wider matrices), `lhs`
+/// row-major (strides `(k, 1)`) or column-major (`(1, m)`).
 ///
 /// gemm's blocking depends on the matrix sizes only, not on `threads`, so an image gets the same
 /// bits whether it runs alone (threads inside its GEMM) or in a batch (an image per thread): a
 /// bank of attacks must not depend on what else is in it.
 fn gemm_into<T: Float>(
-    dst: &mut [T],
+    (dst, dst_rs): (&mut [T], usize),
     accumulate: bool,
     (m, n): (usize, usize),
     (lhs, lhs_rs, lhs_cs): (&[T], isize, isize),
-    rhs: &[T],
+    (rhs, rhs_rs): (&[T], usize),
     threads: Parallelism,
 ) {
-    let k = rhs.len() / n;
+    let k = lhs.len() / m.max(1);
     let row_major = (lhs_rs, lhs_cs) == (k as isize, 1);
     let column_major = (lhs_rs, lhs_cs) == (1, m as isize);
-    assert!(dst.len() == m * n && rhs.len() == k * n && lhs.len() == m * k);
+    // The last row of a strided matrix ends after its n columns, not at its stride.
+    let spans = |rows: usize, stride: usize| rows.checked_sub(1).map_or(0, |r| r * stride + n);
+    assert!(lhs.len() == m * k && dst_rs >= n && rhs_rs >= n);
+    assert!(dst.len() >= spans(m, dst_rs) && rhs.len() >= spans(k, rhs_rs));
     assert!(row_major || column_major, "unsupported lhs strides");
     // SAFETY: an m x k matrix with these strides (checked above to be row- or column-major)
-    // lies inside `lhs`; `rhs` is k x n and `dst` m x n, both row-major and of exactly that
-    // length; `dst` is borrowed mutably, so nothing else reads or writes it meanwhile.
+    // lies inside `lhs`; `rhs` (k x n) and `dst` (m x n), row-major with row strides of at least
+    // n, lie inside their slices (checked above); `dst` is borrowed mutably, so nothing else
+    // reads or writes it meanwhile.
     unsafe {
         gemm::gemm(
             m,
@@ -567,14 +580,14 @@ fn gemm_into<T: Float>(
             k,
             dst.as_mut_ptr(),
             1,
-            n as isize,
+            dst_rs as isize,
             accumulate,
             lhs.as_ptr(),
             lhs_cs,
             lhs_rs,
             rhs.as_ptr(),
             1,
-            n as isize,
+            rhs_rs as isize,
             T::ONE,
             T::ONE,
             false,
@@ -658,16 +671,37 @@ fn valid_columns(g: &Geometry, dx: usize) -> std::ops::Range<usize> {
     start..end.max(start)
 }
 
-/// One image's columns `(C k k) x P` (every entry written; zeros in the padding): row
-/// `(c, dy, dx)` holds the pixels that tap meets at each output position.
-fn im2rows<T: Float>(image: &[T], g: &Geometry, cols: &mut [T], parallel: bool) {
-    let (k, positions) = (g.kernel, g.positions());
+/// The bands of output rows whose columns are built and used one at a time: each band's columns
+/// fit in [`COLUMN_BYTES`] (a band is at least one row), so a large kernel on a large image (a
+/// 7x7 stem: 7.4 MB of columns at 224 x 224) does not set the memory peak.
+fn column_bands<T>(g: &Geometry) -> impl Iterator<Item = std::ops::Range<usize>> {
+    let row_bytes = g.column() * g.out_w * std::mem::size_of::<T>();
+    let (rows, out_h) = ((COLUMN_BYTES / row_bytes.max(1)).max(1), g.out_h);
+    (0..out_h)
+        .step_by(rows)
+        .map(move |r| r..(r + rows).min(out_h))
+}
+
+/// The most bytes of columns built at once, per image (see [`column_bands`]).
+const COLUMN_BYTES: usize = 2 << 20;
+
+/// One image's columns `(C k k) x (R out_w)` for the band `out_rows` of R output rows (every
+/// entry written; zeros in the padding): row `(c, dy, dx)` holds the pixels that tap meets at
+/// each output position of the band.
+fn im2rows<T: Float>(
+    image: &[T],
+    g: &Geometry,
+    out_rows: std::ops::Range<usize>,
+    cols: &mut [T],
+    parallel: bool,
+) {
+    let (k, positions) = (g.kernel, out_rows.len() * g.out_w);
     let fill_channel = |c: usize, rows: &mut [T]| {
         let plane = &image[c * g.height * g.width..][..g.height * g.width];
         for (tap, row) in rows.chunks_mut(positions).enumerate() {
             let (dy, dx) = (tap / k, tap % k);
             let valid = valid_columns(g, dx);
-            for (i, out) in row.chunks_mut(g.out_w).enumerate() {
+            for (i, out) in out_rows.clone().zip(row.chunks_mut(g.out_w)) {
                 let y = (i * g.stride + dy).checked_sub(g.padding);
                 let Some(y) = y.filter(|&y| y < g.height && !valid.is_empty()) else {
                     out.fill(T::default());
@@ -703,9 +737,16 @@ fn im2rows<T: Float>(image: &[T], g: &Geometry, cols: &mut [T], parallel: bool) 
     }
 }
 
-/// The adjoint of [`im2rows`]: adds one image's rows `(C k k) x P` into its `C x H x W`.
-fn rows2im<T: Float>(cols: &[T], g: &Geometry, image: &mut [T], parallel: bool) {
-    let (k, positions) = (g.kernel, g.positions());
+/// The adjoint of [`im2rows`]: adds one image's rows `(C k k) x (R out_w)` of the band
+/// `out_rows` into its `C x H x W`.
+fn rows2im<T: Float>(
+    cols: &[T],
+    g: &Geometry,
+    out_rows: std::ops::Range<usize>,
+    image: &mut [T],
+    parallel: bool,
+) {
+    let (k, positions) = (g.kernel, out_rows.len() * g.out_w);
     let add_channel = |c: usize, plane: &mut [T]| {
         let rows = &cols[c * k * k * positions..][..k * k * positions];
         for (tap, row) in rows.chunks(positions).enumerate() {
@@ -714,7 +755,7 @@ fn rows2im<T: Float>(cols: &[T], g: &Geometry, image: &mut [T], parallel: bool) 
             if valid.is_empty() {
                 continue;
             }
-            for (i, values) in row.chunks(g.out_w).enumerate() {
+            for (i, values) in out_rows.clone().zip(row.chunks(g.out_w)) {
                 let y = (i * g.stride + dy).checked_sub(g.padding);
                 let Some(y) = y.filter(|&y| y < g.height) else {
                     continue;
@@ -924,6 +965,43 @@ mod tests {
     }
 
     #[test]
+    fn convolutions_built_in_bands_equal_plain_ops_with_the_same_input_gradient() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut rng = vulnmap_data::random::rng(8, "fused convolution bands");
+        // Columns over `COLUMN_BYTES` per image: built and used a band of output rows at a time.
+        for (cin, h, w, k, s, p) in [(64, 40, 36, 3, 1, 1), (16, 61, 50, 7, 2, 3)] {
+            let g = Geometry::conv(cin, (h, w), k, s, p)?;
+            assert!(column_bands::<f32>(&g).count() > 1, "k={k}: one band");
+            // One image (its GEMM split across threads), or three (an image per thread).
+            for (batch, dtype) in [(1, DType::F32), (3, DType::F32), (3, DType::F64)] {
+                let randn = |rng: &mut _, shape: &[usize]| -> Result<Tensor> {
+                    vulnmap_data::random::randn(rng, shape, &dev)?.to_dtype(dtype)
+                };
+                let x = Var::from_tensor(&randn(&mut rng, &[batch, cin, h, w])?)?;
+                let weight = randn(&mut rng, &[8, cin, k, k])?;
+                let bias = randn(&mut rng, &[8])?;
+                let epilogue = Epilogue {
+                    bias: Some(&bias),
+                    relu: true,
+                    ..Epilogue::default()
+                };
+                let fused = conv2d_fused(x.as_tensor(), &weight, epilogue, s, p)?;
+                let plain = unfused(x.as_tensor(), &weight, epilogue, s, p)?;
+                let case = format!("k={k} s={s} batch={batch} {dtype:?}");
+                // Sums of up to 784 products of order 1 in another order: rounding only.
+                assert!(max_diff(&fused, &plain) < 1e-3, "value, {case}");
+                let probe = randn(&mut rng, fused.dims())?;
+                let g1 = (&fused * &probe)?.sum_all()?.backward()?;
+                let g2 = (&plain * &probe)?.sum_all()?.backward()?;
+                let (g1, g2) = (g1.get(x.as_tensor()), g2.get(x.as_tensor()));
+                let (g1, g2) = (g1.expect("fused gradient"), g2.expect("plain gradient"));
+                assert!(max_diff(g1, g2) < 1e-3, "input gradient, {case}");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
     fn rows_are_the_transposed_columns_and_rows2im_is_their_adjoint() -> Result<()> {
         let dev = Device::Cpu;
         let mut rng = vulnmap_data::random::rng(5, "im2rows test");
@@ -939,15 +1017,25 @@ mod tests {
             for parallel in [false, true] {
                 // Stale values in the buffer must all be overwritten.
                 let mut rows = vec![f64::NAN; columns.len()];
-                im2rows(&image, &g, &mut rows, parallel);
+                im2rows(&image, &g, 0..g.out_h, &mut rows, parallel);
                 assert_eq!(rows, columns, "k={k} s={s} p={p}");
             }
+            // A band of output rows: its positions' part of every row.
+            let band = g.out_h / 3..g.out_h;
+            let mut rows = vec![f64::NAN; g.column() * band.len() * g.out_w];
+            im2rows(&image, &g, band.clone(), &mut rows, false);
+            let part = band.start * g.out_w..band.end * g.out_w;
+            let expected: Vec<f64> = columns
+                .chunks(g.positions())
+                .flat_map(|row| row[part.clone()].iter().copied())
+                .collect();
+            assert_eq!(rows, expected, "band, k={k} s={s} p={p}");
             let cols: Vec<f64> = (0..columns.len())
                 .map(|i| (i as f64 * 0.37).sin())
                 .collect();
             for parallel in [false, true] {
                 let mut back = vec![0.0; image.len()];
-                rows2im(&cols, &g, &mut back, parallel);
+                rows2im(&cols, &g, 0..g.out_h, &mut back, parallel);
                 // <im2rows(x), cols> == <x, rows2im(cols)>.
                 let lhs: f64 = columns.iter().zip(&cols).map(|(a, b)| a * b).sum();
                 let rhs: f64 = image.iter().zip(&back).map(|(a, b)| a * b).sum();
