@@ -230,16 +230,22 @@ impl FusedConv {
             return Ok(None);
         }
         let grad = grad.detach().contiguous()?;
-        let mask = output.and(self.mask());
-        let op = InputGradient {
-            geometry: self.geometry,
-            mask,
-        };
-        match output {
-            Some(output) if op.mask.is_some() => {
+        let geometry = self.geometry;
+        match output.zip(self.mask()) {
+            Some((output, mask)) => {
+                let op = InputGradient {
+                    geometry,
+                    mask: Some(mask),
+                };
                 grad.apply_op3_no_bwd(&w.detach(), &output.detach(), &op)
             }
-            _ => grad.apply_op2_no_bwd(&w.detach(), &op),
+            None => {
+                let op = InputGradient {
+                    geometry,
+                    mask: None,
+                };
+                grad.apply_op2_no_bwd(&w.detach(), &op)
+            }
         }
         .map(Some)
     }
@@ -352,9 +358,9 @@ impl InputGradient {
         let (image_in, image_out) = (g.channels * g.height * g.width, cout * g.positions());
         let mut out = vec![T::default(); n * image_in];
         let one_image = |i: usize, dx: &mut [T], scratch: &mut Scratch<T>, threads| {
+            let parallel = matches!(threads, Parallelism::Rayon(_));
             let mut gi = &grad[i * image_out..][..image_out];
             if let (Some(mask), Some(y)) = (&self.mask, output) {
-                let parallel = matches!(threads, Parallelism::Rayon(_));
                 scratch.masked.clear();
                 mask.append(
                     gi,
@@ -378,7 +384,6 @@ impl InputGradient {
                     cols.resize(g.column() * width, T::default());
                     let gi = (&gi[rows.start * g.out_w..], p);
                     gemm_into((cols, width), false, (g.column(), width), wt, gi, threads);
-                    let parallel = matches!(threads, Parallelism::Rayon(_));
                     rows2im(cols, g, rows, dx, parallel);
                 }
             }
