@@ -245,16 +245,11 @@ fn forward<T: Float>(x: &[T], w: &[T], g: Geometry, op: &Depthwise) -> Vec<T> {
                     };
                     let kern = &w[c * g.k * g.k..][..g.k * g.k];
                     let bias = op.bias.as_ref().map_or(T::default(), |b| T::of(b[c]));
-                    let mut acc = vec![bias; wide.span];
-                    for dy in 0..g.k {
-                        for dx in 0..g.k {
-                            let wv = kern[dy * g.k + dx];
-                            let line = &src[wide.tap(g, dy, dx)..][..wide.span];
-                            for (a, &v) in acc.iter_mut().zip(line) {
-                                *a += wv * v;
-                            }
-                        }
-                    }
+                    let taps: Vec<(T, usize)> = (0..g.k * g.k)
+                        .map(|t| (kern[t], wide.tap(g, t / g.k, t % g.k)))
+                        .collect();
+                    let mut acc = vec![T::default(); wide.span];
+                    sum_taps(&mut acc, bias, src, &taps);
                     for (row, wide_row) in o.chunks_mut(g.ow).zip(acc.chunks(wide.pw)) {
                         row.copy_from_slice(&wide_row[..g.ow]);
                     }
@@ -265,6 +260,34 @@ fn forward<T: Float>(x: &[T], w: &[T], g: Geometry, op: &Depthwise) -> Vec<T> {
             )
         });
     out
+}
+
+/// Outputs summed in registers, a block at a time: `acc[p] = start + w * src[offset + p] + ...`
+/// over `(w, offset)` of `taps` in order, so each output gets its taps' products in the order of
+/// a direct loop. One write of `acc`, which is not read.
+#[inline(always)]
+fn sum_taps<T: Float>(acc: &mut [T], start: T, src: &[T], taps: &[(T, usize)]) {
+    const BLOCK: usize = 32;
+    let whole = acc.len() / BLOCK * BLOCK;
+    for (b, out) in acc[..whole].chunks_exact_mut(BLOCK).enumerate() {
+        let first = b * BLOCK;
+        let mut sums = [start; BLOCK];
+        for &(wv, offset) in taps {
+            let line = &src[offset + first..][..BLOCK];
+            for (a, &v) in sums.iter_mut().zip(line) {
+                *a += wv * v;
+            }
+        }
+        out.copy_from_slice(&sums);
+    }
+    let rest = &mut acc[whole..];
+    rest.fill(start);
+    for &(wv, offset) in taps {
+        let line = &src[offset + whole..][..rest.len()];
+        for (a, &v) in rest.iter_mut().zip(line) {
+            *a += wv * v;
+        }
+    }
 }
 
 fn grad_input<T: Float>(grad: &[T], w: &[T], g: Geometry) -> Vec<T> {
@@ -282,27 +305,33 @@ fn grad_input<T: Float>(grad: &[T], w: &[T], g: Geometry) -> Vec<T> {
                     let c = plane % g.c;
                     let go = &grad[plane * g.oh * g.ow..][..g.oh * g.ow];
                     let kern = &w[c * g.k * g.k..][..g.k * g.k];
-                    let mut wide_grad = vec![T::default(); wide.span];
-                    for (wide_row, row) in wide_grad.chunks_mut(wide.pw).zip(go.chunks(g.ow)) {
-                        wide_row[..g.ow].copy_from_slice(row);
+                    // The output gradient in the wide layout, `reach` zeros before it: each
+                    // input's gradient gathers its outputs' at fixed offsets, zeros past the edges.
+                    let s = g.stride;
+                    let reach = (g.k - 1) / s * (wide.pw + 1);
+                    let mut shifted = vec![T::default(); reach + wide.phase.max(wide.span)];
+                    for (row, start) in go.chunks(g.ow).zip((reach..).step_by(wide.pw)) {
+                        shifted[start..][..g.ow].copy_from_slice(row);
                     }
                     // The padded plane's gradient, cropped to the input's at the end.
                     let mut padded = (!g.unpadded()).then(|| vec![T::default(); g.h * g.w]);
                     let gx = padded.as_deref_mut().unwrap_or(&mut *input_gx);
                     // Strided: accumulated in phase planes, then interleaved into the plane.
-                    let mut split = (g.stride > 1)
-                        .then(|| vec![T::default(); g.stride * g.stride * wide.phase]);
+                    let mut split = (s > 1).then(|| vec![T::default(); s * s * wide.phase]);
                     let dst = split.as_deref_mut().unwrap_or(&mut *gx);
-                    // Each input's gradient sums its outputs' in the order of their rows, as a
-                    // loop over output rows would: the later the tap row, the earlier the output.
-                    for dy in (0..g.k).rev() {
-                        for dx in 0..g.k {
-                            let wv = kern[dy * g.k + dx];
-                            let line = &mut dst[wide.tap(g, dy, dx)..][..wide.span];
-                            for (l, &gv) in line.iter_mut().zip(&wide_grad) {
-                                *l += wv * gv;
-                            }
-                        }
+                    // A phase plane gets the taps that read it. Each input's gradient sums its
+                    // outputs' in the order of their rows, as a loop over output rows would: the
+                    // later the tap row, the earlier the output.
+                    for (phase, dst) in dst.chunks_mut(wide.phase).enumerate() {
+                        let taps: Vec<(T, usize)> = (0..g.k)
+                            .rev()
+                            .flat_map(|dy| (0..g.k).map(move |dx| (dy, dx)))
+                            .filter(|&(dy, dx)| (dy % s) * s + dx % s == phase)
+                            .map(|(dy, dx)| {
+                                (kern[dy * g.k + dx], reach - (dy / s * wide.pw + dx / s))
+                            })
+                            .collect();
+                        sum_taps(dst, T::default(), &shifted, &taps);
                     }
                     if let Some(split) = split {
                         interleave(&split, gx, g.h, g.w, g.stride);
