@@ -78,13 +78,91 @@ impl Geometry {
         out
     }
 
-    /// The input plane's part of `padded` (`h x w`), into `plane` (`ih x iw`).
-    fn crop<T: Float>(&self, padded: &[T], plane: &mut [T]) {
-        for (values, row) in plane
-            .chunks_mut(self.iw.max(1))
-            .zip(padded[self.pad.top * self.w..].chunks(self.w))
-        {
-            values.copy_from_slice(&row[self.pad.left..self.pad.left + self.iw]);
+    /// The input plane `plane` (`ih x iw`) with its zero border (`h x w`), split into the `s x s`
+    /// phase planes of stride `s`, each `ceil(h / s) x ceil(w / s)`, into `out`, in one pass:
+    /// phase `(py, px)` holds rows `py, py + s, ...` and columns `px, px + s, ...`. In it, every
+    /// tap of a strided convolution reads contiguous elements.
+    #[inline(always)]
+    fn phase_planes<T: Float>(&self, plane: &[T], out: &mut Vec<T>) {
+        let (s, (ph, pw)) = (self.stride, self.phase_size());
+        out.clear();
+        out.resize(s * s * ph * pw, T::default());
+        for (phase, columns, first) in self.phase_columns() {
+            let phase_plane = &mut out[phase * ph * pw..][..ph * pw];
+            for (q, row) in self.phase_rows(phase / s) {
+                let phase_row = &mut phase_plane[q * pw..][columns.clone()];
+                take_every(s, &plane[row * self.iw + first..], phase_row);
+            }
+        }
+    }
+
+    /// The inverse of [`Geometry::phase_planes`]: the input plane's part of `split` (the phase
+    /// planes of the bordered plane) into `plane` (`ih x iw`).
+    #[inline(always)]
+    fn unsplit_phase_planes<T: Float>(&self, split: &[T], plane: &mut [T]) {
+        let (s, (ph, pw)) = (self.stride, self.phase_size());
+        for (phase, columns, first) in self.phase_columns() {
+            let phase_plane = &split[phase * ph * pw..][..ph * pw];
+            for (q, row) in self.phase_rows(phase / s) {
+                let phase_row = &phase_plane[q * pw..][columns.clone()];
+                let row = &mut plane[row * self.iw + first..];
+                if s == 1 {
+                    row[..phase_row.len()].copy_from_slice(phase_row);
+                } else {
+                    for (o, &v) in row.iter_mut().step_by(s).zip(phase_row) {
+                        *o = v;
+                    }
+                }
+            }
+        }
+    }
+
+    /// A phase plane's rows and columns: `ceil(h / s) x ceil(w / s)`.
+    fn phase_size(&self) -> (usize, usize) {
+        (self.h.div_ceil(self.stride), self.w.div_ceil(self.stride))
+    }
+
+    /// `(q, input row)` for every row `q` of a phase plane of row phase `py` that holds an input
+    /// row (not the border).
+    fn phase_rows(&self, py: usize) -> impl Iterator<Item = (usize, usize)> {
+        let (s, top, ph) = (self.stride, self.pad.top, self.phase_size().0);
+        let start = top.saturating_sub(py).div_ceil(s);
+        let end = (top + self.ih).saturating_sub(py).div_ceil(s).min(ph);
+        (start..end.max(start)).map(move |q| (q, py + q * s - top))
+    }
+
+    /// `(phase, columns, first)` for every phase plane that holds input columns: the columns of
+    /// its rows that do, and the input column of the first. Phase `(py, px)`'s column `p` is
+    /// bordered column `px + p * s`.
+    fn phase_columns(&self) -> impl Iterator<Item = (usize, std::ops::Range<usize>, usize)> {
+        let (s, left, iw, pw) = (self.stride, self.pad.left, self.iw, self.phase_size().1);
+        (0..s * s).filter_map(move |phase| {
+            let px = phase % s;
+            let start = left.saturating_sub(px).div_ceil(s);
+            let end = (left + iw).saturating_sub(px).div_ceil(s).min(pw);
+            (start < end).then(|| (phase, start..end, px + start * s - left))
+        })
+    }
+}
+
+/// `dst[i] = src[i * s]`: a phase row from an input row. Stride 2 as pairs, which vectorises.
+#[inline(always)]
+fn take_every<T: Float>(s: usize, src: &[T], dst: &mut [T]) {
+    match s {
+        1 => dst.copy_from_slice(&src[..dst.len()]),
+        2 => {
+            let pairs = dst.len().min(src.len() / 2);
+            for (o, pair) in dst[..pairs].iter_mut().zip(src.chunks_exact(2)) {
+                *o = pair[0];
+            }
+            if let Some(last) = dst.get_mut(pairs) {
+                *last = src[2 * pairs];
+            }
+        }
+        _ => {
+            for (o, &v) in dst.iter_mut().zip(src.iter().step_by(s)) {
+                *o = v;
+            }
         }
     }
 }
@@ -153,42 +231,6 @@ struct Depthwise {
     mask: ReluMask,
 }
 
-/// `plane` (`h x w`) split into the `s x s` phase planes of stride `s`, each `ceil(h / s) x
-/// ceil(w / s)`: phase `(py, px)` holds rows `py, py + s, ...` and columns `px, px + s, ...`. In
-/// it, every tap of a strided convolution reads (or writes) contiguous elements.
-fn phases<T: Float>(plane: &[T], h: usize, w: usize, s: usize) -> Vec<T> {
-    let (ph, pw) = (h.div_ceil(s), w.div_ceil(s));
-    let mut out = vec![T::default(); s * s * ph * pw];
-    for py in 0..s {
-        for px in 0..s {
-            let phase = &mut out[(py * s + px) * ph * pw..][..ph * pw];
-            for (q, y) in (py..h).step_by(s).enumerate() {
-                let row = plane[y * w..][..w].iter().skip(px).step_by(s);
-                for (o, &v) in phase[q * pw..][..pw].iter_mut().zip(row) {
-                    *o = v;
-                }
-            }
-        }
-    }
-    out
-}
-
-/// The inverse of [`phases`]: `split`'s phase planes interleaved back into `plane`.
-fn interleave<T: Float>(split: &[T], plane: &mut [T], h: usize, w: usize, s: usize) {
-    let (ph, pw) = (h.div_ceil(s), w.div_ceil(s));
-    for py in 0..s {
-        for px in 0..s {
-            let phase = &split[(py * s + px) * ph * pw..][..ph * pw];
-            for (q, y) in (py..h).step_by(s).enumerate() {
-                let row = plane[y * w..][..w].iter_mut().skip(px).step_by(s);
-                for (o, &v) in row.zip(&phase[q * pw..][..pw]) {
-                    *o = v;
-                }
-            }
-        }
-    }
-}
-
 /// An output plane laid out with the (phase) input's row width `ceil(w / stride)` instead of
 /// `ow`: then tap `(dy, dx)` of every output is one contiguous run of the input, starting at
 /// [`Wide::tap`], and each tap is one long vectorised loop over the plane, not `oh` short ones.
@@ -224,9 +266,13 @@ fn forward<T: Float>(x: &[T], w: &[T], g: Geometry, op: &Depthwise) -> Vec<T> {
     let max = op.mask.max.map(T::of);
     let wide = Wide::of(g);
     let mut out = vec![T::default(); g.n * g.c * g.oh * g.ow];
-    out.par_chunks_mut(g.oh * g.ow)
-        .enumerate()
-        .for_each(|(plane, o)| {
+    // Where each tap, in kernel order, reads the source planes.
+    let offsets: Vec<usize> = (0..g.k * g.k)
+        .map(|t| wide.tap(g, t / g.k, t % g.k))
+        .collect();
+    out.par_chunks_mut(g.oh * g.ow).enumerate().for_each_init(
+        Scratch::default,
+        |scratch, (plane, o)| {
             widest_simd(
                 #[inline(always)]
                 || {
@@ -234,22 +280,24 @@ fn forward<T: Float>(x: &[T], w: &[T], g: Geometry, op: &Depthwise) -> Vec<T> {
                         return;
                     }
                     let c = plane % g.c;
-                    let xin = g.plane(x, plane);
-                    let xin = &*xin;
-                    let split;
-                    let src = if g.stride == 1 {
+                    let xin = &x[plane * g.ih * g.iw..][..g.ih * g.iw];
+                    let Scratch {
+                        planes,
+                        wide: acc,
+                        taps,
+                    } = scratch;
+                    let src = if g.unpadded() && g.stride == 1 {
                         xin
                     } else {
-                        split = phases(xin, g.h, g.w, g.stride);
-                        &split
+                        g.phase_planes(xin, planes);
+                        &planes[..]
                     };
                     let kern = &w[c * g.k * g.k..][..g.k * g.k];
                     let bias = op.bias.as_ref().map_or(T::default(), |b| T::of(b[c]));
-                    let taps: Vec<(T, usize)> = (0..g.k * g.k)
-                        .map(|t| (kern[t], wide.tap(g, t / g.k, t % g.k)))
-                        .collect();
-                    let mut acc = vec![T::default(); wide.span];
-                    sum_taps(&mut acc, bias, src, &taps);
+                    taps.clear();
+                    taps.extend(kern.iter().copied().zip(offsets.iter().copied()));
+                    acc.resize(wide.span, T::default());
+                    sum_taps(acc, bias, src, taps);
                     for (row, wide_row) in o.chunks_mut(g.ow).zip(acc.chunks(wide.pw)) {
                         row.copy_from_slice(&wide_row[..g.ow]);
                     }
@@ -258,7 +306,8 @@ fn forward<T: Float>(x: &[T], w: &[T], g: Geometry, op: &Depthwise) -> Vec<T> {
                     }
                 },
             )
-        });
+        },
+    );
     out
 }
 
@@ -293,9 +342,26 @@ fn sum_taps<T: Float>(acc: &mut [T], start: T, src: &[T], taps: &[(T, usize)]) {
 fn grad_input<T: Float>(grad: &[T], w: &[T], g: Geometry) -> Vec<T> {
     let wide = Wide::of(g);
     let mut out = vec![T::default(); g.n * g.c * g.ih * g.iw];
+    // The output gradient in the wide layout has `reach` zeros before it: each input's gradient
+    // gathers its outputs' at fixed offsets, zeros past the edges. A phase plane gets the taps
+    // that read it, as `(kernel index, offset)`. Each input's gradient sums its outputs' in the
+    // order of their rows, as a loop over output rows would: the later the tap row, the earlier
+    // the output.
+    let s = g.stride;
+    let reach = (g.k - 1) / s * (wide.pw + 1);
+    let phase_taps: Vec<Vec<(usize, usize)>> = (0..s * s)
+        .map(|phase| {
+            (0..g.k)
+                .rev()
+                .flat_map(|dy| (0..g.k).map(move |dx| (dy, dx)))
+                .filter(|&(dy, dx)| (dy % s) * s + dx % s == phase)
+                .map(|(dy, dx)| (dy * g.k + dx, reach - (dy / s * wide.pw + dx / s)))
+                .collect()
+        })
+        .collect();
     out.par_chunks_mut((g.ih * g.iw).max(1))
         .enumerate()
-        .for_each(|(plane, input_gx)| {
+        .for_each_init(Scratch::default, |scratch, (plane, input_gx)| {
             widest_simd(
                 #[inline(always)]
                 || {
@@ -305,44 +371,54 @@ fn grad_input<T: Float>(grad: &[T], w: &[T], g: Geometry) -> Vec<T> {
                     let c = plane % g.c;
                     let go = &grad[plane * g.oh * g.ow..][..g.oh * g.ow];
                     let kern = &w[c * g.k * g.k..][..g.k * g.k];
-                    // The output gradient in the wide layout, `reach` zeros before it: each
-                    // input's gradient gathers its outputs' at fixed offsets, zeros past the edges.
-                    let s = g.stride;
-                    let reach = (g.k - 1) / s * (wide.pw + 1);
-                    let mut shifted = vec![T::default(); reach + wide.phase.max(wide.span)];
+                    let Scratch {
+                        planes,
+                        wide: shifted,
+                        taps,
+                    } = scratch;
+                    shifted.clear();
+                    shifted.resize(reach + wide.phase.max(wide.span), T::default());
                     for (row, start) in go.chunks(g.ow).zip((reach..).step_by(wide.pw)) {
                         shifted[start..][..g.ow].copy_from_slice(row);
                     }
-                    // The padded plane's gradient, cropped to the input's at the end.
-                    let mut padded = (!g.unpadded()).then(|| vec![T::default(); g.h * g.w]);
-                    let gx = padded.as_deref_mut().unwrap_or(&mut *input_gx);
-                    // Strided: accumulated in phase planes, then interleaved into the plane.
-                    let mut split = (s > 1).then(|| vec![T::default(); s * s * wide.phase]);
-                    let dst = split.as_deref_mut().unwrap_or(&mut *gx);
-                    // A phase plane gets the taps that read it. Each input's gradient sums its
-                    // outputs' in the order of their rows, as a loop over output rows would: the
-                    // later the tap row, the earlier the output.
+                    // With a border or a stride: the bordered plane's gradient in phase planes,
+                    // its input part copied out at the end.
+                    let direct = g.unpadded() && s == 1;
+                    let dst = if direct {
+                        &mut *input_gx
+                    } else {
+                        planes.resize(s * s * wide.phase, T::default());
+                        &mut planes[..s * s * wide.phase]
+                    };
                     for (phase, dst) in dst.chunks_mut(wide.phase).enumerate() {
-                        let taps: Vec<(T, usize)> = (0..g.k)
-                            .rev()
-                            .flat_map(|dy| (0..g.k).map(move |dx| (dy, dx)))
-                            .filter(|&(dy, dx)| (dy % s) * s + dx % s == phase)
-                            .map(|(dy, dx)| {
-                                (kern[dy * g.k + dx], reach - (dy / s * wide.pw + dx / s))
-                            })
-                            .collect();
-                        sum_taps(dst, T::default(), &shifted, &taps);
+                        taps.clear();
+                        taps.extend(phase_taps[phase].iter().map(|&(t, at)| (kern[t], at)));
+                        sum_taps(dst, T::default(), shifted, taps);
                     }
-                    if let Some(split) = split {
-                        interleave(&split, gx, g.h, g.w, g.stride);
-                    }
-                    if let Some(padded) = padded {
-                        g.crop(&padded, input_gx);
+                    if !direct {
+                        g.unsplit_phase_planes(planes, input_gx);
                     }
                 },
             )
         });
     out
+}
+
+/// Buffers a thread reuses from plane to plane: phase planes, a plane in the wide layout, taps.
+struct Scratch<T> {
+    planes: Vec<T>,
+    wide: Vec<T>,
+    taps: Vec<(T, usize)>,
+}
+
+impl<T> Default for Scratch<T> {
+    fn default() -> Self {
+        Self {
+            planes: Vec::new(),
+            wide: Vec::new(),
+            taps: Vec::new(),
+        }
+    }
 }
 
 fn grad_weight<T: Float>(x: &[T], grad: &[T], g: Geometry) -> Vec<T> {
