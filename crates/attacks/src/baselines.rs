@@ -115,6 +115,7 @@ pub fn pgd(
         .map(|(g, &c)| g.class(c) as u32)
         .collect();
     let origin = origin_losses(&candle_nn::ops::log_softmax(&logits, 1)?, goals, &clean)?;
+    let origin_odds: Vec<f32> = crate::engine::log_odds(&logits, &labels)?.to_vec1()?;
     let mask = match masks {
         Some(m) => {
             ensure(m.len() == n, || "one mask per image".into())?;
@@ -156,6 +157,7 @@ pub fn pgd(
     let index = Tensor::new(labels.as_slice(), &device)?.unsqueeze(1)?;
     let mut outcomes: Vec<Option<AttackOutcome>> = vec![None; n];
     let mut probabilities: Vec<Vec<f64>> = vec![Vec::with_capacity(spec.steps + 1); n];
+    let mut log_odds: Vec<Vec<f64>> = vec![Vec::with_capacity(spec.steps + 1); n];
     for k in 0..=spec.steps {
         let x = Var::from_tensor(&(&x0 + &delta)?.clamp(0f32, 1f32)?)?;
         let logits = model.forward(x.as_tensor())?;
@@ -164,11 +166,13 @@ pub fn pgd(
         let predicted: Vec<u32> = logits.argmax(1)?.to_vec1()?;
         let conf: Vec<f32> = log_probs.max(1)?.exp()?.to_vec1()?;
         let losses: Vec<f32> = ce.to_vec1()?;
+        let odds: Vec<f32> = crate::engine::log_odds(&logits, &labels)?.to_vec1()?;
         for i in 0..n {
             if outcomes[i].is_some() {
                 continue;
             }
             probabilities[i].push((-losses[i] as f64).exp());
+            log_odds[i].push(odds[i] as f64);
             let label = predicted[i] as usize;
             let met = goals[i].met_by(label, clean[i]) && conf[i] as f64 > spec.confidence;
             if met || k == spec.steps {
@@ -187,6 +191,8 @@ pub fn pgd(
                     iterations: k,
                     confidence: conf[i] as f64,
                     probabilities: std::mem::take(&mut probabilities[i]),
+                    origin_log_odds: origin_odds[i] as f64,
+                    log_odds: std::mem::take(&mut log_odds[i]),
                     success: met,
                     failure: (!met).then(|| format!("no success within {} steps", spec.steps)),
                     noise: (&perturbed - x0.get(i)?)?,

@@ -654,6 +654,8 @@ struct Bank<'a> {
     loss_labels: Vec<u32>,
     clean_labels: Vec<usize>,
     origin_losses: Vec<f64>,
+    /// Per job: the clean image's log-odds of its loss label.
+    origin_log_odds: Vec<f64>,
     fixed_mask: Option<Tensor>,
     /// `B x 1 x H x W`, 0 in each preserved window and 1 elsewhere, when the bank has one.
     outside_windows: Option<Tensor>,
@@ -751,6 +753,11 @@ impl<'a> Bank<'a> {
             .collect();
         let goals: Vec<Goal> = jobs.iter().map(|j| j.goal).collect();
         let origin_losses = origin_losses(&clean_log_probs, &goals, &clean_labels)?;
+        let origin_log_odds: Vec<f64> = log_odds(&clean_logits, &loss_labels)?
+            .to_vec1::<f32>()?
+            .into_iter()
+            .map(f64::from)
+            .collect();
         // Occluded windows: the images with each job's window blurred (each distinct image
         // blurred once), where its noise goes.
         let substrate = match window_masks(jobs, (h, w), &device, |r| match *r {
@@ -856,6 +863,7 @@ impl<'a> Bank<'a> {
             loss_labels,
             clean_labels,
             origin_losses,
+            origin_log_odds,
             fixed_mask,
             outside_windows,
             substrate,
@@ -898,6 +906,7 @@ impl<'a> Bank<'a> {
         let mut outcomes: Vec<Option<AttackOutcome>> = vec![None; b];
         let mut active = vec![true; b];
         let mut probabilities: Vec<Vec<f64>> = vec![Vec::with_capacity(cap + 1); b];
+        let mut judged_log_odds: Vec<Vec<f64>> = vec![Vec::with_capacity(cap + 1); b];
         let bar = progress(self.config.progress, cap as u64, b);
         let mut saliency_mask: Option<Tensor> = None;
         for k in 0..=cap {
@@ -989,12 +998,14 @@ impl<'a> Bank<'a> {
             let predicted = logits.argmax(1)?.to_dtype(DType::F32)?;
             let confidence = log_probs.max(1)?.exp()?;
             let attacked = ce.neg()?.exp()?;
+            let odds = log_odds(&logits, &self.loss_labels)?;
             let summary = Tensor::stack(
                 &[
                     &predicted,
                     &confidence,
                     &loss.to_dtype(DType::F32)?,
                     &attacked.to_dtype(DType::F32)?,
+                    &odds,
                 ],
                 1,
             )?
@@ -1003,9 +1014,15 @@ impl<'a> Bank<'a> {
                 if !active[j] {
                     continue;
                 }
-                let [label, conf, value, p] =
-                    [summary[j][0], summary[j][1], summary[j][2], summary[j][3]];
+                let [label, conf, value, p, odds] = [
+                    summary[j][0],
+                    summary[j][1],
+                    summary[j][2],
+                    summary[j][3],
+                    summary[j][4],
+                ];
                 probabilities[j].push(p as f64);
+                judged_log_odds[j].push(odds as f64);
                 let label = label as usize;
                 let met = self.jobs[j].goal.met_by(label, self.clean_labels[j])
                     && conf as f64 > self.config.confidence;
@@ -1035,6 +1052,8 @@ impl<'a> Bank<'a> {
                         iterations: k,
                         confidence: conf as f64,
                         probabilities: std::mem::take(&mut probabilities[j]),
+                        origin_log_odds: self.origin_log_odds[j],
+                        log_odds: std::mem::take(&mut judged_log_odds[j]),
                         success: met,
                         failure,
                         noise: delta.detach(),
@@ -1086,6 +1105,24 @@ fn perturb(
         None => delta,
     };
     Ok((images + delta)?.clamp(0f32, 1f32)?)
+}
+
+/// Each row's log-odds of its class (`logits` `B x K`, `classes` `B`), as `B` f32: the class's
+/// logit less the log-sum-exp of the others' logits, `log(p / (1 - p))` without `1 - p`'s
+/// rounding to 0 when the model is sure (a probability saturates, its log-odds do not).
+pub(crate) fn log_odds(logits: &Tensor, classes: &[u32]) -> Result<Tensor> {
+    let logits = logits.detach().to_dtype(DType::F32)?;
+    let (b, k) = logits.dims2()?;
+    let device = logits.device();
+    let classes = Tensor::new(classes, device)?.unsqueeze(1)?;
+    let own = logits.gather(&classes, 1)?.squeeze(1)?;
+    let is_own = Tensor::arange(0u32, k as u32, device)?
+        .unsqueeze(0)?
+        .broadcast_eq(&classes)?;
+    let others = is_own
+        .where_cond(&Tensor::full(f32::NEG_INFINITY, (b, k), device)?, &logits)?
+        .log_sum_exp(1)?;
+    Ok((own - others)?)
 }
 
 /// Table I's origin loss of each goal: the clean image's cross-entropy (from its log-probabilities,
@@ -1200,6 +1237,28 @@ pub(crate) fn image_size(pixels: &Tensor) -> Result<(usize, usize)> {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    #[test]
+    fn log_odds_are_the_logit_against_the_others_and_survive_saturation() -> Result<()> {
+        let logits = Tensor::new(&[[2f32, 0.0, -1.0], [40.0, 0.0, 0.0]], &Device::Cpu)?;
+        let got = log_odds(&logits, &[0, 0])?.to_vec1::<f32>()?;
+        // log(p / (1 - p)) = z_c - log(sum over the other classes of e^z), worked by hand.
+        let want = [2.0 - (1.0f64 + (-1.0f64).exp()).ln(), 40.0 - 2f64.ln()];
+        for (g, w) in got.iter().zip(want) {
+            assert!((*g as f64 - w).abs() < 1e-5, "{g} vs {w}");
+        }
+        // Another class of the same row: its logit against the rest, row 0's class 0 among them.
+        let other = log_odds(&logits, &[1, 2])?.to_vec1::<f32>()?;
+        let want = (2f64.exp() + (-1f64).exp()).ln();
+        assert!((other[0] as f64 + want).abs() < 1e-5, "{}", other[0]);
+        // Where the probability rounds to 1 in f32, the log-odds still tell 40 from 30.
+        let sure = Tensor::new(&[[30f32, 0.0, 0.0], [40.0, 0.0, 0.0]], &Device::Cpu)?;
+        let p = candle_nn::ops::softmax(&sure, 1)?.to_vec2::<f32>()?;
+        assert_eq!((p[0][0], p[1][0]), (1.0, 1.0));
+        let odds = log_odds(&sure, &[0, 0])?.to_vec1::<f32>()?;
+        assert!((odds[1] - odds[0] - 10.0).abs() < 1e-4, "{odds:?}");
+        Ok(())
+    }
 
     #[test]
     fn the_authors_generator_banks_alone_and_window_generators_many() -> Result<()> {

@@ -6,7 +6,9 @@
 //! Beyond the paper (each result names its variant, [`LocalAttack::variant`]): a continuous
 //! window score from the attacked label's probability instead of whole updates
 //! ([`WindowScore::ProbabilityDrop`]), the preserve game (noise everywhere but the window:
-//! how well does the label survive?), and several generator seeds per window, averaged.
+//! how well does the label survive?), the occlude game (occlusion sharpened by the attack), a
+//! score in log-odds for models sure of their label, and several generator seeds per window,
+//! averaged.
 
 use crate::engine::{run, AttackConfig, Goal, Job, Masking, Region};
 use crate::error::{ensure, Result};
@@ -46,6 +48,10 @@ pub enum WindowScore {
     /// (targeted); preserving, how much of it survives (untargeted) or how little the target
     /// gains (targeted). A stopped attack's last probability stands for its remaining updates.
     ProbabilityDrop,
+    /// The same with the label's log-odds (`log(p / (1 - p))`, from the logits) instead of its
+    /// probability: where the model is sure, every window leaves the probability at 1 and
+    /// only the log-odds still rank them (occlusion ranks by logits for the same reason).
+    LogOddsDrop,
 }
 
 /// The local attack's windows.
@@ -87,8 +93,10 @@ impl LocalAttack {
             LocalGame::Preserve => parts.push("preserve".to_string()),
             LocalGame::Occlude => parts.push("occlude".to_string()),
         }
-        if self.score == WindowScore::ProbabilityDrop {
-            parts.push("probability_drop".to_string());
+        match self.score {
+            WindowScore::Speed => {}
+            WindowScore::ProbabilityDrop => parts.push("probability_drop".to_string()),
+            WindowScore::LogOddsDrop => parts.push("log_odds_drop".to_string()),
         }
         if self.seeds != 1 {
             parts.push(format!("seeds={}", self.seeds));
@@ -111,6 +119,18 @@ impl LocalAttack {
                     (LocalGame::Delete | LocalGame::Occlude, true) => mean,
                     (LocalGame::Preserve, false) => mean,
                     (LocalGame::Preserve, true) => 1.0 - mean,
+                }
+            }
+            (WindowScore::LogOddsDrop, game) => {
+                // The gap to the clean image's log-odds of the same label, signed so that
+                // higher is more salient.
+                let moved = held_mean(&outcome.log_odds, cap) - outcome.origin_log_odds;
+                let targeted = outcome.target.is_some();
+                match (game, targeted) {
+                    (LocalGame::Delete | LocalGame::Occlude, false)
+                    | (LocalGame::Preserve, true) => -moved,
+                    (LocalGame::Delete | LocalGame::Occlude, true)
+                    | (LocalGame::Preserve, false) => moved,
                 }
             }
         }

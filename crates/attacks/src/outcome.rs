@@ -30,6 +30,11 @@ pub struct AttackOutcome {
     /// class; targeted: the target) each time the perturbed image was judged, from the
     /// untrained noise (update 0) to the stop.
     pub probabilities: Vec<f64>,
+    /// The clean image's log-odds of that label, `log(p / (1 - p))` computed from the logits.
+    pub origin_log_odds: f64,
+    /// Its log-odds each time the perturbed image was judged, beside `probabilities`: they keep
+    /// telling images apart where the probability has saturated at 1.
+    pub log_odds: Vec<f64>,
     /// Whether the goal was met, with confidence above the threshold, within the cap.
     pub success: bool,
     /// Why an unsuccessful attack stopped.

@@ -603,6 +603,19 @@ fn window_noise_stays_in_the_window_preserve_noise_spares_it_and_occlusion_blurs
             "{last} vs {}",
             o.final_loss.exp()
         );
+        // Beside each probability its log-odds, from the logits: log(p / (1 - p)) wherever p
+        // is not too close to 0 or 1 for f32; the clean image's from its origin loss likewise.
+        assert_eq!(o.log_odds.len(), o.probabilities.len());
+        let logit = |p: f64| (p / (1.0 - p)).ln();
+        for (&p, &odds) in o.probabilities.iter().zip(&o.log_odds) {
+            if (1e-3..1.0 - 1e-3).contains(&p) {
+                assert!((odds - logit(p)).abs() < 1e-2, "{odds} vs log-odds of {p}");
+            }
+        }
+        let p0 = (-o.origin_loss).exp();
+        if (1e-3..1.0 - 1e-3).contains(&p0) {
+            assert!((o.origin_log_odds - logit(p0)).abs() < 1e-2);
+        }
     }
 }
 

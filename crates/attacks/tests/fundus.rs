@@ -34,7 +34,7 @@ fn local_attack_flips_fastest_on_the_lesions() {
         ..AttackConfig::default()
     };
     let (mut peaks, mut hits) = (0, 0);
-    let (mut speed_auroc, mut drop_auroc) = (0.0, 0.0);
+    let (mut speed_auroc, mut drop_auroc, mut odds_auroc) = (0.0, 0.0, 0.0);
     for (i, mask) in data.masks.iter().enumerate() {
         let local = local_attack(
             data.model.as_ref(),
@@ -59,8 +59,21 @@ fn local_attack_flips_fastest_on_the_lesions() {
         .unwrap();
         assert_eq!(drop.windows, local.windows);
         assert_eq!(drop.variant, "probability_drop");
+        // And by its log-odds, which keep ranking windows where the model is sure of a lesion.
+        let odds = local_map(
+            &LocalAttack {
+                score: WindowScore::LogOddsDrop,
+                ..spec
+            },
+            (128, 128),
+            local.outcomes.clone(),
+            config.max_iters,
+        )
+        .unwrap();
+        assert_eq!(odds.variant, "log_odds_drop");
         speed_auroc += auroc(&local.map, mask).unwrap() / 6.0;
         drop_auroc += auroc(&drop.map, mask).unwrap() / 6.0;
+        odds_auroc += auroc(&odds.map, mask).unwrap() / 6.0;
         let best = local.scores.iter().cloned().fold(0.0, f64::max);
         // The fastest windows: do they cover the lesion?
         let on_lesion = local
@@ -82,12 +95,14 @@ fn local_attack_flips_fastest_on_the_lesions() {
     }
     println!("fastest window on a lesion for {peaks} of 6 images; pointing game {hits}/6");
     println!(
-        "AUROC against the lesion masks: speed {speed_auroc:.3}, probability drop {drop_auroc:.3}"
+        "AUROC against the lesion masks: speed {speed_auroc:.3}, probability drop {drop_auroc:.3}, log-odds drop {odds_auroc:.3}"
     );
-    assert!(
-        drop_auroc > speed_auroc,
-        "the continuous score ({drop_auroc:.3}) did not separate lesions better than the speed ({speed_auroc:.3})"
-    );
+    for (name, continuous) in [("probability", drop_auroc), ("log-odds", odds_auroc)] {
+        assert!(
+            continuous > speed_auroc,
+            "the {name} score ({continuous:.3}) did not separate lesions better than the speed ({speed_auroc:.3})"
+        );
+    }
     assert!(
         peaks >= 4,
         "the local attack peaked on the lesion for only {peaks} of 6 images"

@@ -905,7 +905,8 @@ attack_step! {
         /// `occlude` (the window blurred as occlusion's baseline, noise added to it).
         #[serde(skip_serializing_if = "is_default")]
         game: LocalGame = LocalGame::Delete,
-        /// `speed` (the paper's: updates to flip) or `probability_drop` (continuous).
+        /// `speed` (the paper's: updates to flip), `probability_drop` (continuous) or
+        /// `log_odds_drop` (the same in log-odds, for models sure of their label).
         #[serde(skip_serializing_if = "is_default")]
         score: WindowScore = WindowScore::Speed,
         /// Generator seeds per window, their scores averaged (default 1, the paper's).
