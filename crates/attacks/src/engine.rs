@@ -353,6 +353,11 @@ pub struct LearnedMask {
     /// update so the mask cannot align with the model's grid (Fong and Vedaldi's jitter); 0:
     /// none. The map is the unshifted mask.
     pub jitter: f64,
+    /// The free mask's Gaussian smoothing, sigma as a fraction of a cell; 0: none (the
+    /// paper's). Extremal perturbation's masks are smooth too: a smooth mask keeps blobs, not
+    /// the thin lines along high-contrast edges that a blurred baseline otherwise makes it
+    /// keep, so its maximum lands on the evidence.
+    pub smooth: f64,
 }
 
 impl LearnedMask {
@@ -394,6 +399,7 @@ impl Default for LearnedMask {
             lambda_area: 100.0,
             blur_sigma: 10.0,
             jitter: 0.0,
+            smooth: 0.0,
         }
     }
 }
@@ -584,6 +590,16 @@ fn check_learned(spec: &LearnedMask, jobs: &[Job]) -> Result<()> {
     ensure(spec.jitter >= 0.0 && spec.jitter.is_finite(), || {
         format!("jitter is a fraction of a cell, got {}", spec.jitter)
     })?;
+    ensure(spec.smooth >= 0.0 && spec.smooth.is_finite(), || {
+        format!(
+            "smooth is a fraction of a cell, 0 or more, got {}",
+            spec.smooth
+        )
+    })?;
+    ensure(
+        spec.smooth == 0.0 || matches!(spec.network, MaskNetwork::Free { .. }),
+        || "smooth applies to the free mask only; the U-Net's mask is not smoothed".into(),
+    )?;
     if spec.game == MaskGame::Dual {
         ensure(spec.area > 0.0 && spec.area < 1.0, || {
             format!(
@@ -812,6 +828,7 @@ impl<'a> Bank<'a> {
                             (h, w),
                             start,
                             (spec.jitter * h.max(w) as f64 / cells as f64).round() as usize,
+                            spec.smooth * h.max(w) as f64 / cells as f64,
                             &at,
                         )?)
                     }

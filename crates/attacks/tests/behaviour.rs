@@ -258,6 +258,23 @@ fn bad_parameters_are_refused_with_the_reason() {
             Goal::Untargeted,
             "jitter is a fraction of a cell, got -1",
         ),
+        (
+            LearnedMask {
+                smooth: f64::NAN,
+                ..dual
+            },
+            Goal::Untargeted,
+            "smooth is a fraction of a cell, 0 or more, got NaN",
+        ),
+        (
+            LearnedMask {
+                smooth: 1.0,
+                network: vulnmap_attacks::MaskNetwork::UNet { base: 4 },
+                ..dual
+            },
+            Goal::Untargeted,
+            "smooth applies to the free mask only",
+        ),
         (dual, Goal::Targeted(1), "its goal is untargeted"),
     ] {
         let e = err(mask_attack(

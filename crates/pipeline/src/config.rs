@@ -576,6 +576,16 @@ impl Checker {
                         || "shifts the free mask; add `network: free`".into(),
                     );
                 }
+                if let Some(v) = s.smooth {
+                    self.check((0.0..=4.0).contains(&v), &f("smooth"), || {
+                        format!("is a fraction of a cell in [0, 4], got {v}")
+                    });
+                    self.check(
+                        v == 0.0 || s.network == MaskNetworkKind::Free,
+                        &f("smooth"),
+                        || "smooths the free mask; add `network: free`".into(),
+                    );
+                }
             }
             Step::Metrics(s) => {
                 let earlier: Vec<&String> = ids[..index]

@@ -976,6 +976,10 @@ attack_step! {
         /// the dual game, 0 in the noise game).
         #[serde(skip_serializing_if = "Option::is_none")]
         jitter: Option<f64> = None,
+        /// The free mask's Gaussian smoothing, sigma as a fraction of a cell (default 0: none, the
+        /// paper's); smooth masks keep blobs rather than thin lines along edges.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        smooth: Option<f64> = None,
         /// Seeds per area, their masks averaged (default 1).
         #[serde(skip_serializing_if = "is_one")]
         seeds: usize = 1,

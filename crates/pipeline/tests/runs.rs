@@ -442,7 +442,7 @@ data:
   lesions_only: true
   limit: 2
 steps:
-  - mask_attack: {network: free, cells: 8, max_iters: 3, game: dual, areas: [0.05, 0.1], blur_sigma: 5, jitter: 0.5, alpha: 0.01}
+  - mask_attack: {network: free, cells: 8, max_iters: 3, game: dual, areas: [0.05, 0.1], blur_sigma: 5, jitter: 0.5, smooth: 1, alpha: 0.01}
   - metrics: {measures: [auroc]}
 ";
     let p = config::parse(dual, Path::new("d.yaml"), Path::new(".")).unwrap();
@@ -454,7 +454,7 @@ steps:
     assert_eq!(config::from_yaml(&yaml).unwrap(), p);
     // The paper's settings stay out of the resolved file.
     let paper = dual.replace(
-        "game: dual, areas: [0.05, 0.1], blur_sigma: 5, jitter: 0.5, ",
+        "game: dual, areas: [0.05, 0.1], blur_sigma: 5, jitter: 0.5, smooth: 1, ",
         "",
     );
     let plain =
@@ -476,6 +476,11 @@ steps:
             "mode",
         ),
         (dual.replace("network: free", "network: unet"), "jitter"),
+        (
+            paper.replace("network: free", "network: unet, smooth: 1"),
+            "smooth",
+        ),
+        (dual.replace("smooth: 1", "smooth: 9"), "smooth"),
     ] {
         let e = config::parse(&bad, Path::new("b.yaml"), Path::new("."))
             .unwrap_err()
@@ -491,7 +496,7 @@ steps:
         .collect();
     assert_eq!(masks.len(), 2);
     for r in masks {
-        assert_eq!(r["variant"], "dual+areas=0.05,0.1", "{r:?}");
+        assert_eq!(r["variant"], "dual+areas=0.05,0.1+smooth=1", "{r:?}");
     }
 }
 

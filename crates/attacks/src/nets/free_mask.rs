@@ -3,11 +3,14 @@
 //!
 //! Values are `sigmoid(logits)` so they stay in [0, 1] without clipping; logits start at 3
 //! (mask 0.95, "on", as the authors' initialisation at ones). Upsampling is the differentiable
-//! [`vulnmap_ops::resize::bilinear`] with `align_corners`, as their code.
+//! [`vulnmap_ops::resize::bilinear`] with `align_corners`, as their code. Optionally the
+//! upsampled mask is smoothed by a Gaussian, as extremal perturbation draws smooth masks: a mask
+//! can then keep blobs but not thin lines, whose maximum says little about where the evidence is.
 
 use super::bank::{self, Placement};
 use candle_core::{Result, Tensor, Var};
 use vulnmap_ops::resize::bilinear;
+use vulnmap_saliency::GaussianBlur;
 
 /// A bank of free masks.
 pub(crate) struct FreeMask {
@@ -16,17 +19,20 @@ pub(crate) struct FreeMask {
     /// Pixels the upsampled mask extends past each side of the image, so that it can be shifted
     /// (jittered) by up to this much and still cover the image; 0: no jitter.
     margin: usize,
+    /// Sigma, in pixels, of the Gaussian smoothing the upsampled mask; 0: none.
+    smooth: f64,
 }
 
 impl FreeMask {
     /// `entries` masks of `low` resolution, upsampled to `size` plus `margin` pixels on each side,
-    /// starting at `init_logit`.
+    /// smoothed by a Gaussian of sigma `smooth` pixels (0: not), starting at `init_logit`.
     pub(crate) fn new(
         entries: usize,
         low: (usize, usize),
         size: (usize, usize),
         init_logit: f64,
         margin: usize,
+        smooth: f64,
         at: &Placement,
     ) -> Result<Self> {
         if low.0 == 0 || low.1 == 0 {
@@ -36,6 +42,7 @@ impl FreeMask {
             logits: bank::constant(entries, &[1, low.0, low.1], init_logit, at)?,
             size,
             margin,
+            smooth,
         })
     }
 
@@ -44,7 +51,12 @@ impl FreeMask {
     pub(crate) fn forward(&self, shift: (isize, isize)) -> Result<Tensor> {
         let (h, w) = self.size;
         let m = self.margin;
-        let full = Self::upsample(self.logits.as_tensor(), (h + 2 * m, w + 2 * m))?;
+        let mut full = Self::upsample(self.logits.as_tensor(), (h + 2 * m, w + 2 * m))?;
+        if self.smooth > 0.0 {
+            full = GaussianBlur::full(self.smooth)
+                .apply(&full)
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        }
         if m == 0 {
             return Ok(full);
         }
@@ -71,7 +83,7 @@ mod tests {
     #[test]
     fn starts_on_everywhere_and_gradients_match_finite_differences() -> Result<()> {
         let dev = vulnmap_testkit::device();
-        let mask = FreeMask::new(2, (7, 7), (28, 20), 3.0, 0, &Placement::f32(&dev))?;
+        let mask = FreeMask::new(2, (7, 7), (28, 20), 3.0, 0, 0.0, &Placement::f32(&dev))?;
         let m = mask.forward((0, 0))?;
         assert_eq!(m.dims(), &[2, 1, 28, 20]);
         assert!((m.min_all()?.to_scalar::<f32>()? - 0.9526).abs() < 1e-3);
@@ -86,9 +98,48 @@ mod tests {
     }
 
     #[test]
+    fn smoothing_keeps_a_blob_above_a_thin_line_of_the_same_height() -> Result<()> {
+        // 16 cells of 4 pixels: a line one cell wide down column 2 and a 3 x 3 block of cells,
+        // both fully on (logit 8) on an off mask (logit -8).
+        let dev = candle_core::Device::Cpu;
+        let mut logits = vec![-8f32; 16 * 16];
+        for row in 0..16 {
+            logits[row * 16 + 2] = 8.0;
+        }
+        for row in 7..10 {
+            for col in 9..12 {
+                logits[row * 16 + col] = 8.0;
+            }
+        }
+        let logits = Tensor::from_vec(logits, (1, 1, 16, 16), &dev)?;
+        let at = Placement::f32(&dev);
+        let peak = |smooth: f64| -> Result<(f32, f32)> {
+            let mask = FreeMask::new(1, (16, 16), (64, 64), 0.0, 0, smooth, &at)?;
+            mask.logits.set(&logits)?;
+            let m = mask
+                .forward((0, 0))?
+                .squeeze(0)?
+                .squeeze(0)?
+                .to_vec2::<f32>()?;
+            let line = m
+                .iter()
+                .flat_map(|row| &row[..24])
+                .fold(0f32, |a, &b| a.max(b));
+            Ok((line, m[34][42]))
+        };
+        // Unsmoothed both come close to 1; smoothed by one cell the line loses far more of its
+        // height than the blob.
+        let (line, blob) = peak(0.0)?;
+        assert!(line > 0.9 && blob > 0.99, "{line} {blob}");
+        let (line, blob) = peak(4.0)?;
+        assert!(blob > 0.7 && line < 0.5, "line {line}, blob {blob}");
+        Ok(())
+    }
+
+    #[test]
     fn a_shift_moves_the_mask_and_no_shift_is_the_centre() -> Result<()> {
         let dev = vulnmap_testkit::device();
-        let mask = FreeMask::new(1, (3, 3), (12, 12), 0.0, 2, &Placement::f32(&dev))?;
+        let mask = FreeMask::new(1, (3, 3), (12, 12), 0.0, 2, 0.0, &Placement::f32(&dev))?;
         let logits = Tensor::randn(0f32, 2.0, (1, 1, 3, 3), &dev)?;
         mask.logits.set(&logits)?;
         let full = FreeMask::upsample(&logits, (16, 16))?;

@@ -84,6 +84,7 @@ pub fn mask_spec(step: &MaskAttackStep, seed: u64, batch_size: usize) -> Learned
         jitter: step
             .jitter
             .unwrap_or(if dual { LearnedMask::DUAL_JITTER } else { 0.0 }),
+        smooth: step.smooth.unwrap_or(defaults.smooth),
     }
 }
 
@@ -100,6 +101,9 @@ pub fn mask_variant(step: &MaskAttackStep) -> String {
     }
     if step.jitter.is_some_and(|j| j > 0.0) && step.game == MaskGame::Noise {
         parts.push("jitter".to_string());
+    }
+    if let Some(smooth) = step.smooth.filter(|&s| s > 0.0) {
+        parts.push(format!("smooth={smooth}"));
     }
     if step.seeds != 1 {
         parts.push(format!("seeds={}", step.seeds));
