@@ -566,24 +566,19 @@ impl Checker {
                 if let Some(v) = s.blur_sigma {
                     self.positive(v, &f("blur_sigma"));
                 }
-                if let Some(v) = s.jitter {
-                    self.check((0.0..=4.0).contains(&v), &f("jitter"), || {
+                // The free mask's settings counted in cells.
+                for (value, key, does) in [
+                    (s.jitter, "jitter", "shifts"),
+                    (s.smooth, "smooth", "smooths"),
+                ] {
+                    let Some(v) = value else { continue };
+                    self.check((0.0..=4.0).contains(&v), &f(key), || {
                         format!("is a fraction of a cell in [0, 4], got {v}")
                     });
                     self.check(
                         v == 0.0 || s.network == MaskNetworkKind::Free,
-                        &f("jitter"),
-                        || "shifts the free mask; add `network: free`".into(),
-                    );
-                }
-                if let Some(v) = s.smooth {
-                    self.check((0.0..=4.0).contains(&v), &f("smooth"), || {
-                        format!("is a fraction of a cell in [0, 4], got {v}")
-                    });
-                    self.check(
-                        v == 0.0 || s.network == MaskNetworkKind::Free,
-                        &f("smooth"),
-                        || "smooths the free mask; add `network: free`".into(),
+                        &f(key),
+                        || format!("{does} the free mask; add `network: free`"),
                     );
                 }
             }
