@@ -1,5 +1,6 @@
 //! Gaussian blur of image batches: the blurred baseline of Integrated Gradients and occlusion,
-//! and the insertion metric's starting image (RISE's 11-tap kernel with reflected edges).
+//! and the insertion metric's starting image (RISE's 11-tap kernel with reflected edges); a blur
+//! within a field of view, for images framed by a black surround.
 
 use crate::error::{ensure, Result};
 use candle_core::{Tensor, D};
@@ -95,6 +96,31 @@ impl GaussianBlur {
     }
 }
 
+impl GaussianBlur {
+    /// Blurs each channel of `x` (`N x C x H x W`) within `inside` (`N x 1 x H x W`, 1 in view
+    /// and 0 outside, as [`crate::field_of_view`] finds it): the blur of `x * inside` over the
+    /// blur of `inside` (a normalised convolution), so nothing outside leaks in; outside, `x` is
+    /// kept. Where everything is inside, this is [`GaussianBlur::apply`].
+    pub fn apply_within(&self, x: &Tensor, inside: &Tensor) -> Result<Tensor> {
+        let (n, _, h, w) = x.dims4()?;
+        ensure(inside.dims() == [n, 1, h, w], || {
+            format!(
+                "a field of view of shape {:?} for images of shape {:?}",
+                inside.dims(),
+                x.dims()
+            )
+        })?;
+        let inside = inside.to_dtype(x.dtype())?;
+        let weight = self.apply(&inside)?;
+        // Inside the view the weight is at least the Gaussian's share of its own pixel.
+        let blurred = self
+            .apply(&x.broadcast_mul(&inside)?)?
+            .broadcast_div(&weight.clamp(1e-6, f64::MAX)?)?;
+        let outside = inside.affine(-1.0, 1.0)?;
+        Ok((blurred.broadcast_mul(&inside)? + x.broadcast_mul(&outside)?)?)
+    }
+}
+
 /// `x` padded by `radius` on both sides of `dim`, mirrored about the edge pixels.
 fn reflect(x: &Tensor, dim: usize, radius: usize) -> Result<Tensor> {
     let n = x.dim(dim)? as i64;
@@ -125,7 +151,7 @@ pub(crate) fn gaussian_blur(x: &Tensor, sigma: f64) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use candle_core::{DType, Device};
 
     #[test]
     fn blur_keeps_constants_and_mass_and_spreads_a_point() {
@@ -152,6 +178,40 @@ mod tests {
         assert!((out.iter().sum::<f32>() - 1.0).abs() < 1e-5);
         assert!(out[40] < 0.2 && out[40] > out[41] && out[41] > out[42] && out[41] == out[39]);
         assert!(gaussian_blur(&point, 0.0).is_err());
+    }
+
+    #[test]
+    fn a_blur_within_a_view_keeps_the_surround_out_and_the_outside_unchanged() -> Result<()> {
+        // A 1 x 12 row: a black surround on the left (columns 0-3), a constant 0.8 in view.
+        let row: Vec<f32> = (0..12).map(|i| if i < 4 { 0.0 } else { 0.8 }).collect();
+        let x = Tensor::from_vec(row, (1, 1, 1, 12), &Device::Cpu)?.repeat((1, 3, 5, 1))?;
+        let view: Vec<f32> = (0..12).map(|i| if i < 4 { 0.0 } else { 1.0 }).collect();
+        let view = Tensor::from_vec(view, (1, 1, 1, 12), &Device::Cpu)?.repeat((1, 1, 5, 1))?;
+        let blur = GaussianBlur::full(2.0);
+        let within = blur
+            .apply_within(&x, &view)?
+            .get(0)?
+            .get(1)?
+            .get(2)?
+            .to_vec1::<f32>()?;
+        for (i, v) in within.iter().enumerate() {
+            let want = if i < 4 { 0.0 } else { 0.8 };
+            assert!((v - want).abs() < 1e-5, "{i}: {v} against {want}");
+        }
+        // The plain blur darkens the rim of the view with the surround.
+        let plain = blur.apply(&x)?.get(0)?.get(1)?.get(2)?.to_vec1::<f32>()?;
+        assert!(plain[4] < 0.6 && plain[3] > 0.2);
+        // Everything in view: the plain blur.
+        let all = Tensor::ones((1, 1, 5, 12), DType::F32, &Device::Cpu)?;
+        let ramp = Tensor::arange(0f32, 60.0, &Device::Cpu)?.reshape((1, 1, 5, 12))?;
+        let gap = (blur.apply_within(&ramp, &all)? - blur.apply(&ramp)?)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert!(gap < 1e-4, "{gap}");
+        let wrong = Tensor::ones((1, 1, 4, 12), DType::F32, &Device::Cpu)?;
+        assert!(blur.apply_within(&x, &wrong).is_err());
+        Ok(())
     }
 
     #[test]

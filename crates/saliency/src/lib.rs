@@ -35,7 +35,9 @@
 //!   randomisation check.
 //! - [`render`]: colour maps, overlays, PNG output.
 //! - `grid`: the window grid shared with the local attack.
-//! - `blur`: Gaussian blur (IG and occlusion baselines, insertion substrate).
+//! - `blur`: Gaussian blur (IG and occlusion baselines, insertion substrate), and within a
+//!   field of view.
+//! - `field_of_view`: the field of view of images framed by a black surround (fundus).
 //! - `target`: predicted classes and input checks.
 //!
 //! Cargo features: none (CUDA comes through `vulnmap-models`).
@@ -44,6 +46,7 @@ mod blur;
 mod cam;
 mod error;
 mod extremal;
+mod field_of_view;
 mod gradient;
 mod grid;
 mod integrated_gradients;
@@ -61,6 +64,7 @@ pub use blur::{Edges, GaussianBlur};
 pub use cam::{Cam, CamRule};
 pub use error::{Error, Result};
 pub use extremal::{area_gap, ExtremalPerturbation, ExtremalReward, ExtremalVariant};
+pub use field_of_view::{field_of_view, FIELD_OF_VIEW_THRESHOLD};
 pub use gradient::{input_gradients, Gradient, GuidedBackprop, InputXGradient};
 pub use grid::WindowGrid;
 pub use integrated_gradients::{Baseline, BaselineKind, IntegratedGradients, Integration};
