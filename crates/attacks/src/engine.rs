@@ -19,7 +19,9 @@ use crate::outcome::AttackOutcome;
 use candle_core::{DType, Tensor, Var};
 use indicatif::{ProgressBar, ProgressStyle};
 use vulnmap_models::Classifier;
-use vulnmap_saliency::{area_gap, GaussianBlur, Method, SmoothGrad, WindowGrid};
+use vulnmap_saliency::{
+    area_gap, field_of_view, GaussianBlur, Method, SmoothGrad, WindowGrid, FIELD_OF_VIEW_THRESHOLD,
+};
 use vulnmap_train::optim::{Adam, AdamConfig};
 
 /// Which generator makes full-image noise.
@@ -358,6 +360,11 @@ pub struct LearnedMask {
     /// the thin lines along high-contrast edges that a blurred baseline otherwise makes it
     /// keep, so its maximum lands on the evidence.
     pub smooth: f64,
+    /// Blur the dual game's baseline within each image's field of view
+    /// ([`vulnmap_saliency::field_of_view`]), for images framed by a black surround (fundus
+    /// photographs, angiograms): a plain blur mixes the surround into the frame's edge, and the
+    /// mask then keeps that edge sharp rather than the evidence.
+    pub field_of_view: bool,
 }
 
 impl LearnedMask {
@@ -400,6 +407,7 @@ impl Default for LearnedMask {
             blur_sigma: 10.0,
             jitter: 0.0,
             smooth: 0.0,
+            field_of_view: false,
         }
     }
 }
@@ -600,6 +608,9 @@ fn check_learned(spec: &LearnedMask, jobs: &[Job]) -> Result<()> {
         spec.smooth == 0.0 || matches!(spec.network, MaskNetwork::Free { .. }),
         || "smooth applies to the free mask only; the U-Net's mask is not smoothed".into(),
     )?;
+    ensure(!spec.field_of_view || spec.game == MaskGame::Dual, || {
+        "field_of_view blurs the dual game's baseline; the noise game has none".into()
+    })?;
     if spec.game == MaskGame::Dual {
         ensure(spec.area > 0.0 && spec.area < 1.0, || {
             format!(
@@ -853,9 +864,14 @@ impl<'a> Bank<'a> {
                 } else {
                     None
                 };
+                let blur = GaussianBlur::full(spec.blur_sigma);
                 let baseline = match spec.game {
                     MaskGame::Noise => None,
-                    MaskGame::Dual => Some(GaussianBlur::full(spec.blur_sigma).apply(&images)?),
+                    MaskGame::Dual if spec.field_of_view => {
+                        let view = field_of_view(&images, FIELD_OF_VIEW_THRESHOLD)?;
+                        Some(blur.apply_within(&images, &view)?)
+                    }
+                    MaskGame::Dual => Some(blur.apply(&images)?),
                 };
                 Some(MaskLearner {
                     network,

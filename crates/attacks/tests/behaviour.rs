@@ -242,7 +242,8 @@ fn bad_parameters_are_refused_with_the_reason() {
         },
     ));
     assert!(e.contains("224x224") && e.contains("128x128"), "{e}");
-    // The mask attack's dual game: an area outside (0, 1), a negative jitter, a targeted goal.
+    // The mask attack's dual game: an area outside (0, 1), a negative jitter, a smoothing that is
+    // NaN or of a U-Net, a field of view without the dual game, a targeted goal.
     let dual = LearnedMask::dual(8);
     for (spec, goal, reason) in [
         (
@@ -274,6 +275,14 @@ fn bad_parameters_are_refused_with_the_reason() {
             },
             Goal::Untargeted,
             "smooth applies to the free mask only",
+        ),
+        (
+            LearnedMask {
+                field_of_view: true,
+                ..LearnedMask::default()
+            },
+            Goal::Untargeted,
+            "field_of_view blurs the dual game's baseline",
         ),
         (dual, Goal::Targeted(1), "its goal is untargeted"),
     ] {

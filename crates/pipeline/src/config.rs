@@ -548,6 +548,7 @@ impl Checker {
                     (!s.areas.is_empty(), "areas"),
                     (s.lambda_area.is_some(), "lambda_area"),
                     (s.blur_sigma.is_some(), "blur_sigma"),
+                    (s.field_of_view, "field_of_view"),
                 ] {
                     self.check(!given || dual, &f(k), || {
                         "is a setting of the dual game; add `game: dual`".into()

@@ -980,6 +980,11 @@ attack_step! {
         /// paper's); smooth masks keep blobs rather than thin lines along edges.
         #[serde(skip_serializing_if = "Option::is_none")]
         smooth: Option<f64> = None,
+        /// Blur the dual game's baseline within each image's field of view (default false):
+        /// for images framed by a black surround (fundus photographs, angiograms), whose
+        /// frame's edge a plain blur smears, so that the mask keeps that edge.
+        #[serde(skip_serializing_if = "is_default")]
+        field_of_view: bool = false,
         /// Seeds per area, their masks averaged (default 1).
         #[serde(skip_serializing_if = "is_one")]
         seeds: usize = 1,

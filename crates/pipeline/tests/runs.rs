@@ -442,26 +442,31 @@ data:
   lesions_only: true
   limit: 2
 steps:
-  - mask_attack: {network: free, cells: 8, max_iters: 3, game: dual, areas: [0.05, 0.1], blur_sigma: 5, jitter: 0.5, smooth: 1, alpha: 0.01}
+  - mask_attack: {network: free, cells: 8, max_iters: 3, game: dual, areas: [0.05, 0.1], blur_sigma: 5, jitter: 0.5, smooth: 1, field_of_view: true, alpha: 0.01}
   - metrics: {measures: [auroc]}
 ";
     let p = config::parse(dual, Path::new("d.yaml"), Path::new(".")).unwrap();
     let yaml = config::to_yaml(&p).unwrap();
     assert!(
-        yaml.contains("game: dual") && yaml.contains("blur_sigma"),
+        yaml.contains("game: dual")
+            && yaml.contains("blur_sigma")
+            && yaml.contains("field_of_view: true"),
         "{yaml}"
     );
     assert_eq!(config::from_yaml(&yaml).unwrap(), p);
     // The paper's settings stay out of the resolved file.
     let paper = dual.replace(
-        "game: dual, areas: [0.05, 0.1], blur_sigma: 5, jitter: 0.5, smooth: 1, ",
+        "game: dual, areas: [0.05, 0.1], blur_sigma: 5, jitter: 0.5, smooth: 1, field_of_view: true, ",
         "",
     );
     let plain =
         config::to_yaml(&config::parse(&paper, Path::new("p.yaml"), Path::new(".")).unwrap())
             .unwrap();
     assert!(
-        !plain.contains("game:") && !plain.contains("areas:") && !plain.contains("seeds:"),
+        !plain.contains("game:")
+            && !plain.contains("areas:")
+            && !plain.contains("seeds:")
+            && !plain.contains("field_of_view"),
         "{plain}"
     );
     // The dual game's keys without the dual game, an area out of range, a targeted dual game.
@@ -481,6 +486,10 @@ steps:
             "smooth",
         ),
         (dual.replace("smooth: 1", "smooth: 9"), "smooth"),
+        (
+            paper.replace("alpha: 0.01", "alpha: 0.01, field_of_view: true"),
+            "field_of_view",
+        ),
     ] {
         let e = config::parse(&bad, Path::new("b.yaml"), Path::new("."))
             .unwrap_err()
@@ -496,7 +505,10 @@ steps:
         .collect();
     assert_eq!(masks.len(), 2);
     for r in masks {
-        assert_eq!(r["variant"], "dual+areas=0.05,0.1+smooth=1", "{r:?}");
+        assert_eq!(
+            r["variant"], "dual+areas=0.05,0.1+smooth=1+field_of_view",
+            "{r:?}"
+        );
     }
 }
 

@@ -85,11 +85,12 @@ pub fn mask_spec(step: &MaskAttackStep, seed: u64, batch_size: usize) -> Learned
             .jitter
             .unwrap_or(if dual { LearnedMask::DUAL_JITTER } else { 0.0 }),
         smooth: step.smooth.unwrap_or(defaults.smooth),
+        field_of_view: step.field_of_view,
     }
 }
 
 /// The mask attack's variant: what differs from the paper's settings (`dual`, `areas=...`,
-/// `seeds=N`, joined by `+`), or `paper`.
+/// `smooth=X`, `field_of_view`, `seeds=N`, joined by `+`), or `paper`.
 pub fn mask_variant(step: &MaskAttackStep) -> String {
     let mut parts = Vec::new();
     if step.game == MaskGame::Dual {
@@ -104,6 +105,9 @@ pub fn mask_variant(step: &MaskAttackStep) -> String {
     }
     if let Some(smooth) = step.smooth.filter(|&s| s > 0.0) {
         parts.push(format!("smooth={smooth}"));
+    }
+    if step.field_of_view {
+        parts.push("field_of_view".to_string());
     }
     if step.seeds != 1 {
         parts.push(format!("seeds={}", step.seeds));
