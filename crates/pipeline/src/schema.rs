@@ -980,9 +980,9 @@ attack_step! {
         /// paper's); smooth masks keep blobs rather than thin lines along edges.
         #[serde(skip_serializing_if = "Option::is_none")]
         smooth: Option<f64> = None,
-        /// Blur the dual game's baseline within each image's field of view (default false):
-        /// for images framed by a black surround (fundus photographs, angiograms), whose
-        /// frame's edge a plain blur smears, so that the mask keeps that edge.
+        /// Blur the dual game's baseline within each image's field of view (default false),
+        /// for images framed by a black surround (fundus photographs, angiograms): a plain blur
+        /// smears the surround into the frame's edge, and the mask then keeps that edge.
         #[serde(skip_serializing_if = "is_default")]
         field_of_view: bool = false,
         /// Seeds per area, their masks averaged (default 1).

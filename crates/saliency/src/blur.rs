@@ -94,9 +94,7 @@ impl GaussianBlur {
         let both = rows.conv2d(&kernel.reshape((1, 1, k, 1))?, 0, 1, 1, 1)?;
         Ok(both.reshape((n, c, h, w))?)
     }
-}
 
-impl GaussianBlur {
     /// Blurs each channel of `x` (`N x C x H x W`) within `inside` (`N x 1 x H x W`, 1 in view
     /// and 0 outside, as [`crate::field_of_view`] finds it): the blur of `x * inside` over the
     /// blur of `inside` (a normalised convolution), so nothing outside leaks in; outside, `x` is

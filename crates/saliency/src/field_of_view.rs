@@ -5,8 +5,9 @@
 use crate::error::{ensure, Result};
 use candle_core::{DType, Tensor};
 
-/// A pixel whose brightest channel exceeds this (in [0, 1]) is in view: 10 / 255, above a JPEG's
-/// noise in a black surround and below the darkest fundus tissue.
+/// A pixel whose brightest channel exceeds this (in [0, 1]) is lit: 10 / 255, above a JPEG's
+/// noise in a black surround. Darker tissue inside the frame stays in view ([`field_of_view`]
+/// fills between lit pixels).
 pub const FIELD_OF_VIEW_THRESHOLD: f64 = 10.0 / 255.0;
 
 /// `N x 1 x H x W`, 1 inside each image's field of view and 0 outside, of `images`
