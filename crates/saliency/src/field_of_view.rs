@@ -30,30 +30,25 @@ pub fn field_of_view(images: &Tensor, threshold: f64) -> Result<Tensor> {
         .chunks_exact(h * w)
         .zip(inside.chunks_exact_mut(h * w))
     {
-        let bright = |y: usize, x: usize| f64::from(image[y * w + x]) > threshold;
-        let span = |pixels: &mut dyn Iterator<Item = bool>| {
-            let lit: Vec<usize> = pixels
-                .enumerate()
-                .filter_map(|(i, b)| b.then_some(i))
-                .collect();
-            lit.first().zip(lit.last()).map(|(&a, &b)| a..=b)
-        };
-        let rows: Vec<_> = (0..h)
-            .map(|y| span(&mut (0..w).map(|x| bright(y, x))))
-            .collect();
-        let columns: Vec<_> = (0..w)
-            .map(|x| span(&mut (0..h).map(|y| bright(y, x))))
-            .collect();
+        // Each row's and each column's first and last lit pixel, in one pass.
+        let mut rows = vec![(usize::MAX, 0); h];
+        let mut columns = vec![(usize::MAX, 0); w];
+        for (i, _) in image
+            .iter()
+            .enumerate()
+            .filter(|(_, &v)| f64::from(v) > threshold)
+        {
+            let (y, x) = (i / w, i % w);
+            rows[y] = (rows[y].0.min(x), rows[y].1.max(x));
+            columns[x] = (columns[x].0.min(y), columns[x].1.max(y));
+        }
+        let between = |(first, last): (usize, usize), i: usize| first <= i && i <= last;
         let mut any = false;
-        for y in 0..h {
-            for x in 0..w {
-                let within = |s: &Option<std::ops::RangeInclusive<usize>>, i: usize| {
-                    s.as_ref().is_some_and(|s| s.contains(&i))
-                };
-                if within(&rows[y], x) && within(&columns[x], y) {
-                    view[y * w + x] = 1.0;
-                    any = true;
-                }
+        for (i, v) in view.iter_mut().enumerate() {
+            let (y, x) = (i / w, i % w);
+            if between(rows[y], x) && between(columns[x], y) {
+                *v = 1.0;
+                any = true;
             }
         }
         if !any {
