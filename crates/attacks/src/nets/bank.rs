@@ -55,6 +55,10 @@ fn draw(
     }
     let mut dims = vec![seeds.len()];
     dims.extend_from_slice(shape);
+    if at.dtype == DType::F32 {
+        // Straight into a variable: `Var::from_tensor` would copy the weights once more.
+        return Var::from_vec(values, dims, &at.device);
+    }
     Var::from_tensor(&Tensor::from_vec(values, dims, &at.device)?.to_dtype(at.dtype)?)
 }
 
@@ -93,7 +97,12 @@ pub(crate) fn constant(entries: usize, shape: &[usize], value: f64, at: &Placeme
 }
 
 /// `ConvTranspose2d` (no bias) with one kernel per entry: input `B x Cin x H x W`, weight
-/// `B x Cin x Cout x k x k` (PyTorch's layout per entry).
+/// `B x Cout x k x k x Cin`, each entry's PyTorch kernel (`Cin x Cout x k x k`) transposed.
+///
+/// The layout decides the backward's products. With the kernel as the left factor (columns
+/// `W x`), the input gradient is `W^T g`, a product GEMM runs fast; PyTorch's layout makes it
+/// `g W^T` with few rows and a long inner dimension, 8 times slower for a 32-pixel window's
+/// generator, where it was most of an update.
 pub(crate) struct BankedConvTranspose2d {
     pub weight: Var,
     pub kernel: usize,
@@ -102,6 +111,35 @@ pub(crate) struct BankedConvTranspose2d {
 }
 
 impl BankedConvTranspose2d {
+    /// Kernels drawn from N(0, std) per entry, in PyTorch's order (a seed gives the weights it
+    /// gives a `ConvTranspose2d`), then stored transposed.
+    pub(crate) fn normal(
+        seeds: &[u64],
+        name: &str,
+        (cin, cout): (usize, usize),
+        std: f64,
+        (kernel, stride, padding): (usize, usize, usize),
+        at: &Placement,
+    ) -> Result<Self> {
+        let columns = cout * kernel * kernel;
+        let weight = draw(seeds, name, &[cout, kernel, kernel, cin], at, |rng, n| {
+            let pytorch = random::normal_vec(rng, n, 0.0, std);
+            let mut stored = vec![0f32; n];
+            for (i, row) in pytorch.chunks_exact(columns).enumerate() {
+                for (o, &v) in row.iter().enumerate() {
+                    stored[o * cin + i] = v;
+                }
+            }
+            stored
+        })?;
+        Ok(Self {
+            weight,
+            kernel,
+            stride,
+            padding,
+        })
+    }
+
     /// Output height and width for an `h x w` input.
     pub(crate) fn output_size(&self, (h, w): (usize, usize)) -> Result<(usize, usize)> {
         let out = |n: usize| ((n - 1) * self.stride + self.kernel).checked_sub(2 * self.padding);
@@ -114,19 +152,19 @@ impl BankedConvTranspose2d {
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, cin, h, w) = x.dims4()?;
         let dims = self.weight.dims();
-        let (cout, k) = (dims[2], dims[3]);
+        let (cout, k) = (dims[1], dims[2]);
         let out = self.output_size((h, w))?;
         // The transposed convolution is the adjoint of the convolution from its output back to
-        // its input: columns W^T x, then col2im.
+        // its input: columns W x, then col2im.
         let g = Geometry::conv(cout, out, k, self.stride, self.padding)?;
         if g.output() != (h, w) {
             candle_core::bail!(
                 "transposed convolution geometry does not invert for a {h}x{w} input"
             );
         }
-        let wt = self.weight.as_tensor().reshape((b, cin, cout * k * k))?;
-        let cols = x.reshape((b, cin, h * w))?.transpose(1, 2)?.matmul(&wt)?; // B x hw x (Cout k k)
-        col2im(&cols, &g)
+        let kernels = self.weight.as_tensor().reshape((b, cout * k * k, cin))?;
+        let cols = kernels.matmul(&x.reshape((b, cin, h * w))?)?; // B x (Cout k k) x hw
+        col2im(&cols.transpose(1, 2)?, &g)
     }
 }
 
@@ -200,17 +238,16 @@ mod tests {
             (8, 2, 1, 5),
             (12, 2, 1, 3),
         ] {
-            let layer = BankedConvTranspose2d {
-                weight: normal(&[1, 2, 3], "w", &[3, 2, k, k], 1.0, &Placement::f32(&dev))?,
-                kernel: k,
-                stride: s,
-                padding: p,
-            };
+            let at = Placement::f32(&dev);
+            let layer =
+                BankedConvTranspose2d::normal(&[1, 2, 3], "w", (3, 2), 1.0, (k, s, p), &at)?;
+            // The same seeds' kernels in PyTorch's layout.
+            let pytorch = normal(&[1, 2, 3], "w", &[3, 2, k, k], 1.0, &at)?;
             let x = Tensor::randn(0f32, 1.0, (3, 3, h, h + 1), &dev)?;
             let ours = layer.forward(&x)?;
             for b in 0..3 {
                 let theirs = x.narrow(0, b, 1)?.conv_transpose2d(
-                    &layer.weight.as_tensor().get(b)?,
+                    &pytorch.as_tensor().get(b)?,
                     p,
                     0,
                     s,
@@ -256,7 +293,7 @@ mod tests {
             assert!(d < 1e-4, "entry {b} differs by {d}");
         }
         // Input gradients of both banked layers and the norm, in f64.
-        let w = Tensor::randn(0f64, 1.0, (2, 3, 2, 4, 4), &dev)?;
+        let w = Tensor::randn(0f64, 1.0, (2, 2, 4, 4, 3), &dev)?;
         let tconv = BankedConvTranspose2d {
             weight: Var::from_tensor(&w)?,
             kernel: 4,

@@ -117,18 +117,14 @@ impl NoiseGenerators {
             .iter()
             .enumerate()
             .map(|(i, &(cin, cout, k, s, p))| {
-                let conv = BankedConvTranspose2d {
-                    weight: bank::normal(
-                        seeds,
-                        &format!("generator {i} weight"),
-                        &[cin, cout, k, k],
-                        0.02,
-                        at,
-                    )?,
-                    kernel: k,
-                    stride: s,
-                    padding: p,
-                };
+                let conv = BankedConvTranspose2d::normal(
+                    seeds,
+                    &format!("generator {i} weight"),
+                    (cin, cout),
+                    0.02,
+                    (k, s, p),
+                    at,
+                )?;
                 let norm = if i < last {
                     Some(BankedNorm {
                         gamma: bank::normal_around(

@@ -91,18 +91,14 @@ impl UNet {
         let mut up = Vec::new();
         let mut below = base * 16;
         for (i, &w) in widths.iter().enumerate().rev() {
-            let upsample = BankedConvTranspose2d {
-                weight: bank::normal(
-                    seeds,
-                    &format!("unet up{i}"),
-                    &[below, w, 2, 2],
-                    (1.0 / (4 * below) as f64).sqrt(),
-                    at,
-                )?,
-                kernel: 2,
-                stride: 2,
-                padding: 0,
-            };
+            let upsample = BankedConvTranspose2d::normal(
+                seeds,
+                &format!("unet up{i}"),
+                (below, w),
+                (1.0 / (4 * below) as f64).sqrt(),
+                (2, 2, 0),
+                at,
+            )?;
             up.push((
                 upsample,
                 DoubleConv::new(seeds, &format!("unet dec{i}"), 2 * w, w, at)?,
