@@ -42,6 +42,8 @@
 //!   feed-forward or self-attention op ([`feed_forward::pre_norm_feed_forward`],
 //!   [`self_attention::pre_norm_self_attention`]).
 //! - [`resize`]: differentiable bilinear resizing, on every device.
+//! - [`separable`]: one short kernel along every row or column (a separable blur's passes), a
+//!   direct loop instead of candle's im2col for `1 x k` kernels.
 //! - [`self_attention`]: a multi-head self-attention block as one op that keeps only `q, k, v`.
 //! - [`softmax`]: softmax over the last axis, one op whose backward reads only its output.
 //! - [`windows`]: padding and strided window views, the building block of pooling and depthwise convolution.
@@ -73,6 +75,7 @@ pub mod pool;
 pub mod pre_norm;
 pub mod resize;
 pub mod self_attention;
+pub mod separable;
 pub mod softmax;
 pub mod windows;
 
