@@ -24,6 +24,8 @@
 //! - [`guided`]: guided backpropagation's rectifier backward (positive gradients only).
 //! - `depthwise`: CPU depthwise convolution kernels with their own backward pass.
 //! - [`batch_norm`]: BatchNorm with eval and train modes.
+//! - [`instance_norm`]: each plane normalised over its own pixels, with a scale and shift per
+//!   plane, as one op with its analytic backward (the attacks' banked generators).
 //! - [`per_channel`]: train-mode BatchNorm's per-channel sums and arithmetic, fast and exact.
 //! - [`channel_affine`]: a constant scale and shift per channel, then ReLU, as one op (an unfoldable
 //!   inference BatchNorm).
@@ -68,6 +70,7 @@ mod depthwise;
 pub mod feed_forward;
 pub mod fused_conv;
 pub mod guided;
+pub mod instance_norm;
 pub mod layer_norm;
 pub mod linear;
 pub mod per_channel;

@@ -12,6 +12,7 @@ use rayon::prelude::*;
 use std::collections::HashMap;
 use vulnmap_data::random;
 use vulnmap_ops::conv_grad::{col2im, im2col, Geometry};
+use vulnmap_ops::instance_norm::instance_norm;
 
 /// Where and in what dtype a bank's weights live.
 #[derive(Debug, Clone)]
@@ -202,7 +203,8 @@ impl BankedConv2d {
 }
 
 /// BatchNorm in train mode on a batch of one image: normalisation over each channel's pixels,
-/// then an affine map per entry and channel (`gamma`, `beta`: `B x C`).
+/// then an affine map per entry and channel (`gamma`, `beta`: `B x C`), which is
+/// [`vulnmap_ops::instance_norm`] with a scale and shift per plane.
 pub(crate) struct BankedNorm {
     pub gamma: Var,
     pub beta: Var,
@@ -211,14 +213,7 @@ pub(crate) struct BankedNorm {
 
 impl BankedNorm {
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, c, _, _) = x.dims4()?;
-        let mean = x.mean_keepdim((2, 3))?;
-        let centred = x.broadcast_sub(&mean)?;
-        let var = centred.sqr()?.mean_keepdim((2, 3))?;
-        centred
-            .broadcast_div(&(var + self.eps)?.sqrt()?)?
-            .broadcast_mul(&self.gamma.as_tensor().reshape((b, c, 1, 1))?)?
-            .broadcast_add(&self.beta.as_tensor().reshape((b, c, 1, 1))?)
+        instance_norm(x, self.gamma.as_tensor(), self.beta.as_tensor(), self.eps)
     }
 }
 
