@@ -263,6 +263,28 @@ pub fn col2im(cols: &Tensor, g: &Geometry) -> Result<Tensor> {
     padded.narrow(2, p, g.height)?.narrow(3, p, g.width)
 }
 
+/// Patches of `x` channel-major: `N x (C k k) x P`, [`im2col`]'s layout transposed, as a kernel
+/// stored `(C k k) x Cin` times an `N x Cin x P` input makes them (the attacks' transposed
+/// convolutions). Transposing [`im2col`]'s columns instead is a strided copy as slow as the
+/// product. Differentiable: its backward is [`col2im_channel_major`].
+pub fn im2col_channel_major(x: &Tensor, g: &Geometry) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+        return x.apply_op1(Im2ColChannelMajor(*g));
+    }
+    im2col(&x, g)?.transpose(1, 2)?.contiguous()
+}
+
+/// The adjoint of [`im2col_channel_major`]: sums `N x (C k k) x P` back into `N x C x H x W`.
+/// Differentiable: its backward is [`im2col_channel_major`].
+pub fn col2im_channel_major(rows: &Tensor, g: &Geometry) -> Result<Tensor> {
+    let rows = rows.contiguous()?;
+    if rows.device().is_cpu() && matches!(rows.dtype(), DType::F32 | DType::F64) {
+        return rows.apply_op1(Col2ImChannelMajor(*g));
+    }
+    col2im(&rows.transpose(1, 2)?, g)
+}
+
 struct Im2Col(Geometry);
 
 impl Im2Col {
@@ -381,6 +403,123 @@ impl CustomOp1 for Col2Im {
     }
 }
 
+struct Im2ColChannelMajor(Geometry);
+
+impl Im2ColChannelMajor {
+    fn run<T: Float>(&self, x: &[T], n: usize) -> Vec<T> {
+        let g = &self.0;
+        let (k, s, p) = (g.kernel, g.stride, g.padding as isize);
+        let kk = g.column();
+        let plane_len = g.height * g.width;
+        let mut rows = vec![T::default(); n * kk * g.positions()];
+        rows.par_chunks_mut(g.positions())
+            .enumerate()
+            .for_each(|(idx, row)| {
+                let (b, column) = (idx / kk, idx % kk);
+                let (c, dy, dx) = (column / (k * k), column / k % k, column % k);
+                let plane = &x[(b * g.channels + c) * plane_len..][..plane_len];
+                for i in 0..g.out_h {
+                    let y = (i * s + dy) as isize - p;
+                    if y < 0 || y >= g.height as isize {
+                        continue;
+                    }
+                    let line = &plane[y as usize * g.width..][..g.width];
+                    let out = &mut row[i * g.out_w..][..g.out_w];
+                    for (j, o) in out.iter_mut().enumerate() {
+                        let xx = (j * s + dx) as isize - p;
+                        if xx >= 0 && xx < g.width as isize {
+                            *o = line[xx as usize];
+                        }
+                    }
+                }
+            });
+        rows
+    }
+}
+
+impl CustomOp1 for Im2ColChannelMajor {
+    fn name(&self) -> &'static str {
+        "vulnmap-im2col-channel-major"
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(col2im_channel_major(grad_res, &self.0)?))
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let n = layout.dims()[0];
+        let shape = Shape::from((n, self.0.column(), self.0.positions()));
+        let what = "im2col (channel-major)";
+        let out = match storage.dtype() {
+            DType::F32 => f32::storage(self.run(slice(storage, layout, what)?, n)),
+            DType::F64 => f64::storage(self.run(slice(storage, layout, what)?, n)),
+            other => candle_core::bail!("{what}: f32 or f64, not {other:?}"),
+        };
+        Ok((out, shape))
+    }
+}
+
+struct Col2ImChannelMajor(Geometry);
+
+impl Col2ImChannelMajor {
+    fn run<T: Float>(&self, rows: &[T], n: usize) -> Vec<T> {
+        let g = &self.0;
+        let (k, s, p) = (g.kernel, g.stride, g.padding as isize);
+        let kk = g.column();
+        let positions = g.positions();
+        let plane_len = g.height * g.width;
+        let mut out = vec![T::default(); n * g.channels * plane_len];
+        out.par_chunks_mut(plane_len)
+            .enumerate()
+            .for_each(|(idx, plane)| {
+                let (b, c) = (idx / g.channels, idx % g.channels);
+                for dy in 0..k {
+                    for dx in 0..k {
+                        let column = (c * k + dy) * k + dx;
+                        let row = &rows[(b * kk + column) * positions..][..positions];
+                        for i in 0..g.out_h {
+                            let y = (i * s + dy) as isize - p;
+                            if y < 0 || y >= g.height as isize {
+                                continue;
+                            }
+                            let line = &mut plane[y as usize * g.width..][..g.width];
+                            for (j, &v) in row[i * g.out_w..][..g.out_w].iter().enumerate() {
+                                let xx = (j * s + dx) as isize - p;
+                                if xx >= 0 && xx < g.width as isize {
+                                    line[xx as usize] += v;
+                                }
+                            }
+                        }
+                    }
+                }
+            });
+        out
+    }
+}
+
+impl CustomOp1 for Col2ImChannelMajor {
+    fn name(&self) -> &'static str {
+        "vulnmap-col2im-channel-major"
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(im2col_channel_major(grad_res, &self.0)?))
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = &self.0;
+        let n = layout.dims()[0];
+        let shape = Shape::from((n, g.channels, g.height, g.width));
+        let what = "col2im (channel-major)";
+        let out = match storage.dtype() {
+            DType::F32 => f32::storage(self.run(slice(storage, layout, what)?, n)),
+            DType::F64 => f64::storage(self.run(slice(storage, layout, what)?, n)),
+            other => candle_core::bail!("{what}: f32 or f64, not {other:?}"),
+        };
+        Ok((out, shape))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -468,6 +607,23 @@ mod tests {
             finite_difference_check(&x, |x| im2col(x, &g), 1e-6, 1e-6)?;
             let cols = Tensor::randn(0f64, 1.0, (2, g.positions(), g.column()), &dev)?;
             finite_difference_check(&cols, |c| col2im(c, &g), 1e-6, 1e-6)?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn channel_major_columns_are_the_transposed_columns_and_differentiable() -> Result<()> {
+        let dev = Device::Cpu;
+        for (cin, size, k, s, p) in CASES {
+            let x = Tensor::randn(0f64, 1.0, (2, cin, size, size + 1), &dev)?;
+            let g = Geometry::new(x.dims(), k, s, p)?;
+            let rows = im2col_channel_major(&x, &g)?;
+            assert_eq!(max_diff(&rows, &im2col(&x, &g)?.transpose(1, 2)?), 0.0);
+            let probe = Tensor::randn(0f64, 1.0, rows.shape(), &dev)?;
+            let ours = col2im_channel_major(&probe, &g)?;
+            assert!(max_diff(&ours, &col2im(&probe.transpose(1, 2)?, &g)?) < 1e-12);
+            finite_difference_check(&x, |x| im2col_channel_major(x, &g), 1e-6, 1e-6)?;
+            finite_difference_check(&probe, |r| col2im_channel_major(r, &g), 1e-6, 1e-6)?;
         }
         Ok(())
     }

@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 use rayon::prelude::*;
 use std::collections::HashMap;
 use vulnmap_data::random;
-use vulnmap_ops::conv_grad::{col2im, im2col, Geometry};
+use vulnmap_ops::conv_grad::{col2im_channel_major, im2col, Geometry};
 use vulnmap_ops::instance_norm::instance_norm;
 
 /// Where and in what dtype a bank's weights live.
@@ -165,7 +165,7 @@ impl BankedConvTranspose2d {
         }
         let kernels = self.weight.as_tensor().reshape((b, cout * k * k, cin))?;
         let cols = kernels.matmul(&x.reshape((b, cin, h * w))?)?; // B x (Cout k k) x hw
-        col2im(&cols.transpose(1, 2)?, &g)
+        col2im_channel_major(&cols, &g)
     }
 }
 
