@@ -212,7 +212,7 @@ fn conv_gradients(
 pub fn im2col(x: &Tensor, g: &Geometry) -> Result<Tensor> {
     let x = x.contiguous()?;
     if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
-        return x.apply_op1(Im2Col(*g));
+        return x.apply_op1(Im2Col(*g, Columns::PositionsFirst));
     }
     let n = x.dim(0)?;
     let k = g.kernel;
@@ -236,7 +236,7 @@ pub fn im2col(x: &Tensor, g: &Geometry) -> Result<Tensor> {
 pub fn col2im(cols: &Tensor, g: &Geometry) -> Result<Tensor> {
     let cols = cols.contiguous()?;
     if cols.device().is_cpu() && matches!(cols.dtype(), DType::F32 | DType::F64) {
-        return cols.apply_op1(Col2Im(*g));
+        return cols.apply_op1(Col2Im(*g, Columns::PositionsFirst));
     }
     let n = cols.dim(0)?;
     let k = g.kernel;
@@ -270,7 +270,7 @@ pub fn col2im(cols: &Tensor, g: &Geometry) -> Result<Tensor> {
 pub fn im2col_channel_major(x: &Tensor, g: &Geometry) -> Result<Tensor> {
     let x = x.contiguous()?;
     if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
-        return x.apply_op1(Im2ColChannelMajor(*g));
+        return x.apply_op1(Im2Col(*g, Columns::ChannelMajor));
     }
     im2col(&x, g)?.transpose(1, 2)?.contiguous()
 }
@@ -280,15 +280,42 @@ pub fn im2col_channel_major(x: &Tensor, g: &Geometry) -> Result<Tensor> {
 pub fn col2im_channel_major(rows: &Tensor, g: &Geometry) -> Result<Tensor> {
     let rows = rows.contiguous()?;
     if rows.device().is_cpu() && matches!(rows.dtype(), DType::F32 | DType::F64) {
-        return rows.apply_op1(Col2ImChannelMajor(*g));
+        return rows.apply_op1(Col2Im(*g, Columns::ChannelMajor));
     }
     col2im(&rows.transpose(1, 2)?, g)
 }
 
-struct Im2Col(Geometry);
+/// How a column matrix holds its patches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Columns {
+    /// `N x P x (C k k)`, as a convolution's weights read them ([`im2col`]).
+    PositionsFirst,
+    /// `N x (C k k) x P`, as a kernel stored `(C k k) x Cin` makes them
+    /// ([`im2col_channel_major`]).
+    ChannelMajor,
+}
+
+impl Columns {
+    /// The shape of `n` images' columns.
+    fn shape(self, g: &Geometry, n: usize) -> Shape {
+        match self {
+            Columns::PositionsFirst => Shape::from((n, g.positions(), g.column())),
+            Columns::ChannelMajor => Shape::from((n, g.column(), g.positions())),
+        }
+    }
+}
+
+struct Im2Col(Geometry, Columns);
 
 impl Im2Col {
     fn run<T: Float>(&self, x: &[T], n: usize) -> Vec<T> {
+        match self.1 {
+            Columns::PositionsFirst => self.positions_first(x, n),
+            Columns::ChannelMajor => self.channel_major(x, n),
+        }
+    }
+
+    fn positions_first<T: Float>(&self, x: &[T], n: usize) -> Vec<T> {
         let g = &self.0;
         let (k, s, p) = (g.kernel, g.stride, g.padding as isize);
         let kk = g.column();
@@ -320,33 +347,75 @@ impl Im2Col {
         });
         cols
     }
+
+    fn channel_major<T: Float>(&self, x: &[T], n: usize) -> Vec<T> {
+        let g = &self.0;
+        let (k, s, p) = (g.kernel, g.stride, g.padding as isize);
+        let kk = g.column();
+        let plane_len = g.height * g.width;
+        let mut rows = vec![T::default(); n * kk * g.positions()];
+        rows.par_chunks_mut(g.positions())
+            .enumerate()
+            .for_each(|(idx, row)| {
+                let (b, column) = (idx / kk, idx % kk);
+                let (c, dy, dx) = (column / (k * k), column / k % k, column % k);
+                let plane = &x[(b * g.channels + c) * plane_len..][..plane_len];
+                for i in 0..g.out_h {
+                    let y = (i * s + dy) as isize - p;
+                    if y < 0 || y >= g.height as isize {
+                        continue;
+                    }
+                    let line = &plane[y as usize * g.width..][..g.width];
+                    let out = &mut row[i * g.out_w..][..g.out_w];
+                    for (j, o) in out.iter_mut().enumerate() {
+                        let xx = (j * s + dx) as isize - p;
+                        if xx >= 0 && xx < g.width as isize {
+                            *o = line[xx as usize];
+                        }
+                    }
+                }
+            });
+        rows
+    }
 }
 
 impl CustomOp1 for Im2Col {
     fn name(&self) -> &'static str {
-        "vulnmap-im2col"
+        match self.1 {
+            Columns::PositionsFirst => "vulnmap-im2col",
+            Columns::ChannelMajor => "vulnmap-im2col-channel-major",
+        }
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(col2im(grad_res, &self.0)?))
+        Ok(Some(match self.1 {
+            Columns::PositionsFirst => col2im(grad_res, &self.0)?,
+            Columns::ChannelMajor => col2im_channel_major(grad_res, &self.0)?,
+        }))
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let n = layout.dims()[0];
-        let shape = Shape::from((n, self.0.positions(), self.0.column()));
         let out = match storage.dtype() {
             DType::F32 => f32::storage(self.run(slice(storage, layout, "im2col")?, n)),
             DType::F64 => f64::storage(self.run(slice(storage, layout, "im2col")?, n)),
             other => candle_core::bail!("im2col: f32 or f64, not {other:?}"),
         };
-        Ok((out, shape))
+        Ok((out, self.1.shape(&self.0, n)))
     }
 }
 
-struct Col2Im(Geometry);
+struct Col2Im(Geometry, Columns);
 
 impl Col2Im {
     fn run<T: Float>(&self, cols: &[T], n: usize) -> Vec<T> {
+        match self.1 {
+            Columns::PositionsFirst => self.positions_first(cols, n),
+            Columns::ChannelMajor => self.channel_major(cols, n),
+        }
+    }
+
+    fn positions_first<T: Float>(&self, cols: &[T], n: usize) -> Vec<T> {
         let g = &self.0;
         let (k, s, p) = (g.kernel, g.stride, g.padding as isize);
         let kk = g.column();
@@ -379,90 +448,8 @@ impl Col2Im {
             });
         out
     }
-}
 
-impl CustomOp1 for Col2Im {
-    fn name(&self) -> &'static str {
-        "vulnmap-col2im"
-    }
-
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(im2col(grad_res, &self.0)?))
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let g = &self.0;
-        let n = layout.dims()[0];
-        let shape = Shape::from((n, g.channels, g.height, g.width));
-        let out = match storage.dtype() {
-            DType::F32 => f32::storage(self.run(slice(storage, layout, "col2im")?, n)),
-            DType::F64 => f64::storage(self.run(slice(storage, layout, "col2im")?, n)),
-            other => candle_core::bail!("col2im: f32 or f64, not {other:?}"),
-        };
-        Ok((out, shape))
-    }
-}
-
-struct Im2ColChannelMajor(Geometry);
-
-impl Im2ColChannelMajor {
-    fn run<T: Float>(&self, x: &[T], n: usize) -> Vec<T> {
-        let g = &self.0;
-        let (k, s, p) = (g.kernel, g.stride, g.padding as isize);
-        let kk = g.column();
-        let plane_len = g.height * g.width;
-        let mut rows = vec![T::default(); n * kk * g.positions()];
-        rows.par_chunks_mut(g.positions())
-            .enumerate()
-            .for_each(|(idx, row)| {
-                let (b, column) = (idx / kk, idx % kk);
-                let (c, dy, dx) = (column / (k * k), column / k % k, column % k);
-                let plane = &x[(b * g.channels + c) * plane_len..][..plane_len];
-                for i in 0..g.out_h {
-                    let y = (i * s + dy) as isize - p;
-                    if y < 0 || y >= g.height as isize {
-                        continue;
-                    }
-                    let line = &plane[y as usize * g.width..][..g.width];
-                    let out = &mut row[i * g.out_w..][..g.out_w];
-                    for (j, o) in out.iter_mut().enumerate() {
-                        let xx = (j * s + dx) as isize - p;
-                        if xx >= 0 && xx < g.width as isize {
-                            *o = line[xx as usize];
-                        }
-                    }
-                }
-            });
-        rows
-    }
-}
-
-impl CustomOp1 for Im2ColChannelMajor {
-    fn name(&self) -> &'static str {
-        "vulnmap-im2col-channel-major"
-    }
-
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(col2im_channel_major(grad_res, &self.0)?))
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let n = layout.dims()[0];
-        let shape = Shape::from((n, self.0.column(), self.0.positions()));
-        let what = "im2col (channel-major)";
-        let out = match storage.dtype() {
-            DType::F32 => f32::storage(self.run(slice(storage, layout, what)?, n)),
-            DType::F64 => f64::storage(self.run(slice(storage, layout, what)?, n)),
-            other => candle_core::bail!("{what}: f32 or f64, not {other:?}"),
-        };
-        Ok((out, shape))
-    }
-}
-
-struct Col2ImChannelMajor(Geometry);
-
-impl Col2ImChannelMajor {
-    fn run<T: Float>(&self, rows: &[T], n: usize) -> Vec<T> {
+    fn channel_major<T: Float>(&self, rows: &[T], n: usize) -> Vec<T> {
         let g = &self.0;
         let (k, s, p) = (g.kernel, g.stride, g.padding as isize);
         let kk = g.column();
@@ -497,24 +484,29 @@ impl Col2ImChannelMajor {
     }
 }
 
-impl CustomOp1 for Col2ImChannelMajor {
+impl CustomOp1 for Col2Im {
     fn name(&self) -> &'static str {
-        "vulnmap-col2im-channel-major"
+        match self.1 {
+            Columns::PositionsFirst => "vulnmap-col2im",
+            Columns::ChannelMajor => "vulnmap-col2im-channel-major",
+        }
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(im2col_channel_major(grad_res, &self.0)?))
+        Ok(Some(match self.1 {
+            Columns::PositionsFirst => im2col(grad_res, &self.0)?,
+            Columns::ChannelMajor => im2col_channel_major(grad_res, &self.0)?,
+        }))
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = &self.0;
         let n = layout.dims()[0];
         let shape = Shape::from((n, g.channels, g.height, g.width));
-        let what = "col2im (channel-major)";
         let out = match storage.dtype() {
-            DType::F32 => f32::storage(self.run(slice(storage, layout, what)?, n)),
-            DType::F64 => f64::storage(self.run(slice(storage, layout, what)?, n)),
-            other => candle_core::bail!("{what}: f32 or f64, not {other:?}"),
+            DType::F32 => f32::storage(self.run(slice(storage, layout, "col2im")?, n)),
+            DType::F64 => f64::storage(self.run(slice(storage, layout, "col2im")?, n)),
+            other => candle_core::bail!("col2im: f32 or f64, not {other:?}"),
         };
         Ok((out, shape))
     }
