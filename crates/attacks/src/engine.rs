@@ -1112,9 +1112,17 @@ impl<'a> Bank<'a> {
                 &device,
             )?;
             let grads = (loss * &on)?.sum_all()?.backward()?;
-            self.adam.step_active(&grads, &on)?;
-            if let Some(learner) = &mut self.learner {
-                learner.adam.step_active(&grads, &on)?;
+            if k + 1 == cap {
+                // The iteration after this one only judges: no moments to keep.
+                self.adam.last_step_active(&grads, &on)?;
+                if let Some(learner) = &mut self.learner {
+                    learner.adam.last_step_active(&grads, &on)?;
+                }
+            } else {
+                self.adam.step_active(&grads, &on)?;
+                if let Some(learner) = &mut self.learner {
+                    learner.adam.step_active(&grads, &on)?;
+                }
             }
         }
         bar.finish_and_clear();

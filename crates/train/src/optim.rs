@@ -52,6 +52,8 @@ enum Moments {
     Tensors { m: Tensor, v: Tensor },
 }
 
+/// Empty until the first step that keeps them (zero before it): a single update, the local
+/// attack's usual case, never allocates them.
 enum HostMoments {
     F32(Vec<f32>, Vec<f32>),
     F64(Vec<f64>, Vec<f64>),
@@ -61,6 +63,8 @@ enum HostMoments {
 pub struct Adam {
     slots: Vec<Slot>,
     step: i32,
+    /// Set by the last step, after which the moments are gone.
+    finished: bool,
     /// The hyperparameters, read at every step: changing `lr` between steps is how schedules work.
     pub config: AdamConfig,
 }
@@ -76,13 +80,12 @@ impl Adam {
             .into_iter()
             .map(|var| {
                 let t = var.as_tensor();
-                let n = t.elem_count();
                 let moments = match t.dtype() {
                     DType::F32 if fused && t.device().is_cpu() => {
-                        Moments::Host(HostMoments::F32(vec![0.0; n], vec![0.0; n]))
+                        Moments::Host(HostMoments::F32(Vec::new(), Vec::new()))
                     }
                     DType::F64 if fused && t.device().is_cpu() => {
-                        Moments::Host(HostMoments::F64(vec![0.0; n], vec![0.0; n]))
+                        Moments::Host(HostMoments::F64(Vec::new(), Vec::new()))
                     }
                     _ => Moments::Tensors {
                         m: t.zeros_like()?,
@@ -95,23 +98,41 @@ impl Adam {
         Ok(Self {
             slots,
             step: 0,
+            finished: false,
             config,
         })
     }
 
     /// One update from `grads`; variables without a gradient are left as they are.
     pub fn step(&mut self, grads: &GradStore) -> Result<()> {
-        self.step_entries(grads, None)
+        self.step_entries(grads, None, true)
     }
 
     /// One update in which only some entries of a bank move: every variable has the bank as its
     /// leading dimension and `active` (`B`, ones and zeros) says which entries update. The others
     /// keep their weights and their moments, exactly as if they had left the optimiser.
     pub fn step_active(&mut self, grads: &GradStore, active: &Tensor) -> Result<()> {
-        self.step_entries(grads, Some(active))
+        self.step_entries(grads, Some(active), true)
     }
 
-    fn step_entries(&mut self, grads: &GradStore, active: Option<&Tensor>) -> Result<()> {
+    /// The last update, as [`Adam::step_active`], without storing the moments: their memory is
+    /// freed, and on the CPU only the weights are written. Any later step is an error.
+    pub fn last_step_active(&mut self, grads: &GradStore, active: &Tensor) -> Result<()> {
+        self.step_entries(grads, Some(active), false)?;
+        self.finished = true;
+        self.slots.clear();
+        Ok(())
+    }
+
+    fn step_entries(
+        &mut self,
+        grads: &GradStore,
+        active: Option<&Tensor>,
+        keep_moments: bool,
+    ) -> Result<()> {
+        if self.finished {
+            candle_core::bail!("adam: a step after the last step");
+        }
         self.step += 1;
         let update = Update {
             config: self.config,
@@ -149,6 +170,7 @@ impl Adam {
                         update,
                         moments: Mutex::new(moments),
                         entries: entries.as_deref(),
+                        keep_moments,
                     };
                     p.inplace_op2(&g.contiguous()?, &op)?;
                 }
@@ -249,12 +271,15 @@ struct HostStep<'a> {
     moments: Mutex<&'a mut HostMoments>,
     /// Per bank entry (the leading dimension), whether it moves.
     entries: Option<&'a [bool]>,
+    /// Whether `m` and `v` are written back (not on the last step).
+    keep_moments: bool,
 }
 
 impl HostStep<'_> {
-    fn run<T: Float>(&self, p: &mut [T], g: &[T], m: &mut [T], v: &mut [T]) -> Result<()> {
+    fn run<T: Float>(&self, p: &mut [T], g: &[T], m: &mut Vec<T>, v: &mut Vec<T>) -> Result<()> {
         let n = p.len();
-        if g.len() != n || m.len() != n || v.len() != n {
+        let stored = !m.is_empty();
+        if g.len() != n || (stored && (m.len() != n || v.len() != n)) {
             candle_core::bail!(
                 "adam: {n} weights, {} gradients, {} moments",
                 g.len(),
@@ -268,16 +293,49 @@ impl HostStep<'_> {
             }
             None => n.max(1),
         };
+        let moves = |entry: usize| self.entries.is_none_or(|e| e[entry]);
         const CHUNK: usize = 1 << 14;
+        if !self.keep_moments {
+            // Only the weights are written; moments not yet stored are zero.
+            let zero = T::default();
+            p.par_chunks_mut(per_entry)
+                .zip(g.par_chunks(per_entry))
+                .enumerate()
+                .filter(|&(entry, _)| moves(entry))
+                .for_each(|(entry, (p, g))| {
+                    let at = entry * per_entry..(entry + 1) * per_entry;
+                    let (m, v) = (m.get(at.clone()), v.get(at));
+                    p.par_chunks_mut(CHUNK)
+                        .zip(g.par_chunks(CHUNK))
+                        .enumerate()
+                        .for_each(|(c, (p, g))| match (m, v) {
+                            (Some(m), Some(v)) => {
+                                let at = c * CHUNK..c * CHUNK + p.len();
+                                let (m, v) = (&m[at.clone()], &v[at]);
+                                for (((p, &g), &m), &v) in p.iter_mut().zip(g).zip(m).zip(v) {
+                                    *p = self.update.scalar(*p, g, m, v).0;
+                                }
+                            }
+                            _ => {
+                                for (p, &g) in p.iter_mut().zip(g) {
+                                    *p = self.update.scalar(*p, g, zero, zero).0;
+                                }
+                            }
+                        });
+                });
+            return Ok(());
+        }
+        if !stored {
+            m.resize(n, T::default());
+            v.resize(n, T::default());
+        }
         p.par_chunks_mut(per_entry)
             .zip(m.par_chunks_mut(per_entry))
             .zip(v.par_chunks_mut(per_entry))
             .zip(g.par_chunks(per_entry))
             .enumerate()
-            .for_each(|(entry, (((p, m), v), g))| {
-                if self.entries.is_some_and(|e| !e[entry]) {
-                    return;
-                }
+            .filter(|&(entry, _)| moves(entry))
+            .for_each(|(_, (((p, m), v), g))| {
                 p.par_chunks_mut(CHUNK)
                     .zip(m.par_chunks_mut(CHUNK))
                     .zip(v.par_chunks_mut(CHUNK))
@@ -442,6 +500,52 @@ mod tests {
                 .to_dtype(DType::F64)?
                 .to_scalar::<f64>()?;
             assert!(moved > 0.1, "the weights moved ({moved})");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn the_last_step_moves_the_weights_as_a_kept_step_and_ends_the_optimiser() -> Result<()> {
+        let dev = Device::Cpu;
+        for dtype in [DType::F64, DType::F32] {
+            let start =
+                Tensor::new(&[[1.0f64, -2.0], [3.0, 0.5], [-1.5, 2.5]], &dev)?.to_dtype(dtype)?;
+            let active = Tensor::new(&[1f64, 0.0, 1.0], &dev)?;
+            // Steps before the last one, none, and one: the last step reads stored moments,
+            // zero moments, and moments of one earlier step.
+            for earlier in [0, 1, 3] {
+                for fused in [true, false] {
+                    let (a, b) = (Var::from_tensor(&start)?, Var::from_tensor(&start)?);
+                    let config = AdamConfig {
+                        lr: 0.1,
+                        ..Default::default()
+                    };
+                    let mut kept = Adam::build(vec![a.clone()], config, fused)?;
+                    let mut last = Adam::build(vec![b.clone()], config, fused)?;
+                    for k in 0..=earlier {
+                        for (var, adam) in [(&a, &mut kept), (&b, &mut last)] {
+                            let grads = var.as_tensor().powf(3.0)?.sin()?.sum_all()?.backward()?;
+                            if k == earlier && std::ptr::eq(var, &b) {
+                                adam.last_step_active(&grads, &active)?;
+                            } else {
+                                adam.step_active(&grads, &active)?;
+                            }
+                        }
+                    }
+                    let (a, b) = (
+                        a.as_tensor().to_dtype(DType::F64)?,
+                        b.as_tensor().to_dtype(DType::F64)?,
+                    );
+                    assert_eq!(
+                        a.to_vec2::<f64>()?,
+                        b.to_vec2::<f64>()?,
+                        "{dtype:?} {earlier} {fused}"
+                    );
+                    assert_eq!(b.to_vec2::<f64>()?[1], vec![3.0, 0.5], "entry 1 stays");
+                    let grads = b.sum_all()?.backward()?;
+                    assert!(last.step(&grads).is_err(), "no step after the last");
+                }
+            }
         }
         Ok(())
     }
