@@ -507,6 +507,8 @@ pub fn run(
         _ => config.batch_size,
     };
     let mut outcomes = Vec::with_capacity(jobs.len());
+    // One placement for every bank: the networks' initial weights are drawn once per seed.
+    let at = Placement::f32(model.device());
     let mut start = 0;
     while start < jobs.len() {
         let kind = generator_kind(&jobs[start].region, config.generator, (h, w));
@@ -523,8 +525,16 @@ pub fn run(
             Masking::Fixed(m) => Some(&m[start..end]),
             _ => None,
         };
-        outcomes
-            .extend(Bank::new(model, pixels, &jobs[start..end], fixed, masking, config)?.run()?);
+        let bank = Bank::new(
+            model,
+            pixels,
+            &jobs[start..end],
+            fixed,
+            masking,
+            config,
+            &at,
+        )?;
+        outcomes.extend(bank.run()?);
         start = end;
     }
     Ok(outcomes)
@@ -729,8 +739,9 @@ impl<'a> Bank<'a> {
         fixed: Option<&[Tensor]>,
         masking: &'a Masking,
         config: &'a AttackConfig,
+        at: &Placement,
     ) -> Result<Self> {
-        let device = model.device().clone();
+        let device = at.device.clone();
         // Each distinct image once (a local attack's windows share theirs), and each job's.
         let mut distinct: Vec<u32> = jobs.iter().map(|j| j.image as u32).collect();
         distinct.sort_unstable();
@@ -749,8 +760,7 @@ impl<'a> Bank<'a> {
         let (_, _, h, w) = images.dims4()?;
         let kind = generator_kind(&jobs[0].region, config.generator, (h, w));
         let seeds: Vec<u64> = jobs.iter().map(|j| j.seed).collect();
-        let at = Placement::f32(&device);
-        let generators = NoiseGenerators::new(kind, &seeds, &at)?;
+        let generators = NoiseGenerators::new(kind, &seeds, at)?;
         let adam_config = AdamConfig {
             lr: config.lr,
             beta1: config.betas.0,
@@ -824,7 +834,7 @@ impl<'a> Bank<'a> {
             Masking::Learned(spec) => {
                 let network = match spec.network {
                     MaskNetwork::UNet { base } => {
-                        Learner::UNet(UNet::new(images.dim(1)?, base, &seeds, &at)?)
+                        Learner::UNet(UNet::new(images.dim(1)?, base, &seeds, at)?)
                     }
                     MaskNetwork::Free { cells } => {
                         // On everywhere for the noise game (the authors' start at ones); half on
@@ -840,7 +850,7 @@ impl<'a> Bank<'a> {
                             start,
                             (spec.jitter * h.max(w) as f64 / cells as f64).round() as usize,
                             spec.smooth * h.max(w) as f64 / cells as f64,
-                            &at,
+                            at,
                         )?)
                     }
                 };

@@ -10,46 +10,101 @@
 use candle_core::{DType, Device, Result, Tensor, Var};
 use rayon::prelude::*;
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use vulnmap_data::random;
 use vulnmap_ops::conv_grad::{col2im_channel_major, im2col, Geometry};
 use vulnmap_ops::instance_norm::instance_norm;
 
-/// Where and in what dtype a bank's weights live.
+/// Where and in what dtype a bank's weights live, and the initial weights already drawn for
+/// them (shared by the clones of one placement: the banks of one attack run).
 #[derive(Debug, Clone)]
 pub(crate) struct Placement {
     pub device: Device,
     pub dtype: DType,
+    drawn: Arc<Drawn>,
 }
 
 impl Placement {
-    /// f32 on `device`.
-    pub(crate) fn f32(device: &Device) -> Self {
+    /// `dtype` on `device`, nothing drawn yet.
+    pub(crate) fn new(device: &Device, dtype: DType) -> Self {
         Self {
             device: device.clone(),
-            dtype: DType::F32,
+            dtype,
+            drawn: Arc::default(),
         }
+    }
+
+    /// f32 on `device`.
+    pub(crate) fn f32(device: &Device) -> Self {
+        Self::new(device, DType::F32)
     }
 }
 
-/// Stacks one tensor per bank entry, each drawn from that entry's seed and `name`.
+/// The most bytes of initial weights kept for reuse: a 32-pixel window's generator (4 MB) and a
+/// U-Net are kept, the authors' 49 M-weight generator is drawn again for every bank.
+const DRAWN_BYTES: usize = 64 << 20;
+
+/// Initial weights by seed and recipe (name, shape, distribution). A local attack's hundreds of
+/// windows share one seed: their banks would otherwise draw the same million weights each time.
+#[derive(Debug, Default)]
+struct Drawn {
+    kept: Mutex<Draws>,
+}
+
+/// Drawn values by seed and recipe.
+type Draws = HashMap<(u64, String), Arc<Vec<f32>>>;
+
+impl Drawn {
+    fn get(&self, key: &(u64, String)) -> Option<Arc<Vec<f32>>> {
+        self.lock().get(key).cloned()
+    }
+
+    /// Keeps `values` unless that would pass [`DRAWN_BYTES`].
+    fn keep(&self, key: (u64, String), values: Arc<Vec<f32>>) {
+        let mut kept = self.lock();
+        let bytes: usize = kept.values().map(|v| v.len() * 4).sum();
+        if bytes + values.len() * 4 <= DRAWN_BYTES {
+            kept.insert(key, values);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Draws> {
+        self.kept.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Stacks one tensor per bank entry, each drawn from that entry's seed and `name` by `f`, which
+/// `recipe` names (with `name` and `shape` it identifies the draw).
 ///
 /// Each distinct seed is drawn once, on its own thread (a local attack's windows and a random
-/// attack's images usually share one seed, and the authors' generator has 49 M weights).
+/// attack's images usually share one seed, and the authors' generator has 49 M weights), and
+/// not again for a later bank of the same placement.
 fn draw(
     seeds: &[u64],
     name: &str,
     shape: &[usize],
+    recipe: &str,
     at: &Placement,
     f: impl Fn(&mut random::SeededRng, usize) -> Vec<f32> + Sync,
 ) -> Result<Var> {
     let n: usize = shape.iter().product();
+    let key = |seed: u64| (seed, format!("{name} {shape:?} {recipe}"));
     let mut distinct = seeds.to_vec();
     distinct.sort_unstable();
     distinct.dedup();
-    let drawn: HashMap<u64, Vec<f32>> = distinct
-        .into_par_iter()
-        .map(|seed| (seed, f(&mut random::rng(seed, name), n)))
+    let mut drawn: HashMap<u64, Arc<Vec<f32>>> = distinct
+        .iter()
+        .filter_map(|&seed| Some((seed, at.drawn.get(&key(seed))?)))
         .collect();
+    let fresh: Vec<(u64, Arc<Vec<f32>>)> = distinct
+        .into_par_iter()
+        .filter(|seed| !drawn.contains_key(seed))
+        .map(|seed| (seed, Arc::new(f(&mut random::rng(seed, name), n))))
+        .collect();
+    for (seed, values) in fresh {
+        at.drawn.keep(key(seed), values.clone());
+        drawn.insert(seed, values);
+    }
     let mut values = Vec::with_capacity(seeds.len() * n);
     for seed in seeds {
         values.extend_from_slice(&drawn[seed]);
@@ -71,7 +126,7 @@ pub(crate) fn normal(
     std: f64,
     at: &Placement,
 ) -> Result<Var> {
-    draw(seeds, name, shape, at, |rng, n| {
+    draw(seeds, name, shape, &format!("N(0, {std})"), at, |rng, n| {
         random::normal_vec(rng, n, 0.0, std)
     })
 }
@@ -85,9 +140,14 @@ pub(crate) fn normal_around(
     std: f64,
     at: &Placement,
 ) -> Result<Var> {
-    draw(seeds, name, shape, at, |rng, n| {
-        random::normal_vec(rng, n, mean, std)
-    })
+    draw(
+        seeds,
+        name,
+        shape,
+        &format!("N({mean}, {std})"),
+        at,
+        |rng, n| random::normal_vec(rng, n, mean, std),
+    )
 }
 
 /// A constant per entry.
@@ -123,7 +183,9 @@ impl BankedConvTranspose2d {
         at: &Placement,
     ) -> Result<Self> {
         let columns = cout * kernel * kernel;
-        let weight = draw(seeds, name, &[cout, kernel, kernel, cin], at, |rng, n| {
+        let recipe = format!("N(0, {std}) transposed");
+        let shape = [cout, kernel, kernel, cin];
+        let weight = draw(seeds, name, &shape, &recipe, at, |rng, n| {
             let pytorch = random::normal_vec(rng, n, 0.0, std);
             let mut stored = vec![0f32; n];
             for (i, row) in pytorch.chunks_exact(columns).enumerate() {
@@ -222,6 +284,43 @@ mod tests {
     use super::*;
     use candle_core::DType;
     use vulnmap_testkit::gradcheck::finite_difference_check;
+
+    #[test]
+    fn draws_kept_from_an_earlier_bank_equal_fresh_ones() -> Result<()> {
+        let dev = Device::Cpu;
+        let values = |v: Var| -> Result<Vec<f32>> { v.as_tensor().flatten_all()?.to_vec1() };
+        let shared = Placement::f32(&dev);
+        normal(&[3, 1], "w", &[2, 3], 1.0, &shared)?;
+        normal_around(&[1], "g", &[4], 1.0, 0.5, &shared)?;
+        // Same seed and name, another shape or distribution: not the kept draw.
+        let cases: [(&[u64], &[usize], f64); 4] = [
+            (&[1, 5, 1], &[2, 3], 1.0),
+            (&[1], &[3, 2], 1.0),
+            (&[1], &[2, 3], 2.0),
+            (&[3], &[2, 3], 1.0),
+        ];
+        for (seeds, shape, std) in cases {
+            let kept = values(normal(seeds, "w", shape, std, &shared)?)?;
+            let fresh = values(normal(seeds, "w", shape, std, &Placement::f32(&dev))?)?;
+            assert_eq!(kept, fresh, "{seeds:?} {shape:?} {std}");
+        }
+        let kept = values(normal_around(&[1], "g", &[4], 1.0, 0.5, &shared)?)?;
+        let fresh = values(normal_around(
+            &[1],
+            "g",
+            &[4],
+            1.0,
+            0.5,
+            &Placement::f32(&dev),
+        )?)?;
+        assert_eq!(kept, fresh);
+        assert_eq!(
+            shared.drawn.lock().len(),
+            6,
+            "one entry per seed and recipe"
+        );
+        Ok(())
+    }
 
     #[test]
     fn banked_transposed_convolution_equals_candles_per_entry() -> Result<()> {

@@ -293,10 +293,7 @@ mod tests {
     #[test]
     fn generator_gradients_match_finite_differences() -> Result<()> {
         let dev = vulnmap_testkit::device();
-        let at = Placement {
-            device: dev.clone(),
-            dtype: candle_core::DType::F64,
-        };
+        let at = Placement::new(&dev, candle_core::DType::F64);
         let g = NoiseGenerators::new(
             GeneratorKind::Generic {
                 height: 10,

@@ -189,10 +189,7 @@ mod tests {
     #[test]
     fn unet_gradients_match_finite_differences() -> Result<()> {
         let dev = vulnmap_testkit::device();
-        let at = Placement {
-            device: dev.clone(),
-            dtype: DType::F64,
-        };
+        let at = Placement::new(&dev, DType::F64);
         let unet = UNet::new(2, 2, &[5], &at)?;
         let x = Tensor::rand(0f64, 1.0, (1, 2, 16, 16), &dev)?;
         // Max-pooling has kinks: a small step, and enough points to cover every level.
