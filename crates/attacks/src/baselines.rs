@@ -195,8 +195,8 @@ pub fn pgd(
                     log_odds: std::mem::take(&mut log_odds[i]),
                     success: met,
                     failure: (!met).then(|| format!("no success within {} steps", spec.steps)),
-                    noise: (&perturbed - x0.get(i)?)?,
-                    perturbed,
+                    noise: Some((&perturbed - x0.get(i)?)?),
+                    perturbed: Some(perturbed),
                     mask: mask.as_ref().map(|m| m.get(i)?.squeeze(0)).transpose()?,
                 });
             }

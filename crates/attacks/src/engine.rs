@@ -459,6 +459,18 @@ pub fn run(
     masking: &Masking,
     config: &AttackConfig,
 ) -> Result<Vec<AttackOutcome>> {
+    run_keeping(model, pixels, jobs, masking, config, true)
+}
+
+/// [`run`], with each outcome's noise and perturbed image kept or not (`keep_images`).
+pub(crate) fn run_keeping(
+    model: &dyn Classifier,
+    pixels: &Tensor,
+    jobs: &[Job],
+    masking: &Masking,
+    config: &AttackConfig,
+    keep_images: bool,
+) -> Result<Vec<AttackOutcome>> {
     let (n, _, h, w) = pixels.dims4()?;
     ensure(config.batch_size > 0, || {
         "batch_size must be at least 1".into()
@@ -534,7 +546,7 @@ pub fn run(
             config,
             &at,
         )?;
-        outcomes.extend(bank.run()?);
+        outcomes.extend(bank.run(keep_images)?);
         start = end;
     }
     Ok(outcomes)
@@ -942,7 +954,9 @@ impl<'a> Bank<'a> {
         Ok(Tensor::stack(&placed, 0)?)
     }
 
-    fn run(mut self) -> Result<Vec<AttackOutcome>> {
+    /// Attacks every job of the bank; `keep_images`: whether outcomes keep their noise and
+    /// perturbed image.
+    fn run(mut self, keep_images: bool) -> Result<Vec<AttackOutcome>> {
         let b = self.jobs.len();
         let device = self.images.device().clone();
         let cap = self.config.max_iters;
@@ -1081,9 +1095,10 @@ impl<'a> Bank<'a> {
                     let alpha = self.jobs[j].alpha;
                     let m = mask.as_ref().map(|m| m.get(j)).transpose()?;
                     let delta = match &m {
-                        _ if !stops_early => (perturbed.get(j)? - self.images.get(j)?)?,
-                        Some(m) => (noise.get(j)?.broadcast_mul(m)? * alpha)?,
-                        None => (noise.get(j)? * alpha)?,
+                        _ if !keep_images => None,
+                        _ if !stops_early => Some((perturbed.get(j)? - self.images.get(j)?)?),
+                        Some(m) => Some((noise.get(j)?.broadcast_mul(m)? * alpha)?),
+                        None => Some((noise.get(j)? * alpha)?),
                     };
                     outcomes[j] = Some(AttackOutcome {
                         alpha,
@@ -1099,8 +1114,11 @@ impl<'a> Bank<'a> {
                         log_odds: std::mem::take(&mut judged_log_odds[j]),
                         success: met,
                         failure,
-                        noise: delta.detach(),
-                        perturbed: perturbed.get(j)?.detach(),
+                        noise: delta.map(|d| d.detach()),
+                        perturbed: match keep_images {
+                            true => Some(perturbed.get(j)?.detach()),
+                            false => None,
+                        },
                         mask: m.map(|m| m.squeeze(0)).transpose()?.map(|m| m.detach()),
                     });
                 }

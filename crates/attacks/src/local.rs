@@ -10,7 +10,7 @@
 //! score in log-odds for models sure of their label, and several generator seeds per window,
 //! averaged.
 
-use crate::engine::{run, AttackConfig, Goal, Job, Masking, Region};
+use crate::engine::{run_keeping, AttackConfig, Goal, Job, Masking, Region};
 use crate::error::{ensure, Result};
 use crate::outcome::AttackOutcome;
 use candle_core::{Device, Tensor};
@@ -154,7 +154,8 @@ pub struct LocalMap {
     pub map: Tensor,
     /// Top-left corners of the windows, row by row.
     pub windows: Vec<(usize, usize)>,
-    /// Each window's attacks, in the order of `windows`, seed after seed: `windows x seeds`.
+    /// Each window's attacks, in the order of `windows`, seed after seed: `windows x seeds`
+    /// (without their noise and perturbed images).
     pub outcomes: Vec<AttackOutcome>,
     /// Per window: its score, the mean over seeds ([`speed`] for the paper's variant).
     pub scores: Vec<f64>,
@@ -238,7 +239,9 @@ pub fn local_attacks(
             })
         })
         .collect();
-    let mut outcomes = run(model, pixels, &jobs, &Masking::None, config)?.into_iter();
+    // Window outcomes keep no images: a map is made of hundreds of windows.
+    let mut outcomes =
+        run_keeping(model, pixels, &jobs, &Masking::None, config, false)?.into_iter();
     images
         .iter()
         .map(|_| {

@@ -39,12 +39,14 @@ pub struct AttackOutcome {
     pub success: bool,
     /// Why an unsuccessful attack stopped.
     pub failure: Option<String>,
-    /// The perturbation added, `alpha * noise * mask` (`3 x H x W`; not serialised).
+    /// The perturbation added, `alpha * noise * mask` (`3 x H x W`; not serialised). `None`
+    /// where the attack does not keep it: a local attack's windows, whose map would otherwise
+    /// hold two images per window.
     #[serde(skip)]
-    pub noise: Tensor,
-    /// `clamp(image + noise, 0, 1)` (`3 x H x W`; not serialised).
+    pub noise: Option<Tensor>,
+    /// `clamp(image + noise, 0, 1)` (`3 x H x W`; not serialised), `None` beside `noise`.
     #[serde(skip)]
-    pub perturbed: Tensor,
+    pub perturbed: Option<Tensor>,
     /// The mask the noise was multiplied by, when there was one (`H x W`; not serialised).
     #[serde(skip)]
     pub mask: Option<Tensor>,

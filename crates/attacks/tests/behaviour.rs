@@ -73,8 +73,11 @@ fn same_seed_same_result_and_batching_changes_nothing() {
             (b.iterations, b.success, b.label_to)
         );
         assert_eq!((b.iterations, b.success), (c.iterations, c.success));
-        assert!(same(&b.noise, &c.noise), "same seed, different noise");
-        let d = (&a.noise - &b.noise)
+        assert!(
+            same(b.noise.as_ref().unwrap(), c.noise.as_ref().unwrap()),
+            "same seed, different noise"
+        );
+        let d = (a.noise.as_ref().unwrap() - b.noise.as_ref().unwrap())
             .unwrap()
             .abs()
             .unwrap()
@@ -92,7 +95,10 @@ fn same_seed_same_result_and_batching_changes_nothing() {
     )
     .unwrap();
     assert!(
-        !same(&other[0].noise, &four[0].noise),
+        !same(
+            other[0].noise.as_ref().unwrap(),
+            four[0].noise.as_ref().unwrap()
+        ),
         "another seed, same noise"
     );
 
@@ -131,6 +137,12 @@ fn same_seed_same_result_and_batching_changes_nothing() {
     )
     .unwrap();
     assert_eq!(a.scores, b.scores);
+    assert!(
+        a.outcomes
+            .iter()
+            .all(|o| o.noise.is_none() && o.perturbed.is_none()),
+        "window outcomes keep no images"
+    );
     // Two images' windows banked together give each image's own map.
     let both = local_attacks(
         data.model.as_ref(),
@@ -422,7 +434,9 @@ fn rounds_summarise_and_more_noise_flips_faster() {
     assert_eq!(outcomes.len(), 4);
     assert_eq!(stats.rounds, 4);
     assert!((0.0..=1.0).contains(&stats.success_rate));
-    let seeds_differ = outcomes.windows(2).any(|w| !same(&w[0].noise, &w[1].noise));
+    let seeds_differ = outcomes
+        .windows(2)
+        .any(|w| !same(w[0].noise.as_ref().unwrap(), w[1].noise.as_ref().unwrap()));
     assert!(seeds_differ, "rounds use different seeds");
     let sweep = alpha_sweep(
         data.model.as_ref(),
@@ -465,7 +479,7 @@ fn pgd_and_fgsm_respect_their_budget_and_flip_labels() {
         };
         let outcomes = pgd(data.model.as_ref(), &data.pixels, &goals, &spec, None).unwrap();
         for (o, i) in outcomes.iter().zip(0..) {
-            let delta = (&o.perturbed - data.pixels.get(i).unwrap()).unwrap();
+            let delta = (o.perturbed.as_ref().unwrap() - data.pixels.get(i).unwrap()).unwrap();
             let size = match norm {
                 Norm::Linf => delta
                     .abs()
@@ -513,7 +527,7 @@ fn pgd_and_fgsm_respect_their_budget_and_flip_labels() {
     .unwrap();
     for (o, i) in outcomes.iter().zip(0..) {
         assert!(o.iterations <= 1);
-        let diff = (&o.perturbed - data.pixels.get(i).unwrap())
+        let diff = (o.perturbed.as_ref().unwrap() - data.pixels.get(i).unwrap())
             .unwrap()
             .abs()
             .unwrap()
@@ -577,8 +591,8 @@ fn window_noise_stays_in_the_window_preserve_noise_spares_it_and_occlusion_blurs
         }
         (ins, out)
     };
-    let (window_in, window_out) = inside(&outcomes[0].noise);
-    let (preserve_in, preserve_out) = inside(&outcomes[1].noise);
+    let (window_in, window_out) = inside(outcomes[0].noise.as_ref().unwrap());
+    let (preserve_in, preserve_out) = inside(outcomes[1].noise.as_ref().unwrap());
     assert!(
         window_in > 0.0 && window_out == 0.0,
         "{window_in} {window_out}"
@@ -589,7 +603,7 @@ fn window_noise_stays_in_the_window_preserve_noise_spares_it_and_occlusion_blurs
     );
     // The occluded window: noise in the window only, added to the window blurred; the rest is
     // the clean image.
-    let (occluded_in, occluded_out) = inside(&outcomes[2].noise);
+    let (occluded_in, occluded_out) = inside(outcomes[2].noise.as_ref().unwrap());
     assert!(occluded_in > 0.0 && occluded_out == 0.0);
     let blurred = GaussianBlur::full(OCCLUDED_SIGMA)
         .apply(&data.pixels)
@@ -597,8 +611,18 @@ fn window_noise_stays_in_the_window_preserve_noise_spares_it_and_occlusion_blurs
         .get(0)
         .unwrap();
     let image = data.pixels.get(0).unwrap();
-    let perturbed = outcomes[2].perturbed.to_vec3::<f32>().unwrap();
-    let noise = outcomes[2].noise.to_vec3::<f32>().unwrap();
+    let perturbed = outcomes[2]
+        .perturbed
+        .as_ref()
+        .unwrap()
+        .to_vec3::<f32>()
+        .unwrap();
+    let noise = outcomes[2]
+        .noise
+        .as_ref()
+        .unwrap()
+        .to_vec3::<f32>()
+        .unwrap();
     let (blurred, image) = (
         blurred.to_vec3::<f32>().unwrap(),
         image.to_vec3::<f32>().unwrap(),
@@ -670,7 +694,7 @@ fn an_attack_away_from_a_class_is_about_that_class() {
     for (u, a) in untargeted.iter().zip(&same_class) {
         assert_eq!(u.probabilities, a.probabilities);
         assert_eq!(u.origin_loss, a.origin_loss);
-        assert!(same(&u.noise, &a.noise));
+        assert!(same(u.noise.as_ref().unwrap(), a.noise.as_ref().unwrap()));
     }
     // Away from the other class: its clean loss, its probability on the perturbed image, and a
     // goal the clean image already meets (a label other than that class, above the
@@ -681,7 +705,9 @@ fn an_attack_away_from_a_class_is_about_that_class() {
         let p_other = probs[i][1 - predicted[i]] as f64;
         assert!((o.origin_loss + p_other.ln()).abs() < 1e-4, "{o:?}");
         let judged = candle_nn::ops::softmax_last_dim(
-            &model.forward(&o.perturbed.unsqueeze(0).unwrap()).unwrap(),
+            &model
+                .forward(&o.perturbed.as_ref().unwrap().unsqueeze(0).unwrap())
+                .unwrap(),
         )
         .unwrap()
         .to_vec2::<f32>()
@@ -719,7 +745,10 @@ fn seeds_past_the_largest_wrap_around_instead_of_overflowing() {
         &AttackConfig { seed: 0, ..config },
     )
     .unwrap();
-    assert!(same(&outcomes[1].noise, &zero[0].noise));
+    assert!(same(
+        outcomes[1].noise.as_ref().unwrap(),
+        zero[0].noise.as_ref().unwrap()
+    ));
     let averaged = mask_attack_averaged(
         model,
         &data.pixels,

@@ -298,6 +298,8 @@ fn the_dual_mask_game_finds_the_lesions_and_within_the_field_of_view_not_the_fra
             // The deleted image (the baseline where the mask is on) on the black surround.
             let deleted = o
                 .perturbed
+                .as_ref()
+                .unwrap()
                 .max_keepdim(0)
                 .unwrap()
                 .flatten_all()

@@ -180,8 +180,12 @@ pub(crate) fn run(args: Args) -> Result<()> {
             let stem = &names[c * batch + i];
             let noise = args.out.join(format!("{stem}_noise.png"));
             let perturbed = args.out.join(format!("{stem}_perturbed.png"));
-            vulnmap_pipeline::figures::save_noise(&o.noise, o.alpha, &noise)?;
-            vulnmap_pipeline::figures::save_rgb(&o.perturbed, &perturbed)?;
+            // Whole-image attacks keep their images (only local attacks' windows do not).
+            let (Some(noise_image), Some(perturbed_image)) = (&o.noise, &o.perturbed) else {
+                anyhow::bail!("the attack on {} kept no noise image", path.display());
+            };
+            vulnmap_pipeline::figures::save_noise(noise_image, o.alpha, &noise)?;
+            vulnmap_pipeline::figures::save_rgb(perturbed_image, &perturbed)?;
             if let Some(mask) = &o.mask {
                 let mask_path = args.out.join(format!("{stem}_mask.png"));
                 let picture = vulnmap_saliency::render::colorize(

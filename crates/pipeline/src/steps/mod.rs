@@ -66,13 +66,15 @@ impl StepContext<'_> {
         id: &str,
         o: &AttackOutcome,
     ) -> Result<AttackFigures> {
-        if !self.figures {
+        let (true, Some(noise_image), Some(perturbed_image)) =
+            (self.figures, &o.noise, &o.perturbed)
+        else {
             return Ok(AttackFigures::default());
-        }
+        };
         let noise = figures::file(item, id, "noise");
-        figures::save_noise(&o.noise, o.alpha, &self.out.join(&noise))?;
+        figures::save_noise(noise_image, o.alpha, &self.out.join(&noise))?;
         let perturbed = figures::file(item, id, "perturbed");
-        figures::save_rgb(&o.perturbed, &self.out.join(&perturbed))?;
+        figures::save_rgb(perturbed_image, &self.out.join(&perturbed))?;
         Ok(AttackFigures {
             noise_figure: Some(noise),
             perturbed_figure: Some(perturbed),
