@@ -118,10 +118,11 @@ impl Adam {
     /// The last update, as [`Adam::step_active`], without storing the moments: their memory is
     /// freed, and on the CPU only the weights are written. Any later step is an error.
     pub fn last_step_active(&mut self, grads: &GradStore, active: &Tensor) -> Result<()> {
-        self.step_entries(grads, Some(active), false)?;
+        let stepped = self.step_entries(grads, Some(active), false);
+        // Finished even when the step failed partway: the moments no longer match the weights.
         self.finished = true;
         self.slots.clear();
-        Ok(())
+        stepped
     }
 
     fn step_entries(
@@ -157,6 +158,10 @@ impl Adam {
             _ => None,
         };
         for slot in &mut self.slots {
+            // No weights, nothing to move (candle refuses in-place ops on empty tensors).
+            if slot.var.elem_count() == 0 {
+                continue;
+            }
             let Some(g) = grads.get(slot.var.as_tensor()) else {
                 continue;
             };
@@ -501,6 +506,25 @@ mod tests {
                 .to_scalar::<f64>()?;
             assert!(moved > 0.1, "the weights moved ({moved})");
         }
+        Ok(())
+    }
+
+    #[test]
+    fn a_bank_of_empty_weights_steps_as_a_no_op() -> Result<()> {
+        let dev = Device::Cpu;
+        let empty = Var::from_tensor(&Tensor::zeros((2, 0), DType::F32, &dev)?)?;
+        let used = Var::new(&[[1f32], [2.0]], &dev)?;
+        let loss = (empty.as_tensor().sum_all()? + used.as_tensor().sum_all()?)?;
+        let grads = loss.backward()?;
+        let active = Tensor::new(&[1f32, 1.0], &dev)?;
+        let mut adam = Adam::new(vec![empty.clone(), used.clone()], AdamConfig::default())?;
+        adam.step_active(&grads, &active)?;
+        adam.last_step_active(&grads, &active)?;
+        assert_eq!(empty.as_tensor().dims(), &[2, 0]);
+        assert!(
+            used.as_tensor().to_vec2::<f32>()?[0][0] < 1.0,
+            "the other weights moved"
+        );
         Ok(())
     }
 

@@ -40,15 +40,23 @@ impl Placement {
     }
 }
 
-/// The most bytes of initial weights kept for reuse: a 32-pixel window's generator (4 MB) and a
-/// U-Net are kept, the authors' 49 M-weight generator is drawn again for every bank.
+/// The most bytes of initial weights kept for reuse, first come first kept: a 32-pixel window's
+/// generator (4 MB) and a U-Net are kept whole; of the authors' 49 M-weight generator, the layers
+/// that still fit (its 134 MB second layer never does, and is drawn again for every bank).
 const DRAWN_BYTES: usize = 64 << 20;
 
 /// Initial weights by seed and recipe (name, shape, distribution). A local attack's hundreds of
 /// windows share one seed: their banks would otherwise draw the same million weights each time.
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct Drawn {
     kept: Mutex<Draws>,
+}
+
+impl std::fmt::Debug for Drawn {
+    /// The number of draws kept, not their values (up to 64 MiB of them).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Drawn({} kept)", self.lock().len())
+    }
 }
 
 /// Drawn values by seed and recipe.
