@@ -1115,10 +1115,9 @@ impl<'a> Bank<'a> {
                         success: met,
                         failure,
                         noise: delta.map(|d| d.detach()),
-                        perturbed: match keep_images {
-                            true => Some(perturbed.get(j)?.detach()),
-                            false => None,
-                        },
+                        perturbed: keep_images
+                            .then(|| perturbed.get(j).map(|p| p.detach()))
+                            .transpose()?,
                         mask: m.map(|m| m.squeeze(0)).transpose()?.map(|m| m.detach()),
                     });
                 }
@@ -1140,16 +1139,13 @@ impl<'a> Bank<'a> {
                 &device,
             )?;
             let grads = (loss * &on)?.sum_all()?.backward()?;
-            if k + 1 == cap {
-                // The iteration after this one only judges: no moments to keep.
-                self.adam.last_step_active(&grads, &on)?;
-                if let Some(learner) = &mut self.learner {
-                    learner.adam.last_step_active(&grads, &on)?;
-                }
-            } else {
-                self.adam.step_active(&grads, &on)?;
-                if let Some(learner) = &mut self.learner {
-                    learner.adam.step_active(&grads, &on)?;
+            // The iteration after the last step only judges: no moments to keep.
+            let last = k + 1 == cap;
+            let learner = self.learner.as_mut().map(|l| &mut l.adam);
+            for adam in std::iter::once(&mut self.adam).chain(learner) {
+                match last {
+                    true => adam.last_step_active(&grads, &on)?,
+                    false => adam.step_active(&grads, &on)?,
                 }
             }
         }

@@ -4,7 +4,7 @@
 mod common;
 
 use candle_core::{DType, Device, Result as CResult, Tensor};
-use common::device;
+use common::{device, kept_noise, kept_perturbed};
 use vulnmap_attacks::baselines::{pgd, Norm, Pgd};
 use vulnmap_attacks::engine::run;
 use vulnmap_attacks::engine::OCCLUDED_SIGMA;
@@ -74,10 +74,10 @@ fn same_seed_same_result_and_batching_changes_nothing() {
         );
         assert_eq!((b.iterations, b.success), (c.iterations, c.success));
         assert!(
-            same(b.noise.as_ref().unwrap(), c.noise.as_ref().unwrap()),
+            same(kept_noise(b), kept_noise(c)),
             "same seed, different noise"
         );
-        let d = (a.noise.as_ref().unwrap() - b.noise.as_ref().unwrap())
+        let d = (kept_noise(a) - kept_noise(b))
             .unwrap()
             .abs()
             .unwrap()
@@ -95,10 +95,7 @@ fn same_seed_same_result_and_batching_changes_nothing() {
     )
     .unwrap();
     assert!(
-        !same(
-            other[0].noise.as_ref().unwrap(),
-            four[0].noise.as_ref().unwrap()
-        ),
+        !same(kept_noise(&other[0]), kept_noise(&four[0])),
         "another seed, same noise"
     );
 
@@ -436,7 +433,7 @@ fn rounds_summarise_and_more_noise_flips_faster() {
     assert!((0.0..=1.0).contains(&stats.success_rate));
     let seeds_differ = outcomes
         .windows(2)
-        .any(|w| !same(w[0].noise.as_ref().unwrap(), w[1].noise.as_ref().unwrap()));
+        .any(|w| !same(kept_noise(&w[0]), kept_noise(&w[1])));
     assert!(seeds_differ, "rounds use different seeds");
     let sweep = alpha_sweep(
         data.model.as_ref(),
@@ -479,7 +476,7 @@ fn pgd_and_fgsm_respect_their_budget_and_flip_labels() {
         };
         let outcomes = pgd(data.model.as_ref(), &data.pixels, &goals, &spec, None).unwrap();
         for (o, i) in outcomes.iter().zip(0..) {
-            let delta = (o.perturbed.as_ref().unwrap() - data.pixels.get(i).unwrap()).unwrap();
+            let delta = (kept_perturbed(o) - data.pixels.get(i).unwrap()).unwrap();
             let size = match norm {
                 Norm::Linf => delta
                     .abs()
@@ -527,7 +524,7 @@ fn pgd_and_fgsm_respect_their_budget_and_flip_labels() {
     .unwrap();
     for (o, i) in outcomes.iter().zip(0..) {
         assert!(o.iterations <= 1);
-        let diff = (o.perturbed.as_ref().unwrap() - data.pixels.get(i).unwrap())
+        let diff = (kept_perturbed(o) - data.pixels.get(i).unwrap())
             .unwrap()
             .abs()
             .unwrap()
@@ -591,8 +588,8 @@ fn window_noise_stays_in_the_window_preserve_noise_spares_it_and_occlusion_blurs
         }
         (ins, out)
     };
-    let (window_in, window_out) = inside(outcomes[0].noise.as_ref().unwrap());
-    let (preserve_in, preserve_out) = inside(outcomes[1].noise.as_ref().unwrap());
+    let (window_in, window_out) = inside(kept_noise(&outcomes[0]));
+    let (preserve_in, preserve_out) = inside(kept_noise(&outcomes[1]));
     assert!(
         window_in > 0.0 && window_out == 0.0,
         "{window_in} {window_out}"
@@ -603,7 +600,7 @@ fn window_noise_stays_in_the_window_preserve_noise_spares_it_and_occlusion_blurs
     );
     // The occluded window: noise in the window only, added to the window blurred; the rest is
     // the clean image.
-    let (occluded_in, occluded_out) = inside(outcomes[2].noise.as_ref().unwrap());
+    let (occluded_in, occluded_out) = inside(kept_noise(&outcomes[2]));
     assert!(occluded_in > 0.0 && occluded_out == 0.0);
     let blurred = GaussianBlur::full(OCCLUDED_SIGMA)
         .apply(&data.pixels)
@@ -611,18 +608,8 @@ fn window_noise_stays_in_the_window_preserve_noise_spares_it_and_occlusion_blurs
         .get(0)
         .unwrap();
     let image = data.pixels.get(0).unwrap();
-    let perturbed = outcomes[2]
-        .perturbed
-        .as_ref()
-        .unwrap()
-        .to_vec3::<f32>()
-        .unwrap();
-    let noise = outcomes[2]
-        .noise
-        .as_ref()
-        .unwrap()
-        .to_vec3::<f32>()
-        .unwrap();
+    let perturbed = kept_perturbed(&outcomes[2]).to_vec3::<f32>().unwrap();
+    let noise = kept_noise(&outcomes[2]).to_vec3::<f32>().unwrap();
     let (blurred, image) = (
         blurred.to_vec3::<f32>().unwrap(),
         image.to_vec3::<f32>().unwrap(),
@@ -694,7 +681,7 @@ fn an_attack_away_from_a_class_is_about_that_class() {
     for (u, a) in untargeted.iter().zip(&same_class) {
         assert_eq!(u.probabilities, a.probabilities);
         assert_eq!(u.origin_loss, a.origin_loss);
-        assert!(same(u.noise.as_ref().unwrap(), a.noise.as_ref().unwrap()));
+        assert!(same(kept_noise(u), kept_noise(a)));
     }
     // Away from the other class: its clean loss, its probability on the perturbed image, and a
     // goal the clean image already meets (a label other than that class, above the
@@ -706,7 +693,7 @@ fn an_attack_away_from_a_class_is_about_that_class() {
         assert!((o.origin_loss + p_other.ln()).abs() < 1e-4, "{o:?}");
         let judged = candle_nn::ops::softmax_last_dim(
             &model
-                .forward(&o.perturbed.as_ref().unwrap().unsqueeze(0).unwrap())
+                .forward(&kept_perturbed(o).unsqueeze(0).unwrap())
                 .unwrap(),
         )
         .unwrap()
@@ -745,10 +732,7 @@ fn seeds_past_the_largest_wrap_around_instead_of_overflowing() {
         &AttackConfig { seed: 0, ..config },
     )
     .unwrap();
-    assert!(same(
-        outcomes[1].noise.as_ref().unwrap(),
-        zero[0].noise.as_ref().unwrap()
-    ));
+    assert!(same(kept_noise(&outcomes[1]), kept_noise(&zero[0])));
     let averaged = mask_attack_averaged(
         model,
         &data.pixels,

@@ -7,6 +7,7 @@
 mod common;
 
 use candle_core::Tensor;
+use common::kept_perturbed;
 use vulnmap_attacks::local::{local_attack, local_map, LocalAttack, WindowScore};
 use vulnmap_attacks::mask_attack::{mask_attack, mask_attack_averaged};
 use vulnmap_attacks::saliency_attack::{
@@ -296,10 +297,7 @@ fn the_dual_mask_game_finds_the_lesions_and_within_the_field_of_view_not_the_fra
             };
             hits += pointing.hit(mask, lesion).unwrap() as usize;
             // The deleted image (the baseline where the mask is on) on the black surround.
-            let deleted = o
-                .perturbed
-                .as_ref()
-                .unwrap()
+            let deleted = kept_perturbed(o)
                 .max_keepdim(0)
                 .unwrap()
                 .flatten_all()

@@ -6,7 +6,7 @@
 mod common;
 
 use candle_core::{DType, Tensor};
-use common::device;
+use common::{device, kept_noise, kept_perturbed};
 use vulnmap_attacks::engine::run;
 use vulnmap_attacks::random::random_attack;
 use vulnmap_attacks::{AttackConfig, GeneratorChoice, Goal, Job, Masking, Region};
@@ -53,16 +53,13 @@ fn random_attacks_succeed_untargeted_and_targeted_within_the_cap() {
     assert!(o.confidence > 0.9 && o.iterations <= 100);
     assert!(o.final_loss < 0.0, "untargeted loss is -CE");
     // The perturbed image is the clamped sum, in [0, 1], within alpha of the image.
-    let p = o.perturbed.as_ref().unwrap();
+    let p = kept_perturbed(o);
     assert!(
         p.min_all().unwrap().to_scalar::<f32>().unwrap() >= 0.0
             && p.max_all().unwrap().to_scalar::<f32>().unwrap() <= 1.0
     );
     assert!(max_abs_of(&(p - pixels.get(0).unwrap()).unwrap()) <= 0.02 + 1e-6);
-    assert!(
-        max_abs_of(o.noise.as_ref().unwrap()) <= 0.02 + 1e-6
-            && max_abs_of(o.noise.as_ref().unwrap()) > 0.0
-    );
+    assert!(max_abs_of(kept_noise(o)) <= 0.02 + 1e-6 && max_abs_of(kept_noise(o)) > 0.0);
 
     let config = AttackConfig {
         alpha: 0.05,
@@ -103,7 +100,7 @@ fn noise_stays_inside_its_window_and_its_mask() {
         seed: 1,
     }];
     let o = &run(model.as_ref(), &pixels, &jobs, &Masking::None, &config).unwrap()[0];
-    let diff = (o.perturbed.as_ref().unwrap() - pixels.get(0).unwrap())
+    let diff = (kept_perturbed(o) - pixels.get(0).unwrap())
         .unwrap()
         .abs()
         .unwrap()
@@ -152,7 +149,7 @@ fn noise_stays_inside_its_window_and_its_mask() {
         &config,
     )
     .unwrap()[0];
-    let diff = (o.perturbed.as_ref().unwrap() - pixels.get(0).unwrap())
+    let diff = (kept_perturbed(o) - pixels.get(0).unwrap())
         .unwrap()
         .abs()
         .unwrap()

@@ -54,3 +54,15 @@ pub fn lesions(count: usize) -> Lesions {
         masks,
     }
 }
+
+/// An outcome's noise: whole-image attacks and the engine's window jobs keep it.
+pub fn kept_noise(o: &vulnmap_attacks::AttackOutcome) -> &Tensor {
+    o.noise.as_ref().expect("the attack kept its noise")
+}
+
+/// An outcome's perturbed image, kept beside its noise.
+pub fn kept_perturbed(o: &vulnmap_attacks::AttackOutcome) -> &Tensor {
+    o.perturbed
+        .as_ref()
+        .expect("the attack kept its perturbed image")
+}
