@@ -115,7 +115,7 @@ pub fn pgd(
         .map(|(g, &c)| g.class(c) as u32)
         .collect();
     let origin = origin_losses(&candle_nn::ops::log_softmax(&logits, 1)?, goals, &clean)?;
-    let origin_odds: Vec<f32> = crate::engine::log_odds(&logits, &labels)?.to_vec1()?;
+    let origin_odds: Vec<f32> = vulnmap_models::log_odds(&logits, &labels)?.to_vec1()?;
     let mask = match masks {
         Some(m) => {
             ensure(m.len() == n, || "one mask per image".into())?;
@@ -166,7 +166,7 @@ pub fn pgd(
         let predicted: Vec<u32> = logits.argmax(1)?.to_vec1()?;
         let conf: Vec<f32> = log_probs.max(1)?.exp()?.to_vec1()?;
         let losses: Vec<f32> = ce.to_vec1()?;
-        let odds: Vec<f32> = crate::engine::log_odds(&logits, &labels)?.to_vec1()?;
+        let odds: Vec<f32> = vulnmap_models::log_odds(&logits, &labels)?.to_vec1()?;
         for i in 0..n {
             if outcomes[i].is_some() {
                 continue;

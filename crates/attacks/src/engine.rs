@@ -18,7 +18,7 @@ use crate::nets::unet::UNet;
 use crate::outcome::AttackOutcome;
 use candle_core::{DType, Tensor, Var};
 use indicatif::{ProgressBar, ProgressStyle};
-use vulnmap_models::Classifier;
+use vulnmap_models::{log_odds, Classifier};
 use vulnmap_saliency::{
     area_gap, field_of_view, GaussianBlur, Method, SmoothGrad, WindowGrid, FIELD_OF_VIEW_THRESHOLD,
 };
@@ -1172,24 +1172,6 @@ fn perturb(
     Ok((images + delta)?.clamp(0f32, 1f32)?)
 }
 
-/// Each row's log-odds of its class (`logits` `B x K`, `classes` `B`), as `B` f32: the class's
-/// logit less the log-sum-exp of the others' logits, `log(p / (1 - p))` without `1 - p`'s
-/// rounding to 0 when the model is sure (a probability saturates, its log-odds do not).
-pub(crate) fn log_odds(logits: &Tensor, classes: &[u32]) -> Result<Tensor> {
-    let logits = logits.detach().to_dtype(DType::F32)?;
-    let (b, k) = logits.dims2()?;
-    let device = logits.device();
-    let classes = Tensor::new(classes, device)?.unsqueeze(1)?;
-    let own = logits.gather(&classes, 1)?.squeeze(1)?;
-    let is_own = Tensor::arange(0u32, k as u32, device)?
-        .unsqueeze(0)?
-        .broadcast_eq(&classes)?;
-    let others = is_own
-        .where_cond(&Tensor::full(f32::NEG_INFINITY, (b, k), device)?, &logits)?
-        .log_sum_exp(1)?;
-    Ok((own - others)?)
-}
-
 /// Table I's origin loss of each goal: the clean image's cross-entropy (from its log-probabilities,
 /// `B x K`) against the class the attack moves away from, or a targeted attack's clean label.
 pub(crate) fn origin_losses(
@@ -1302,28 +1284,6 @@ pub(crate) fn image_size(pixels: &Tensor) -> Result<(usize, usize)> {
 mod tests {
     use super::*;
     use candle_core::Device;
-
-    #[test]
-    fn log_odds_are_the_logit_against_the_others_and_survive_saturation() -> Result<()> {
-        let logits = Tensor::new(&[[2f32, 0.0, -1.0], [40.0, 0.0, 0.0]], &Device::Cpu)?;
-        let got = log_odds(&logits, &[0, 0])?.to_vec1::<f32>()?;
-        // log(p / (1 - p)) = z_c - log(sum over the other classes of e^z), worked by hand.
-        let want = [2.0 - (1.0f64 + (-1.0f64).exp()).ln(), 40.0 - 2f64.ln()];
-        for (g, w) in got.iter().zip(want) {
-            assert!((*g as f64 - w).abs() < 1e-5, "{g} vs {w}");
-        }
-        // Another class of the same row: its logit against the rest, row 0's class 0 among them.
-        let other = log_odds(&logits, &[1, 2])?.to_vec1::<f32>()?;
-        let want = (2f64.exp() + (-1f64).exp()).ln();
-        assert!((other[0] as f64 + want).abs() < 1e-5, "{}", other[0]);
-        // Where the probability rounds to 1 in f32, the log-odds still tell 40 from 30.
-        let sure = Tensor::new(&[[30f32, 0.0, 0.0], [40.0, 0.0, 0.0]], &Device::Cpu)?;
-        let p = candle_nn::ops::softmax(&sure, 1)?.to_vec2::<f32>()?;
-        assert_eq!((p[0][0], p[1][0]), (1.0, 1.0));
-        let odds = log_odds(&sure, &[0, 0])?.to_vec1::<f32>()?;
-        assert!((odds[1] - odds[0] - 10.0).abs() < 1e-4, "{odds:?}");
-        Ok(())
-    }
 
     #[test]
     fn the_authors_generator_banks_alone_and_window_generators_many() -> Result<()> {

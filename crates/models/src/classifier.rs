@@ -226,6 +226,26 @@ impl Score {
     }
 }
 
+/// Each row's log-odds of its class (`logits` `B x K`, `classes` `B`), as `B` f32, detached:
+/// the class's logit less the log-sum-exp of the others' logits, `log(p / (1 - p))` without
+/// `1 - p`'s rounding to 0 when the model is sure (a probability saturates, its log-odds do not).
+/// Invariant to a shift of a row's logits, so the same for [`Score::Logit`],
+/// [`Score::CentredLogit`] and [`Score::LogProbability`] outputs.
+pub fn log_odds(logits: &Tensor, classes: &[u32]) -> Result<Tensor> {
+    let logits = logits.detach().to_dtype(DType::F32)?;
+    let (b, k) = logits.dims2()?;
+    let device = logits.device();
+    let classes = Tensor::new(classes, device)?.unsqueeze(1)?;
+    let own = logits.gather(&classes, 1)?.squeeze(1)?;
+    let is_own = Tensor::arange(0u32, k as u32, device)?
+        .unsqueeze(0)?
+        .broadcast_eq(&classes)?;
+    let others = is_own
+        .where_cond(&Tensor::full(f32::NEG_INFINITY, (b, k), device)?, &logits)?
+        .log_sum_exp(1)?;
+    own - others
+}
+
 /// A classifier whose outputs are `score` of another's logits, so that every saliency method and
 /// attack explains that score.
 ///
@@ -363,5 +383,39 @@ impl<C: Classifier + ?Sized> Classifier for &C {
 
     fn guided(&self) -> Option<Box<dyn Classifier>> {
         (**self).guided()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_odds_are_the_logit_against_the_others_and_survive_saturation() -> Result<()> {
+        let logits = Tensor::new(&[[2f32, 0.0, -1.0], [40.0, 0.0, 0.0]], &Device::Cpu)?;
+        let got = log_odds(&logits, &[0, 0])?.to_vec1::<f32>()?;
+        // log(p / (1 - p)) = z_c - log(sum over the other classes of e^z), worked by hand.
+        let want = [2.0 - (1.0f64 + (-1.0f64).exp()).ln(), 40.0 - 2f64.ln()];
+        for (g, w) in got.iter().zip(want) {
+            assert!((*g as f64 - w).abs() < 1e-5, "{g} vs {w}");
+        }
+        // Another class of the same row: its logit against the rest, row 0's class 0 among them.
+        let other = log_odds(&logits, &[1, 2])?.to_vec1::<f32>()?;
+        let want = (2f64.exp() + (-1f64).exp()).ln();
+        assert!((other[0] as f64 + want).abs() < 1e-5, "{}", other[0]);
+        // Where the probability rounds to 1 in f32, the log-odds still tell 40 from 30.
+        let sure = Tensor::new(&[[30f32, 0.0, 0.0], [40.0, 0.0, 0.0]], &Device::Cpu)?;
+        let p = candle_nn::ops::softmax(&sure, 1)?.to_vec2::<f32>()?;
+        assert_eq!((p[0][0], p[1][0]), (1.0, 1.0));
+        let odds = log_odds(&sure, &[0, 0])?.to_vec1::<f32>()?;
+        assert!((odds[1] - odds[0] - 10.0).abs() < 1e-4, "{odds:?}");
+        // The same for every score that shifts a row's logits.
+        for score in [Score::CentredLogit, Score::LogProbability] {
+            let shifted = log_odds(&score.apply(&logits)?, &[0, 0])?.to_vec1::<f32>()?;
+            for (g, s) in got.iter().zip(&shifted) {
+                assert!((g - s).abs() < 1e-5, "{score:?}: {g} vs {s}");
+            }
+        }
+        Ok(())
     }
 }
