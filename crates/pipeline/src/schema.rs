@@ -10,7 +10,9 @@ use vulnmap_attacks::{AttackMode, GeneratorChoice, MaskGame, MaskNetworkKind, Sp
 use vulnmap_data::Split;
 use vulnmap_models::{Arch, DeviceName, Score};
 use vulnmap_onnx::Normalize;
-use vulnmap_saliency::{Aggregate, BaselineKind, ExtremalReward, ExtremalVariant, Integration};
+use vulnmap_saliency::{
+    Aggregate, BaselineKind, ExtremalReward, ExtremalVariant, Integration, OcclusionScore,
+};
 
 /// A whole pipeline file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -649,6 +651,9 @@ pub struct OcclusionStep {
     pub baseline: BaselineKind,
     /// Blur of the `blurred` baseline, in pixels (default 10).
     pub sigma: f64,
+    /// What a window's effect is measured on: `output` (the target's logit, the default) or
+    /// `log_odds` (the target's log-odds).
+    pub score: OcclusionScore,
 }
 
 impl Default for OcclusionStep {
@@ -659,6 +664,7 @@ impl Default for OcclusionStep {
             stride: 16,
             baseline: BaselineKind::Blurred,
             sigma: 10.0,
+            score: OcclusionScore::Output,
         }
     }
 }

@@ -69,7 +69,7 @@ pub use gradient::{input_gradients, Gradient, GuidedBackprop, InputXGradient};
 pub use grid::WindowGrid;
 pub use integrated_gradients::{Baseline, BaselineKind, IntegratedGradients, Integration};
 pub use method::Method;
-pub use occlusion::{Occlusion, OcclusionBaseline};
+pub use occlusion::{Occlusion, OcclusionBaseline, OcclusionScore};
 pub use postprocess::{PostProcess, Reduction};
 pub use rise::Rise;
 pub use smoothgrad::{Aggregate, SmoothGrad};

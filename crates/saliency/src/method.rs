@@ -28,7 +28,8 @@ pub enum Method {
     /// Extremal perturbation (Fong et al., 2019): smooth masks of given areas that keep (or
     /// delete) the target's score on a blurred background; the masks summed over the areas.
     ExtremalPerturbation(ExtremalPerturbation),
-    /// Occlusion (Zeiler and Fergus, 2014): the target logit's drop when windows are covered.
+    /// Occlusion (Zeiler and Fergus, 2014): the drop of the target's logit (or log-odds) when
+    /// windows are covered.
     Occlusion(Occlusion),
     /// RISE (Petsiuk et al., 2018): the target probability through random smooth masks.
     Rise(Rise),
@@ -92,7 +93,8 @@ impl Method {
     }
 
     /// How this method's attributions become maps: channel sum of absolute values clipped at the
-    /// 99th percentile for gradient methods; the positive part scaled by its maximum for the rest.
+    /// 99th percentile for gradient methods; occlusion's signed drops scaled from their minimum
+    /// to their maximum; the positive part scaled by its maximum for the rest.
     pub fn postprocess(&self) -> PostProcess {
         match self {
             Method::Gradient(_)
@@ -100,9 +102,16 @@ impl Method {
             | Method::GuidedBackprop(_)
             | Method::SmoothGrad(_)
             | Method::IntegratedGradients(_) => PostProcess::default(),
+            // A window whose occlusion raises the score ranks below one that does nothing: the
+            // causal metrics delete and insert pixels in the map's order, and a positive part
+            // would leave most windows tied at 0, ordered by position.
+            Method::Occlusion(_) => PostProcess {
+                reduction: Reduction::Sum,
+                positive_only: false,
+                clip_percentile: None,
+            },
             Method::Cam(_)
             | Method::ExtremalPerturbation(_)
-            | Method::Occlusion(_)
             | Method::Rise(_)
             | Method::Surrogate(_) => PostProcess {
                 reduction: Reduction::Sum,

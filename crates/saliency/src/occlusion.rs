@@ -1,12 +1,43 @@
 //! Occlusion (Zeiler and Fergus, 2014): how much the target logit drops when a window of the
 //! image is replaced by a baseline value, averaged over the windows covering each pixel. The
-//! same grid as the local attack, so the two maps compare pixel for pixel.
+//! same grid as the local attack, so the two maps compare pixel for pixel. Scored by the
+//! target's log-odds instead ([`OcclusionScore::LogOdds`]), a window counts by how much it
+//! separates the target from the other classes, not by what it adds to every class's logit.
 
 use crate::error::Result;
 use crate::grid::WindowGrid;
 use crate::target::check_inputs;
 use candle_core::Tensor;
-use vulnmap_models::Classifier;
+use vulnmap_models::{log_odds, Classifier};
+
+/// What occlusion measures a window's effect on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[serde(rename_all = "snake_case")]
+pub enum OcclusionScore {
+    /// The target's output, the logit unless the model is scored otherwise (Zeiler and Fergus's,
+    /// Captum's).
+    #[default]
+    Output,
+    /// The target's log-odds, `log(p / (1 - p))` from the outputs taken as logits: a window
+    /// that lowers every class's logit alike moves it little, and where the model is sure the
+    /// probability saturates but the log-odds keep ranking windows.
+    LogOdds,
+}
+
+impl OcclusionScore {
+    /// Each image's score of class `target` (`pixels` `B x C x H x W`): `B`.
+    fn of(self, model: &dyn Classifier, pixels: &Tensor, target: usize) -> Result<Tensor> {
+        let outputs = model.forward(pixels)?;
+        Ok(match self {
+            OcclusionScore::Output => outputs.narrow(1, target, 1)?.squeeze(1)?,
+            OcclusionScore::LogOdds => {
+                let targets = vec![target as u32; outputs.dim(0)?];
+                log_odds(&outputs, &targets)?.to_dtype(outputs.dtype())?
+            }
+        })
+    }
+}
 
 /// What an occluded window shows instead of the image.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -40,6 +71,8 @@ pub struct Occlusion {
     pub stride: usize,
     /// What an occluded window shows (default black, `Value(0.0)`).
     pub baseline: OcclusionBaseline,
+    /// What a window's effect is measured on (default the target's output).
+    pub score: OcclusionScore,
     /// Occluded images per forward pass.
     pub batch_size: usize,
 }
@@ -50,13 +83,15 @@ impl Default for Occlusion {
             window: 32,
             stride: 16,
             baseline: OcclusionBaseline::Value(0.0),
+            score: OcclusionScore::Output,
             batch_size: 32,
         }
     }
 }
 
 impl Occlusion {
-    /// The mean logit drop per pixel, `N x 1 x H x W` (positive where occlusion hurts).
+    /// The mean drop of the target's score per pixel, `N x 1 x H x W` (positive where occlusion
+    /// hurts).
     pub fn attribute(
         &self,
         model: &dyn Classifier,
@@ -76,7 +111,7 @@ impl Occlusion {
         for (i, &t) in targets.iter().enumerate().take(n) {
             let x = pixels.narrow(0, i, 1)?;
             let x_fill = fill.narrow(0, i, 1)?;
-            let base = model.forward(&x)?.narrow(1, t, 1)?.squeeze(1)?; // 1
+            let base = self.score.of(model, &x, t)?; // 1
             let mut total = Tensor::zeros((1, h, w), dtype, device)?;
             for chunk in positions.chunks(self.batch_size) {
                 let masks: Vec<f32> = chunk.iter().flat_map(|&p| grid.mask((h, w), p)).collect();
@@ -86,7 +121,7 @@ impl Occlusion {
                 let occluded = x
                     .broadcast_mul(&masks.affine(-1.0, 1.0)?)?
                     .broadcast_add(&masks.broadcast_mul(&x_fill)?)?;
-                let scores = model.forward(&occluded)?.narrow(1, t, 1)?.squeeze(1)?; // B
+                let scores = self.score.of(model, &occluded, t)?; // B
                 let drops = base
                     .broadcast_sub(&scores)?
                     .reshape((chunk.len(), 1, 1, 1))?;

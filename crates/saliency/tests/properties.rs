@@ -15,7 +15,7 @@ use vulnmap_saliency::metrics::robustness::Sensitivity;
 use vulnmap_saliency::{
     input_gradients, Aggregate, Baseline, Cam, CamRule, ExtremalPerturbation, ExtremalVariant,
     Gradient, InputXGradient, IntegratedGradients, Integration, Method, Occlusion,
-    OcclusionBaseline, Rise, SmoothGrad, Surrogate, WindowGrid,
+    OcclusionBaseline, OcclusionScore, Rise, SmoothGrad, Surrogate, WindowGrid,
 };
 use vulnmap_train::fundus_benchmark::{BenchmarkConfig, FundusBenchmark};
 
@@ -537,63 +537,137 @@ fn infidelity_on_a_linear_model_is_the_analytic_answer() {
 #[test]
 fn occlusion_on_a_linear_model_is_the_analytic_answer() {
     let (c, h, w) = (3, 10, 9);
-    let model = Linear::new(4, (c, h, w));
+    let k = 4;
+    let model = Linear::new(k, (c, h, w));
     let mut rng = random::rng(2, "pixels");
     let pixels = random::randn(&mut rng, (2, c, h, w), &device()).unwrap();
+    let targets = [1, 3];
+    let weights = model.w.to_vec2::<f32>().unwrap();
+    let bias = model.b.to_vec1::<f32>().unwrap();
+    let grid = WindowGrid::new(4, 3);
+    // The linear model's logits, worked in f64.
+    let logits = |x: &[f64]| -> Vec<f64> {
+        (0..k)
+            .map(|j| {
+                bias[j] as f64
+                    + x.iter()
+                        .zip(&weights[j])
+                        .map(|(a, &b)| a * b as f64)
+                        .sum::<f64>()
+            })
+            .collect()
+    };
+    let log_odds = |z: &[f64], t: usize| -> f64 {
+        z[t] - z
+            .iter()
+            .enumerate()
+            .filter(|&(j, _)| j != t)
+            .map(|(_, v)| v.exp())
+            .sum::<f64>()
+            .ln()
+    };
+    for score in [OcclusionScore::Output, OcclusionScore::LogOdds] {
+        let occlusion = Occlusion {
+            window: 4,
+            stride: 3,
+            baseline: OcclusionBaseline::Value(0.25),
+            score,
+            batch_size: 5,
+        };
+        let got = occlusion.attribute(&model, &pixels, &targets).unwrap();
+        assert_eq!(got.dims(), &[2, 1, h, w]);
+        for (i, &t) in targets.iter().enumerate() {
+            let x: Vec<f64> = pixels
+                .get(i)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .into_iter()
+                .map(f64::from)
+                .collect();
+            let of = |z: &[f64]| match score {
+                OcclusionScore::Output => z[t],
+                OcclusionScore::LogOdds => log_odds(z, t),
+            };
+            let clean = of(&logits(&x));
+            let mut sum = vec![0f64; h * w];
+            let mut count = vec![0f64; h * w];
+            for (y0, x0) in grid.positions((h, w)).unwrap() {
+                let mut occluded = x.clone();
+                for ch in 0..c {
+                    for y in y0..y0 + 4 {
+                        for xx in x0..x0 + 4 {
+                            occluded[ch * h * w + y * w + xx] = 0.25;
+                        }
+                    }
+                }
+                let drop = clean - of(&logits(&occluded));
+                for y in y0..y0 + 4 {
+                    for xx in x0..x0 + 4 {
+                        sum[y * w + xx] += drop;
+                        count[y * w + xx] += 1.0;
+                    }
+                }
+            }
+            let map = got
+                .get(i)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            for p in 0..h * w {
+                let want = sum[p] / count[p];
+                assert!(
+                    (map[p] as f64 - want).abs() < 1e-4 * want.abs().max(1.0),
+                    "{score:?}, pixel {p}: {} vs {want}",
+                    map[p]
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn occlusion_maps_keep_the_windows_that_raise_the_score_below_the_rest() {
+    // Signed drops scaled from their minimum to their maximum: the map orders pixels as the
+    // drops do, a window whose occlusion helps the target below one that does nothing.
+    let (c, h, w) = (3, 10, 9);
+    let model = Linear::new(4, (c, h, w));
+    let mut rng = random::rng(3, "pixels");
+    let pixels = random::randn(&mut rng, (1, c, h, w), &device()).unwrap();
     let occlusion = Occlusion {
         window: 4,
         stride: 3,
         baseline: OcclusionBaseline::Value(0.25),
-        batch_size: 5,
+        ..Occlusion::default()
     };
-    let targets = [1, 3];
-    let got = occlusion.attribute(&model, &pixels, &targets).unwrap();
-    assert_eq!(got.dims(), &[2, 1, h, w]);
-    let weights = model.w.to_vec2::<f32>().unwrap();
-    let grid = WindowGrid::new(4, 3);
-    for (i, &t) in targets.iter().enumerate() {
-        let x = pixels
-            .get(i)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let mut sum = vec![0f64; h * w];
-        let mut count = vec![0f64; h * w];
-        for (y0, x0) in grid.positions((h, w)).unwrap() {
-            // A linear model's logit drops by sum over the window of w_p (x_p - baseline).
-            let mut drop = 0f64;
-            for ch in 0..c {
-                for y in y0..y0 + 4 {
-                    for xx in x0..x0 + 4 {
-                        let p = ch * h * w + y * w + xx;
-                        drop += weights[t][p] as f64 * (x[p] as f64 - 0.25);
-                    }
-                }
-            }
-            for y in y0..y0 + 4 {
-                for xx in x0..x0 + 4 {
-                    sum[y * w + xx] += drop;
-                    count[y * w + xx] += 1.0;
-                }
-            }
-        }
-        let map = got
-            .get(i)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        for p in 0..h * w {
-            let want = sum[p] / count[p];
-            assert!(
-                (map[p] as f64 - want).abs() < 1e-4 * want.abs().max(1.0),
-                "pixel {p}: {} vs {want}",
-                map[p]
-            );
-        }
+    let drops = occlusion
+        .attribute(&model, &pixels, &[2])
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let (lo, hi) = drops
+        .iter()
+        .fold((f32::MAX, f32::MIN), |(l, u), &d| (l.min(d), u.max(d)));
+    assert!(
+        lo < 0.0 && hi > 0.0,
+        "the test needs drops of both signs: {lo} .. {hi}"
+    );
+    let map = Method::Occlusion(occlusion)
+        .explain(&model, &pixels, &[2])
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    for (p, (&m, &d)) in map.iter().zip(&drops).enumerate() {
+        let want = (d - lo) / (hi - lo);
+        assert!((m - want).abs() < 1e-5, "pixel {p}: {m} vs {want}");
     }
 }
 

@@ -44,6 +44,7 @@ pub fn method(step: &Step, seed: u64, batch_size: usize) -> Result<Option<Method
             window: s.window,
             stride: s.stride,
             baseline: s.baseline.fill(s.sigma),
+            score: s.score,
             batch_size: bs * 4,
         })),
         Step::Rise(s) => Some(Method::Rise(Rise {
