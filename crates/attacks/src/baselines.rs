@@ -99,7 +99,7 @@ pub fn pgd(
     })?;
     let device = model.device().clone();
     let x0 = pixels.to_device(&device)?.to_dtype(DType::F32)?.detach();
-    let logits = model.forward(&x0)?;
+    let logits = model.logits(&x0)?;
     let clean: Vec<usize> = logits
         .argmax(1)?
         .to_vec1::<u32>()?
@@ -160,7 +160,7 @@ pub fn pgd(
     let mut log_odds: Vec<Vec<f64>> = vec![Vec::with_capacity(spec.steps + 1); n];
     for k in 0..=spec.steps {
         let x = Var::from_tensor(&(&x0 + &delta)?.clamp(0f32, 1f32)?)?;
-        let logits = model.forward(x.as_tensor())?;
+        let logits = model.logits(x.as_tensor())?;
         let log_probs = candle_nn::ops::log_softmax(&logits, 1)?;
         let ce = log_probs.gather(&index, 1)?.squeeze(1)?.neg()?;
         let predicted: Vec<u32> = logits.argmax(1)?.to_vec1()?;

@@ -786,7 +786,7 @@ impl<'a> Bank<'a> {
             &device,
         )?;
         // The clean images' labels and losses, one pass per distinct image.
-        let clean_logits = model.forward(&distinct_images)?.index_select(&of_job, 0)?;
+        let clean_logits = model.logits(&distinct_images)?.index_select(&of_job, 0)?;
         let clean_log_probs = candle_nn::ops::log_softmax(&clean_logits, 1)?;
         let clean_labels: Vec<usize> = clean_logits
             .argmax(1)?
@@ -1023,10 +1023,10 @@ impl<'a> Bank<'a> {
             };
             let index = Tensor::new(self.loss_labels.as_slice(), &device)?.unsqueeze(1)?;
             let (logits, preserved_ce) = match &preserved {
-                None => (self.model.forward(&perturbed)?, None),
+                None => (self.model.logits(&perturbed)?, None),
                 Some(kept) => {
                     // One pass for both images of each job.
-                    let both = self.model.forward(&Tensor::cat(&[&perturbed, kept], 0)?)?;
+                    let both = self.model.logits(&Tensor::cat(&[&perturbed, kept], 0)?)?;
                     let kept_log_probs = candle_nn::ops::log_softmax(&both.narrow(0, b, b)?, 1)?;
                     let kept_ce = kept_log_probs.gather(&index, 1)?.squeeze(1)?.neg()?;
                     (both.narrow(0, 0, b)?, Some(kept_ce))

@@ -55,7 +55,7 @@ pub(crate) fn run(args: Args) -> Result<()> {
     let mut out = std::io::stdout().lock();
     for chunk in args.images.chunks(args.batch_size.max(1)) {
         let pixels = preprocess.load_batch(chunk, model.device())?;
-        let logits = model.forward(&pixels).context("forward pass")?;
+        let logits = model.logits(&pixels).context("forward pass")?;
         let probs = candle_nn::ops::softmax(&logits, 1)?.to_vec2::<f32>()?;
         for (path, p) in chunk.iter().zip(probs) {
             let mut order: Vec<usize> = (0..p.len()).collect();

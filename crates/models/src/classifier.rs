@@ -155,6 +155,13 @@ pub trait Classifier: Send + Sync {
         self.forward_t(pixels, false)
     }
 
+    /// The logits in evaluation mode even where the outputs are another score of them (a
+    /// [`ScoredClassifier`]'s): what probabilities, labels and an attack's loss are computed
+    /// from, whichever score the maps explain. Differentiable.
+    fn logits(&self, pixels: &Tensor) -> Result<Tensor> {
+        self.forward(pixels)
+    }
+
     /// Names of the layers whose outputs [`Classifier::features`] can return, input to output.
     fn layers(&self) -> Vec<String>;
 
@@ -293,6 +300,9 @@ impl<C: Classifier> Classifier for ScoredClassifier<C> {
     fn forward_t(&self, pixels: &Tensor, train: bool) -> Result<Tensor> {
         self.score.apply(&self.inner.forward_t(pixels, train)?)
     }
+    fn logits(&self, pixels: &Tensor) -> Result<Tensor> {
+        self.inner.logits(pixels)
+    }
     fn layers(&self) -> Vec<String> {
         self.inner.layers()
     }
@@ -330,6 +340,9 @@ impl<C: Classifier + ?Sized> Classifier for Box<C> {
     }
     fn forward_t(&self, pixels: &Tensor, train: bool) -> Result<Tensor> {
         (**self).forward_t(pixels, train)
+    }
+    fn logits(&self, pixels: &Tensor) -> Result<Tensor> {
+        (**self).logits(pixels)
     }
     fn layers(&self) -> Vec<String> {
         (**self).layers()

@@ -91,7 +91,7 @@ impl Rise {
                 .to_dtype(pixels.dtype())?;
             for (i, map) in maps.iter_mut().enumerate() {
                 let masked = pixels.narrow(0, i, 1)?.broadcast_mul(&masks)?;
-                let probs = candle_nn::ops::softmax(&model.forward(&masked)?, 1)?;
+                let probs = candle_nn::ops::softmax(&model.logits(&masked)?, 1)?;
                 let p = probs.narrow(1, targets[i], 1)?.reshape((count, 1, 1, 1))?;
                 *map = (&*map + masks.broadcast_mul(&p)?.sum(0)?.to_dtype(DType::F32)?)?;
             }

@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Result as CResult, Tensor};
 use common::device;
 use std::path::Path;
 use vulnmap_data::random;
-use vulnmap_models::{Classes, Classifier, InputSpec};
+use vulnmap_models::{Classes, Classifier, InputSpec, Score, ScoredClassifier};
 use vulnmap_saliency::metrics::causal::CausalMetric;
 use vulnmap_saliency::metrics::infidelity::Infidelity;
 use vulnmap_saliency::metrics::robustness::Sensitivity;
@@ -952,5 +952,65 @@ fn no_method_or_causal_curve_passes_more_than_batch_size_images() {
             got.auc,
             want.auc
         );
+    }
+}
+
+#[test]
+fn a_score_changes_what_maps_explain_not_the_probabilities_the_metrics_read() {
+    // Deletion, insertion and RISE read the class probabilities: the softmax of the logits,
+    // not of a scored model's outputs (the softmax of probabilities is nearly uniform).
+    let (c, h, w) = (3, 12, 12);
+    let plain = Linear::new(5, (c, h, w));
+    let pixels = uniform_pixels(7, (1, c, h, w));
+    let image = pixels.get(0).unwrap();
+    let map = uniform_pixels(8, (1, 1, h, w))
+        .squeeze(0)
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    let metric = CausalMetric {
+        pixels_per_step: 8,
+        ..CausalMetric::default()
+    };
+    let rise = Method::Rise(Rise {
+        masks: 16,
+        cells: 3,
+        ..Default::default()
+    });
+    let want_deletion = metric.deletion(&plain, &image, &map, 2).unwrap();
+    let want_insertion = metric.insertion(&plain, &image, &map, 2).unwrap();
+    let want_rise = rise.explain(&plain, &pixels, &[2]).unwrap();
+    let plain_gradient = Method::Gradient(Gradient::default())
+        .attribute(&plain, &pixels, &[2])
+        .unwrap();
+    for score in [
+        Score::Probability,
+        Score::LogProbability,
+        Score::CentredLogit,
+    ] {
+        let scored = ScoredClassifier::new(Linear::new(5, (c, h, w)), score);
+        let deletion = metric.deletion(&scored, &image, &map, 2).unwrap();
+        let insertion = metric.insertion(&scored, &image, &map, 2).unwrap();
+        for (name, got, want) in [
+            ("deletion", &deletion, &want_deletion),
+            ("insertion", &insertion, &want_insertion),
+        ] {
+            assert!(
+                (got.auc - want.auc).abs() < 1e-6,
+                "{score:?} {name}: {} vs {}",
+                got.auc,
+                want.auc
+            );
+        }
+        let d =
+            vulnmap_testkit::max_diff(&rise.explain(&scored, &pixels, &[2]).unwrap(), &want_rise);
+        assert!(d < 1e-5, "{score:?} RISE: maps differ by {d}");
+        // The score is in effect: the gradient of a probability is not the logit's.
+        if score == Score::Probability {
+            let gradient = Method::Gradient(Gradient::default())
+                .attribute(&scored, &pixels, &[2])
+                .unwrap();
+            assert!(vulnmap_testkit::max_diff(&gradient, &plain_gradient) > 1e-3);
+        }
     }
 }

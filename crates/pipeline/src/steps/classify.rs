@@ -10,7 +10,7 @@ use candle_core::Device;
 /// Runs `c` on `chunk`.
 pub(crate) fn run(cx: &StepContext, c: &Classify, chunk: &Chunk) -> Result<Vec<Found>> {
     let model = cx.model;
-    let probs = candle_nn::ops::softmax(&model.forward(&chunk.pixels)?, 1)?
+    let probs = candle_nn::ops::softmax(&model.logits(&chunk.pixels)?, 1)?
         .to_device(&Device::Cpu)?
         .to_vec2::<f32>()?;
     let names = model.classes();

@@ -126,7 +126,7 @@ impl CausalMetric {
                 .unsqueeze(0)?
                 .broadcast_mul(&changed.affine(-1.0, 1.0)?)?
                 .broadcast_add(&finish.unsqueeze(0)?.broadcast_mul(&changed)?)?;
-            let probs = candle_nn::ops::softmax(&model.forward(&images)?, 1)?;
+            let probs = candle_nn::ops::softmax(&model.logits(&images)?, 1)?;
             let p = probs
                 .narrow(1, target, 1)?
                 .squeeze(1)?

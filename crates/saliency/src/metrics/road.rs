@@ -244,7 +244,7 @@ impl Road {
             })
             .collect::<Result<Vec<_>>>()?;
         let batch = Tensor::stack(&images, 0)?.to_dtype(image.dtype())?;
-        let probs = candle_nn::ops::softmax(&model.forward(&batch)?, 1)?.to_dtype(DType::F64)?;
+        let probs = candle_nn::ops::softmax(&model.logits(&batch)?, 1)?.to_dtype(DType::F64)?;
         let scores = probs
             .narrow(1, target, 1)?
             .flatten_all()?
