@@ -381,6 +381,9 @@ impl<C: Classifier + ?Sized> Classifier for &C {
     fn forward_t(&self, pixels: &Tensor, train: bool) -> Result<Tensor> {
         (**self).forward_t(pixels, train)
     }
+    fn logits(&self, pixels: &Tensor) -> Result<Tensor> {
+        (**self).logits(pixels)
+    }
     fn layers(&self) -> Vec<String> {
         (**self).layers()
     }

@@ -651,8 +651,8 @@ pub struct OcclusionStep {
     pub baseline: BaselineKind,
     /// Blur of the `blurred` baseline, in pixels (default 10).
     pub sigma: f64,
-    /// What a window's effect is measured on: `output` (the target's logit, the default) or
-    /// `log_odds` (the target's log-odds).
+    /// What a window's effect is measured on: `output` (the target's output, the model's
+    /// score; the default) or `log_odds` (the target's log-odds, from the logits).
     pub score: OcclusionScore,
 }
 

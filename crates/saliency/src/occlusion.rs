@@ -19,7 +19,7 @@ pub enum OcclusionScore {
     /// Captum's).
     #[default]
     Output,
-    /// The target's log-odds, `log(p / (1 - p))` from the outputs taken as logits: a window
+    /// The target's log-odds, `log(p / (1 - p))` from the model's logits: a window
     /// that lowers every class's logit alike moves it little, and where the model is sure the
     /// probability saturates but the log-odds keep ranking windows.
     LogOdds,
@@ -28,12 +28,13 @@ pub enum OcclusionScore {
 impl OcclusionScore {
     /// Each image's score of class `target` (`pixels` `B x C x H x W`): `B`.
     fn of(self, model: &dyn Classifier, pixels: &Tensor, target: usize) -> Result<Tensor> {
-        let outputs = model.forward(pixels)?;
         Ok(match self {
-            OcclusionScore::Output => outputs.narrow(1, target, 1)?.squeeze(1)?,
+            OcclusionScore::Output => model.forward(pixels)?.narrow(1, target, 1)?.squeeze(1)?,
             OcclusionScore::LogOdds => {
-                let targets = vec![target as u32; outputs.dim(0)?];
-                log_odds(&outputs, &targets)?.to_dtype(outputs.dtype())?
+                // From the logits: the log-odds are the same whatever score the outputs are.
+                let logits = model.logits(pixels)?;
+                let targets = vec![target as u32; logits.dim(0)?];
+                log_odds(&logits, &targets)?.to_dtype(logits.dtype())?
             }
         })
     }

@@ -21,7 +21,7 @@ pub enum Reduction {
 pub struct PostProcess {
     /// How channels become one value per pixel (default the sum of absolute values).
     pub reduction: Reduction,
-    /// Set negative values to zero after reducing (Grad-CAM, occlusion, RISE).
+    /// Set negative values to zero after reducing (Grad-CAM, RISE, extremal perturbation, LIME).
     pub positive_only: bool,
     /// Values above this percentile of the map become 1 (99 as SmoothGrad's authors); `None`
     /// scales by the maximum.

@@ -957,8 +957,8 @@ fn no_method_or_causal_curve_passes_more_than_batch_size_images() {
 
 #[test]
 fn a_score_changes_what_maps_explain_not_the_probabilities_the_metrics_read() {
-    // Deletion, insertion and RISE read the class probabilities: the softmax of the logits,
-    // not of a scored model's outputs (the softmax of probabilities is nearly uniform).
+    // Deletion, insertion and RISE read the class probabilities, and occlusion's log-odds the
+    // logits: not a scored model's outputs (the softmax of probabilities is nearly uniform).
     let (c, h, w) = (3, 12, 12);
     let plain = Linear::new(5, (c, h, w));
     let pixels = uniform_pixels(7, (1, c, h, w));
@@ -983,6 +983,13 @@ fn a_score_changes_what_maps_explain_not_the_probabilities_the_metrics_read() {
     let plain_gradient = Method::Gradient(Gradient::default())
         .attribute(&plain, &pixels, &[2])
         .unwrap();
+    let log_odds_occlusion = Occlusion {
+        window: 4,
+        stride: 4,
+        score: OcclusionScore::LogOdds,
+        ..Occlusion::default()
+    };
+    let want_occlusion = log_odds_occlusion.attribute(&plain, &pixels, &[2]).unwrap();
     for score in [
         Score::Probability,
         Score::LogProbability,
@@ -1005,6 +1012,11 @@ fn a_score_changes_what_maps_explain_not_the_probabilities_the_metrics_read() {
         let d =
             vulnmap_testkit::max_diff(&rise.explain(&scored, &pixels, &[2]).unwrap(), &want_rise);
         assert!(d < 1e-5, "{score:?} RISE: maps differ by {d}");
+        let occlusion = log_odds_occlusion
+            .attribute(&scored, &pixels, &[2])
+            .unwrap();
+        let d = vulnmap_testkit::max_diff(&occlusion, &want_occlusion);
+        assert!(d < 1e-4, "{score:?} log-odds occlusion: maps differ by {d}");
         // The score is in effect: the gradient of a probability is not the logit's.
         if score == Score::Probability {
             let gradient = Method::Gradient(Gradient::default())
