@@ -337,8 +337,11 @@ pub struct LearnedMask {
     pub lambda_tv: f64,
     /// beta (3).
     pub beta: f64,
-    /// gamma (1), weight of `MSE(M_c(I), m)` towards the clean image's SmoothGrad map (the
-    /// noise game only).
+    /// gamma (1 in the noise game, 0 in [`LearnedMask::dual`]), weight of `MSE(M_c(I), m)`
+    /// towards the clean image's SmoothGrad map of the class the attack moves away from. In the
+    /// dual game the pull breaks the ties between the regions a mask keeps in full: of several
+    /// kept regions the model uses (a lesion, the optic disc), the one whose pixels the class's
+    /// gradient also singles out keeps the maximum.
     pub gamma: f64,
     /// The SmoothGrad map the mask is pulled towards (not computed when `gamma` is 0).
     pub reference: SmoothGrad,
@@ -383,6 +386,7 @@ impl LearnedMask {
             lr: Self::DUAL_LR,
             game: MaskGame::Dual,
             jitter: Self::DUAL_JITTER,
+            gamma: 0.0,
             ..Self::default()
         }
     }
@@ -619,6 +623,12 @@ fn check_learned(spec: &LearnedMask, jobs: &[Job]) -> Result<()> {
     })?;
     ensure(spec.jitter >= 0.0 && spec.jitter.is_finite(), || {
         format!("jitter is a fraction of a cell, got {}", spec.jitter)
+    })?;
+    ensure(spec.gamma >= 0.0 && spec.gamma.is_finite(), || {
+        format!(
+            "gamma weighs the pull towards SmoothGrad, 0 or more, got {}",
+            spec.gamma
+        )
     })?;
     ensure(spec.smooth >= 0.0 && spec.smooth.is_finite(), || {
         format!(
@@ -875,11 +885,25 @@ impl<'a> Bank<'a> {
                         ..AdamConfig::default()
                     },
                 )?;
-                let reference = if spec.game == MaskGame::Noise && spec.gamma > 0.0 {
+                let reference = if spec.gamma > 0.0 {
+                    // The map of the class each attack is about: the label it moves away from
+                    // (the prediction, for a plain untargeted attack), a targeted one's clean
+                    // prediction.
+                    let explained: Vec<usize> = jobs
+                        .iter()
+                        .zip(&clean_labels)
+                        .map(|(j, &c)| {
+                            if j.goal.moves_away() {
+                                j.goal.class(c)
+                            } else {
+                                c
+                            }
+                        })
+                        .collect();
                     Some(saliency_masks(
                         model,
                         &images,
-                        &clean_labels,
+                        &explained,
                         &spec.reference,
                         0.0,
                     )?)

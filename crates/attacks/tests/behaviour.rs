@@ -252,9 +252,18 @@ fn bad_parameters_are_refused_with_the_reason() {
     ));
     assert!(e.contains("224x224") && e.contains("128x128"), "{e}");
     // The mask attack's dual game: an area outside (0, 1), a negative jitter, a smoothing that is
-    // NaN or of a U-Net, a field of view without the dual game, a targeted goal.
+    // NaN or of a U-Net, a negative pull towards SmoothGrad, a field of view without the dual
+    // game, a targeted goal.
     let dual = LearnedMask::dual(8);
     for (spec, goal, reason) in [
+        (
+            LearnedMask {
+                gamma: -0.5,
+                ..dual
+            },
+            Goal::Untargeted,
+            "gamma weighs the pull towards SmoothGrad, 0 or more, got -0.5",
+        ),
         (
             LearnedMask { area: 1.5, ..dual },
             Goal::Untargeted,
@@ -306,12 +315,14 @@ fn bad_parameters_are_refused_with_the_reason() {
     }
 }
 
-/// A classifier whose logits turn to NaN for images whose first pixel is exactly 0.123.
-struct Poisoned<'a>(&'a dyn Classifier);
+/// Another model's classes, input and layers with logits of its own, `forward(model, pixels)`.
+struct Relogit<'a, F>(&'a dyn Classifier, F);
 
-impl Classifier for Poisoned<'_> {
+impl<F: Fn(&dyn Classifier, &Tensor) -> CResult<Tensor> + Send + Sync> Classifier
+    for Relogit<'_, F>
+{
     fn arch(&self) -> &str {
-        "poisoned"
+        "relogit"
     }
     fn input_spec(&self) -> &InputSpec {
         self.0.input_spec()
@@ -325,20 +336,8 @@ impl Classifier for Poisoned<'_> {
     fn dtype(&self) -> DType {
         self.0.dtype()
     }
-    fn forward_t(&self, pixels: &Tensor, train: bool) -> CResult<Tensor> {
-        let logits = self.0.forward_t(pixels, train)?;
-        let marker = pixels
-            .narrow(1, 0, 1)?
-            .narrow(2, 0, 1)?
-            .narrow(3, 0, 1)?
-            .flatten_all()?;
-        let poison = marker.eq(0.123f64)?.to_dtype(DType::F32)?; // 1 for poisoned images
-        let nan = Tensor::full(f32::NAN, logits.shape(), logits.device())?;
-        poison
-            .unsqueeze(1)?
-            .broadcast_as(logits.shape())?
-            .to_dtype(DType::U8)?
-            .where_cond(&nan, &logits)
+    fn forward_t(&self, pixels: &Tensor, _train: bool) -> CResult<Tensor> {
+        (self.1)(self.0, pixels)
     }
     fn layers(&self) -> Vec<String> {
         self.0.layers()
@@ -352,6 +351,23 @@ impl Classifier for Poisoned<'_> {
     fn forward_from(&self, features: &Tensor, layer: &str) -> CResult<Tensor> {
         self.0.forward_from(features, layer)
     }
+}
+
+/// The model's logits, turned to NaN for images whose first pixel is exactly 0.123.
+fn poisoned(model: &dyn Classifier, pixels: &Tensor) -> CResult<Tensor> {
+    let logits = model.forward(pixels)?;
+    let marker = pixels
+        .narrow(1, 0, 1)?
+        .narrow(2, 0, 1)?
+        .narrow(3, 0, 1)?
+        .flatten_all()?;
+    let poison = marker.eq(0.123f64)?.to_dtype(DType::F32)?; // 1 for poisoned images
+    let nan = Tensor::full(f32::NAN, logits.shape(), logits.device())?;
+    poison
+        .unsqueeze(1)?
+        .broadcast_as(logits.shape())?
+        .to_dtype(DType::U8)?
+        .where_cond(&nan, &logits)
 }
 
 #[test]
@@ -370,7 +386,7 @@ fn a_nan_loss_stops_that_image_with_a_reported_failure() {
     first[0] = 0.123;
     let first = Tensor::from_vec(first, (3, 128, 128), &device()).unwrap();
     let pixels = Tensor::stack(&[first, data.pixels.get(1).unwrap()], 0).unwrap();
-    let poisoned = Poisoned(data.model.as_ref());
+    let poisoned = Relogit(data.model.as_ref(), poisoned);
     let window = Region::Window {
         top: 40,
         left: 40,
@@ -744,4 +760,62 @@ fn seeds_past_the_largest_wrap_around_instead_of_overflowing() {
     )
     .unwrap();
     assert!(averaged[0].mask.is_some());
+}
+
+/// Two classes, each the mean red of one half of the image (class 0 the left, ahead by 5): the
+/// SmoothGrad map of class 0 is the left half, uniformly, and that of class 1 the right half.
+fn half_split(_: &dyn Classifier, pixels: &Tensor) -> CResult<Tensor> {
+    let red = pixels.narrow(1, 0, 1)?;
+    let half = red.dim(3)? / 2;
+    let left = red.narrow(3, 0, half)?.mean((1, 2, 3))?;
+    let right = red.narrow(3, half, half)?.mean((1, 2, 3))?;
+    Tensor::stack(&[((left * 10.0)? + 5.0)?, (right * 10.0)?], 1)
+}
+
+#[test]
+fn the_dual_games_pull_towards_smoothgrad_follows_the_class_it_explains() {
+    let data = common::lesions(1);
+    let model = Relogit(data.model.as_ref(), half_split);
+    let config = AttackConfig {
+        alpha: 0.01,
+        max_iters: 40,
+        ..AttackConfig::default()
+    };
+    // The mask's mean over the outer quarter of the left half and of the right half (the mask's
+    // 8 cells are upsampled bilinearly, so it changes gradually across the middle).
+    let halves = |goal: Goal, gamma: f64| -> (f64, f64) {
+        let spec = LearnedMask {
+            gamma,
+            lr: 0.1,
+            ..LearnedMask::dual(8)
+        };
+        let o = mask_attack(&model, &data.pixels, &[goal], &spec, &config).unwrap();
+        let mask = o[0].mask.as_ref().expect("the learned mask");
+        let w = mask.dim(1).unwrap();
+        let mean = |from: usize| -> f64 {
+            mask.narrow(1, from, w / 4)
+                .unwrap()
+                .mean_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap() as f64
+        };
+        let halves = (mean(0), mean(3 * w / 4));
+        println!(
+            "explaining {goal:?} with gamma {gamma}: the mask's left and right halves {halves:?}"
+        );
+        halves
+    };
+    // The model predicts class 0. Explaining it (untargeted), a strong pull turns the left side
+    // on; explaining class 1 (away from it), the right side.
+    let (left, right) = halves(Goal::Untargeted, 1e4);
+    assert!(left - right > 0.6, "class 0: left {left}, right {right}");
+    let (left, right) = halves(Goal::Away(1), 1e4);
+    assert!(right - left > 0.6, "class 1: left {left}, right {right}");
+    // Without the pull the area constraint (0.1 of the image) keeps both sides mostly off.
+    let (left, right) = halves(Goal::Away(1), 0.0);
+    assert!(
+        left < 0.4 && right < 0.4,
+        "class 1 without the pull: left {left}, right {right}"
+    );
 }

@@ -531,7 +531,7 @@ impl Checker {
                 for (v, k) in [
                     (s.lambda_sparsity, "lambda_sparsity"),
                     (s.lambda_tv, "lambda_tv"),
-                    (s.gamma, "gamma"),
+                    (s.gamma.unwrap_or(0.0), "gamma"),
                 ] {
                     self.check(v >= 0.0 && v.is_finite(), &f(k), || {
                         format!("must be zero or more, got {v}")

@@ -959,13 +959,16 @@ attack_step! {
         lambda_tv: f64 = 1e-2,
         /// Exponent of the total variation term (default 3).
         beta: f64 = 3.0,
-        /// Weight of the pull towards the clean image's SmoothGrad map (default 1).
-        gamma: f64 = 1.0,
+        /// Weight of the pull towards the clean image's SmoothGrad map of the explained class
+        /// (default: 1 in the noise game, Eq. 6's; 0 in the dual game, where it breaks the ties
+        /// between regions a mask keeps in full).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        gamma: Option<f64> = None,
         /// SmoothGrad samples of the map the mask is pulled towards.
         samples: usize = vulnmap_saliency::SmoothGrad::authors().samples,
         /// `noise` (the paper's Eq. 6: noise through the mask until the label flips) or `dual`
         /// (a preserve / delete pair on a blurred baseline at a given area, every update; the
-        /// sparsity and SmoothGrad terms do not apply).
+        /// sparsity term does not apply, the SmoothGrad pull only with `gamma`).
         #[serde(skip_serializing_if = "is_default")]
         game: MaskGame = MaskGame::Noise,
         /// The dual game's mask areas, fractions of the image, one attack each; the map is their

@@ -442,7 +442,7 @@ data:
   lesions_only: true
   limit: 2
 steps:
-  - mask_attack: {network: free, cells: 8, max_iters: 3, game: dual, areas: [0.05, 0.1], blur_sigma: 5, jitter: 0.5, smooth: 1, field_of_view: true, alpha: 0.01}
+  - mask_attack: {network: free, cells: 8, max_iters: 3, game: dual, areas: [0.05, 0.1], blur_sigma: 5, jitter: 0.5, smooth: 1, gamma: 300, field_of_view: true, alpha: 0.01}
   - metrics: {measures: [auroc]}
 ";
     let p = config::parse(dual, Path::new("d.yaml"), Path::new(".")).unwrap();
@@ -450,13 +450,14 @@ steps:
     assert!(
         yaml.contains("game: dual")
             && yaml.contains("blur_sigma")
+            && yaml.contains("gamma: 300")
             && yaml.contains("field_of_view: true"),
         "{yaml}"
     );
     assert_eq!(config::from_yaml(&yaml).unwrap(), p);
     // The paper's settings stay out of the resolved file.
     let paper = dual.replace(
-        "game: dual, areas: [0.05, 0.1], blur_sigma: 5, jitter: 0.5, smooth: 1, field_of_view: true, ",
+        "game: dual, areas: [0.05, 0.1], blur_sigma: 5, jitter: 0.5, smooth: 1, gamma: 300, field_of_view: true, ",
         "",
     );
     let plain =
@@ -466,6 +467,7 @@ steps:
         !plain.contains("game:")
             && !plain.contains("areas:")
             && !plain.contains("seeds:")
+            && !plain.contains("gamma")
             && !plain.contains("field_of_view"),
         "{plain}"
     );
@@ -486,6 +488,7 @@ steps:
             "smooth",
         ),
         (dual.replace("smooth: 1", "smooth: 9"), "smooth"),
+        (dual.replace("gamma: 300", "gamma: -1"), "gamma"),
         (
             paper.replace("alpha: 0.01", "alpha: 0.01, field_of_view: true"),
             "field_of_view",
@@ -506,7 +509,7 @@ steps:
     assert_eq!(masks.len(), 2);
     for r in masks {
         assert_eq!(
-            r["variant"], "dual+areas=0.05,0.1+smooth=1+field_of_view",
+            r["variant"], "dual+areas=0.05,0.1+smooth=1+gamma=300+field_of_view",
             "{r:?}"
         );
     }

@@ -70,7 +70,9 @@ pub fn mask_spec(step: &MaskAttackStep, seed: u64, batch_size: usize) -> Learned
         lambda_sparsity: step.lambda_sparsity,
         lambda_tv: step.lambda_tv,
         beta: step.beta,
-        gamma: step.gamma,
+        gamma: step
+            .gamma
+            .unwrap_or(if dual { 0.0 } else { defaults.gamma }),
         reference: SmoothGrad {
             samples: step.samples,
             seed,
@@ -90,10 +92,11 @@ pub fn mask_spec(step: &MaskAttackStep, seed: u64, batch_size: usize) -> Learned
 }
 
 /// The mask attack's variant: what differs from the paper's settings (`dual`, `areas=...`,
-/// `smooth=X`, `field_of_view`, `seeds=N`, joined by `+`), or `paper`.
+/// `smooth=X`, `gamma=X`, `field_of_view`, `seeds=N`, joined by `+`), or `paper`.
 pub fn mask_variant(step: &MaskAttackStep) -> String {
+    let dual = step.game == MaskGame::Dual;
     let mut parts = Vec::new();
-    if step.game == MaskGame::Dual {
+    if dual {
         parts.push("dual".to_string());
     }
     if !step.areas.is_empty() {
@@ -105,6 +108,9 @@ pub fn mask_variant(step: &MaskAttackStep) -> String {
     }
     if let Some(smooth) = step.smooth.filter(|&s| s > 0.0) {
         parts.push(format!("smooth={smooth}"));
+    }
+    if let Some(gamma) = step.gamma.filter(|&g| g != if dual { 0.0 } else { 1.0 }) {
+        parts.push(format!("gamma={gamma}"));
     }
     if step.field_of_view {
         parts.push("field_of_view".to_string());
