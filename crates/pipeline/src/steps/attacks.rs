@@ -70,9 +70,7 @@ pub fn mask_spec(step: &MaskAttackStep, seed: u64, batch_size: usize) -> Learned
         lambda_sparsity: step.lambda_sparsity,
         lambda_tv: step.lambda_tv,
         beta: step.beta,
-        gamma: step
-            .gamma
-            .unwrap_or(if dual { 0.0 } else { defaults.gamma }),
+        gamma: step.gamma.unwrap_or(default_gamma(step.game)),
         reference: SmoothGrad {
             samples: step.samples,
             seed,
@@ -88,6 +86,15 @@ pub fn mask_spec(step: &MaskAttackStep, seed: u64, batch_size: usize) -> Learned
             .unwrap_or(if dual { LearnedMask::DUAL_JITTER } else { 0.0 }),
         smooth: step.smooth.unwrap_or(defaults.smooth),
         field_of_view: step.field_of_view,
+    }
+}
+
+/// The pull towards SmoothGrad without a `gamma`: Eq. 6's in the noise game, none in the dual
+/// game ([`LearnedMask::dual`]).
+fn default_gamma(game: MaskGame) -> f64 {
+    match game {
+        MaskGame::Noise => LearnedMask::default().gamma,
+        MaskGame::Dual => LearnedMask::dual(1).gamma,
     }
 }
 
@@ -109,7 +116,7 @@ pub fn mask_variant(step: &MaskAttackStep) -> String {
     if let Some(smooth) = step.smooth.filter(|&s| s > 0.0) {
         parts.push(format!("smooth={smooth}"));
     }
-    if let Some(gamma) = step.gamma.filter(|&g| g != if dual { 0.0 } else { 1.0 }) {
+    if let Some(gamma) = step.gamma.filter(|&g| g != default_gamma(step.game)) {
         parts.push(format!("gamma={gamma}"));
     }
     if step.field_of_view {
