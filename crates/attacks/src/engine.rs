@@ -891,13 +891,10 @@ impl<'a> Bank<'a> {
                     // prediction.
                     let explained: Vec<usize> = jobs
                         .iter()
-                        .zip(&clean_labels)
-                        .map(|(j, &c)| {
-                            if j.goal.moves_away() {
-                                j.goal.class(c)
-                            } else {
-                                c
-                            }
+                        .zip(loss_labels.iter().zip(&clean_labels))
+                        .map(|(j, (&loss, &clean))| match j.goal.moves_away() {
+                            true => loss as usize,
+                            false => clean,
                         })
                         .collect();
                     Some(saliency_masks(

@@ -101,9 +101,8 @@ fn default_gamma(game: MaskGame) -> f64 {
 /// The mask attack's variant: what differs from the paper's settings (`dual`, `areas=...`,
 /// `smooth=X`, `gamma=X`, `field_of_view`, `seeds=N`, joined by `+`), or `paper`.
 pub fn mask_variant(step: &MaskAttackStep) -> String {
-    let dual = step.game == MaskGame::Dual;
     let mut parts = Vec::new();
-    if dual {
+    if step.game == MaskGame::Dual {
         parts.push("dual".to_string());
     }
     if !step.areas.is_empty() {
