@@ -296,14 +296,15 @@ impl MaskNetworkKind {
 pub enum MaskGame {
     /// The paper's Eq. 6: the generator's noise goes through the mask; the attack stops when the
     /// label flips.
-    #[default]
     Noise,
     /// A preserve / delete pair on a blurred baseline (as extremal perturbation's dual game and
     /// iGOS++): the masked region is replaced by the blurred image plus the generator's noise
     /// (deleted), and everything but the masked region is (preserved, against the same noise).
     /// The mask lowers the label's log-probability on the deleted image and keeps it on the
     /// preserved one, at a given area; the generator attacks the deleted image. Runs every update
-    /// (a map, not a flip); untargeted only.
+    /// (a map, not a flip); untargeted only. The `mask_attack` step's default: it makes the
+    /// better map (docs/attack_maps.md).
+    #[default]
     Dual,
 }
 

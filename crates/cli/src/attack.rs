@@ -10,8 +10,8 @@ use vulnmap_attacks::saliency_attack::{
     clean_masks, control_masks, fixed_mask_attack, saliency_attack, Control,
 };
 use vulnmap_attacks::{
-    mask_attack::mask_attack, random::random_attack, AttackConfig, AttackMode, GeneratorChoice,
-    MaskGame, MaskNetworkKind,
+    mask_attack::mask_attack_averaged, random::random_attack, AttackConfig, AttackMode,
+    GeneratorChoice, MaskGame, MaskNetworkKind,
 };
 use vulnmap_data::Preprocess;
 use vulnmap_models::Classifier;
@@ -39,18 +39,18 @@ pub(crate) struct Args {
     /// Noise strength in pixel units (default 0.02 without a mask, 0.05 with one: the paper's).
     #[arg(long)]
     alpha: Option<f64>,
-    /// Generator updates at most.
-    #[arg(long, default_value_t = AttackSettings::default().max_iters)]
-    max_iters: usize,
+    /// Generator updates at most (default 100, the paper's; `--mask dual`: 60).
+    #[arg(long)]
+    max_iters: Option<usize>,
     /// Adam's learning rate for the generator.
     #[arg(long, default_value_t = AttackSettings::default().lr)]
     lr: f64,
     /// The probability the new label must exceed to count as a success.
     #[arg(long, default_value_t = AttackSettings::default().confidence)]
     confidence: f64,
-    /// Which generator makes the noise.
-    #[arg(long, value_enum, default_value_t)]
-    generator: GeneratorChoice,
+    /// Which generator makes the noise (default `auto`; `--mask dual`: `generic`).
+    #[arg(long, value_enum)]
+    generator: Option<GeneratorChoice>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Folder for <image>_noise.png and <image>_perturbed.png.
@@ -81,26 +81,38 @@ enum MaskChoice {
     /// A free low-resolution mask learned directly (the authors' code).
     Free,
     /// The dual game's free mask: the label kept where the mask is on and removed where it is
-    /// off, on a blurred baseline, under an area constraint (a map of every update, not a flip).
+    /// off, on a blurred baseline, under area constraints (a map of every update, not a flip);
+    /// the pipeline's `mask_attack: {}`, with its defaults.
     Dual,
 }
 
 pub(crate) fn run(args: Args) -> Result<()> {
     let saliency_step = SaliencyAttackStep::default();
-    let mask_step = MaskAttackStep::default();
-    let default_alpha = match args.mask {
-        MaskChoice::None => RandomAttackStep::default().alpha,
-        MaskChoice::Unet | MaskChoice::Free | MaskChoice::Dual => mask_step.alpha,
-        _ => saliency_step.alpha,
+    // The mask choices are the pipeline's `mask_attack` step: the paper's noise game with either
+    // network, or the dual game with its defaults.
+    let noise_game = |network| MaskAttackStep {
+        network: Some(network),
+        game: MaskGame::Noise,
+        ..MaskAttackStep::default()
+    };
+    let mask_step = match args.mask {
+        MaskChoice::Unet => noise_game(MaskNetworkKind::Unet),
+        MaskChoice::Free => noise_game(MaskNetworkKind::Free),
+        _ => MaskAttackStep::default(),
+    };
+    let defaults = match args.mask {
+        MaskChoice::None => RandomAttackStep::default().attack(),
+        MaskChoice::Unet | MaskChoice::Free | MaskChoice::Dual => mask_step.attack(),
+        _ => saliency_step.attack(),
     };
     let settings = AttackSettings {
         mode: args.mode,
         target: args.target,
-        alpha: args.alpha.unwrap_or(default_alpha),
-        max_iters: args.max_iters,
+        alpha: args.alpha.unwrap_or(defaults.alpha),
+        max_iters: args.max_iters.unwrap_or(defaults.max_iters),
         lr: args.lr,
         confidence: args.confidence,
-        generator: args.generator,
+        generator: args.generator.unwrap_or(defaults.generator),
     };
     // The pipeline's checks, before the model is loaded.
     vulnmap_pipeline::config::check_attack(&settings, "vulnmap attack")?;
@@ -150,18 +162,16 @@ pub(crate) fn run(args: Args) -> Result<()> {
                 &config,
             )?)
         };
-        let learned = |network: MaskNetworkKind, game: MaskGame| -> Result<_> {
-            let step = MaskAttackStep {
-                network,
-                game,
-                ..mask_step.clone()
-            };
-            let spec = attacks::mask_spec(&step, args.seed, config.batch_size);
-            Ok(mask_attack(
+        let learned = || -> Result<_> {
+            let (_, _, h, w) = pixels.dims4()?;
+            let spec = attacks::mask_spec(&mask_step, h.max(w), args.seed, config.batch_size);
+            Ok(mask_attack_averaged(
                 model.as_ref(),
                 &pixels,
                 &goals,
                 &spec,
+                &mask_step.areas(),
+                mask_step.seeds,
                 &config,
             )?)
         };
@@ -172,9 +182,7 @@ pub(crate) fn run(args: Args) -> Result<()> {
             }
             MaskChoice::Permuted => control(Control::Permuted)?,
             MaskChoice::Bernoulli => control(Control::Bernoulli)?,
-            MaskChoice::Unet => learned(MaskNetworkKind::Unet, MaskGame::Noise)?,
-            MaskChoice::Free => learned(MaskNetworkKind::Free, MaskGame::Noise)?,
-            MaskChoice::Dual => learned(MaskNetworkKind::Free, MaskGame::Dual)?,
+            MaskChoice::Unet | MaskChoice::Free | MaskChoice::Dual => learned()?,
         };
         for (i, (path, o)) in chunk.iter().zip(&outcomes).enumerate() {
             let stem = &names[c * batch + i];

@@ -411,14 +411,18 @@ fn the_cli_and_a_pipeline_with_the_same_settings_give_the_same_results() {
         ],
     );
 
-    // `--mask dual` and a pipeline's dual mask attack: the same outcome and a mask PNG.
+    // `--mask dual` and a pipeline's mask attack with its defaults: the same outcome and a mask
+    // PNG.
     let row = cli_and_step(
         "dual",
         &["--mask", "dual", "--max-iters", "3"],
-        "mask_attack: {network: free, game: dual, max_iters: 3}",
+        "mask_attack: {max_iters: 3}",
         &["label_from", "iterations", "origin_loss", "final_loss"],
     );
-    assert_eq!(row["variant"], "dual");
+    assert_eq!(
+        row["variant"],
+        "dual+areas=0.025,0.05,0.1+smooth=0.5+gamma=300+field_of_view"
+    );
     assert!(dir.path().join("dual/P0001_OD_CFP_mask.png").is_file());
     let refused = vulnmap()
         .args([

@@ -8,7 +8,7 @@ use crate::locate::Locations;
 use crate::schema::*;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use vulnmap_attacks::{AttackMode, MaskGame, MaskNetworkKind};
+use vulnmap_attacks::{AttackMode, MaskNetworkKind};
 
 /// Reads, expands, parses and checks the pipeline at `path`.
 pub fn load(path: &Path) -> Result<Pipeline> {
@@ -522,7 +522,9 @@ impl Checker {
             Step::MaskAttack(s) => {
                 self.attack(&s.attack(), at);
                 self.at_least_one(s.base, &f("base"));
-                self.within(s.cells, &CELLS, &f("cells"));
+                if let Some(cells) = s.cells {
+                    self.within(cells, &CELLS, &f("cells"));
+                }
                 if let Some(lr) = s.mask_lr {
                     self.positive(lr, &f("mask_lr"));
                 }
@@ -538,7 +540,7 @@ impl Checker {
                     });
                 }
                 self.within(s.seeds, &ROUNDS, &f("seeds"));
-                let dual = s.game == MaskGame::Dual;
+                let dual = s.dual();
                 for &a in &s.areas {
                     self.check(a > 0.0 && a < 1.0, &f("areas"), || {
                         format!("an area is a fraction of the image in (0, 1), got {a}")
@@ -548,10 +550,10 @@ impl Checker {
                     (!s.areas.is_empty(), "areas"),
                     (s.lambda_area.is_some(), "lambda_area"),
                     (s.blur_sigma.is_some(), "blur_sigma"),
-                    (s.field_of_view, "field_of_view"),
+                    (s.field_of_view == Some(true), "field_of_view"),
                 ] {
                     self.check(!given || dual, &f(k), || {
-                        "is a setting of the dual game; add `game: dual`".into()
+                        "is a setting of the dual game, not of `game: noise`".into()
                     });
                 }
                 self.check(
@@ -577,7 +579,7 @@ impl Checker {
                         format!("is a fraction of a cell in [0, 4], got {v}")
                     });
                     self.check(
-                        v == 0.0 || s.network == MaskNetworkKind::Free,
+                        v == 0.0 || s.network() == MaskNetworkKind::Free,
                         &f(key),
                         || format!("{does} the free mask; add `network: free`"),
                     );

@@ -455,16 +455,16 @@ steps:
         "{yaml}"
     );
     assert_eq!(config::from_yaml(&yaml).unwrap(), p);
-    // The paper's settings stay out of the resolved file.
+    // The paper's game names itself; its other settings stay out of the resolved file.
     let paper = dual.replace(
         "game: dual, areas: [0.05, 0.1], blur_sigma: 5, jitter: 0.5, smooth: 1, gamma: 300, field_of_view: true, ",
-        "",
+        "game: noise, ",
     );
     let plain =
         config::to_yaml(&config::parse(&paper, Path::new("p.yaml"), Path::new(".")).unwrap())
             .unwrap();
     assert!(
-        !plain.contains("game:")
+        plain.contains("game: noise")
             && !plain.contains("areas:")
             && !plain.contains("seeds:")
             && !plain.contains("gamma")
@@ -513,6 +513,69 @@ steps:
             "{r:?}"
         );
     }
+}
+
+#[test]
+fn the_mask_attack_defaults_to_the_benchmarks_dual_game_and_game_noise_is_the_papers() {
+    use vulnmap_attacks::{GeneratorChoice, MaskGame, MaskNetwork};
+    use vulnmap_pipeline::schema::{MaskAttackStep, Step};
+    use vulnmap_pipeline::steps::attacks::{mask_spec, mask_variant};
+    let step = |keys: &str| -> MaskAttackStep {
+        let text =
+            format!("name: m\ndata: {{fundus_benchmark: {{}}}}\nsteps:\n  - mask_attack: {keys}\n");
+        let p = config::parse(&text, Path::new("m.yaml"), Path::new(".")).unwrap();
+        match &p.steps[0] {
+            Step::MaskAttack(s) => s.clone(),
+            other => panic!("{other:?}"),
+        }
+    };
+    let dual = step("{}");
+    let picked = MaskAttackStep::DUAL;
+    // Cells of 4 pixels smoothed by 2 pixels, whatever the image's size.
+    for (side, cells) in [(128, 32), (224, 56)] {
+        let spec = mask_spec(&dual, side, 0, 8);
+        assert_eq!(spec.game, MaskGame::Dual);
+        assert_eq!(spec.network, MaskNetwork::Free { cells });
+        assert!((spec.smooth * side as f64 / cells as f64 - picked.smooth_pixels).abs() < 1e-9);
+        assert_eq!(
+            (spec.lr, spec.gamma, spec.field_of_view),
+            (picked.mask_lr, picked.gamma, true)
+        );
+    }
+    let settings = dual.attack();
+    assert_eq!(
+        (settings.max_iters, settings.generator, settings.alpha),
+        (picked.updates, GeneratorChoice::Generic, 0.05)
+    );
+    assert_eq!(dual.areas(), picked.areas.to_vec());
+    assert_eq!(
+        mask_variant(&dual, 128),
+        "dual+areas=0.025,0.05,0.1+smooth=0.5+gamma=300+field_of_view"
+    );
+    // Each default can be turned off or changed by its key.
+    let plain = step("{field_of_view: false, gamma: 0, smooth: 0, areas: [0.1], cells: 16}");
+    let spec = mask_spec(&plain, 128, 0, 8);
+    assert_eq!(
+        (spec.network, spec.gamma, spec.smooth, spec.field_of_view),
+        (MaskNetwork::Free { cells: 16 }, 0.0, 0.0, false)
+    );
+    assert_eq!(mask_variant(&plain, 128), "dual+areas=0.1");
+    // `game: noise` is Eq. 6 with the paper's settings: a U-Net, gamma 1, 100 updates of the
+    // generator the image's size picks, one attack.
+    let paper = step("{game: noise}");
+    let spec = mask_spec(&paper, 224, 0, 8);
+    assert_eq!(spec.network, MaskNetwork::UNet { base: 16 });
+    assert_eq!(
+        (spec.gamma, spec.smooth, spec.field_of_view),
+        (1.0, 0.0, false)
+    );
+    let settings = paper.attack();
+    assert_eq!(
+        (settings.max_iters, settings.generator),
+        (100, GeneratorChoice::Auto)
+    );
+    assert!(paper.areas().is_empty());
+    assert_eq!(mask_variant(&paper, 224), "paper");
 }
 
 #[test]

@@ -18,7 +18,7 @@ use vulnmap_attacks::rounds::{self, rounds};
 use vulnmap_attacks::saliency_attack::{
     clean_masks, control_masks, fixed_mask_attack, saliency_attack, SaliencyAttack,
 };
-use vulnmap_attacks::{AttackConfig, AttackOutcome, Goal, LearnedMask, MaskGame, MaskNetworkKind};
+use vulnmap_attacks::{AttackConfig, AttackOutcome, Goal, LearnedMask, MaskNetworkKind};
 use vulnmap_saliency::SmoothGrad;
 
 /// The attack configuration of `settings`, its generators drawn from `seed` and banked
@@ -53,24 +53,25 @@ pub fn saliency_spec(step: &SaliencyAttackStep, seed: u64, batch_size: usize) ->
     }
 }
 
-/// The learned mask of `step`; without a `mask_lr`, the network's own learning rate (the dual
-/// game's, for a free mask in that game).
-pub fn mask_spec(step: &MaskAttackStep, seed: u64, batch_size: usize) -> LearnedMask {
-    let dual = step.game == MaskGame::Dual;
+/// The learned mask of `step` on images of `side` pixels; without a `mask_lr`, the network's
+/// own learning rate (the dual game's, for a free mask in that game).
+pub fn mask_spec(step: &MaskAttackStep, side: usize, seed: u64, batch_size: usize) -> LearnedMask {
+    let dual = step.dual();
+    let network = step.network();
     let defaults = LearnedMask::default();
-    let lr = match (step.mask_lr, step.network) {
+    let lr = match (step.mask_lr, network) {
         (Some(lr), _) => lr,
-        (None, MaskNetworkKind::Free) if dual => LearnedMask::DUAL_LR,
+        (None, MaskNetworkKind::Free) if dual => MaskAttackStep::DUAL.mask_lr,
         (None, network) => network.default_lr(),
     };
     LearnedMask {
-        network: step.network.network(step.base, step.cells),
+        network: network.network(step.base, step.cells(side)),
         lr,
         sparsity: step.sparsity,
         lambda_sparsity: step.lambda_sparsity,
         lambda_tv: step.lambda_tv,
         beta: step.beta,
-        gamma: step.gamma.unwrap_or(default_gamma(step.game)),
+        gamma: step.gamma(),
         reference: SmoothGrad {
             samples: step.samples,
             seed,
@@ -84,41 +85,40 @@ pub fn mask_spec(step: &MaskAttackStep, seed: u64, batch_size: usize) -> Learned
         jitter: step
             .jitter
             .unwrap_or(if dual { LearnedMask::DUAL_JITTER } else { 0.0 }),
-        smooth: step.smooth.unwrap_or(defaults.smooth),
-        field_of_view: step.field_of_view,
+        smooth: step.smooth(side),
+        field_of_view: step.field_of_view(),
     }
 }
 
-/// The pull towards SmoothGrad without a `gamma`: Eq. 6's in the noise game, none in the dual
-/// game ([`LearnedMask::dual`]).
-fn default_gamma(game: MaskGame) -> f64 {
-    match game {
-        MaskGame::Noise => LearnedMask::default().gamma,
-        MaskGame::Dual => LearnedMask::dual(1).gamma,
-    }
-}
-
-/// The mask attack's variant: what differs from the paper's settings (`dual`, `areas=...`,
-/// `smooth=X`, `gamma=X`, `field_of_view`, `seeds=N`, joined by `+`), or `paper`.
-pub fn mask_variant(step: &MaskAttackStep) -> String {
+/// The mask attack's variant on images of `side` pixels: what differs from the paper's settings
+/// (`dual`, `areas=...`, `smooth=X` in cells, `gamma=X`, `field_of_view`, `seeds=N`, joined by
+/// `+`), or `paper`. The dual game's defaults are spelt out, so a row names the settings that made
+/// it whatever the defaults of the version that wrote it.
+pub fn mask_variant(step: &MaskAttackStep, side: usize) -> String {
     let mut parts = Vec::new();
-    if step.game == MaskGame::Dual {
+    let paper_gamma = LearnedMask::default().gamma;
+    if step.dual() {
         parts.push("dual".to_string());
     }
-    if !step.areas.is_empty() {
-        let areas: Vec<String> = step.areas.iter().map(|a| a.to_string()).collect();
+    let areas = step.areas();
+    if !areas.is_empty() {
+        let areas: Vec<String> = areas.iter().map(|a| a.to_string()).collect();
         parts.push(format!("areas={}", areas.join(",")));
     }
-    if step.jitter.is_some_and(|j| j > 0.0) && step.game == MaskGame::Noise {
+    if step.jitter.is_some_and(|j| j > 0.0) && !step.dual() {
         parts.push("jitter".to_string());
     }
-    if let Some(smooth) = step.smooth.filter(|&s| s > 0.0) {
-        parts.push(format!("smooth={smooth}"));
+    let smooth = step.smooth(side);
+    if smooth > 0.0 {
+        parts.push(format!("smooth={}", (smooth * 1e4).round() / 1e4));
     }
-    if let Some(gamma) = step.gamma.filter(|&g| g != default_gamma(step.game)) {
+    let gamma = step.gamma();
+    // The dual game without the pull is the game itself; with it, and the noise game with
+    // another weight than Eq. 6's, the weight is named.
+    if (step.dual() && gamma != 0.0) || (!step.dual() && gamma != paper_gamma) {
         parts.push(format!("gamma={gamma}"));
     }
-    if step.field_of_view {
+    if step.field_of_view() {
         parts.push("field_of_view".to_string());
     }
     if step.seeds != 1 {
@@ -297,17 +297,18 @@ pub(crate) fn mask(
 ) -> Result<(Vec<Found>, Tensor)> {
     let model = cx.model;
     let config = cx.attack_config(&s.attack())?;
-    let spec = mask_spec(s, cx.seed, cx.batch_size);
+    let (_, _, h, w) = chunk.pixels.dims4()?;
+    let side = h.max(w);
+    let spec = mask_spec(s, side, cx.seed, cx.batch_size);
     let outcomes = mask_attack_averaged(
         model,
         &chunk.pixels,
         &map_goals(&s.attack(), chunk)?,
         &spec,
-        &s.areas,
+        &s.areas(),
         s.seeds,
         &config,
     )?;
-    let (_, _, h, w) = chunk.pixels.dims4()?;
     let mut masks = Vec::new();
     for o in &outcomes {
         let mask = match &o.mask {
@@ -334,7 +335,7 @@ pub(crate) fn mask(
         .zip(cx.map_rows(chunk, id, &m)?)
     {
         rows.push(Found::MaskAttack(MaskAttacked {
-            variant: mask_variant(s),
+            variant: mask_variant(s, side),
             outcome: cx.outcome(o),
             figures: cx.attack_figures(item, id, o)?,
             map,
