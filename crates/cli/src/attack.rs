@@ -82,7 +82,8 @@ enum MaskChoice {
     Free,
     /// The dual game's free mask: the label kept where the mask is on and removed where it is
     /// off, on a blurred baseline, under area constraints (a map of every update, not a flip);
-    /// the pipeline's `mask_attack: {}`, with its defaults.
+    /// the pipeline's `mask_attack: {}`, with its defaults. The row and the noise and perturbed
+    /// images are the first area's attack; the mask is the mean over the areas.
     Dual,
 }
 

@@ -173,8 +173,19 @@ fn absolute(base: &Path, p: &str) -> String {
     }
 }
 
-/// Makes every path absolute.
+/// Makes every path absolute, and writes each attack step's resolved updates and generator (and
+/// the mask attack's network) into its keys, so the saved `pipeline.yaml` says what ran.
 fn resolve(mut p: Pipeline, base: &Path) -> Pipeline {
+    for step in &mut p.steps {
+        match step {
+            Step::RandomAttack(s) => s.pin_settings(),
+            Step::AlphaSweep(s) => s.pin_settings(),
+            Step::LocalAttack(s) => s.pin_settings(),
+            Step::SaliencyAttack(s) => s.pin_settings(),
+            Step::MaskAttack(s) => s.pin_mask_settings(),
+            _ => {}
+        }
+    }
     if let Some(m) = &mut p.model {
         m.weights = m.weights.as_deref().map(|w| absolute(base, w));
         m.onnx = m.onnx.as_deref().map(|w| absolute(base, w));
@@ -559,7 +570,7 @@ impl Checker {
                 self.check(
                     !dual || s.attack().mode == AttackMode::Untargeted,
                     &f("mode"),
-                    || "the dual game maps the clean label: it is untargeted".into(),
+                    || "the dual game maps the clean label: it is untargeted (`game: noise` can be targeted)".into(),
                 );
                 if let Some(v) = s.lambda_area {
                     self.check(v >= 0.0 && v.is_finite(), &f("lambda_area"), || {

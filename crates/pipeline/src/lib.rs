@@ -21,7 +21,8 @@
 //! ```
 //!
 //! Modules:
-//! - [`schema`]: the pipeline file's types, with the paper's values as defaults.
+//! - [`schema`]: the pipeline file's types, with the paper's values as defaults, except the mask
+//!   attack's: the dual game the attack-maps benchmark picked (`MaskAttackStep::DUAL`).
 //! - [`config`]: loading a file: `${VAR}` expansion, parsing, checks with line and column.
 //! - [`limits`]: the ranges of settings that multiply memory or time, for keys and flags alike.
 //! - `yaml_budget`: bounds on a pipeline file's size and alias expansion, before parsing.

@@ -891,6 +891,14 @@ macro_rules! attack_step {
                     generator: self.generator.unwrap_or(generator),
                 }
             }
+
+            /// Writes the updates and the generator the step resolves to into its keys, so a
+            /// saved pipeline says what ran whatever a later version's defaults.
+            pub fn pin_settings(&mut self) {
+                let a = self.attack();
+                self.max_iters = Some(a.max_iters);
+                self.generator = Some(a.generator);
+            }
         }
     };
 }
@@ -1084,13 +1092,24 @@ impl MaskAttackStep {
         })
     }
 
-    /// The free mask's cells per side on images of `side` pixels.
+    /// The free mask's cells per side on images of `side` pixels (the dual game's default
+    /// within the `cells` limit).
     pub fn cells(&self, side: usize) -> usize {
         self.cells.unwrap_or(if self.dual() {
-            (side / Self::DUAL.cell_pixels).max(1)
+            (side / Self::DUAL.cell_pixels).clamp(1, crate::limits::CELLS.max as usize)
         } else {
             14
         })
+    }
+
+    /// [`Self::pin_settings`], and the network; in the noise game the cells too (the dual
+    /// game's follow each image's size).
+    pub fn pin_mask_settings(&mut self) {
+        self.pin_settings();
+        self.network = Some(self.network());
+        if !self.dual() {
+            self.cells = Some(self.cells(0));
+        }
     }
 
     /// The free mask's smoothing, as a fraction of a cell, on images of `side` pixels.

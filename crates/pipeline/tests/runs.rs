@@ -548,6 +548,17 @@ fn the_mask_attack_defaults_to_the_benchmarks_dual_game_and_game_noise_is_the_pa
         (picked.updates, GeneratorChoice::Generic, 0.05)
     );
     assert_eq!(dual.areas(), picked.areas.to_vec());
+    // Within the cells limit on a large image.
+    assert_eq!(dual.cells(4096), 256);
+    // The saved pipeline holds the resolved updates, generator and network.
+    assert_eq!(
+        (dual.max_iters, dual.generator, dual.network),
+        (
+            Some(picked.updates),
+            Some(GeneratorChoice::Generic),
+            Some(vulnmap_attacks::MaskNetworkKind::Free)
+        )
+    );
     assert_eq!(
         mask_variant(&dual, 128),
         "dual+areas=0.025,0.05,0.1+smooth=0.5+gamma=300+field_of_view"
@@ -583,7 +594,7 @@ fn explaining_the_label_maps_and_attacks_each_images_label() {
     let steps = "steps:
   - classify: {top: 2}
   - gradient: {}
-  - mask_attack: {network: free, cells: 8, max_iters: 2, game: dual, alpha: 0.01}
+  - mask_attack: {network: free, cells: 8, max_iters: 2, game: dual, areas: [0.1], gamma: 0, field_of_view: false, alpha: 0.01}
   - local_attack: {window: 64, stride: 64, alpha: 0.1, max_iters: 1, lr: 2.0e-3, score: probability_drop, game: occlude}
 ";
     let files = format!(
