@@ -39,7 +39,7 @@ pub(crate) struct Args {
     /// Noise strength in pixel units (default 0.02 without a mask, 0.05 with one: the paper's).
     #[arg(long)]
     alpha: Option<f64>,
-    /// Generator updates at most (default 100, the paper's; `--mask dual`: 60).
+    /// Generator updates at most (default 100, the paper's; `--mask dual`: 40).
     #[arg(long)]
     max_iters: Option<usize>,
     /// Adam's learning rate for the generator.

@@ -843,7 +843,7 @@ macro_rules! attack_step {
             /// and `mask_attack`; unused by `alpha_sweep`, which takes `alphas`).
             pub alpha: f64,
             /// Generator updates at most before the attack counts as failed (default 100; the
-            /// mask attack's dual game: 60).
+            /// mask attack's dual game: 40).
             #[serde(skip_serializing_if = "Option::is_none")]
             pub max_iters: Option<usize>,
             /// Adam's learning rate for the noise generators (default 2e-4).
@@ -975,7 +975,7 @@ attack_step! {
         /// game's 14).
         #[serde(skip_serializing_if = "Option::is_none")]
         cells: Option<usize> = None,
-        /// Adam's learning rate for the mask; absent: 0.1 for the dual game's free mask, else the
+        /// Adam's learning rate for the mask; absent: 0.15 for the dual game's free mask, else the
         /// network's own (1e-3 for the U-Net, the authors' 0.01 for the free mask).
         #[serde(skip_serializing_if = "Option::is_none")]
         mask_lr: Option<f64> = None,
@@ -1072,8 +1072,8 @@ impl MaskAttackStep {
         cell_pixels: 4,
         smooth_pixels: 2.0,
         areas: &[0.025, 0.05, 0.1],
-        mask_lr: 0.1,
-        updates: 60,
+        mask_lr: 0.15,
+        updates: 40,
         gamma: 300.0,
     };
 
