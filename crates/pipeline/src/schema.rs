@@ -813,12 +813,11 @@ impl Default for AttackSettings {
     }
 }
 
-/// The updates and the generator of an attack step whose keys leave them out: the paper's
-/// (100 updates, `auto`), unless the step's game has its own.
+/// The updates and the generator of an attack step whose keys leave them out, where the step's
+/// game has its own; `None`: the paper's (100 updates, `auto`).
 trait DefaultUpdates {
-    fn default_updates_and_generator(&self) -> (usize, GeneratorChoice) {
-        let paper = AttackSettings::default();
-        (paper.max_iters, paper.generator)
+    fn own_updates_and_generator(&self) -> Option<(usize, GeneratorChoice)> {
+        None
     }
 }
 
@@ -880,7 +879,10 @@ macro_rules! attack_step {
             /// The shared attack settings, the step's own defaults where its keys leave them
             /// out.
             pub fn attack(&self) -> AttackSettings {
-                let (max_iters, generator) = self.default_updates_and_generator();
+                let paper = AttackSettings::default();
+                let (max_iters, generator) = self
+                    .own_updates_and_generator()
+                    .unwrap_or((paper.max_iters, paper.generator));
                 AttackSettings {
                     mode: self.mode,
                     target: self.target,
@@ -1035,14 +1037,9 @@ impl DefaultUpdates for LocalAttackStep {}
 impl DefaultUpdates for SaliencyAttackStep {}
 
 impl DefaultUpdates for MaskAttackStep {
-    fn default_updates_and_generator(&self) -> (usize, GeneratorChoice) {
-        match self.game {
-            MaskGame::Dual => (Self::DUAL.updates, GeneratorChoice::Generic),
-            MaskGame::Noise => {
-                let paper = AttackSettings::default();
-                (paper.max_iters, paper.generator)
-            }
-        }
+    fn own_updates_and_generator(&self) -> Option<(usize, GeneratorChoice)> {
+        self.dual()
+            .then_some((Self::DUAL.updates, GeneratorChoice::Generic))
     }
 }
 
@@ -1067,6 +1064,9 @@ pub struct DualDefaults {
 }
 
 impl MaskAttackStep {
+    /// The noise game's free-mask cells per side when `cells` leaves them out.
+    pub const NOISE_CELLS: usize = 14;
+
     /// The dual game's defaults.
     pub const DUAL: DualDefaults = DualDefaults {
         cell_pixels: 4,
@@ -1098,7 +1098,7 @@ impl MaskAttackStep {
         self.cells.unwrap_or(if self.dual() {
             (side / Self::DUAL.cell_pixels).clamp(1, crate::limits::CELLS.max as usize)
         } else {
-            14
+            Self::NOISE_CELLS
         })
     }
 
@@ -1108,7 +1108,7 @@ impl MaskAttackStep {
         self.pin_settings();
         self.network = Some(self.network());
         if !self.dual() {
-            self.cells = Some(self.cells(0));
+            self.cells = Some(Self::NOISE_CELLS);
         }
     }
 
