@@ -198,6 +198,7 @@ pub fn pgd(
                     noise: Some((&perturbed - x0.get(i)?)?),
                     perturbed: Some(perturbed),
                     mask: mask.as_ref().map(|m| m.get(i)?.squeeze(0)).transpose()?,
+                    contribution: None,
                 });
             }
         }

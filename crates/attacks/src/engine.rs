@@ -464,17 +464,30 @@ pub fn run(
     masking: &Masking,
     config: &AttackConfig,
 ) -> Result<Vec<AttackOutcome>> {
-    run_keeping(model, pixels, jobs, masking, config, true)
+    let keep = Keep {
+        images: true,
+        contributions: false,
+    };
+    run_keeping(model, pixels, jobs, masking, config, keep)
 }
 
-/// [`run`], with each outcome's noise and perturbed image kept or not (`keep_images`).
+/// What outcomes keep beside their scores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Keep {
+    /// Each outcome's noise and perturbed image.
+    pub images: bool,
+    /// Each outcome's [`AttackOutcome::contribution`] (banks without a mask).
+    pub contributions: bool,
+}
+
+/// [`run`], keeping what `keep` asks for.
 pub(crate) fn run_keeping(
     model: &dyn Classifier,
     pixels: &Tensor,
     jobs: &[Job],
     masking: &Masking,
     config: &AttackConfig,
-    keep_images: bool,
+    keep: Keep,
 ) -> Result<Vec<AttackOutcome>> {
     let (n, _, h, w) = pixels.dims4()?;
     ensure(config.batch_size > 0, || {
@@ -551,7 +564,7 @@ pub(crate) fn run_keeping(
             config,
             &at,
         )?;
-        outcomes.extend(bank.run(keep_images)?);
+        outcomes.extend(bank.run(keep)?);
         start = end;
     }
     Ok(outcomes)
@@ -948,9 +961,14 @@ impl<'a> Bank<'a> {
         })
     }
 
-    /// The generators' noise placed on the images: `B x 3 x H x W`.
-    fn placed_noise(&self) -> Result<Tensor> {
+    /// The generators' noise placed on the images: `B x 3 x H x W`; `probe`, a zero variable of
+    /// the generators' output shape added to their noise, gets the noise's gradient.
+    fn placed_noise(&self, probe: Option<&Var>) -> Result<Tensor> {
         let noise = self.generators.forward()?;
+        let noise = match probe {
+            Some(p) => (noise + p.as_tensor())?,
+            None => noise,
+        };
         let (_, _, h, w) = self.images.dims4()?;
         // A bank's noise is all window-sized or all image-sized (`Region::noise_side`).
         if let Some(keep) = &self.outside_windows {
@@ -976,9 +994,9 @@ impl<'a> Bank<'a> {
         Ok(Tensor::stack(&placed, 0)?)
     }
 
-    /// Attacks every job of the bank; `keep_images`: whether outcomes keep their noise and
-    /// perturbed image.
-    fn run(mut self, keep_images: bool) -> Result<Vec<AttackOutcome>> {
+    /// Attacks every job of the bank, its outcomes keeping what `keep` asks for.
+    fn run(mut self, keep: Keep) -> Result<Vec<AttackOutcome>> {
+        let keep_images = keep.images;
         let b = self.jobs.len();
         let device = self.images.device().clone();
         let cap = self.config.max_iters;
@@ -988,8 +1006,16 @@ impl<'a> Bank<'a> {
         let mut judged_log_odds: Vec<Vec<f64>> = vec![Vec::with_capacity(cap + 1); b];
         let bar = progress(self.config.progress, cap as u64, b);
         let mut saliency_mask: Option<Tensor> = None;
+        let mut contributions: Vec<Option<Tensor>> = vec![None; b];
         for k in 0..=cap {
-            let noise = self.placed_noise()?;
+            // The first judged images' gradient, read off a zero variable added to the noise:
+            // candle keeps no gradient of an intermediate tensor.
+            let probe = match keep.contributions && k == 0 && matches!(self.masking, Masking::None)
+            {
+                true => Some(self.generators.zero_noise()?),
+                false => None,
+            };
+            let noise = self.placed_noise(probe.as_ref())?;
             // The mask of this iteration.
             let mask = match self.masking {
                 Masking::None => None,
@@ -1141,6 +1167,7 @@ impl<'a> Bank<'a> {
                             .then(|| perturbed.get(j).map(|p| p.detach()))
                             .transpose()?,
                         mask: m.map(|m| m.squeeze(0)).transpose()?.map(|m| m.detach()),
+                        contribution: None,
                     });
                 }
             }
@@ -1149,7 +1176,8 @@ impl<'a> Bank<'a> {
                 "{} of {b} done",
                 active.iter().filter(|a| !**a).count()
             ));
-            if active.iter().all(|a| !a) || k == cap {
+            let finished = active.iter().all(|a| !a) || k == cap;
+            if finished && probe.is_none() {
                 break;
             }
             let on = Tensor::new(
@@ -1160,7 +1188,34 @@ impl<'a> Bank<'a> {
                     .as_slice(),
                 &device,
             )?;
-            let grads = (loss * &on)?.sum_all()?.backward()?;
+            // A probe wants every job's gradient; the optimiser still moves only active jobs.
+            let grads = match &probe {
+                Some(_) => loss.sum_all()?.backward()?,
+                None => (loss * &on)?.sum_all()?.backward()?,
+            };
+            if let Some(p) = &probe {
+                let grad = grads
+                    .get(p.as_tensor())
+                    .ok_or_else(|| candle_core::Error::Msg("the noise got no gradient".into()))?;
+                // The noise's gradient is alpha times the perturbed image's where it was not
+                // clamped.
+                let grad = grad.broadcast_div(&self.alphas)?;
+                for (j, job) in self.jobs.iter().enumerate() {
+                    let taken = (self.images.get(j)? - perturbed.get(j)?.detach())?;
+                    // Window noise has the window's shape.
+                    let taken = match job.region {
+                        Region::Window { top, left, size }
+                        | Region::Occluded { top, left, size } => {
+                            taken.narrow(1, top, size)?.narrow(2, left, size)?
+                        }
+                        Region::Whole | Region::Outside { .. } => taken,
+                    };
+                    contributions[j] = Some((taken * grad.get(j)?)?.sum(0)?);
+                }
+            }
+            if finished {
+                break;
+            }
             // The iteration after the last step only judges: no moments to keep.
             let last = k + 1 == cap;
             let learner = self.learner.as_mut().map(|l| &mut l.adam);
@@ -1174,7 +1229,11 @@ impl<'a> Bank<'a> {
         bar.finish_and_clear();
         Ok(outcomes
             .into_iter()
-            .map(|o| o.expect("every job ends with an outcome"))
+            .zip(contributions)
+            .map(|(o, contribution)| AttackOutcome {
+                contribution,
+                ..o.expect("every job ends with an outcome")
+            })
             .collect())
     }
 }

@@ -7,10 +7,11 @@
 //! window score from the attacked label's probability instead of whole updates
 //! ([`WindowScore::ProbabilityDrop`]), the preserve game (noise everywhere but the window:
 //! how well does the label survive?), the occlude game (occlusion sharpened by the attack), a
-//! score in log-odds for models sure of their label, and several generator seeds per window,
-//! averaged.
+//! score in log-odds for models sure of their label, several generator seeds per window,
+//! averaged, and each window's score shared among its pixels by their part in the attack's
+//! first perturbation ([`WindowSpread::Attack`]), so that a map is finer than its windows.
 
-use crate::engine::{run_keeping, AttackConfig, Goal, Job, Masking, Region};
+use crate::engine::{run_keeping, AttackConfig, Goal, Job, Keep, Masking, Region};
 use crate::error::{ensure, Result};
 use crate::outcome::AttackOutcome;
 use candle_core::{Device, Tensor};
@@ -54,6 +55,20 @@ pub enum WindowScore {
     LogOddsDrop,
 }
 
+/// How a window's score spreads over the window's pixels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WindowSpread {
+    /// Evenly (the paper's): each pixel gets the mean score of the windows covering it.
+    #[default]
+    Even,
+    /// By the attack: each window's score is shared among its pixels by their first-order share
+    /// of what the attack's first perturbation took from the label
+    /// ([`AttackOutcome::contribution`]), so a map is finer than its stride. The delete and
+    /// occlude games only: the preserve game leaves the window as it is.
+    Attack,
+}
+
 /// The local attack's windows.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LocalAttack {
@@ -68,6 +83,8 @@ pub struct LocalAttack {
     /// Generator seeds per window, `config.seed`, `config.seed + 1` ...; the window's score is
     /// their mean (default 1, the paper's).
     pub seeds: usize,
+    /// How a window's score spreads over its pixels (default the paper's: evenly).
+    pub spread: WindowSpread,
 }
 
 impl Default for LocalAttack {
@@ -79,6 +96,7 @@ impl Default for LocalAttack {
             game: LocalGame::Delete,
             score: WindowScore::Speed,
             seeds: 1,
+            spread: WindowSpread::Even,
         }
     }
 }
@@ -100,6 +118,9 @@ impl LocalAttack {
         }
         if self.seeds != 1 {
             parts.push(format!("seeds={}", self.seeds));
+        }
+        if self.spread == WindowSpread::Attack {
+            parts.push("spread=attack".to_string());
         }
         crate::variant_name(&parts)
     }
@@ -202,6 +223,12 @@ pub fn local_attacks(
     config: &AttackConfig,
 ) -> Result<Vec<LocalMap>> {
     ensure(spec.seeds >= 1, || "seeds must be at least 1".into())?;
+    ensure(
+        !(spec.spread == WindowSpread::Attack && spec.game == LocalGame::Preserve),
+        || {
+            "spread: attack needs the delete or occlude game: the preserve game leaves the window as it is".into()
+        },
+    )?;
     ensure(goals.len() == images.len(), || {
         format!("{} goals for {} images", goals.len(), images.len())
     })?;
@@ -240,8 +267,11 @@ pub fn local_attacks(
         })
         .collect();
     // Window outcomes keep no images: a map is made of hundreds of windows.
-    let mut outcomes =
-        run_keeping(model, pixels, &jobs, &Masking::None, config, false)?.into_iter();
+    let keep = Keep {
+        images: false,
+        contributions: spec.spread == WindowSpread::Attack,
+    };
+    let mut outcomes = run_keeping(model, pixels, &jobs, &Masking::None, config, keep)?.into_iter();
     images
         .iter()
         .map(|_| {
@@ -287,10 +317,17 @@ pub fn local_map(
         .collect();
     let coverage = grid.coverage((h, w))?;
     let mut total = vec![0f64; h * w];
-    for (&(top, left), &s) in windows.iter().zip(&scores) {
-        for y in top..top + spec.window {
-            for x in left..left + spec.window {
-                total[y * w + x] += s;
+    let size = spec.window;
+    for (k, (&(top, left), &s)) in windows.iter().zip(&scores).enumerate() {
+        let spread = match spec.spread {
+            WindowSpread::Even => vec![s; size * size],
+            WindowSpread::Attack => {
+                attack_spread(s, &outcomes[k * spec.seeds..(k + 1) * spec.seeds], size)?
+            }
+        };
+        for y in 0..size {
+            for x in 0..size {
+                total[(top + y) * w + left + x] += spread[y * size + x];
             }
         }
     }
@@ -310,6 +347,47 @@ pub fn local_map(
         contrast,
         variant: spec.variant(),
     })
+}
+
+/// The part of a window's score its pixels earn by their share of the attack
+/// ([`WindowSpread::Attack`]); the rest goes to every pixel of the window alike. Picked on the
+/// benchmarks' images (docs/attack_maps.md, "Spread by the attack").
+pub const ATTACK_SPREAD_SHARE: f64 = 0.8;
+
+/// A window's `score` shared among its `size x size` pixels by its attacks' contributions (the
+/// mean over seeds): each pixel gets the score times its weight, from 1 for the window's largest
+/// contribution down to `1 - ATTACK_SPREAD_SHARE` for none or a negative one. A window whose
+/// pixels contribute nothing keeps its score on every pixel.
+fn attack_spread(score: f64, attacks: &[AttackOutcome], size: usize) -> Result<Vec<f64>> {
+    let mut shares = vec![0f64; size * size];
+    for attack in attacks {
+        let Some(c) = &attack.contribution else {
+            return Err(crate::error::Error::InvalidParameter(
+                "spreading a window's score by the attack needs the attack's contributions".into(),
+            ));
+        };
+        let c = c
+            .flatten_all()?
+            .to_dtype(candle_core::DType::F64)?
+            .to_vec1::<f64>()?;
+        ensure(c.len() == shares.len(), || {
+            format!(
+                "a contribution of {} pixels for a {size}x{size} window",
+                c.len()
+            )
+        })?;
+        for (s, v) in shares.iter_mut().zip(c) {
+            *s += v / attacks.len() as f64;
+        }
+    }
+    let top = shares.iter().fold(0f64, |m, &v| m.max(v));
+    if !(top > 0.0 && top.is_finite()) {
+        return Ok(vec![score; shares.len()]);
+    }
+    Ok(shares
+        .iter()
+        .map(|&v| score * (1.0 - ATTACK_SPREAD_SHARE * (1.0 - v.max(0.0) / top)))
+        .collect())
 }
 
 /// One (w, s) setting of the sweep.
@@ -361,4 +439,65 @@ pub fn window_sweep(
             ))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_contribution(values: &[f32]) -> AttackOutcome {
+        AttackOutcome {
+            alpha: 0.1,
+            origin_loss: 0.0,
+            final_loss: 0.0,
+            label_from: 0,
+            label_to: 0,
+            target: None,
+            iterations: 1,
+            confidence: 1.0,
+            probabilities: vec![1.0],
+            origin_log_odds: 0.0,
+            log_odds: vec![0.0],
+            success: false,
+            failure: None,
+            noise: None,
+            perturbed: None,
+            mask: None,
+            contribution: Some(Tensor::from_slice(values, (2, 2), &Device::Cpu).unwrap()),
+        }
+    }
+
+    #[test]
+    fn each_pixel_gets_the_score_weighted_by_its_contribution() {
+        let rest = 1.0 - ATTACK_SPREAD_SHARE;
+        // Seeds averaged: contributions 2, 1, 0 and -1 (a negative one counts as none).
+        let seeds = [
+            with_contribution(&[4.0, 2.0, 0.0, -2.0]),
+            with_contribution(&[0.0, 0.0, 0.0, 0.0]),
+        ];
+        let spread = attack_spread(10.0, &seeds, 2).unwrap();
+        let expected = [
+            10.0,
+            10.0 * (rest + ATTACK_SPREAD_SHARE / 2.0),
+            10.0 * rest,
+            10.0 * rest,
+        ];
+        for (got, want) in spread.iter().zip(expected) {
+            assert!((got - want).abs() < 1e-9, "{spread:?} against {expected:?}");
+        }
+        // A negative score is weighted alike.
+        let spread = attack_spread(-10.0, &seeds[..1], 2).unwrap();
+        assert!(
+            (spread[0] + 10.0).abs() < 1e-9 && (spread[2] + 10.0 * rest).abs() < 1e-9,
+            "{spread:?}"
+        );
+        // Nothing contributed: the score on every pixel.
+        assert_eq!(attack_spread(3.0, &seeds[1..], 2).unwrap(), vec![3.0; 4]);
+        // Without contributions there is nothing to spread by.
+        let bare = AttackOutcome {
+            contribution: None,
+            ..with_contribution(&[0.0; 4])
+        };
+        assert!(attack_spread(1.0, &[bare], 2).is_err());
+    }
 }

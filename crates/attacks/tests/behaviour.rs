@@ -8,7 +8,9 @@ use common::{device, kept_noise, kept_perturbed};
 use vulnmap_attacks::baselines::{pgd, Norm, Pgd};
 use vulnmap_attacks::engine::run;
 use vulnmap_attacks::engine::OCCLUDED_SIGMA;
-use vulnmap_attacks::local::{local_attack, local_attacks, LocalAttack};
+use vulnmap_attacks::local::{
+    local_attack, local_attacks, LocalAttack, LocalGame, WindowScore, WindowSpread,
+};
 use vulnmap_attacks::mask_attack::{mask_attack, mask_attack_averaged};
 use vulnmap_attacks::random::random_attack;
 use vulnmap_attacks::rounds::{alpha_sweep, rounds};
@@ -817,5 +819,74 @@ fn the_dual_games_pull_towards_smoothgrad_follows_the_class_it_explains() {
     assert!(
         left < 0.4 && right < 0.4,
         "class 1 without the pull: left {left}, right {right}"
+    );
+}
+
+#[test]
+fn a_windows_contributions_add_up_to_what_its_first_perturbation_took() {
+    let data = common::lesions(1);
+    // The log-odds of class 0 is linear in the pixels, and the gradient of log p0 is (1 - p0)
+    // times its gradient: a window's contributions add up to (1 - p0) at the perturbed image
+    // times the log-odds the perturbation took, exactly. The image within [0.3, 0.7] and alpha
+    // 0.2: no noise is clamped.
+    let model = Relogit(data.model.as_ref(), half_split);
+    let pixels = data.pixels.affine(0.4, 0.3).unwrap();
+    let config = AttackConfig {
+        alpha: 0.2,
+        max_iters: 1,
+        ..AttackConfig::default()
+    };
+    for game in [LocalGame::Delete, LocalGame::Occlude] {
+        let spec = LocalAttack {
+            window: 32,
+            stride: 32,
+            game,
+            score: WindowScore::LogOddsDrop,
+            spread: WindowSpread::Attack,
+            ..LocalAttack::default()
+        };
+        let local = local_attack(&model, &pixels, 0, Goal::Untargeted, &spec, &config).unwrap();
+        assert_eq!(local.outcomes.len(), 16);
+        for (o, window) in local.outcomes.iter().zip(&local.windows) {
+            let c = o.contribution.as_ref().expect("a window's contributions");
+            assert_eq!(c.dims(), &[32, 32]);
+            let total = c.sum_all().unwrap().to_scalar::<f32>().unwrap() as f64;
+            // The noise's terms cancel in the sum, and the model's means are single-precision
+            // sums of 8192 pixels: the error is relative to the terms' size.
+            let size = c
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap() as f64;
+            let perturbed = o.log_odds[0];
+            let expected = (o.origin_log_odds - perturbed) / (1.0 + perturbed.exp());
+            assert!(
+                (total - expected).abs() <= 1e-2 * size,
+                "{game:?}, window at {window:?}: contributions add up to {total:e} (of terms of size {size:e}), expected {expected:e}"
+            );
+        }
+    }
+    // The preserve game leaves the window as it is: nothing to spread by.
+    let e = local_attack(
+        &model,
+        &pixels,
+        0,
+        Goal::Untargeted,
+        &LocalAttack {
+            window: 32,
+            stride: 32,
+            game: LocalGame::Preserve,
+            spread: WindowSpread::Attack,
+            ..LocalAttack::default()
+        },
+        &config,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("spread: attack needs the delete or occlude game"),
+        "{e}"
     );
 }

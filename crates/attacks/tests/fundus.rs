@@ -2,13 +2,16 @@
 //! attack flips the label fastest with windows on the lesions, and noise confined by the
 //! SmoothGrad mask flips it in fewer iterations than the same pixel budget placed at random; the
 //! learned masks rank the lesions above the rest, and a dual mask blurred within the field of
-//! view keeps less of the frame's edge.
+//! view keeps less of the frame's edge; window scores spread by the attack rank the lesions
+//! above the same scores spread evenly.
 
 mod common;
 
 use candle_core::Tensor;
 use common::kept_perturbed;
-use vulnmap_attacks::local::{local_attack, local_map, LocalAttack, WindowScore};
+use vulnmap_attacks::local::{
+    local_attack, local_attacks, local_map, LocalAttack, LocalGame, WindowScore, WindowSpread,
+};
 use vulnmap_attacks::mask_attack::{mask_attack, mask_attack_averaged};
 use vulnmap_attacks::saliency_attack::{
     clean_masks, control_masks, fixed_mask_attack, saliency_attack, Control, SaliencyAttack,
@@ -109,6 +112,63 @@ fn local_attack_flips_fastest_on_the_lesions() {
     assert!(
         peaks >= 4,
         "the local attack peaked on the lesion for only {peaks} of 6 images"
+    );
+}
+
+#[test]
+fn spreading_the_window_scores_by_the_attack_ranks_the_lesions_higher() {
+    let data = common::lesions(8);
+    // The occlude game of the benchmark pipeline: windows of 32, stride 16, one update.
+    let spec = LocalAttack {
+        window: 32,
+        stride: 16,
+        game: LocalGame::Occlude,
+        score: WindowScore::LogOddsDrop,
+        spread: WindowSpread::Attack,
+        ..LocalAttack::default()
+    };
+    let config = AttackConfig {
+        alpha: 0.05,
+        max_iters: 1,
+        lr: 2e-3,
+        batch_size: 16,
+        ..AttackConfig::default()
+    };
+    let images: Vec<usize> = (0..8).collect();
+    let goals = vec![Goal::Untargeted; 8];
+    let spread = local_attacks(
+        data.model.as_ref(),
+        &data.pixels,
+        &images,
+        &goals,
+        &spec,
+        &config,
+    )
+    .unwrap();
+    let (mut by_attack, mut evenly) = (0.0, 0.0);
+    for (local, mask) in spread.iter().zip(&data.masks) {
+        assert_eq!(local.variant, "occlude+log_odds_drop+spread=attack");
+        // The same attacks, each window's score on all its pixels alike.
+        let even = local_map(
+            &LocalAttack {
+                spread: WindowSpread::Even,
+                ..spec
+            },
+            (128, 128),
+            local.outcomes.clone(),
+            config.max_iters,
+        )
+        .unwrap();
+        assert_eq!(even.scores, local.scores);
+        by_attack += auroc(&local.map, mask).unwrap() / 8.0;
+        evenly += auroc(&even.map, mask).unwrap() / 8.0;
+    }
+    println!(
+        "AUROC against the lesion masks: spread by the attack {by_attack:.3}, evenly {evenly:.3}"
+    );
+    assert!(
+        by_attack > evenly,
+        "spreading by the attack ({by_attack:.3}) did not rank the lesions above evenly ({evenly:.3})"
     );
 }
 

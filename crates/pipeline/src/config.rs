@@ -8,6 +8,7 @@ use crate::locate::Locations;
 use crate::schema::*;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use vulnmap_attacks::local::{LocalGame, WindowSpread};
 use vulnmap_attacks::{AttackMode, MaskNetworkKind};
 
 /// Reads, expands, parses and checks the pipeline at `path`.
@@ -521,6 +522,11 @@ impl Checker {
                 self.at_least_one(s.window, &f("window"));
                 self.at_least_one(s.stride, &f("stride"));
                 self.within(s.seeds, &ROUNDS, &f("seeds"));
+                let spread_needs_window_noise =
+                    s.spread == WindowSpread::Attack && s.game == LocalGame::Preserve;
+                self.check(!spread_needs_window_noise, &f("spread"), || {
+                    "attack needs game: delete or occlude (the preserve game leaves the window as it is)".into()
+                });
             }
             Step::SaliencyAttack(s) => {
                 self.attack(&s.attack(), at);

@@ -4,7 +4,7 @@
 //! Steps are written as one-key maps, `- smoothgrad: {samples: 25}`; `{}` takes every default.
 
 use serde::{Deserialize, Serialize};
-use vulnmap_attacks::local::{LocalGame, WindowScore};
+use vulnmap_attacks::local::{LocalGame, WindowScore, WindowSpread};
 use vulnmap_attacks::saliency_attack::Control;
 use vulnmap_attacks::{AttackMode, GeneratorChoice, MaskGame, MaskNetworkKind, Sparsity};
 use vulnmap_data::Split;
@@ -943,6 +943,10 @@ attack_step! {
         /// Generator seeds per window, their scores averaged (default 1, the paper's).
         #[serde(skip_serializing_if = "is_one")]
         seeds: usize = 1,
+        /// How a window's score spreads over its pixels: `even` (the paper's) or `attack` (by
+        /// each pixel's share of the attack's first perturbation).
+        #[serde(skip_serializing_if = "is_default")]
+        spread: WindowSpread = WindowSpread::Even,
     } alpha = 0.02
 }
 

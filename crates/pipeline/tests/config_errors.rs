@@ -84,6 +84,7 @@ fn impossible_values_name_their_lines() {
         ("occlusion: {baseline: white}", "`white`", "`grey`"),
         ("random_attack: {generator: gan}", "`gan`", "`paper`"),
         ("mask_attack: {network: cnn}", "`cnn`", "`unet`"),
+        ("local_attack: {spread: gradient}", "`gradient`", "`attack`"),
         (
             "saliency_attack: {controls: [random]}",
             "`random`",
@@ -101,6 +102,13 @@ fn impossible_values_name_their_lines() {
     ));
     assert!(
         e.contains("line 5") && e.contains("`black` or `blurred`"),
+        "{e}"
+    );
+    let e = problems(&format!(
+        "{HEAD}steps:\n  - local_attack: {{game: preserve, spread: attack}}\n"
+    ));
+    assert!(
+        e.contains("line 5") && e.contains("spread") && e.contains("game: delete or occlude"),
         "{e}"
     );
 }

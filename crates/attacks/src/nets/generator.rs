@@ -190,6 +190,13 @@ impl NoiseGenerators {
         x.narrow(2, (gh - h) / 2, h)?.narrow(3, (gw - w) / 2, w)
     }
 
+    /// A zero variable of the noise's shape (`B x 3 x H x W`): added to the noise, it gets the
+    /// noise's gradient.
+    pub(crate) fn zero_noise(&self) -> Result<Var> {
+        let (h, w) = self.kind.size();
+        Var::zeros((self.z.dim(0)?, 3, h, w), self.z.dtype(), self.z.device())
+    }
+
     /// Every trainable tensor; each has the bank as its leading dimension.
     pub(crate) fn vars(&self) -> Vec<Var> {
         let mut vars = Vec::new();

@@ -219,6 +219,7 @@ pub(crate) fn local(
         game: s.game,
         score: s.score,
         seeds: s.seeds,
+        spread: s.spread,
     };
     let images: Vec<usize> = (0..n).collect();
     let goals = map_goals(&s.attack(), chunk)?;
