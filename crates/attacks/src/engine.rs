@@ -1010,10 +1010,10 @@ impl<'a> Bank<'a> {
         for k in 0..=cap {
             // The first judged images' gradient, read off a zero variable added to the noise:
             // candle keeps no gradient of an intermediate tensor.
-            let probe = match keep.contributions && k == 0 && matches!(self.masking, Masking::None)
-            {
-                true => Some(self.generators.zero_noise()?),
-                false => None,
+            let probe = if keep.contributions && k == 0 && matches!(self.masking, Masking::None) {
+                Some(self.generators.zero_noise()?)
+            } else {
+                None
             };
             let noise = self.placed_noise(probe.as_ref())?;
             // The mask of this iteration.
@@ -1194,9 +1194,11 @@ impl<'a> Bank<'a> {
                 None => (loss * &on)?.sum_all()?.backward()?,
             };
             if let Some(p) = &probe {
-                let grad = grads
-                    .get(p.as_tensor())
-                    .ok_or_else(|| candle_core::Error::Msg("the noise got no gradient".into()))?;
+                let grad = grads.get(p.as_tensor()).ok_or_else(|| {
+                    Error::InvalidParameter(format!(
+                        "the noise of a bank of {b} attacks got no gradient: the classifier's output does not depend on its input"
+                    ))
+                })?;
                 // The noise's gradient is alpha times the perturbed image's where it was not
                 // clamped.
                 let grad = grad.broadcast_div(&self.alphas)?;

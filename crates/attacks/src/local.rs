@@ -103,7 +103,7 @@ impl Default for LocalAttack {
 
 impl LocalAttack {
     /// Which variant made a map: `paper`, or the settings that differ from the paper's
-    /// (`preserve` or `occlude`, `probability_drop`, `seeds=3`), joined by `+`.
+    /// (`preserve` or `occlude`, `probability_drop`, `seeds=3`, `spread=attack`), joined by `+`.
     pub fn variant(&self) -> String {
         let mut parts = Vec::new();
         match self.game {
@@ -123,6 +123,17 @@ impl LocalAttack {
             parts.push("spread=attack".to_string());
         }
         crate::variant_name(&parts)
+    }
+
+    /// Refuses settings no map can be made with.
+    fn check(&self) -> Result<()> {
+        ensure(self.seeds >= 1, || "seeds must be at least 1".into())?;
+        ensure(
+            !(self.spread == WindowSpread::Attack && self.game == LocalGame::Preserve),
+            || {
+                "spread: attack needs the delete or occlude game: the preserve game leaves the window as it is".into()
+            },
+        )
     }
 
     /// One window attack's score (higher: more salient).
@@ -171,7 +182,8 @@ fn held_mean(probabilities: &[f64], cap: usize) -> f64 {
 /// A local-attack map and what it was made of.
 #[derive(Debug, Clone)]
 pub struct LocalMap {
-    /// `H x W`: the mean score of the windows covering each pixel.
+    /// `H x W`: the mean over the windows covering each pixel of their score, or with
+    /// [`WindowSpread::Attack`] of their score weighted by the pixel's contribution.
     pub map: Tensor,
     /// Top-left corners of the windows, row by row.
     pub windows: Vec<(usize, usize)>,
@@ -222,13 +234,7 @@ pub fn local_attacks(
     spec: &LocalAttack,
     config: &AttackConfig,
 ) -> Result<Vec<LocalMap>> {
-    ensure(spec.seeds >= 1, || "seeds must be at least 1".into())?;
-    ensure(
-        !(spec.spread == WindowSpread::Attack && spec.game == LocalGame::Preserve),
-        || {
-            "spread: attack needs the delete or occlude game: the preserve game leaves the window as it is".into()
-        },
-    )?;
+    spec.check()?;
     ensure(goals.len() == images.len(), || {
         format!("{} goals for {} images", goals.len(), images.len())
     })?;
@@ -284,27 +290,26 @@ pub fn local_attacks(
 
 /// The map of attacks already run on an `h x w` image: `outcomes` are `windows x spec.seeds` in
 /// the order [`local_attack`] makes them, with `spec`'s window, stride, game and seeds, `cap`
-/// their `max_iters`. Scoring the same attacks another way (another [`WindowScore`]) costs no
-/// model call.
+/// their `max_iters`. Scoring the same attacks another way (another [`WindowScore`], or an even
+/// spread) costs no model call; [`WindowSpread::Attack`] needs outcomes that kept their
+/// contributions.
 pub fn local_map(
     spec: &LocalAttack,
     (h, w): (usize, usize),
     outcomes: Vec<AttackOutcome>,
     cap: usize,
 ) -> Result<LocalMap> {
+    spec.check()?;
     let grid = WindowGrid::new(spec.window, spec.stride);
     let windows = grid.positions((h, w))?;
-    ensure(
-        spec.seeds >= 1 && outcomes.len() == windows.len() * spec.seeds,
-        || {
-            format!(
-                "{} attacks for {} windows x {} seeds",
-                outcomes.len(),
-                windows.len(),
-                spec.seeds
-            )
-        },
-    )?;
+    ensure(outcomes.len() == windows.len() * spec.seeds, || {
+        format!(
+            "{} attacks for {} windows x {} seeds",
+            outcomes.len(),
+            windows.len(),
+            spec.seeds
+        )
+    })?;
     let scores: Vec<f64> = outcomes
         .chunks(spec.seeds)
         .map(|per_seed| {
@@ -355,9 +360,10 @@ pub fn local_map(
 pub const ATTACK_SPREAD_SHARE: f64 = 0.8;
 
 /// A window's `score` shared among its `size x size` pixels by its attacks' contributions (the
-/// mean over seeds): each pixel gets the score times its weight, from 1 for the window's largest
-/// contribution down to `1 - ATTACK_SPREAD_SHARE` for none or a negative one. A window whose
-/// pixels contribute nothing keeps its score on every pixel.
+/// mean over seeds, then its positive part `r`): each pixel gets the score times
+/// `1 - ATTACK_SPREAD_SHARE * (1 - r / max r)`, from 1 for the window's largest contribution down
+/// to `1 - ATTACK_SPREAD_SHARE` for none. A window without a positive contribution keeps its
+/// whole score on every pixel.
 fn attack_spread(score: f64, attacks: &[AttackOutcome], size: usize) -> Result<Vec<f64>> {
     let mut shares = vec![0f64; size * size];
     for attack in attacks {

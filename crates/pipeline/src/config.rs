@@ -522,9 +522,9 @@ impl Checker {
                 self.at_least_one(s.window, &f("window"));
                 self.at_least_one(s.stride, &f("stride"));
                 self.within(s.seeds, &ROUNDS, &f("seeds"));
-                let spread_needs_window_noise =
+                let attack_spread_with_preserve =
                     s.spread == WindowSpread::Attack && s.game == LocalGame::Preserve;
-                self.check(!spread_needs_window_noise, &f("spread"), || {
+                self.check(!attack_spread_with_preserve, &f("spread"), || {
                     "attack needs game: delete or occlude (the preserve game leaves the window as it is)".into()
                 });
             }
