@@ -1149,6 +1149,26 @@ impl MaskAttackStep {
     pub fn field_of_view(&self) -> bool {
         self.field_of_view.unwrap_or(self.dual())
     }
+
+    /// The mask's learning rate: the step's `mask_lr`, else the picked one for the dual game's
+    /// free mask and the network's own otherwise.
+    pub fn mask_lr(&self) -> f64 {
+        match (self.mask_lr, self.network()) {
+            (Some(lr), _) => lr,
+            (None, MaskNetworkKind::Free) if self.dual() => Self::DUAL.mask_lr,
+            (None, network) => network.default_lr(),
+        }
+    }
+
+    /// The mask's jitter, as a fraction of a cell: the step's `jitter`, else the dual game's
+    /// and none in the noise game.
+    pub fn jitter(&self) -> f64 {
+        self.jitter.unwrap_or(if self.dual() {
+            vulnmap_attacks::LearnedMask::DUAL_JITTER
+        } else {
+            0.0
+        })
+    }
 }
 
 /// Scores the maps of earlier steps against the images' lesion masks and the model.

@@ -18,7 +18,7 @@ use vulnmap_attacks::rounds::{self, rounds};
 use vulnmap_attacks::saliency_attack::{
     clean_masks, control_masks, fixed_mask_attack, saliency_attack, SaliencyAttack,
 };
-use vulnmap_attacks::{AttackConfig, AttackOutcome, Goal, LearnedMask, MaskNetworkKind};
+use vulnmap_attacks::{AttackConfig, AttackOutcome, Goal, LearnedMask};
 use vulnmap_saliency::SmoothGrad;
 
 /// The attack configuration of `settings`, its generators drawn from `seed` and banked
@@ -56,17 +56,10 @@ pub fn saliency_spec(step: &SaliencyAttackStep, seed: u64, batch_size: usize) ->
 /// The learned mask of `step` on images of `side` pixels; without a `mask_lr`, the network's
 /// own learning rate (the dual game's, for a free mask in that game).
 pub fn mask_spec(step: &MaskAttackStep, side: usize, seed: u64, batch_size: usize) -> LearnedMask {
-    let dual = step.dual();
-    let network = step.network();
     let defaults = LearnedMask::default();
-    let lr = match (step.mask_lr, network) {
-        (Some(lr), _) => lr,
-        (None, MaskNetworkKind::Free) if dual => MaskAttackStep::DUAL.mask_lr,
-        (None, network) => network.default_lr(),
-    };
     LearnedMask {
-        network: network.network(step.base, step.cells(side)),
-        lr,
+        network: step.network().network(step.base, step.cells(side)),
+        lr: step.mask_lr(),
         sparsity: step.sparsity,
         lambda_sparsity: step.lambda_sparsity,
         lambda_tv: step.lambda_tv,
@@ -82,9 +75,7 @@ pub fn mask_spec(step: &MaskAttackStep, side: usize, seed: u64, batch_size: usiz
         area: defaults.area,
         lambda_area: step.lambda_area.unwrap_or(defaults.lambda_area),
         blur_sigma: step.blur_sigma.unwrap_or(defaults.blur_sigma),
-        jitter: step
-            .jitter
-            .unwrap_or(if dual { LearnedMask::DUAL_JITTER } else { 0.0 }),
+        jitter: step.jitter(),
         smooth: step.smooth(side),
         field_of_view: step.field_of_view(),
     }
