@@ -11,15 +11,28 @@ pub fn to_vec(t: &Tensor) -> Vec<f64> {
         .unwrap_or_else(|e| panic!("cannot read a {:?} tensor: {e}", t.shape()))
 }
 
-/// The largest `|x|`.
+/// The largest `|x|` (NaN if any is).
 pub fn max_abs(a: &[f64]) -> f64 {
-    a.iter().fold(0.0, |m, x| m.max(x.abs()))
+    a.iter().map(|x| x.abs()).fold(0.0, largest)
 }
 
-/// The largest `|a_i - b_i|`; panics if the lengths differ.
+/// The largest `|a_i - b_i|` (NaN if any is); panics if the lengths differ.
 pub fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len(), "lengths differ");
-    a.iter().zip(b).fold(0.0, |m, (x, y)| m.max((x - y).abs()))
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, largest)
+}
+
+/// The larger of two numbers, NaN if either is: `f64::max` drops a NaN, and a tolerance check
+/// against a NaN must fail.
+fn largest(m: f64, x: f64) -> f64 {
+    if m.is_nan() || x.is_nan() {
+        f64::NAN
+    } else {
+        m.max(x)
+    }
 }
 
 /// The largest element-wise difference of two tensors of one shape.
