@@ -239,7 +239,12 @@ impl Score {
 /// Invariant to a shift of a row's logits, so the same for [`Score::Logit`],
 /// [`Score::CentredLogit`] and [`Score::LogProbability`] outputs.
 pub fn log_odds(logits: &Tensor, classes: &[u32]) -> Result<Tensor> {
-    let logits = logits.detach().to_dtype(DType::F32)?;
+    differentiable_log_odds(&logits.detach().to_dtype(DType::F32)?, classes)
+}
+
+/// [`log_odds`] in `logits`' dtype, keeping the graph: their gradient is the gradient of the
+/// class's log-odds.
+pub fn differentiable_log_odds(logits: &Tensor, classes: &[u32]) -> Result<Tensor> {
     let (b, k) = logits.dims2()?;
     let device = logits.device();
     let classes = Tensor::new(classes, device)?.unsqueeze(1)?;
@@ -248,7 +253,10 @@ pub fn log_odds(logits: &Tensor, classes: &[u32]) -> Result<Tensor> {
         .unsqueeze(0)?
         .broadcast_eq(&classes)?;
     let others = is_own
-        .where_cond(&Tensor::full(f32::NEG_INFINITY, (b, k), device)?, &logits)?
+        .where_cond(
+            &Tensor::full(f32::NEG_INFINITY, (b, k), device)?.to_dtype(logits.dtype())?,
+            logits,
+        )?
         .log_sum_exp(1)?;
     own - others
 }
@@ -431,6 +439,29 @@ mod tests {
             for (g, s) in got.iter().zip(&shifted) {
                 assert!((g - s).abs() < 1e-5, "{score:?}: {g} vs {s}");
             }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn the_log_odds_gradient_is_one_for_the_class_and_minus_the_others_shares() -> Result<()> {
+        let logits = candle_core::Var::new(&[[2f32, 0.0, -1.0], [40.0, 0.0, 0.0]], &Device::Cpu)?;
+        let odds = differentiable_log_odds(logits.as_tensor(), &[0, 1])?;
+        let grads = odds.sum_all()?.backward()?;
+        let got = grads
+            .get(logits.as_tensor())
+            .expect("the logits' gradient")
+            .to_vec2::<f32>()?;
+        // d/dz_k of z_c - log sum_{j != c} e^{z_j}: 1 for c, minus k's softmax among the others.
+        let share = |z: f64, others: &[f64]| -> f64 {
+            -z.exp() / others.iter().map(|o| o.exp()).sum::<f64>()
+        };
+        let want = [
+            [1.0, share(0.0, &[0.0, -1.0]), share(-1.0, &[0.0, -1.0])],
+            [share(40.0, &[40.0, 0.0]), 1.0, share(0.0, &[40.0, 0.0])],
+        ];
+        for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
+            assert!((*g as f64 - w).abs() < 1e-5, "{got:?} vs {want:?}");
         }
         Ok(())
     }

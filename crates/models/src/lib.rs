@@ -43,7 +43,9 @@ mod resnet;
 pub mod zoo;
 
 pub use checkpoint::{save_safetensors, Checkpoint};
-pub use classifier::{log_odds, Classes, Classifier, InputSpec, Score, ScoredClassifier};
+pub use classifier::{
+    differentiable_log_odds, log_odds, Classes, Classifier, InputSpec, Score, ScoredClassifier,
+};
 pub use device::{parse_device, DeviceName};
 pub use efficientnet_lite::EfficientNetLite0;
 pub use error::{Error, Result, TensorProblem};
