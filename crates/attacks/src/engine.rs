@@ -18,7 +18,7 @@ use crate::nets::unet::UNet;
 use crate::outcome::AttackOutcome;
 use candle_core::{DType, Tensor, Var};
 use indicatif::{ProgressBar, ProgressStyle};
-use vulnmap_models::{log_odds, Classifier};
+use vulnmap_models::{differentiable_log_odds, log_odds, Classifier};
 use vulnmap_saliency::{
     area_gap, field_of_view, GaussianBlur, Method, SmoothGrad, WindowGrid, FIELD_OF_VIEW_THRESHOLD,
 };
@@ -209,6 +209,11 @@ pub enum Region {
 
 /// Sigma, in pixels, of the blur inside an occluded window: occlusion's default blurred baseline.
 pub const OCCLUDED_SIGMA: f64 = 10.0;
+
+/// The largest log-odds at which a loss of `log p` still has a usable f32 gradient. It scales as
+/// `1 - p = e^-lo`, which log-softmax's backward pass keeps exact where `p` itself rounds to 1,
+/// until it nears f32's smallest normal numbers (`e^-87`): `e^-40` leaves a margin of 20 orders.
+const PRECISE_LOG_ODDS: f64 = 40.0;
 
 impl Region {
     /// Generators of one bank must be alike: whole-image noise, or noise of one window size.
@@ -961,6 +966,95 @@ impl<'a> Bank<'a> {
         })
     }
 
+    /// Each job's [`AttackOutcome::contribution`]: pixel by pixel, what its first perturbation
+    /// took from the log-odds of its loss label (gave them, for a job moving towards a class), by
+    /// the trapezoid rule between the clean image `x` and the perturbed one `x~`: over the
+    /// channels, the sum of `(x - x~) * (grad lo(x) + grad lo(x~)) / 2`, exact where the log-odds
+    /// are quadratic in the pixels. `loss_grad` is the attack loss's gradient at `x~` (per job,
+    /// in its noise's shape), `log_odds` the log-odds at `x~`.
+    fn contributions(
+        &self,
+        loss_grad: &Tensor,
+        perturbed: &Tensor,
+        log_odds: &[f32],
+    ) -> Result<Vec<Tensor>> {
+        let clean = self.clean_log_odds_gradients()?;
+        self.jobs
+            .iter()
+            .enumerate()
+            .map(|(j, job)| {
+                // Window noise has the window's shape.
+                let within = |t: Tensor| -> Result<Tensor> {
+                    Ok(match job.region {
+                        Region::Window { top, left, size }
+                        | Region::Occluded { top, left, size } => {
+                            t.narrow(1, top, size)?.narrow(2, left, size)?
+                        }
+                        Region::Whole | Region::Outside { .. } => t,
+                    })
+                };
+                let taken = within((self.images.get(j)? - perturbed.get(j)?.detach())?)?;
+                let at_clean = within(clean.get(j)?)?;
+                // The loss is +-log p: its gradient over 1 - p = 1 / (1 + e^lo) is the
+                // log-odds' in the loss's sign. Where the loss's gradient underflows, the clean
+                // end stands for both.
+                let lo = log_odds[j] as f64;
+                let at_perturbed = match lo <= PRECISE_LOG_ODDS {
+                    true => (loss_grad.get(j)? * (1.0 + lo.exp()))?,
+                    false => at_clean.clone(),
+                };
+                Ok(((taken * (at_clean + at_perturbed)?)?.sum(0)? * 0.5)?)
+            })
+            .collect()
+    }
+
+    /// Each job's gradient of its loss label's log-odds at its clean image (`B x C x H x W`), in
+    /// the sign of its loss: one backward pass for each distinct image and label of the bank.
+    fn clean_log_odds_gradients(&self) -> Result<Tensor> {
+        let mut pairs: Vec<(usize, u32)> = Vec::new();
+        let mut first_job: Vec<u32> = Vec::new();
+        let mut row_of_job: Vec<u32> = Vec::with_capacity(self.jobs.len());
+        for (j, (job, &label)) in self.jobs.iter().zip(&self.loss_labels).enumerate() {
+            let row = match pairs.iter().position(|&p| p == (job.image, label)) {
+                Some(row) => row,
+                None => {
+                    pairs.push((job.image, label));
+                    first_job.push(j as u32);
+                    pairs.len() - 1
+                }
+            };
+            row_of_job.push(row as u32);
+        }
+        let device = self.images.device();
+        let x = Var::from_tensor(
+            &self
+                .images
+                .index_select(&Tensor::new(first_job.as_slice(), device)?, 0)?,
+        )?;
+        let labels: Vec<u32> = pairs.iter().map(|&(_, label)| label).collect();
+        let odds = differentiable_log_odds(&self.model.logits(x.as_tensor())?, &labels)?;
+        let grads = odds.sum_all()?.backward()?;
+        let grad = grads.get(x.as_tensor()).ok_or_else(|| {
+            Error::InvalidParameter(format!(
+                "{} gave no gradient for its input",
+                self.model.arch()
+            ))
+        })?;
+        let signs: Vec<f32> = self
+            .jobs
+            .iter()
+            .map(|j| if j.goal.moves_away() { 1.0 } else { -1.0 })
+            .collect();
+        Ok(grad
+            .index_select(&Tensor::new(row_of_job.as_slice(), device)?, 0)?
+            .broadcast_mul(&Tensor::new(signs.as_slice(), device)?.reshape((
+                self.jobs.len(),
+                1,
+                1,
+                1,
+            ))?)?)
+    }
+
     /// The generators' noise placed on the images: `B x 3 x H x W`; `probe`, a zero variable of
     /// the generators' output shape added to their noise, gets the noise's gradient.
     fn placed_noise(&self, probe: Option<&Var>) -> Result<Tensor> {
@@ -1007,6 +1101,8 @@ impl<'a> Bank<'a> {
         let bar = progress(self.config.progress, cap as u64, b);
         let mut saliency_mask: Option<Tensor> = None;
         let mut contributions: Vec<Option<Tensor>> = vec![None; b];
+        // Every job's log-odds of its loss label at its first judged image.
+        let mut first_log_odds: Vec<f32> = Vec::new();
         for k in 0..=cap {
             // The first judged images' gradient, read off a zero variable added to the noise:
             // candle keeps no gradient of an intermediate tensor.
@@ -1115,6 +1211,9 @@ impl<'a> Bank<'a> {
                 1,
             )?
             .to_vec2::<f32>()?;
+            if k == 0 {
+                first_log_odds = summary.iter().map(|row| row[4]).collect();
+            }
             for j in 0..b {
                 if !active[j] {
                     continue;
@@ -1202,17 +1301,12 @@ impl<'a> Bank<'a> {
                 // The noise's gradient is alpha times the perturbed image's where it was not
                 // clamped.
                 let grad = grad.broadcast_div(&self.alphas)?;
-                for (j, job) in self.jobs.iter().enumerate() {
-                    let taken = (self.images.get(j)? - perturbed.get(j)?.detach())?;
-                    // Window noise has the window's shape.
-                    let taken = match job.region {
-                        Region::Window { top, left, size }
-                        | Region::Occluded { top, left, size } => {
-                            taken.narrow(1, top, size)?.narrow(2, left, size)?
-                        }
-                        Region::Whole | Region::Outside { .. } => taken,
-                    };
-                    contributions[j] = Some((taken * grad.get(j)?)?.sum(0)?);
+                for (j, c) in self
+                    .contributions(&grad, &perturbed, &first_log_odds)?
+                    .into_iter()
+                    .enumerate()
+                {
+                    contributions[j] = Some(c);
                 }
             }
             if finished {

@@ -62,9 +62,10 @@ pub enum WindowSpread {
     /// Evenly (the paper's): each pixel gets the mean score of the windows covering it.
     #[default]
     Even,
-    /// By the attack: each window's score is shared among its pixels by their first-order share
-    /// of what the attack's first perturbation took from the label
-    /// ([`AttackOutcome::contribution`]), so a map is finer than its stride. The delete and
+    /// By the attack: each window's score is shared among its pixels by their share of what the
+    /// attack's first perturbation took from the label's log-odds, the gradients at the clean
+    /// and the perturbed image averaged ([`AttackOutcome::contribution`]), so a map is finer than
+    /// its stride. The delete and
     /// occlude games only: the preserve game leaves the window as it is.
     Attack,
 }

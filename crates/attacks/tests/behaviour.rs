@@ -9,7 +9,7 @@ use vulnmap_attacks::baselines::{pgd, Norm, Pgd};
 use vulnmap_attacks::engine::run;
 use vulnmap_attacks::engine::OCCLUDED_SIGMA;
 use vulnmap_attacks::local::{
-    local_attack, local_attacks, LocalAttack, LocalGame, WindowScore, WindowSpread,
+    local_attack, local_attacks, LocalAttack, LocalGame, LocalMap, WindowScore, WindowSpread,
 };
 use vulnmap_attacks::mask_attack::{mask_attack, mask_attack_averaged};
 use vulnmap_attacks::random::random_attack;
@@ -17,6 +17,7 @@ use vulnmap_attacks::rounds::{alpha_sweep, rounds};
 use vulnmap_attacks::{AttackConfig, Goal, Job, LearnedMask, Masking, Region};
 use vulnmap_models::{Classes, Classifier, InputSpec};
 use vulnmap_saliency::GaussianBlur;
+use vulnmap_testkit::compare::{max_abs, max_abs_diff, to_vec};
 
 fn same(a: &Tensor, b: &Tensor) -> bool {
     (a - b)
@@ -822,21 +823,37 @@ fn the_dual_games_pull_towards_smoothgrad_follows_the_class_it_explains() {
     );
 }
 
+/// Two classes whose log-odds, `40 mean(red^2)` over the left half less `10 mean(red)` over the
+/// right half, are quadratic in the pixels.
+fn squared_split(_: &dyn Classifier, pixels: &Tensor) -> CResult<Tensor> {
+    let red = pixels.narrow(1, 0, 1)?;
+    let half = red.dim(3)? / 2;
+    let left = red.narrow(3, 0, half)?.sqr()?.mean((1, 2, 3))?;
+    let right = red.narrow(3, half, half)?.mean((1, 2, 3))?;
+    Tensor::stack(&[(left * 40.0)?, (right * 10.0)?], 1)
+}
+
 #[test]
 fn a_windows_contributions_add_up_to_what_its_first_perturbation_took() {
     let data = common::lesions(1);
-    // The log-odds of class 0 is linear in the pixels, and the gradient of log p0 is (1 - p0)
-    // times its gradient: a window's contributions add up to (1 - p0) at the perturbed image
-    // times the log-odds the perturbation took, exactly. The image within [0.3, 0.7] and alpha
+    // The log-odds of class 0 are quadratic in the pixels, where the trapezoid rule is exact: a
+    // window's contributions add up to the log-odds its first perturbation took. (The gradient
+    // at either end alone misses half the quadratic term.) The image within [0.3, 0.7] and alpha
     // 0.2: no noise is clamped.
-    let model = Relogit(data.model.as_ref(), half_split);
+    let model = Relogit(data.model.as_ref(), squared_split);
     let pixels = data.pixels.affine(0.4, 0.3).unwrap();
     let config = AttackConfig {
         alpha: 0.2,
         max_iters: 1,
         ..AttackConfig::default()
     };
-    for game in [LocalGame::Delete, LocalGame::Occlude] {
+    // Moving towards class 1, a contribution is what the perturbation gave its log-odds.
+    let goals = [
+        (LocalGame::Delete, Goal::Untargeted),
+        (LocalGame::Occlude, Goal::Untargeted),
+        (LocalGame::Occlude, Goal::Targeted(1)),
+    ];
+    for (game, goal) in goals {
         let spec = LocalAttack {
             window: 32,
             stride: 32,
@@ -845,7 +862,7 @@ fn a_windows_contributions_add_up_to_what_its_first_perturbation_took() {
             spread: WindowSpread::Attack,
             ..LocalAttack::default()
         };
-        let local = local_attack(&model, &pixels, 0, Goal::Untargeted, &spec, &config).unwrap();
+        let local = local_attack(&model, &pixels, 0, goal, &spec, &config).unwrap();
         assert_eq!(local.outcomes.len(), 16);
         let mut sizeable = 0;
         for (o, window) in local.outcomes.iter().zip(&local.windows) {
@@ -861,26 +878,28 @@ fn a_windows_contributions_add_up_to_what_its_first_perturbation_took() {
                 .unwrap()
                 .to_scalar::<f32>()
                 .unwrap() as f64;
-            let perturbed = o.log_odds[0];
-            let expected = (o.origin_log_odds - perturbed) / (1.0 + perturbed.exp());
+            let expected = match goal {
+                Goal::Targeted(_) => o.log_odds[0] - o.origin_log_odds,
+                _ => o.origin_log_odds - o.log_odds[0],
+            };
             // Where the sum is not mostly cancelled, within 5% of itself too.
             if expected.abs() >= 0.2 * size {
                 sizeable += 1;
                 assert!(
                     (total - expected).abs() <= 0.05 * expected.abs(),
-                    "{game:?}, window at {window:?}: contributions add up to {total:e}, expected {expected:e}"
+                    "{game:?}, {goal:?}, window at {window:?}: contributions add up to {total:e}, expected {expected:e}"
                 );
             }
             assert!(
                 (total - expected).abs() <= 1e-2 * size,
-                "{game:?}, window at {window:?}: contributions add up to {total:e} (of terms of size {size:e}), expected {expected:e}"
+                "{game:?}, {goal:?}, window at {window:?}: contributions add up to {total:e} (of terms of size {size:e}), expected {expected:e}"
             );
         }
         // The delete game's noise is centred: its sums cancel. The blur's do not.
         if game == LocalGame::Occlude {
             assert!(
                 sizeable >= 4,
-                "{game:?}: only {sizeable} windows not mostly cancelled"
+                "{game:?}, {goal:?}: only {sizeable} windows not mostly cancelled"
             );
         }
     }
@@ -905,6 +924,69 @@ fn a_windows_contributions_add_up_to_what_its_first_perturbation_took() {
         e.contains("spread: attack needs the delete or occlude game"),
         "{e}"
     );
+}
+
+/// [`half_split`] with class 0 ahead by `lead` more.
+fn half_split_ahead(model: &dyn Classifier, pixels: &Tensor, lead: f32) -> CResult<Tensor> {
+    let logits = half_split(model, pixels)?;
+    logits.broadcast_add(&Tensor::new(&[lead, 0.0], pixels.device())?)
+}
+
+#[test]
+fn a_sure_models_contributions_are_its_log_odds_gradients() {
+    // The log-odds' gradient does not see a constant added to a logit, and the first
+    // perturbation is the generators' initial noise: a model sure by 30 (its probability is 1 in
+    // f32) or by 105 (the attack's loss, log p, has no f32 gradient left) has the contributions
+    // of the same model sure by 5, pixel by pixel.
+    let data = common::lesions(1);
+    let pixels = data.pixels.affine(0.4, 0.3).unwrap();
+    let config = AttackConfig {
+        alpha: 0.2,
+        max_iters: 1,
+        ..AttackConfig::default()
+    };
+    let spec = LocalAttack {
+        window: 32,
+        stride: 32,
+        game: LocalGame::Occlude,
+        score: WindowScore::LogOddsDrop,
+        spread: WindowSpread::Attack,
+        ..LocalAttack::default()
+    };
+    let unsure = Relogit(data.model.as_ref(), half_split);
+    let unsure = local_attack(&unsure, &pixels, 0, Goal::Untargeted, &spec, &config).unwrap();
+    for lead in [25f32, 100.0] {
+        let sure = Relogit(
+            data.model.as_ref(),
+            move |m: &dyn Classifier, p: &Tensor| half_split_ahead(m, p, lead),
+        );
+        let sure = local_attack(&sure, &pixels, 0, Goal::Untargeted, &spec, &config).unwrap();
+        compare_contributions(&sure, &unsure, lead);
+    }
+}
+
+/// Asserts that `sure`'s contributions are `unsure`'s, window by window.
+fn compare_contributions(sure: &LocalMap, unsure: &LocalMap, lead: f32) {
+    for ((s, u), window) in sure
+        .outcomes
+        .iter()
+        .zip(&unsure.outcomes)
+        .zip(&sure.windows)
+    {
+        assert!(s.log_odds[0] > lead as f64, "{}", s.log_odds[0]);
+        assert!(u.log_odds[0] < 12.0, "{}", u.log_odds[0]);
+        let (s, u) = (
+            to_vec(s.contribution.as_ref().expect("a window's contributions")),
+            to_vec(u.contribution.as_ref().expect("a window's contributions")),
+        );
+        let largest = max_abs(&u);
+        assert!(largest > 0.0, "window at {window:?}: no contribution");
+        assert!(
+            max_abs_diff(&s, &u) <= 1e-3 * largest,
+            "ahead by {lead}, window at {window:?}: the contributions differ by {:e} (largest {largest:e})",
+            max_abs_diff(&s, &u)
+        );
+    }
 }
 
 #[test]
