@@ -210,10 +210,16 @@ pub enum Region {
 /// Sigma, in pixels, of the blur inside an occluded window: occlusion's default blurred baseline.
 pub const OCCLUDED_SIGMA: f64 = 10.0;
 
-/// The largest log-odds at which a loss of `log p` still has a usable f32 gradient. It scales as
-/// `1 - p = e^-lo`, which log-softmax's backward pass keeps exact where `p` itself rounds to 1,
-/// until it nears f32's smallest normal numbers (`e^-87`): `e^-40` leaves a margin of 20 orders.
-const PRECISE_LOG_ODDS: f64 = 40.0;
+/// The largest log-odds at which a loss of `log p` still has a usable gradient in `dtype`. It
+/// scales as `1 - p = e^-lo`, which log-softmax's backward pass keeps exact where `p` itself
+/// rounds to 1, until it nears the dtype's smallest normal numbers: `e^-87` for f32 and bf16,
+/// where `e^-40` leaves a margin of 20 orders; `e^-9.7` for f16, where `e^-8` leaves less than one.
+fn precise_log_odds(dtype: DType) -> f64 {
+    match dtype {
+        DType::F16 => 8.0,
+        _ => 40.0,
+    }
+}
 
 impl Region {
     /// Generators of one bank must be alike: whole-image noise, or noise of one window size.
@@ -970,8 +976,9 @@ impl<'a> Bank<'a> {
     /// took from the log-odds of its loss label (gave them, for a job moving towards a class), by
     /// the trapezoid rule between the clean image `x` and the perturbed one `x~`: over the
     /// channels, the sum of `(x - x~) * (grad lo(x) + grad lo(x~)) / 2`, exact where the log-odds
-    /// are quadratic in the pixels. `loss_grad` is the attack loss's gradient at `x~` (per job,
-    /// in its noise's shape), `log_odds` the log-odds at `x~`.
+    /// are quadratic in the pixels and no noise was clamped. `loss_grad` is the attack loss's
+    /// gradient at `x~` (per job, in its noise's shape; zero where the noise was clamped),
+    /// `log_odds` the log-odds at `x~`.
     fn contributions(
         &self,
         loss_grad: &Tensor,
@@ -999,17 +1006,18 @@ impl<'a> Bank<'a> {
                 // log-odds' in the loss's sign. Where the loss's gradient underflows, the clean
                 // end stands for both.
                 let lo = log_odds[j] as f64;
-                let at_perturbed = match lo <= PRECISE_LOG_ODDS {
-                    true => (loss_grad.get(j)? * (1.0 + lo.exp()))?,
-                    false => at_clean.clone(),
+                let ends = match lo <= precise_log_odds(self.model.dtype()) {
+                    true => ((at_clean + (loss_grad.get(j)? * (1.0 + lo.exp()))?)? * 0.5)?,
+                    false => at_clean,
                 };
-                Ok(((taken * (at_clean + at_perturbed)?)?.sum(0)? * 0.5)?)
+                Ok((taken * ends)?.sum(0)?)
             })
             .collect()
     }
 
     /// Each job's gradient of its loss label's log-odds at its clean image (`B x C x H x W`), in
-    /// the sign of its loss: one backward pass for each distinct image and label of the bank.
+    /// the sign of its loss: one batched backward pass over the bank's distinct (image, label)
+    /// pairs.
     fn clean_log_odds_gradients(&self) -> Result<Tensor> {
         let mut pairs: Vec<(usize, u32)> = Vec::new();
         let mut first_job: Vec<u32> = Vec::new();
@@ -1301,13 +1309,11 @@ impl<'a> Bank<'a> {
                 // The noise's gradient is alpha times the perturbed image's where it was not
                 // clamped.
                 let grad = grad.broadcast_div(&self.alphas)?;
-                for (j, c) in self
+                contributions = self
                     .contributions(&grad, &perturbed, &first_log_odds)?
                     .into_iter()
-                    .enumerate()
-                {
-                    contributions[j] = Some(c);
-                }
+                    .map(Some)
+                    .collect();
             }
             if finished {
                 break;

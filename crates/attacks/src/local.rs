@@ -65,8 +65,8 @@ pub enum WindowSpread {
     /// By the attack: each window's score is shared among its pixels by their share of what the
     /// attack's first perturbation took from the label's log-odds, the gradients at the clean
     /// and the perturbed image averaged ([`AttackOutcome::contribution`]), so a map is finer than
-    /// its stride. The delete and
-    /// occlude games only: the preserve game leaves the window as it is.
+    /// its stride. The delete and occlude games only: the preserve game leaves the window as it
+    /// is.
     Attack,
 }
 

@@ -50,13 +50,15 @@ pub struct AttackOutcome {
     /// The mask the noise was multiplied by, when there was one (`H x W`; not serialised).
     #[serde(skip)]
     pub mask: Option<Tensor>,
-    /// Each pixel's share of what the first judged perturbation took from the log-odds of the
-    /// attacked label (gave the target's, for a targeted attack), by the trapezoid rule between
-    /// the clean image `x` and the perturbed one `x~`: `(x - x~) . (grad(x) + grad(x~)) / 2`,
-    /// summed over channels, exact where the log-odds are quadratic in the pixels (`grad(x~)` as
-    /// the noise receives it: zero where the noise was clamped). `size x size` over a window
-    /// job's window, `H x W` otherwise; not serialised. Only where asked for: a local attack
-    /// spreading its window scores by the attack.
+    /// Each pixel's share of what the first judged perturbation took from the log-odds `lo` of
+    /// the attacked label (gave the target's, for a targeted attack), by the trapezoid rule
+    /// between the clean image `x` and the perturbed one `x~`: `(x - x~) . (grad lo(x) +
+    /// grad lo(x~)) / 2`, summed over channels, exact where the log-odds are quadratic in the
+    /// pixels and no noise was clamped. `grad lo(x~)` is the attack loss's gradient as the noise
+    /// receives it (zero where the noise was clamped) over `1 - p`; where `lo(x~)` exceeds 40
+    /// (8 for an f16 model) that gradient underflows and `grad lo(x)` stands in for it.
+    /// `size x size` over a window job's window, `H x W` otherwise; not serialised. Only where
+    /// asked for: a local attack spreading its window scores by the attack.
     #[serde(skip)]
     pub contribution: Option<Tensor>,
 }

@@ -838,7 +838,8 @@ fn a_windows_contributions_add_up_to_what_its_first_perturbation_took() {
     let data = common::lesions(1);
     // The log-odds of class 0 are quadratic in the pixels, where the trapezoid rule is exact: a
     // window's contributions add up to the log-odds its first perturbation took. (The gradient
-    // at either end alone misses half the quadratic term.) The image within [0.3, 0.7] and alpha
+    // at either end alone is off by the whole second-order term: the clean end misses it, the
+    // perturbed end counts it twice.) The image within [0.3, 0.7] and alpha
     // 0.2: no noise is clamped.
     let model = Relogit(data.model.as_ref(), squared_split);
     let pixels = data.pixels.affine(0.4, 0.3).unwrap();
@@ -926,18 +927,22 @@ fn a_windows_contributions_add_up_to_what_its_first_perturbation_took() {
     );
 }
 
-/// [`half_split`] with class 0 ahead by `lead` more.
-fn half_split_ahead(model: &dyn Classifier, pixels: &Tensor, lead: f32) -> CResult<Tensor> {
-    let logits = half_split(model, pixels)?;
-    logits.broadcast_add(&Tensor::new(&[lead, 0.0], pixels.device())?)
+/// A two-class model's logits as a function of the pixels.
+type Split = fn(&dyn Classifier, &Tensor) -> CResult<Tensor>;
+
+/// `split`'s logits with class 0 ahead by `lead` more.
+fn ahead(split: Split, model: &dyn Classifier, pixels: &Tensor, lead: f32) -> CResult<Tensor> {
+    split(model, pixels)?.broadcast_add(&Tensor::new(&[lead, 0.0], pixels.device())?)
 }
 
 #[test]
 fn a_sure_models_contributions_are_its_log_odds_gradients() {
     // The log-odds' gradient does not see a constant added to a logit, and the first
-    // perturbation is the generators' initial noise: a model sure by 30 (its probability is 1 in
-    // f32) or by 105 (the attack's loss, log p, has no f32 gradient left) has the contributions
-    // of the same model sure by 5, pixel by pixel.
+    // perturbation is the generators' initial noise: a model 25 more sure (its probability is 1
+    // in f32) or 100 more (the attack's loss, log p, has no usable f32 gradient left) has the
+    // contributions of the model itself, pixel by pixel. The quadratic model's two ends differ,
+    // so there the attack's end counts; the linear model's do not, so there the clean end may
+    // stand for both.
     let data = common::lesions(1);
     let pixels = data.pixels.affine(0.4, 0.3).unwrap();
     let config = AttackConfig {
@@ -953,12 +958,12 @@ fn a_sure_models_contributions_are_its_log_odds_gradients() {
         spread: WindowSpread::Attack,
         ..LocalAttack::default()
     };
-    let unsure = Relogit(data.model.as_ref(), half_split);
-    let unsure = local_attack(&unsure, &pixels, 0, Goal::Untargeted, &spec, &config).unwrap();
-    for lead in [25f32, 100.0] {
+    for (split, lead) in [(squared_split as Split, 25f32), (half_split, 100.0)] {
+        let unsure = Relogit(data.model.as_ref(), split);
+        let unsure = local_attack(&unsure, &pixels, 0, Goal::Untargeted, &spec, &config).unwrap();
         let sure = Relogit(
             data.model.as_ref(),
-            move |m: &dyn Classifier, p: &Tensor| half_split_ahead(m, p, lead),
+            move |m: &dyn Classifier, p: &Tensor| ahead(split, m, p, lead),
         );
         let sure = local_attack(&sure, &pixels, 0, Goal::Untargeted, &spec, &config).unwrap();
         compare_contributions(&sure, &unsure, lead);

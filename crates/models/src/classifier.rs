@@ -463,6 +463,12 @@ mod tests {
         for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
             assert!((*g as f64 - w).abs() < 1e-5, "{got:?} vs {want:?}");
         }
+        // In the logits' own dtype: the others' minus infinity takes it.
+        let wide = differentiable_log_odds(&logits.as_tensor().to_dtype(DType::F64)?, &[0, 1])?;
+        assert_eq!(wide.dtype(), DType::F64);
+        for (w, n) in wide.to_vec1::<f64>()?.iter().zip(odds.to_vec1::<f32>()?) {
+            assert!((w - n as f64).abs() < 1e-4, "{w} vs {n}");
+        }
         Ok(())
     }
 }

@@ -944,7 +944,8 @@ attack_step! {
         #[serde(skip_serializing_if = "is_one")]
         seeds: usize = 1,
         /// How a window's score spreads over its pixels: `even` (the paper's) or `attack` (by
-        /// each pixel's share of the attack's first perturbation).
+        /// each pixel's part in what the attack's first perturbation took from the label's
+        /// log-odds).
         #[serde(skip_serializing_if = "is_default")]
         spread: WindowSpread = WindowSpread::Even,
     } alpha = 0.02

@@ -13,7 +13,7 @@ pub fn to_vec(t: &Tensor) -> Vec<f64> {
 
 /// The largest `|x|` (NaN if any is).
 pub fn max_abs(a: &[f64]) -> f64 {
-    a.iter().map(|x| x.abs()).fold(0.0, largest)
+    a.iter().copied().map(f64::abs).fold(0.0, largest)
 }
 
 /// The largest `|a_i - b_i|` (NaN if any is); panics if the lengths differ.
@@ -89,6 +89,9 @@ mod tests {
         let t = Tensor::new(&[[1f32, 2.0], [3.0, 4.0]], &candle_core::Device::Cpu).unwrap();
         assert_eq!(to_vec(&t), vec![1.0, 2.0, 3.0, 4.0]);
         assert_eq!(max_diff(&t, &(&t + 0.5).unwrap()), 0.5);
+        // A NaN anywhere is the answer: a tolerance check against it fails.
+        assert!(max_abs(&[f64::NAN, 1.0]).is_nan());
+        assert!(max_abs_diff(&[1.0, 2.0], &[1.0, f64::NAN]).is_nan());
     }
 
     #[test]
