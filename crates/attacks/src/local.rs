@@ -70,6 +70,14 @@ pub enum WindowSpread {
     Attack,
 }
 
+impl WindowSpread {
+    /// Whether windows attacked in `game` can spread their scores this way: by the attack only
+    /// where the attack changes the window, which the preserve game does not.
+    pub fn fits(self, game: LocalGame) -> bool {
+        !(self == WindowSpread::Attack && game == LocalGame::Preserve)
+    }
+}
+
 /// The local attack's windows.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LocalAttack {
@@ -129,12 +137,9 @@ impl LocalAttack {
     /// Refuses settings no map can be made with.
     fn check(&self) -> Result<()> {
         ensure(self.seeds >= 1, || "seeds must be at least 1".into())?;
-        ensure(
-            !(self.spread == WindowSpread::Attack && self.game == LocalGame::Preserve),
-            || {
-                "spread: attack needs the delete or occlude game: the preserve game leaves the window as it is".into()
-            },
-        )
+        ensure(self.spread.fits(self.game), || {
+            "spread: attack needs the delete or occlude game: the preserve game leaves the window as it is".into()
+        })
     }
 
     /// One window attack's score (higher: more salient).

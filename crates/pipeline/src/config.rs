@@ -8,7 +8,6 @@ use crate::locate::Locations;
 use crate::schema::*;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use vulnmap_attacks::local::{LocalGame, WindowSpread};
 use vulnmap_attacks::{AttackMode, MaskNetworkKind};
 
 /// Reads, expands, parses and checks the pipeline at `path`.
@@ -522,9 +521,7 @@ impl Checker {
                 self.at_least_one(s.window, &f("window"));
                 self.at_least_one(s.stride, &f("stride"));
                 self.within(s.seeds, &ROUNDS, &f("seeds"));
-                let attack_spread_with_preserve =
-                    s.spread == WindowSpread::Attack && s.game == LocalGame::Preserve;
-                self.check(!attack_spread_with_preserve, &f("spread"), || {
+                self.check(s.spread.fits(s.game), &f("spread"), || {
                     "attack needs game: delete or occlude (the preserve game leaves the window as it is)".into()
                 });
             }
