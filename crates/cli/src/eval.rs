@@ -27,6 +27,10 @@ pub(crate) struct Args {
     /// Comma-separated measures (default: pointing game, AUROC, deletion, insertion).
     #[arg(long, value_delimiter = ',', value_enum)]
     measures: Vec<Measure>,
+    /// The pointing game's tolerance in pixels (TorchRay's 15; 1: the maximum on a lesion
+    /// pixel).
+    #[arg(long, default_value_t = 15.0)]
+    pointing_tolerance: f64,
     /// Which patient-grouped split.
     #[arg(long, value_enum, default_value_t)]
     split: Split,
@@ -67,7 +71,10 @@ pub(crate) fn run(args: Args) -> Result<()> {
         args.data.clone()
     };
     let mut steps: Vec<Step> = args.methods.iter().map(|m| m.step()).collect();
-    let mut metrics = MetricsStep::default();
+    let mut metrics = MetricsStep {
+        pointing_tolerance: args.pointing_tolerance,
+        ..MetricsStep::default()
+    };
     if !args.measures.is_empty() {
         metrics.measures = args.measures.clone();
     }

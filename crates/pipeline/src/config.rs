@@ -630,6 +630,7 @@ impl Checker {
                 self.within(s.sensitivity_samples, &SAMPLES, &f("sensitivity_samples"));
                 self.positive(s.infidelity_sigma, &f("infidelity_sigma"));
                 self.within(s.infidelity_samples, &SAMPLES, &f("infidelity_samples"));
+                self.positive(s.pointing_tolerance, &f("pointing_tolerance"));
                 self.check(s.blur_taps % 2 == 1, &f("blur_taps"), || {
                     format!(
                         "must be odd (a kernel centred on the pixel), got {}",

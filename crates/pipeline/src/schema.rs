@@ -1202,6 +1202,11 @@ pub struct MetricsStep {
     pub infidelity_sigma: f64,
     /// Perturbations per image for infidelity (default 10, Captum's).
     pub infidelity_samples: usize,
+    /// The pointing game's tolerance in pixels: a hit is a region pixel strictly closer than
+    /// this to the map's maximum (default 15, TorchRay's; 1: the maximum on a region pixel).
+    /// Small images make 15 pixels a large share of the side.
+    #[serde(skip_serializing_if = "is_torchray_tolerance")]
+    pub pointing_tolerance: f64,
 }
 
 impl Default for MetricsStep {
@@ -1220,6 +1225,8 @@ impl Default for MetricsStep {
             sensitivity_samples: sensitivity.samples,
             infidelity_sigma: infidelity.sigma,
             infidelity_samples: infidelity.samples,
+            pointing_tolerance: vulnmap_saliency::metrics::localisation::PointingGame::torchray()
+                .tolerance,
         }
     }
 }
@@ -1360,6 +1367,12 @@ fn is_zero(v: &f64) -> bool {
 
 fn is_one(v: &usize) -> bool {
     *v == 1
+}
+
+/// Left out of a saved pipeline at its default, so that runs saved before the key existed still
+/// resume.
+fn is_torchray_tolerance(v: &f64) -> bool {
+    *v == vulnmap_saliency::metrics::localisation::PointingGame::torchray().tolerance
 }
 
 fn is_default<T: Default + PartialEq>(v: &T) -> bool {

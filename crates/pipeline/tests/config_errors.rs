@@ -111,6 +111,13 @@ fn impossible_values_name_their_lines() {
         e.contains("line 5") && e.contains("spread") && e.contains("game: delete or occlude"),
         "{e}"
     );
+    let e = problems(&format!(
+        "{HEAD}steps:\n  - gradient: {{}}\n  - metrics:\n      pointing_tolerance: 0\n"
+    ));
+    assert!(
+        e.contains("line 7") && e.contains("pointing_tolerance") && e.contains("positive"),
+        "{e}"
+    );
 }
 
 #[test]

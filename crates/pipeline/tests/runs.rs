@@ -682,3 +682,79 @@ fn explaining_the_label_maps_and_attacks_each_images_label() {
         "the model calls no lesion image a lesion"
     );
 }
+
+/// The pointing game's tolerance is the step's: checked against the saved maps and the lesion
+/// masks, a hit at tolerance 1 is a maximum on a lesion pixel, a hit at the default a lesion
+/// pixel closer than 15 pixels (TorchRay's), the maximum the first in row-major order.
+#[test]
+fn the_pointing_games_tolerance_is_the_metrics_steps() {
+    let text = "name: tolerance
+batch_size: 8
+data:
+  fundus_benchmark: {}
+  split: test
+  lesions_only: true
+  limit: 6
+steps:
+  - occlusion: {window: 32, stride: 16}
+  - metrics: {id: lenient, measures: [pointing_game]}
+  - metrics: {id: strict, measures: [pointing_game], pointing_tolerance: 1}
+";
+    let pipeline = config::parse(text, Path::new("tolerance.yaml"), Path::new(".")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    runner::run(&pipeline, &options(dir.path(), None, false)).unwrap();
+    let saved = std::fs::read_to_string(dir.path().join("pipeline.yaml")).unwrap();
+    assert_eq!(
+        saved.matches("pointing_tolerance").count(),
+        1,
+        "the default tolerance is left out of the saved pipeline, a set one kept:\n{saved}"
+    );
+    let maps = candle_core::safetensors::load(
+        dir.path().join("maps/occlusion/chunk-00000.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap()["maps"]
+        .clone();
+    let rows = rows(dir.path());
+    let (mut strict_hits, mut lenient_hits) = (0, 0);
+    for row in rows.iter().filter(|r| r["kind"] == "metrics") {
+        let image = row["image"].as_u64().unwrap() as usize;
+        let file = row["file"].as_str().unwrap();
+        let mask = vulnmap_data::load_rgb(file.replace(".png", "_mask.png")).unwrap();
+        let map = maps.get(image).unwrap().to_vec2::<f32>().unwrap();
+        let w = map[0].len();
+        let flat: Vec<f32> = map.concat();
+        let best = (0..flat.len()).fold(0, |b, i| if flat[i] > flat[b] { i } else { b });
+        let (by, bx) = ((best / w) as i64, (best % w) as i64);
+        let nearest = mask
+            .enumerate_pixels()
+            .filter(|(_, _, p)| p[0] > 0.5)
+            .map(|(x, y, _)| ((x as i64 - bx).pow(2) + (y as i64 - by).pow(2)) as f64)
+            .fold(f64::INFINITY, f64::min)
+            .sqrt();
+        let hit = row["scores"]["occlusion"]["pointing_game"]
+            .as_bool()
+            .unwrap();
+        match row["step"].as_str().unwrap() {
+            "strict" => {
+                assert_eq!(
+                    hit,
+                    nearest < 1.0,
+                    "image {image}: nearest lesion pixel {nearest}"
+                );
+                strict_hits += hit as usize;
+            }
+            "lenient" => {
+                assert_eq!(
+                    hit,
+                    nearest < 15.0,
+                    "image {image}: nearest lesion pixel {nearest}"
+                );
+                lenient_hits += hit as usize;
+            }
+            other => panic!("a metrics row of step {other}"),
+        }
+    }
+    assert!(strict_hits <= lenient_hits);
+    assert!(lenient_hits > 0, "occlusion points near no lesion of 6");
+}

@@ -95,9 +95,12 @@ pub(crate) fn run(
             | StepKind::InputXGradient
             | StepKind::GuidedBackprop
             | StepKind::Smoothgrad
-            | StepKind::IntegratedGradients => PointingGame::torchray(),
+            | StepKind::IntegratedGradients => PointingGame {
+                tolerance: s.pointing_tolerance,
+                ..PointingGame::torchray()
+            },
             _ => PointingGame {
-                tolerance: 15.0,
+                tolerance: s.pointing_tolerance,
                 smooth: 0.0,
             },
         };
