@@ -149,10 +149,7 @@ pub fn pgd(
         x0.zeros_like()?
     };
     delta = confine(delta)?;
-    let signs: Vec<f32> = goals
-        .iter()
-        .map(|g| if g.moves_away() { 1.0 } else { -1.0 })
-        .collect();
+    let signs: Vec<f32> = goals.iter().map(|g| g.direction()).collect();
     let signs = Tensor::new(signs.as_slice(), &device)?;
     let index = Tensor::new(labels.as_slice(), &device)?.unsqueeze(1)?;
     let mut outcomes: Vec<Option<AttackOutcome>> = vec![None; n];

@@ -136,6 +136,16 @@ impl Goal {
         !matches!(self, Goal::Targeted(_))
     }
 
+    /// `+1` where the attack drives its class's log-odds down, `-1` where up: the sign that
+    /// makes "what the attack took from its class" positive when it succeeds.
+    pub fn direction(self) -> f32 {
+        if self.moves_away() {
+            1.0
+        } else {
+            -1.0
+        }
+    }
+
     /// Whether a perturbed image labelled `label` meets the goal (`clean`: the clean label).
     pub fn met_by(self, label: usize, clean: usize) -> bool {
         match self {
@@ -740,6 +750,9 @@ struct Bank<'a> {
     origin_losses: Vec<f64>,
     /// Per job: the clean image's log-odds of its loss label.
     origin_log_odds: Vec<f64>,
+    /// Per job (`B`): its goal's [`Goal::direction`]; the loss is the cross-entropy times its
+    /// negative.
+    directions: Tensor,
     fixed_mask: Option<Tensor>,
     /// `B x 1 x H x W`, 0 in each preserved window and 1 elsewhere, when the bank has one.
     outside_windows: Option<Tensor>,
@@ -836,6 +849,14 @@ impl<'a> Bank<'a> {
             .map(|(j, &c)| j.goal.class(c) as u32)
             .collect();
         let goals: Vec<Goal> = jobs.iter().map(|j| j.goal).collect();
+        let directions = Tensor::new(
+            goals
+                .iter()
+                .map(|g| g.direction())
+                .collect::<Vec<f32>>()
+                .as_slice(),
+            &device,
+        )?;
         let origin_losses = origin_losses(&clean_log_probs, &goals, &clean_labels)?;
         let origin_log_odds: Vec<f64> = log_odds(&clean_logits, &loss_labels)?
             .to_vec1::<f32>()?
@@ -965,6 +986,7 @@ impl<'a> Bank<'a> {
             clean_labels,
             origin_losses,
             origin_log_odds,
+            directions,
             fixed_mask,
             outside_windows,
             substrate,
@@ -1015,9 +1037,9 @@ impl<'a> Bank<'a> {
             .collect()
     }
 
-    /// Each job's gradient of its loss label's log-odds at its clean image (`B x C x H x W`), in
-    /// the sign of its loss: one batched backward pass over the bank's distinct (image, label)
-    /// pairs.
+    /// Each job's gradient of its loss label's log-odds at its clean image (`B x C x H x W`),
+    /// times its goal's [`Goal::direction`] (the sign of `+-log p` in its loss): one batched
+    /// backward pass over the bank's distinct (image, label) pairs.
     fn clean_log_odds_gradients(&self) -> Result<Tensor> {
         let mut pairs: Vec<(usize, u32)> = Vec::new();
         let mut first_job: Vec<u32> = Vec::new();
@@ -1048,19 +1070,9 @@ impl<'a> Bank<'a> {
                 self.model.arch()
             ))
         })?;
-        let signs: Vec<f32> = self
-            .jobs
-            .iter()
-            .map(|j| if j.goal.moves_away() { 1.0 } else { -1.0 })
-            .collect();
         Ok(grad
             .index_select(&Tensor::new(row_of_job.as_slice(), device)?, 0)?
-            .broadcast_mul(&Tensor::new(signs.as_slice(), device)?.reshape((
-                self.jobs.len(),
-                1,
-                1,
-                1,
-            ))?)?)
+            .broadcast_mul(&self.directions.reshape((self.jobs.len(), 1, 1, 1))?)?)
     }
 
     /// The generators' noise placed on the images: `B x 3 x H x W`; `probe`, a zero variable of
@@ -1188,12 +1200,7 @@ impl<'a> Bank<'a> {
             // Each job's cross-entropy (`B`): jobs moving away from their class maximise it,
             // targeted ones minimise it.
             let ce = log_probs.gather(&index, 1)?.squeeze(1)?.neg()?;
-            let signs: Vec<f32> = self
-                .jobs
-                .iter()
-                .map(|j| if j.goal.moves_away() { -1.0 } else { 1.0 })
-                .collect();
-            let mut loss = (&ce * Tensor::new(signs.as_slice(), &device)?)?;
+            let mut loss = ce.broadcast_mul(&self.directions.neg()?)?;
             if let Some(kept_ce) = preserved_ce {
                 // The dual game also keeps the label on the preserved image.
                 loss = (loss + kept_ce)?;
