@@ -1,5 +1,6 @@
 //! Value parsers for flags that multiply memory or time: the pipeline's own ranges
-//! (`vulnmap_pipeline::limits`), so a flag and the same pipeline key get the same answer.
+//! (`vulnmap_pipeline::limits`), so a flag and the same pipeline key get the same answer; and
+//! for numbers that must be positive, refused as the pipeline's check refuses them.
 
 use vulnmap_pipeline::limits::{self, Limit};
 
@@ -27,4 +28,29 @@ pub(crate) fn top(s: &str) -> Result<usize, String> {
 
 pub(crate) fn patients(s: &str) -> Result<usize, String> {
     limits::PATIENTS.parse(s)
+}
+
+pub(crate) fn positive(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
+        _ => Err(format!("must be a positive number, got `{s}`")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positive_refuses_zero_negatives_and_non_numbers() {
+        assert_eq!(positive("1"), Ok(1.0));
+        assert_eq!(positive("0.5"), Ok(0.5));
+        for bad in ["0", "-3", "nan", "inf", "fifteen", ""] {
+            let e = positive(bad).unwrap_err();
+            assert!(
+                e.contains("positive") && e.contains(&format!("`{bad}`")),
+                "{e}"
+            );
+        }
+    }
 }
