@@ -172,9 +172,13 @@ fn attack_summary(rows: &[Row]) -> Table {
 
 /// Mean scores of each scored map-making step with 95% bootstrap intervals over the images, and
 /// its mean seconds per map: the table to read (`mean [low, high]`) and the one to compute with
-/// (mean, low and high columns).
+/// (mean, low and high columns). Where several metrics steps score the same maps (a pointing
+/// game at two tolerances), each gets its own rows, `map (metrics step)`: one step's scores are
+/// never averaged with another's.
 fn metrics(rows: &[Row]) -> Result<(Table, Table)> {
-    let mut by_step: BTreeMap<String, BTreeMap<Measure, Vec<f64>>> = BTreeMap::new();
+    // Per row of the table: the map-making step and its scores by measure.
+    type Scored<'a> = (&'a str, BTreeMap<Measure, Vec<f64>>);
+    let mut by_step: BTreeMap<String, Scored> = BTreeMap::new();
     let mut seconds: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     for r in rows
         .iter()
@@ -182,12 +186,23 @@ fn metrics(rows: &[Row]) -> Result<(Table, Table)> {
     {
         seconds.entry(&r.step).or_default().push(r.seconds);
     }
+    let metrics_steps: std::collections::BTreeSet<&str> = rows
+        .iter()
+        .filter(|r| matches!(r.found, Found::Metrics(_)))
+        .map(|r| r.step.as_str())
+        .collect();
     for r in rows {
         let Found::Metrics(scored) = &r.found else {
             continue;
         };
         for (step, scores) in &scored.scores {
-            let entry = by_step.entry(step.clone()).or_default();
+            let label = match metrics_steps.len() {
+                1 => step.clone(),
+                _ => format!("{step} ({})", r.step),
+            };
+            let (_, entry) = by_step
+                .entry(label)
+                .or_insert_with(|| (step.as_str(), BTreeMap::new()));
             for m in Measure::ALL {
                 if let Some(x) = scores.get(m).filter(|x| !x.is_nan()) {
                     entry.entry(m).or_default().push(x);
@@ -198,7 +213,7 @@ fn metrics(rows: &[Row]) -> Result<(Table, Table)> {
     // Only the measures some map was scored by.
     let used: Vec<Measure> = Measure::ALL
         .into_iter()
-        .filter(|m| by_step.values().any(|scores| scores.contains_key(m)))
+        .filter(|m| by_step.values().any(|(_, scores)| scores.contains_key(m)))
         .collect();
     let mut header = vec!["method".to_string(), "images".to_string()];
     header.extend(used.iter().map(|m| format!("{} [95% CI]", m.title())));
@@ -215,11 +230,11 @@ fn metrics(rows: &[Row]) -> Result<(Table, Table)> {
     }
     header.push("seconds_per_map".into());
     let mut numbers = Table::new(&header.iter().map(String::as_str).collect::<Vec<_>>());
-    for (step, m) in by_step {
+    for (label, (step, m)) in by_step {
         let n = m.values().map(Vec::len).max().unwrap_or(0);
-        let per_map = seconds.get(step.as_str()).and_then(|v| mean(v));
-        let mut cells = vec![step.clone(), n.to_string()];
-        let mut columns = vec![step, n.to_string()];
+        let per_map = seconds.get(step).and_then(|v| mean(v));
+        let mut cells = vec![label.clone(), n.to_string()];
+        let mut columns = vec![label, n.to_string()];
         for k in &used {
             match m.get(k).filter(|v| !v.is_empty()) {
                 Some(v) => {

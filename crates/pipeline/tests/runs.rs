@@ -757,4 +757,22 @@ steps:
     }
     assert!(strict_hits <= lenient_hits);
     assert!(lenient_hits > 0, "occlusion points near no lesion of 6");
+    // The table keeps the two steps' scores apart, each over the 6 images.
+    let table = std::fs::read_to_string(dir.path().join("metrics.csv")).unwrap();
+    for (label, hits) in [
+        ("occlusion (lenient)", lenient_hits),
+        ("occlusion (strict)", strict_hits),
+    ] {
+        let line = table
+            .lines()
+            .find(|l| l.starts_with(&format!("{label},")))
+            .unwrap_or_else(|| panic!("no row `{label}` in\n{table}"));
+        let cells: Vec<&str> = line.split(',').collect();
+        assert_eq!(cells[1], "6", "{line}");
+        let mean: f64 = cells[2].parse().unwrap();
+        assert!(
+            (mean - hits as f64 / 6.0).abs() < 1e-6,
+            "{line}: {hits} hits"
+        );
+    }
 }
