@@ -29,7 +29,7 @@ pub(crate) struct Args {
     measures: Vec<Measure>,
     /// The pointing game's tolerance in pixels (TorchRay's 15; 1: the maximum on a lesion
     /// pixel).
-    #[arg(long, default_value_t = 15.0, value_parser = crate::flags::positive)]
+    #[arg(long, default_value_t = MetricsStep::default().pointing_tolerance, value_parser = crate::flags::positive)]
     pointing_tolerance: f64,
     /// Which patient-grouped split.
     #[arg(long, value_enum, default_value_t)]

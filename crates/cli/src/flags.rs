@@ -1,6 +1,6 @@
 //! Value parsers for flags that multiply memory or time: the pipeline's own ranges
 //! (`vulnmap_pipeline::limits`), so a flag and the same pipeline key get the same answer; and
-//! for numbers that must be positive, refused as the pipeline's check refuses them.
+//! for numbers that must be positive, by the pipeline's rule.
 
 use vulnmap_pipeline::limits::{self, Limit};
 
@@ -31,10 +31,7 @@ pub(crate) fn patients(s: &str) -> Result<usize, String> {
 }
 
 pub(crate) fn positive(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
-        _ => Err(format!("must be a positive number, got `{s}`")),
-    }
+    limits::parse_positive(s)
 }
 
 #[cfg(test)]

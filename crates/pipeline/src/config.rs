@@ -242,9 +242,9 @@ impl Checker {
     }
 
     fn positive(&mut self, value: f64, path: &str) {
-        self.check(value > 0.0 && value.is_finite(), path, || {
-            format!("must be a positive number, got {value}")
-        });
+        if let Some(problem) = crate::limits::positive_problem(value) {
+            self.problem(path, problem);
+        }
     }
 
     fn within(&mut self, value: usize, limit: &crate::limits::Limit, path: &str) {

@@ -1,6 +1,6 @@
 //! The ranges of settings that multiply memory or time, defined once: the pipeline checks its
 //! keys with them and the CLI parses its flags with them, so `--batch-size 0` and
-//! `batch_size: 0` get the same answer.
+//! `batch_size: 0` get the same answer; likewise the rule for numbers that must be positive.
 
 /// An inclusive range of whole numbers, with what the number counts (for the message).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +39,20 @@ pub const EPOCHS: Limit = Limit::new(1, 100_000, "epochs");
 pub const PATIENTS: Limit = Limit::new(1, 100_000, "patients");
 /// Classes listed per image.
 pub const TOP: Limit = Limit::new(1, 100_000, "classes");
+
+/// What is wrong with a number that must be positive and finite (a sigma, a tolerance), or
+/// `None` when it is.
+pub fn positive_problem(value: f64) -> Option<String> {
+    (!(value > 0.0 && value.is_finite())).then(|| format!("must be a positive number, got {value}"))
+}
+
+/// Parses a command-line number that must be positive and finite, by the pipeline's rule.
+pub fn parse_positive(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(value) if positive_problem(value).is_none() => Ok(value),
+        _ => Err(format!("must be a positive number, got `{text}`")),
+    }
+}
 
 impl Limit {
     const fn new(min: u64, max: u64, counts: &'static str) -> Self {

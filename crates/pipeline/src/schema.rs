@@ -10,6 +10,7 @@ use vulnmap_attacks::{AttackMode, GeneratorChoice, MaskGame, MaskNetworkKind, Sp
 use vulnmap_data::Split;
 use vulnmap_models::{Arch, DeviceName, Score};
 use vulnmap_onnx::Normalize;
+use vulnmap_saliency::metrics::localisation::PointingGame;
 use vulnmap_saliency::{
     Aggregate, BaselineKind, ExtremalReward, ExtremalVariant, Integration, OcclusionScore,
 };
@@ -1225,8 +1226,7 @@ impl Default for MetricsStep {
             sensitivity_samples: sensitivity.samples,
             infidelity_sigma: infidelity.sigma,
             infidelity_samples: infidelity.samples,
-            pointing_tolerance: vulnmap_saliency::metrics::localisation::PointingGame::torchray()
-                .tolerance,
+            pointing_tolerance: PointingGame::torchray().tolerance,
         }
     }
 }
@@ -1372,7 +1372,7 @@ fn is_one(v: &usize) -> bool {
 /// Left out of a saved pipeline at its default, so that runs saved before the key existed still
 /// resume.
 fn is_torchray_tolerance(v: &f64) -> bool {
-    *v == vulnmap_saliency::metrics::localisation::PointingGame::torchray().tolerance
+    *v == PointingGame::torchray().tolerance
 }
 
 fn is_default<T: Default + PartialEq>(v: &T) -> bool {
