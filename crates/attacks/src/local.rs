@@ -25,14 +25,15 @@ use vulnmap_saliency::WindowGrid;
 pub enum LocalGame {
     /// Noise inside the window (the paper's): a window is salient when attacking it moves the
     /// label.
-    #[default]
     Delete,
     /// Noise everywhere but the window: a window is salient when the label survives the attack
     /// on the rest of the image.
     Preserve,
     /// The window blurred as occlusion's baseline, noise added to it: a window is salient when
     /// occluding it and attacking what is left there moves the label (occlusion, sharpened by
-    /// the attack).
+    /// the attack). The `local_attack` step's default, its window scores spread by the attack:
+    /// it makes the better map (docs/attack_maps.md).
+    #[default]
     Occlude,
 }
 

@@ -173,14 +173,15 @@ fn absolute(base: &Path, p: &str) -> String {
     }
 }
 
-/// Makes every path absolute, and writes each attack step's resolved updates and generator (and
-/// the mask attack's network) into its keys, so the saved `pipeline.yaml` says what ran.
+/// Makes every path absolute, and writes each attack step's resolved settings (noise strength,
+/// learning rate, updates, generator; the local attack's score and spread, the mask attack's
+/// network) into its keys, so the saved `pipeline.yaml` says what ran.
 fn resolve(mut p: Pipeline, base: &Path) -> Pipeline {
     for step in &mut p.steps {
         match step {
             Step::RandomAttack(s) => s.pin_settings(),
             Step::AlphaSweep(s) => s.pin_settings(),
-            Step::LocalAttack(s) => s.pin_settings(),
+            Step::LocalAttack(s) => s.pin_local_settings(),
             Step::SaliencyAttack(s) => s.pin_settings(),
             Step::MaskAttack(s) => s.pin_mask_settings(),
             _ => {}
@@ -518,10 +519,14 @@ impl Checker {
             }
             Step::LocalAttack(s) => {
                 self.attack(&s.attack(), at);
-                self.at_least_one(s.window, &f("window"));
-                self.at_least_one(s.stride, &f("stride"));
+                if let Some(window) = s.window {
+                    self.at_least_one(window, &f("window"));
+                }
+                if let Some(stride) = s.stride {
+                    self.at_least_one(stride, &f("stride"));
+                }
                 self.within(s.seeds, &ROUNDS, &f("seeds"));
-                self.check(s.spread.fits(s.game), &f("spread"), || {
+                self.check(s.spread().fits(s.game), &f("spread"), || {
                     "attack needs game: delete or occlude (the preserve game leaves the window as it is)".into()
                 });
             }

@@ -111,10 +111,10 @@ impl RunDir {
             }
             Existing::Resume if other_pipeline => {
                 return Err(Error::Run(format!(
-                    "{} holds {rows} results of another pipeline (see its {PIPELINE}); --resume \
-                     continues the same pipeline only: choose another --out, or pass --force to \
-                     discard them",
-                    path.display()
+                    "{} holds {rows} results of another pipeline ({}); --resume continues the \
+                     same pipeline only: choose another --out, or pass --force to discard them",
+                    path.display(),
+                    changed_line(saved.as_deref().unwrap_or_default(), pipeline_yaml)
                 )))
             }
             Existing::Resume => {}
@@ -124,7 +124,10 @@ impl RunDir {
                      --force to discard them, or choose another --out",
                     path.display(),
                     if other_pipeline {
-                        format!(" of another pipeline (see its {PIPELINE})")
+                        format!(
+                            " of another pipeline ({})",
+                            changed_line(saved.as_deref().unwrap_or_default(), pipeline_yaml)
+                        )
                     } else {
                         String::new()
                     }
@@ -162,6 +165,31 @@ impl RunDir {
         }
         Ok(())
     }
+}
+
+/// Where the pipeline saved in a run directory and the one given now part: the first line that
+/// differs, so that a refused `--resume` says which setting changed (a key written by another
+/// version of vulnmap, too).
+fn changed_line(saved: &str, now: &str) -> String {
+    let mut saved_lines = saved.lines();
+    let mut now_lines = now.lines();
+    for line in 1.. {
+        match (saved_lines.next(), now_lines.next()) {
+            (Some(a), Some(b)) if a == b => continue,
+            (None, None) => break,
+            (a, b) => {
+                let shown = |l: Option<&str>| {
+                    l.map_or("(nothing)".to_string(), |l| format!("`{}`", l.trim()))
+                };
+                return format!(
+                    "line {line} of its {PIPELINE} is {}, this pipeline's is {}",
+                    shown(a),
+                    shown(b)
+                );
+            }
+        }
+    }
+    format!("see its {PIPELINE}")
 }
 
 fn check_format(marker: &Path) -> Result<()> {

@@ -4,7 +4,7 @@
 //! Steps are written as one-key maps, `- smoothgrad: {samples: 25}`; `{}` takes every default.
 
 use serde::{Deserialize, Serialize};
-use vulnmap_attacks::local::{LocalGame, WindowScore, WindowSpread};
+use vulnmap_attacks::local::{LocalAttack, LocalGame, WindowScore, WindowSpread};
 use vulnmap_attacks::saliency_attack::Control;
 use vulnmap_attacks::{AttackMode, GeneratorChoice, MaskGame, MaskNetworkKind, Sparsity};
 use vulnmap_data::Split;
@@ -814,18 +814,40 @@ impl Default for AttackSettings {
     }
 }
 
-/// The updates and the generator of an attack step whose keys leave them out, where the step's
-/// game has its own; `None`: the paper's (100 updates, `auto`).
-trait DefaultUpdates {
-    fn own_updates_and_generator(&self) -> Option<(usize, GeneratorChoice)> {
-        None
+/// What an attack step's shared keys resolve to where they are left out.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttackDefaults {
+    /// Noise strength in pixel units.
+    pub alpha: f64,
+    /// Adam's learning rate for the noise generators.
+    pub lr: f64,
+    /// Generator updates at most.
+    pub max_iters: usize,
+    /// The noise generator.
+    pub generator: GeneratorChoice,
+}
+
+impl AttackDefaults {
+    /// The paper's settings (100 updates, Adam 2e-4, `auto`) at noise strength `alpha`.
+    pub const fn paper(alpha: f64) -> Self {
+        Self {
+            alpha,
+            lr: 2e-4,
+            max_iters: 100,
+            generator: GeneratorChoice::Auto,
+        }
     }
+}
+
+/// The defaults of an attack step's shared keys, which may follow the step's game.
+trait StepDefaults {
+    fn defaults(&self) -> AttackDefaults;
 }
 
 /// An attack step: [`AttackSettings`]' keys written inline (serde's `flatten` would lose the
 /// line numbers of errors and the denial of unknown keys), then the step's own.
 macro_rules! attack_step {
-    ($(#[$doc:meta])* $name:ident { $($(#[$fdoc:meta])* $field:ident : $ty:ty = $default:expr),* $(,)? } alpha = $alpha:expr) => {
+    ($(#[$doc:meta])* $name:ident { $($(#[$fdoc:meta])* $field:ident : $ty:ty = $default:expr),* $(,)? }) => {
         $(#[$doc])*
         #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
         #[serde(deny_unknown_fields, default)]
@@ -839,21 +861,25 @@ macro_rules! attack_step {
             /// The class index to reach; given exactly when `mode` is `targeted`.
             #[serde(skip_serializing_if = "Option::is_none")]
             pub target: Option<usize>,
-            /// Noise strength in pixel units, in (0, 1] (default 0.02; 0.05 for `saliency_attack`
-            /// and `mask_attack`; unused by `alpha_sweep`, which takes `alphas`).
-            pub alpha: f64,
+            /// Noise strength in pixel units, in (0, 1] (default 0.02; 0.05 for `saliency_attack`,
+            /// `mask_attack` and the local attack's occlude game; unused by `alpha_sweep`, which
+            /// takes `alphas`).
+            #[serde(skip_serializing_if = "Option::is_none")]
+            pub alpha: Option<f64>,
             /// Generator updates at most before the attack counts as failed (default 100; the
-            /// mask attack's dual game: 40).
+            /// mask attack's dual game: 40; the local attack's occlude game: 1).
             #[serde(skip_serializing_if = "Option::is_none")]
             pub max_iters: Option<usize>,
-            /// Adam's learning rate for the noise generators (default 2e-4).
-            pub lr: f64,
+            /// Adam's learning rate for the noise generators (default 2e-4; the local attack's
+            /// occlude game: 2e-3).
+            #[serde(skip_serializing_if = "Option::is_none")]
+            pub lr: Option<f64>,
             /// Probability the new label must exceed to count as a success, in (0, 1)
             /// (default 0.9).
             pub confidence: f64,
             /// `auto` (the default: `paper` at 224 x 224, else `generic`), `paper` (the
-            /// authors' DCGAN, 224 x 224 only) or `generic` (the mask attack's dual game's
-            /// default).
+            /// authors' DCGAN, 224 x 224 only) or `generic` (the default of the mask attack's
+            /// dual game and the local attack's occlude game).
             #[serde(skip_serializing_if = "Option::is_none")]
             pub generator: Option<GeneratorChoice>,
             $($(#[$fdoc])* pub $field: $ty,)*
@@ -866,9 +892,9 @@ macro_rules! attack_step {
                     id: None,
                     mode: a.mode,
                     target: a.target,
-                    alpha: $alpha,
+                    alpha: None,
                     max_iters: None,
-                    lr: a.lr,
+                    lr: None,
                     confidence: a.confidence,
                     generator: None,
                     $($field: $default,)*
@@ -880,26 +906,26 @@ macro_rules! attack_step {
             /// The shared attack settings, the step's own defaults where its keys leave them
             /// out.
             pub fn attack(&self) -> AttackSettings {
-                let paper = AttackSettings::default();
-                let (max_iters, generator) = self
-                    .own_updates_and_generator()
-                    .unwrap_or((paper.max_iters, paper.generator));
+                let d = self.defaults();
                 AttackSettings {
                     mode: self.mode,
                     target: self.target,
-                    alpha: self.alpha,
-                    max_iters: self.max_iters.unwrap_or(max_iters),
-                    lr: self.lr,
+                    alpha: self.alpha.unwrap_or(d.alpha),
+                    max_iters: self.max_iters.unwrap_or(d.max_iters),
+                    lr: self.lr.unwrap_or(d.lr),
                     confidence: self.confidence,
-                    generator: self.generator.unwrap_or(generator),
+                    generator: self.generator.unwrap_or(d.generator),
                 }
             }
 
-            /// Writes the updates and the generator the step resolves to into its keys, so a
-            /// saved pipeline says what ran whatever a later version's defaults.
+            /// Writes the noise strength, learning rate, updates and generator the step
+            /// resolves to into its keys, so a saved pipeline says what ran whatever a later
+            /// version's defaults.
             pub fn pin_settings(&mut self) {
                 let a = self.attack();
+                self.alpha = Some(a.alpha);
                 self.max_iters = Some(a.max_iters);
+                self.lr = Some(a.lr);
                 self.generator = Some(a.generator);
             }
         }
@@ -912,7 +938,7 @@ attack_step! {
         /// Attacks per image, seeded `seed`, `seed + 1` ...; above 1 the row also
         /// holds their statistics (default 1).
         rounds: usize = 1,
-    } alpha = 0.02
+    }
 }
 
 attack_step! {
@@ -923,33 +949,41 @@ attack_step! {
         alphas: Vec<f64> = vec![0.005, 0.01, 0.02, 0.05, 0.1],
         /// Attacks (seeds) per alpha (default 5).
         rounds: usize = 5,
-    } alpha = 0.02
+    }
 }
 
 attack_step! {
-    /// The local attack's window map (Figs. 7-8).
+    /// The local attack's window map: by default the occlude game with its scores spread by the
+    /// attack, the settings the attack-maps benchmark picked ([`LocalAttackStep::OCCLUDE`]);
+    /// `game: delete` is the paper's (Figs. 7-8), every other key then at the paper's default.
     LocalAttackStep {
-        /// Side of the square window the noise is confined to, in pixels (default 100).
-        window: usize = 100,
-        /// Step between windows, in pixels (default 50).
-        stride: usize = 50,
-        /// `delete` (the paper's: noise in the window), `preserve` (noise everywhere else) or
-        /// `occlude` (the window blurred as occlusion's baseline, noise added to it).
-        #[serde(skip_serializing_if = "is_default")]
-        game: LocalGame = LocalGame::Delete,
+        /// Side of the square window the noise is confined to, in pixels (default: a quarter of
+        /// the image's side in the occlude game, occlusion's windows; the paper's 100 in the
+        /// others).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        window: Option<usize> = None,
+        /// Step between windows, in pixels (default: an eighth of the image's side in the
+        /// occlude game; the paper's 50 in the others).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        stride: Option<usize> = None,
+        /// `occlude` (the default: the window blurred as occlusion's baseline, noise added to
+        /// it), `delete` (the paper's: noise in the window) or `preserve` (noise everywhere
+        /// else).
+        game: LocalGame = LocalGame::default(),
         /// `speed` (the paper's: updates to flip), `probability_drop` (continuous) or
-        /// `log_odds_drop` (the same in log-odds, for models sure of their label).
-        #[serde(skip_serializing_if = "is_default")]
-        score: WindowScore = WindowScore::Speed,
+        /// `log_odds_drop` (the same in log-odds, for models sure of their label; the occlude
+        /// game's default).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        score: Option<WindowScore> = None,
         /// Generator seeds per window, their scores averaged (default 1, the paper's).
         #[serde(skip_serializing_if = "is_one")]
         seeds: usize = 1,
         /// How a window's score spreads over its pixels: `even` (the paper's) or `attack` (by
         /// each pixel's part in what the attack's first perturbation took from the label's
-        /// log-odds).
-        #[serde(skip_serializing_if = "is_default")]
-        spread: WindowSpread = WindowSpread::Even,
-    } alpha = 0.02
+        /// log-odds; the occlude game's default).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        spread: Option<WindowSpread> = None,
+    }
 }
 
 attack_step! {
@@ -965,7 +999,7 @@ attack_step! {
         threshold: f32 = 0.0,
         /// Random-mask controls: `permuted` (same values, shuffled) and/or `bernoulli`.
         controls: Vec<Control> = vec![Control::Permuted],
-    } alpha = 0.05
+    }
 }
 
 attack_step! {
@@ -1034,18 +1068,149 @@ attack_step! {
         /// Seeds per area, their masks averaged (default 1).
         #[serde(skip_serializing_if = "is_one")]
         seeds: usize = 1,
-    } alpha = 0.05
+    }
 }
 
-impl DefaultUpdates for RandomAttackStep {}
-impl DefaultUpdates for AlphaSweepStep {}
-impl DefaultUpdates for LocalAttackStep {}
-impl DefaultUpdates for SaliencyAttackStep {}
+impl StepDefaults for RandomAttackStep {
+    fn defaults(&self) -> AttackDefaults {
+        AttackDefaults::paper(0.02)
+    }
+}
 
-impl DefaultUpdates for MaskAttackStep {
-    fn own_updates_and_generator(&self) -> Option<(usize, GeneratorChoice)> {
-        self.dual()
-            .then_some((Self::DUAL.updates, GeneratorChoice::Generic))
+impl StepDefaults for AlphaSweepStep {
+    fn defaults(&self) -> AttackDefaults {
+        AttackDefaults::paper(0.02)
+    }
+}
+
+impl StepDefaults for LocalAttackStep {
+    fn defaults(&self) -> AttackDefaults {
+        match self.game {
+            LocalGame::Occlude => Self::OCCLUDE.attack,
+            LocalGame::Delete | LocalGame::Preserve => AttackDefaults::paper(0.02),
+        }
+    }
+}
+
+impl StepDefaults for SaliencyAttackStep {
+    fn defaults(&self) -> AttackDefaults {
+        AttackDefaults::paper(0.05)
+    }
+}
+
+impl StepDefaults for MaskAttackStep {
+    fn defaults(&self) -> AttackDefaults {
+        let paper = AttackDefaults::paper(0.05);
+        if self.dual() {
+            AttackDefaults {
+                max_iters: Self::DUAL.updates,
+                generator: GeneratorChoice::Generic,
+                ..paper
+            }
+        } else {
+            paper
+        }
+    }
+}
+
+/// The occlude game's settings where a `local_attack` step leaves them out: those the
+/// attack-maps benchmark picked (docs/attack_maps.md, "Spread by the attack"), with which the
+/// map beats occlusion on the same windows on both of RISE's curves on ImageNet photos and on
+/// both curves and AUROC on the fundus lesions.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OccludeDefaults {
+    /// The window's side as a fraction of the image's: `side / window_parts`.
+    pub window_parts: usize,
+    /// The stride as a fraction of the image's side: `side / stride_parts`.
+    pub stride_parts: usize,
+    /// How a window's attack is scored.
+    pub score: WindowScore,
+    /// How its score spreads over its pixels.
+    pub spread: WindowSpread,
+    /// The noise strength, learning rate, updates and generator.
+    pub attack: AttackDefaults,
+}
+
+impl LocalAttackStep {
+    /// The occlude game's defaults.
+    pub const OCCLUDE: OccludeDefaults = OccludeDefaults {
+        window_parts: 4,
+        stride_parts: 8,
+        score: WindowScore::LogOddsDrop,
+        spread: WindowSpread::Attack,
+        attack: AttackDefaults {
+            alpha: 0.05,
+            lr: 2e-3,
+            max_iters: 1,
+            generator: GeneratorChoice::Generic,
+        },
+    };
+
+    /// The paper's window and stride (w = 100, s = 50), the delete and preserve games' defaults.
+    pub const PAPER_WINDOWS: (usize, usize) = (100, 50);
+
+    fn occludes(&self) -> bool {
+        self.game == LocalGame::Occlude
+    }
+
+    /// The window's side on images of `side` pixels: the step's `window`, else the game's.
+    pub fn window(&self, side: usize) -> usize {
+        self.window.unwrap_or(if self.occludes() {
+            (side / Self::OCCLUDE.window_parts).max(1)
+        } else {
+            Self::PAPER_WINDOWS.0
+        })
+    }
+
+    /// The stride on images of `side` pixels: the step's `stride`, else the game's.
+    pub fn stride(&self, side: usize) -> usize {
+        self.stride.unwrap_or(if self.occludes() {
+            (side / Self::OCCLUDE.stride_parts).max(1)
+        } else {
+            Self::PAPER_WINDOWS.1
+        })
+    }
+
+    /// How a window's attack is scored: the step's `score`, else the game's.
+    pub fn score(&self) -> WindowScore {
+        self.score.unwrap_or(if self.occludes() {
+            Self::OCCLUDE.score
+        } else {
+            WindowScore::Speed
+        })
+    }
+
+    /// How a window's score spreads over its pixels: the step's `spread`, else the game's.
+    pub fn spread(&self) -> WindowSpread {
+        self.spread.unwrap_or(if self.occludes() {
+            Self::OCCLUDE.spread
+        } else {
+            WindowSpread::Even
+        })
+    }
+
+    /// [`Self::pin_settings`], the score and the spread; in the delete and preserve games the
+    /// window and stride too (the occlude game's follow each image's size).
+    pub fn pin_local_settings(&mut self) {
+        self.pin_settings();
+        self.score = Some(self.score());
+        self.spread = Some(self.spread());
+        if !self.occludes() {
+            self.window = Some(self.window(0));
+            self.stride = Some(self.stride(0));
+        }
+    }
+
+    /// The attack library's local attack on images of `side` pixels.
+    pub fn spec(&self, side: usize) -> LocalAttack {
+        LocalAttack {
+            window: self.window(side),
+            stride: self.stride(side),
+            game: self.game,
+            score: self.score(),
+            seeds: self.seeds,
+            spread: self.spread(),
+        }
     }
 }
 
@@ -1373,10 +1538,6 @@ fn is_one(v: &usize) -> bool {
 /// resume.
 fn is_torchray_tolerance(v: &f64) -> bool {
     *v == PointingGame::torchray().tolerance
-}
-
-fn is_default<T: Default + PartialEq>(v: &T) -> bool {
-    *v == T::default()
 }
 
 impl Default for FinetuneStep {

@@ -24,7 +24,7 @@ const STEPS: &str = "
   - kernel_shap: {cells: 3, samples: 12}
   - random_attack: {alpha: 0.05, max_iters: 2}
   - alpha_sweep: {alphas: [0.05], rounds: 1, max_iters: 2}
-  - local_attack: {window: 112, stride: 112, alpha: 0.3, max_iters: 2}
+  - local_attack: {window: 112, stride: 112}
   - saliency_attack: {alpha: 0.05, max_iters: 2, samples: 2, controls: [permuted]}
   - mask_attack: {game: noise, network: free, cells: 8, alpha: 0.05, max_iters: 2, samples: 2}
   - metrics: {measures: [deletion, insertion], pixels_per_step: 8192}

@@ -49,6 +49,12 @@ fn pipeline(name: &str) -> Pipeline {
     config::parse(&yaml, Path::new("test.yaml"), Path::new(".")).unwrap()
 }
 
+/// The line number (from 1) of the first line of `p`'s saved form that starts with `start`.
+fn to_yaml_line(p: &Pipeline, start: &str) -> usize {
+    let yaml = config::to_yaml(p).unwrap();
+    1 + yaml.lines().position(|l| l.starts_with(start)).unwrap()
+}
+
 fn options(out: &Path, resume: bool, force: bool) -> RunOptions {
     RunOptions {
         out: out.to_path_buf(),
@@ -102,6 +108,14 @@ fn finished_results_are_kept_unless_resumed_or_forced() {
         &options(dir.path(), true, false),
     ));
     assert!(message.contains("another pipeline"), "{message}");
+    // It names the setting that changed: the first line where the saved pipeline differs.
+    let name_line = to_yaml_line(&pipeline("p"), "name:");
+    assert!(
+        message.contains(&format!(
+            "line {name_line} of its pipeline.yaml is `name: p`, this pipeline's is `name: q`"
+        )),
+        "{message}"
+    );
     assert_eq!(std::fs::read_to_string(&results).unwrap(), before);
 
     runner::run(&pipeline("q"), &options(dir.path(), false, true)).unwrap();

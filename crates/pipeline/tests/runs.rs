@@ -21,7 +21,7 @@ data:
 steps:
   - classify: {top: 2}
   - gradient: {}
-  - local_attack: {window: 64, stride: 64, alpha: 0.3, max_iters: 4, lr: 2.0e-3}
+  - local_attack: {game: delete, window: 64, stride: 64, alpha: 0.3, max_iters: 4, lr: 2.0e-3}
   - metrics: {measures: [pointing_game, auroc, deletion], pixels_per_step: 1024}
   - random_attack: {alpha: 0.05, max_iters: 5}
   - alpha_sweep: {alphas: [0.05, 0.1], rounds: 1, max_iters: 5}
@@ -397,17 +397,17 @@ steps:
 }
 
 #[test]
-fn local_attack_variants_are_keys_and_the_paper_keeps_its_resolved_file() {
+fn local_attack_variants_are_keys_and_the_resolved_file_names_them() {
     let with = SMALL.replace(
-        "lr: 2.0e-3}",
-        "lr: 2.0e-3, score: probability_drop, game: preserve, seeds: 3}",
+        "game: delete, window: 64, stride: 64, alpha: 0.3, max_iters: 4, lr: 2.0e-3}",
+        "window: 64, stride: 64, alpha: 0.3, max_iters: 4, lr: 2.0e-3, score: probability_drop, game: preserve, seeds: 3}",
     );
     let p = config::parse(&with, Path::new("v.yaml"), Path::new(".")).unwrap();
     let vulnmap_pipeline::schema::Step::LocalAttack(s) = &p.steps[2] else {
         panic!("step 2 is the local attack")
     };
     assert_eq!(
-        s.score,
+        s.score(),
         vulnmap_attacks::local::WindowScore::ProbabilityDrop
     );
     assert_eq!(s.game, vulnmap_attacks::local::LocalGame::Preserve);
@@ -418,17 +418,134 @@ fn local_attack_variants_are_keys_and_the_paper_keeps_its_resolved_file() {
         "{yaml}"
     );
     assert_eq!(config::from_yaml(&yaml).unwrap(), p);
-    // The paper's settings are left out of the resolved file, so runs from before still resume.
+    // The paper's game names itself and every setting it resolved to, so the saved file runs
+    // the same attack whatever a later version's defaults.
     let plain = config::to_yaml(&pipeline()).unwrap();
-    assert!(
-        !plain.contains(" seeds:") && !plain.contains(" game:"),
-        "{plain}"
-    );
+    for key in [
+        "game: delete",
+        "score: speed",
+        "spread: even",
+        "window: 64",
+        "lr: 0.002",
+    ] {
+        assert!(plain.contains(key), "no `{key}` in\n{plain}");
+    }
+    assert!(!plain.contains(" seeds:"), "{plain}");
     let zero = SMALL.replace("lr: 2.0e-3}", "lr: 2.0e-3, seeds: 0}");
     let e = config::parse(&zero, Path::new("v.yaml"), Path::new("."))
         .unwrap_err()
         .to_string();
     assert!(e.contains("seeds"), "{e}");
+}
+
+/// `local_attack: {}` is the attack-maps benchmark's pick: the occlude game, scored by the
+/// log-odds drop after one update (alpha 0.05, Adam 2e-3, the generic generator), each window's
+/// score spread by the attack, windows a quarter of the image's side with a stride of an eighth;
+/// `game: delete` with no other key is the paper's (w = 100, s = 50, alpha 0.02, 100 updates of
+/// Adam 2e-4, the speed score spread evenly).
+#[test]
+fn the_local_attacks_default_is_the_benchmarks_pick_and_delete_the_papers() {
+    let text = "name: local-default
+batch_size: 16
+explain: label
+data:
+  fundus_benchmark: {}
+  split: test
+  lesions_only: true
+  limit: 2
+outputs: {figures: false, report: false}
+steps:
+  - local_attack: {}
+  - local_attack: {id: picked, window: 32, stride: 16, game: occlude, score: log_odds_drop, spread: attack, alpha: 0.05, lr: 2.0e-3, max_iters: 1, generator: generic}
+";
+    let pipeline = config::parse(text, Path::new("local.yaml"), Path::new(".")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    runner::run(&pipeline, &options(dir.path(), None, false)).unwrap();
+    let maps = |step: &str| {
+        candle_core::safetensors::load(
+            dir.path()
+                .join(format!("maps/{step}/chunk-00000.safetensors")),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap()["maps"]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    let default = maps("local_attack");
+    assert_eq!(default.len(), 2 * 128 * 128);
+    let picked = maps("picked");
+    let differ = default.iter().zip(&picked).filter(|(a, b)| a != b).count();
+    assert_eq!(
+        differ, 0,
+        "the default's map differs from the picked settings' at {differ} pixels"
+    );
+    let rows = rows(dir.path());
+    for r in rows.iter().filter(|r| r["kind"] == "local_attack") {
+        assert_eq!(r["variant"], "occlude+log_odds_drop+spread=attack", "{r:?}");
+        // 128-pixel images: windows of 32 at a stride of 16, 7 x 7 of them.
+        assert_eq!(r["windows"], 49, "{r:?}");
+    }
+    // The saved pipeline names what the default resolved to, except the windows, which follow
+    // each image's size.
+    let saved = std::fs::read_to_string(dir.path().join("pipeline.yaml")).unwrap();
+    let first = saved.split("id: picked").next().unwrap();
+    for key in [
+        "game: occlude",
+        "score: log_odds_drop",
+        "spread: attack",
+        "alpha: 0.05",
+        "lr: 0.002",
+        "max_iters: 1",
+        "generator: generic",
+    ] {
+        assert!(first.contains(key), "no `{key}` in\n{saved}");
+    }
+    assert!(!first.contains("window"), "{saved}");
+
+    // A run saved where the game went unsaid (as before the default changed) is not resumed as
+    // another game: the refusal names the line.
+    let without_game: String = saved
+        .lines()
+        .filter(|l| !l.contains("game: occlude"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(dir.path().join("pipeline.yaml"), without_game).unwrap();
+    let e = runner::run(&pipeline, &options(dir.path(), None, true))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("another pipeline") && e.contains("this pipeline's is `game: occlude`"),
+        "{e}"
+    );
+
+    let paper = config::parse(
+        "name: p\ndata: {fundus_benchmark: {}}\nsteps:\n  - local_attack: {game: delete}\n",
+        Path::new("p.yaml"),
+        Path::new("."),
+    )
+    .unwrap();
+    let vulnmap_pipeline::schema::Step::LocalAttack(s) = &paper.steps[0] else {
+        panic!("a local attack")
+    };
+    let settings = s.attack();
+    assert_eq!(
+        (
+            s.spec(128),
+            settings.alpha,
+            settings.lr,
+            settings.max_iters,
+            settings.generator
+        ),
+        (
+            vulnmap_attacks::local::LocalAttack::default(),
+            0.02,
+            2e-4,
+            100,
+            vulnmap_attacks::GeneratorChoice::Auto
+        )
+    );
 }
 
 #[test]

@@ -11,7 +11,7 @@ use crate::schema::{
     SaliencyAttackStep,
 };
 use candle_core::{DType, Device, Tensor};
-use vulnmap_attacks::local::{local_attacks, LocalAttack};
+use vulnmap_attacks::local::local_attacks;
 use vulnmap_attacks::mask_attack::mask_attack_averaged;
 use vulnmap_attacks::random::random_attack;
 use vulnmap_attacks::rounds::{self, rounds};
@@ -204,14 +204,8 @@ pub(crate) fn local(
     let model = cx.model;
     let n = chunk.items.len();
     let config = cx.attack_config(&s.attack())?;
-    let spec = LocalAttack {
-        window: s.window,
-        stride: s.stride,
-        game: s.game,
-        score: s.score,
-        seeds: s.seeds,
-        spread: s.spread,
-    };
+    let (_, _, height, width) = chunk.pixels.dims4()?;
+    let spec = s.spec(height.min(width));
     let images: Vec<usize> = (0..n).collect();
     let goals = map_goals(&s.attack(), chunk)?;
     let locals = local_attacks(model, &chunk.pixels, &images, &goals, &spec, &config)?;
