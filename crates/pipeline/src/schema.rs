@@ -802,14 +802,15 @@ impl AttackSettings {
 impl Default for AttackSettings {
     /// The paper's random attack: alpha 0.02, 100 updates, Adam 2e-4, confidence 0.9.
     fn default() -> Self {
+        let paper = AttackDefaults::paper(0.02);
         Self {
             mode: AttackMode::default(),
             target: None,
-            alpha: 0.02,
-            max_iters: 100,
-            lr: 2e-4,
+            alpha: paper.alpha,
+            max_iters: paper.max_iters,
+            lr: paper.lr,
             confidence: 0.9,
-            generator: GeneratorChoice::default(),
+            generator: paper.generator,
         }
     }
 }
@@ -1196,8 +1197,8 @@ impl LocalAttackStep {
         self.score = Some(self.score());
         self.spread = Some(self.spread());
         if !self.occludes() {
-            self.window = Some(self.window(0));
-            self.stride = Some(self.stride(0));
+            self.window.get_or_insert(Self::PAPER_WINDOWS.0);
+            self.stride.get_or_insert(Self::PAPER_WINDOWS.1);
         }
     }
 
