@@ -344,6 +344,21 @@ pub enum MaskNetwork {
     },
 }
 
+/// What the dual game's two halves score: the explained class's log-probability, or its
+/// log-odds (`log(p / (1 - p))`, from the logits), which keeps moving where the model is sure and
+/// the log-probability sits at 0 (extremal perturbation scores its masks by the class's logit
+/// for the same reason).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[serde(rename_all = "snake_case")]
+pub enum DualReward {
+    /// The class's log-probability.
+    #[default]
+    LogProbability,
+    /// The class's log-odds.
+    LogOdds,
+}
+
 /// The mask attack's mask and loss terms (paper, Eq. 6).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LearnedMask {
@@ -390,6 +405,8 @@ pub struct LearnedMask {
     /// photographs, angiograms): a plain blur mixes the surround into the frame's edge, and the
     /// mask then keeps that edge sharp rather than the evidence.
     pub field_of_view: bool,
+    /// What the dual game's halves score (default the log-probability).
+    pub reward: DualReward,
 }
 
 impl LearnedMask {
@@ -434,6 +451,7 @@ impl Default for LearnedMask {
             jitter: 0.0,
             smooth: 0.0,
             field_of_view: false,
+            reward: DualReward::LogProbability,
         }
     }
 }
@@ -674,6 +692,10 @@ fn check_learned(spec: &LearnedMask, jobs: &[Job]) -> Result<()> {
     ensure(
         spec.smooth == 0.0 || matches!(spec.network, MaskNetwork::Free { .. }),
         || "smooth applies to the free mask only; the U-Net's mask is not smoothed".into(),
+    )?;
+    ensure(
+        spec.reward == DualReward::LogProbability || spec.game == MaskGame::Dual,
+        || "the log-odds reward scores the dual game's halves; the noise game has none".into(),
     )?;
     ensure(!spec.field_of_view || spec.game == MaskGame::Dual, || {
         "field_of_view blurs the dual game's baseline; the noise game has none".into()
@@ -1186,24 +1208,41 @@ impl<'a> Bank<'a> {
                 ),
             };
             let index = Tensor::new(self.loss_labels.as_slice(), &device)?.unsqueeze(1)?;
-            let (logits, preserved_ce) = match &preserved {
+            let reward = self.learner.as_ref().map(|l| l.spec.reward);
+            // The class's score that a loss term drives: its negated log-probability (the
+            // cross-entropy) or, in the dual game with `DualReward::LogOdds`, negated log-odds.
+            let penalty = |logits: &Tensor| -> Result<Tensor> {
+                Ok(match reward {
+                    Some(DualReward::LogOdds) => {
+                        differentiable_log_odds(logits, &self.loss_labels)?.neg()?
+                    }
+                    _ => candle_nn::ops::log_softmax(logits, 1)?
+                        .gather(&index, 1)?
+                        .squeeze(1)?
+                        .neg()?,
+                })
+            };
+            let (logits, preserved_penalty) = match &preserved {
                 None => (self.model.logits(&perturbed)?, None),
                 Some(kept) => {
                     // One pass for both images of each job.
                     let both = self.model.logits(&Tensor::cat(&[&perturbed, kept], 0)?)?;
-                    let kept_log_probs = candle_nn::ops::log_softmax(&both.narrow(0, b, b)?, 1)?;
-                    let kept_ce = kept_log_probs.gather(&index, 1)?.squeeze(1)?.neg()?;
-                    (both.narrow(0, 0, b)?, Some(kept_ce))
+                    let kept_penalty = penalty(&both.narrow(0, b, b)?)?;
+                    (both.narrow(0, 0, b)?, Some(kept_penalty))
                 }
             };
             let log_probs = candle_nn::ops::log_softmax(&logits, 1)?;
             // Each job's cross-entropy (`B`): jobs moving away from their class maximise it,
             // targeted ones minimise it.
             let ce = log_probs.gather(&index, 1)?.squeeze(1)?.neg()?;
-            let mut loss = ce.broadcast_mul(&self.directions.neg()?)?;
-            if let Some(kept_ce) = preserved_ce {
+            let driven = match (reward, &preserved) {
+                (Some(DualReward::LogOdds), Some(_)) => penalty(&logits)?,
+                _ => ce.clone(),
+            };
+            let mut loss = driven.broadcast_mul(&self.directions.neg()?)?;
+            if let Some(kept) = preserved_penalty {
                 // The dual game also keeps the label on the preserved image.
-                loss = (loss + kept_ce)?;
+                loss = (loss + kept)?;
             }
             if let (Some(learner), Some(m)) = (&self.learner, &mask) {
                 loss = (loss + mask_terms(m, learner.reference.as_ref(), &learner.spec)?)?;

@@ -44,8 +44,8 @@ pub mod rounds;
 pub mod saliency_attack;
 
 pub use engine::{
-    AttackConfig, AttackMode, GeneratorChoice, Goal, Job, LearnedMask, MaskGame, MaskNetwork,
-    MaskNetworkKind, Masking, Region, Sparsity,
+    AttackConfig, AttackMode, DualReward, GeneratorChoice, Goal, Job, LearnedMask, MaskGame,
+    MaskNetwork, MaskNetworkKind, Masking, Region, Sparsity,
 };
 pub use error::{Error, Result};
 pub use outcome::{variant_name, AttackOutcome};

@@ -14,7 +14,7 @@ use vulnmap_attacks::local::{
 use vulnmap_attacks::mask_attack::{mask_attack, mask_attack_averaged};
 use vulnmap_attacks::random::random_attack;
 use vulnmap_attacks::rounds::{alpha_sweep, rounds};
-use vulnmap_attacks::{AttackConfig, Goal, Job, LearnedMask, Masking, Region};
+use vulnmap_attacks::{AttackConfig, DualReward, Goal, Job, LearnedMask, Masking, Region};
 use vulnmap_models::{Classes, Classifier, InputSpec};
 use vulnmap_saliency::GaussianBlur;
 use vulnmap_testkit::compare::{max_abs, max_abs_diff, to_vec};
@@ -820,6 +820,58 @@ fn the_dual_games_pull_towards_smoothgrad_follows_the_class_it_explains() {
     assert!(
         left < 0.4 && right < 0.4,
         "class 1 without the pull: left {left}, right {right}"
+    );
+}
+
+/// Two classes, class 0 sure beyond f32's probabilities: its logit is `400 mean(red^2)` over the
+/// left half, class 1's 0, so blurring the left half's detail lowers class 0's logit while its
+/// probability stays 1 and its log-probability 0 to the last bit.
+fn sure_left(_: &dyn Classifier, pixels: &Tensor) -> CResult<Tensor> {
+    let red = pixels.narrow(1, 0, 1)?;
+    let half = red.dim(3)? / 2;
+    let left = red.narrow(3, 0, half)?.sqr()?.mean((1, 2, 3))?;
+    Tensor::stack(&[(&left * 400.0)?, left.zeros_like()?], 1)
+}
+
+#[test]
+fn the_dual_games_log_odds_reward_finds_the_evidence_where_the_model_is_sure() {
+    let data = common::lesions(1);
+    let model = Relogit(data.model.as_ref(), sure_left);
+    let config = AttackConfig {
+        alpha: 0.01,
+        max_iters: 40,
+        ..AttackConfig::default()
+    };
+    // The mask's mean over the left half less its mean over the right half.
+    let lead = |reward: DualReward| -> f64 {
+        let spec = LearnedMask {
+            lr: 0.1,
+            reward,
+            ..LearnedMask::dual(8)
+        };
+        let o = mask_attack(&model, &data.pixels, &[Goal::Untargeted], &spec, &config).unwrap();
+        let mask = o[0].mask.as_ref().expect("the learned mask");
+        let w = mask.dim(1).unwrap();
+        let mean = |from: usize| -> f64 {
+            mask.narrow(1, from, w / 2)
+                .unwrap()
+                .mean_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap() as f64
+        };
+        let lead = mean(0) - mean(w / 2);
+        println!("{reward:?}: the mask's left half leads its right by {lead:.3}");
+        lead
+    };
+    // The log-probability's gradient, `1 - p`, is below 1e-30 of the area constraint's: the
+    // mask has nothing to go on. The log-odds' is the logit's: the mask keeps the left half,
+    // where the evidence is.
+    let by_log_probability = lead(DualReward::LogProbability);
+    let by_log_odds = lead(DualReward::LogOdds);
+    assert!(
+        by_log_odds > 0.2 && by_log_odds > by_log_probability + 0.2,
+        "log-odds {by_log_odds:.3}, log-probability {by_log_probability:.3}"
     );
 }
 

@@ -8,7 +8,7 @@ use crate::locate::Locations;
 use crate::schema::*;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use vulnmap_attacks::{AttackMode, MaskNetworkKind};
+use vulnmap_attacks::{AttackMode, DualReward, MaskNetworkKind};
 
 /// Reads, expands, parses and checks the pipeline at `path`.
 pub fn load(path: &Path) -> Result<Pipeline> {
@@ -570,6 +570,7 @@ impl Checker {
                     (s.lambda_area.is_some(), "lambda_area"),
                     (s.blur_sigma.is_some(), "blur_sigma"),
                     (s.field_of_view == Some(true), "field_of_view"),
+                    (s.reward != DualReward::LogProbability, "reward"),
                 ] {
                     self.check(!given || dual, &f(k), || {
                         "is a setting of the dual game, not of `game: noise`".into()

@@ -6,7 +6,9 @@
 use serde::{Deserialize, Serialize};
 use vulnmap_attacks::local::{LocalAttack, LocalGame, WindowScore, WindowSpread};
 use vulnmap_attacks::saliency_attack::Control;
-use vulnmap_attacks::{AttackMode, GeneratorChoice, MaskGame, MaskNetworkKind, Sparsity};
+use vulnmap_attacks::{
+    AttackMode, DualReward, GeneratorChoice, MaskGame, MaskNetworkKind, Sparsity,
+};
 use vulnmap_data::Split;
 use vulnmap_models::{Arch, DeviceName, Score};
 use vulnmap_onnx::Normalize;
@@ -1069,7 +1071,15 @@ attack_step! {
         /// Seeds per area, their masks averaged (default 1).
         #[serde(skip_serializing_if = "is_one")]
         seeds: usize = 1,
+        /// What the dual game's halves score: `log_probability` (the default) or `log_odds`
+        /// (which keeps moving where the model is sure of the class).
+        #[serde(skip_serializing_if = "is_log_probability")]
+        reward: DualReward = DualReward::LogProbability,
     }
+}
+
+fn is_log_probability(reward: &DualReward) -> bool {
+    *reward == DualReward::LogProbability
 }
 
 impl StepDefaults for RandomAttackStep {

@@ -85,6 +85,7 @@ fn impossible_values_name_their_lines() {
         ("random_attack: {generator: gan}", "`gan`", "`paper`"),
         ("mask_attack: {network: cnn}", "`cnn`", "`unet`"),
         ("local_attack: {spread: gradient}", "`gradient`", "`attack`"),
+        ("mask_attack: {reward: logit}", "`logit`", "`log_odds`"),
         (
             "saliency_attack: {controls: [random]}",
             "`random`",
@@ -109,6 +110,13 @@ fn impossible_values_name_their_lines() {
     ));
     assert!(
         e.contains("line 5") && e.contains("spread") && e.contains("game: delete or occlude"),
+        "{e}"
+    );
+    let e = problems(&format!(
+        "{HEAD}steps:\n  - mask_attack: {{game: noise, reward: log_odds}}\n"
+    ));
+    assert!(
+        e.contains("line 5") && e.contains("reward") && e.contains("dual game"),
         "{e}"
     );
     let e = problems(&format!(

@@ -559,7 +559,7 @@ data:
   lesions_only: true
   limit: 2
 steps:
-  - mask_attack: {network: free, cells: 8, max_iters: 3, game: dual, areas: [0.05, 0.1], blur_sigma: 5, jitter: 0.5, smooth: 1, gamma: 300, field_of_view: true, alpha: 0.01}
+  - mask_attack: {network: free, cells: 8, max_iters: 3, game: dual, areas: [0.05, 0.1], blur_sigma: 5, jitter: 0.5, smooth: 1, gamma: 300, field_of_view: true, reward: log_odds, alpha: 0.01}
   - metrics: {measures: [auroc]}
 ";
     let p = config::parse(dual, Path::new("d.yaml"), Path::new(".")).unwrap();
@@ -568,13 +568,14 @@ steps:
         yaml.contains("game: dual")
             && yaml.contains("blur_sigma")
             && yaml.contains("gamma: 300")
-            && yaml.contains("field_of_view: true"),
+            && yaml.contains("field_of_view: true")
+            && yaml.contains("reward: log_odds"),
         "{yaml}"
     );
     assert_eq!(config::from_yaml(&yaml).unwrap(), p);
     // The paper's game names itself; its other settings stay out of the resolved file.
     let paper = dual.replace(
-        "game: dual, areas: [0.05, 0.1], blur_sigma: 5, jitter: 0.5, smooth: 1, gamma: 300, field_of_view: true, ",
+        "game: dual, areas: [0.05, 0.1], blur_sigma: 5, jitter: 0.5, smooth: 1, gamma: 300, field_of_view: true, reward: log_odds, ",
         "game: noise, ",
     );
     let plain =
@@ -585,7 +586,8 @@ steps:
             && !plain.contains("areas:")
             && !plain.contains("seeds:")
             && !plain.contains("gamma")
-            && !plain.contains("field_of_view"),
+            && !plain.contains("field_of_view")
+            && !plain.contains("reward"),
         "{plain}"
     );
     // The dual game's keys without the dual game, an area out of range, a targeted dual game.
@@ -626,7 +628,7 @@ steps:
     assert_eq!(masks.len(), 2);
     for r in masks {
         assert_eq!(
-            r["variant"], "dual+areas=0.05,0.1+smooth=1+gamma=300+field_of_view",
+            r["variant"], "dual+areas=0.05,0.1+smooth=1+gamma=300+field_of_view+log_odds",
             "{r:?}"
         );
     }

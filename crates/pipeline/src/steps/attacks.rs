@@ -18,7 +18,7 @@ use vulnmap_attacks::rounds::{self, rounds};
 use vulnmap_attacks::saliency_attack::{
     clean_masks, control_masks, fixed_mask_attack, saliency_attack, SaliencyAttack,
 };
-use vulnmap_attacks::{AttackConfig, AttackOutcome, Goal, LearnedMask};
+use vulnmap_attacks::{AttackConfig, AttackOutcome, DualReward, Goal, LearnedMask};
 use vulnmap_saliency::SmoothGrad;
 
 /// The attack configuration of `settings`, its generators drawn from `seed` and banked
@@ -78,6 +78,7 @@ pub fn mask_spec(step: &MaskAttackStep, side: usize, seed: u64, batch_size: usiz
         jitter: step.jitter(),
         smooth: step.smooth(side),
         field_of_view: step.field_of_view(),
+        reward: step.reward,
     }
 }
 
@@ -114,6 +115,9 @@ pub fn mask_variant(step: &MaskAttackStep, side: usize) -> String {
     }
     if step.seeds != 1 {
         parts.push(format!("seeds={}", step.seeds));
+    }
+    if step.reward == DualReward::LogOdds {
+        parts.push("log_odds".to_string());
     }
     vulnmap_attacks::variant_name(&parts)
 }
