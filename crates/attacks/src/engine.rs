@@ -1208,18 +1208,21 @@ impl<'a> Bank<'a> {
                 ),
             };
             let index = Tensor::new(self.loss_labels.as_slice(), &device)?.unsqueeze(1)?;
-            let reward = self.learner.as_ref().map(|l| l.spec.reward);
-            // The class's score that a loss term drives: its negated log-probability (the
-            // cross-entropy) or, in the dual game with `DualReward::LogOdds`, negated log-odds.
+            // Only the dual game takes the log-odds reward (`check_learned`).
+            let by_log_odds = self
+                .learner
+                .as_ref()
+                .is_some_and(|l| l.spec.reward == DualReward::LogOdds);
+            // What a loss term drives down to raise the class: its cross-entropy, or its negated
+            // log-odds.
             let penalty = |logits: &Tensor| -> Result<Tensor> {
-                Ok(match reward {
-                    Some(DualReward::LogOdds) => {
-                        differentiable_log_odds(logits, &self.loss_labels)?.neg()?
-                    }
-                    _ => candle_nn::ops::log_softmax(logits, 1)?
+                Ok(if by_log_odds {
+                    differentiable_log_odds(logits, &self.loss_labels)?.neg()?
+                } else {
+                    candle_nn::ops::log_softmax(logits, 1)?
                         .gather(&index, 1)?
                         .squeeze(1)?
-                        .neg()?,
+                        .neg()?
                 })
             };
             let (logits, preserved_penalty) = match &preserved {
@@ -1235,9 +1238,10 @@ impl<'a> Bank<'a> {
             // Each job's cross-entropy (`B`): jobs moving away from their class maximise it,
             // targeted ones minimise it.
             let ce = log_probs.gather(&index, 1)?.squeeze(1)?.neg()?;
-            let driven = match (reward, &preserved) {
-                (Some(DualReward::LogOdds), Some(_)) => penalty(&logits)?,
-                _ => ce.clone(),
+            let driven = if by_log_odds {
+                penalty(&logits)?
+            } else {
+                ce.clone()
             };
             let mut loss = driven.broadcast_mul(&self.directions.neg()?)?;
             if let Some(kept) = preserved_penalty {
