@@ -171,6 +171,7 @@ impl RunDir {
 /// differs, so that a refused `--resume` says which setting changed (a key written by another
 /// version of vulnmap, too).
 fn changed_line(saved: &str, now: &str) -> String {
+    const SHOWN_CHARS: usize = 120;
     let mut saved_lines = saved.lines();
     let mut now_lines = now.lines();
     for line in 1.. {
@@ -178,8 +179,15 @@ fn changed_line(saved: &str, now: &str) -> String {
             (Some(a), Some(b)) if a == b => continue,
             (None, None) => break,
             (a, b) => {
+                // A hand-edited file's line can be any length: the message shows its start.
                 let shown = |l: Option<&str>| {
-                    l.map_or("(nothing)".to_string(), |l| format!("`{}`", l.trim()))
+                    l.map_or("(nothing)".to_string(), |l| {
+                        let l = l.trim();
+                        match l.char_indices().nth(SHOWN_CHARS) {
+                            Some((end, _)) => format!("`{}...`", &l[..end]),
+                            None => format!("`{l}`"),
+                        }
+                    })
                 };
                 return format!(
                     "line {line} of its {PIPELINE} is {}, this pipeline's is {}",
@@ -608,4 +616,25 @@ pub fn merge(
     let rows = sorted(joined.into_values().collect(), step_order);
     write_rows(&out.join(RESULTS), &rows)?;
     Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::changed_line;
+
+    #[test]
+    fn the_changed_line_is_named_and_a_long_one_shortened() {
+        assert_eq!(
+            changed_line("a\nb\n", "a\nc\n"),
+            "line 2 of its pipeline.yaml is `b`, this pipeline's is `c`"
+        );
+        assert_eq!(
+            changed_line("a\n", "a\nb\n"),
+            "line 2 of its pipeline.yaml is (nothing), this pipeline's is `b`"
+        );
+        let long = "x".repeat(10_000);
+        let message = changed_line(&long, "y");
+        assert!(message.len() < 300, "{message}");
+        assert!(message.contains(&format!("`{}...`", "x".repeat(120))));
+    }
 }
