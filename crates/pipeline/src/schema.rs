@@ -1073,13 +1073,15 @@ attack_step! {
         seeds: usize = 1,
         /// What the dual game's halves score: `log_probability` (the default) or `log_odds`
         /// (which keeps moving where the model is sure of the class).
-        #[serde(skip_serializing_if = "is_log_probability")]
-        reward: DualReward = DualReward::LogProbability,
+        #[serde(skip_serializing_if = "is_default")]
+        reward: DualReward = DualReward::default(),
     }
 }
 
-fn is_log_probability(reward: &DualReward) -> bool {
-    *reward == DualReward::LogProbability
+/// Left out of a saved pipeline at its default, so that runs saved before the key existed still
+/// resume.
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
 }
 
 impl StepDefaults for RandomAttackStep {
