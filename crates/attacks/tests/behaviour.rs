@@ -765,6 +765,16 @@ fn seeds_past_the_largest_wrap_around_instead_of_overflowing() {
     assert!(averaged[0].mask.is_some());
 }
 
+/// The mean of an `H x W` mask over its columns `from .. from + width`.
+fn column_mean(mask: &Tensor, from: usize, width: usize) -> f64 {
+    mask.narrow(1, from, width)
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64
+}
+
 /// Two classes, each the mean red of one half of the image (class 0 the left, ahead by 5): the
 /// SmoothGrad map of class 0 is the left half, uniformly, and that of class 1 the right half.
 fn half_split(_: &dyn Classifier, pixels: &Tensor) -> CResult<Tensor> {
@@ -795,15 +805,10 @@ fn the_dual_games_pull_towards_smoothgrad_follows_the_class_it_explains() {
         let o = mask_attack(&model, &data.pixels, &[goal], &spec, &config).unwrap();
         let mask = o[0].mask.as_ref().expect("the learned mask");
         let w = mask.dim(1).unwrap();
-        let mean = |from: usize| -> f64 {
-            mask.narrow(1, from, w / 4)
-                .unwrap()
-                .mean_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap() as f64
-        };
-        let halves = (mean(0), mean(3 * w / 4));
+        let halves = (
+            column_mean(mask, 0, w / 4),
+            column_mean(mask, 3 * w / 4, w / 4),
+        );
         println!(
             "explaining {goal:?} with gamma {gamma}: the mask's left and right halves {halves:?}"
         );
@@ -852,15 +857,7 @@ fn the_dual_games_log_odds_reward_finds_the_evidence_where_the_model_is_sure() {
         let o = mask_attack(&model, &data.pixels, &[Goal::Untargeted], &spec, &config).unwrap();
         let mask = o[0].mask.as_ref().expect("the learned mask");
         let w = mask.dim(1).unwrap();
-        let mean = |from: usize| -> f64 {
-            mask.narrow(1, from, w / 2)
-                .unwrap()
-                .mean_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap() as f64
-        };
-        let lead = mean(0) - mean(w / 2);
+        let lead = column_mean(mask, 0, w / 2) - column_mean(mask, w / 2, w / 2);
         println!("{reward:?}: the mask's left half leads its right by {lead:.3}");
         lead
     };
