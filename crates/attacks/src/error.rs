@@ -12,6 +12,9 @@ pub enum Error {
     /// The classifier failed.
     #[error(transparent)]
     Model(#[from] vulnmap_models::Error),
+    /// Training images could not be read (the mask network).
+    #[error(transparent)]
+    Data(#[from] vulnmap_data::Error),
     /// A saliency computation failed (a SmoothGrad mask, the local attack's window grid, ...).
     #[error(transparent)]
     Saliency(#[from] vulnmap_saliency::Error),

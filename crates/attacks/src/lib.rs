@@ -26,12 +26,14 @@
 //! - [`local`]: the local attack's window map and the (w, s) sweep (Figs. 7-8).
 //! - [`saliency_attack`]: the SmoothGrad-masked attack and its random-mask controls (Figs. 9-10).
 //! - [`mask_attack`]: the U-Net / free-mask attack of Eq. 6 (Fig. 11).
+//! - [`amortised`]: one mask network trained across images, so a map costs one forward pass.
 //! - [`baselines`]: FGSM and PGD, L-inf and L2.
 //! - `outcome`: what an attack reports (a Table I row, the noise, the perturbed image) and how
 //!   a map names its variant.
 //!
 //! Cargo features: none (CUDA comes through `vulnmap-models`).
 
+pub mod amortised;
 pub mod baselines;
 pub mod engine;
 mod error;

@@ -3,12 +3,14 @@
 //! SmoothGrad mask flips it in fewer iterations than the same pixel budget placed at random; the
 //! learned masks rank the lesions above the rest, and a dual mask blurred within the field of
 //! view keeps less of the frame's edge; window scores spread by the attack rank the lesions
-//! above the same scores spread evenly.
+//! above the same scores spread evenly; a mask network trained on other images finds the
+//! lesions of the test split in one pass.
 
 mod common;
 
 use candle_core::Tensor;
-use common::kept_perturbed;
+use common::{device, kept_perturbed};
+use vulnmap_attacks::amortised::{AmortisedMask, MaskModel};
 use vulnmap_attacks::local::{
     local_attack, local_attacks, local_map, LocalAttack, LocalGame, WindowScore, WindowSpread,
 };
@@ -384,5 +386,65 @@ fn the_dual_mask_game_finds_the_lesions_and_within_the_field_of_view_not_the_fra
     assert!(
         surround[1] < 0.011 && surround[0] > 3.0 * surround[1],
         "the surround's brightness, plain blur and within the field of view: {surround:?}"
+    );
+}
+
+#[test]
+fn the_amortised_mask_network_finds_the_lesions_of_images_it_did_not_train_on() {
+    // Trained on training-split lesion images, scored on the test split's first 16.
+    let test = common::lesions(16);
+    let train = common::training_lesions(96);
+    let count = train.pixels.dim(0).unwrap();
+    let spec = AmortisedMask {
+        field_of_view: true,
+        epochs: 4,
+        ..AmortisedMask::default()
+    };
+    let lesion_class = vec![1; 16];
+    // Mean AUROC against the lesion masks and pointing-game hits.
+    let score = |net: &MaskModel| -> (f64, usize) {
+        let maps = net.maps(&test.pixels, &lesion_class).unwrap();
+        let mut area = 0.0;
+        let mut hits = 0;
+        for (i, lesion) in test.masks.iter().enumerate() {
+            let map = maps.get(i).unwrap();
+            area += auroc(&map, lesion).unwrap() / 16.0;
+            let pointing = PointingGame {
+                tolerance: 15.0,
+                smooth: 0.0,
+            };
+            hits += pointing.hit(&map, lesion).unwrap() as usize;
+        }
+        (area, hits)
+    };
+    let mut net = MaskModel::new(&spec, 2, &device()).unwrap();
+    let untrained = score(&net);
+    let epochs = net
+        .train(test.model.as_ref(), count, &|batch: &[usize]| {
+            let index: Vec<u32> = batch.iter().map(|&i| i as u32).collect();
+            let index = Tensor::new(index.as_slice(), &device())?;
+            Ok((train.pixels.index_select(&index, 0)?, vec![1; batch.len()]))
+        })
+        .unwrap();
+    let trained = score(&net);
+    println!(
+        "amortised mask network, {count} training images, {} epochs: {epochs:?}; on 16 held-out \
+         lesion images untrained AUROC {:.3}, pointing game {}/16; trained AUROC {:.3}, \
+         pointing game {}/16",
+        spec.epochs, untrained.0, untrained.1, trained.0, trained.1
+    );
+    // The game was played: the lesion class survives on the preserved images better and on the
+    // deleted ones worse than at the start.
+    let (first, last) = (epochs[0], epochs[epochs.len() - 1]);
+    assert!(
+        last.preserved > first.preserved && last.deleted < first.deleted / 2.0,
+        "{epochs:?}"
+    );
+    // And what it learned carries over to images it never saw.
+    assert!(
+        trained.0 > 0.9 && trained.0 > untrained.0 + 0.25,
+        "AUROC untrained {:.3}, trained {:.3}",
+        untrained.0,
+        trained.0
     );
 }

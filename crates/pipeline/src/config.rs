@@ -503,6 +503,29 @@ impl Checker {
                 self.positive(s.sigma, &f("sigma"));
                 self.positive(s.max_blur, &f("max_blur"));
             }
+            Step::MaskNetwork(s) => {
+                self.within(s.width, &CHANNELS, &f("width"));
+                self.check(!s.areas.is_empty(), &f("areas"), || "no areas".into());
+                for (i, &a) in s.areas.iter().enumerate() {
+                    self.check(a > 0.0 && a < 1.0, &format!("{at}.areas[{i}]"), || {
+                        format!("must be in (0, 1), got {a}")
+                    });
+                }
+                self.within(s.epochs, &EPOCHS, &f("epochs"));
+                self.within(s.batch_size, &BATCH_SIZE, &f("batch_size"));
+                self.positive(s.lr, &f("lr"));
+                self.positive(s.blur_sigma, &f("blur_sigma"));
+                for (v, k) in [
+                    (s.lambda_area, "lambda_area"),
+                    (s.lambda_tv, "lambda_tv"),
+                    (s.gamma, "gamma"),
+                    (s.smooth, "smooth"),
+                ] {
+                    self.check(v >= 0.0 && v.is_finite(), &f(k), || {
+                        format!("must be zero or more, got {v}")
+                    });
+                }
+            }
             Step::RandomAttack(s) => {
                 self.attack(&s.attack(), at);
                 self.within(s.rounds, &ROUNDS, &f("rounds"));

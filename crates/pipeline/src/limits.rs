@@ -33,6 +33,8 @@ pub const STEPS: Limit = Limit::new(1, 10_000, "steps");
 pub const MAX_ITERS: Limit = Limit::new(1, 1_000_000, "updates");
 /// Repeats of an attack.
 pub const ROUNDS: Limit = Limit::new(1, 10_000, "rounds");
+/// Channels at the first level of a network the pipeline trains (the mask network).
+pub const CHANNELS: Limit = Limit::new(1, 512, "channels");
 /// Passes over a training split.
 pub const EPOCHS: Limit = Limit::new(1, 100_000, "epochs");
 /// Patients of a synthetic data set (four images each at most).

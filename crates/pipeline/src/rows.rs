@@ -97,7 +97,8 @@ impl ResultRow {
             | Found::Rise(m)
             | Found::ExtremalPerturbation(m)
             | Found::Lime(m)
-            | Found::KernelShap(m) => Some(m),
+            | Found::KernelShap(m)
+            | Found::MaskNetwork(m) => Some(m),
             Found::LocalAttack(l) => Some(&l.map),
             Found::MaskAttack(a) => Some(&a.map),
             _ => None,
@@ -131,6 +132,7 @@ pub enum Found {
     LocalAttack(LocalAttacked),
     SaliencyAttack(SaliencyAttacked),
     MaskAttack(MaskAttacked),
+    MaskNetwork(MapFound),
     Metrics(Scored),
     Finetune(Finetuned),
 }
@@ -160,6 +162,7 @@ impl Found {
             Found::LocalAttack(_) => StepKind::LocalAttack,
             Found::SaliencyAttack(_) => StepKind::SaliencyAttack,
             Found::MaskAttack(_) => StepKind::MaskAttack,
+            Found::MaskNetwork(_) => StepKind::MaskNetwork,
             Found::Metrics(_) => StepKind::Metrics,
             Found::Finetune(_) => StepKind::Finetune,
         }
@@ -183,6 +186,7 @@ impl Found {
             StepKind::ExtremalPerturbation => Found::ExtremalPerturbation(map),
             StepKind::Lime => Found::Lime(map),
             StepKind::KernelShap => Found::KernelShap(map),
+            StepKind::MaskNetwork => Found::MaskNetwork(map),
             _ => return None,
         })
     }

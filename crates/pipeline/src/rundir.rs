@@ -46,6 +46,7 @@ const OUTPUTS: &[&str] = &[
     "figures",
     "maps",
     "model",
+    "mask_network",
     "data",
 ];
 

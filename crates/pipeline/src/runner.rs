@@ -15,6 +15,7 @@ use serde_json::json;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
+use vulnmap_attacks::amortised::MaskModel;
 use vulnmap_models::{Arch, Classifier, DeviceName, Score, ScoredClassifier};
 
 /// Every N-th chunk of images, starting at chunk I (`--shard I/N`).
@@ -96,6 +97,8 @@ struct Runner<'a> {
     preprocess: vulnmap_data::Preprocess,
     ids: Vec<String>,
     figures: bool,
+    /// The trained mask networks, by step id.
+    networks: HashMap<String, MaskModel>,
 }
 
 /// Runs `pipeline` into `options.out`.
@@ -112,11 +115,22 @@ pub fn run(pipeline: &Pipeline, options: &RunOptions) -> Result<RunSummary> {
         .steps
         .iter()
         .any(|s| matches!(s, Step::Finetune(_)));
-    if has_finetune && options.shard.is_some_and(|s| s.count > 1) {
-        return Err(Error::Run(
-            "a pipeline that fine-tunes cannot be sharded: every shard would train its own model"
-                .into(),
-        ));
+    let trains = |what: &str| {
+        Error::Run(format!(
+            "a pipeline that {what} cannot be sharded: every shard would train its own"
+        ))
+    };
+    if options.shard.is_some_and(|s| s.count > 1) {
+        if has_finetune {
+            return Err(trains("fine-tunes"));
+        }
+        if pipeline
+            .steps
+            .iter()
+            .any(|s| matches!(s, Step::MaskNetwork(_)))
+        {
+            return Err(trains("trains a mask network"));
+        }
     }
 
     let device = options.device.unwrap_or(pipeline.device).open()?;
@@ -138,14 +152,16 @@ pub fn run(pipeline: &Pipeline, options: &RunOptions) -> Result<RunSummary> {
         options.progress,
     )?;
     let size = model.input_spec().height;
-    let runner = Runner {
+    let mut runner = Runner {
         pipeline,
         out: out.clone(),
         preprocess: source::preprocess(&pipeline.data, source.generated, size),
         model,
         ids,
         figures: pipeline.outputs.figures,
+        networks: HashMap::new(),
     };
+    runner.train_mask_networks(&source, options.progress)?;
 
     let chunk_size = pipeline.chunk_size.unwrap_or(pipeline.batch_size).max(1);
     let chunks: Vec<(usize, &[Item])> = source
@@ -443,6 +459,13 @@ impl Runner<'_> {
                 let (rows, m) = steps::attacks::mask(&cx, s, id, chunk)?;
                 (rows, Some(m))
             }
+            Step::MaskNetwork(_) => {
+                let net = self.networks.get(id).ok_or_else(|| {
+                    Error::Run(format!("the mask network `{id}` was not trained"))
+                })?;
+                let (rows, m) = steps::mask_network::maps(&cx, net, id, chunk)?;
+                (rows, Some(m))
+            }
             Step::Metrics(s) => {
                 let sources = self.scored_maps(s, id, maps, chunk_index)?;
                 let masks = self.lesion_masks(chunk)?;
@@ -452,6 +475,33 @@ impl Runner<'_> {
             _ => return Err(Error::Run(format!("step `{id}` does not run per image"))),
         };
         Ok((rows, m))
+    }
+
+    /// Trains (or reloads) every `mask_network` step's network before the images' steps, so
+    /// their seconds per map count one pass, not the training.
+    fn train_mask_networks(&mut self, source: &Source, progress: bool) -> Result<()> {
+        let mut training = None;
+        for (step, id) in self.pipeline.steps.iter().zip(&self.ids) {
+            let Step::MaskNetwork(s) = step else { continue };
+            if training.is_none() {
+                training = Some(source::training_items(
+                    self.pipeline,
+                    source,
+                    "mask_network",
+                )?);
+            }
+            let items = training.as_deref().unwrap_or_default();
+            let net = steps::mask_network::network(
+                &self.context(),
+                s,
+                id,
+                items,
+                &self.preprocess,
+                progress,
+            )?;
+            self.networks.insert(id.clone(), net);
+        }
+        Ok(())
     }
 
     /// What the steps need of the run.

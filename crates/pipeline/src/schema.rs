@@ -302,6 +302,9 @@ pub enum Step {
     SaliencyAttack(SaliencyAttackStep),
     /// `mask_attack`: noise masked by a learned mask, which is kept as a map.
     MaskAttack(MaskAttackStep),
+    /// `mask_network`: one network trained on the training split to predict the dual game's
+    /// mask of any image in one pass; its masks are the maps.
+    MaskNetwork(MaskNetworkStep),
     /// `metrics`: scores of earlier steps' maps.
     Metrics(MetricsStep),
     /// `finetune`: trains the model before the other steps; must come first.
@@ -333,6 +336,7 @@ impl Step {
             Step::LocalAttack(_) => StepKind::LocalAttack,
             Step::SaliencyAttack(_) => StepKind::SaliencyAttack,
             Step::MaskAttack(_) => StepKind::MaskAttack,
+            Step::MaskNetwork(_) => StepKind::MaskNetwork,
             Step::Metrics(_) => StepKind::Metrics,
             Step::Finetune(_) => StepKind::Finetune,
         }
@@ -361,6 +365,7 @@ impl Step {
             Step::LocalAttack(s) => s.id.as_deref(),
             Step::SaliencyAttack(s) => s.id.as_deref(),
             Step::MaskAttack(s) => s.id.as_deref(),
+            Step::MaskNetwork(s) => s.id.as_deref(),
             Step::Metrics(s) => s.id.as_deref(),
             Step::Finetune(s) => s.id.as_deref(),
         }
@@ -387,6 +392,7 @@ impl Step {
                 | Step::KernelShap(_)
                 | Step::LocalAttack(_)
                 | Step::MaskAttack(_)
+                | Step::MaskNetwork(_)
         )
     }
 }
@@ -437,6 +443,8 @@ pub enum StepKind {
     SaliencyAttack,
     /// `mask_attack`.
     MaskAttack,
+    /// `mask_network`.
+    MaskNetwork,
     /// `metrics`.
     Metrics,
     /// `finetune`.
@@ -771,6 +779,84 @@ impl Default for ExtremalStep {
             sigma: d.sigma,
             max_blur: d.max_blur,
             jitter: d.jitter,
+        }
+    }
+}
+
+/// One mask network trained across the data's training split (its `lesions_only` filter
+/// applied), each image explaining its label, then run once on every image: the dual game's
+/// masks without a per-image optimisation ([`vulnmap_attacks::amortised`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MaskNetworkStep {
+    /// Names the step in `results.jsonl`, file names and `metrics.of` (default: its kind, with
+    /// `-2`, `-3` ... on repeats).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Channels at the network's first level, doubled at each of the next three (default 16).
+    pub width: usize,
+    /// The areas its masks keep, one mask each; the map is their mean (default 0.025, 0.05, 0.1).
+    pub areas: Vec<f64>,
+    /// Passes over the training images (default 10).
+    pub epochs: usize,
+    /// Training images per update (default 8); each passes `2 x areas` images through the model.
+    pub batch_size: usize,
+    /// Adam's learning rate (default 1e-3).
+    pub lr: f64,
+    /// Weight of the area constraint (default 10).
+    pub lambda_area: f64,
+    /// Weight of the masks' total variation (default 1e-2).
+    pub lambda_tv: f64,
+    /// Weight of the pull towards each training image's gradient map of its class (default
+    /// 1000; 0: none).
+    pub gamma: f64,
+    /// The masks' Gaussian smoothing, sigma as a fraction of a 4-pixel cell (default 0.5).
+    pub smooth: f64,
+    /// Sigma, in pixels, of the blurred baseline (default 10).
+    pub blur_sigma: f64,
+    /// Blur the baseline within each image's field of view, as the mask attack's default
+    /// (default true).
+    pub field_of_view: bool,
+}
+
+impl Default for MaskNetworkStep {
+    fn default() -> Self {
+        let d = vulnmap_attacks::amortised::AmortisedMask::default();
+        Self {
+            id: None,
+            width: d.width,
+            areas: d.areas,
+            epochs: d.epochs,
+            batch_size: d.batch_size,
+            lr: d.lr,
+            lambda_area: d.lambda_area,
+            lambda_tv: d.lambda_tv,
+            gamma: d.gamma,
+            smooth: d.smooth,
+            blur_sigma: d.blur_sigma,
+            field_of_view: true,
+        }
+    }
+}
+
+impl MaskNetworkStep {
+    /// The network's settings, seeded by `seed`.
+    pub fn spec(&self, seed: u64, progress: bool) -> vulnmap_attacks::amortised::AmortisedMask {
+        vulnmap_attacks::amortised::AmortisedMask {
+            width: self.width,
+            areas: self.areas.clone(),
+            lambda_area: self.lambda_area,
+            lambda_tv: self.lambda_tv,
+            gamma: self.gamma,
+            blur_sigma: self.blur_sigma,
+            field_of_view: self.field_of_view,
+            smooth: self.smooth,
+            epochs: self.epochs,
+            batch_size: self.batch_size,
+            lr: self.lr,
+            seed,
+            progress,
+            ..vulnmap_attacks::amortised::AmortisedMask::default()
         }
     }
 }

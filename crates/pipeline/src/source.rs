@@ -100,35 +100,14 @@ pub(crate) fn open(pipeline: &Pipeline, run_dir: &Path, cache: &Path) -> Result<
             })
             .collect(),
         Some(ds) => {
-            let seed = benchmark.as_ref().map_or(pipeline.seed, |b| b.config.seed);
-            let splits = split_by_patient(ds, PAPER_FRACTIONS, seed);
-            let chosen = d.split.select(&splits, ds.len());
-            let mut chosen = chosen;
+            let splits = split_by_patient(ds, PAPER_FRACTIONS, split_seed(pipeline, &benchmark));
+            let mut chosen = d.split.select(&splits, ds.len());
             chosen.sort_unstable();
-            chosen
-                .into_iter()
-                .map(|i| {
-                    let s = &ds.samples[i];
-                    Item {
-                        index: 0,
-                        path: s.path.clone(),
-                        label: Some(s.label),
-                        mask: s.mask.clone(),
-                    }
-                })
-                .collect()
+            samples(ds, &chosen)
         }
     };
     if d.lesions_only {
-        let mut kept = Vec::new();
-        for item in items {
-            if let Some(mask) = &item.mask {
-                if load_mask(mask, &Preprocess::none())?.iter().any(|&m| m) {
-                    kept.push(item);
-                }
-            }
-        }
-        items = kept;
+        items = with_lesions(items)?;
     }
     if let Some(limit) = d.limit {
         items.truncate(limit);
@@ -150,6 +129,72 @@ pub(crate) fn open(pipeline: &Pipeline, run_dir: &Path, cache: &Path) -> Result<
         benchmark,
         generated,
     })
+}
+
+/// The seed of the patient split: the benchmark's own, else the pipeline's.
+fn split_seed(pipeline: &Pipeline, benchmark: &Option<FundusBenchmark>) -> u64 {
+    benchmark.as_ref().map_or(pipeline.seed, |b| b.config.seed)
+}
+
+/// The samples `indices` of `ds` as items (indexed later).
+fn samples(ds: &Dataset, indices: &[usize]) -> Vec<Item> {
+    indices
+        .iter()
+        .map(|&i| {
+            let s = &ds.samples[i];
+            Item {
+                index: 0,
+                path: s.path.clone(),
+                label: Some(s.label),
+                mask: s.mask.clone(),
+            }
+        })
+        .collect()
+}
+
+/// The items whose lesion mask marks a lesion.
+fn with_lesions(items: Vec<Item>) -> Result<Vec<Item>> {
+    let mut kept = Vec::new();
+    for item in items {
+        if let Some(mask) = &item.mask {
+            if load_mask(mask, &Preprocess::none())?.iter().any(|&m| m) {
+                kept.push(item);
+            }
+        }
+    }
+    Ok(kept)
+}
+
+/// The training split's images, filtered as the data's (`lesions_only`), for a step that trains
+/// on them (`what` names it in the error when the data has no split).
+pub(crate) fn training_items(
+    pipeline: &Pipeline,
+    source: &Source,
+    what: &str,
+) -> Result<Vec<Item>> {
+    let ds = source.dataset.as_ref().ok_or_else(|| {
+        Error::Run(format!(
+            "{what} trains on the training split of labelled data (a manifest, folders, \
+             synthetic or the fundus benchmark); files and globs have none"
+        ))
+    })?;
+    let splits = split_by_patient(ds, PAPER_FRACTIONS, split_seed(pipeline, &source.benchmark));
+    let mut items = samples(ds, &splits.train);
+    if pipeline.data.lesions_only {
+        items = with_lesions(items)?;
+    }
+    if items.is_empty() {
+        return Err(Error::Run(format!(
+            "{what}: the training split of pipeline `{}` has no images{}",
+            pipeline.name,
+            if pipeline.data.lesions_only {
+                " with lesions"
+            } else {
+                ""
+            }
+        )));
+    }
+    Ok(items)
 }
 
 fn files(d: &DataSpec) -> Result<Vec<PathBuf>> {

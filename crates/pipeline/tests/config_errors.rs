@@ -119,6 +119,15 @@ fn impossible_values_name_their_lines() {
         e.contains("line 5") && e.contains("reward") && e.contains("dual game"),
         "{e}"
     );
+    // The mask network's sizes are bounded: a width or area out of range names its line.
+    let e = problems(&format!(
+        "{HEAD}steps:\n  - mask_network:\n      width: 100000\n      areas: [0.1, 1.5]\n"
+    ));
+    assert!(
+        e.contains("line 6") && e.contains("width") && e.contains("between 1 and 512"),
+        "{e}"
+    );
+    assert!(e.contains("line 7") && e.contains("areas[1]"), "{e}");
     let e = problems(&format!(
         "{HEAD}steps:\n  - gradient: {{}}\n  - metrics:\n      pointing_tolerance: 0\n"
     ));

@@ -895,3 +895,87 @@ steps:
         );
     }
 }
+
+#[test]
+fn the_mask_network_trains_once_on_the_training_split_and_a_resumed_run_reuses_it() {
+    let text = "name: amortised
+batch_size: 4
+chunk_size: 2
+data:
+  fundus_benchmark: {}
+  split: test
+  lesions_only: true
+  limit: 3
+outputs: {figures: false, report: false}
+steps:
+  - mask_network: {width: 4, areas: [0.05], epochs: 1, batch_size: 16}
+  - metrics: {measures: [pointing_game, auroc]}
+";
+    let pipeline = config::parse(text, Path::new("amortised.yaml"), Path::new(".")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    runner::run(&pipeline, &options(dir.path(), None, false)).unwrap();
+    let first = rows(dir.path());
+    assert_eq!(first.len(), 3 * 2, "3 images x 2 steps");
+    for r in first.iter().filter(|r| r["kind"] == "metrics") {
+        assert!(r["scores"]["mask_network"]["auroc"].is_number(), "{r:?}");
+    }
+    let weights = dir.path().join("mask_network/mask_network.safetensors");
+    let summary = dir.path().join("mask_network/mask_network.json");
+    assert!(weights.is_file());
+    let trained = std::fs::read_to_string(&summary).unwrap();
+    let json: Value = serde_json::from_str(&trained).unwrap();
+    // The benchmark's training split, lesion images only, as the data asks.
+    let images = json["training_images"].as_u64().unwrap();
+    assert!((50..400).contains(&images), "{json}");
+    assert_eq!(json["epochs"].as_array().unwrap().len(), 1);
+    let maps = |dir: &Path| -> Vec<f32> {
+        (0..2)
+            .flat_map(|c| {
+                let file = dir.join(format!("maps/mask_network/chunk-{c:05}.safetensors"));
+                candle_core::safetensors::load(&file, &candle_core::Device::Cpu).unwrap()["maps"]
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            })
+            .collect()
+    };
+    let made = maps(dir.path());
+    // Interrupted after the first chunk: the resumed run loads the network (its training
+    // summary is not written again) and ends with the same rows and maps.
+    let path = dir.path().join("results.jsonl");
+    let written = std::fs::read_to_string(&path).unwrap();
+    let kept: String = written.lines().take(2).map(|l| format!("{l}\n")).collect();
+    std::fs::write(&path, kept).unwrap();
+    std::fs::remove_file(dir.path().join("maps/mask_network/chunk-00001.safetensors")).unwrap();
+    runner::run(&pipeline, &options(dir.path(), None, true)).unwrap();
+    assert_eq!(rows(dir.path()), first);
+    assert_eq!(maps(dir.path()), made);
+    assert_eq!(std::fs::read_to_string(&summary).unwrap(), trained);
+    // `--force` with other settings trains a new network: the old one is not reused.
+    let two = config::parse(
+        &text.replace("epochs: 1", "epochs: 2"),
+        Path::new("amortised.yaml"),
+        Path::new("."),
+    )
+    .unwrap();
+    let forced = RunOptions {
+        force: true,
+        ..options(dir.path(), None, false)
+    };
+    runner::run(&two, &forced).unwrap();
+    let json: Value = serde_json::from_str(&std::fs::read_to_string(&summary).unwrap()).unwrap();
+    assert_eq!(json["epochs"].as_array().unwrap().len(), 2);
+    // Sharded, every shard would train its own network: refused.
+    let e = runner::run(
+        &pipeline,
+        &options(
+            &dir.path().join("shard"),
+            Some(Shard { index: 0, count: 2 }),
+            false,
+        ),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("mask network") && e.contains("sharded"), "{e}");
+}

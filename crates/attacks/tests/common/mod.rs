@@ -18,6 +18,18 @@ pub struct Lesions {
 
 /// The first `count` lesion images of the benchmark's test split.
 pub fn lesions(count: usize) -> Lesions {
+    lesions_of(count, |splits| &splits.test)
+}
+
+/// The first `count` lesion images of the benchmark's training split.
+pub fn training_lesions(count: usize) -> Lesions {
+    lesions_of(count, |splits| &splits.train)
+}
+
+fn lesions_of(
+    count: usize,
+    split: impl Fn(&vulnmap_data::split::Splits) -> &Vec<usize>,
+) -> Lesions {
     let bench = FundusBenchmark::prepare(
         &BenchmarkConfig::default(),
         Path::new(env!("CARGO_TARGET_TMPDIR")),
@@ -26,8 +38,7 @@ pub fn lesions(count: usize) -> Lesions {
     let model = bench.model(&device()).unwrap();
     let dataset = bench.dataset().unwrap();
     let splits = bench.splits(&dataset);
-    let idx: Vec<usize> = splits
-        .test
+    let idx: Vec<usize> = split(&splits)
         .iter()
         .copied()
         .filter(|&i| dataset.samples[i].label == 1)

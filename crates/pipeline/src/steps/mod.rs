@@ -6,12 +6,14 @@
 //! - [`attacks`]: the attack steps: their settings as the attack library's, and their runs.
 //! - `classify`: the top classes of each image.
 //! - [`finetune`]: the fine-tuning settings as the training library's.
+//! - `mask_network`: the mask network's training (once per run) and its maps.
 //! - `metrics`: the scores of earlier steps' maps.
 
 pub mod attacks;
 pub(crate) mod classify;
 pub mod finetune;
 pub mod maps;
+pub(crate) mod mask_network;
 pub(crate) mod metrics;
 
 use crate::error::{Error, Result};
