@@ -18,6 +18,7 @@
 //! the image's side, upsampled bilinearly; its weights are named by [`VarBuilder`] paths (`encoder.0`,
 //! `class_embedding`, `decoder.1`, `head`) and saved as safetensors.
 
+use crate::engine::{blurred_baseline, total_variation};
 use crate::error::{ensure, Result};
 use crate::nets::free_mask::FreeMask;
 use candle_core::{DType, Device, Tensor, D};
@@ -28,9 +29,7 @@ use std::path::Path;
 use vulnmap_models::init::seeded_var_builder;
 use vulnmap_models::Classifier;
 use vulnmap_ops::{Conv2d, Padding};
-use vulnmap_saliency::{
-    area_gap, field_of_view, GaussianBlur, Gradient, Method, FIELD_OF_VIEW_THRESHOLD,
-};
+use vulnmap_saliency::{area_gap, GaussianBlur, Gradient, Method};
 use vulnmap_train::optim::{Adam, AdamConfig};
 
 /// The image's side over the mask's cells per side (cells of 4 pixels, as the dual mask's).
@@ -428,13 +427,7 @@ impl MaskModel {
         let spec = &self.spec;
         let b = pixels.dim(0)?;
         let masks = self.area_masks(pixels, classes)?;
-        let blur = GaussianBlur::full(spec.blur_sigma);
-        let baseline = if spec.field_of_view {
-            let view = field_of_view(pixels, FIELD_OF_VIEW_THRESHOLD)?;
-            blur.apply_within(pixels, &view)?
-        } else {
-            blur.apply(pixels)?
-        };
+        let baseline = blurred_baseline(pixels, spec.blur_sigma, spec.field_of_view)?;
         let away = (&baseline - pixels)?;
         let mut deleted = Vec::new();
         let mut preserved = Vec::new();
@@ -449,11 +442,13 @@ impl MaskModel {
             None
         };
         for (a, &area) in spec.areas.iter().enumerate() {
-            let m = masks.narrow(1, a, 1)?.to_dtype(pixels.dtype())?;
-            deleted.push((pixels + away.broadcast_mul(&m)?)?);
-            preserved.push((&baseline - away.broadcast_mul(&m)?)?);
-            let flat = masks.narrow(1, a, 1)?.flatten_from(1)?;
-            terms.push((area_gap(&flat, &vec![area; b])?.mean_all()? * spec.lambda_area)?);
+            let mask = masks.narrow(1, a, 1)?;
+            // The mask's share of the way from the image to the baseline.
+            let shift = away.broadcast_mul(&mask.to_dtype(pixels.dtype())?)?;
+            deleted.push((pixels + &shift)?);
+            preserved.push((&baseline - &shift)?);
+            let gap = area_gap(&mask.flatten_from(1)?, &vec![area; b])?;
+            terms.push((gap.mean_all()? * spec.lambda_area)?);
         }
         let areas = spec.areas.len();
         let images: Vec<&Tensor> = deleted.iter().chain(&preserved).collect();
@@ -466,10 +461,8 @@ impl MaskModel {
         let scores = log_probs.gather(&index, 1)?.squeeze(1)?;
         let on_deleted = scores.narrow(0, 0, areas * b)?;
         let on_preserved = scores.narrow(0, areas * b, areas * b)?;
-        let (_, _, h, w) = masks.dims4()?;
-        let dy = (masks.narrow(2, 1, h - 1)? - masks.narrow(2, 0, h - 1)?)?.abs()?;
-        let dx = (masks.narrow(3, 1, w - 1)? - masks.narrow(3, 0, w - 1)?)?.abs()?;
-        let tv = (dy.powf(spec.beta)?.mean_all()? + dx.powf(spec.beta)?.mean_all()?)?;
+        // Every image's masks are the same size: the mean of their means is the overall mean.
+        let tv = total_variation(&masks, spec.beta)?.mean_all()?;
         // Each area's game weighs as one dual-game mask of the mask attack: the class's two terms
         // and the area constraint, averaged over the areas.
         let loss = ((on_deleted.mean_all()? - on_preserved.mean_all()?)?

@@ -975,14 +975,13 @@ impl<'a> Bank<'a> {
                 } else {
                     None
                 };
-                let blur = GaussianBlur::full(spec.blur_sigma);
                 let baseline = match spec.game {
                     MaskGame::Noise => None,
-                    MaskGame::Dual if spec.field_of_view => {
-                        let view = field_of_view(&images, FIELD_OF_VIEW_THRESHOLD)?;
-                        Some(blur.apply_within(&images, &view)?)
-                    }
-                    MaskGame::Dual => Some(blur.apply(&images)?),
+                    MaskGame::Dual => Some(blurred_baseline(
+                        &images,
+                        spec.blur_sigma,
+                        spec.field_of_view,
+                    )?),
                 };
                 Some(MaskLearner {
                     network,
@@ -1479,14 +1478,32 @@ fn mask_terms(mask: &Tensor, reference: Option<&Tensor>, spec: &LearnedMask) -> 
             (mask.affine(-1.0, 1.0)?.abs()?.mean((1, 2, 3))? * spec.lambda_sparsity)?
         }
     };
-    let (_, _, h, w) = mask.dims4()?;
-    let dy = (mask.narrow(2, 1, h - 1)? - mask.narrow(2, 0, h - 1)?)?.abs()?;
-    let dx = (mask.narrow(3, 1, w - 1)? - mask.narrow(3, 0, w - 1)?)?.abs()?;
-    let tv = (dy.powf(spec.beta)?.mean((1, 2, 3))? + dx.powf(spec.beta)?.mean((1, 2, 3))?)?;
+    let tv = total_variation(mask, spec.beta)?;
     let terms = (sparsity + (tv * spec.lambda_tv)?)?;
     Ok(match reference {
         Some(r) => (terms + ((mask - r)?.sqr()?.mean((1, 2, 3))? * spec.gamma)?)?,
         None => terms,
+    })
+}
+
+/// Each mask's total variation (`B`, of `B x C x H x W` masks): `mean |grad m|^beta` down the
+/// rows plus across the columns.
+pub(crate) fn total_variation(mask: &Tensor, beta: f64) -> Result<Tensor> {
+    let (_, _, h, w) = mask.dims4()?;
+    let dy = (mask.narrow(2, 1, h - 1)? - mask.narrow(2, 0, h - 1)?)?.abs()?;
+    let dx = (mask.narrow(3, 1, w - 1)? - mask.narrow(3, 0, w - 1)?)?.abs()?;
+    Ok((dy.powf(beta)?.mean((1, 2, 3))? + dx.powf(beta)?.mean((1, 2, 3))?)?)
+}
+
+/// The dual game's baseline: `images` blurred by a Gaussian of `sigma` pixels, within each
+/// image's field of view when asked.
+pub(crate) fn blurred_baseline(images: &Tensor, sigma: f64, within_view: bool) -> Result<Tensor> {
+    let blur = GaussianBlur::full(sigma);
+    Ok(if within_view {
+        let view = field_of_view(images, FIELD_OF_VIEW_THRESHOLD)?;
+        blur.apply_within(images, &view)?
+    } else {
+        blur.apply(images)?
     })
 }
 
